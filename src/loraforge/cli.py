@@ -1,0 +1,96 @@
+"""The `loraforge` command. Thin: parse, load the config, call one function.
+
+Heavy libraries (torch, diffusers) are imported inside the functions called here, never at the top,
+so `--help` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from loraforge.config import Settings, load_settings
+from loraforge.errors import ForgeError
+
+app = typer.Typer(help="LoRA Forge: multi-concept LoRA training and posed scenes for SD 1.5.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
+models_app = typer.Typer(help="Models under the storage root.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Check the training dataset.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+app.add_typer(dataset_app, name="dataset")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
+                      "(default: ./forge.toml if present, else built-in defaults).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a value: "
+                   "section.key=value (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+out = Console()
+
+
+def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
+    return load_settings(config, overrides or [])
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
+    tiny: Annotated[bool, typer.Option("--tiny", help="Use the embedded tiny model (demo, "
+                                       "tests, no downloads).")] = False,
+) -> None:
+    """Write a commented forge.toml and an empty master_dataset/ (never overwrites a file)."""
+    from loraforge.project import init_project
+
+    for line in init_project(directory, tiny=tiny):
+        out.print(line)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False,
+                ) -> None:
+    """Print the resolved configuration: every key, with defaults and overrides applied."""
+    from loraforge.project import show_config
+
+    show_config(_settings(config, overrides), as_json, out)
+
+
+@models_app.command("tiny")
+def models_tiny(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Build the embedded tiny SD1.5-shaped model and ControlNet under the storage root."""
+    from loraforge.models.tiny import ensure_tiny_models
+
+    base, controlnet = ensure_tiny_models(_settings(config, overrides).storage_root)
+    out.print(f"tiny base model: {base}\ntiny ControlNet: {controlnet}")
+
+
+@dataset_app.command("check")
+def dataset_check(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False,
+                  ) -> None:
+    """Explain every problem in master_dataset/ before a GPU is spent."""
+    from loraforge.dataset.check import check_dataset
+
+    check_dataset(_settings(config, overrides), as_json, out)
+
+
+def main() -> None:
+    """Entry point: user errors become one message and a non-zero exit, never a traceback."""
+    err = Console(stderr=True)
+    try:
+        app()
+    except ForgeError as exc:
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""`forge.toml`: the schema, its defaults, command-line overrides and the resolved paths.
+
+Every value has a default (the community defaults for a character LoRA on SD 1.5); relative
+paths resolve against the config file's folder; `LORAFORGE_STORAGE_ROOT` overrides `storage.root`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loraforge.errors import ForgeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+CONFIG_NAME = "forge.toml"
+STORAGE_ENV = "LORAFORGE_STORAGE_ROOT"
+TINY = "tiny"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    root: str = Field(".", description="Lab storage root: models, runs, images, caches live here.")
+    file_mode: str = Field("0644", description="Permissions of written files (octal).")
+
+    @field_validator("file_mode")
+    @classmethod
+    def _octal(cls, value: str) -> str:
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ValueError("must be an octal string such as '0644'") from None
+        if not 0 <= mode <= 0o777:
+            raise ValueError("must be between 0000 and 0777")
+        return value
+
+
+class ModelsConfig(_Section):
+    base: str = Field("AnyLoRA", description="Base model: a folder under the storage root, an "
+                      "absolute path, or 'tiny' for the embedded test model.")
+    controlnet: str = Field("controlnet-model", description="OpenPose ControlNet: a folder under "
+                            "the storage root, an absolute path, or 'tiny'.")
+
+
+class DatasetConfig(_Section):
+    path: str = Field("master_dataset", description="Folder of <repeats>_<concept>/ folders.")
+    resolution: int = Field(512, ge=64, le=2048, description="Training resolution (pixels).")
+    caption_extension: str = Field(".txt", description="Caption files beside the images.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dot(cls, value: str) -> str:
+        if not value.startswith(".") or "/" in value:
+            raise ValueError("must look like '.txt'")
+        return value
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1, le=10_000)
+    max_steps: int | None = Field(None, ge=1,
+                                  description="Stop after this many steps (overrides epochs).")
+    batch_size: int = Field(2, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    unet_lr: float = Field(5e-4, ge=0, le=1)
+    text_encoder_lr: float = Field(1e-4, ge=0, le=1, description="0 trains the U-Net only.")
+    network_dim: int = Field(16, ge=1, le=1024)
+    network_alpha: float = Field(8, gt=0, le=1024)
+    conv_dim: int = Field(0, ge=0, le=1024, description="LoCon rank of the 3x3 convs (0 = off).")
+    conv_alpha: float = Field(4, gt=0, le=1024)
+    optimizer: str = Field("AdamW8bit", description="AdamW, AdamW8bit, Prodigy, Lion, Adafactor "
+                           "or a module.Class path.")
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
+                          "cosine_with_restarts", "polynomial"] = "cosine_with_restarts"
+    lr_scheduler_cycles: int = Field(3, ge=1)
+    lr_scheduler_power: float = Field(1.0, gt=0)
+    lr_warmup: float = Field(0.05, ge=0,
+                             description="Ratio of all steps if < 1, else a step count.")
+    min_snr_gamma: float = Field(5.0, ge=0, description="0 turns min-SNR weighting off.")
+    noise_offset: float = Field(0.0, ge=0, le=1)
+    clip_skip: int = Field(2, ge=1, le=12)
+    max_token_length: Literal[75, 150, 225] = 225
+    max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "fp16", description="On GPU; CPU always trains in fp32.")
+    gradient_checkpointing: bool = False
+    seed: int = Field(42, ge=0)
+    save_every_n_epochs: int = Field(1, ge=1)
+    keep_last_n: int = Field(10, ge=1)
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    state_every_n_steps: int = Field(200, ge=1, description="Resumable state saved this often.")
+    keep_states: int = Field(2, ge=1)
+    log_every_seconds: float = Field(30.0, gt=0, description="Progress line interval in log files.")
+
+
+class GenerateConfig(_Section):
+    prompt: str = Field("masterpiece, best quality, 2 characters standing side by side",
+                        description="Default prompt (A1111 syntax).")
+    negative: str = Field("lowres, bad anatomy, bad hands, worst quality, low quality",
+                          description="Default negative prompt.")
+    pose_map: str = Field("pose_map.png", description="Pose map; generated when missing.")
+    width: int = Field(768, ge=64, le=4096)
+    height: int = Field(576, ge=64, le=4096)
+    steps: int = Field(25, ge=1, le=500)
+    cfg: float = Field(7.0, ge=0, le=50)
+    sampler: str = "DPM++ 2M Karras"
+    seed: int = Field(42, ge=0)
+    lora_weight: float = Field(1.0, ge=-5, le=5)
+    control_scale: float = Field(1.0, ge=0, le=5)
+
+
+class SlurmConfig(_Section):
+    partition: str = "c3_accel"
+    gpus: int = Field(1, ge=0, le=64)
+    cpus: int = Field(8, ge=1, le=1024)
+    mem: str = "32G"
+    time: str = "04:00:00"
+    account: str | None = None
+    qos: str | None = None
+    extra: list[str] = Field(default_factory=list, description="Extra #SBATCH lines.")
+
+
+class ForgeConfig(_Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+
+class Settings:
+    """A validated config plus where it came from, with every path resolved."""
+
+    def __init__(self, config: ForgeConfig, base_dir: Path, source: Path | None) -> None:
+        self.config = config
+        self.base_dir = base_dir
+        self.source = source
+
+    def _resolve(self, value: str, against: Path) -> Path:
+        path = Path(os.path.expandvars(value)).expanduser()
+        return path if path.is_absolute() else (against / path).resolve()
+
+    @property
+    def storage_root(self) -> Path:
+        env = os.environ.get(STORAGE_ENV)
+        if env:
+            return self._resolve(env, Path.cwd())
+        return self._resolve(self.config.storage.root, self.base_dir)
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self._resolve(self.config.dataset.path, self.base_dir)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.storage_root / "Multi_Concept_Output"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.storage_root / "Final_Images"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.storage_root / "cache"
+
+    @property
+    def file_mode(self) -> int:
+        return int(self.config.storage.file_mode, 8)
+
+    def model_dir(self, name: str) -> Path:
+        """A model named in the config: a folder under the storage root, or an absolute path."""
+        return self._resolve(name, self.storage_root)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_model(section: str) -> type[BaseModel] | None:
+    field = ForgeConfig.model_fields.get(section)
+    return field.annotation if field is not None else None  # type: ignore[return-value]
+
+
+def _suggest(key: str, choices: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean `{prefix}{close[0]}`?"
+    return f"valid keys: {', '.join(prefix + c for c in choices)}"
+
+
+def _explain(error: ValidationError, where: str) -> ForgeError:
+    """Turn pydantic's report into one message naming the key and the fix."""
+    problems = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc)
+        if item["type"] == "extra_forbidden":
+            parent = _section_model(loc[0]) if len(loc) > 1 else ForgeConfig
+            choices = _field_names(parent) if parent is not None else []
+            prefix = f"{loc[0]}." if len(loc) > 1 else ""
+            problems.append(f"unknown key `{key}`: {_suggest(loc[-1], choices, prefix)}")
+        else:
+            got = item.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            problems.append(f"`{key}`: {item['msg']}{shown}")
+    message = problems[0] if len(problems) == 1 else "\n  - ".join(["invalid:", *problems])
+    return ForgeError(message, path=where,
+                      fix="edit the value(s) named above; `loraforge config show` prints "
+                          "every key with its current value")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.unet_lr=1e-4` -> (["train", "unet_lr"], 0.0001). Values read as TOML, else text."""
+    if "=" not in item:
+        raise ForgeError(f"override `{item}` is not key=value",
+                         fix="write it as --set section.key=value, e.g. --set train.epochs=5")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) != 2:
+        raise ForgeError(f"override key `{key}` must be section.key",
+                         fix="e.g. --set train.unet_lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        if not isinstance(data.get(section, {}), dict):
+            raise ForgeError(f"`{section}` is not a section")
+        data.setdefault(section, {})[key] = value
+    return data
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ForgeError("is not UTF-8 text", path=path, fix="save it as UTF-8") from None
+    except OSError as exc:
+        raise ForgeError(f"cannot be read ({exc.strerror})", path=path) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ForgeError(f"is not valid TOML: {exc}", path=path,
+                         fix="correct the line and column named; strings need quotes") from None
+
+
+def find_config(explicit: Path | None) -> Path | None:
+    """The config to use: the one given, else ./forge.toml if present, else none (defaults)."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ForgeError("config file not found", path=explicit,
+                             fix="check the path, or create one with `loraforge init`")
+        return explicit
+    local = Path.cwd() / CONFIG_NAME
+    return local if local.is_file() else None
+
+
+def load_settings(path: Path | None = None, overrides: list[str] | None = None) -> Settings:
+    source = find_config(path)
+    data = read_toml(source) if source is not None else {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        config = ForgeConfig.model_validate(data)
+    except ValidationError as exc:
+        where = str(source) if source is not None else "--set"
+        raise _explain(exc, where) from None
+    base_dir = source.resolve().parent if source is not None else Path.cwd()
+    return Settings(config, base_dir, source.resolve() if source is not None else None)

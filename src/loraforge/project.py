@@ -1,0 +1,125 @@
+"""A project folder: `loraforge init` writes it, `loraforge config show` describes it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+
+from loraforge.config import CONFIG_NAME, TINY, ForgeConfig, Settings
+from loraforge.errors import ForgeError
+from loraforge.fsutil import write_atomic
+
+HEADER = """\
+# LoRA Forge configuration. Every key below shows its default; delete a key to use the default.
+# Relative paths resolve against this file's folder. LORAFORGE_STORAGE_ROOT overrides storage.root.
+# Command-line flags override this file: loraforge train --set train.epochs=5
+# See the resolved values with: loraforge config show
+"""
+
+# What `init --tiny` changes so a laptop or CI machine can train and render in seconds.
+TINY_VALUES: dict[str, dict[str, Any]] = {
+    "models": {"base": TINY, "controlnet": TINY},
+    "dataset": {"resolution": 64},
+    "train": {"epochs": 4, "batch_size": 4, "optimizer": "AdamW", "unet_lr": 1e-3,
+              "text_encoder_lr": 5e-4, "mixed_precision": "no"},
+    "generate": {"width": 128, "height": 96, "steps": 8},
+}
+
+DATASET_README = """\
+# master_dataset
+
+One folder per concept (character), named `<repeats>_<name>`:
+
+    master_dataset/
+      10_blake_character/
+        001.png
+        001.txt      optional caption: comma-separated tags, activation tag first
+      10_mira_character/
+        ...
+
+- `<repeats>`: how often each image is seen per epoch. Aim for images x repeats between 200 and 400.
+- Images: png, jpg, jpeg, webp, bmp. A folder without captions trains on its name.
+- Check it before spending GPU time: `loraforge dataset check`
+"""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
+    """The commented forge.toml: every section and key, its help text, its default or value."""
+    values = values or {}
+    lines = [HEADER]
+    for section, field in ForgeConfig.model_fields.items():
+        model: type[BaseModel] = field.annotation  # type: ignore[assignment]
+        lines.append(f"[{section}]")
+        for key, spec in model.model_fields.items():
+            if spec.description:
+                lines.append(f"# {spec.description}")
+            value = values.get(section, {}).get(key, spec.get_default(call_default_factory=True))
+            if value is None:
+                lines.append(f"# {key} =")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
+    """Write forge.toml and master_dataset/README.md into `directory`; never overwrite a file."""
+    if directory.exists() and not directory.is_dir():
+        raise ForgeError("exists and is not a folder", path=directory,
+                         fix="choose another project folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    said = []
+    config = directory / CONFIG_NAME
+    if config.exists():
+        said.append(f"kept      {config} (already exists; not overwritten)")
+    else:
+        write_atomic(config, render_config(TINY_VALUES if tiny else None))
+        said.append(f"wrote     {config}")
+    readme = directory / "master_dataset" / "README.md"
+    if readme.exists():
+        said.append(f"kept      {readme}")
+    else:
+        write_atomic(readme, DATASET_README)
+        said.append(f"wrote     {readme}")
+    said.append("next: put images in master_dataset/<repeats>_<name>/, then `loraforge dataset "
+                "check`")
+    return said
+
+
+def resolved_paths(settings: Settings) -> dict[str, str]:
+    return {
+        "config": str(settings.source) if settings.source else "(none: built-in defaults)",
+        "storage_root": str(settings.storage_root),
+        "dataset": str(settings.dataset_dir),
+        "runs": str(settings.runs_dir),
+        "images": str(settings.images_dir),
+        "cache": str(settings.cache_dir),
+        "base_model": str(settings.model_dir(settings.config.models.base)),
+        "controlnet": str(settings.model_dir(settings.config.models.controlnet)),
+    }
+
+
+def show_config(settings: Settings, as_json: bool, console: Console) -> None:
+    paths = resolved_paths(settings)
+    if as_json:
+        console.print_json(json.dumps({"paths": paths, "config": settings.to_dict()}))
+        return
+    for name, value in paths.items():
+        console.print(f"# {name}: {value}", highlight=False, markup=False)
+    values = settings.to_dict()
+    body = render_config(values).removeprefix(HEADER)
+    console.print(body, highlight=False, markup=False)

@@ -1,0 +1,138 @@
+"""forge.toml: init, defaults, overrides, resolved paths, and every malformed-config message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import assert_user_error, run_cli
+
+
+def _show(config: Path, *extra: str, cwd: Path | None = None,
+          env: dict[str, str] | None = None) -> dict:
+    result = run_cli("config", "show", "--json", "--config", config, *extra, cwd=cwd, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_init_writes_config_and_dataset_folder_and_never_overwrites(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    first = run_cli("init", project)
+    assert first.returncode == 0, first.stderr
+    config = project / "forge.toml"
+    readme = project / "master_dataset" / "README.md"
+    assert config.is_file() and readme.is_file()
+    assert "[train]" in config.read_text() and "# " in config.read_text()
+
+    config.write_text("[train]\nepochs = 3\n")
+    again = run_cli("init", project, "--tiny")
+    assert again.returncode == 0
+    assert "not overwritten" in again.stdout
+    assert config.read_text() == "[train]\nepochs = 3\n"
+
+
+def test_written_config_holds_the_community_defaults(tmp_path: Path) -> None:
+    run_cli("init", tmp_path)
+    shown = _show(tmp_path / "forge.toml")["config"]
+    train = shown["train"]
+    assert shown["dataset"]["resolution"] == 512
+    assert (train["epochs"], train["batch_size"]) == (10, 2)
+    assert (train["unet_lr"], train["text_encoder_lr"]) == (5e-4, 1e-4)
+    assert (train["network_dim"], train["network_alpha"]) == (16, 8)
+    assert (train["min_snr_gamma"], train["clip_skip"], train["seed"]) == (5, 2, 42)
+    assert train["lr_scheduler"] == "cosine_with_restarts"
+    assert shown["models"]["base"] == "AnyLoRA"
+    assert shown["slurm"]["partition"] == "c3_accel"
+
+
+def test_tiny_init_selects_the_embedded_model(tmp_path: Path) -> None:
+    run_cli("init", tmp_path, "--tiny")
+    shown = _show(tmp_path / "forge.toml")["config"]
+    assert shown["models"] == {"base": "tiny", "controlnet": "tiny"}
+    assert shown["train"]["optimizer"] == "AdamW"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "forge.toml").write_text('[storage]\nroot = "lab"\n[dataset]\npath = "data"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    paths = _show(project / "forge.toml", cwd=elsewhere)["paths"]
+    assert paths["storage_root"] == str((project / "lab").resolve())
+    assert paths["dataset"] == str((project / "data").resolve())
+    assert paths["runs"] == str((project / "lab" / "Multi_Concept_Output").resolve())
+
+
+def test_storage_root_environment_variable_wins(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text('[storage]\nroot = "lab"\n')
+    other = tmp_path / "scratch"
+    paths = _show(tmp_path / "forge.toml",
+                  env={"LORAFORGE_STORAGE_ROOT": str(other)})["paths"]
+    assert paths["storage_root"] == str(other.resolve())
+
+
+def test_set_overrides_the_file(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text("[train]\nepochs = 3\n")
+    shown = _show(tmp_path / "forge.toml", "--set", "train.epochs=7",
+                  "--set", "generate.prompt=two knights")["config"]
+    assert shown["train"]["epochs"] == 7
+    assert shown["generate"]["prompt"] == "two knights"
+
+
+def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text("[train]\nunet_lrr = 1e-4\n")
+    result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "forge.toml", "unknown key `train.unet_lrr`",
+                      "did you mean `train.unet_lr`?")
+
+
+def test_unknown_section_is_named(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text("[trian]\nepochs = 1\n")
+    result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "unknown key `trian`", "did you mean `train`?")
+
+
+def test_malformed_toml_gives_line_and_column(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text("[train]\nepochs = 3\nunet_lr = = 5\n")
+    result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "forge.toml", "line 3", "column")
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text('[train]\nepochs = "ten"\n')
+    result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "`train.epochs`", "'ten'")
+
+
+def test_out_of_range_value_names_the_key_and_limit(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text("[train]\nbatch_size = 0\n[dataset]\nresolution = 500\n")
+    result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "`train.batch_size`", "greater than or equal to 1",
+                      "`dataset.resolution`", "multiple of 8")
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("config", "show", "--config", tmp_path / "nope.toml")
+    assert_user_error(result, "nope.toml", "not found", "loraforge init")
+
+
+def test_malformed_override_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("config", "show", "--set", "epochs")
+    assert_user_error(result, "`epochs`", "key=value")
+    result = run_cli("config", "show", "--set", "train.epochs=0")
+    assert_user_error(result, "--set", "`train.epochs`")
+
+
+def test_cli_help_imports_no_heavy_library() -> None:
+    code = ("import sys; from loraforge.cli import app; "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') "
+            "if m in sys.modules]; print(heavy)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+    help_text = run_cli("--help").stdout
+    for command in ("init", "config", "models", "dataset"):
+        assert command in help_text
