@@ -1,0 +1,155 @@
+"""`loraforge dataset check`: scan, explain every problem, then print what training will see.
+
+Fast on purpose: no torch here, only Pillow. Warnings go to stderr as `warning: ...`; the summary
+(a table, or JSON with `--json`) goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from loraforge.dataset.scan import (
+    Concept,
+    Dataset,
+    DatasetError,
+    display_path,
+    scan_dataset,
+    shell_path,
+)
+
+if TYPE_CHECKING:
+    from loraforge.config import Settings
+
+#: "images x repeats between 200 and 400" per concept: the community rule of thumb.
+IMAGES_X_REPEATS_RANGE = (200, 400)
+#: More total steps than this is almost always a typo in repeats or epochs.
+MAX_SENSIBLE_STEPS = 10_000
+TOP_TAGS = 10
+
+
+def _repeats_advice(concept: Concept) -> str | None:
+    low, high = IMAGES_X_REPEATS_RANGE
+    n, total = concept.num_images, concept.images_x_repeats
+    if n == 0 or low <= total <= high:
+        return None
+    side = "below" if total < low else "above"
+    head = (f"{concept.name}: {n} images x {concept.repeats} repeats = {total}, {side} the "
+            f"{low}-{high} the community aims for")
+    if n > high:
+        return f"{head}; even 1 repeat gives {n}: fine for a large concept, or train fewer epochs"
+    first, last = math.ceil(low / n), high // n
+    best = min(max(round((low + high) / 2 / n), first), last)
+    renamed = concept.folder.with_name(f"{best}_{concept.name}")
+    span = f"only {first} lands" if first == last else f"any of {first} to {last} lands"
+    return (f"{head}; {best} repeats would give {best * n} ({span} in range): "
+            f"mv {shell_path(concept.folder)} {shell_path(renamed)}")
+
+
+def _caption_advice(concept: Concept) -> str | None:
+    missing = concept.num_images - concept.captioned
+    if concept.captioned == 0 or missing == 0:
+        return None
+    return (f"{concept.name}: {missing} of {concept.num_images} images have no caption and train "
+            f"on '{concept.name}' alone; caption them all or none")
+
+
+def summarize(dataset: Dataset, batch_size: int, epochs: int,
+              max_steps: int | None = None) -> dict[str, Any]:
+    """Everything the check prints, as JSON-able data."""
+    concepts = []
+    advice: list[str] = []
+    for concept in dataset.concepts:
+        concepts.append({
+            "name": concept.name,
+            "folder": concept.folder_name,
+            "images": concept.num_images,
+            "captioned": concept.captioned,
+            "repeats": concept.repeats,
+            "images_x_repeats": concept.images_x_repeats,
+            "top_tags": [{"tag": tag, "count": count}
+                         for tag, count in concept.top_tags(TOP_TAGS)],
+        })
+        advice.extend(a for a in (_repeats_advice(concept), _caption_advice(concept)) if a)
+    total = dataset.images_x_repeats
+    steps_per_epoch = math.ceil(total / batch_size)
+    total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
+    if total_steps > MAX_SENSIBLE_STEPS:
+        advice.append(f"{total_steps} total steps is probably a mistake (the community pre-flight "
+                      f"refuses more than {MAX_SENSIBLE_STEPS:,}): lower the repeats or "
+                      "train.epochs, or set train.max_steps")
+    return {
+        "dataset": str(dataset.root),
+        "concepts": concepts,
+        "totals": {
+            "concepts": len(concepts),
+            "images": dataset.num_images,
+            "captioned": sum(c["captioned"] for c in concepts),
+            "images_x_repeats": total,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+        },
+        "advice": advice,
+        "warnings": list(dataset.warnings),
+    }
+
+
+def print_warnings(warnings: list[str], console: Console | None = None) -> None:
+    err = console or Console(stderr=True)
+    for warning in warnings:
+        err.print(Text.assemble(("warning: ", "yellow"), warning), soft_wrap=True)
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    title = f"dataset {display_path(Path(summary['dataset']))}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("concept", overflow="fold")
+    table.add_column("folder", overflow="fold")
+    for name in ("images", "captioned", "repeats", "images x repeats"):
+        table.add_column(name, justify="right")
+    for c in summary["concepts"]:
+        table.add_row(c["name"], c["folder"], str(c["images"]), str(c["captioned"]),
+                      str(c["repeats"]), str(c["images_x_repeats"]))
+    console.print(table)
+    for c in summary["concepts"]:
+        tags = ", ".join(f"{t['tag']} ({t['count']})" for t in c["top_tags"])
+        console.print(Text(f"top tags of {c['name']}: {tags}"), soft_wrap=True)
+    t = summary["totals"]
+    lines = [f"total: {t['concepts']} concepts, {t['images']} images, "
+             f"{t['images_x_repeats']} images x repeats",
+             f"batch size {t['batch_size']}: {t['steps_per_epoch']} steps per epoch"]
+    if t["max_steps"] is not None:
+        epochs = t["max_steps"] / max(t["steps_per_epoch"], 1)
+        lines.append(f"train.max_steps: {t['total_steps']} total steps (about {epochs:.1f} "
+                     "epochs)")
+    else:
+        lines.append(f"{t['epochs']} epochs: {t['total_steps']} total steps")
+    for line in lines:
+        console.print(Text(line), soft_wrap=True)
+    for line in summary["advice"]:
+        console.print(Text.assemble(("advice: ", "cyan"), line), soft_wrap=True)
+
+
+def check_dataset(settings: Settings, as_json: bool, console: Console) -> None:
+    """Scan the configured dataset; print warnings on stderr and the summary on stdout."""
+    try:
+        dataset = scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
+    except DatasetError as exc:
+        print_warnings(exc.warnings)
+        raise
+    print_warnings(dataset.warnings)
+    train = settings.config.train
+    summary = summarize(dataset, train.batch_size, train.epochs, train.max_steps)
+    if as_json:
+        console.out(json.dumps(summary, indent=2), highlight=False)
+    else:
+        print_summary(summary, console)

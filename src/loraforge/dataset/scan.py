@@ -1,0 +1,495 @@
+"""Scan `master_dataset/<repeats>_<concept>/` into concepts, images and captions.
+
+Rules (the community pre-flight, made explicit):
+
+- Each folder directly in the dataset folder is a concept: `20_blake_character` trains the concept
+  `blake_character` with 20 repeats. The repeat count must be a whole number of at least 1.
+- A concept folder holds images (png, jpg, jpeg, webp, bmp; any letter case; judged by content, so
+  a JPEG named `.png` is fine) and optional same-stem captions (`dataset.caption_extension`,
+  `.txt` by default): comma-separated tags, UTF-8 (a BOM is fine); line breaks separate tags too.
+- An image without a caption trains on the concept name. So does an image whose caption file is
+  empty (with a warning: an empty caption is usually an accident).
+- Any other file in a concept folder is an error (a PDF, a GIF, a kohya `.npz` cache, ...), as is
+  a sub-folder, a corrupt/truncated/empty image, two images with the same stem (which one would the
+  caption belong to?) and a caption that is not UTF-8.
+- Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`), `Thumbs.db`, `desktop.ini` and
+  `__MACOSX/` are operating-system clutter and are skipped silently, wherever they are.
+- Files directly in the dataset folder: a `README*` (which `loraforge init` writes) is allowed; an
+  image there is an error (it belongs in a concept folder and would silently not be trained); any
+  other file is ignored with a warning.
+- Warnings (training still works): a caption without an image, an image under 256 px on its short
+  side, an empty caption.
+
+Every problem is collected before anything is raised, so one run shows the user all of them.
+Nothing on disk is ever changed by a scan.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraforge.dataset.images import (
+    IMAGE_EXTENSIONS,
+    SUPPORTED_KIND_EXTENSION,
+    is_image_kind,
+    prepare_decoders,
+    probe_image,
+    sniff_bytes,
+    sniff_file,
+)
+from loraforge.errors import ForgeError
+
+#: Images with a shorter side than this are upscaled by bucketing: worth a warning.
+MIN_SIDE = 256
+#: The repeat count suggested when a folder has none (the community default).
+DEFAULT_REPEATS = 10
+
+_FOLDER_RE = re.compile(r"^([0-9]+)_(.*)$")
+_CLUTTER = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
+_CAPTION_LIKE = (".txt", ".caption", ".tags", ".cap")
+_IMAGE_LIST = "png, jpg, jpeg, webp, bmp"
+_TAG_SPLIT = re.compile(r"[,\r\n]+")
+_RERUN = "then run `loraforge dataset check` again"
+
+
+# --- the result ---------------------------------------------------------------------------
+
+@dataclass
+class ImageRecord:
+    """One training image. `tags` are what it trains on (the concept name when uncaptioned)."""
+
+    path: Path
+    caption_path: Path | None
+    tags: list[str]
+    width: int
+    height: int
+    captioned: bool = False  # True when the tags come from a non-empty caption file
+
+    @property
+    def caption(self) -> str:
+        return ", ".join(self.tags)
+
+
+@dataclass
+class Concept:
+    """One `<repeats>_<name>` folder."""
+
+    name: str
+    folder: Path
+    repeats: int
+    images: list[ImageRecord] = field(default_factory=list)
+
+    @property
+    def folder_name(self) -> str:
+        return self.folder.name
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def captioned(self) -> int:
+        return sum(1 for image in self.images if image.captioned)
+
+    @property
+    def images_x_repeats(self) -> int:
+        return len(self.images) * self.repeats
+
+    def tag_frequency(self) -> Counter[str]:
+        """How many times each tag occurs in this concept's captions (uncaptioned: its name)."""
+        counts: Counter[str] = Counter()
+        for image in self.images:
+            counts.update(image.tags)
+        return counts
+
+    def top_tags(self, n: int = 10) -> list[tuple[str, int]]:
+        """The n most frequent tags, most frequent first; ties in order of first appearance
+        (so the activation tag, first in every caption, leads)."""
+        return self.tag_frequency().most_common(n)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    concepts: list[Concept]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return sum(c.num_images for c in self.concepts)
+
+    @property
+    def images_x_repeats(self) -> int:
+        return sum(c.images_x_repeats for c in self.concepts)
+
+    def images(self) -> list[tuple[Concept, ImageRecord]]:
+        return [(c, image) for c in self.concepts for image in c.images]
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """kohya's `ss_tag_frequency`: `{folder_name: {tag: count}}`."""
+        return {c.folder_name: dict(c.tag_frequency()) for c in self.concepts}
+
+    def dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """kohya's `ss_dataset_dirs`: `{folder_name: {"n_repeats": r, "img_count": n}}`."""
+        return {c.folder_name: {"n_repeats": c.repeats, "img_count": c.num_images}
+                for c in self.concepts}
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    message: str
+    fix: str | None = None
+
+
+class DatasetError(ForgeError):
+    """Every problem a scan found, as one user-facing error (warnings kept for the caller)."""
+
+    def __init__(self, root: Path, problems: list[Problem], warnings: list[str]) -> None:
+        self.problems = problems
+        self.warnings = warnings
+        if len(problems) == 1:
+            only = problems[0]
+            super().__init__(only.message, path=display_path(only.path),
+                             fix=f"{only.fix}; {_RERUN}" if only.fix else None)
+            return
+        lines = [f"{len(problems)} problems (nothing was changed):"]
+        for problem in problems:
+            lines.append(f"  {display_path(problem.path)}: {problem.message}")
+            if problem.fix:
+                lines.append(f"    fix: {problem.fix}")
+        super().__init__("\n".join(lines), path=display_path(root),
+                         fix=f"correct each problem as its fix says, {_RERUN}")
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def display_path(path: Path) -> Path:
+    """The path as the user would type it: relative to the working folder when inside it."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(Path.cwd())
+    except ValueError:
+        return absolute
+
+
+def shell_path(path: Path) -> str:
+    """`display_path`, quoted for a shell command in a fix."""
+    return shlex.quote(str(display_path(path)))
+
+
+def is_clutter(name: str) -> bool:
+    """Hidden files and OS clutter that a scan skips silently."""
+    return name.startswith(".") or name.lower() in _CLUTTER
+
+
+def parse_folder_name(name: str) -> tuple[int, str] | None:
+    """`20_blake_character` -> (20, "blake_character"); None without a numeric prefix."""
+    match = _FOLDER_RE.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2)
+
+
+def split_tags(text: str) -> list[str]:
+    """Comma-separated tags (line breaks also separate), stripped, empty ones dropped."""
+    return [tag.strip() for tag in _TAG_SPLIT.split(text) if tag.strip()]
+
+
+def read_caption(path: Path) -> list[str]:
+    """The tags of a caption file; ForgeError when it is not UTF-8 text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ForgeError(f"cannot be read ({exc.strerror})", path=path,
+                         fix="make it readable: chmod a+r FILE") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ForgeError("is UTF-16 text, not UTF-8", path=path,
+                         fix=_utf8_fix(path, "UTF-16")) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        kind = sniff_bytes(data[:512])
+        if kind is not None and "text" not in kind:
+            raise ForgeError(f"is not a caption (it is {kind})", path=path,
+                             fix="delete it or move it out of the dataset folder; a caption is "
+                                 "a UTF-8 text file of comma-separated tags") from None
+        encoding = _guess_encoding(data)
+        raise ForgeError(f"is not UTF-8 text (it looks like {encoding})", path=path,
+                         fix=_utf8_fix(path, encoding)) from None
+    return split_tags(text)
+
+
+def _guess_encoding(data: bytes) -> str:
+    if data.count(b"\x00") > len(data) // 4:
+        return "UTF-16"
+    try:
+        data.decode("cp1252")
+    except UnicodeDecodeError:
+        return "ISO-8859-1"
+    return "WINDOWS-1252"
+
+
+def _utf8_fix(path: Path, encoding: str) -> str:
+    q = shell_path(path)
+    return (f"save it as UTF-8 (in your editor: Save As, encoding UTF-8; or: "
+            f"iconv -f {encoding} -t UTF-8 {q} > {q}.utf8 && mv {q}.utf8 {q})")
+
+
+def _safe_probe(path: Path) -> tuple[int, int] | ForgeError:
+    try:
+        return probe_image(path)
+    except ForgeError as exc:
+        return exc
+
+
+def _probe_all(paths: list[Path]) -> list[tuple[int, int] | ForgeError]:
+    if len(paths) < 4:
+        return [_safe_probe(p) for p in paths]
+    # Pillow releases the GIL while decoding: threads make a large dataset check quick.
+    prepare_decoders()
+    workers = min(8, os.cpu_count() or 1, len(paths))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_safe_probe, paths))
+
+
+# --- the scan -------------------------------------------------------------------------------
+
+@dataclass
+class _Folder:
+    """A concept folder after listing, before probing."""
+
+    path: Path
+    name: str
+    repeats: int
+    images: dict[str, list[Path]] = field(default_factory=dict)  # stem -> images with that stem
+    captions: dict[str, Path] = field(default_factory=dict)      # stem -> caption file
+
+
+class _Scanner:
+    def __init__(self, root: Path, caption_extension: str) -> None:
+        self.root = root
+        self.ext = caption_extension
+        self.problems: list[Problem] = []
+        self.warnings: list[tuple[Path, str]] = []
+
+    def problem(self, path: Path, message: str, fix: str | None = None) -> None:
+        self.problems.append(Problem(path, message, fix))
+
+    def warn(self, path: Path, message: str) -> None:
+        self.warnings.append((path, f"{display_path(path)}: {message}"))
+
+    def entries(self, folder: Path) -> list[Path]:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as exc:
+            self.problem(folder, f"cannot be listed ({exc.strerror})",
+                         "make it readable: chmod a+rx FOLDER")
+            return []
+        return [folder / name for name in names if not is_clutter(name)]
+
+    # root level
+
+    def run(self) -> Dataset:
+        folders = []
+        for entry in self.entries(self.root):
+            if entry.is_dir():
+                folders.append(self.concept_folder(entry))
+            else:
+                self.root_file(entry)
+        if not folders:
+            self.problem(self.root, "has no concept folders",
+                         f"add a folder named <repeats>_<concept> holding that concept's images, "
+                         f"e.g. {shell_path(self.root / '10_my_character')}/")
+        concepts = self.assemble(folders)
+        warnings = [text for _, text in sorted(self.warnings, key=lambda w: w[0].parts)]
+        if self.problems:
+            problems = sorted(self.problems, key=lambda p: p.path.parts)
+            raise DatasetError(self.root, problems, warnings)
+        return Dataset(self.root, concepts, warnings)
+
+    def root_file(self, path: Path) -> None:
+        if path.name.lower().startswith("readme"):
+            return
+        if not path.exists():
+            self.warn(path, "is a broken link; ignored")
+            return
+        kind = sniff_file(path)
+        if path.suffix.lower() in IMAGE_EXTENSIONS or is_image_kind(kind):
+            self.problem(path, "is an image outside any concept folder, so it would not be "
+                         "trained", f"move it into a concept folder: mv {shell_path(path)} "
+                         f"{shell_path(self.root)}/<repeats>_<concept>/")
+            return
+        hint = f" (it is {kind})" if kind and kind != "text" else ""
+        if kind and "archive" in kind:
+            hint += f"; if it holds your images, extract it into {display_path(self.root)}/"
+        self.warn(path, f"is not a concept folder{hint}; ignored")
+
+    # concept folders
+
+    def concept_folder(self, folder: Path) -> _Folder:
+        name = folder.name
+        parsed = parse_folder_name(name)
+        if parsed is None:
+            fixed = f"{DEFAULT_REPEATS}_{name}"
+            if name.isdigit():
+                fixed = f"{name}_my_concept"
+                self.problem(folder, "the folder name has a repeat count but no concept name",
+                             f"rename it to <repeats>_<concept>: mv {shell_path(folder)} "
+                             f"{shell_path(folder.with_name(fixed))}")
+            else:
+                self.problem(folder, "the folder name does not start with a repeat count "
+                             "(<repeats>_<concept>)",
+                             f"rename it, e.g. for {DEFAULT_REPEATS} repeats: "
+                             f"mv {shell_path(folder)} {shell_path(folder.with_name(fixed))}")
+            repeats, concept = DEFAULT_REPEATS, name
+        else:
+            repeats, concept = parsed
+            if not concept.strip():
+                self.problem(folder, "the folder name has no concept name after the repeat count",
+                             f"rename it: mv {shell_path(folder)} "
+                             f"{shell_path(folder.with_name(f'{repeats}_my_concept'))}")
+                concept = name
+            if repeats == 0:
+                self.problem(folder, "has 0 repeats, so its images would never be trained",
+                             f"rename it with at least 1 repeat, e.g. mv {shell_path(folder)} "
+                             f"{shell_path(folder.with_name(f'{DEFAULT_REPEATS}_{concept}'))}")
+        result = _Folder(folder, concept, repeats)
+        self.list_concept(result)
+        return result
+
+    def list_concept(self, folder: _Folder) -> None:
+        ext = self.ext.lower()
+        for entry in self.entries(folder.path):
+            lowered = entry.name.lower()
+            if entry.is_dir():
+                own = self.root / f"{DEFAULT_REPEATS}_{entry.name}"
+                self.problem(entry, "is a folder inside a concept folder; its files would not "
+                             "be trained", f"move its files up into {shell_path(folder.path)}/, "
+                             f"or make it a concept of its own: mv {shell_path(entry)} "
+                             f"{shell_path(own)}")
+            elif not entry.is_file():
+                what = "a broken link" if entry.is_symlink() else "not a regular file"
+                self.problem(entry, f"is {what}", "delete it or replace it with the real file")
+            elif lowered.endswith(ext) and len(lowered) > len(ext):
+                folder.captions[entry.name[: -len(ext)]] = entry
+            elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+                folder.images.setdefault(entry.stem, []).append(entry)
+            else:
+                self.other_file(entry)
+
+    def other_file(self, path: Path) -> None:
+        suffix = path.suffix.lower()
+        kind = sniff_file(path)
+        if suffix == ".npz":
+            self.problem(path, "is a kohya latent cache file, not an image or a caption",
+                         "delete it (loraforge keeps its own latent cache under the storage "
+                         "root's cache/)")
+        elif suffix in _CAPTION_LIKE and kind is not None and "text" in kind:
+            self.problem(path, f"looks like a caption, but captions here end in {self.ext} "
+                         "(dataset.caption_extension)",
+                         f"rename it to {path.stem}{self.ext}, or set dataset.caption_extension "
+                         f"= \"{suffix}\" in forge.toml")
+        elif kind in SUPPORTED_KIND_EXTENSION:
+            right = path.with_name(path.stem + SUPPORTED_KIND_EXTENSION[kind])
+            self.problem(path, f"is {kind}, but its extension is not one of {_IMAGE_LIST}",
+                         f"rename it: mv {shell_path(path)} {shell_path(right)}")
+        elif is_image_kind(kind):
+            self.problem(path, f"is {kind}; dataset images must be {_IMAGE_LIST}",
+                         "convert it to PNG or JPEG, or move it out of the dataset folder")
+        else:
+            what = f" (it is {kind})" if kind else ""
+            if path.stat().st_size == 0:
+                what = " (it is an empty file)"
+            self.problem(path, f"is neither an image nor a {self.ext} caption{what}",
+                         f"move it out of the dataset folder: a concept folder holds only images "
+                         f"({_IMAGE_LIST}) and {self.ext} captions")
+
+    # probing and assembling
+
+    def assemble(self, folders: list[_Folder]) -> list[Concept]:
+        paths = [p for f in folders for stem in sorted(f.images) for p in f.images[stem]]
+        sizes = dict(zip(paths, _probe_all(paths), strict=True))
+        concepts = []
+        for folder in folders:
+            concept = Concept(folder.name, folder.path, folder.repeats)
+            if not folder.images:
+                self.problem(folder.path, "has no images",
+                             f"add {_IMAGE_LIST} images to it, or delete the folder")
+            for stem in sorted(folder.images):
+                same = folder.images[stem]
+                if len(same) > 1:
+                    others = ", ".join(p.name for p in same[1:])
+                    caption = f"{stem}{self.ext}"
+                    self.problem(same[0], f"has the same name as {others}, so a caption "
+                                 f"{caption} could not tell which image it describes",
+                                 f"rename all but one, e.g. mv {shell_path(same[1])} "
+                                 f"{shell_path(same[1].with_name(f'{stem}_2{same[1].suffix}'))} "
+                                 "(and give it its own caption)")
+                for path in same:
+                    size = sizes[path]
+                    if isinstance(size, ForgeError):
+                        self.problem(path, size.message, size.fix)
+                        continue
+                    record = self.record(folder, path, folder.captions.get(stem), size)
+                    if record is not None:
+                        concept.images.append(record)
+            self.orphan_captions(folder)
+            concepts.append(concept)
+        return concepts
+
+    def record(self, folder: _Folder, path: Path, caption_path: Path | None,
+               size: tuple[int, int]) -> ImageRecord | None:
+        width, height = size
+        if min(width, height) < MIN_SIDE:
+            self.warn(path, f"is only {width}x{height} px (short side under {MIN_SIDE}); it will "
+                      "be upscaled and look blurry: use a larger image or remove it")
+        tags: list[str] = []
+        if caption_path is not None:
+            try:
+                tags = read_caption(caption_path)
+            except ForgeError as exc:
+                self.problem(caption_path, exc.message, exc.fix)
+                return None
+            if not tags:
+                self.warn(caption_path, f"is empty, so {path.name} trains on the concept name "
+                          f"'{folder.name}' alone: add its tags, or delete the empty file")
+        captioned = bool(tags)
+        return ImageRecord(path, caption_path, tags or [folder.name], width, height, captioned)
+
+    def orphan_captions(self, folder: _Folder) -> None:
+        by_name = {p.name: p for paths in folder.images.values() for p in paths}
+        lowered = {stem.lower(): stem for stem in folder.images}
+        for stem, caption in sorted(folder.captions.items()):
+            if stem in folder.images:
+                continue
+            hint = ""
+            if stem in by_name:  # a.png.txt beside a.png
+                hint = f"; for {stem} it should be named {Path(stem).stem}{self.ext}"
+            elif stem.lower() in lowered:  # A.txt beside a.png: names are case-sensitive
+                image = lowered[stem.lower()]
+                hint = f"; for {folder.images[image][0].name} it should be named {image}{self.ext}"
+            self.warn(caption, f"is a caption without an image (no {stem}.png/.jpg/...), so it "
+                      f"is not used{hint}")
+
+
+def scan_dataset(dataset_dir: Path, caption_extension: str = ".txt") -> Dataset:
+    """Scan and validate the dataset; raise one ForgeError listing every problem found."""
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise ForgeError("dataset folder not found", path=display_path(root),
+                         fix=f"create it (mkdir -p {shell_path(root)}) and add "
+                             "<repeats>_<concept>/ folders of images, set dataset.path in "
+                             "forge.toml to where your images are, or run `loraforge init`")
+    if not root.is_dir():
+        raise ForgeError("is not a folder", path=display_path(root),
+                         fix="set dataset.path in forge.toml to the folder holding your "
+                             "<repeats>_<concept>/ folders")
+    return _Scanner(root, caption_extension).run()
+
