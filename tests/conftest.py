@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from loraforge.project import toml_value
+
 
 def run_cli(*args: str | os.PathLike[str], cwd: Path | None = None,
             env: dict[str, str] | None = None, timeout: float = 600,
@@ -37,3 +39,46 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("store")
     ensure_tiny_models(root)
     return root
+
+
+def draw_character(path: Path, colour: tuple[int, int, int], shape: str, offset: int) -> None:
+    """A 256x256 image: a coloured figure on a light background (a stand-in character)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (256, 256), (235, 235, 225))
+    draw = ImageDraw.Draw(image)
+    box = (60 + offset, 40, 190 + offset, 230)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    else:
+        draw.rectangle(box, fill=colour)
+    draw.ellipse((100 + offset, 10, 150 + offset, 60), fill=(240, 200, 170))
+    image.save(path)
+
+
+def write_training_project(root: Path, tiny_store: Path, train: dict[str, object] | None = None,
+                           ) -> Path:
+    """A project: two concepts of two captioned images, the tiny model, fast settings.
+    Returns its forge.toml."""
+    root.mkdir(parents=True, exist_ok=True)
+    for folder, colour, shape in (("1_red_knight", (200, 30, 30), "box"),
+                                  ("1_blue_mage", (30, 40, 200), "circle")):
+        concept = root / "master_dataset" / folder
+        concept.mkdir(parents=True)
+        name = folder.split("_", 1)[1]
+        for i in range(2):
+            draw_character(concept / f"{i}.png", colour, shape, offset=20 * i - 10)
+            (concept / f"{i}.txt").write_text(f"{name}, solo, standing, pose {i}")
+    values: dict[str, object] = {
+        "epochs": 3, "batch_size": 2, "optimizer": "AdamW", "mixed_precision": "no",
+        "network_dim": 4, "network_alpha": 2, "unet_lr": 2e-3, "text_encoder_lr": 1e-3,
+        "lr_scheduler": "constant", "lr_warmup": 0, "max_token_length": 75,
+        "log_every_seconds": 0.01, **(train or {})}
+    lines = ["[storage]", 'root = "store"', "[models]",
+             f'base = "{tiny_store / "tiny-sd15"}"',
+             f'controlnet = "{tiny_store / "tiny-controlnet"}"',
+             "[dataset]", "resolution = 64", "[train]"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    config = root / "forge.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config

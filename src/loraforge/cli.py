@@ -16,6 +16,8 @@ from rich.text import Text
 
 from loraforge.config import Settings, load_settings
 from loraforge.errors import ForgeError
+from loraforge.generate.command import generate_command
+from loraforge.slurm.command import runs_command, slurm_app
 
 app = typer.Typer(help="LoRA Forge: multi-concept LoRA training and posed scenes for SD 1.5.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -24,7 +26,13 @@ models_app = typer.Typer(help="Models under the storage root.", no_args_is_help=
 dataset_app = typer.Typer(help="Check the training dataset.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
+pose_app = typer.Typer(help="OpenPose pose maps: random figures, or drawn from pose JSON.",
+                       no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(pose_app, name="pose")
+app.add_typer(slurm_app, name="slurm")
+app.command("generate")(generate_command)
+app.command("runs")(runs_command)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
                       "(default: ./forge.toml if present, else built-in defaults).")]
@@ -32,7 +40,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a valu
                    "section.key=value (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
-out = Console()
+out = Console(soft_wrap=True, highlight=False)
 
 
 def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
@@ -49,7 +57,7 @@ def init(
     from loraforge.project import init_project
 
     for line in init_project(directory, tiny=tiny):
-        out.print(line)
+        out.print(line, markup=False)
 
 
 @config_app.command("show")
@@ -67,7 +75,7 @@ def models_tiny(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     from loraforge.models.tiny import ensure_tiny_models
 
     base, controlnet = ensure_tiny_models(_settings(config, overrides).storage_root)
-    out.print(f"tiny base model: {base}\ntiny ControlNet: {controlnet}")
+    out.print(f"tiny base model: {base}\ntiny ControlNet: {controlnet}", markup=False)
 
 
 @dataset_app.command("check")
@@ -77,6 +85,60 @@ def dataset_check(config: ConfigOpt = None, overrides: SetOpt = None, as_json: J
     from loraforge.dataset.check import check_dataset
 
     check_dataset(_settings(config, overrides), as_json, out)
+
+
+@pose_app.command("random")
+def pose_random(
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG pose map to write.")],
+    figures: Annotated[int, typer.Option("--figures", help="Number of people.")] = 2,
+    size: Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT.")] = "1024x768",
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same pose.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write OpenPose JSON."
+                                                  )] = None,
+) -> None:
+    """Draw plausible random OpenPose figures, side by side, deterministic per seed."""
+    from loraforge.generate.poses import random_pose_command
+
+    for line in random_pose_command(output, figures, size, seed, json_out):
+        out.print(line, markup=False)
+
+
+@pose_app.command("render")
+def pose_render(
+    pose_json: Annotated[Path, typer.Argument(help="OpenPose JSON (people[].pose_keypoints_2d)."
+                                              )],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG to write "
+                                                "(default: beside the JSON, .png).")] = None,
+) -> None:
+    """Draw the OpenPose JSON that pose editors exchange as a pose map."""
+    from loraforge.generate.poses import render_pose_command
+
+    for line in render_pose_command(pose_json, output):
+        out.print(line, markup=False)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    run: Annotated[str | None, typer.Option("--run", help="Run name (default: train.run_name)."
+                                            )] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Start the run over instead of "
+                                          "resuming its newest saved state.")] = False,
+) -> None:
+    """Train one multi-concept LoRA over all concept folders (resumes an interrupted run).
+
+    Exit code 75 means: interrupted by a signal, state saved; rerun the same command to resume.
+    """
+    from loraforge.train.trainer import RESUMABLE_EXIT, Interrupted
+    from loraforge.train.trainer import train as train_lora
+
+    try:
+        final = train_lora(_settings(config, overrides), run, restart).final
+    except Interrupted:
+        Console(stderr=True).print("interrupted: state saved; rerun the same command to resume")
+        raise typer.Exit(RESUMABLE_EXIT) from None
+    out.print(f"LoRA: {final}", markup=False)
 
 
 def main() -> None:

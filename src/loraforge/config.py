@@ -54,10 +54,46 @@ class ModelsConfig(_Section):
                             "the storage root, an absolute path, or 'tiny'.")
 
 
+class ConceptOverrides(_Section):
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = Field(None, ge=0)
+    keep_tokens_separator: str | None = None
+    caption_dropout_rate: float | None = Field(None, ge=0, le=1)
+    tag_dropout_rate: float | None = Field(None, ge=0, le=1)
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    flip_aug: bool | None = None
+    is_reg: bool = Field(False, description="A regularisation concept (prior preservation).")
+
+
 class DatasetConfig(_Section):
     path: str = Field("master_dataset", description="Folder of <repeats>_<concept>/ folders.")
     resolution: int = Field(512, ge=64, le=2048, description="Training resolution (pixels).")
     caption_extension: str = Field(".txt", description="Caption files beside the images.")
+    enable_bucket: bool = Field(True, description="Aspect-ratio buckets instead of square crops.")
+    min_bucket: int = Field(256, ge=64, le=4096)
+    max_bucket: int = Field(1024, ge=64, le=4096)
+    bucket_step: int = Field(64, ge=8, le=512)
+    bucket_no_upscale: bool = Field(False, description="Never enlarge a small image to a bucket.")
+    random_crop: bool = Field(False, description="Random instead of centred crops (needs "
+                              "train.cache_latents = false).")
+    color_aug: bool = Field(False, description="Random colour jitter (needs train.cache_latents "
+                            "= false).")
+    flip_aug: bool = Field(False, description="Also train on mirrored images.")
+    shuffle_caption: bool = Field(True, description="Shuffle tags every epoch.")
+    keep_tokens: int = Field(1, ge=0, description="Tags kept in front, unshuffled (the "
+                             "activation tag).")
+    keep_tokens_separator: str = Field("|||", description="In a caption, tags before this stay "
+                                       "in front (instead of keep_tokens).")
+    caption_dropout_rate: float = Field(0.0, ge=0, le=1, description="Drop the whole caption.")
+    tag_dropout_rate: float = Field(0.0, ge=0, le=1, description="Drop each (unkept) tag.")
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    concepts: dict[str, ConceptOverrides] = Field(
+        default_factory=dict, description="Per-concept overrides: [dataset.concepts.<name>] "
+        "tables with any of shuffle_caption, keep_tokens, keep_tokens_separator, "
+        "caption_dropout_rate, tag_dropout_rate, caption_prefix, caption_suffix, flip_aug, "
+        "is_reg.")
 
     @field_validator("resolution")
     @classmethod
@@ -75,6 +111,8 @@ class DatasetConfig(_Section):
 
 
 class TrainConfig(_Section):
+    run_name: str = Field("multi_concept", description="Run folder and LoRA file name; "
+                          "--run overrides it.")
     epochs: int = Field(10, ge=1, le=10_000)
     max_steps: int | None = Field(None, ge=1,
                                   description="Stop after this many steps (overrides epochs).")
@@ -103,6 +141,16 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "fp16", description="On GPU; CPU always trains in fp32.")
     gradient_checkpointing: bool = False
+    cache_latents: bool = Field(True, description="Encode each image with the VAE once, "
+                                "before training.")
+    cache_latents_to_disk: bool = Field(True, description="Keep the latent cache under "
+                                        "<storage>/cache/ for later runs.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of is_reg concepts.")
+    sample_prompts: list[str] = Field(default_factory=list, description="Preview prompts; "
+                                      "kohya flags --n --w --h --d --s --l allowed in a line.")
+    sample_every_n_epochs: int = Field(1, ge=1)
+    sample_steps: int = Field(20, ge=1, le=200)
+    sample_sampler: str = "DPM++ 2M Karras"
     seed: int = Field(42, ge=0)
     save_every_n_epochs: int = Field(1, ge=1)
     keep_last_n: int = Field(10, ge=1)
@@ -126,6 +174,11 @@ class GenerateConfig(_Section):
     seed: int = Field(42, ge=0)
     lora_weight: float = Field(1.0, ge=-5, le=5)
     control_scale: float = Field(1.0, ge=0, le=5)
+    figures: int = Field(2, ge=1, le=16, description="People in a generated pose map.")
+    count: int = Field(1, ge=1, le=1000, description="Images per prompt (seed, seed+1, ...).")
+    vae_tiling: bool | None = Field(None, description="Decode in tiles (default: above 1024 "
+                                    "px on a side).")
+    offload: bool = Field(False, description="Keep idle models in CPU memory (small GPUs).")
 
 
 class SlurmConfig(_Section):
@@ -136,6 +189,13 @@ class SlurmConfig(_Section):
     time: str = "04:00:00"
     account: str | None = None
     qos: str | None = None
+    nodes: int = Field(1, ge=1, le=256)
+    gpus_per_node: int | None = Field(None, ge=0, le=64, description="Default: slurm.gpus.")
+    grace_seconds: int = Field(300, ge=30, le=3600, description="SIGUSR1 this long before the "
+                               "time limit: state is saved, the job requeued.")
+    max_requeues: int = Field(20, ge=0, le=1000, description="Give up (run marked failed) "
+                              "after this many requeues.")
+    env_activate: str = Field("lora_env/bin/activate", description="Activated by job scripts.")
     extra: list[str] = Field(default_factory=list, description="Extra #SBATCH lines.")
 
 

@@ -47,37 +47,45 @@ One folder per concept (character), named `<repeats>_<name>`:
 """
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(value)
 
 
 def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
-    """The commented forge.toml: every section and key, its help text, its default or value."""
+    """The commented forge.toml: every section and key, its help text, its default or value.
+    Per-concept overrides (`dataset.concepts`) become `[dataset.concepts.<name>]` tables."""
     values = values or {}
     lines = [HEADER]
     for section, field in ForgeConfig.model_fields.items():
         model: type[BaseModel] = field.annotation  # type: ignore[assignment]
         lines.append(f"[{section}]")
+        tables: list[str] = []
         for key, spec in model.model_fields.items():
             if spec.description:
                 lines.append(f"# {spec.description}")
             value = values.get(section, {}).get(key, spec.get_default(call_default_factory=True))
-            if value is None:
+            if key == "concepts":
+                for name, overrides in value.items():
+                    tables += ["", f"[{section}.{key}.{name}]"]
+                    tables += [f"{k} = {toml_value(v)}" for k, v in overrides.items()
+                               if v is not None]
+            elif value is None:
                 lines.append(f"# {key} =")
             else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
+                lines.append(f"{key} = {toml_value(value)}")
+        lines += [*tables, ""]
     return "\n".join(lines)
 
 
 def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
-    """Write forge.toml and master_dataset/README.md into `directory`; never overwrite a file."""
+    """Write forge.toml, master_dataset/README.md and the two SLURM job scripts into `directory`
+    (plus logs/ for their output); never overwrite a file."""
     if directory.exists() and not directory.is_dir():
         raise ForgeError("exists and is not a folder", path=directory,
                          fix="choose another project folder")
@@ -95,8 +103,27 @@ def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
     else:
         write_atomic(readme, DATASET_README)
         said.append(f"wrote     {readme}")
+    said += _write_job_scripts(directory, config)
     said.append("next: put images in master_dataset/<repeats>_<name>/, then `loraforge dataset "
                 "check`")
+    return said
+
+
+def _write_job_scripts(directory: Path, config: Path) -> list[str]:
+    """submit_training.ssub and submit_inference.ssub from the project's [slurm] section, and the
+    logs/ folder their output goes to; an existing script is kept as it is."""
+    from loraforge.config import load_settings
+    from loraforge.slurm.script import LOG_DIR, project_scripts
+
+    said = []
+    for name, text in project_scripts(load_settings(config)).items():
+        path = directory / name
+        if path.exists():
+            said.append(f"kept      {path}")
+        else:
+            write_atomic(path, text, 0o755)
+            said.append(f"wrote     {path}")
+    (directory / LOG_DIR).mkdir(exist_ok=True)
     return said
 
 

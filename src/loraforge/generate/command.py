@@ -1,0 +1,98 @@
+"""`loraforge generate`: the command's options. Light imports only (cli.py imports this module
+for --help); the work happens in `loraforge.generate.run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
+                      "(default: ./forge.toml if present, else built-in defaults).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a value: "
+                   "section.key=value (repeatable), e.g. --set generate.steps=30.")]
+
+
+def generate_command(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", help="Prompt, A1111 syntax: (word:1.2), (word), \\[word], BREAK, "
+        "<lora:name:0.8>. Default: generate.prompt.")] = None,
+    negative: Annotated[str | None, typer.Option(
+        "--negative", "-n", help="Negative prompt. Default: generate.negative.")] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        "--lora", help="LoRA to apply: FILE.safetensors[:WEIGHT] or a run name[:WEIGHT] "
+        "(repeatable: they stack); `none` for the base model alone. Default: the newest "
+        "finished training run's LoRA at generate.lora_weight.")] = None,
+    pose: Annotated[str | None, typer.Option(
+        "--pose", help="Pose map (OpenPose PNG, or OpenPose JSON), or `random`. Default: "
+        "generate.pose_map, random figures when that file is missing.")] = None,
+    figures: Annotated[int | None, typer.Option(
+        "--figures", help="People in a random pose map. Default: generate.figures.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="First seed (-1: random). Default: generate.seed.")] = None,
+    count: Annotated[int | None, typer.Option(
+        "--count", help="Images per scene: seeds S, S+1, ... Default: generate.count.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Sampling steps. Default: generate.steps.")] = None,
+    cfg: Annotated[float | None, typer.Option(
+        "--cfg", help="CFG scale. Default: generate.cfg.")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        "--sampler", help="A1111 sampler name: 'DPM++ 2M Karras', 'DPM++ 2M', "
+        "'DPM++ 2M SDE Karras', 'DPM++ SDE Karras', 'Euler a', 'Euler', 'Heun', 'DDIM', "
+        "'UniPC'. Default: generate.sampler.")] = None,
+    size: Annotated[str | None, typer.Option(
+        "--size", help="WIDTHxHEIGHT, rounded to multiples of 8. Default: generate.width x "
+        "generate.height.")] = None,
+    control_scale: Annotated[float | None, typer.Option(
+        "--control-scale", help="ControlNet strength (0 = pose ignored). Default: "
+        "generate.control_scale.")] = None,
+    clip_skip: Annotated[int | None, typer.Option(
+        "--clip-skip", help="Clip skip. Default: what the LoRA was trained with, else "
+        "train.clip_skip.")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Scene name: the output files are <name>-<seed>.png. Default: scene."
+    )] = None,
+    scenes: Annotated[Path | None, typer.Option(
+        "--scenes", help="TOML file of [[scene]] tables (name, prompt, negative, pose, seed or "
+        "seeds, count, size, figures, loras, steps, cfg, sampler, control_scale, clip_skip), "
+        "rendered with the models loaded once; the options above are their defaults.")] = None,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto (fp16 on a GPU, fp32 on the CPU), fp16, bf16 or fp32."
+    )] = "auto",
+) -> None:
+    """Render posed scenes with the base model, the OpenPose ControlNet and LoRAs.
+
+    Writes Final_Images/<scene>-<seed>.png with A1111 PNG info, its pose map and a JSON sidecar;
+    the newest image is also Final_Images/final_command_scene.png.
+    """
+    import logging
+    import sys
+
+    from rich.console import Console
+
+    from loraforge.config import load_settings
+    from loraforge.errors import ForgeError
+    from loraforge.generate.pipeline import PRECISIONS
+    from loraforge.generate.run import generate
+    from loraforge.generate.scenes import Options
+
+    if precision not in PRECISIONS:
+        raise ForgeError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}",
+                         fix="use --precision auto (the default)")
+    settings = load_settings(config, overrides or [])
+    out = Console(soft_wrap=True, highlight=False)
+    logger = logging.getLogger("loraforge.generate")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    options = Options(prompt=prompt, negative=negative, loras=lora, pose=pose, figures=figures,
+                      seed=seed, count=count, steps=steps, cfg=cfg, sampler=sampler, size=size,
+                      control_scale=control_scale, clip_skip=clip_skip, name=name, scenes=scenes)
+    generate(settings, options, lambda line: out.print(line, markup=False), precision)

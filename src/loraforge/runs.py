@@ -1,0 +1,66 @@
+"""Training runs on disk: `<storage>/Multi_Concept_Output/<run>/` with its `run.json` record."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from loraforge.errors import ForgeError
+from loraforge.fsutil import write_atomic
+
+RECORD = "run.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+STATUSES = ("running", "finished", "failed", "interrupted")
+
+
+def check_run_name(name: str) -> str:
+    if not NAME_PATTERN.match(name) or name in {".", ".."}:
+        raise ForgeError(f"run name `{name}` is not allowed: it becomes a folder and a file "
+                         "name",
+                         fix="use letters, digits, '.', '_', '+' and '-' only (no '/' or "
+                             "spaces), starting with a letter or digit, e.g. --run blake_v2")
+    return name
+
+
+def final_lora(run_dir: Path) -> Path:
+    return run_dir / f"{run_dir.name}.safetensors"
+
+
+def epoch_lora(run_dir: Path, epoch: int) -> Path:
+    return run_dir / f"{run_dir.name}-{epoch:06d}.safetensors"
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class RunRecord:
+    """`run.json`: resolved config, dataset summary, status and timings, rewritten atomically."""
+
+    def __init__(self, run_dir: Path, mode: int) -> None:
+        self.path = run_dir / RECORD
+        self.mode = mode
+        self.data: dict[str, Any] = read_record(run_dir) or {"name": run_dir.name}
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+        self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True), self.mode)
+
+
+def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """Every run with a readable record, oldest update first."""
+    if not runs_dir.is_dir():
+        return []
+    runs = []
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        record = read_record(run_dir)
+        if record is not None:
+            runs.append({**record, "dir": str(run_dir)})
+    return sorted(runs, key=lambda r: r.get("finished_at") or r.get("updated_at") or "")

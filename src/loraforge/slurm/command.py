@@ -1,0 +1,174 @@
+"""`loraforge slurm ...` and `loraforge runs`. Thin: parse, then call into loraforge.slurm.
+
+Only typer and pathlib at the top: the work is imported inside each command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from loraforge.config import Settings
+    from loraforge.slurm.jobs import GenerateArgs, Options
+
+slurm_app = typer.Typer(help="Render and submit SLURM job scripts; watch and cancel jobs.",
+                        no_args_is_help=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
+                      "(default: ./forge.toml if present, else built-in defaults).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a value: "
+                   "section.key=value (repeatable); passed on to the job.")]
+RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: train.run_name).")]
+GpusOpt = Annotated[str | None, typer.Option("--gpus", help="GPUs per node, N or TYPE:N "
+                    "(default: slurm.gpus).")]
+DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the job script(s) and the sbatch "
+                   "call; write and submit nothing.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+PromptOpt = Annotated[str | None, typer.Option("--prompt", help="Prompt (default: "
+                      "generate.prompt).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed (default: generate.seed).")]
+LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA to apply, as "
+                    "`loraforge generate --lora` takes it (repeatable).")]
+PoseOpt = Annotated[str | None, typer.Option("--pose", help="Pose map or OpenPose JSON.")]
+ScenesOpt = Annotated[str | None, typer.Option("--scenes", help="Scenes file.")]
+RunArg = Annotated[str | None, typer.Argument(help="Run name or job id (default: the newest "
+                   "jobs).")]
+
+
+def _options(config: Path | None, overrides: list[str] | None, gpus: str | None,
+             dry_run: bool) -> Options:
+    from loraforge.slurm.jobs import Options
+
+    return Options(config, list(overrides or []), gpus, dry_run)
+
+
+def _generate_args(prompt: str | None, seed: int | None, lora: list[str] | None,
+                   pose: str | None, scenes: str | None) -> GenerateArgs:
+    from loraforge.slurm.jobs import GenerateArgs
+
+    return GenerateArgs(prompt, seed, list(lora or []), pose, scenes)
+
+
+def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
+    from loraforge.config import load_settings
+
+    return load_settings(config, list(overrides or []))
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(soft_wrap=True, highlight=False)
+
+
+@slurm_app.command("train")
+def slurm_train(config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt = None,
+                gpus: GpusOpt = None, dry_run: DryOpt = False) -> None:
+    """Submit `loraforge train` as a batch job (requeued and resumed on time limits)."""
+    from loraforge.slurm.jobs import submit_train
+
+    submit_train(_options(config, overrides, gpus, dry_run), run, typer.echo)
+
+
+@slurm_app.command("generate")
+def slurm_generate(config: ConfigOpt = None, overrides: SetOpt = None, prompt: PromptOpt = None,
+                   seed: SeedOpt = None, lora: LoraOpt = None, pose: PoseOpt = None,
+                   scenes: ScenesOpt = None, gpus: GpusOpt = None, dry_run: DryOpt = False,
+                   ) -> None:
+    """Submit `loraforge generate` as a batch job."""
+    from loraforge.slurm.jobs import submit_generate
+
+    submit_generate(_options(config, overrides, gpus, dry_run),
+                    _generate_args(prompt, seed, lora, pose, scenes), typer.echo)
+
+
+@slurm_app.command("pipeline")
+def slurm_pipeline(config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt = None,
+                   prompt: PromptOpt = None, seed: SeedOpt = None, lora: LoraOpt = None,
+                   pose: PoseOpt = None, scenes: ScenesOpt = None, gpus: GpusOpt = None,
+                   dry_run: DryOpt = False) -> None:
+    """Submit training, then generation with its LoRA once training succeeded.
+
+    If training fails, SLURM cancels the generation job (--kill-on-invalid-dep=yes).
+    """
+    from loraforge.slurm.jobs import submit_pipeline
+
+    submit_pipeline(_options(config, overrides, gpus, dry_run), run,
+                    _generate_args(prompt, seed, lora, pose, scenes), typer.echo)
+
+
+@slurm_app.command("sweep")
+def slurm_sweep(
+    param: Annotated[list[str], typer.Option("--param", help="A value list to sweep: "
+                     "section.key=v1,v2,... (repeatable; every combination is one run).")],
+    config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt = None,
+    max_parallel: Annotated[int | None, typer.Option("--max-parallel", min=1, help="Run at most "
+                            "this many at once.")] = None,
+    gpus: GpusOpt = None, dry_run: DryOpt = False,
+) -> None:
+    """Submit one job array: one training run per combination, named from the values
+    (e.g. multi_concept-unet_lr1e-4-network_dim8). Compare them with `loraforge runs`."""
+    from loraforge.slurm.jobs import submit_sweep
+
+    submit_sweep(_options(config, overrides, gpus, dry_run), run, param, max_parallel,
+                 typer.echo)
+
+
+@slurm_app.command("status")
+def slurm_status(run: RunArg = None, config: ConfigOpt = None, overrides: SetOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """The jobs submitted with `loraforge slurm`: SLURM state, node, requeues, run status."""
+    from loraforge.slurm.control import print_status
+
+    print_status(_settings(config, overrides), run, as_json, _console())
+
+
+@slurm_app.command("cancel")
+def slurm_cancel(run: RunArg = None, config: ConfigOpt = None, overrides: SetOpt = None,
+                 ) -> None:
+    """Cancel the pending or running jobs of RUN (default: those of the newest submission).
+
+    A cancelled training saves its state; `loraforge slurm train` again resumes it.
+    """
+    from loraforge.slurm.control import cancel_jobs
+
+    ids = cancel_jobs(_settings(config, overrides), run)
+    typer.echo(f"cancelled: {' '.join(ids)}" if ids else "nothing to cancel: no pending or "
+               "running job")
+
+
+@slurm_app.command("logs")
+def slurm_logs(run: RunArg = None, config: ConfigOpt = None, overrides: SetOpt = None,
+               lines: Annotated[int | None, typer.Option("--lines", "-n", min=1, help="Only "
+                                "the last N lines.")] = None) -> None:
+    """Print the job log of RUN (default: of the newest job that has one)."""
+    from loraforge.slurm.control import job_log
+
+    path, text = job_log(_settings(config, overrides), run, lines)
+    typer.echo(f"==> {path} <==", err=True)
+    typer.echo(text, nl=False)
+
+
+@slurm_app.command("mark-failed", hidden=True)
+def slurm_mark_failed(
+    reason: Annotated[str, typer.Option("--reason", help="Why the run failed.")],
+    config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt = None,
+) -> None:
+    """Used by job scripts: mark a run failed in run.json (e.g. requeued too often)."""
+    from loraforge.slurm.control import mark_failed
+
+    run_dir = mark_failed(_settings(config, overrides), run, reason)
+    typer.echo(f"marked failed: {run_dir}")
+
+
+def runs_command(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False,
+                 ) -> None:
+    """List training runs side by side: status, final loss, steps, the settings that differ."""
+    from loraforge.slurm.control import print_runs
+
+    print_runs(_settings(config, overrides), as_json, _console())

@@ -1,0 +1,49 @@
+"""Prompt encoding as A1111 and kohya do it: long prompts in chunks of 75 tokens, and clip skip.
+
+A prompt of up to `max_chunks * 75` tokens is split into chunks of 75; each chunk is wrapped in
+<BOS> ... <EOS> and padded to 77 with <EOS>, encoded by the text encoder on its own, and the
+chunks' hidden states are concatenated (77 per chunk). Clip skip N takes the hidden states N layers
+from the end and applies the final layer norm (clip skip 1 = the last layer). Training and
+generation share this, so a LoRA sees the same conditioning in both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+CHUNK = 75
+
+
+def chunk_token_ids(tokenizer: CLIPTokenizer, texts: list[str], max_chunks: int,
+                    min_chunks: int = 1) -> torch.Tensor:
+    """Token ids [batch, chunks * 77]; every row has as many chunks as the longest prompt needs."""
+    import torch
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bodies = [tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"][
+        : max_chunks * CHUNK] for text in texts]
+    chunks = max(min_chunks, *(max(1, math.ceil(len(b) / CHUNK)) for b in bodies))
+    chunks = min(chunks, max_chunks)
+    rows = []
+    for body in bodies:
+        row: list[int] = []
+        for index in range(chunks):
+            part = body[index * CHUNK:(index + 1) * CHUNK]
+            row += [bos, *part, *[eos] * (CHUNK + 1 - len(part))]
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def encode_token_ids(text_encoder: CLIPTextModel, ids: torch.Tensor, clip_skip: int,
+                     ) -> torch.Tensor:
+    """Hidden states [batch, chunks * 77, width] for ids from `chunk_token_ids`."""
+    batch, length = ids.shape
+    flat = ids.reshape(batch * (length // (CHUNK + 2)), CHUNK + 2).to(text_encoder.device)
+    output = text_encoder(flat, output_hidden_states=True)
+    hidden = text_encoder.final_layer_norm(output.hidden_states[-clip_skip])
+    return hidden.reshape(batch, length, hidden.shape[-1])

@@ -1,0 +1,123 @@
+"""The LoRA network: which modules get an adapter (kohya's `networks.lora` set for SD 1.x), peft
+injection, and the mapping between module paths and kohya key names.
+
+U-Net: every Linear and 1x1 Conv2d inside each Transformer2DModel (192 modules on SD 1.5). With
+conv ("LoCon") layers on, also the Linear and Conv2d layers of ResnetBlock2D, Downsample2D and
+Upsample2D: 3x3 convs get the conv rank/alpha, Linear and 1x1 layers the network rank/alpha.
+Text encoder: q/k/v/out projections and both MLP layers of each CLIP layer (72 modules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+ADAPTER = "default"
+UNET_PREFIX = "lora_unet_"
+TEXT_PREFIX = "lora_te_"
+# transformers >= 5.6 dropped `text_model.` from CLIPTextModel's paths; kohya's names keep it.
+TEXT_PATH_PREFIX = "text_model."
+
+UNET_BLOCKS = ("Transformer2DModel",)
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted module: where it is in the model and what kohya calls it."""
+
+    component: str  # "unet" or "text_encoder"
+    path: str  # module path inside the component
+    kohya_name: str
+    rank: int
+    alpha: float
+
+
+def kohya_name(component: str, path: str) -> str:
+    if component == "unet":
+        return UNET_PREFIX + path.replace(".", "_")
+    return TEXT_PREFIX + (TEXT_PATH_PREFIX + path).replace(".", "_")
+
+
+def find_targets(model: nn.Module, component: str, blocks: tuple[str, ...], rank: int,
+                 alpha: float, conv_rank: int = 0, conv_alpha: float = 0.0) -> list[Target]:
+    """Linear and Conv2d layers inside modules whose class is one of `blocks`, in model order."""
+    from torch import nn
+
+    targets: dict[str, Target] = {}
+    for block_path, block in model.named_modules():
+        if type(block).__name__ not in blocks:
+            continue
+        for child_path, child in block.named_modules():
+            if not child_path:
+                continue
+            path = f"{block_path}.{child_path}" if block_path else child_path
+            if isinstance(child, nn.Linear) or (
+                    isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1)):
+                r, a = rank, alpha
+            elif isinstance(child, nn.Conv2d) and conv_rank > 0:
+                r, a = conv_rank, conv_alpha
+            else:
+                continue
+            targets.setdefault(path, Target(component, path, kohya_name(component, path), r, a))
+    return list(targets.values())
+
+
+def unet_targets(unet: nn.Module, rank: int, alpha: float, conv_rank: int = 0,
+                 conv_alpha: float = 0.0) -> list[Target]:
+    targets = find_targets(unet, "unet", UNET_BLOCKS, rank, alpha)
+    if conv_rank > 0:
+        targets += find_targets(unet, "unet", UNET_CONV_BLOCKS, rank, alpha, conv_rank,
+                                conv_alpha)
+    return targets
+
+
+def text_targets(text_encoder: nn.Module, rank: int, alpha: float) -> list[Target]:
+    return find_targets(text_encoder, "text_encoder", TEXT_BLOCKS, rank, alpha)
+
+
+def inject(model: nn.Module, targets: list[Target]) -> None:
+    """Add a peft LoRA adapter to every target (down random, up zero: a no-op until trained).
+
+    Adapter weights are created from the global torch RNG (seed it first) and kept in fp32
+    whatever the base model's dtype.
+    """
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not targets:
+        return
+    first = targets[0]
+    config = LoraConfig(
+        r=first.rank, lora_alpha=first.alpha,
+        target_modules=[t.path for t in targets],
+        rank_pattern={t.path: t.rank for t in targets if t.rank != first.rank},
+        alpha_pattern={t.path: t.alpha for t in targets if t.alpha != first.alpha},
+        init_lora_weights=True,
+    )
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    for target in targets:
+        layer = model.get_submodule(target.path)
+        for part in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
+            part.to(torch.float32)
+            part.requires_grad_(True)
+
+
+def lora_pair(model: nn.Module, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) weights of one target: kohya's lora_down and lora_up."""
+    layer = model.get_submodule(target.path)
+    return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+
+
+def lora_parameters(model: nn.Module, targets: list[Target]) -> list[torch.nn.Parameter]:
+    params = []
+    for target in targets:
+        down, up = lora_pair(model, target)
+        params += [down, up]
+    return params

@@ -1,0 +1,127 @@
+"""Resumable training state: LoRA weights (fp32), optimizer, schedule, loss scaler and position.
+
+A state is a folder `state/step-NNNNNNNN/` that appears by an atomic rename of a fully written
+temporary folder, so every `step-*` folder is complete. The newest `keep` are kept. Random draws
+derive from (seed, step) and (seed, epoch), so no RNG state needs saving.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.errors import ForgeError
+
+if TYPE_CHECKING:
+    import torch
+
+STATE_DIR = "state"
+PREFIX = "step-"
+WEIGHTS = "lora.safetensors"
+OPTIMIZER = "optimizer.pt"
+POSITION = "position.json"
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, and the next batch to read."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss_ema: float | None = None
+
+
+def state_root(run_dir: Path) -> Path:
+    return run_dir / STATE_DIR
+
+
+def saved_states(run_dir: Path) -> list[Path]:
+    """Complete states, oldest first."""
+    root = state_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and (p / POSITION).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_state(run_dir: Path, position: Position, weights: dict[str, torch.Tensor],
+               trainer_state: dict[str, Any], config: dict[str, Any], keep: int,
+               mode: int) -> Path:
+    """Write a new state folder atomically and prune old ones. Raises OSError on a full disk,
+    leaving every earlier state in place."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = state_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{position.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
+                  str(tmp / WEIGHTS))
+        buffer = io.BytesIO()  # torch.save reports a full disk as RuntimeError; a plain write
+        torch.save(trainer_state, buffer)  # reports it as OSError, which callers handle
+        (tmp / OPTIMIZER).write_bytes(buffer.getvalue())
+        (tmp / POSITION).write_text(json.dumps({"position": position.__dict__,
+                                                "config": config}, indent=1))
+        for item in tmp.iterdir():
+            os.chmod(item, mode)
+            with open(item, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, mode | 0o111)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in saved_states(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@dataclass
+class LoadedState:
+    path: Path
+    position: Position
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    trainer_state: dict[str, Any]
+
+
+def load_state(path: Path) -> LoadedState:
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / POSITION).read_text())
+        weights = load_file(str(path / WEIGHTS))
+        trainer_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ForgeError(f"training state cannot be read ({exc})", path=path,
+                         fix="delete this state folder to resume from the one before it, or "
+                             "pass --restart") from None
+    return LoadedState(path, Position(**meta["position"]), meta["config"], weights,
+                       trainer_state)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       ignored: set[str]) -> list[str]:
+    """`section.key: saved -> current` for every value that differs, except `ignored` keys."""
+    lines = []
+    for section in sorted(set(saved) | set(current)):
+        before, after = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            name = f"{section}.{key}"
+            if name in ignored or before.get(key) == after.get(key):
+                continue
+            lines.append(f"{name}: {before.get(key)!r} -> {after.get(key)!r}")
+    return lines

@@ -1,0 +1,292 @@
+"""`loraforge train` on the tiny model: it learns, writes the ecosystem's format, and resumes
+bit-identically after a real SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_user_error, run_cli, write_training_project
+from safetensors import safe_open
+
+from loraforge.config import load_settings
+from loraforge.runtime import go_offline
+from loraforge.text import chunk_token_ids, encode_token_ids
+from loraforge.train.trainer import RESUMABLE_EXIT, TrainResult, train
+
+FIXED_ENV = {"SOURCE_DATE_EPOCH": "1767225600"}
+
+
+def _modules(path: Path) -> dict[str, set[str]]:
+    """kohya module name -> the tensor suffixes stored for it."""
+    found: dict[str, set[str]] = {}
+    with safe_open(str(path), "pt") as fh:
+        for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+            name, _, rest = key.partition(".")
+            found.setdefault(name, set()).add(rest)
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> TrainResult:
+    """One in-process training run, saved in fp32 so the file equals the in-memory weights."""
+    root = tmp_path_factory.mktemp("trained")
+    config = write_training_project(root, tiny_store, {
+        "epochs": 12, "save_precision": "fp32", "keep_last_n": 2, "unet_lr": 1e-2,
+        "text_encoder_lr": 2e-3})
+    settings = load_settings(config)
+    go_offline(settings)
+    return train(settings, "fmt", restart=False)
+
+
+def _pipeline(base: Path, lora: Path | None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None,
+                                                   requires_safety_checker=False,
+                                                   local_files_only=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    return pipe
+
+
+def _fixed_loss(pipe, latents: torch.Tensor, captions: list[str], clip_skip: int) -> float:
+    """Unweighted denoising loss over fixed noise and timesteps (the same for every model)."""
+    generator = torch.Generator().manual_seed(1234)
+    ids = chunk_token_ids(pipe.tokenizer, captions, 1)
+    total = 0.0
+    with torch.no_grad():
+        hidden = encode_token_ids(pipe.text_encoder, ids, clip_skip)
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.full((latents.shape[0],), t)
+            alpha_bar = pipe.scheduler.alphas_cumprod[t]
+            noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+            prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+            total += torch.nn.functional.mse_loss(prediction, noise).item()
+    return total / 5
+
+
+def test_training_lowers_the_denoising_loss_on_the_training_images(trained: TrainResult,
+                                                                     tiny_store: Path) -> None:
+    trainer = trained.trainer
+    assert trainer is not None
+    base = tiny_store / "tiny-sd15"
+    latents = torch.cat([trainer.encode_images(_vae_holder(base), [i])
+                         for i in range(len(trainer.examples))])
+    captions = [e.caption for e in trainer.examples]
+    before = _fixed_loss(_pipeline(base, None), latents, captions, 2)
+    after = _fixed_loss(_pipeline(base, trained.final), latents, captions, 2)
+    assert after < 0.8 * before, (before, after)
+
+
+def _vae_holder(base: Path):
+    from diffusers import AutoencoderKL
+
+    class Holder:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
+
+    return Holder()
+
+
+def test_final_file_has_kohya_keys_trained_alpha_and_metadata(trained: TrainResult) -> None:
+    modules = _modules(trained.final)
+    unet = [m for m in modules if m.startswith("lora_unet_")]
+    text = [m for m in modules if m.startswith("lora_te_")]
+    assert (len(unet), len(text), len(modules)) == (192, 72, 264)
+    assert all(parts == {"lora_down.weight", "lora_up.weight", "alpha"}
+               for parts in modules.values())
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    assert not any(m.startswith("lora_te1_") for m in modules)
+    with safe_open(str(trained.final), "pt") as fh:
+        alpha = fh.get_tensor("lora_unet_mid_block_attentions_0_proj_in.alpha")
+        down = fh.get_tensor("lora_unet_mid_block_attentions_0_proj_in.lora_down.weight")
+        meta = fh.metadata()
+    assert alpha.item() == 2.0 and down.shape[0] == 4
+    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
+                "ss_tag_frequency", "ss_dataset_dirs", "ss_num_train_images", "ss_steps",
+                "ss_clip_skip", "ss_sd_model_hash", "ss_new_sd_model_hash", "sshs_model_hash",
+                "sshs_legacy_hash", "modelspec.architecture", "modelspec.trigger_phrase",
+                "ss_training_started_at", "ss_optimizer", "ss_seed", "ss_min_snr_gamma"):
+        assert key in meta, key
+    assert meta["ss_network_alpha"] == "2.0" and meta["ss_network_dim"] == "4"
+    assert json.loads(meta["ss_dataset_dirs"]) == {
+        "1_blue_mage": {"n_repeats": 1, "img_count": 2},
+        "1_red_knight": {"n_repeats": 1, "img_count": 2}}
+    assert json.loads(meta["ss_tag_frequency"])["1_red_knight"]["red_knight"] == 2
+    assert meta["modelspec.trigger_phrase"] == "blue_mage, red_knight"
+    assert meta["ss_steps"] == "24" and meta["ss_epoch"] == "12"
+    assert oct(trained.final.stat().st_mode & 0o777) == "0o644"
+
+
+def test_epoch_files_are_kept_newest_n_and_state_is_cleared(trained: TrainResult) -> None:
+    run_dir = trained.final.parent
+    epochs = sorted(p.name for p in run_dir.glob("fmt-*.safetensors"))
+    assert epochs == ["fmt-000010.safetensors", "fmt-000011.safetensors"]
+    assert not (run_dir / "state").exists()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished" and record["step"] == 24
+    assert record["final_loss"] > 0
+    assert list((run_dir / "events").iterdir())
+    assert "saved" in (run_dir / "train.log").read_text()
+
+
+def test_diffusers_load_reproduces_the_trained_model(trained: TrainResult,
+                                                     tiny_store: Path) -> None:
+    trainer = trained.trainer
+    assert trainer is not None
+    models = trainer.models
+    pipe = _pipeline(tiny_store / "tiny-sd15", trained.final)
+    ids = chunk_token_ids(pipe.tokenizer, ["red_knight, solo, standing"], 1)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((1, 4, 8, 8), generator=generator)
+    timestep = torch.tensor([400])
+    with torch.no_grad():
+        ours_text = encode_token_ids(models.text_encoder, ids, 2)
+        theirs_text = encode_token_ids(pipe.text_encoder, ids, 2)
+        ours = models.unet(latents, timestep, encoder_hidden_states=ours_text).sample
+        theirs = pipe.unet(latents, timestep, encoder_hidden_states=ours_text).sample
+    assert (ours_text - theirs_text).abs().max().item() < 1e-5
+    assert (ours - theirs).abs().max().item() < 1e-5
+    base_pipe = _pipeline(tiny_store / "tiny-sd15", None)
+    with torch.no_grad():
+        untrained = base_pipe.unet(latents, timestep, encoder_hidden_states=ours_text).sample
+    assert (ours - untrained).abs().max().item() > 1e-3
+
+
+def _start_train(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "loraforge", "train", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+
+
+def _interrupt_at(process: subprocess.Popen[str], step: int) -> tuple[str, str]:
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(f"step {step}/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=300)
+    return "".join(seen) + out, err
+
+
+def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
+                                                       tiny_store: Path) -> None:
+    straight = write_training_project(tmp_path / "straight", tiny_store)
+    resumed = write_training_project(tmp_path / "resumed", tiny_store)
+
+    first = run_cli("train", "--config", straight, env=FIXED_ENV)
+    assert first.returncode == 0, first.stderr
+    assert "\r" not in first.stdout and "step 6/6" in first.stdout
+
+    process = _start_train(resumed, FIXED_ENV)
+    out, err = _interrupt_at(process, step=3)
+    assert process.returncode == RESUMABLE_EXIT, (out, err)
+    run_dir = tmp_path / "resumed" / "store" / "Multi_Concept_Output" / "multi_concept"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted", (out, err)
+    assert "state saved" in err and "rerun the same command" in err
+    states = sorted((run_dir / "state").iterdir())
+    assert [s.name for s in states][-1].startswith("step-")
+    assert not (run_dir / "multi_concept.safetensors").exists()
+
+    again = run_cli("train", "--config", resumed, env=FIXED_ENV)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr
+    a = (tmp_path / "straight" / "store" / "Multi_Concept_Output" / "multi_concept"
+         / "multi_concept.safetensors").read_bytes()
+    b = (run_dir / "multi_concept.safetensors").read_bytes()
+    assert a == b
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Path) -> None:
+    config = write_training_project(tmp_path, tiny_store, {"epochs": 20})
+    process = _start_train(config, FIXED_ENV)
+    _interrupt_at(process, step=2)
+    assert process.returncode == RESUMABLE_EXIT
+
+    changed = run_cli("train", "--config", config, "--set", "train.unet_lr=0.01")
+    assert_user_error(changed, "cannot resume", "train.unet_lr: 0.002 -> 0.01", "--restart")
+
+    restarted = run_cli("train", "--config", config, "--restart", "--set", "train.epochs=1")
+    assert restarted.returncode == 0, restarted.stderr
+
+
+def test_run_name_with_a_path_separator_is_refused(tmp_path: Path, tiny_store: Path) -> None:
+    config = write_training_project(tmp_path, tiny_store)
+    result = run_cli("train", "--config", config, "--run", "../escape")
+    assert_user_error(result, "run name `../escape`", "letters, digits")
+    assert not (tmp_path / "store" / "escape").exists()
+
+
+def test_missing_base_model_names_the_commands_that_provide_it(tmp_path: Path,
+                                                               tiny_store: Path) -> None:
+    config = write_training_project(tmp_path, tiny_store)
+    result = run_cli("train", "--config", config, "--set", "models.base=AnyLoRA")
+    assert_user_error(result, "AnyLoRA", "loraforge models fetch anylora", "models import")
+
+
+def test_sdxl_base_model_is_refused(tmp_path: Path, tiny_store: Path) -> None:
+    config = write_training_project(tmp_path, tiny_store)
+    fake = tmp_path / "store" / "sdxl"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (fake / part).mkdir(parents=True)
+    (fake / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (fake / "unet" / "config.json").write_text(json.dumps(
+        {"cross_attention_dim": 2048, "addition_embed_type": "text_time", "in_channels": 4}))
+    result = run_cli("train", "--config", config, "--set", "models.base=sdxl")
+    assert_user_error(result, "sdxl", "SD 1.x")
+
+
+def test_an_optimizer_that_cannot_run_here_is_a_clear_error(tmp_path: Path,
+                                                           tiny_store: Path) -> None:
+    config = write_training_project(tmp_path, tiny_store)
+    result = run_cli("train", "--config", config, "--set", "train.optimizer=AdamW8bit")
+    assert_user_error(result, "AdamW8bit", "CUDA", "train.optimizer")
+    result = run_cli("train", "--config", config, "--set", "train.optimizer=nosuch.Optim")
+    assert_user_error(result, "nosuch.Optim", "cannot be imported")
+
+
+def test_full_disk_while_saving_is_clear_and_keeps_the_previous_checkpoint(
+        tmp_path: Path, tiny_store: Path) -> None:
+    # Epoch files (fp16, dim 4) are ~0.3 MB; the fp32 state with its optimizer is over 1 MB.
+    config = write_training_project(tmp_path, tiny_store, {"state_every_n_steps": 3,
+                                                           "epochs": 4})
+    limit = 1_000_000
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "loraforge", "train", "--config", str(config)],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=600,
+                          env={**os.environ, **FIXED_ENV})
+    assert_user_error(done, "could not write", "quota is full", "rerun the same command")
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    epoch_one = run_dir / "multi_concept-000001.safetensors"
+    assert len(_modules(epoch_one)) == 264
+    assert not list((run_dir / "state").glob(".tmp-*"))
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+
+def test_unet_only_run_logs_plain_lines_and_saves_no_text_encoder(tmp_path: Path,
+                                                                  tiny_store: Path) -> None:
+    config = write_training_project(tmp_path, tiny_store, {"epochs": 1,
+                                                           "log_every_seconds": 3600})
+    result = run_cli("train", "--config", config, "--set", "train.text_encoder_lr=0")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert lines == [lines[-1]] and lines[-1].startswith("step 2/2 epoch 1 loss ")
+    assert "img/s" in lines[-1] and "eta" in lines[-1] and "\r" not in result.stdout
+    final = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept" / \
+        "multi_concept.safetensors"
+    modules = _modules(final)
+    assert len(modules) == 192 and all(m.startswith("lora_unet_") for m in modules)
