@@ -1,0 +1,180 @@
+"""Where the models named in the config live, and whether they are what we can use.
+
+`models.base` / `models.controlnet` name a folder under the storage root, an absolute path, or
+`tiny` (the embedded test model, built on first use). Only JSON files are read here: checking a
+model costs milliseconds and never loads weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.config import TINY
+from loraforge.errors import ForgeError
+
+if TYPE_CHECKING:
+    from loraforge.config import Settings
+
+SD1_CROSS_ATTENTION_DIM = 768
+BASE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+COMPONENT_CONFIGS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+FETCH_BASE = "`loraforge models fetch anylora` (on a login node with internet)"
+IMPORT_BASE = "`loraforge models import FILE.safetensors --as base` (offline, from a checkpoint)"
+FETCH_CONTROLNET = "`loraforge models fetch controlnet-openpose` (on a login node with internet)"
+BASE_FIX = (f"run {FETCH_BASE}, or {IMPORT_BASE}; or set `models.base` in forge.toml to another "
+            "SD 1.x model folder (`tiny` for the embedded test model)")
+CONTROLNET_FIX = (f"run {FETCH_CONTROLNET}; or set `models.controlnet` in forge.toml to another "
+                  "SD 1.x OpenPose ControlNet folder (`tiny` for the embedded test model)")
+
+
+def resolve_base_model(settings: Settings) -> Path:
+    """The folder of the configured base model, checked to be a diffusers SD 1.x pipeline."""
+    name = settings.config.models.base
+    if name == TINY:
+        from loraforge.models.tiny import ensure_tiny_models
+
+        return ensure_tiny_models(settings.storage_root)[0]
+    path = settings.model_dir(name)
+    check_base_model(path)
+    return path
+
+
+def resolve_controlnet(settings: Settings) -> Path:
+    """The folder of the configured ControlNet, checked to be a diffusers SD 1.x ControlNet."""
+    name = settings.config.models.controlnet
+    if name == TINY:
+        from loraforge.models.tiny import ensure_tiny_models
+
+        return ensure_tiny_models(settings.storage_root)[1]
+    path = settings.model_dir(name)
+    check_controlnet(path)
+    return path
+
+
+def is_tiny(path: Path) -> bool:
+    """Whether `path` is a folder built by `loraforge.models.tiny`."""
+    from loraforge.models.tiny import read_marker
+
+    data = read_marker(path)
+    return data is not None and data.get("kind") == "tiny"
+
+
+def check_base_model(path: Path) -> None:
+    """Raise ForgeError unless `path` is a complete diffusers SD 1.x text-to-image model."""
+    _require_folder(path, "base model", BASE_FIX)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ForgeError("is not a diffusers model folder (no model_index.json)", path=path,
+                         fix=BASE_FIX)
+    index = _read_json(index_file, BASE_FIX)
+    missing = [name for name in BASE_COMPONENTS if not (path / name).is_dir()]
+    if missing:
+        listed = ", ".join(f"{name}/" for name in missing)
+        raise ForgeError(f"is an incomplete diffusers model: missing {listed}", path=path,
+                         fix=f"fetch or import it again: {BASE_FIX}")
+    for component, config_name in COMPONENT_CONFIGS.items():
+        if not (path / component / config_name).is_file():
+            raise ForgeError(f"is an incomplete diffusers model: no {component}/{config_name}",
+                             path=path, fix=f"fetch or import it again: {BASE_FIX}")
+    tokenizer = path / "tokenizer"
+    if not ((tokenizer / "tokenizer.json").is_file()
+            or ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file())):
+        raise ForgeError("is an incomplete diffusers model: tokenizer/ has neither tokenizer.json "
+                         "nor vocab.json + merges.txt", path=path,
+                         fix=f"fetch or import it again: {BASE_FIX}")
+    for component in WEIGHT_COMPONENTS:
+        if not _has_weights(path / component):
+            raise ForgeError(f"is an incomplete diffusers model: {component}/ holds no weights",
+                             path=path, fix=f"fetch or import it again: {BASE_FIX}")
+    unet = _read_json(path / "unet" / "config.json", BASE_FIX)
+    _require_sd1(path, unet, index.get("_class_name"), "base model", BASE_FIX)
+    if unet.get("in_channels", 4) != 4:
+        raise ForgeError(f"is an inpainting or other special U-Net (in_channels "
+                         f"{unet.get('in_channels')}, a text-to-image SD 1.x U-Net has 4)",
+                         path=path, fix=BASE_FIX)
+
+
+def check_controlnet(path: Path) -> None:
+    """Raise ForgeError unless `path` is a diffusers SD 1.x ControlNet folder."""
+    _require_folder(path, "ControlNet", CONTROLNET_FIX)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ForgeError("is not a diffusers ControlNet folder (no config.json)", path=path,
+                         fix=CONTROLNET_FIX)
+    config = _read_json(config_file, CONTROLNET_FIX)
+    class_name = config.get("_class_name")
+    if class_name is not None and class_name != "ControlNetModel":
+        raise ForgeError(f"holds a {class_name}, not a ControlNetModel", path=path,
+                         fix=CONTROLNET_FIX)
+    if not _has_weights(path):
+        raise ForgeError("is an incomplete ControlNet: no weights file", path=path,
+                         fix=f"fetch it again: {CONTROLNET_FIX}")
+    _require_sd1(path, config, class_name, "ControlNet", CONTROLNET_FIX)
+
+
+def check_pair(base: Path, controlnet: Path) -> None:
+    """Raise ForgeError when the ControlNet was made for a different base architecture."""
+    base_dim = _read_json(base / "unet" / "config.json", BASE_FIX).get("cross_attention_dim")
+    cn_dim = _read_json(controlnet / "config.json", CONTROLNET_FIX).get("cross_attention_dim")
+    if base_dim != cn_dim:
+        raise ForgeError(f"does not fit the base model {base} (text width {cn_dim} vs "
+                         f"{base_dim}); the embedded `tiny` base needs the `tiny` ControlNet and "
+                         "a real SD 1.x base needs a real SD 1.x ControlNet", path=controlnet,
+                         fix="set `models.base` and `models.controlnet` both to `tiny`, or both "
+                             "to real SD 1.x models")
+
+
+def _require_folder(path: Path, what: str, fix: str) -> None:
+    if path.is_dir():
+        return
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if what == "base model":
+            fix = f"convert it once with `loraforge models import {path} --as base`"
+        raise ForgeError(f"is a single-file checkpoint; the {what} must be a diffusers folder",
+                         path=path, fix=fix)
+    if path.exists():
+        raise ForgeError(f"is not a folder; the {what} must be a diffusers folder", path=path,
+                         fix=fix)
+    raise ForgeError(f"{what} not found", path=path, fix=fix)
+
+
+def _require_sd1(path: Path, unet: dict[str, Any], class_name: object, what: str,
+                 fix: str) -> None:
+    """SDXL, SD 2.x and others have a different text width or extra embeddings: refuse them."""
+    name = str(class_name or "")
+    if "XL" in name or unet.get("addition_embed_type") == "text_time":
+        raise ForgeError(f"is an SDXL {what}; LoRA Forge trains and renders SD 1.x models only",
+                         path=path, fix=fix)
+    dim = unet.get("cross_attention_dim")
+    if dim != SD1_CROSS_ATTENTION_DIM and not is_tiny(path):
+        family = {1024: " (SD 2.x)", 2048: " (SDXL)"}.get(dim, "") if isinstance(dim, int) else ""
+        raise ForgeError(f"is not an SD 1.x {what}: its U-Net's cross_attention_dim is {dim}"
+                         f"{family}, SD 1.x has {SD1_CROSS_ATTENTION_DIM}", path=path, fix=fix)
+
+
+def _has_weights(folder: Path) -> bool:
+    patterns = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+    return any(any(folder.glob(pattern)) for pattern in patterns)
+
+
+def _read_json(path: Path, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ForgeError(f"cannot be read ({exc.strerror})", path=path, fix=fix) from None
+    except ValueError as exc:
+        raise ForgeError(f"is not valid JSON ({exc})", path=path,
+                         fix=f"the model is damaged; {fix}") from None
+    if not isinstance(data, dict):
+        raise ForgeError("is not a JSON object", path=path, fix=f"the model is damaged; {fix}")
+    return data
