@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from loraforge.errors import ForgeError
 
@@ -102,6 +109,13 @@ class DatasetConfig(_Section):
             raise ValueError("must be a multiple of 8")
         return value
 
+    @model_validator(mode="after")
+    def _bucket_range(self) -> DatasetConfig:
+        if self.min_bucket > self.max_bucket:
+            raise ValueError(f"min_bucket ({self.min_bucket}) is above max_bucket "
+                             f"({self.max_bucket})")
+        return self
+
     @field_validator("caption_extension")
     @classmethod
     def _dot(cls, value: str) -> str:
@@ -145,6 +159,9 @@ class TrainConfig(_Section):
                                 "before training.")
     cache_latents_to_disk: bool = Field(True, description="Keep the latent cache under "
                                         "<storage>/cache/ for later runs.")
+    cache_text_encoder_outputs: bool = Field(True, description="When the text encoder is not "
+                                             "trained and captions never change (no shuffle or "
+                                             "dropout), encode each caption once.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of is_reg concepts.")
     sample_prompts: list[str] = Field(default_factory=list, description="Preview prompts; "
                                       "kohya flags --n --w --h --d --s --l allowed in a line.")
@@ -197,6 +214,12 @@ class SlurmConfig(_Section):
                               "after this many requeues.")
     env_activate: str = Field("lora_env/bin/activate", description="Activated by job scripts.")
     extra: list[str] = Field(default_factory=list, description="Extra #SBATCH lines.")
+
+    @field_validator("time", "mem", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: object) -> object:
+        """`time = 90` (minutes) and `mem = 64000` (MB) are numbers in TOML; SLURM reads text."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class ForgeConfig(_Section):

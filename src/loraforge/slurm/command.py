@@ -29,8 +29,12 @@ GpusOpt = Annotated[str | None, typer.Option("--gpus", help="GPUs per node, N or
 DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the job script(s) and the sbatch "
                    "call; write and submit nothing.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-PromptOpt = Annotated[str | None, typer.Option("--prompt", help="Prompt (default: "
+PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt (default: "
                       "generate.prompt).")]
+NegativeOpt = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt "
+                        "(default: generate.negative).")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Scene name (output "
+                    "<name>-<seed>.png).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed (default: generate.seed).")]
 LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA to apply, as "
                     "`loraforge generate --lora` takes it (repeatable).")]
@@ -47,11 +51,13 @@ def _options(config: Path | None, overrides: list[str] | None, gpus: str | None,
     return Options(config, list(overrides or []), gpus, dry_run)
 
 
-def _generate_args(prompt: str | None, seed: int | None, lora: list[str] | None,
-                   pose: str | None, scenes: str | None) -> GenerateArgs:
+def _generate_args(prompt: str | None, negative: str | None, seed: int | None,
+                   lora: list[str] | None, pose: str | None, scenes: str | None,
+                   name: str | None) -> GenerateArgs:
     from loraforge.slurm.jobs import GenerateArgs
 
-    return GenerateArgs(prompt, seed, list(lora or []), pose, scenes)
+    return GenerateArgs(prompt=prompt, negative=negative, seed=seed, lora=list(lora or []),
+                        pose=pose, scenes=scenes, name=name)
 
 
 def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
@@ -63,7 +69,9 @@ def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
 def _console() -> Console:
     from rich.console import Console
 
-    return Console(soft_wrap=True, highlight=False)
+    console = Console(highlight=False)
+    # A table piped to a file or a log keeps its columns readable.
+    return console if console.is_terminal else Console(highlight=False, width=200)
 
 
 @slurm_app.command("train")
@@ -77,20 +85,21 @@ def slurm_train(config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt 
 
 @slurm_app.command("generate")
 def slurm_generate(config: ConfigOpt = None, overrides: SetOpt = None, prompt: PromptOpt = None,
-                   seed: SeedOpt = None, lora: LoraOpt = None, pose: PoseOpt = None,
-                   scenes: ScenesOpt = None, gpus: GpusOpt = None, dry_run: DryOpt = False,
-                   ) -> None:
+                   negative: NegativeOpt = None, seed: SeedOpt = None, lora: LoraOpt = None,
+                   pose: PoseOpt = None, scenes: ScenesOpt = None, name: NameOpt = None,
+                   gpus: GpusOpt = None, dry_run: DryOpt = False) -> None:
     """Submit `loraforge generate` as a batch job."""
     from loraforge.slurm.jobs import submit_generate
 
     submit_generate(_options(config, overrides, gpus, dry_run),
-                    _generate_args(prompt, seed, lora, pose, scenes), typer.echo)
+                    _generate_args(prompt, negative, seed, lora, pose, scenes, name), typer.echo)
 
 
 @slurm_app.command("pipeline")
 def slurm_pipeline(config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt = None,
-                   prompt: PromptOpt = None, seed: SeedOpt = None, lora: LoraOpt = None,
-                   pose: PoseOpt = None, scenes: ScenesOpt = None, gpus: GpusOpt = None,
+                   prompt: PromptOpt = None, negative: NegativeOpt = None,
+                   seed: SeedOpt = None, lora: LoraOpt = None, pose: PoseOpt = None,
+                   scenes: ScenesOpt = None, name: NameOpt = None, gpus: GpusOpt = None,
                    dry_run: DryOpt = False) -> None:
     """Submit training, then generation with its LoRA once training succeeded.
 
@@ -99,7 +108,7 @@ def slurm_pipeline(config: ConfigOpt = None, overrides: SetOpt = None, run: RunO
     from loraforge.slurm.jobs import submit_pipeline
 
     submit_pipeline(_options(config, overrides, gpus, dry_run), run,
-                    _generate_args(prompt, seed, lora, pose, scenes), typer.echo)
+                    _generate_args(prompt, negative, seed, lora, pose, scenes, name), typer.echo)
 
 
 @slurm_app.command("sweep")

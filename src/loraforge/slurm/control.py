@@ -1,0 +1,174 @@
+"""`loraforge slurm status|cancel|logs|mark-failed` and `loraforge runs`: what was submitted
+(jobs.json), what SLURM says about it now (scontrol), and what the runs say (run.json)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from loraforge.config import Settings
+from loraforge.errors import ForgeError
+from loraforge.runs import RunRecord, check_run_name, list_runs, read_record
+from loraforge.slurm import scheduler
+from loraforge.slurm.jobs import jobs_path, load_jobs
+
+RECENT = 20
+
+
+def select_jobs(settings: Settings, run: str | None) -> list[dict[str, Any]]:
+    """The recorded jobs of RUN (a run name, job name or job id), else the recent ones."""
+    jobs = load_jobs(settings.storage_root)
+    if not jobs:
+        raise ForgeError("no jobs were submitted with `loraforge slurm` for this storage root",
+                         path=jobs_path(settings.storage_root),
+                         fix="submit one with `loraforge slurm train` (or `pipeline`, `sweep`)")
+    if run is None:
+        return jobs[-RECENT:]
+    chosen = [j for j in jobs if run in (j.get("run"), j.get("job_id"), j.get("array_job_id"),
+                                          j.get("name"))]
+    if not chosen:
+        known = sorted({str(j.get("run")) for j in jobs if j.get("run")})
+        raise ForgeError(f"no recorded job for `{run}`", path=jobs_path(settings.storage_root),
+                         fix="give a run name or job id from `loraforge slurm status`"
+                             + (f"; runs: {', '.join(known[-10:])}" if known else ""))
+    return chosen
+
+
+def job_status(settings: Settings, run: str | None) -> list[dict[str, Any]]:
+    rows = []
+    for entry in select_jobs(settings, run):
+        records = scheduler.show_jobs([entry["job_id"]])
+        live = records[0] if records else {}
+        row = {k: entry.get(k) for k in ("job_id", "kind", "run", "name", "log", "depends_on",
+                                         "submitted_at")}
+        if live:
+            row.update(state=live.get("JobState", "?"), reason=live.get("Reason", ""),
+                       node=live.get("NodeList", ""), elapsed=live.get("RunTime", ""),
+                       restarts=live.get("Restarts", "0"), exit_code=live.get("ExitCode", ""))
+        else:
+            row.update(state="(gone from SLURM)", reason="", node="", elapsed="", restarts="",
+                       exit_code="")
+        if entry.get("run") and entry.get("kind") == "train":
+            record = read_record(settings.runs_dir / entry["run"]) or {}
+            row["run_status"] = record.get("status", "not started")
+        else:
+            row["run_status"] = ""
+        rows.append(row)
+    return rows
+
+
+def print_status(settings: Settings, run: str | None, as_json: bool, console: Console) -> None:
+    rows = job_status(settings, run)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"jobs ({jobs_path(settings.storage_root)})")
+    for column in ("job", "job name", "run", "state", "reason", "node", "elapsed", "requeues",
+                   "run status"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["job_id"], row["name"], row.get("run") or "-", row["state"],
+                      row["reason"] if row["reason"] != "None" else "", row["node"],
+                      row["elapsed"], row["restarts"], row["run_status"])
+    console.print(table)
+
+
+def cancel_jobs(settings: Settings, run: str | None) -> list[str]:
+    """scancel the still active jobs of RUN; without RUN, those of the newest submission."""
+    jobs = load_jobs(settings.storage_root) if run is None else select_jobs(settings, run)
+    if run is None and jobs:
+        newest = jobs[-1].get("submission")
+        jobs = [j for j in jobs if j.get("submission") == newest]
+    ids = []
+    for entry in jobs:
+        records = scheduler.show_jobs([entry["job_id"]])
+        if records and records[0].get("JobState") in scheduler.ACTIVE_STATES:
+            ids.append(entry["job_id"])
+    scheduler.cancel(ids)
+    return ids
+
+
+def job_log(settings: Settings, run: str | None, lines: int | None) -> tuple[Path, str]:
+    """The newest existing log of RUN's jobs (or of the newest job) and its text."""
+    jobs = select_jobs(settings, run)
+    for entry in reversed(jobs):
+        path = Path(entry["log"])
+        if not path.is_file():
+            live = scheduler.show_jobs([entry["job_id"]]) if run is not None else []
+            stdout = live[0].get("StdOut") if live else None
+            if stdout and Path(stdout).is_file():
+                path = Path(stdout)
+        if path.is_file():
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = "".join(deque(fh, maxlen=lines)) if lines else fh.read()
+            return path, text
+    newest = jobs[-1]
+    raise ForgeError(f"job {newest['job_id']} has no log yet (it appears once the job starts)",
+                     path=newest["log"],
+                     fix="see where it stands with `loraforge slurm status`")
+
+
+def mark_failed(settings: Settings, run: str | None, reason: str) -> Path:
+    """Called by a job script that gives up requeueing: run.json says failed, and why."""
+    name = check_run_name(run or settings.config.train.run_name)
+    run_dir = settings.runs_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    RunRecord(run_dir, settings.file_mode).update(
+        status="failed", error=reason, failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return run_dir
+
+
+# --- loraforge runs ------------------------------------------------------------------------
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config.items()
+            if isinstance(values, dict) for key, value in values.items()
+            if section in ("models", "dataset", "train")}
+
+
+def runs_table(settings: Settings) -> list[dict[str, Any]]:
+    """Every run under Multi_Concept_Output/ with status, loss, and the settings that differ."""
+    runs = list_runs(settings.runs_dir)
+    flat = [_flatten(r.get("config") or {}) for r in runs]
+    keys = sorted({k for f in flat for k in f} - {"train.run_name"})
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    rows = []
+    for record, values in zip(runs, flat, strict=True):
+        slurm = record.get("slurm") or {}
+        rows.append({
+            "name": record.get("name"), "status": record.get("status"),
+            "final_loss": record.get("final_loss"), "step": record.get("step"),
+            "total_steps": record.get("total_steps"), "epochs": record.get("epochs"),
+            "job_id": slurm.get("job_id"), "node": slurm.get("node"),
+            "error": record.get("error"), "lora": record.get("final_lora"),
+            "updated_at": record.get("updated_at"), "dir": record.get("dir"),
+            "params": {k: values.get(k) for k in differ}})
+    return rows
+
+
+def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
+    rows = runs_table(settings)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        console.print(f"no runs yet in {settings.runs_dir}", markup=False)
+        return
+    params = list(rows[0]["params"])
+    table = Table(title=f"runs ({settings.runs_dir})")
+    for column in ("run", "status", "final loss", "steps", *[p.split(".")[-1] for p in params],
+                   "job", "note"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        loss = row["final_loss"]
+        steps = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
+        note = row["error"] or ""
+        table.add_row(row["name"], row["status"] or "?",
+                      f"{loss:.4f}" if isinstance(loss, int | float) else "-", steps,
+                      *[str(row["params"][p]) for p in params], row["job_id"] or "-", note)
+    console.print(table)

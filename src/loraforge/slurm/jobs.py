@@ -1,0 +1,334 @@
+"""`loraforge slurm train|generate|pipeline|sweep`: render the job scripts from the config, keep
+them under `<storage>/jobs/`, submit them with sbatch, and remember which job runs which run in
+`<storage>/jobs/jobs.json` (for `slurm status|cancel|logs`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraforge.config import load_settings, parse_override
+from loraforge.errors import ForgeError
+from loraforge.fsutil import write_atomic
+from loraforge.runs import check_run_name, final_lora
+from loraforge.slurm import scheduler
+from loraforge.slurm.script import (
+    LOG_DIR,
+    ArrayTask,
+    JobScript,
+    Raw,
+    absolute_activate,
+    quote,
+    render,
+    resources,
+    umask_for,
+)
+
+JOBS_DIR = "jobs"
+JOBS_RECORD = "jobs.json"
+MAX_ARRAY = 1000
+
+
+@dataclass
+class Options:
+    """What every submitting command shares."""
+
+    config: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    gpus: str | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class GenerateArgs:
+    """The `loraforge generate` options passed through to the job."""
+
+    prompt: str | None = None
+    negative: str | None = None
+    seed: int | None = None
+    lora: list[str] = field(default_factory=list)
+    pose: str | None = None
+    scenes: str | None = None
+    name: str | None = None
+
+    def words(self) -> list[str]:
+        words: list[str] = []
+        if self.prompt is not None:
+            words += ["--prompt", self.prompt]
+        if self.negative is not None:
+            words += ["--negative", self.negative]
+        if self.seed is not None:
+            words += ["--seed", str(self.seed)]
+        for lora in self.lora:
+            words += ["--lora", _absolute_if_exists(lora)]
+        if self.pose is not None:
+            words += ["--pose", _absolute_if_exists(self.pose)]
+        if self.scenes is not None:
+            words += ["--scenes", _absolute_if_exists(self.scenes)]
+        if self.name is not None:
+            words += ["--name", self.name]
+        return words
+
+
+def _absolute_if_exists(value: str) -> str:
+    """A path given relative to where the user stands, made absolute (the job runs in the
+    project folder); anything else (a run name, a LoRA with a weight) is passed unchanged."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else value
+
+
+@dataclass
+class Planned:
+    """One script to submit, and the runs it will produce."""
+
+    job: JobScript
+    runs: list[str | None]
+    depends_on: int | None = None  # index of an earlier Planned in the same submission
+
+
+class Submitter:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.settings = load_settings(options.config, options.overrides)
+        self.res = resources(self.settings, options.gpus)
+        self.project = self.settings.base_dir
+
+    # --- the loraforge words every job shares -------------------------------------------
+    def base_words(self) -> list[str]:
+        words: list[str] = []
+        if self.settings.source is not None:
+            words += ["--config", str(self.settings.source)]
+        for item in self.options.overrides:
+            words += ["--set", item]
+        return words
+
+    def _job(self, **values: Any) -> JobScript:
+        settings = self.settings
+        return JobScript(res=self.res, activate=absolute_activate(settings),
+                         umask=umask_for(settings.file_mode),
+                         hf_home=quote(str(settings.cache_dir / "huggingface")),
+                         workdir=self.project, **values)
+
+    def train_job(self, run: str) -> JobScript:
+        words = [*self.base_words(), "--run", run]
+        return self._job(kind="train", job_name=f"train-{run}",
+                         title=f"train the LoRA `{run}` (rendered by `loraforge slurm`).",
+                         command=["loraforge", "train", *words],
+                         failed_command=["loraforge", "slurm", "mark-failed", *words],
+                         notes=self._notes())
+
+    def generate_job(self, args: GenerateArgs, run: str | None) -> JobScript:
+        return self._job(kind="generate", job_name=f"generate-{run}" if run else "generate",
+                         title="render posed scenes (rendered by `loraforge slurm`).",
+                         command=["loraforge", "generate", *self.base_words(), *args.words()],
+                         notes=self._notes())
+
+    def sweep_job(self, base_run: str, tasks: list[ArrayTask], max_parallel: int | None,
+                  ) -> JobScript:
+        words = [*self.base_words(), "--run", Raw('"$RUN"'), Raw('"${SETS[@]}"')]
+        return self._job(kind="train", job_name=f"sweep-{base_run}",
+                         title=f"a sweep of {len(tasks)} training runs (rendered by "
+                               "`loraforge slurm sweep`).",
+                         command=["loraforge", "train", *words],
+                         failed_command=["loraforge", "slurm", "mark-failed", *words],
+                         array=tasks, max_parallel=max_parallel, notes=self._notes())
+
+    def _notes(self) -> list[str]:
+        return [f"Project: {self.project}",
+                f"Config: {self.settings.source or '(none: built-in defaults)'}"]
+
+    # --- submission ---------------------------------------------------------------------
+    def submit(self, plans: list[Planned], echo: Any) -> list[dict[str, Any]]:
+        """Dry run: print each script and the sbatch call. Else write, submit, record, print."""
+        if self.options.dry_run:
+            for i, plan in enumerate(plans):
+                echo(f"# --- {plan.job.job_name}: would be written to "
+                     f"{self.jobs_dir / (plan.job.job_name + '-<time>.ssub')}")
+                echo(render(plan.job))
+                placeholders = {j: f"<id of {plans[j].job.job_name}>" for j in range(i)}
+                options = self._dependency(plans, i, placeholders)
+                call = " ".join(["sbatch", "--parsable", *options,
+                                 f"{plan.job.job_name}-<time>.ssub"])
+                echo(f"# would run (in {self.project}): {call}\n")
+            return []
+        activate = Path(absolute_activate(self.settings))
+        if not activate.is_file():
+            raise ForgeError(f"the job's Python environment is missing: {activate} does not "
+                             "exist", path=self.settings.source,
+                             fix="build it with ./setup_forge.sh, or point slurm.env_activate at "
+                                 "the activate script of the environment that has loraforge")
+        (self.project / LOG_DIR).mkdir(parents=True, exist_ok=True)
+        submission = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        scripts = [self._write(plan.job) for plan in plans]
+        ids: dict[int, str] = {}
+        entries: list[dict[str, Any]] = []
+        for i, (plan, script) in enumerate(zip(plans, scripts, strict=True)):
+            options = self._dependency(plans, i, ids)
+            ids[i] = scheduler.sbatch(script, options, self.project)
+            new = self._entries(plan, script, ids[i], submission,
+                                ids.get(plan.depends_on) if plan.depends_on is not None
+                                else None)
+            record_jobs(self.settings.storage_root, new)
+            entries += new
+            what = plan.job.job_name + (f" (after job {ids[plan.depends_on]})"
+                                        if plan.depends_on is not None else "")
+            echo(f"submitted job {ids[i]}: {what}")
+            echo(f"  script: {script}")
+            task = "<task>" if plan.job.array else None
+            echo(f"  log:    {self.project / plan.job.log_name(ids[i], task)}")
+        return entries
+
+    @staticmethod
+    def _dependency(plans: list[Planned], index: int, ids: dict[int, str]) -> list[str]:
+        parent = plans[index].depends_on
+        if parent is None:
+            return []
+        return [f"--dependency=afterok:{ids[parent]}", "--kill-on-invalid-dep=yes"]
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.settings.storage_root / JOBS_DIR
+
+    def _write(self, job: JobScript) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = self.jobs_dir / f"{job.job_name}-{stamp}.ssub"
+        n = 1
+        while path.exists():
+            n += 1
+            path = self.jobs_dir / f"{job.job_name}-{stamp}-{n}.ssub"
+        write_atomic(path, render(job), self.settings.file_mode | 0o100)
+        return path
+
+    def _entries(self, plan: Planned, script: Path, job_id: str, submission: str,
+                 parent: str | None) -> list[dict[str, Any]]:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        common = {"kind": plan.job.kind, "name": plan.job.job_name, "submitted_at": now,
+                  "submission": submission, "script": str(script),
+                  "project": str(self.project), "depends_on": parent}
+        if not plan.job.array:
+            return [{"job_id": job_id, "run": plan.runs[0], **common,
+                     "log": str(self.project / plan.job.log_name(job_id))}]
+        return [{"job_id": f"{job_id}_{i}", "array_job_id": job_id, "run": run, **common,
+                 "log": str(self.project / plan.job.log_name(job_id, i))}
+                for i, run in enumerate(plan.runs)]
+
+
+# --- the commands ---------------------------------------------------------------------------
+def submit_train(options: Options, run: str | None, echo: Any) -> list[dict[str, Any]]:
+    sub = Submitter(options)
+    name = check_run_name(run or sub.settings.config.train.run_name)
+    return sub.submit([Planned(sub.train_job(name), [name])], echo)
+
+
+def submit_generate(options: Options, args: GenerateArgs, echo: Any) -> list[dict[str, Any]]:
+    sub = Submitter(options)
+    return sub.submit([Planned(sub.generate_job(args, None), [None])], echo)
+
+
+def submit_pipeline(options: Options, run: str | None, args: GenerateArgs, echo: Any,
+                    ) -> list[dict[str, Any]]:
+    """Training, then generation with its LoRA once training succeeded (cancelled if not)."""
+    sub = Submitter(options)
+    name = check_run_name(run or sub.settings.config.train.run_name)
+    lora = final_lora(sub.settings.runs_dir / name)
+    args = dataclasses.replace(args, lora=[str(lora), *args.lora])
+    return sub.submit([Planned(sub.train_job(name), [name]),
+                       Planned(sub.generate_job(args, name), [name], depends_on=0)], echo)
+
+
+def parse_params(params: list[str]) -> list[tuple[str, list[str]]]:
+    """`train.unet_lr=1e-4,5e-4` -> ("train.unet_lr", ["1e-4", "5e-4"])."""
+    parsed: list[tuple[str, list[str]]] = []
+    for item in params:
+        (section, key), _ = parse_override(item)
+        raw = item.split("=", 1)[1]
+        values = [v.strip() for v in raw.split(",")]
+        if not all(values):
+            raise ForgeError(f"--param `{item}` has an empty value",
+                             fix="write --param section.key=value1,value2,...")
+        if len(set(values)) != len(values):
+            raise ForgeError(f"--param `{item}` repeats a value")
+        full = f"{section}.{key}"
+        if full in {"train.run_name"} or any(full == k for k, _ in parsed):
+            raise ForgeError(f"--param `{full}` cannot be swept (or is given twice)")
+        parsed.append((full, values))
+    if not parsed:
+        raise ForgeError("a sweep needs at least one --param",
+                         fix="e.g. --param train.unet_lr=1e-4,5e-4 --param "
+                             "train.network_dim=8,16")
+    return parsed
+
+
+def sweep_tasks(base_run: str, params: list[tuple[str, list[str]]]) -> list[ArrayTask]:
+    """One run per combination, named from the values: <run>-unet_lr1e-4-network_dim8."""
+    tasks = []
+    for combo in itertools.product(*[values for _, values in params]):
+        keys = [key for key, _ in params]
+        name = "-".join([base_run, *(f"{k.split('.')[-1]}{v}" for k, v in zip(keys, combo,
+                                                                              strict=True))])
+        check_run_name(name)
+        tasks.append(ArrayTask(name, [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]))
+    if len(tasks) > MAX_ARRAY:
+        raise ForgeError(f"the sweep has {len(tasks)} runs; at most {MAX_ARRAY} fit in one job "
+                         "array", fix="sweep fewer values")
+    return tasks
+
+
+def submit_sweep(options: Options, run: str | None, params: list[str],
+                 max_parallel: int | None, echo: Any) -> list[dict[str, Any]]:
+    sub = Submitter(options)
+    base = check_run_name(run or sub.settings.config.train.run_name)
+    tasks = sweep_tasks(base, parse_params(params))
+    for task in tasks:  # every combination must be a valid config before anything is submitted
+        load_settings(options.config, [*options.overrides, *task.sets])
+    entries = sub.submit([Planned(sub.sweep_job(base, tasks, max_parallel),
+                                  [t.run for t in tasks])], echo)
+    if not options.dry_run:
+        for entry in entries:
+            echo(f"  {entry['job_id']}: {entry['run']}")
+    return entries
+
+
+# --- the job record -------------------------------------------------------------------------
+def jobs_path(storage_root: Path) -> Path:
+    return storage_root / JOBS_DIR / JOBS_RECORD
+
+
+@contextlib.contextmanager
+def _locked(storage_root: Path) -> Iterator[None]:
+    lock = storage_root / JOBS_DIR / ".jobs.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load_jobs(storage_root: Path) -> list[dict[str, Any]]:
+    path = jobs_path(storage_root)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise ForgeError(f"cannot be read ({exc})", path=path,
+                         fix="it is only a record of submitted jobs: move it away to start a "
+                             "new one") from None
+    return list(data.get("jobs", []))
+
+
+def record_jobs(storage_root: Path, entries: list[dict[str, Any]]) -> None:
+    with _locked(storage_root):
+        jobs = load_jobs(storage_root) + entries
+        write_atomic(jobs_path(storage_root), json.dumps({"jobs": jobs}, indent=2))

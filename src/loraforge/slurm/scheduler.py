@@ -1,0 +1,92 @@
+"""The SLURM client programs, called with argument lists (never through a shell)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from loraforge.errors import ForgeError
+
+#: Job states after which a job will not run again by itself.
+TERMINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"})
+ACTIVE_STATES = frozenset({
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
+    "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"})
+
+_KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=")
+
+
+def parse_record(line: str) -> dict[str, str]:
+    """One line of `scontrol show job -o`: `Key=Value Key=Value ...` (values may hold spaces)."""
+    matches = list(_KEY.finditer(line))
+    record: dict[str, str] = {}
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(line)
+        record[match.group(1)] = line[match.end():end].strip()
+    return record
+
+
+def parse_records(text: str) -> list[dict[str, str]]:
+    return [parse_record(line) for line in text.splitlines() if "JobId=" in line]
+
+
+def require(program: str, script: Path | None = None) -> str:
+    """The path of a SLURM program, or a clear error (naming the kept script, if any)."""
+    found = shutil.which(program)
+    if found:
+        return found
+    where = (f"; the job script was written to {script}: submit it on a machine with SLURM "
+             f"(`{program} {script.name}`)") if script is not None else ""
+    raise ForgeError(f"`{program}` was not found on PATH: this machine is not a SLURM login "
+                     f"node{where}",
+                     fix="run this on the cluster's login node, or load SLURM first (e.g. "
+                         "`module load slurm`)")
+
+
+def _call(args: list[str], cwd: Path | None = None, timeout: float = 60,
+          ) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ForgeError(f"`{' '.join(args[:2])}` did not answer within {timeout:.0f} s",
+                         fix="check that the SLURM controller is up (`sinfo`)") from None
+
+
+def sbatch(script: Path, options: list[str], cwd: Path) -> str:
+    """Submit `script` with `sbatch --parsable OPTIONS`; return the job id."""
+    program = require("sbatch", script)
+    result = _call([program, "--parsable", *options, str(script)], cwd=cwd)
+    if result.returncode:
+        message = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+        raise ForgeError(f"sbatch refused the job: {message}", path=script,
+                         fix="check the [slurm] section of forge.toml (partition, account, qos, "
+                             "gpus, mem, time); the script named above is what was submitted")
+    job_id = result.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise ForgeError(f"sbatch answered {result.stdout.strip()!r}, not a job id", path=script)
+    return job_id
+
+
+def show_jobs(job_ids: list[str]) -> list[dict[str, str]]:
+    """`scontrol show job -o` for each id (an array id gives one record per task); unknown ids
+    (purged after MinJobAge) give nothing."""
+    program = require("scontrol")
+    records: list[dict[str, str]] = []
+    for job_id in job_ids:
+        result = _call([program, "show", "job", "-o", job_id])
+        if result.returncode == 0:
+            records += parse_records(result.stdout)
+    return records
+
+
+def cancel(job_ids: list[str]) -> None:
+    if not job_ids:
+        return
+    program = require("scancel")
+    result = _call([program, *job_ids])
+    if result.returncode:
+        raise ForgeError(f"scancel failed: {(result.stderr or result.stdout).strip()}")

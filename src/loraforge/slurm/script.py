@@ -1,0 +1,292 @@
+"""Job scripts: plain bash with `#SBATCH` lines from `[slurm]`, one `loraforge` call, and the glue
+that turns SLURM's time-limit warning into checkpoint -> requeue -> resume.
+
+The same renderer writes the project's `submit_training.ssub` / `submit_inference.ssub`
+(`loraforge init`) and the scripts `loraforge slurm ...` submits. Values in `#SBATCH` lines are
+validated (see validate.py); every word of the script body is shlex-quoted.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from loraforge.config import Settings
+from loraforge.slurm.validate import (
+    Gpus,
+    check_extra,
+    check_mem,
+    check_name,
+    check_partition,
+    parse_gpus,
+    parse_time,
+)
+
+TRAIN_SCRIPT = "submit_training.ssub"
+INFERENCE_SCRIPT = "submit_inference.ssub"
+LOG_DIR = "logs"
+OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_DATASETS_OFFLINE",
+           "HF_HUB_DISABLE_TELEMETRY")
+Kind = Literal["train", "generate"]
+
+
+class Raw(str):
+    """A word placed in the script as is (a shell variable reference we wrote ourselves)."""
+
+
+def quote(word: str) -> str:
+    return str(word) if isinstance(word, Raw) else shlex.quote(str(word))
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The validated `[slurm]` values (plus a --gpus override)."""
+
+    partition: str
+    nodes: int
+    cpus: int
+    mem: str
+    time: str
+    time_seconds: int
+    gpus: Gpus
+    account: str | None
+    qos: str | None
+    extra: list[str]
+    grace_seconds: int
+    max_requeues: int
+
+
+def resources(settings: Settings, gpus: str | None = None) -> Resources:
+    """Check every `[slurm]` value that becomes an #SBATCH line; ForgeError names the key."""
+    cfg = settings.config.slurm
+    where = str(settings.source) if settings.source else None
+    seconds = parse_time(cfg.time, where=where)
+    if seconds <= cfg.grace_seconds:
+        from loraforge.errors import ForgeError
+
+        raise ForgeError(f"`slurm.time` = {cfg.time!r} ({seconds} s) is not longer than "
+                         f"`slurm.grace_seconds` = {cfg.grace_seconds}: the save-and-requeue "
+                         "warning would come at once", path=where,
+                         fix="raise slurm.time or lower slurm.grace_seconds (at least 30)")
+    per_node = cfg.gpus_per_node if cfg.gpus_per_node is not None else cfg.gpus
+    key = "slurm.gpus_per_node" if cfg.gpus_per_node is not None else "slurm.gpus"
+    gpu = parse_gpus(gpus) if gpus is not None else parse_gpus(per_node, key, where)
+    return Resources(
+        partition=check_partition(cfg.partition, where=where),
+        nodes=cfg.nodes, cpus=cfg.cpus, mem=check_mem(cfg.mem, where=where),
+        time=cfg.time.strip(), time_seconds=seconds, gpus=gpu,
+        account=check_name(cfg.account, "slurm.account", where) if cfg.account else None,
+        qos=check_name(cfg.qos, "slurm.qos", where) if cfg.qos else None,
+        extra=check_extra(cfg.extra, where=where),
+        grace_seconds=cfg.grace_seconds, max_requeues=cfg.max_requeues)
+
+
+def umask_for(file_mode: int) -> str:
+    """The umask matching storage.file_mode: withhold the same bits, always keep the owner's
+    (0644 -> 0022: group can read, only you write; 0664 -> 0002 for a group-writable share)."""
+    return f"{(~file_mode) & 0o066:04o}"
+
+
+@dataclass(frozen=True)
+class ArrayTask:
+    run: str
+    sets: list[str]
+
+
+@dataclass
+class JobScript:
+    """Everything a job script says. `command` and `failed_command` are loraforge argv words."""
+
+    kind: Kind
+    job_name: str
+    title: str
+    res: Resources
+    command: list[str]
+    activate: str
+    umask: str
+    hf_home: str
+    workdir: Path | None = None  # None: the folder sbatch was run from
+    failed_command: list[str] | None = None
+    array: list[ArrayTask] = field(default_factory=list)
+    max_parallel: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def log_pattern(self) -> str:
+        return f"{LOG_DIR}/%x-%A_%a.out" if self.array else f"{LOG_DIR}/%x-%j.out"
+
+    def log_name(self, job_id: str, task: int | str | None = None) -> str:
+        suffix = f"{job_id}_{task}" if task is not None else job_id
+        return f"{LOG_DIR}/{self.job_name}-{suffix}.out"
+
+
+def _sbatch_lines(job: JobScript) -> list[str]:
+    res = job.res
+    lines = [f"--job-name={check_name(job.job_name, 'job name')}",
+             f"--partition={res.partition}"]
+    if res.account:
+        lines.append(f"--account={res.account}")
+    if res.qos:
+        lines.append(f"--qos={res.qos}")
+    lines += [f"--nodes={res.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={res.cpus}"]
+    if res.gpus.count:
+        lines.append(f"--gres={res.gpus.gres()}")
+    lines += [f"--mem={res.mem}", f"--time={res.time}"]
+    if job.array:
+        limit = f"%{job.max_parallel}" if job.max_parallel else ""
+        lines.append(f"--array=0-{len(job.array) - 1}{limit}")
+    lines += [f"--output={job.log_pattern}", "--open-mode=append",
+              f"--signal=B:USR1@{res.grace_seconds}", "--requeue", *res.extra]
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def _command_lines(words: list[str], indent: str = "") -> str:
+    """`loraforge train ...` on one line, or one option (with its value) per continued line."""
+    segments: list[list[str]] = []
+    for word in words:
+        if not segments or (str(word).startswith("-") and not isinstance(word, Raw)):
+            segments.append([quote(word)])
+        else:
+            segments[-1].append(quote(word))
+    lines = [" ".join(segment) for segment in segments]
+    if len(indent) + sum(len(line) + 1 for line in lines) <= 90:
+        return indent + " ".join(lines)
+    return indent + f" \\\n{indent}    ".join(lines)
+
+
+def render(job: JobScript) -> str:
+    res = job.res
+    start = ("cd " + quote(str(job.workdir))) if job.workdir else \
+        "# Runs in the folder sbatch was called from (the project folder)."
+    out = ["#!/bin/bash", f"# LoRA Forge: {job.title}", *[f"# {n}" for n in job.notes],
+           f"# Log: {job.log_pattern} (%x = job name, %j = job id)", "#",
+           *_sbatch_lines(job), ""]
+    out += [
+        f"# Near the time limit SLURM sends USR1 to this shell {res.grace_seconds} s early",
+        "# (slurm.grace_seconds): loraforge saves its state and exits 75; the job is then",
+        "# requeued and resumes where it stopped. After slurm.max_requeues requeues it gives up.",
+        f"MAX_REQUEUES={res.max_requeues}",
+        "# Catch SLURM's signals from the start; once loraforge runs they are passed on to it.",
+        'child=""',
+        "warned=0",
+        "cancelled=0",
+        "trap 'warned=1; echo \"[$(date -Is)] USR1: time limit or preemption near: saving"
+        " state\"; [ -z \"$child\" ] || kill -USR1 \"$child\" 2>/dev/null' USR1",
+        "trap 'cancelled=1; [ -z \"$child\" ] || kill -TERM \"$child\" 2>/dev/null' TERM INT",
+        "",
+        start,
+        "# New files and folders: group-readable; only the owner writes (storage.file_mode).",
+        f"umask {job.umask}",
+        "# The Python environment (slurm.env_activate).",
+        f"if ! source {quote(job.activate)}; then",
+        f"    echo \"cannot activate the Python environment:\" {quote(job.activate)} >&2",
+        "    exit 1",
+        "fi",
+        "# Compute nodes are offline: models come from lab storage, Hugging Face caches live",
+        "# there too (loraforge sets the same itself; this covers anything else in the job).",
+        f"export HF_HOME={job.hf_home}",
+        "export " + " ".join(f"{name}=1" for name in OFFLINE),
+        "# One thread per CPU SLURM gave the job.",
+        'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
+        'export MKL_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
+        "export PYTHONUNBUFFERED=1",
+        "",
+    ]
+    if job.array:
+        out += ["# One run per combination of the swept values; SLURM_ARRAY_TASK_ID picks one.",
+                'case "${SLURM_ARRAY_TASK_ID:-0}" in']
+        for index, task in enumerate(job.array):
+            sets = " ".join(f"--set {quote(s)}" for s in task.sets)
+            out += [f"    {index}) RUN={quote(task.run)}", f"       SETS=({sets}) ;;"]
+        out += ['    *) echo "no run for array task ${SLURM_ARRAY_TASK_ID:-}" >&2; exit 1 ;;',
+                "esac", ""]
+    out += [
+        'echo "[$(date -Is)] job ${SLURM_JOB_ID:-(not under SLURM)} on $(hostname),'
+        ' attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 ))"',
+        "",
+        "# loraforge runs in the background so this shell can pass SLURM's signals on; a trap",
+        "# interrupts `wait`, so wait again until loraforge has really exited.",
+        _command_lines(job.command) + " &",
+        "child=$!",
+        '[ "$warned" -eq 0 ] || kill -USR1 "$child" 2>/dev/null',
+        'wait "$child"',
+        'while kill -0 "$child" 2>/dev/null; do wait "$child"; done',
+        'wait "$child"; status=$?',
+        "# Killed by USR1 (128 + 10) before it could catch it (still starting): nothing was",
+        "# lost, as every file is written atomically; resuming is safe, so treat it as saved.",
+        'if [ "$status" -eq 138 ] && [ "$warned" -eq 1 ]; then status=75; fi',
+        "",
+        "# Exit 75: state saved after USR1. Requeue (same job id, same log), unless the job was",
+        "# cancelled (TERM: scancel, or SLURM requeues it itself) or was requeued too often.",
+        'if [ "$status" -eq 75 ] && [ "$cancelled" -eq 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then',
+        '    restarts="${SLURM_RESTART_COUNT:-0}"',
+        '    if [ "$restarts" -lt "$MAX_REQUEUES" ]; then',
+        '        echo "[$(date -Is)] state saved; requeueing job $SLURM_JOB_ID'
+        ' (requeue $((restarts + 1)) of at most $MAX_REQUEUES)"',
+        '        scontrol requeue "$SLURM_JOB_ID" ||'
+        ' echo "scontrol requeue failed: submit this script again to resume" >&2',
+        "        exit 75",
+        "    fi",
+        '    reason="stopped by a signal $((restarts + 1)) times; not requeued again'
+        ' (slurm.max_requeues = $MAX_REQUEUES)"',
+        '    echo "[$(date -Is)] $reason" >&2',
+    ]
+    if job.failed_command:
+        out.append(_command_lines([*job.failed_command, "--reason", Raw('"$reason"')],
+                                  indent="    "))
+    out += [
+        "    exit 1",
+        "fi",
+        'echo "[$(date -Is)] loraforge exited with code $status"',
+        'exit "$status"',
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _shell_path(path: Path, base: Path | None) -> str:
+    """A path for the script body: relative to the job's folder ("$PWD"/...) when inside it."""
+    if base is not None:
+        try:
+            rel = path.resolve().relative_to(base.resolve())
+        except ValueError:
+            pass
+        else:
+            return '"$PWD"' if str(rel) == "." else f'"$PWD"/{quote(str(rel))}'
+    return quote(str(path))
+
+
+def project_scripts(settings: Settings) -> dict[str, str]:
+    """The two scripts `loraforge init` writes into the project (run from the project folder)."""
+    res = resources(settings)
+    project = settings.base_dir
+    common = dict(res=res, activate=settings.config.slurm.env_activate,
+                  umask=umask_for(settings.file_mode),
+                  hf_home=_shell_path(settings.cache_dir / "huggingface", project))
+    train = JobScript(kind="train", job_name="loraforge-train",
+                      title="train the multi-concept LoRA over master_dataset/.",
+                      command=["loraforge", "train"],
+                      failed_command=["loraforge", "slurm", "mark-failed"],
+                      notes=["Written by `loraforge init` from forge.toml [slurm]; never "
+                             "overwritten, edit freely.",
+                             f"Submit from the project folder:  sbatch {TRAIN_SCRIPT}",
+                             "Rerun it after an interruption: training resumes from its "
+                             "saved state."], **common)
+    generate = JobScript(kind="generate", job_name="loraforge-generate",
+                         title="render the posed scene with the newest finished LoRA.",
+                         command=["loraforge", "generate"],
+                         notes=["Written by `loraforge init` from forge.toml [slurm]; never "
+                                "overwritten, edit freely.",
+                                f"Submit from the project folder:  sbatch {INFERENCE_SCRIPT}",
+                                "Writes Final_Images/final_command_scene.png under the "
+                                "storage root."], **common)
+    return {TRAIN_SCRIPT: render(train), INFERENCE_SCRIPT: render(generate)}
+
+
+def absolute_activate(settings: Settings) -> str:
+    value = os.path.expandvars(settings.config.slurm.env_activate)
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else settings.base_dir / path)

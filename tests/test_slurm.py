@@ -1,0 +1,450 @@
+"""`loraforge slurm` without a cluster: value checks, quoting, the rendered scripts, --dry-run, the
+missing-sbatch error, and the job script's signal -> requeue logic run by bash against fake
+`loraforge` and `scontrol` programs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import assert_user_error, run_cli
+
+from loraforge.config import load_settings
+from loraforge.errors import ForgeError
+from loraforge.slurm.jobs import parse_params, sweep_tasks
+from loraforge.slurm.script import JobScript, render, resources, umask_for
+from loraforge.slurm.validate import check_extra, check_mem, parse_gpus, parse_time
+
+ACTIVATE = str(Path(sys.prefix) / "bin" / "activate")
+NASTY = "knight $(touch {d}/pwned1) `touch {d}/pwned2`; touch {d}/pwned3 '\" \\ $HOME"
+
+
+# --- value checks ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30", 30 * 60), ("90", 90 * 60), ("5:30", 5 * 60 + 30), ("04:00:00", 4 * 3600),
+    ("48:00:00", 48 * 3600), ("1-12", 36 * 3600), ("2-03:04", (51 * 60 + 4) * 60),
+    ("1-00:00:01", 86401), (" 10 ", 600),
+])
+def test_slurm_time_formats_are_read(text: str, seconds: int) -> None:
+    assert parse_time(text) == seconds
+
+
+@pytest.mark.parametrize("text", [
+    "", "abc", "4h", "1:2:3:4", "10:60", "1:60:00", "1-24", "1-1:60", "-5", "1.5", "0",
+    "00:00:00", "1-", "12:", "$(reboot)", "10\n#SBATCH --x", "UNLIMITED",
+])
+def test_bad_slurm_times_are_refused_with_the_formats(text: str) -> None:
+    with pytest.raises(ForgeError) as error:
+        parse_time(text)
+    assert "slurm.time" in str(error.value)
+    assert ("MM:SS" in str(error.value)) or "zero" in str(error.value)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("32G", "32G"), ("500M", "500M"), ("64000", "64000"), ("1t", "1T"), ("0", "0"),
+])
+def test_memory_sizes(text: str, expected: str) -> None:
+    assert check_mem(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "32GB", "1.5G", "G", "-1G", "32 G", "32G;ls", "32P"])
+def test_bad_memory_sizes_are_refused(text: str) -> None:
+    with pytest.raises(ForgeError, match=r"slurm\.mem.*not a SLURM memory size"):
+        check_mem(text)
+
+
+def test_gpu_requests() -> None:
+    assert parse_gpus("2").gres() == "gpu:2"
+    assert parse_gpus("a100:1").gres() == "gpu:a100:1"
+    assert parse_gpus(0).count == 0
+    for bad in ("", "two", "a100", "1:a100", "65", "gpu:1:2", "a100:1;ls", "-1"):
+        with pytest.raises(ForgeError, match="not a GPU request"):
+            parse_gpus(bad)
+
+
+def test_extra_lines_must_be_single_options() -> None:
+    assert check_extra(["--constraint=a100", "#SBATCH --mail-type=END"]) == [
+        "--constraint=a100", "--mail-type=END"]
+    for bad in (["echo hi"], ["--x\nrm -rf /"], ["--gres=gpu:lots"], [""]):
+        with pytest.raises(ForgeError, match=r"slurm\.extra"):
+            check_extra(bad)
+
+
+def _project(tmp_path: Path, slurm: str = "") -> Path:
+    project = tmp_path / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "forge.toml").write_text(
+        f'[storage]\nroot = "store"\n[slurm]\nenv_activate = "{ACTIVATE}"\n{slurm}')
+    return project
+
+
+@pytest.mark.parametrize(("setting", "needles"), [
+    ("slurm.time=4h", ["slurm.time", "'4h'", "MM:SS", "forge.toml"]),
+    ("slurm.time=\"5\"", ["slurm.time", "slurm.grace_seconds"]),
+    ("slurm.mem=lots", ["slurm.mem", "32G"]),
+    ("slurm.partition=gpu;ls", ["slurm.partition", "sinfo"]),
+    ("slurm.account=lab x", ["slurm.account"]),
+    ('slurm.extra=["--x=1\\nrm -rf ~"]', ["slurm.extra"]),
+])
+def test_bad_slurm_settings_stop_before_sbatch(tmp_path: Path, setting: str,
+                                               needles: list[str]) -> None:
+    project = _project(tmp_path)
+    result = run_cli("slurm", "train", "--dry-run", "--set", setting, cwd=project)
+    assert_user_error(result, *needles)
+
+
+def test_bad_gpus_option_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("slurm", "train", "--dry-run", "--gpus", "lots", cwd=_project(tmp_path))
+    assert_user_error(result, "--gpus", "a100:2")
+
+
+def test_umask_follows_the_file_mode() -> None:
+    assert umask_for(0o644) == "0022"
+    assert umask_for(0o664) == "0002"
+    assert umask_for(0o640) == "0026"
+    assert umask_for(0o444) == "0022"  # the owner always keeps write access
+
+
+# --- the rendered scripts -------------------------------------------------------------------
+def test_init_writes_both_job_scripts_from_the_slurm_section(tmp_path: Path) -> None:
+    project = _project(tmp_path, 'partition = "debug"\ngpus = 2\ncpus = 4\nmem = "16G"\n'
+                                 'time = "1-00:00"\naccount = "lab1"\nqos = "high"\n'
+                                 'grace_seconds = 120\nextra = ["--constraint=a100"]\n')
+    result = run_cli("init", project)
+    assert result.returncode == 0, result.stderr
+    assert (project / "logs").is_dir()
+    for name, call in (("submit_training.ssub", "loraforge train &"),
+                       ("submit_inference.ssub", "loraforge generate &")):
+        text = (project / name).read_text()
+        assert os.access(project / name, os.X_OK)
+        for line in ("#SBATCH --partition=debug", "#SBATCH --gres=gpu:2",
+                     "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16G", "#SBATCH --time=1-00:00",
+                     "#SBATCH --account=lab1", "#SBATCH --qos=high",
+                     "#SBATCH --constraint=a100", "#SBATCH --output=logs/%x-%j.out",
+                     "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", call,
+                     f"source {ACTIVATE}", "export HF_HUB_OFFLINE=1",
+                     'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', "umask 0022"):
+            assert line in text, (name, line)
+        assert "HF_HOME=\"$PWD\"/store/cache/huggingface" in text
+        assert subprocess.run(["bash", "-n", str(project / name)]).returncode == 0
+    assert "scontrol requeue" in (project / "submit_training.ssub").read_text()
+
+    (project / "submit_training.ssub").write_text("# mine\n")
+    again = run_cli("init", project)
+    assert again.returncode == 0
+    assert (project / "submit_training.ssub").read_text() == "# mine\n"
+    assert "kept" in again.stdout
+
+
+def test_default_init_scripts_match_the_seed_resources(tmp_path: Path) -> None:
+    assert run_cli("init", tmp_path).returncode == 0
+    text = (tmp_path / "submit_training.ssub").read_text()
+    for line in ("#SBATCH --partition=c3_accel", "#SBATCH --gres=gpu:1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32G", "#SBATCH --time=04:00:00",
+                 "#SBATCH --signal=B:USR1@300", "source lora_env/bin/activate",
+                 "MAX_REQUEUES=20"):
+        assert line in text
+    assert "--account" not in text and "--qos" not in text
+
+
+def test_dry_run_prints_the_script_and_the_sbatch_call_and_writes_nothing(tmp_path: Path,
+                                                                            ) -> None:
+    project = _project(tmp_path, 'time = "2:00:00"\n')
+    result = run_cli("slurm", "train", "--dry-run", "--run", "blake_v2", "--gpus", "a100:2",
+                     "--set", "train.epochs=3", cwd=project)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in ("#SBATCH --job-name=train-blake_v2", "#SBATCH --gres=gpu:a100:2",
+                   "#SBATCH --time=2:00:00", "--set train.epochs=3", "--run blake_v2",
+                   f"--config {project / 'forge.toml'}", "sbatch --parsable",
+                   "loraforge slurm mark-failed"):
+        assert needle in out, needle
+    assert not (project / "store").exists() and not (project / "logs").exists()
+
+
+def test_pipeline_dry_run_chains_generation_after_training(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    result = run_cli("slurm", "pipeline", "--dry-run", "--run", "r1", "--prompt", "two knights",
+                     "--seed", "7", cwd=project)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "loraforge train" in out and "loraforge generate" in out
+    assert "--dependency=afterok:" in out and "--kill-on-invalid-dep=yes" in out
+    lora = project / "store" / "Multi_Concept_Output" / "r1" / "r1.safetensors"
+    assert f"--lora {lora}" in out
+    assert "--prompt 'two knights'" in out and "--seed 7" in out
+
+
+def test_sweep_names_one_run_per_combination() -> None:
+    params = parse_params(["train.unet_lr=1e-4,5e-4", "train.network_dim=8,16"])
+    tasks = sweep_tasks("multi_concept", params)
+    assert [t.run for t in tasks] == [
+        "multi_concept-unet_lr1e-4-network_dim8", "multi_concept-unet_lr1e-4-network_dim16",
+        "multi_concept-unet_lr5e-4-network_dim8", "multi_concept-unet_lr5e-4-network_dim16"]
+    assert tasks[3].sets == ["train.unet_lr=5e-4", "train.network_dim=16"]
+
+
+@pytest.mark.parametrize(("params", "needle"), [
+    ([], "at least one --param"),
+    (["unet_lr=1,2"], "section.key"),
+    (["train.unet_lr=1e-4,,2"], "empty value"),
+    (["train.unet_lr=1,1"], "repeats"),
+    (["train.caption_prefix=a b,c"], "not allowed"),
+])
+def test_bad_sweeps_are_refused(params: list[str], needle: str) -> None:
+    with pytest.raises(ForgeError, match=needle):
+        sweep_tasks("multi_concept", parse_params(params))
+
+
+def test_sweep_dry_run_is_one_array_and_checks_every_value(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    result = run_cli("slurm", "sweep", "--dry-run", "--param", "train.unet_lr=1e-4,5e-4",
+                     "--param", "train.network_dim=8,16", "--max-parallel", "2", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --array=0-3%2" in result.stdout
+    assert "#SBATCH --output=logs/%x-%A_%a.out" in result.stdout
+    assert "RUN=multi_concept-unet_lr5e-4-network_dim16" in result.stdout
+    bad = run_cli("slurm", "sweep", "--dry-run", "--param", "train.network_dim=8,-1",
+                  cwd=project)
+    assert_user_error(bad, "train.network_dim")
+
+
+def test_no_sbatch_is_a_clear_error_that_keeps_the_script(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    result = run_cli("slurm", "train", cwd=project, env={"PATH": str(bare)})
+    assert_user_error(result, "sbatch", "not found", "login node")
+    scripts = list((project / "store" / "jobs").glob("train-multi_concept-*.ssub"))
+    assert len(scripts) == 1
+    assert str(scripts[0]) in result.stderr.replace("\n", "")
+
+
+def test_missing_environment_is_named_before_submitting(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    result = run_cli("slurm", "train", "--set", "slurm.env_activate=nowhere/bin/activate",
+                     cwd=project)
+    assert_user_error(result, "nowhere/bin/activate", "slurm.env_activate")
+
+
+# --- the job script, run by bash against fake programs ---------------------------------------
+FAKE_LORAFORGE = """\
+#!{python}
+import json, os, signal, sys, time
+log = os.environ["FAKE_LOG"]
+with open(log, "a") as fh:
+    fh.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:3] == ["slurm", "mark-failed"]:
+    sys.exit(0)
+mode = os.environ.get("FAKE_MODE", "exit:0")
+if mode.startswith("exit:"):
+    sys.exit(int(mode[5:]))
+if mode == "plain":  # still importing: no handler yet, USR1 kills it
+    open(os.environ["FAKE_LOG"] + ".started", "w").close()
+    time.sleep(30)
+    sys.exit(0)
+got = []
+for name in ("SIGUSR1", "SIGTERM"):
+    signal.signal(getattr(signal, name), lambda n, f: got.append(signal.Signals(n).name))
+open(os.environ["FAKE_LOG"] + ".started", "w").close()
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # "saving state"
+with open(log, "a") as fh:
+    fh.write(json.dumps(["signal", got]) + "\\n")
+sys.exit(75)
+"""
+
+
+@pytest.fixture
+def fake_job(tmp_path: Path):
+    """Render a training job script whose `loraforge` and `scontrol` are fakes that log calls."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "loraforge").write_text(FAKE_LORAFORGE.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\necho \"scontrol $*\" >> \"$FAKE_LOG.scontrol\"\n")
+    for program in bin_dir.iterdir():
+        program.chmod(0o755)
+    activate = tmp_path / "activate"
+    activate.write_text(f'export PATH="{bin_dir}:$PATH"\n')
+    project = _project(tmp_path, 'max_requeues = 3\ntime = "10"\ngrace_seconds = 60\n')
+    settings = load_settings(project / "forge.toml")
+    job = JobScript(kind="train", job_name="train-x", title="test", res=resources(settings),
+                    command=["loraforge", "train", "--run", "x"], activate=str(activate),
+                    umask="0022", hf_home="/tmp/hf", workdir=project,
+                    failed_command=["loraforge", "slurm", "mark-failed", "--run", "x"])
+    script = tmp_path / "job.ssub"
+    script.write_text(render(job))
+    log = tmp_path / "calls.log"
+
+    def start(mode: str, **env: str) -> subprocess.Popen[str]:
+        full = {**os.environ, "FAKE_LOG": str(log), "FAKE_MODE": mode, **env}
+        return subprocess.Popen(["bash", str(script)], env=full, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def calls() -> list[list[str]]:
+        return [json.loads(line) for line in log.read_text().splitlines()] \
+            if log.exists() else []
+
+    def scontrol() -> list[str]:
+        path = Path(f"{log}.scontrol")
+        return path.read_text().splitlines() if path.exists() else []
+
+    def wait_started(proc: subprocess.Popen[str]) -> None:
+        deadline = time.monotonic() + 20
+        while not Path(f"{log}.started").exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "fake loraforge never started"
+            time.sleep(0.05)
+
+    return start, calls, scontrol, wait_started
+
+
+def test_usr1_is_forwarded_and_the_job_requeued(fake_job) -> None:
+    start, calls, scontrol, wait_started = fake_job
+    proc = start("wait", SLURM_JOB_ID="4242")
+    wait_started(proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out
+    assert ["signal", ["SIGUSR1"]] in calls()
+    assert scontrol() == ["scontrol requeue 4242"], out
+    assert "requeue 1 of at most 3" in out
+
+
+def test_usr1_before_loraforge_catches_it_still_requeues(fake_job) -> None:
+    start, _, scontrol, wait_started = fake_job
+    proc = start("plain", SLURM_JOB_ID="7", SLURM_RESTART_COUNT="1")
+    wait_started(proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out
+    assert scontrol() == ["scontrol requeue 7"], out
+    assert "requeue 2 of at most 3" in out
+
+
+def test_too_many_requeues_marks_the_run_failed(fake_job) -> None:
+    start, calls, scontrol, wait_started = fake_job
+    proc = start("wait", SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="3")
+    wait_started(proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out
+    assert scontrol() == []
+    failed = [c for c in calls() if c[:2] == ["slurm", "mark-failed"]]
+    assert failed and failed[0][-2] == "--reason" and "max_requeues = 3" in failed[0][-1]
+    assert "--run" in failed[0]
+
+
+def test_cancel_is_passed_on_and_not_requeued(fake_job) -> None:
+    start, calls, scontrol, wait_started = fake_job
+    proc = start("wait", SLURM_JOB_ID="4242")
+    wait_started(proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out
+    assert ["signal", ["SIGTERM"]] in calls()
+    assert scontrol() == []
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_exit_codes_pass_through_without_requeue(fake_job, code: int) -> None:
+    start, calls, scontrol, _ = fake_job
+    proc = start(f"exit:{code}", SLURM_JOB_ID="4242")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == code, out
+    assert scontrol() == []
+    assert calls() == [["train", "--run", "x"]]
+
+
+def test_a_hostile_prompt_reaches_loraforge_as_one_literal_argument(tmp_path: Path,
+                                                                      fake_job) -> None:
+    """Render `slurm generate` with shell syntax in the prompt, then run the script for real."""
+    _, calls, _, _ = fake_job
+    project = _project(tmp_path)
+    nasty = NASTY.format(d=tmp_path)
+    result = run_cli("slurm", "generate", "--dry-run", "--prompt", nasty, "--set",
+                     f"generate.negative={nasty}", cwd=project)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    script_text = text[text.index("#!/bin/bash"):text.index("# would run")]
+    fake_activate = tmp_path / "activate"
+    script_text = script_text.replace(f"source {ACTIVATE}", f"source {fake_activate}")
+    script = tmp_path / "generate.ssub"
+    script.write_text(script_text)
+    env = {**os.environ, "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_MODE": "exit:0"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    argv = calls()[-1]
+    assert argv[argv.index("--prompt") + 1] == nasty
+    assert f"generate.negative={nasty}" in argv
+    assert not list(tmp_path.glob("pwned*"))
+
+
+def test_mark_failed_records_the_reason(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    run_dir = project / "store" / "Multi_Concept_Output" / "r9"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"name": "r9", "status": "interrupted"}))
+    result = run_cli("slurm", "mark-failed", "--run", "r9", "--reason", "gave up", cwd=project)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["error"]) == ("failed", "gave up")
+
+
+def test_runs_lists_status_loss_and_the_swept_values(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    runs = project / "store" / "Multi_Concept_Output"
+    for name, status, loss, lr in (("a", "finished", 0.1234, 1e-4), ("b", "failed", None, 5e-4),
+                                   ("c", "running", None, 1e-4)):
+        (runs / name).mkdir(parents=True)
+        record = {"name": name, "status": status, "final_loss": loss, "step": 3,
+                  "total_steps": 4, "updated_at": f"2026-01-0{ord(name) - 96}",
+                  "config": {"train": {"unet_lr": lr, "epochs": 2, "run_name": name}},
+                  "slurm": {"job_id": "77"}}
+        if status == "failed":
+            record["error"] = "out of memory"
+        (runs / name / "run.json").write_text(json.dumps(record))
+    table = run_cli("runs", cwd=project)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    row = next(line for line in lines if " a " in line)
+    assert "finished" in row and "0.1234" in row and "0.0001" in row
+    assert "unet_lr" in table.stdout and "epochs" not in table.stdout
+    assert "out of memory" in table.stdout
+    data = json.loads(run_cli("runs", "--json", cwd=project).stdout)
+    assert [r["name"] for r in data] == ["a", "b", "c"]
+    assert data[0]["params"] == {"train.unet_lr": 1e-4}
+    assert data[0]["job_id"] == "77"
+
+
+def test_slurm_status_without_submissions_says_how_to_submit(tmp_path: Path) -> None:
+    result = run_cli("slurm", "status", cwd=_project(tmp_path))
+    assert_user_error(result, "no jobs were submitted", "loraforge slurm train")
+
+
+def test_help_is_fast_and_lists_the_commands() -> None:
+    started = time.monotonic()
+    result = run_cli("slurm", "--help")
+    assert result.returncode == 0
+    for command in ("train", "generate", "pipeline", "sweep", "status", "cancel", "logs"):
+        assert command in result.stdout
+    assert "mark-failed" not in result.stdout
+    assert time.monotonic() - started < 20
+
+
+def test_script_words_are_quoted_for_bash() -> None:
+    from loraforge.slurm.script import Raw, quote
+
+    assert quote("a b") == "'a b'"
+    assert quote("$(x)") == "'$(x)'"
+    assert quote(Raw('"$RUN"')) == '"$RUN"'
