@@ -1,0 +1,227 @@
+"""`report.html`: loss history reading, the loss chart, a self-contained page that links only
+files that exist and escapes user text, and `report_command`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from PIL import Image
+
+from loraforge.config import load_settings
+from loraforge.errors import ForgeError
+from loraforge.report.chart import loss_chart, nice_ticks
+from loraforge.report.command import report_command
+from loraforge.report.html import read_history, write_report
+from loraforge.train.previews import (
+    defaults_from_config,
+    parse_sample_prompts,
+    preview_path,
+    write_grid,
+)
+
+RUN = "blake_v2"
+PROMPTS = ["blake, standing --w 256 --h 256", "<b>mage</b> & knight --n <script>x</script>"]
+
+
+class Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.links += [value for name, value in attrs if name in {"src", "href"} and value]
+
+
+def _history(steps: int, per_epoch: int) -> list[dict[str, object]]:
+    out, ema = [], None
+    for step in range(1, steps + 1):
+        loss = 0.2 + 0.1 / step + 0.02 * ((step * 7919) % 13) / 13
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+        out.append({"step": step, "epoch": (step - 1) // per_epoch + 1, "loss": loss,
+                    "loss_smoothed": ema, "lr": [1e-4, 5e-5]})
+    return out
+
+
+def make_run(storage: Path, *, epochs: int = 3, dataset_json: bool = True,
+             history: bool = True, samples: bool = True) -> Path:
+    """A finished run as the trainer leaves it: run.json, LoRA files (epoch 1 pruned), history,
+    dataset.json, previews and grids."""
+    run_dir = storage / "Multi_Concept_Output" / RUN
+    run_dir.mkdir(parents=True)
+    config = load_settings(None, [f"storage.root={storage}", "dataset.resolution=256"]).to_dict()
+    config["train"]["sample_prompts"] = PROMPTS
+    record = {"name": RUN, "status": "finished", "config": config, "step": 30,
+              "total_steps": 30, "final_loss": 0.21, "started_at_unix": 1767225600,
+              "finished_at": "2026-01-01T01:00:00+0000", "epochs": epochs,
+              "steps_per_epoch": 10, "device": "cpu",
+              "dataset": {"concepts": {"20_blake": {"n_repeats": 20, "img_count": 4},
+                                       "10_<script>alert(1)</script>": {"n_repeats": 10,
+                                                                         "img_count": 2}},
+                          "images": 6, "images_x_repeats": 100}}
+    (run_dir / "run.json").write_text(json.dumps(record))
+    for epoch in range(2, epochs):
+        (run_dir / f"{RUN}-{epoch:06d}.safetensors").write_bytes(b"x" * 100)
+    (run_dir / f"{RUN}.safetensors").write_bytes(b"y" * 100)
+    if dataset_json:
+        (run_dir / "dataset.json").write_text(json.dumps({"concepts": [
+            {"name": "blake", "folder": "20_blake", "images": 4, "captioned": 4, "repeats": 20,
+             "images_x_repeats": 80, "top_tags": [["blake", 4], ["<script>", 2]],
+             "buckets": {"512x512": 3, "448x576": 1}},
+            {"name": "mage", "folder": "10_mage", "images": 2, "captioned": 1, "repeats": 10,
+             "images_x_repeats": 20, "top_tags": [], "buckets": {"512x512": 2}}]}))
+    if history:
+        lines = [json.dumps(h) for h in _history(30, 10)]
+        (run_dir / "history.jsonl").write_text("\n".join(lines) + "\n")
+    if samples:
+        prompts = parse_sample_prompts(PROMPTS, defaults_from_config(config))
+        for epoch in range(1, epochs + 1):
+            for index, prompt in enumerate(prompts):
+                path = preview_path(run_dir, epoch, index, prompt)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (prompt.width, prompt.height), (30 * epoch, 90, 150)).save(path)
+            write_grid(run_dir, prompts, epoch)
+    return run_dir
+
+
+def _check_links(report: Path) -> Links:
+    parser = Links()
+    parser.feed(report.read_text(encoding="utf-8"))
+    assert parser.links
+    for link in parser.links:
+        assert "://" not in link and not link.startswith(("/", "//")), link
+        assert (report.parent / unquote(link)).is_file(), link
+    return parser
+
+
+# --- history -------------------------------------------------------------------------------
+def test_history_keeps_the_last_occurrence_of_each_step(tmp_path: Path) -> None:
+    first = [{"step": s, "epoch": 1, "loss": 1.0, "loss_smoothed": 1.0, "lr": [1e-4]}
+             for s in range(1, 6)]
+    resumed = [{"step": s, "epoch": 1, "loss": 2.0, "loss_smoothed": 2.0, "lr": [1e-4]}
+               for s in range(4, 8)]
+    text = "\n".join(json.dumps(h) for h in first + resumed) + '\n{"step": 8, "epo'
+    (tmp_path / "history.jsonl").write_text(text)
+    history = read_history(tmp_path)
+    assert [h["step"] for h in history] == list(range(1, 8))
+    assert [h["loss"] for h in history] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+
+
+def test_history_drops_the_stale_tail_of_an_interrupted_attempt(tmp_path: Path) -> None:
+    steps = [1, 2, 3, 4, 5, 6, 3, 4]  # resumed at 2, interrupted again after 4
+    lines = [json.dumps({"step": s, "loss": float(i)}) for i, s in enumerate(steps)]
+    (tmp_path / "history.jsonl").write_text("\n".join(["[1]", "garbage", *lines]))
+    assert [(h["step"], h["loss"]) for h in read_history(tmp_path)] == \
+        [(1, 0.0), (2, 1.0), (3, 6.0), (4, 7.0)]
+    assert read_history(tmp_path / "missing") == []
+
+
+# --- chart ---------------------------------------------------------------------------------
+def test_chart_of_one_point() -> None:
+    image = loss_chart([{"step": 1, "epoch": 1, "loss": 0.3, "loss_smoothed": 0.3}])
+    assert image.size == (800, 300)
+    assert len(image.getcolors(1 << 16) or []) > 2
+
+
+def test_chart_of_many_points_is_deterministic() -> None:
+    history = _history(5000, 500)
+    history[10]["loss"] = float("nan")
+    first, second = loss_chart(history), loss_chart(history, 800, 300)
+    assert first.size == (800, 300)
+    assert first.tobytes() == second.tobytes()
+    assert loss_chart([]).size == (800, 300)
+    assert loss_chart([{"step": s, "loss": 0.5} for s in range(3)], 400, 200).size == (400, 200)
+
+
+def test_nice_ticks() -> None:
+    assert nice_ticks(0, 100, 5) == [0, 25, 50, 75, 100]
+    assert nice_ticks(1, 5, 5, integer=True) == [1, 2, 3, 4, 5]
+    assert nice_ticks(1, 7, 6, integer=True) == [2, 4, 6]
+    assert all(float(t).is_integer() for t in nice_ticks(1, 5000, 6, integer=True))
+
+
+# --- report --------------------------------------------------------------------------------
+def test_report_is_self_contained_and_links_only_existing_files(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path)
+    report = write_report(run_dir)
+    assert report == run_dir / "report.html"
+    assert (run_dir / "report-loss.png").is_file()
+    text = report.read_text(encoding="utf-8")
+    parser = _check_links(report)
+    assert "script" not in parser.tags and "link" not in parser.tags
+    assert "report-loss.png" in parser.links
+    assert f"{RUN}.safetensors" in parser.links and f"{RUN}-000002.safetensors" in parser.links
+    assert "samples/grid-epoch-003.png" in parser.links
+    assert "samples/epoch-001/0-blake-standing.png" in parser.links
+    assert "<details>" in text and "sample_steps" in text
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_user_text_is_escaped(tmp_path: Path) -> None:
+    text = write_report(make_run(tmp_path)).read_text(encoding="utf-8")
+    assert "<script>" not in text
+    assert "&lt;script&gt;" in text
+    assert "&lt;b&gt;mage&lt;/b&gt; &amp; knight" in text
+
+
+def test_report_without_history_samples_or_dataset_json(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, dataset_json=False, history=False, samples=False)
+    report = write_report(run_dir, 0o600)
+    assert report.stat().st_mode & 0o777 == 0o600
+    assert not (run_dir / "report-loss.png").exists()
+    parser = _check_links(report)
+    assert parser.links == [f"{RUN}.safetensors", f"{RUN}-000002.safetensors"]
+    text = report.read_text(encoding="utf-8")
+    assert "20_blake" in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "no loss history yet" in text
+
+
+def test_report_of_a_bare_folder(tmp_path: Path) -> None:
+    report = write_report(tmp_path)
+    assert report.is_file() and tmp_path.name in report.read_text(encoding="utf-8")
+
+
+# --- command -------------------------------------------------------------------------------
+def _config(tmp_path: Path, storage: Path) -> Path:
+    config = tmp_path / "forge.toml"
+    config.write_text(f'[storage]\nroot = "{storage}"\n')
+    return config
+
+
+def test_report_command_writes_and_prints_the_report(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORAFORGE_STORAGE_ROOT", raising=False)
+    run_dir = make_run(tmp_path / "store")
+    report_command(RUN, config=_config(tmp_path, tmp_path / "store"))
+    assert str(run_dir / "report.html") in capsys.readouterr().out
+    _check_links(run_dir / "report.html")
+
+
+def test_report_command_lists_runs_when_the_run_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORAFORGE_STORAGE_ROOT", raising=False)
+    make_run(tmp_path / "store", samples=False)
+    config = _config(tmp_path, tmp_path / "store")
+    with pytest.raises(ForgeError) as info:
+        report_command("nope", config=config)
+    assert "nope" in str(info.value) and RUN in str(info.value)
+    with pytest.raises(ForgeError, match="not allowed"):
+        report_command("../x", config=config)
+    with pytest.raises(ForgeError, match="none yet"):
+        report_command("nope", overrides=[f"storage.root={tmp_path / 'empty'}"],
+                       config=config)
+
+
+def test_report_command_module_imports_light() -> None:
+    code = ("import sys, loraforge.report.command; "
+            "heavy = {'PIL', 'numpy', 'torch', 'pydantic'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
