@@ -17,6 +17,7 @@ from conftest import assert_user_error, run_cli, write_training_project
 from safetensors import safe_open
 
 from loraforge.config import load_settings
+from loraforge.dataset.examples import pixel_tensor
 from loraforge.runtime import go_offline
 from loraforge.text import chunk_token_ids, encode_token_ids
 from loraforge.train.trainer import RESUMABLE_EXIT, TrainResult, train
@@ -79,9 +80,9 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(trained: Trai
     trainer = trained.trainer
     assert trainer is not None
     base = tiny_store / "tiny-sd15"
-    latents = torch.cat([trainer.encode_images(_vae_holder(base), [i])
-                         for i in range(len(trainer.examples))])
-    captions = [e.caption for e in trainer.examples]
+    latents = trainer.encode_pixels(_vae_holder(base), [pixel_tensor(e, flip=False)
+                                                        for e in trainer.examples])
+    captions = [", ".join(e.tags) for e in trainer.examples]
     before = _fixed_loss(_pipeline(base, None), latents, captions, 2)
     after = _fixed_loss(_pipeline(base, trained.final), latents, captions, 2)
     assert after < 0.8 * before, (before, after)
@@ -181,8 +182,9 @@ def _interrupt_at(process: subprocess.Popen[str], step: int) -> tuple[str, str]:
 
 def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
                                                        tiny_store: Path) -> None:
-    straight = write_training_project(tmp_path / "straight", tiny_store)
-    resumed = write_training_project(tmp_path / "resumed", tiny_store)
+    previews = {"sample_prompts": ["red_knight, solo --s 2 --d 3"], "sample_steps": 2}
+    straight = write_training_project(tmp_path / "straight", tiny_store, previews)
+    resumed = write_training_project(tmp_path / "resumed", tiny_store, previews)
 
     first = run_cli("train", "--config", straight, env=FIXED_ENV)
     assert first.returncode == 0, first.stderr
@@ -202,10 +204,12 @@ def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
     again = run_cli("train", "--config", resumed, env=FIXED_ENV)
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stderr
-    a = (tmp_path / "straight" / "store" / "Multi_Concept_Output" / "multi_concept"
-         / "multi_concept.safetensors").read_bytes()
+    straight_dir = tmp_path / "straight" / "store" / "Multi_Concept_Output" / "multi_concept"
+    a = (straight_dir / "multi_concept.safetensors").read_bytes()
     b = (run_dir / "multi_concept.safetensors").read_bytes()
     assert a == b
+    for epoch in (1, 2, 3):  # previews were on in both runs and did not disturb training
+        assert list((run_dir / "samples" / f"epoch-{epoch:03d}").glob("0-*.png"))
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Path) -> None:

@@ -17,6 +17,7 @@ from rich.text import Text
 from loraforge.config import Settings, load_settings
 from loraforge.errors import ForgeError
 from loraforge.generate.command import generate_command
+from loraforge.report.command import report_command
 from loraforge.slurm.command import runs_command, slurm_app
 
 app = typer.Typer(help="LoRA Forge: multi-concept LoRA training and posed scenes for SD 1.5.",
@@ -33,6 +34,7 @@ app.add_typer(pose_app, name="pose")
 app.add_typer(slurm_app, name="slurm")
 app.command("generate")(generate_command)
 app.command("runs")(runs_command)
+app.command("report")(report_command)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
                       "(default: ./forge.toml if present, else built-in defaults).")]
@@ -139,6 +141,15 @@ def train(
         Console(stderr=True).print("interrupted: state saved; rerun the same command to resume")
         raise typer.Exit(RESUMABLE_EXIT) from None
     out.print(f"LoRA: {final}", markup=False)
+
+
+@app.command()
+def demo(directory: Annotated[Path, typer.Argument(help="Project folder to create or reuse."
+                                                   )] = Path("demo")) -> None:
+    """The whole journey on the embedded tiny model: dataset, check, train, posed scene."""
+    from loraforge.demo import run_demo
+
+    run_demo(directory, out)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from loraforge.dataset.examples import (
+    Example,
+    batches_per_epoch,
+    build_examples,
+    repeated_indices,
+)
 from loraforge.dataset.scan import (
     Concept,
     Dataset,
@@ -60,13 +67,18 @@ def _caption_advice(concept: Concept) -> str | None:
             f"on '{concept.name}' alone; caption them all or none")
 
 
-def summarize(dataset: Dataset, batch_size: int, epochs: int,
-              max_steps: int | None = None) -> dict[str, Any]:
-    """Everything the check prints, as JSON-able data."""
+def summarize(dataset: Dataset, batch_size: int, epochs: int, max_steps: int | None = None,
+              examples: list[Example] | None = None) -> dict[str, Any]:
+    """Everything the check prints, as JSON-able data. With `examples` (their aspect buckets),
+    each concept lists its bucket counts and steps count single-bucket batches, as training
+    does."""
     concepts = []
     advice: list[str] = []
     for concept in dataset.concepts:
+        buckets = Counter(f"{e.bucket[0]}x{e.bucket[1]}" for e in examples or []
+                          if e.concept == concept.name)
         concepts.append({
+            "buckets": dict(sorted(buckets.items())),
             "name": concept.name,
             "folder": concept.folder_name,
             "images": concept.num_images,
@@ -78,7 +90,8 @@ def summarize(dataset: Dataset, batch_size: int, epochs: int,
         })
         advice.extend(a for a in (_repeats_advice(concept), _caption_advice(concept)) if a)
     total = dataset.images_x_repeats
-    steps_per_epoch = math.ceil(total / batch_size)
+    steps_per_epoch = (math.ceil(total / batch_size) if examples is None else
+                       batches_per_epoch(examples, repeated_indices(dataset), batch_size))
     total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
     if total_steps > MAX_SENSIBLE_STEPS:
         advice.append(f"{total_steps} total steps is probably a mistake (the community pre-flight "
@@ -123,6 +136,9 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     for c in summary["concepts"]:
         tags = ", ".join(f"{t['tag']} ({t['count']})" for t in c["top_tags"])
         console.print(Text(f"top tags of {c['name']}: {tags}"), soft_wrap=True)
+        if c["buckets"]:
+            buckets = ", ".join(f"{size} ({n})" for size, n in c["buckets"].items())
+            console.print(Text(f"buckets of {c['name']}: {buckets}"), soft_wrap=True)
     t = summary["totals"]
     lines = [f"total: {t['concepts']} concepts, {t['images']} images, "
              f"{t['images_x_repeats']} images x repeats",
@@ -148,7 +164,10 @@ def check_dataset(settings: Settings, as_json: bool, console: Console) -> None:
         raise
     print_warnings(dataset.warnings)
     train = settings.config.train
-    summary = summarize(dataset, train.batch_size, train.epochs, train.max_steps)
+    warnings: list[str] = []
+    examples = build_examples(dataset, settings.config.dataset, warnings.append)
+    print_warnings(warnings)
+    summary = summarize(dataset, train.batch_size, train.epochs, train.max_steps, examples)
     if as_json:
         console.out(json.dumps(summary, indent=2), highlight=False)
     else:

@@ -30,12 +30,14 @@ class TrainingFacts:
     warmup_steps: int
     mixed_precision: str
     train_text_encoder: bool
+    bucket_info: dict[str, Any]
 
 
 def lora_metadata(settings: Settings, dataset: Dataset, facts: TrainingFacts, step: int,
                   epoch: int, finished_at: float) -> dict[str, Any]:
     train = settings.config.train
-    resolution = settings.config.dataset.resolution
+    data = settings.config.dataset
+    resolution = data.resolution
     images_x_repeats = sum(len(c.images) * c.repeats for c in dataset.concepts)
     network_args = ({"conv_dim": str(train.conv_dim), "conv_alpha": str(train.conv_alpha)}
                     if train.conv_dim > 0 else {})
@@ -76,15 +78,20 @@ def lora_metadata(settings: Settings, dataset: Dataset, facts: TrainingFacts, st
         "ss_noise_offset": str(train.noise_offset),
         "ss_min_snr_gamma": str(train.min_snr_gamma),
         "ss_resolution": f"({resolution}, {resolution})",
-        "ss_enable_bucket": "False",
-        "ss_min_bucket_reso": str(resolution),
-        "ss_max_bucket_reso": str(resolution),
-        "ss_bucket_info": json.dumps({"buckets": {"0": {"resolution": [resolution, resolution],
-                                                        "count": images_x_repeats}}}),
-        "ss_flip_aug": "False",
-        "ss_shuffle_caption": "False",
-        "ss_keep_tokens": "0",
-        "ss_caption_dropout_rate": "0.0",
+        "ss_enable_bucket": str(data.enable_bucket),
+        "ss_min_bucket_reso": str(data.min_bucket if data.enable_bucket else resolution),
+        "ss_max_bucket_reso": str(data.max_bucket if data.enable_bucket else resolution),
+        "ss_bucket_no_upscale": str(data.bucket_no_upscale),
+        "ss_bucket_info": json.dumps(facts.bucket_info),
+        "ss_flip_aug": str(data.flip_aug),
+        "ss_random_crop": str(data.random_crop),
+        "ss_color_aug": str(data.color_aug),
+        "ss_shuffle_caption": str(data.shuffle_caption),
+        "ss_keep_tokens": str(data.keep_tokens),
+        "ss_keep_tokens_separator": data.keep_tokens_separator,
+        "ss_caption_dropout_rate": str(data.caption_dropout_rate),
+        "ss_caption_tag_dropout_rate": str(data.tag_dropout_rate),
+        "ss_prior_loss_weight": str(train.prior_loss_weight),
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_sd_model_name": facts.base_model_name,

@@ -7,6 +7,7 @@ The run folder `<storage>/Multi_Concept_Output/<run>/` holds the epoch files, th
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -41,6 +42,8 @@ RESUME_SAFE = {
 #: Sections of the config that decide the trained weights.
 SEMANTIC_SECTIONS = ("models", "dataset", "train")
 LOSS_SMOOTHING = 0.98
+#: One JSON line per optimizer step; after a resume the last line for a step wins.
+HISTORY = "history.jsonl"
 
 log = logging.getLogger("loraforge.train")
 
@@ -87,9 +90,9 @@ class Plan:
     epochs: int
 
 
-def make_plan(settings: Settings, num_items: int) -> Plan:
+def make_plan(settings: Settings, batches: int) -> Plan:
+    """`batches`: batches per epoch (single-bucket batches, so more than items / batch size)."""
     train = settings.config.train
-    batches = math.ceil(num_items / train.batch_size)
     steps_per_epoch = math.ceil(batches / train.gradient_accumulation_steps)
     if train.max_steps:
         total = train.max_steps
@@ -135,6 +138,7 @@ class Models:
     unet: Any
     alphas_cumprod: Any
     num_timesteps: int
+    scheduler_config: Any
     targets: list[Any] = field(default_factory=list)
 
 
@@ -142,16 +146,32 @@ class Trainer:
     def __init__(self, settings: Settings, dataset: Dataset, run_dir: Path) -> None:
         import torch
 
+        from loraforge.dataset.examples import batches_per_epoch, build_examples, repeated_indices
         from loraforge.runtime import pick_device
-        from loraforge.train.data import examples, repeated_indices
 
         self.settings = settings
         self.cfg = settings.config.train
+        self.data_cfg = settings.config.dataset
         self.dataset = dataset
         self.run_dir = run_dir
-        self.examples = examples(dataset)
+        self.examples = build_examples(dataset, self.data_cfg, log.warning)
         self.indices = repeated_indices(dataset)
-        self.plan = make_plan(settings, len(self.indices))
+        self.plan = make_plan(settings, batches_per_epoch(self.examples, self.indices,
+                                                          self.cfg.batch_size))
+        uncachable = [k for k in ("random_crop", "color_aug") if getattr(self.data_cfg, k)]
+        if uncachable and self.cfg.cache_latents:
+            raise ForgeError(f"dataset.{uncachable[0]} changes the pixels every epoch, so the "
+                             "VAE latents cannot be cached (train.cache_latents = true)",
+                             path=settings.source,
+                             fix=f"set train.cache_latents = false to train with "
+                                 f"{' and '.join(uncachable)} (slower: the VAE runs every "
+                                 f"step), or turn {' and '.join(uncachable)} off")
+        from loraforge.train.previews import defaults_from_config, parse_sample_prompts
+
+        self.sample_prompts = parse_sample_prompts(self.cfg.sample_prompts,
+                                                   defaults_from_config(settings.to_dict()))
+        self.latents: dict[tuple[int, bool], torch.Tensor] | None = None
+        self.text_cache: dict[int, torch.Tensor] | None = None
         self.device = pick_device()
         on_gpu = self.device.type == "cuda"
         precision = self.cfg.mixed_precision if on_gpu else "no"
@@ -207,38 +227,113 @@ class Trainer:
         text_encoder.train(self.train_text)
         vae.to(self.device).eval()
         return Models(tokenizer, text_encoder, vae, unet, scheduler.alphas_cumprod.to(self.device),
-                      scheduler.config.num_train_timesteps, targets)
+                      scheduler.config.num_train_timesteps, scheduler.config, targets)
 
-    def encode_images(self, models: Models, indices: list[int]) -> torch.Tensor:
+    def encode_pixels(self, models: Models, pixels: list[torch.Tensor]) -> torch.Tensor:
         import torch
 
-        from loraforge.train.data import pixel_tensor
-
-        resolution = self.settings.config.dataset.resolution
-        pixels = torch.stack([pixel_tensor(self.examples[i].path, resolution) for i in indices])
         with torch.no_grad():
-            dist = models.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+            batch = torch.stack(pixels).to(self.device, torch.float32)
+            dist = models.vae.encode(batch).latent_dist
         return dist.mean * models.vae.config.scaling_factor
 
-    def cache_latents(self, models: Models) -> torch.Tensor:
-        """Every image's latents, encoded once in batches; the VAE is then freed."""
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        from loraforge.dataset.buckets import bucket_counts
+
+        return dict(bucket_counts(self.indices, [e.bucket for e in self.examples]))
+
+    def bucket_info(self) -> dict[str, Any]:
+        from loraforge.dataset.buckets import aspect_error, bucket_info
+
+        errors = [aspect_error(r.width, r.height, e.bucket) for e, (_, r)
+                  in zip(self.examples, self.dataset.images(), strict=True)]
+        return bucket_info(self.bucket_counts(), errors)
+
+    def write_dataset_summary(self) -> None:
+        """dataset.json: the check's table plus each concept's buckets (the report shows it)."""
+        from loraforge.dataset.check import summarize
+        from loraforge.fsutil import write_atomic
+
+        summary = summarize(self.dataset, self.cfg.batch_size, self.plan.epochs,
+                            self.cfg.max_steps, self.examples)
+        write_atomic(self.run_dir / "dataset.json", json.dumps(summary, indent=1), self.mode)
+
+    def vae_identity(self, base: Path) -> str:
+        from loraforge.hashing import sha256_file
+
+        weights = sorted((base / "vae").glob("*.safetensors"))
+        digest = sha256_file(weights[0], self.settings.cache_dir) if weights else str(base)
+        return f"{digest}|fp32|mean"
+
+    def cache_latents(self, models: Models, base: Path) -> None:
+        """Every (image, flip) latent, from the disk cache or encoded once in batches."""
+        from loraforge.dataset.examples import pixel_tensor
+        from loraforge.train.latent_cache import LatentCache, file_sha256
+
+        disk = self.settings.cache_dir if self.cfg.cache_latents_to_disk else None
+        cache = LatentCache(disk, self.vae_identity(base))
+        requests = []
+        for example in self.examples:
+            digest = file_sha256(example.path)
+            for flip in (False, True) if example.policy.flip_aug else (False,):
+                requests.append(cache.request(digest, example.bucket, flip,
+                                              (example.index, flip)))
+        found = cache.fill(requests, lambda reqs: self.encode_pixels(
+            models, [pixel_tensor(self.examples[r.data[0]], r.data[1]) for r in reqs]), 8)
+        for warning in cache.warnings:
+            log.warning(warning)
+        log.info("latents: %d encoded, %d from the cache", cache.encoded,
+                 len(requests) - cache.encoded)
+        self.record.update(latent_cache={"encoded": cache.encoded,
+                                         "reused": len(requests) - cache.encoded,
+                                         "disk": str(cache.directory) if disk else None})
+        self.latents = {r.data: found[r.key].to(self.device, self.dtype) for r in requests}
+
+    def cache_text(self, models: Models) -> None:
+        """Text-encoder outputs of every caption, computed once, when they cannot change (no
+        text-encoder training, no shuffle or dropout); the text encoder is then freed."""
         import torch
 
-        log.info("caching latents of %d images", len(self.examples))
-        chunks = [self.encode_images(models, list(range(i, min(i + 8, len(self.examples)))))
-                  for i in range(0, len(self.examples), 8)]
-        latents = torch.cat(chunks).to(self.dtype)
-        models.vae = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return latents
+        from loraforge.dataset.examples import draw_example
+        from loraforge.dataset.tags import caption_can_change
+        from loraforge.text import chunk_token_ids, encode_token_ids
+
+        if (not self.cfg.cache_text_encoder_outputs or self.train_text
+                or any(caption_can_change(e.policy) for e in self.examples)):
+            return
+        max_chunks = self.cfg.max_token_length // 75
+        with torch.no_grad():
+            self.text_cache = {
+                e.index: encode_token_ids(models.text_encoder, chunk_token_ids(
+                    models.tokenizer, [draw_example(e, 0, 0, 0).caption], max_chunks),
+                    self.cfg.clip_skip)[0] for e in self.examples}
+            self.empty_chunk = encode_token_ids(models.text_encoder, chunk_token_ids(
+                models.tokenizer, [""], 1), self.cfg.clip_skip)[0]
+        if not self.sample_prompts:
+            models.text_encoder = None
+        log.info("text encoder outputs cached for %d captions", len(self.text_cache))
+        self.record.update(text_cache=True)
+
+    def text_states(self, models: Models, captions: list[str], indices: list[int],
+                    ) -> torch.Tensor:
+        import torch
+
+        from loraforge.text import chunk_token_ids, encode_token_ids
+
+        if self.text_cache is not None:
+            rows = [self.text_cache[i] for i in indices]
+            longest = max(row.shape[0] for row in rows)
+            return torch.stack([torch.cat([row, *[self.empty_chunk] * (
+                (longest - row.shape[0]) // self.empty_chunk.shape[0])]) for row in rows])
+        ids = chunk_token_ids(models.tokenizer, captions, self.cfg.max_token_length // 75)
+        return encode_token_ids(models.text_encoder, ids, self.cfg.clip_skip)
 
     # --- the loop ----------------------------------------------------------------------
     def run(self, base: Path, restart: bool, facts_for: Any) -> Path:
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
-        from loraforge.train.data import epoch_batches
+        from loraforge.dataset.examples import epoch_batches
         from loraforge.train.optim import build_optimizer, build_scheduler, warmup_steps
         from loraforge.train.progress import TrainingProgress
         from loraforge.train.state import load_state, saved_states
@@ -273,9 +368,17 @@ class Trainer:
             log.info("resuming from %s (step %d of %d)", states[-1], position.step,
                      plan.total_steps)
 
-        latents = self.cache_latents(models) if cfg.cache_latents else None
+        if cfg.cache_latents:
+            self.cache_latents(models, base)
+            if not self.sample_prompts:
+                models.vae = None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        self.cache_text(models)
         facts = facts_for(self, self.optimizer, warmup_steps(cfg.lr_warmup, plan.total_steps))
         writer = SummaryWriter(str(self.run_dir / "events"), purge_step=position.step + 1)
+        history = open(self.run_dir / HISTORY, "a", encoding="utf-8")  # noqa: SIM115
+        self.write_dataset_summary()
         progress = TrainingProgress(plan.total_steps, position.step, cfg.log_every_seconds)
         self.record.update(status="running", step=position.step, total_steps=plan.total_steps)
 
@@ -294,12 +397,14 @@ class Trainer:
                 if stop.requested:
                     raise Interrupted
                 for epoch in range(position.epoch, plan.epochs):
-                    batches = epoch_batches(self.indices, plan.batch_size, cfg.seed, epoch)
+                    batches = epoch_batches(self.examples, self.indices, plan.batch_size,
+                                            cfg.seed, epoch)
                     for first in range(position.batch_in_epoch, len(batches), plan.accumulation):
                         if position.step >= plan.total_steps:
                             break
                         group = batches[first:first + plan.accumulation]
-                        loss_value = self.optimizer_step(models, group, latents, position.step)
+                        loss_value = self.optimizer_step(models, batches, first, epoch,
+                                                         position.step)
                         position.step += 1
                         position.batch_in_epoch = first + len(group)
                         position.loss_ema = (loss_value if position.loss_ema is None else
@@ -310,6 +415,9 @@ class Trainer:
                         writer.add_scalar("loss/smoothed", position.loss_ema, position.step)
                         for group_name, lr in zip(("unet", "text_encoder"), lrs, strict=False):
                             writer.add_scalar(f"lr/{group_name}", lr, position.step)
+                        history.write(json.dumps({
+                            "step": position.step, "epoch": epoch + 1, "loss": loss_value,
+                            "loss_smoothed": position.loss_ema, "lr": lrs}) + "\n")
                         progress.update(position.step, epoch + 1, position.loss_ema, lrs[0],
                                         sum(len(b) for b in group))
                         if stop.requested:
@@ -324,12 +432,17 @@ class Trainer:
                         self.save_lora(runs.epoch_lora(self.run_dir, epoch + 1), models, facts,
                                        position, epoch + 1)
                         self.prune_epochs()
+                    last = epoch + 1 == plan.epochs
+                    if (epoch + 1) % cfg.sample_every_n_epochs == 0 or last:
+                        self.render_previews(models, epoch + 1)
+                    self.write_report()
                     if stop.requested:
                         save(f"signal {stop.signal_name}")
                         raise Interrupted
         finally:
             progress.close()
             writer.close()
+            history.close()
 
         final = runs.final_lora(self.run_dir)
         self.save_lora(final, models, facts, position, plan.epochs)
@@ -337,41 +450,96 @@ class Trainer:
         self.record.update(status="finished", step=position.step,
                            final_loss=position.loss_ema, final_lora=str(final),
                            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.write_report()
         return final
 
-    def optimizer_step(self, models: Models, group: list[list[int]],
-                       latents: torch.Tensor | None, step: int) -> float:
-        """Forward and backward over `group` (gradient accumulation), then one optimizer step.
-        Returns the group's mean loss."""
+    def render_previews(self, models: Models, epoch: int) -> None:
+        """Sample prompts rendered with the LoRA as it is now, each from its own fixed seed:
+        the training's random stream is untouched (every draw there is seeded per step)."""
         import torch
 
-        from loraforge.text import chunk_token_ids, encode_token_ids
+        from loraforge.fsutil import save_atomic
+        from loraforge.generate.pipeline import build_pipeline, render
+        from loraforge.generate.prompts import encode_prompt_pair
+        from loraforge.generate.samplers import make_scheduler
+        from loraforge.train.previews import preview_path, write_grid
+
+        if not self.sample_prompts:
+            return
+        scheduler = make_scheduler(self.cfg.sample_sampler, models.scheduler_config)
+        pipe = build_pipeline(models.tokenizer, models.text_encoder, models.vae, models.unet,
+                              scheduler)
+        autocast = (torch.autocast("cuda", dtype=self.dtype) if self.precision != "no"
+                    else nullcontext())
+        models.unet.eval()
+        try:
+            with torch.no_grad(), autocast:
+                for index, sample in enumerate(self.sample_prompts):
+                    embeds, negative = encode_prompt_pair(
+                        models.tokenizer, models.text_encoder, sample.prompt, sample.negative,
+                        self.cfg.clip_skip, self.cfg.max_token_length // 75)
+                    image = render(pipe, embeds, negative, sample.width, sample.height,
+                                   sample.steps, sample.cfg, sample.seed)
+                    save_atomic(preview_path(self.run_dir, epoch, index, sample),
+                                lambda tmp, im=image: im.save(tmp, format="PNG"), self.mode)
+            write_grid(self.run_dir, self.sample_prompts, epoch, self.mode)
+        except OSError as exc:
+            log.warning("previews of epoch %d not saved: %s", epoch, exc)
+        finally:
+            models.unet.train()
+        log.info("previews of epoch %d: %s", epoch, self.run_dir / "samples")
+
+    def write_report(self) -> None:
+        from loraforge.report.html import write_report
+
+        try:
+            write_report(self.run_dir, self.mode)
+        except OSError as exc:
+            log.warning("report.html not written: %s", exc)
+
+    def optimizer_step(self, models: Models, batches: list[list[int]], first: int, epoch: int,
+                       step: int) -> float:
+        """Forward and backward over batches[first:first + accumulation], then one optimizer
+        step. Returns the mean loss."""
+        import torch
+
+        from loraforge.dataset.examples import draw_example, pixel_tensor
         from loraforge.train import objective
 
         cfg = self.cfg
+        group = batches[first:first + self.plan.accumulation]
         generator = objective.step_generator(cfg.seed, step, self.device)
         autocast = (torch.autocast("cuda", dtype=self.dtype) if self.precision != "no"
                     else nullcontext())
         text_grad = nullcontext() if self.train_text else torch.no_grad()
         total = 0.0
-        for batch in group:
-            if latents is not None:
-                batch_latents = latents[batch]
+        for number, batch in enumerate(group, start=first):
+            positions = [number * self.plan.batch_size + slot for slot in range(len(batch))]
+            draws = [draw_example(self.examples[i], cfg.seed, epoch, p)
+                     for i, p in zip(batch, positions, strict=True)]
+            if self.latents is not None:
+                latents = torch.stack([self.latents[(i, d.flip)]
+                                       for i, d in zip(batch, draws, strict=True)])
             else:
-                batch_latents = self.encode_images(models, batch).to(self.dtype)
-            ids = chunk_token_ids(models.tokenizer, [self.examples[i].caption for i in batch],
-                                  cfg.max_token_length // 75)
-            draw = objective.draw(batch_latents, models.num_timesteps, cfg.noise_offset,
-                                  generator)
+                latents = self.encode_pixels(models, [
+                    pixel_tensor(self.examples[i], d.flip, self.data_cfg.random_crop,
+                                 self.data_cfg.color_aug, (cfg.seed, epoch, p))
+                    for i, d, p in zip(batch, draws, positions, strict=True)]).to(self.dtype)
+            noise_draw = objective.draw(latents, models.num_timesteps, cfg.noise_offset,
+                                        generator)
             with autocast:
                 with text_grad:
-                    hidden = encode_token_ids(models.text_encoder, ids, cfg.clip_skip)
-                noisy = self.add_noise(models, batch_latents, draw)
-                prediction = models.unet(noisy, draw.timesteps,
+                    hidden = self.text_states(models, [d.caption for d in draws], batch)
+                noisy = self.add_noise(models, latents, noise_draw)
+                prediction = models.unet(noisy, noise_draw.timesteps,
                                          encoder_hidden_states=hidden).sample
-            weights = objective.loss_weights(models.alphas_cumprod, draw.timesteps,
+            weights = objective.loss_weights(models.alphas_cumprod, noise_draw.timesteps,
                                              cfg.min_snr_gamma)
-            loss = objective.denoising_loss(prediction, draw.noise, weights)
+            if any(self.examples[i].is_reg for i in batch):
+                prior = torch.tensor([cfg.prior_loss_weight if self.examples[i].is_reg else 1.0
+                                      for i in batch], device=self.device)
+                weights = prior if weights is None else weights * prior
+            loss = objective.denoising_loss(prediction, noise_draw.noise, weights)
             self.scaler.scale(loss / len(group)).backward()
             total += loss.item() / len(group)
         self.scaler.unscale_(self.optimizer)
@@ -525,7 +693,8 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
             optimizer=_optimizer_description(optimizer, settings.config.train.optimizer_args),
             total_steps=t.plan.total_steps, num_epochs=t.plan.epochs,
             batches_per_epoch=t.plan.batches_per_epoch, warmup_steps=warmup,
-            mixed_precision=t.precision, train_text_encoder=t.train_text)
+            mixed_precision=t.precision, train_text_encoder=t.train_text,
+            bucket_info=t.bucket_info())
 
     try:
         return TrainResult(trainer.run(base, restart, facts_for), trainer)

@@ -1,0 +1,41 @@
+"""`loraforge demo DIR`: the whole journey on the embedded tiny model, with no download.
+
+init (tiny settings) -> build the tiny model -> write a sample dataset of two concepts -> check
+it -> train a LoRA -> render a posed two-figure scene with it. Every step is the real command's
+code; rerunning reuses what is already there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from loraforge.config import CONFIG_NAME, load_settings
+from loraforge.dataset.check import check_dataset
+from loraforge.dataset.sample import write_sample_dataset
+from loraforge.project import init_project
+
+
+def run_demo(directory: Path, console: Console) -> None:
+    console.rule("1. project")
+    for line in init_project(directory, tiny=True):
+        console.print(line, markup=False)
+    settings = load_settings(directory / CONFIG_NAME)
+
+    console.rule("2. embedded tiny model")
+    from loraforge.models.tiny import ensure_tiny_models
+
+    base, controlnet = ensure_tiny_models(settings.storage_root)
+    console.print(f"base model: {base}\nControlNet: {controlnet}", markup=False)
+
+    console.rule("3. sample dataset")
+    written = write_sample_dataset(settings.dataset_dir)
+    console.print(f"{len(written)} new files in {settings.dataset_dir}", markup=False)
+    check_dataset(settings, False, console)
+
+    console.rule("4. train")
+    from loraforge.train.trainer import train
+
+    result = train(settings, None, restart=False)
+    console.print(f"LoRA: {result.final}", markup=False)
