@@ -39,3 +39,14 @@ def run_demo(directory: Path, console: Console) -> None:
 
     result = train(settings, None, restart=False)
     console.print(f"LoRA: {result.final}", markup=False)
+
+    console.rule("5. generate")
+    from loraforge.generate.run import generate
+    from loraforge.generate.scenes import Options
+
+    images = generate(settings, Options(prompt="red_knight, blue_mage, 2 characters standing "
+                                        "side by side", loras=[str(result.final)],
+                                        pose="random", figures=2, name="demo"),
+                      lambda line: console.print(line, markup=False))
+    console.print(f"scene: {images[-1]}", markup=False)
+    console.print(f"report: {result.final.parent / 'report.html'}", markup=False)

@@ -417,7 +417,8 @@ class Trainer:
                             writer.add_scalar(f"lr/{group_name}", lr, position.step)
                         history.write(json.dumps({
                             "step": position.step, "epoch": epoch + 1, "loss": loss_value,
-                            "loss_smoothed": position.loss_ema, "lr": lrs}) + "\n")
+                            "loss_smoothed": position.loss_ema, "lr": lrs,
+                            "seconds": round(time.monotonic() - progress.started, 4)}) + "\n")
                         progress.update(position.step, epoch + 1, position.loss_ema, lrs[0],
                                         sum(len(b) for b in group))
                         if stop.requested:

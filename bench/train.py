@@ -1,0 +1,145 @@
+"""Training throughput: `loraforge train` (the real trainer, in-process) against a plain reference
+loop written the way diffusers' example scripts do it (VAE and text encoder every step, LoRA on
+the attention projections only, no caching), on the same data, in the same process."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: FLOPs of one training image (cached latents, batch 1, 512 px) on SD 1.5: see stack.md.
+TRAIN_TFLOP_PER_IMAGE_512 = 1.725
+
+
+@dataclass
+class TrainResult:
+    name: str
+    batch: int
+    resolution: int
+    images_per_s: float
+    first_step_s: float
+    peak_memory_gb: float
+
+    def tflops(self) -> float:
+        return TRAIN_TFLOP_PER_IMAGE_512 * (self.resolution / 512) ** 2 * self.images_per_s
+
+
+def write_dataset(folder: Path, images: int, resolution: int) -> None:
+    """`images` distinct pictures in one concept folder, each captioned."""
+    import numpy as np
+    from PIL import Image
+
+    concept = folder / "1_bench_character"
+    concept.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        pixels = rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(concept / f"{i:03d}.png")
+        (concept / f"{i:03d}.txt").write_text("bench_character, 1girl, solo, standing")
+
+
+def _peak_memory_gb(device: str) -> float:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device: str,
+         extra: list[str]) -> TrainResult:
+    from loraforge.config import load_settings
+    from loraforge.runtime import go_offline
+    from loraforge.train.trainer import train
+
+    project = work / f"ours-b{batch}"
+    write_dataset(project / "master_dataset", max(batch * 2, 8), resolution)
+    config = project / "forge.toml"
+    config.write_text("")
+    overrides = [f"storage.root={json.dumps(str(project / 'store'))}",
+                 f"models.base={json.dumps(str(base))}", f"dataset.resolution={resolution}",
+                 f"train.batch_size={batch}", f"train.max_steps={steps}",
+                 'train.optimizer="AdamW8bit"' if device == "cuda" else 'train.optimizer="AdamW"',
+                 "train.mixed_precision=\"bf16\"", "train.log_every_seconds=1000",
+                 "train.save_every_n_epochs=1000", "train.cache_latents_to_disk=false", *extra]
+    settings = load_settings(config, overrides)
+    go_offline(settings)
+    _reset_peak(device)
+    started = time.perf_counter()
+    result = train(settings, "bench", restart=True)
+    total = time.perf_counter() - started
+    history = [json.loads(line) for line in
+               (result.final.parent / "history.jsonl").read_text().splitlines()]
+    warm = max(1, len(history) // 4)
+    seconds = history[-1]["seconds"] - history[warm - 1]["seconds"]
+    rate = (len(history) - warm) * batch / seconds
+    first = total - history[-1]["seconds"] + history[0]["seconds"]
+    name = "loraforge" + (f" ({' '.join(extra)})" if extra else "")
+    return TrainResult(name, batch, resolution, rate, first, _peak_memory_gb(device))
+
+
+def reference(base: Path, batch: int, resolution: int, steps: int, device: str) -> TrainResult:
+    """The diffusers-example loop: encode images and captions every step."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _reset_peak(device)
+    started = time.perf_counter()
+    weight_dtype = torch.float16 if device == "cuda" else torch.float32
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").to(
+        device, weight_dtype)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device, weight_dtype)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").to(device, weight_dtype)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=8, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand((batch, 3, resolution, resolution), generator=generator) * 2 - 1
+    ids = tokenizer(["bench_character, 1girl, solo, standing"] * batch, padding="max_length",
+                    max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    autocast = torch.autocast(device, dtype=torch.float16, enabled=device == "cuda")
+    times = []
+    for _ in range(steps):
+        with autocast:
+            latents = vae.encode(pixels.to(device, weight_dtype)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
+                              device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            hidden = text_encoder(ids)[0]
+            prediction = unet(noisy, t, hidden).sample
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    warm = max(1, steps // 4)
+    rate = (steps - warm) * batch / (times[-1] - times[warm - 1])
+    return TrainResult("reference loop", batch, resolution, rate, times[0] - started,
+                       _peak_memory_gb(device))
