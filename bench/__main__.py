@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -25,6 +26,11 @@ def machine() -> str:
             f"loraforge {loraforge.__version__}, Python {platform.python_version()}")
 
 
+def models_root(work: Path) -> Path:
+    """Where the benchmark models are built: $LORAFORGE_BENCH_MODELS keeps them between runs."""
+    return Path(os.environ.get("LORAFORGE_BENCH_MODELS") or work / "models")
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -38,7 +44,7 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
     from bench.train import ours, reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base, _ = model_folders(args.model, work / "models")
+    base, _ = model_folders(args.model, models_root(work))
     rows = []
     for batch in args.batch:
         results = [ours(work, base, batch, args.resolution, args.steps, device, [])]
@@ -59,7 +65,7 @@ def run_generate(args: argparse.Namespace, work: Path) -> str:
     from bench.generate import ours, stock
     from bench.models import model_folders
 
-    base, controlnet = model_folders(args.model, work / "models")
+    base, controlnet = model_folders(args.model, models_root(work))
     rows = []
     for size in args.size:
         width, height = (int(v) for v in size.split("x"))

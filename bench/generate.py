@@ -80,8 +80,8 @@ def stock(base: Path, controlnet: Path, width: int, height: int, batch: int, ste
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        base, controlnet=ControlNetModel.from_pretrained(controlnet), safety_checker=None,
-        requires_safety_checker=False).to(device)
+        base, controlnet=ControlNetModel.from_pretrained(controlnet, torch_dtype=torch.float32),
+        safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {"prompt": "2girls, standing, best quality", "negative_prompt": "lowres",
               "image": _pose(width, height), "width": width, "height": height,

@@ -64,14 +64,14 @@ def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device
     from loraforge.runtime import go_offline
     from loraforge.train.trainer import train
 
-    project = work / f"ours-b{batch}"
+    project = work / f"ours-b{batch}-{len(list(work.glob(f'ours-b{batch}-*')))}"
     write_dataset(project / "master_dataset", max(batch * 2, 8), resolution)
     config = project / "forge.toml"
     config.write_text("")
     overrides = [f"storage.root={json.dumps(str(project / 'store'))}",
                  f"models.base={json.dumps(str(base))}", f"dataset.resolution={resolution}",
                  f"train.batch_size={batch}", f"train.max_steps={steps}",
-                 'train.optimizer="AdamW8bit"' if device == "cuda" else 'train.optimizer="AdamW"',
+                 'train.optimizer="AdamW"',
                  "train.mixed_precision=\"bf16\"", "train.log_every_seconds=1000",
                  "train.save_every_n_epochs=1000", "train.cache_latents_to_disk=false", *extra]
     settings = load_settings(config, overrides)

@@ -223,6 +223,9 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
 
     restarted = run_cli("train", "--config", config, "--restart", "--set", "train.epochs=1")
     assert restarted.returncode == 0, restarted.stderr
+    history = (tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+               / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [1, 2]  # the old run's are gone
 
 
 def test_run_name_with_a_path_separator_is_refused(tmp_path: Path, tiny_store: Path) -> None:

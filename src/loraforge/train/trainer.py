@@ -340,6 +340,10 @@ class Trainer:
 
         cfg, plan = self.cfg, self.plan
         models = self.models = self.load_models(base)
+        self.unet_forward = models.unet
+        if cfg.compile_unet and self.device.type == "cuda":
+            # One graph per bucket shape: fewer kernel launches, which bound small batches.
+            self.unet_forward = torch.compile(models.unet)
         params_unet = [p for p in models.unet.parameters() if p.requires_grad]
         params_text = [p for p in models.text_encoder.parameters() if p.requires_grad]
         groups = [{"params": params_unet, "lr": cfg.unet_lr}]
@@ -532,7 +536,7 @@ class Trainer:
                 with text_grad:
                     hidden = self.text_states(models, [d.caption for d in draws], batch)
                 noisy = self.add_noise(models, latents, noise_draw)
-                prediction = models.unet(noisy, noise_draw.timesteps,
+                prediction = self.unet_forward(noisy, noise_draw.timesteps,
                                          encoder_hidden_states=hidden).sample
             weights = objective.loss_weights(models.alphas_cumprod, noise_draw.timesteps,
                                              cfg.min_snr_gamma)
@@ -669,6 +673,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     if restart:
         shutil.rmtree(run_dir / "state", ignore_errors=True)
         shutil.rmtree(run_dir / "events", ignore_errors=True)
+        (run_dir / HISTORY).unlink(missing_ok=True)
     trainer = Trainer(settings, dataset, run_dir)
     previous = trainer.record.data
     started = (previous.get("started_at_unix") if not restart else None) or env_time() \
