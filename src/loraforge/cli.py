@@ -17,13 +17,13 @@ from rich.text import Text
 from loraforge.config import Settings, load_settings
 from loraforge.errors import ForgeError
 from loraforge.generate.command import generate_command
+from loraforge.models.command import models_app
 from loraforge.report.command import report_command
 from loraforge.slurm.command import runs_command, slurm_app
 
 app = typer.Typer(help="LoRA Forge: multi-concept LoRA training and posed scenes for SD 1.5.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
-models_app = typer.Typer(help="Models under the storage root.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Check the training dataset.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
@@ -69,15 +69,6 @@ def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: Jso
     from loraforge.project import show_config
 
     show_config(_settings(config, overrides), as_json, out)
-
-
-@models_app.command("tiny")
-def models_tiny(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
-    """Build the embedded tiny SD1.5-shaped model and ControlNet under the storage root."""
-    from loraforge.models.tiny import ensure_tiny_models
-
-    base, controlnet = ensure_tiny_models(_settings(config, overrides).storage_root)
-    out.print(f"tiny base model: {base}\ntiny ControlNet: {controlnet}", markup=False)
 
 
 @dataset_app.command("check")

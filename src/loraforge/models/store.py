@@ -69,8 +69,11 @@ def is_tiny(path: Path) -> bool:
     return data is not None and data.get("kind") == "tiny"
 
 
-def check_base_model(path: Path) -> None:
-    """Raise ForgeError unless `path` is a complete diffusers SD 1.x text-to-image model."""
+def check_base_model(path: Path, *, require_sd1: bool = True) -> None:
+    """Raise ForgeError unless `path` is a complete diffusers SD 1.x text-to-image model.
+
+    `require_sd1=False` checks the structure only (every component present), not the family.
+    """
     _require_folder(path, "base model", BASE_FIX)
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -97,15 +100,17 @@ def check_base_model(path: Path) -> None:
             raise ForgeError(f"is an incomplete diffusers model: {component}/ holds no weights",
                              path=path, fix=f"fetch or import it again: {BASE_FIX}")
     unet = _read_json(path / "unet" / "config.json", BASE_FIX)
-    _require_sd1(path, unet, index.get("_class_name"), "base model", BASE_FIX)
+    if require_sd1:
+        _require_sd1(path, unet, index.get("_class_name"), "base model", BASE_FIX)
     if unet.get("in_channels", 4) != 4:
         raise ForgeError(f"is an inpainting or other special U-Net (in_channels "
                          f"{unet.get('in_channels')}, a text-to-image SD 1.x U-Net has 4)",
                          path=path, fix=BASE_FIX)
 
 
-def check_controlnet(path: Path) -> None:
-    """Raise ForgeError unless `path` is a diffusers SD 1.x ControlNet folder."""
+def check_controlnet(path: Path, *, require_sd1: bool = True) -> None:
+    """Raise ForgeError unless `path` is a diffusers SD 1.x ControlNet folder (`require_sd1=False`:
+    any ControlNet folder)."""
     _require_folder(path, "ControlNet", CONTROLNET_FIX)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -119,7 +124,8 @@ def check_controlnet(path: Path) -> None:
     if not _has_weights(path):
         raise ForgeError("is an incomplete ControlNet: no weights file", path=path,
                          fix=f"fetch it again: {CONTROLNET_FIX}")
-    _require_sd1(path, config, class_name, "ControlNet", CONTROLNET_FIX)
+    if require_sd1:
+        _require_sd1(path, config, class_name, "ControlNet", CONTROLNET_FIX)
 
 
 def check_pair(base: Path, controlnet: Path) -> None:

@@ -36,7 +36,7 @@ BASE_NAME = "tiny-sd15"
 CONTROLNET_NAME = "tiny-controlnet"
 MARKER = "loraforge.json"
 TINY_KIND = "tiny"
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: with manifest.json
 SEED = 20240601
 PARTIAL_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
@@ -175,7 +175,7 @@ def _build_and_install(root: Path, base_dir: Path, cn_dir: Path) -> None:
 def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
     """Build and save the tiny pipeline into `base_dir` and its ControlNet into `controlnet_dir`.
 
-    Both folders must exist and be empty. Each ends with its marker file, written last.
+    Both folders must exist and be empty. Each ends with its marker file and manifest.json.
     """
     import torch
     from diffusers import (
@@ -186,7 +186,8 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
     )
     from transformers import CLIPTextModel
 
-    from loraforge.models.tokenizer import build_clip_tokenizer, write_vocab_files
+    from loraforge.models.manifest import describe_files, write_manifest
+    from loraforge.models.tokenizer import new_clip_tokenizer, write_vocab_files
 
     with _seeded(SEED + 1):
         unet = UNet2DConditionModel.from_config(tiny_config("unet"))
@@ -204,7 +205,7 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
             raise RuntimeError(f"{type(model).__name__} was not built in float32")
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=unet,
+        vae=vae, text_encoder=text_encoder, tokenizer=new_clip_tokenizer(), unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
@@ -216,6 +217,8 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
         _strip_volatile(folder)
         (folder / MARKER).write_text(json.dumps(marker(component), indent=2) + "\n",
                                      encoding="utf-8")
+        write_manifest(folder, {"kind": component, "files": describe_files(folder),
+                                "source": {"type": "embedded", "recipe": recipe_hash()}})
         _fix_modes(folder)
 
 

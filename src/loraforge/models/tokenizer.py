@@ -78,7 +78,14 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     """SD 1.5's CLIP tokenizer (49,408 tokens, 77 positions), built without any download.
 
     Cached per process: treat the returned object as read-only (copy it before changing it).
+    Calling it with padding or truncation changes its backend's saved state: to write one into
+    a model folder, use `new_clip_tokenizer()`.
     """
+    return new_clip_tokenizer()
+
+
+def new_clip_tokenizer() -> CLIPTokenizer:
+    """A fresh, never-called SD 1.5 CLIP tokenizer (what model folders are saved with)."""
     from transformers import CLIPTokenizer
 
     merges = read_merges()

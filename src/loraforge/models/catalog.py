@@ -1,0 +1,39 @@
+"""The models `loraforge models fetch` knows: where each lives on the Hugging Face Hub, and the
+folder under the storage root it is installed as (the seed's names, which forge.toml defaults to).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HubModel:
+    key: str  # what `models fetch KEY` takes
+    repo: str
+    folder: str  # installed as <storage>/<folder>
+    kind: str  # base | controlnet | detector
+    what: str
+
+
+HUB_MODELS: tuple[HubModel, ...] = (
+    HubModel("anylora", "Lykon/AnyLoRA", "AnyLoRA", "base",
+             "AnyLoRA base model (diffusers layout)"),
+    HubModel("controlnet-openpose", "lllyasviel/control_v11p_sd15_openpose", "controlnet-model",
+             "controlnet", "OpenPose ControlNet v1.1 for SD 1.5"),
+    HubModel("openpose-detector", "lllyasviel/Annotators", "controlnet-detector", "detector",
+             "OpenPose body detector (poses from photos), stored as safetensors"),
+)
+ALL = "all"
+DETECTOR_SOURCE = "body_pose_model.pth"
+
+
+def keys() -> list[str]:
+    return [model.key for model in HUB_MODELS]
+
+
+def by_key(key: str) -> HubModel | None:
+    for model in HUB_MODELS:
+        if model.key == key.lower():
+            return model
+    return None

@@ -1,0 +1,160 @@
+"""`loraforge models ...`: fetch, import, list, verify, tiny. Thin: parse, then call into
+loraforge.models. Only typer, rich and pathlib at the top; the work is imported inside each command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from loraforge.config import Settings
+
+models_app = typer.Typer(help="Models under the storage root: fetch (online), import a "
+                         "single-file checkpoint (offline), list, verify.", no_args_is_help=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
+                      "(default: ./forge.toml if present, else built-in defaults).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a value: "
+                   "section.key=value (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+out = Console(soft_wrap=True, highlight=False)
+
+
+def _say(line: str) -> None:
+    out.print(line, markup=False)
+
+
+def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
+    from loraforge.config import load_settings
+
+    return load_settings(config, overrides or [])
+
+
+@models_app.command("fetch")
+def fetch_command(
+    which: Annotated[str, typer.Argument(
+        help="anylora (base model -> AnyLoRA/), controlnet-openpose (-> controlnet-model/), "
+             "openpose-detector (-> controlnet-detector/), or all.")] = "all",
+    revision: Annotated[str | None, typer.Option(
+        "--revision", help="Branch, tag or commit of the model's Hub repository (default: "
+        "main); the commit it resolves to is recorded in manifest.json.")] = None,
+    full_precision: Annotated[bool, typer.Option(
+        "--full-precision", help="Download the fp32 weights instead of the fp16 variant "
+        "(twice the size; training and rendering cast to their own precision anyway).")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Download models from the Hugging Face Hub into the storage root (login node, online).
+
+    Resumable: rerun the same command after an interruption. A token is read from HF_TOKEN or
+    the file `hf auth login` writes; it is never printed or stored.
+    """
+    from loraforge.models.fetch import fetch_models
+
+    settings = _settings(config, overrides)
+    fetch_models(settings.storage_root, which, revision, full_precision, _say, settings.file_mode)
+
+
+@models_app.command("import")
+def import_command(
+    file: Annotated[Path, typer.Argument(help="SD 1.x single-file checkpoint: .safetensors "
+                                         "(or .ckpt, opened with weights_only=True only).")],
+    kind: Annotated[str, typer.Option("--as", help="base (a model to train on) or controlnet.")],
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Folder name under the storage root (default: the file's stem).")] = None,
+    vae: Annotated[Path | None, typer.Option(
+        "--vae", help="Single-file VAE for a checkpoint without one (\"noVAE\"), or to replace "
+        "its own, e.g. vae-ft-mse-840000-ema-pruned.safetensors.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Convert a Civitai / A1111 checkpoint to a diffusers model folder, offline."""
+    from loraforge.models.importer import import_checkpoint
+
+    settings = _settings(config, overrides)
+    import_checkpoint(settings.storage_root, file, kind.lower(), name, vae, _say,
+                      settings.file_mode)
+
+
+@models_app.command("list")
+def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """The model folders under the storage root: name, kind, size, A1111 hash, source."""
+    from loraforge.models.fetch import human_size
+    from loraforge.models.manifest import scan_models
+
+    settings = _settings(config, overrides)
+    entries = scan_models(settings.storage_root, settings.cache_dir)
+    if as_json:
+        out.print_json(json.dumps([e.to_dict() for e in entries]))
+        return
+    if not entries:
+        _say(f"no models under {settings.storage_root}; get one with `loraforge models fetch` "
+             "(online) or `loraforge models import FILE --as base` (offline)")
+        return
+    rows = [("NAME", "KIND", "SIZE", "HASH", "SOURCE")]
+    rows += [(e.name, e.kind, human_size(e.size), e.short_hash or "-", e.source) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        _say("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[4]]))
+
+
+@models_app.command("verify")
+def verify_command(
+    name: Annotated[str | None, typer.Argument(help="Model folder name or path (default: "
+                                               "every model under the storage root).")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Re-hash model files against their manifest.json; exit 1 if any is missing or changed."""
+    from loraforge.errors import ForgeError
+    from loraforge.models.manifest import model_folders, verify_folder
+
+    settings = _settings(config, overrides)
+    if name is not None:
+        folder = settings.model_dir(name)
+        if not folder.is_dir():
+            raise ForgeError("model not found", path=folder,
+                             fix="`loraforge models list` shows the models there are")
+        targets = [folder]
+    else:
+        targets = list(model_folders(settings.storage_root))
+        if not targets:
+            _say(f"no models under {settings.storage_root}")
+            return
+    failed = 0
+    for folder in targets:
+        result = verify_folder(folder)
+        status = "ok" if result.ok else "DAMAGED"
+        counted = f" ({result.checked} files re-hashed)" if result.checked else ""
+        _say(f"{result.name}: {status}{counted}")
+        for rel in result.missing:
+            _say(f"  missing: {rel}")
+        for rel in result.changed:
+            _say(f"  changed: {rel}")
+        for problem in result.problems:
+            _say(f"  problem: {problem}")
+        for rel in result.extra:
+            _say(f"  not in the manifest (ignored): {rel}")
+        if result.note:
+            _say(f"  note: {result.note}")
+        failed += not result.ok
+    if failed:
+        _say(f"{failed} model(s) damaged: move each aside and fetch or import it again "
+             "(`loraforge models fetch ...` / `loraforge models import ...`)")
+        raise typer.Exit(1)
+
+
+@models_app.command("tiny")
+def tiny_command(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Build the embedded tiny SD1.5-shaped model and ControlNet under the storage root."""
+    from loraforge.models.tiny import ensure_tiny_models
+
+    base, controlnet = ensure_tiny_models(_settings(config, overrides).storage_root)
+    _say(f"tiny base model: {base}\ntiny ControlNet: {controlnet}")

@@ -1,0 +1,105 @@
+"""Model folders are installed atomically: built in a hidden folder beside the destination, then
+renamed into place. A killed fetch or import leaves a `.NAME.*.partial` folder that is never taken
+for a model (the next run of the same name removes it) and never a half-written model folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from loraforge.errors import ForgeError
+
+PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
+LOCK_SUFFIX = ".lock"
+STALE_SECONDS = 6 * 3600
+FILE_MODE = 0o644
+
+
+def make_partial(root: Path, name: str) -> Path:
+    """A fresh hidden temporary folder for model `name` beside its destination."""
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=root))
+
+
+def remove_leftovers(root: Path, name: str, older_than: float = 0.0) -> None:
+    """Delete temporary folders that killed runs for model `name` left behind."""
+    now = time.time()
+    for path in [*root.glob(f".{name}.*{PARTIAL_SUFFIX}"), *root.glob(f".{name}.*{OLD_SUFFIX}")]:
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime >= older_than:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def install(tmp: Path, dest: Path) -> None:
+    """Rename the finished folder `tmp` onto `dest`; a previous `dest` is moved aside, then removed.
+
+    The model is never missing for longer than two renames, and never half-present.
+    """
+    old: Path | None = None
+    if dest.exists() or dest.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=OLD_SUFFIX, dir=dest.parent))
+        os.replace(dest, old / dest.name)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if old is not None:  # put the previous model back
+            os.replace(old / dest.name, dest)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def fix_modes(folder: Path, file_mode: int = FILE_MODE) -> None:
+    """Files get `storage.file_mode` (safetensors writes 0600, mkdtemp makes 0700); folders the
+    same plus search permission wherever read permission is given (0644 -> 0755)."""
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)
+    os.chmod(folder, dir_mode)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Hard-link `src` to `dest` (no extra disk space), or copy it where links are not possible."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold a non-blocking exclusive lock on `lock_file`; ForgeError if another process holds it.
+
+    Where the file system cannot lock (some network mounts), runs unlocked.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+
+        handle = open(lock_file, "a+b")  # noqa: SIM115 - held across the yield
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ForgeError(f"another process is busy with {what} (lock held)", path=lock_file,
+                             fix="wait for it to finish, then run the command again") from None
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
