@@ -18,6 +18,7 @@ from loraforge.config import Settings, load_settings
 from loraforge.errors import ForgeError
 from loraforge.generate.command import generate_command
 from loraforge.models.command import models_app
+from loraforge.options import ConfigOpt, JsonOpt, SetOpt
 from loraforge.report.command import report_command
 from loraforge.slurm.command import runs_command, slurm_app
 
@@ -36,11 +37,6 @@ app.command("generate")(generate_command)
 app.command("runs")(runs_command)
 app.command("report")(report_command)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
-                      "(default: ./forge.toml if present, else built-in defaults).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a value: "
-                   "section.key=value (repeatable).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 out = Console(soft_wrap=True, highlight=False)
 

@@ -11,17 +11,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from loraforge.options import ConfigOpt, JsonOpt, SetOpt
+
 if TYPE_CHECKING:
     from loraforge.config import Settings
 
 models_app = typer.Typer(help="Models under the storage root: fetch (online), import a "
                          "single-file checkpoint (offline), list, verify.", no_args_is_help=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
-                      "(default: ./forge.toml if present, else built-in defaults).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a value: "
-                   "section.key=value (repeatable).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 out = Console(soft_wrap=True, highlight=False)
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from loraforge.options import ConfigOpt, JsonOpt, SetOpt
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -19,16 +21,11 @@ if TYPE_CHECKING:
 slurm_app = typer.Typer(help="Render and submit SLURM job scripts; watch and cancel jobs.",
                         no_args_is_help=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
-                      "(default: ./forge.toml if present, else built-in defaults).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a value: "
-                   "section.key=value (repeatable); passed on to the job.")]
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: train.run_name).")]
 GpusOpt = Annotated[str | None, typer.Option("--gpus", help="GPUs per node, N or TYPE:N "
                     "(default: slurm.gpus).")]
 DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the job script(s) and the sbatch "
                    "call; write and submit nothing.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt (default: "
                       "generate.prompt).")]
 NegativeOpt = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt "
