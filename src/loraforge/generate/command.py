@@ -8,10 +8,7 @@ from typing import Annotated
 
 import typer
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="forge.toml to use "
-                      "(default: ./forge.toml if present, else built-in defaults).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a value: "
-                   "section.key=value (repeatable), e.g. --set generate.steps=30.")]
+from loraforge.options import ConfigOpt, SetOpt
 
 
 def generate_command(

@@ -1,0 +1,360 @@
+"""LoRA files for generation: find them, check them without trusting them, stack them.
+
+- A LoRA is named by a `.safetensors` path, a training run's name (its final LoRA), or nothing:
+  then the newest *finished* run's final LoRA is used (never a running, failed or interrupted
+  run, and never a file that is incomplete).
+- Every file is checked from its header before any model is loaded: it must be a complete
+  safetensors file (pickled `.ckpt`/`.pt`/`.bin` files are refused, never unpickled), and an SD 1.x
+  LoRA whose widths fit the base model (SDXL, SD 2.x and other families are refused by name).
+- `LoraStack` loads each file once per process as a named diffusers adapter and activates the
+  set each scene asks for with its weights (`set_adapters`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from loraforge import runs
+from loraforge.errors import ForgeError
+
+log = logging.getLogger("loraforge.generate")
+
+MAX_HEADER = 100 * 1024 * 1024
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+NO_LORA = "none"
+SAFE_FIX = ("use the .safetensors version of this LoRA (Civitai and Hugging Face offer one), or "
+            "convert it once with a tool you trust")
+_WEIGHT_RE = re.compile(r"^(?P<ref>.+?):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
+_SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.", "te1.", "te2.")
+_OTHER_FAMILIES = ("lora_transformer_", "lora_unet_double_blocks", "lora_unet_single_blocks",
+                   "lora_unet_joint_blocks", "transformer.")
+_SD1_PREFIXES = ("lora_unet_", "lora_te_", "unet.", "text_encoder.")
+
+
+@dataclass(frozen=True)
+class BaseWidths:
+    """What a LoRA must fit: the base U-Net's cross-attention width and the text width."""
+
+    cross_attention_dim: int
+    text_hidden_size: int
+
+    @classmethod
+    def of(cls, base: Path) -> BaseWidths:
+        unet = json.loads((base / "unet" / "config.json").read_text(encoding="utf-8"))
+        text = json.loads((base / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+        return cls(int(unet["cross_attention_dim"]), int(text["hidden_size"]))
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A checked LoRA file: its header facts and hashes (no tensors loaded)."""
+
+    path: Path
+    metadata: dict[str, str] = field(repr=False)
+    sha256: str  # of the tensor payload (A1111's additional-networks / Civitai AutoV3 hash)
+    has_text_encoder: bool
+
+    @property
+    def name(self) -> str:
+        """The name A1111 shows (the file name without extension), safe inside PNG info."""
+        return re.sub(r"[:,\"\n]", "_", self.path.stem)
+
+    @property
+    def short_hash(self) -> str:
+        """The 12 hex digits A1111 writes in `Lora hashes`."""
+        return self.sha256[:12]
+
+    @property
+    def clip_skip(self) -> int | None:
+        """The clip skip it was trained with, when its metadata says."""
+        for key in ("ss_clip_skip", "modelspec.encoder_layer"):
+            value = str(self.metadata.get(key, "")).strip()
+            if value.isdigit() and 1 <= int(value) <= 12:
+                return int(value)
+        return None
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA applied with a weight."""
+
+    lora: LoraFile
+    weight: float
+
+
+# --- reading a file safely ------------------------------------------------------------------
+
+def _looks_pickled(head: bytes) -> bool:
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
+                                               and head[1] in (2, 3, 4, 5))
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(the safetensors header, the payload offset). ForgeError for anything that is not a
+    complete safetensors file; a pickle is recognised and refused without being opened as one."""
+    if not path.exists():
+        raise ForgeError("LoRA file not found", path=path,
+                         fix="check the path; leave --lora out to use the newest finished run")
+    if path.is_dir():
+        raise ForgeError("is a folder, not a LoRA file", path=path,
+                         fix="give the .safetensors file inside it")
+    suffix_pickled = path.suffix.lower() in PICKLE_SUFFIXES
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            pickled = _looks_pickled(head)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            plausible = 2 <= length <= MAX_HEADER and not pickled
+            raw = fh.read(length) if plausible else b""
+    except OSError as exc:
+        raise ForgeError(f"cannot be read ({exc.strerror or exc})", path=path) from None
+    header: Any = None
+    if raw and len(raw) == length:
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            header = None
+    if pickled or (suffix_pickled and not isinstance(header, dict)):
+        raise ForgeError("is a pickled checkpoint (.ckpt/.pt/.bin): LoRA Forge never opens "
+                         "pickles, they can run code when loaded", path=path, fix=SAFE_FIX)
+    if raw.startswith(b"{") and len(raw) < length:
+        raise ForgeError(f"is incomplete: {size} bytes, its header alone needs {8 + length} "
+                         "(a copy or a save that did not finish)", path=path,
+                         fix="copy it again, or wait for the run that writes it to finish")
+    if not isinstance(header, dict):
+        raise ForgeError("is not a safetensors file (no valid safetensors header)", path=path,
+                         fix="give a LoRA in .safetensors format")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ForgeError(f"is a damaged safetensors file (tensor {key!r})", path=path,
+                             fix="copy or download it again") from None
+    if 8 + length + end > size:
+        raise ForgeError(f"is incomplete: {size} bytes, its header needs {8 + length + end} "
+                         "(a copy or a save that did not finish)", path=path,
+                         fix="copy it again, or wait for the run that writes it to finish")
+    return header, 8 + length
+
+
+def _payload_sha256(path: Path, offset: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _shape(info: Any) -> list[int]:
+    shape = info.get("shape") if isinstance(info, dict) else None
+    return [int(x) for x in shape] if isinstance(shape, list) else []
+
+
+def _architecture_problem(keys: list[str], header: dict[str, Any], metadata: dict[str, str],
+                          widths: BaseWidths) -> str | None:
+    version = str(metadata.get("ss_base_model_version", "")).lower()
+    arch = str(metadata.get("modelspec.architecture", "")).lower()
+    if "sdxl" in version or "-xl-" in arch or any(k.startswith(_SDXL_PREFIXES) for k in keys):
+        return "is an SDXL LoRA; LoRA Forge renders SD 1.x models only"
+    if any(k.startswith(_OTHER_FAMILIES) for k in keys) or any(
+            name in arch for name in ("flux", "stable-diffusion-3", "sd3")):
+        return "is a LoRA for another model family (Flux/SD3/...), not SD 1.x"
+    if str(metadata.get("ss_v2", "")).lower() == "true" or version.startswith("sd_v2"):
+        return "is an SD 2.x LoRA; LoRA Forge renders SD 1.x models only"
+    if not any(k.startswith(_SD1_PREFIXES) for k in keys):
+        return ("holds no SD 1.x LoRA weights (no lora_unet_/lora_te_ keys): not a LoRA, or "
+                "a format LoRA Forge does not read")
+    for key in keys:
+        shape = _shape(header[key])
+        if len(shape) < 2 or not re.search(r"(lora_down|lora_A|lora\.down)\.weight$", key):
+            continue
+        if re.search(r"attn2[._]to_[kv][._]", key) and shape[1] != widths.cross_attention_dim:
+            family = {768: " (SD 1.x)", 1024: " (SD 2.x)", 2048: " (SDXL)"}.get(shape[1], "")
+            return (f"was made for a model with text width {shape[1]}{family}; the base model "
+                    f"has {widths.cross_attention_dim}")
+        if re.search(r"(lora_te_|text_encoder\.).*q_proj", key) \
+                and shape[1] != widths.text_hidden_size:
+            return (f"was made for a text encoder of width {shape[1]}; the base model's has "
+                    f"{widths.text_hidden_size}")
+    return None
+
+
+def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
+    """Check a LoRA file from its header (ForgeError naming it when it cannot be used)."""
+    path = Path(path)
+    header, offset = read_header(path)
+    raw_meta = header.get("__metadata__") or {}
+    metadata = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, dict) else {}
+    keys = [k for k in header if k != "__metadata__"]
+    if not keys:
+        raise ForgeError("holds no tensors", path=path, fix="give a trained LoRA file")
+    problem = _architecture_problem(keys, header, metadata, widths)
+    if problem:
+        raise ForgeError(problem, path=path,
+                         fix="use a LoRA trained for SD 1.x (the base model's family), e.g. "
+                             "one made by `loraforge train`")
+    has_text = any(k.startswith(("lora_te_", "text_encoder.")) for k in keys)
+    try:
+        sha = _payload_sha256(path, offset)
+    except OSError as exc:
+        raise ForgeError(f"cannot be read ({exc.strerror or exc})", path=path) from None
+    return LoraFile(path.resolve(), metadata, sha, has_text)
+
+
+# --- naming a LoRA --------------------------------------------------------------------------
+
+def split_weight(text: str) -> tuple[str, float | None]:
+    """`path/to/x.safetensors:0.8` -> (`path/to/x.safetensors`, 0.8); no weight -> None."""
+    text = text.strip()
+    match = _WEIGHT_RE.match(text)
+    if match is None:
+        return text, None
+    return match.group("ref"), float(match.group("weight"))
+
+
+def check_weight(weight: float, what: str) -> float:
+    if not math.isfinite(weight):
+        raise ForgeError(f"{what}: the LoRA weight must be a finite number, got {weight}",
+                         fix="use a weight such as 0.8")
+    return float(weight)
+
+
+def resolve_lora(ref: str, runs_dir: Path, relative_to: Path) -> Path:
+    """A LoRA file from a path (relative to `relative_to`), a run folder, or a run's name."""
+    raw = ref.strip()
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = relative_to / path
+    if path.is_file():
+        return path
+    if path.is_dir():
+        final = runs.final_lora(path)
+        if final.is_file():
+            return final
+        raise ForgeError("is a folder without a final LoRA", path=path,
+                         fix="give the .safetensors file, or a run whose training finished")
+    if runs.NAME_PATTERN.match(raw) and (runs_dir / raw).is_dir():
+        run_dir = runs_dir / raw
+        final = runs.final_lora(run_dir)
+        if final.is_file():
+            return final
+        status = (runs.read_record(run_dir) or {}).get("status", "unknown")
+        raise ForgeError(f"training run `{raw}` has no final LoRA yet (status: {status})",
+                         path=run_dir,
+                         fix="let the run finish (rerun `loraforge train --run "
+                             f"{raw}` to resume it), or pick another LoRA")
+    if path.suffix == "" and path.with_suffix(".safetensors").is_file():
+        return path.with_suffix(".safetensors")
+    known = [r.get("name") or Path(r["dir"]).name for r in runs.list_runs(runs_dir)]
+    names = f" (runs: {', '.join(known)})" if known else ""
+    raise ForgeError("LoRA file not found", path=path,
+                     fix=f"check the path; give a .safetensors file or a run name under "
+                         f"{runs_dir}{names}; leave --lora out to use the newest finished run")
+
+
+def _finished_time(record: dict[str, Any], final: Path) -> float:
+    stamp = record.get("finished_at")
+    if isinstance(stamp, str):
+        for parse in (lambda s: datetime.strptime(s, "%Y-%m-%dT%H:%M:%S%z"),
+                      datetime.fromisoformat):
+            try:
+                return parse(stamp).timestamp()
+            except ValueError:
+                continue
+    try:
+        return final.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def newest_finished_lora(runs_dir: Path) -> Path:
+    """The final LoRA of the newest finished run (by run.json's finished_at).
+
+    Runs that are running, failed or interrupted are ignored, and so is a finished run whose
+    final file is missing or incomplete (with a warning). ForgeError listing every run and its
+    status when no finished run has a usable file.
+    """
+    records = runs.list_runs(runs_dir)
+    finished = [r for r in records if r.get("status") == "finished"]
+    finished.sort(key=lambda r: _finished_time(r, runs.final_lora(Path(r["dir"]))))
+    skipped: list[str] = []
+    for record in reversed(finished):
+        final = runs.final_lora(Path(record["dir"]))
+        try:
+            read_header(final)
+        except ForgeError as exc:
+            log.warning("skipping run %s: %s", Path(record["dir"]).name, exc.message)
+            skipped.append(f"{Path(record['dir']).name} (finished, but {exc.message})")
+            continue
+        return final
+    if not records:
+        raise ForgeError(f"no LoRA given and no training run found under {runs_dir}",
+                         fix="train one first (`loraforge train`), or pass --lora FILE "
+                             "(--lora none renders the base model alone)")
+    listed = [f"{Path(r['dir']).name} ({r.get('status', 'unknown')})" for r in records
+              if r.get("status") != "finished"] + skipped
+    raise ForgeError(f"no LoRA given and no finished training run with a usable LoRA under "
+                     f"{runs_dir}: " + ", ".join(listed),
+                     fix="finish a run (rerun `loraforge train` to resume an interrupted one), "
+                         "or pass --lora FILE (--lora none renders the base model alone)")
+
+
+# --- loading into a pipeline ----------------------------------------------------------------
+
+class LoraStack:
+    """LoRA files loaded into one pipeline (each once, as its own adapter), activated per scene."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.adapters: dict[Path, str] = {}
+        self.active: tuple[tuple[str, float], ...] | None = None
+
+    def load(self, lora: LoraFile) -> str:
+        if lora.path in self.adapters:
+            return self.adapters[lora.path]
+        from safetensors.torch import load_file
+
+        name = f"lora{len(self.adapters)}"
+        started = time.monotonic()
+        try:
+            tensors = load_file(str(lora.path))
+            self.pipe.load_lora_weights(tensors, adapter_name=name)
+        except Exception as exc:  # a file diffusers cannot map onto this model, whatever way
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ForgeError(f"could not be applied to the base model: {first[:300]}",
+                             path=lora.path,
+                             fix="use a LoRA trained for this base model's family (SD 1.x)"
+                             ) from None
+        log.info("loaded LoRA %s as %s (%.1f s)", lora.path.name, name,
+                 time.monotonic() - started)
+        self.adapters[lora.path] = name
+        return name
+
+    def activate(self, uses: list[LoraUse]) -> None:
+        """Exactly these LoRAs with these weights are active from now on (none: LoRA off)."""
+        names = [self.load(use.lora) for use in uses]
+        wanted = tuple(zip(names, (use.weight for use in uses), strict=True))
+        if wanted == self.active:
+            return
+        if not uses:
+            if self.adapters:
+                self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(names, [use.weight for use in uses])
+        self.active = wanted

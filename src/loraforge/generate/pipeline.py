@@ -1,0 +1,200 @@
+"""Pipeline assembly and one-image rendering; also the library API for the trainer's previews.
+
+Public API (all heavy imports inside):
+
+- `make_scheduler(name, scheduler_config)`: an A1111-named sampler as a diffusers scheduler.
+- `encode_prompt_pair(tokenizer, text_encoder, prompt, negative, clip_skip, max_chunks=3)`:
+  A1111-style weighted, chunked embeddings with clip skip, exactly as training encodes captions.
+- `build_pipeline(tokenizer, text_encoder, vae, unet, scheduler, controlnet=None)`: a
+  StableDiffusion(ControlNet)Pipeline around in-memory components (no safety checker).
+- `render(pipe, embeds, negative_embeds, width, height, steps, cfg, seed, image=None,
+  control_scale=1.0)`: one PIL image, deterministic per seed (a CPU torch.Generator).
+- `load_pipeline(base, controlnet, device, dtype, offload)`: the models from disk, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.generate.prompts import encode_prompt_pair
+from loraforge.generate.samplers import make_scheduler, seed_scheduler
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+__all__ = ["Precision", "build_pipeline", "encode_prompt_pair", "load_pipeline",
+           "make_scheduler", "pick_dtype", "quiet_libraries", "render", "set_vae_tiling"]
+
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp16, bf16 or fp32
+    note: str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.name]
+
+
+def pick_dtype(requested: str, device: torch.device) -> Precision:
+    """fp16 on a GPU unless asked otherwise; always fp32 on the CPU (half precision there is
+    slow and not bit-stable)."""
+    if device.type != "cuda":
+        note = (f"precision {requested} ignored on the CPU: rendering in fp32"
+                if requested not in ("auto", "fp32") else None)
+        return Precision("fp32", note)
+    if requested == "auto":
+        return Precision("fp16")
+    if requested == "bf16":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            return Precision("fp16", "this GPU has no bf16: rendering in fp16")
+    return Precision(requested)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            transformers_logging.enable_progress_bar()
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers/peft chatter out of job logs (errors still show). For the
+    command-line process: call before diffusers is imported."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+    # torchsde's Brownian interval complains about float rounding at the last step (harmless).
+    warnings.filterwarnings("ignore", message="Should have tb<=t1")
+
+
+def build_pipeline(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, scheduler: Any,
+                   controlnet: Any = None) -> Any:
+    """A pipeline around existing components: StableDiffusionControlNetPipeline with a
+    ControlNet, else StableDiffusionPipeline. No safety checker; no progress bar."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                  requires_safety_checker=False)
+    if controlnet is None:
+        pipe = StableDiffusionPipeline(**common)
+    else:
+        pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **common)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(base: Path, controlnet: Path | None, device: torch.device,
+                  dtype: torch.dtype, offload: bool = False, sampler: str = "DPM++ 2M Karras",
+                  ) -> Any:
+    """Load the base model (and ControlNet) from diffusers folders, offline, once.
+
+    `offload` (CUDA only) keeps idle models in CPU memory (enable_model_cpu_offload)."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with _quiet_progress():
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer",
+                                                  local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder",
+                                                     local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True,
+                                            torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
+                                                    local_files_only=True, torch_dtype=dtype)
+        cn = (ControlNetModel.from_pretrained(controlnet, local_files_only=True,
+                                              torch_dtype=dtype)
+              if controlnet is not None else None)
+    scheduler_config = _scheduler_config(base)
+    pipe = build_pipeline(tokenizer, text_encoder, vae, unet,
+                          make_scheduler(sampler, scheduler_config), cn)
+    for model in (text_encoder, vae, unet, cn):
+        if model is not None:
+            model.eval()
+    if offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def _scheduler_config(base: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((base / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+
+
+def set_vae_tiling(pipe: Any, enabled: bool) -> None:
+    if enabled:
+        pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
+
+
+def render(pipe: Any, embeds: torch.Tensor, negative_embeds: torch.Tensor, width: int,
+           height: int, steps: int, cfg: float, seed: int, image: Image.Image | None = None,
+           control_scale: float = 1.0) -> Image.Image:
+    """One image from prompt embeddings (see `encode_prompt_pair`).
+
+    With a ControlNet pipeline `image` is the control image (the pose map, `width` x `height`),
+    weighted by `control_scale`; a plain StableDiffusionPipeline takes no image. The initial
+    noise and any sampler noise come from a CPU generator seeded with `seed`, so an image is the
+    same on every run (bit-identical on the CPU).
+    """
+    import torch
+
+    has_controlnet = getattr(pipe, "controlnet", None) is not None
+    if has_controlnet and image is None:
+        raise ValueError("a ControlNet pipeline needs a control image")
+    if not has_controlnet and image is not None:
+        raise ValueError("a control image needs a ControlNet pipeline")
+    if width % 8 or height % 8:
+        raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
+    seed_scheduler(pipe.scheduler, seed)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    extra: dict[str, Any] = {}
+    if has_controlnet:
+        extra = {"image": image, "controlnet_conditioning_scale": float(control_scale)}
+    with _autocast_if_mixed(pipe):
+        result = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
+                      width=width, height=height, num_inference_steps=steps, guidance_scale=cfg,
+                      generator=generator, output_type="pil", **extra)
+    return result.images[0]
+
+
+def _autocast_if_mixed(pipe: Any) -> contextlib.AbstractContextManager[Any]:
+    """Autocast on a GPU when the components' dtypes differ (the trainer keeps the VAE in fp32
+    beside an fp16/bf16 U-Net); a no-op otherwise."""
+    import torch
+
+    unet_dtype = pipe.unet.dtype
+    dtypes = {unet_dtype, pipe.vae.dtype, pipe.text_encoder.dtype}
+    device = pipe._execution_device
+    if len(dtypes) > 1 and device.type == "cuda" and unet_dtype != torch.float32:
+        return torch.autocast("cuda", dtype=unet_dtype)
+    return contextlib.nullcontext()

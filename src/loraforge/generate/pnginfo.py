@@ -1,0 +1,137 @@
+"""The A1111 `parameters` PNG text chunk: what "PNG Info" in A1111, ComfyUI and Civitai reads.
+
+Layout (three parts, as A1111 writes it):
+
+    <prompt, one or more lines>
+    Negative prompt: <negative prompt, one or more lines>     (left out when empty)
+    Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 42, Size: 768x576, ...
+
+The last line is `Key: value` pairs separated by ", "; a value holding a comma, a colon or a
+newline is written as a JSON string in double quotes (A1111's quoting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.fsutil import DEFAULT_FILE_MODE, save_atomic
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+PARAMETERS_KEY = "parameters"
+NEGATIVE_PREFIX = "Negative prompt:"
+#: `Key: value` where value is a JSON string in quotes or runs to the next comma.
+_PAIR_RE = re.compile(r'\s*(\w[\w \-/+.()]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_INT_KEYS = ("Steps", "Seed", "Clip skip")
+_FLOAT_KEYS = ("CFG scale",)
+
+
+def quote(value: object) -> str:
+    """A value as A1111 writes it: bare, or a JSON string when it holds `,` `:` or a newline."""
+    text = str(value)
+    if not any(ch in text for ch in ",:\n") and not text.startswith('"'):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return str(json.loads(text))
+        except ValueError:
+            return text
+    return text
+
+
+def format_parameters(prompt: str, negative: str, fields: Mapping[str, object]) -> str:
+    """The `parameters` text. `fields` in order (Steps, Sampler, CFG scale, Seed, Size, ...);
+    None values are left out."""
+    pairs = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items()
+                      if value is not None)
+    lines = [prompt.strip()]
+    if negative.strip():
+        lines.append(f"{NEGATIVE_PREFIX} {negative.strip()}")
+    lines.append(pairs)
+    return "\n".join(lines)
+
+
+def _pairs(line: str) -> list[tuple[str, str]]:
+    return [(m.group(1).strip(), m.group(2)) for m in _PAIR_RE.finditer(line)
+            if m.group(0).strip()]
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Read a `parameters` text back: `prompt`, `negative_prompt`, then every `Key` of the last
+    line with its value unquoted. Steps, Seed and Clip skip are ints, CFG scale a float; Size
+    also gives `width` and `height`, and Lora hashes gives `lora_hashes` ({name: hash})."""
+    lines = text.strip().split("\n")
+    last = lines[-1]
+    pairs = _pairs(last)
+    if len(pairs) >= 3:
+        lines = lines[:-1]
+    else:
+        pairs = []
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith(NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(NEGATIVE_PREFIX):].strip()
+        (negative if in_negative else prompt).append(line)
+    result: dict[str, Any] = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    for key, value in pairs:
+        result[key] = unquote(value)
+    for keys, kind in ((_INT_KEYS, int), (_FLOAT_KEYS, float)):
+        for key in keys:
+            if key in result:
+                with contextlib.suppress(ValueError):
+                    result[key] = kind(result[key])
+    size = re.match(r"^(\d+)x(\d+)$", str(result.get("Size", "")))
+    if size:
+        result["width"], result["height"] = int(size.group(1)), int(size.group(2))
+    if "Lora hashes" in result:
+        result["lora_hashes"] = parse_lora_hashes(str(result["Lora hashes"]))
+    return result
+
+
+def format_lora_hashes(hashes: Mapping[str, str]) -> str:
+    return ", ".join(f"{name}: {value}" for name, value in hashes.items())
+
+
+def parse_lora_hashes(text: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, value = item.rpartition(":")
+        if sep:
+            found[name.strip()] = value.strip()
+    return found
+
+
+def save_png(image: Image.Image, path: Path, parameters: str | None,
+             mode: int = DEFAULT_FILE_MODE) -> None:
+    """Write `image` as PNG with the `parameters` text chunk, atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text(PARAMETERS_KEY, parameters)
+    save_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), mode)
+
+
+def read_parameters(path: Path) -> str | None:
+    """The `parameters` text of a PNG, or None."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        value = getattr(image, "text", {}).get(PARAMETERS_KEY) or image.info.get(PARAMETERS_KEY)
+    return value if isinstance(value, str) else None

@@ -1,0 +1,238 @@
+"""`loraforge generate`: check every scene, load the models once, render, write the outputs.
+
+Outputs under `<storage>/Final_Images/` (all written atomically):
+
+- `<scene>-<seed>.png`: the image, with A1111's `parameters` text chunk;
+- `<scene>-<seed>.pose.png`: the pose map the ControlNet saw;
+- `<scene>-<seed>.json`: the same values as the chunk, plus full paths and hashes;
+- `final_command_scene.png`: a copy of the newest image (the seed project's name).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge import __version__
+from loraforge.errors import ForgeError
+from loraforge.fsutil import write_atomic
+from loraforge.generate import pnginfo
+from loraforge.generate.loras import BaseWidths, LoraStack
+from loraforge.generate.scenes import FINAL_NAME, Job, LoraResolver, Options, PoseCache, plan_jobs
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from loraforge.config import Settings
+
+log = logging.getLogger("loraforge.generate")
+
+#: Prompts may be longer than training's 225 tokens; beyond this they are cut (with a warning).
+MAX_CHUNKS = 8
+TILE_ABOVE = 1024
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model folder as PNG info names it."""
+
+    name: str
+    path: Path
+    sha256: str
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+
+def weights_file(folder: Path) -> Path | None:
+    """The weights file that identifies a diffusers model folder (hashed for PNG info)."""
+    for pattern in ("diffusion_pytorch_model.safetensors", "*.safetensors",
+                    "diffusion_pytorch_model.bin", "*.bin"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def model_info(folder: Path, weights_in: Path, cache_dir: Path) -> ModelInfo:
+    from loraforge.hashing import sha256_file
+
+    file = weights_file(weights_in)
+    digest = sha256_file(file, cache_dir) if file is not None else ""
+    return ModelInfo(folder.name, folder, digest)
+
+
+def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo,
+                      ) -> dict[str, object]:
+    """The last line of PNG info, in A1111's order."""
+    control = (f"Module: none, Model: {controlnet.name} [{controlnet.sha256[:8]}], "
+               f"Weight: {job.control_scale!r}, Resize Mode: Resize and Fill, "
+               "Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, "
+               "Control Mode: Balanced")
+    loras = pnginfo.format_lora_hashes({u.lora.name: u.lora.short_hash for u in job.loras})
+    return {
+        "Steps": job.steps,
+        "Sampler": job.sampler,
+        "CFG scale": repr(job.cfg),
+        "Seed": seed,
+        "Size": f"{job.width}x{job.height}",
+        "Model hash": base.short_hash or None,
+        "Model": base.name,
+        "Clip skip": job.clip_skip,
+        "ControlNet 0": control,
+        "Lora hashes": loras or None,
+        "Version": f"loraforge {__version__}",
+    }
+
+
+def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, parameters: str,
+            image: Path, pose: Path, seconds: float, device: str, precision: str,
+            ) -> dict[str, Any]:
+    return {
+        "image": str(image),
+        "pose_map": str(pose),
+        "pose_source": job.pose.describe(),
+        "scene": job.name,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative,
+        "steps": job.steps,
+        "sampler": job.sampler,
+        "cfg_scale": job.cfg,
+        "seed": seed,
+        "width": job.width,
+        "height": job.height,
+        "clip_skip": job.clip_skip,
+        "model": {"name": base.name, "path": str(base.path), "hash": base.short_hash,
+                  "sha256": base.sha256},
+        "controlnet": {"name": controlnet.name, "path": str(controlnet.path),
+                       "hash": controlnet.sha256[:8], "sha256": controlnet.sha256,
+                       "scale": job.control_scale},
+        "loras": [{"name": u.lora.name, "path": str(u.lora.path), "weight": u.weight,
+                   "hash": u.lora.short_hash, "sha256": u.lora.sha256} for u in job.loras],
+        "version": f"loraforge {__version__}",
+        "parameters": parameters,
+        "device": device,
+        "precision": precision,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _write_outputs(folder: Path, job: Job, seed: int, image: Image.Image, pose: Image.Image,
+                   parameters: str, record: dict[str, Any], mode: int) -> Path:
+    from loraforge.fsutil import save_atomic
+
+    stem = f"{job.stem}-{seed}"
+    image_path = folder / f"{stem}.png"
+    try:
+        save_atomic(folder / f"{stem}.pose.png", lambda tmp: pose.save(tmp, format="PNG"), mode)
+        pnginfo.save_png(image, image_path, parameters, mode)
+        write_atomic(folder / f"{stem}.json", json.dumps(record, indent=2, ensure_ascii=False)
+                     + "\n", mode)
+        pnginfo.save_png(image, folder / f"{FINAL_NAME}.png", parameters, mode)
+    except OSError as exc:
+        raise ForgeError(f"could not write {stem}.png: {exc.strerror or exc} (disk or quota "
+                         "full?)", path=folder,
+                         fix="free space and rerun; images already written are kept") from None
+    return image_path
+
+
+def _prepare_output(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ForgeError(f"cannot create the output folder ({exc.strerror or exc})", path=folder,
+                         fix="check storage.root in forge.toml and its permissions") from None
+    if not folder.is_dir():
+        raise ForgeError("is not a folder", path=folder, fix="move the file out of the way")
+
+
+def generate(settings: Settings, options: Options, echo: Callable[[str], None],
+             precision: str = "auto") -> list[Path]:
+    """Check everything, then render every scene and seed; returns the images written."""
+    from loraforge.models import store
+    from loraforge.runtime import go_offline, pick_device
+
+    go_offline(settings)
+    base_dir = store.resolve_base_model(settings)
+    controlnet_dir = store.resolve_controlnet(settings)
+    store.check_pair(base_dir, controlnet_dir)
+    resolver = LoraResolver(settings, BaseWidths.of(base_dir))
+    jobs = plan_jobs(settings, options, resolver, PoseCache(lambda m: log.warning("%s", m)))
+    folder = settings.images_dir
+    _prepare_output(folder)
+    for job in jobs:
+        for note in job.notes:
+            echo(f"note: {job.name}: {note}")
+        for use in job.loras:
+            echo(f"{job.name}: LoRA {use.lora.path} (weight {use.weight:g})")
+        if not job.loras:
+            echo(f"{job.name}: no LoRA (base model alone)")
+
+    from loraforge.generate.pipeline import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    from loraforge.generate.pipeline import (
+        load_pipeline,
+        make_scheduler,
+        pick_dtype,
+        render,
+        set_vae_tiling,
+    )
+    from loraforge.generate.prompts import encode_prompts
+
+    gen = settings.config.generate
+    device = pick_device()
+    chosen = pick_dtype(precision, device)
+    if chosen.note:
+        echo(f"note: {chosen.note}")
+    offload = gen.offload and device.type == "cuda"
+    if gen.offload and not offload:
+        echo("note: generate.offload only applies on a GPU; ignored on the CPU")
+    started = time.monotonic()
+    base = model_info(base_dir, base_dir / "unet", settings.cache_dir)
+    controlnet = model_info(controlnet_dir, controlnet_dir, settings.cache_dir)
+    pipe = load_pipeline(base_dir, controlnet_dir, device, chosen.dtype, offload)
+    echo(f"models: {base_dir.name} + {controlnet_dir.name} on {device.type} ({chosen.name}), "
+         f"loaded in {time.monotonic() - started:.1f} s")
+    stack = LoraStack(pipe)
+    scheduler_config = dict(pipe.scheduler.config)
+    written: list[Path] = []
+    total = sum(len(job.seeds) for job in jobs)
+    for job in jobs:
+        stack.activate(job.loras)
+        pipe.scheduler = make_scheduler(job.sampler, scheduler_config)
+        tiling = gen.vae_tiling if gen.vae_tiling is not None else \
+            max(job.width, job.height) > TILE_ABOVE
+        set_vae_tiling(pipe, tiling)
+        embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder,
+                                                 [job.text, job.negative_text], job.clip_skip,
+                                                 MAX_CHUNKS)
+        for seed in job.seeds:
+            t0 = time.monotonic()
+            pose = job.pose.image_for(seed, job.width, job.height)
+            image = render(pipe, embeds, negative_embeds, job.width, job.height, job.steps,
+                           job.cfg, seed, image=pose, control_scale=job.control_scale)
+            seconds = time.monotonic() - t0
+            fields = parameters_fields(job, seed, base, controlnet)
+            parameters = pnginfo.format_parameters(job.prompt, job.negative, fields)
+            stem = folder / f"{job.stem}-{seed}"
+            record = sidecar(job, seed, base, controlnet, parameters, Path(f"{stem}.png"),
+                             Path(f"{stem}.pose.png"), seconds, str(device), chosen.name)
+            path = _write_outputs(folder, job, seed, image, pose, parameters, record,
+                                  settings.file_mode)
+            written.append(path)
+            loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.loras) or "none"
+            echo(f"[{len(written)}/{total}] {path} ({job.width}x{job.height}, {job.steps} "
+                 f"steps, {job.sampler}, seed {seed}, LoRA {loras}, {seconds:.1f} s)")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    echo(f"newest image also at {folder / (FINAL_NAME + '.png')}")
+    return written

@@ -1,0 +1,568 @@
+"""What to render, checked completely before any model is loaded.
+
+A *scene* is one prompt with its pose, size, sampler settings, LoRAs and seeds. The command line
+describes one scene (every value defaulting to `[generate]` in forge.toml); `--scenes FILE` reads
+many from a TOML file of `[[scene]]` tables, each field defaulting to the command line's value:
+
+    [[scene]]
+    name = "beach"                  # output files: Final_Images/beach-<seed>.png
+    prompt = "2 characters on a beach, (sunset:1.2)"
+    negative = "lowres"
+    pose = "poses/beach.png"        # or "random"; or an OpenPose .json; relative to this file
+    seeds = [1, 2, 3]               # or seed = 1 (with count = 3: seeds 1, 2, 3)
+    size = "768x512"
+    figures = 2                     # people in a random pose map
+    loras = ["blake_v2:0.8", { path = "style.safetensors", weight = 0.5 }]
+    steps = 30                      # cfg, sampler, control_scale, clip_skip, count also allowed
+
+Every scene is checked (values, files, LoRA headers, poses) before the first image is rendered:
+one bad entry names the scene and field, and nothing is rendered.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.errors import ForgeError
+from loraforge.generate import loras as lora_files
+from loraforge.generate.prompts import extract_lora_tags
+from loraforge.generate.samplers import check_sampler
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from loraforge.config import Settings
+
+log = logging.getLogger("loraforge.generate")
+
+RANDOM = "random"
+DEFAULT_SCENE = "scene"
+FINAL_NAME = "final_command_scene"
+MIN_SIDE, MAX_SIDE = 64, 4096
+MAX_SEED = 2**63 - 1
+SCENE_FIELDS = ("name", "prompt", "negative", "pose", "seed", "seeds", "count", "size",
+                "figures", "loras", "steps", "cfg", "sampler", "control_scale", "clip_skip")
+_SAFE_RE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+@dataclass
+class Options:
+    """Values given on the command line (None: use the config's)."""
+
+    prompt: str | None = None
+    negative: str | None = None
+    loras: list[str] | None = None
+    pose: str | None = None
+    figures: int | None = None
+    seed: int | None = None
+    count: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    sampler: str | None = None
+    size: str | None = None
+    control_scale: float | None = None
+    clip_skip: int | None = None
+    name: str | None = None
+    scenes: Path | None = None
+
+
+@dataclass(frozen=True)
+class Value:
+    """A setting and where it came from (for error messages)."""
+
+    value: Any
+    origin: str  # e.g. "--steps", "generate.steps in forge.toml", 'scene "beach": steps'
+    base: Path  # relative paths in this value resolve against this folder
+
+
+@dataclass
+class PoseSource:
+    """Where a scene's pose map comes from: a prepared file, or random figures per seed."""
+
+    path: Path | None
+    figures: int
+    image: Image.Image | None = None  # the file's map at the generation size
+    reason: str = ""
+
+    def image_for(self, seed: int, width: int, height: int) -> Image.Image:
+        from loraforge.generate.poses import draw_pose, random_pose
+
+        if self.image is not None:
+            return self.image
+        return draw_pose(random_pose(self.figures, width, height, seed))
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        noun = "figure" if self.figures == 1 else "figures"
+        return f"random ({self.figures} {noun}, seeded by the image seed)"
+
+
+@dataclass
+class Job:
+    """One scene, resolved and checked: everything rendering needs except the models."""
+
+    name: str
+    stem: str
+    prompt: str  # as written (recorded in PNG info)
+    text: str  # what the text encoder sees (<lora:...> tags removed)
+    negative: str
+    negative_text: str
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: str
+    control_scale: float
+    clip_skip: int
+    loras: list[lora_files.LoraUse]
+    pose: PoseSource
+    notes: list[str] = field(default_factory=list)
+
+
+def safe_stem(name: str) -> str:
+    """A file-name-safe version of a scene name (letters, digits, . _ + -)."""
+    stem = _SAFE_RE.sub("_", name.strip()).strip("._-")[:80]
+    return stem or DEFAULT_SCENE
+
+
+# --- typed fields ------------------------------------------------------------------------------
+
+def _err(value: Value, message: str, fix: str | None = None) -> ForgeError:
+    return ForgeError(f"{value.origin}: {message}", fix=fix)
+
+
+def _int(value: Value, low: int, high: int, fix: str) -> int:
+    v = value.value
+    if isinstance(v, bool) or not isinstance(v, int | float) or (
+            isinstance(v, float) and (not math.isfinite(v) or v != int(v))):
+        raise _err(value, f"must be a whole number, got {v!r}", fix)
+    if not low <= int(v) <= high:
+        raise _err(value, f"must be from {low} to {high}, got {int(v)}", fix)
+    return int(v)
+
+
+def _float(value: Value, low: float, high: float, fix: str) -> float:
+    v = value.value
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise _err(value, f"must be a number, got {v!r}", fix)
+    if not low <= float(v) <= high:
+        raise _err(value, f"must be from {low:g} to {high:g}, got {v}", fix)
+    return float(v)
+
+
+def _text(value: Value) -> str:
+    if not isinstance(value.value, str):
+        raise _err(value, f"must be text, got {value.value!r}", 'write it in quotes: "..."')
+    return value.value.strip()
+
+
+def round_size(width: int, height: int) -> tuple[int, int]:
+    """To the nearest multiples of 8 (the VAE's scale factor; halves round up), at least 8."""
+    return max(8, (width + 4) // 8 * 8), max(8, (height + 4) // 8 * 8)
+
+
+def _size(value: Value, notes: list[str]) -> tuple[int, int]:
+    from loraforge.generate.poses import parse_size
+
+    v = value.value
+    fix = f"write it like 768x576 (each side {MIN_SIDE} to {MAX_SIDE} px)"
+    if isinstance(v, tuple):
+        width, height = v
+    elif isinstance(v, str):
+        try:
+            width, height = parse_size(v)
+        except ForgeError as exc:
+            raise _err(value, exc.message, fix) from None
+    else:
+        raise _err(value, f"must be text like \"768x576\", got {v!r}", fix)
+    if width < 1 or height < 1:
+        raise _err(value, f"width and height must be positive, got {width}x{height}", fix)
+    rounded = round_size(width, height)
+    if rounded != (width, height):
+        notes.append(f"size {width}x{height} rounded to {rounded[0]}x{rounded[1]} "
+                     "(multiples of 8)")
+    for side in rounded:
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise _err(value, f"{rounded[0]}x{rounded[1]} is out of range: each side must be "
+                              f"{MIN_SIDE} to {MAX_SIDE} px", fix)
+    return rounded
+
+
+def _seeds(seed: Value, seeds: Value | None, count: Value) -> list[int]:
+    fix = "use whole numbers from 0 (or -1 for a random seed)"
+    n = _int(count, 1, 1000, "use a count from 1 to 1000")
+    if seeds is not None:
+        items = seeds.value
+        if not isinstance(items, list) or not items:
+            raise _err(seeds, f"must be a non-empty list of seeds, got {items!r}",
+                       "write it like seeds = [1, 2, 3]")
+        found = [_int(Value(s, seeds.origin, seeds.base), -1, MAX_SEED, fix) for s in items]
+        found = [secrets.randbelow(2**32) if s == -1 else s for s in found]
+        if len(set(found)) != len(found):
+            raise _err(seeds, f"lists a seed twice ({found}): the images would overwrite "
+                              "each other", "list each seed once")
+        return found
+    first = _int(seed, -1, MAX_SEED, fix)
+    if first == -1:
+        first = secrets.randbelow(2**32)
+    if first + n - 1 > MAX_SEED:
+        raise _err(seed, "seed + count is too large", fix)
+    return [first + i for i in range(n)]
+
+
+# --- poses -----------------------------------------------------------------------------------
+
+class PoseCache:
+    """Pose map files read, checked and letterboxed once per (file, size)."""
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self.warn = warn
+        self.images: dict[tuple[Path, int, int], Image.Image] = {}
+
+    def load(self, path: Path, width: int, height: int) -> Image.Image:
+        key = (path, width, height)
+        if key not in self.images:
+            self.images[key] = self._load(path, width, height)
+        return self.images[key]
+
+    def _load(self, path: Path, width: int, height: int) -> Image.Image:
+        from loraforge.dataset.images import load_image
+        from loraforge.generate import poses
+
+        if path.suffix.lower() == ".json":
+            pose = poses.read_pose_json(path)
+            return poses.draw_pose(poses.fit_pose(pose, width, height))
+        image = load_image(path)
+        ok, reason = poses.looks_like_pose_map(image)
+        if not ok and reason.startswith("blank"):
+            raise ForgeError(f"is not usable as a pose map: {reason}", path=path,
+                             fix="draw the figures (`loraforge pose random` or a pose editor), "
+                                 "or use --pose random")
+        if not ok:
+            self.warn(f"{path}: {reason}; using it as the ControlNet image anyway (to get a pose "
+                      "from a photo, extract it first: `loraforge pose extract`)")
+        if image.size != (width, height):
+            if abs(image.width / image.height - width / height) > 0.01:
+                self.warn(f"{path}: {image.width}x{image.height} letterboxed onto {width}x"
+                          f"{height} (black bars keep its aspect)")
+            image = poses.letterbox(image, width, height)
+        return image
+
+
+def _pose(value: Value, figures: Value, width: int, height: int, first_seed: int,
+          cache: PoseCache, optional: bool) -> PoseSource:
+    from loraforge.generate.poses import random_pose
+
+    count = _int(figures, 1, 16, "use 1 to 16 figures")
+    raw = value.value
+    if raw is not None and not isinstance(raw, str):
+        raise _err(value, f"must be a file name or \"random\", got {raw!r}")
+    path: Path | None = None
+    reason = ""
+    if raw is not None and raw.strip() and raw.strip().lower() != RANDOM:
+        path = Path(raw.strip()).expanduser()
+        path = path if path.is_absolute() else value.base / path
+        if not path.exists() and optional:
+            reason = f"no pose map at {path}: drawing random figures"
+            path = None
+        elif not path.exists():
+            raise ForgeError(f"{value.origin}: pose map not found", path=path,
+                             fix="check the path, or use \"random\" for generated figures")
+    if path is not None:
+        try:
+            image = cache.load(path, width, height)
+        except ForgeError as exc:
+            raise ForgeError(f"{value.origin}: {exc.message}", path=exc.path or path,
+                             fix=exc.fix) from None
+        return PoseSource(path, count, image, reason)
+    try:
+        random_pose(count, width, height, first_seed)
+    except ForgeError as exc:
+        raise ForgeError(f"{figures.origin}: {exc.message}", fix=exc.fix) from None
+    return PoseSource(None, count, None, reason)
+
+
+# --- LoRAs -----------------------------------------------------------------------------------
+
+class LoraResolver:
+    """Turns LoRA references into checked files (each file read once), and finds the default."""
+
+    def __init__(self, settings: Settings, widths: lora_files.BaseWidths) -> None:
+        self.settings = settings
+        self.widths = widths
+        self.files: dict[Path, lora_files.LoraFile] = {}
+        self._default: lora_files.LoraFile | None = None
+
+    def file(self, path: Path) -> lora_files.LoraFile:
+        key = path.resolve()
+        if key not in self.files:
+            self.files[key] = lora_files.inspect_lora(key, self.widths)
+        return self.files[key]
+
+    def default(self) -> lora_files.LoraFile:
+        if self._default is None:
+            path = lora_files.newest_finished_lora(self.settings.runs_dir)
+            self._default = self.file(path)
+            log.info("LoRA: %s (newest finished run)", path)
+        return self._default
+
+    def ref(self, ref: str, weight: float | None, origin: str, base: Path,
+            ) -> lora_files.LoraUse:
+        default_weight = self.settings.config.generate.lora_weight
+        try:
+            path = lora_files.resolve_lora(ref, self.settings.runs_dir, base)
+            lora = self.file(path)
+        except ForgeError as exc:
+            raise ForgeError(f"{origin}: {exc.message}", path=exc.path, fix=exc.fix) from None
+        weight = default_weight if weight is None else lora_files.check_weight(weight, origin)
+        return lora_files.LoraUse(lora, weight)
+
+    def items(self, value: Value) -> list[lora_files.LoraUse] | None:
+        """The LoRAs a `loras` value names; None for none given, [] for "none"."""
+        raw = value.value
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise _err(value, f"must be a list of LoRAs, got {raw!r}",
+                       'write it like loras = ["run_name:0.8", "file.safetensors"]')
+        uses: list[lora_files.LoraUse] = []
+        for item in raw:
+            if isinstance(item, str):
+                ref, weight = lora_files.split_weight(item)
+            elif isinstance(item, dict):
+                unknown = set(item) - {"path", "name", "weight"}
+                ref = item.get("path", item.get("name"))
+                weight = item.get("weight")
+                if unknown or not isinstance(ref, str) or (
+                        weight is not None and (isinstance(weight, bool)
+                                                or not isinstance(weight, int | float))):
+                    raise _err(value, f"bad LoRA entry {item!r}",
+                               'write { path = "file.safetensors", weight = 0.8 }')
+            else:
+                raise _err(value, f"bad LoRA entry {item!r}",
+                           'write "file.safetensors:0.8" or { path = "...", weight = 0.8 }')
+            if ref.strip().lower() == lora_files.NO_LORA:
+                continue
+            uses.append(self.ref(ref, None if weight is None else float(weight), value.origin,
+                                 value.base))
+        return uses
+
+
+def _merge_tags(uses: list[lora_files.LoraUse], tagged: list[lora_files.LoraUse],
+                ) -> list[lora_files.LoraUse]:
+    """Prompt tags add LoRAs; a tag naming a LoRA already used sets its weight."""
+    result = list(uses)
+    for use in tagged:
+        same = [i for i, u in enumerate(result) if u.lora.path == use.lora.path]
+        if same:
+            result[same[0]] = use
+        else:
+            result.append(use)
+    return result
+
+
+def _unique(uses: list[lora_files.LoraUse], origin: str) -> list[lora_files.LoraUse]:
+    seen: set[Path] = set()
+    for use in uses:
+        if use.lora.path in seen:
+            raise ForgeError(f"{origin}: the LoRA {use.lora.path} is listed twice",
+                             fix="list each LoRA once, with the weight you want")
+        seen.add(use.lora.path)
+    return uses
+
+
+# --- a scene -----------------------------------------------------------------------------------
+
+def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraResolver,
+                poses: PoseCache) -> Job:
+    """Check every field of one scene; ForgeError naming the field's origin when one is bad."""
+    notes: list[str] = []
+    name = _text(values["name"]) or DEFAULT_SCENE
+    prompt = _text(values["prompt"])
+    negative = _text(values["negative"])
+    width, height = _size(values["size"], notes)
+    steps = _int(values["steps"], 1, 500, "use 1 to 500 steps")
+    cfg = _float(values["cfg"], 0, 50, "use a CFG scale from 0 to 50 (7 is usual)")
+    control = _float(values["control_scale"], 0, 5, "use 0 to 5 (1 is usual)")
+    sampler_value = values["sampler"]
+    if not isinstance(sampler_value.value, str):
+        raise _err(sampler_value, f"must be a sampler name, got {sampler_value.value!r}")
+    sampler = check_sampler(sampler_value.value, sampler_value.origin)
+    seeds = _seeds(values["seed"], values.get("seeds"), values["count"])
+    pose = _pose(values["pose"], values["figures"], width, height, seeds[0], poses,
+                 optional=values["pose"].origin.startswith("generate.pose_map"))
+    if pose.reason:
+        notes.append(pose.reason)
+
+    tagged: list[lora_files.LoraUse] = []
+    texts = []
+    for key, text in (("prompt", prompt), ("negative", negative)):
+        try:
+            clean, tags = extract_lora_tags(text)
+        except ValueError as exc:
+            raise _err(values[key], str(exc), "write tags like <lora:name:0.8>") from None
+        texts.append(clean)
+        for tag in tags:
+            tagged.append(resolver.ref(tag.name, tag.weight, f"{values[key].origin} "
+                                       f"{tag.text}", values[key].base))
+    explicit = resolver.items(values["loras"])
+    if explicit is None:
+        if tagged:
+            try:
+                explicit = [lora_files.LoraUse(resolver.default(),
+                                               settings.config.generate.lora_weight)]
+            except ForgeError:
+                explicit = []
+        else:
+            explicit = [lora_files.LoraUse(resolver.default(),
+                                           settings.config.generate.lora_weight)]
+    uses = _merge_tags(_unique(explicit, values["loras"].origin), tagged)
+
+    clip_value = values.get("clip_skip")
+    if clip_value is not None and clip_value.value is not None:
+        clip_skip = _int(clip_value, 1, 12, "use a clip skip from 1 to 12 (2 is usual for "
+                                            "anime models)")
+    else:
+        trained = [(u.lora, u.lora.clip_skip) for u in uses if u.lora.clip_skip is not None]
+        if trained:
+            clip_skip = trained[0][1] or 1
+            others = {c for _, c in trained if c != clip_skip}
+            if others:
+                notes.append(f"the LoRAs were trained with different clip skips; using "
+                             f"{clip_skip} (from {trained[0][0].path.name})")
+        else:
+            clip_skip = settings.config.train.clip_skip
+    return Job(name=name, stem=safe_stem(name), prompt=prompt, text=texts[0], negative=negative,
+               negative_text=texts[1], seeds=seeds, width=width, height=height, steps=steps,
+               cfg=cfg, sampler=sampler, control_scale=control, clip_skip=clip_skip, loras=uses,
+               pose=pose, notes=notes)
+
+
+def command_values(settings: Settings, options: Options) -> dict[str, Value]:
+    """The command line's scene: each value from its flag, else from `[generate]`."""
+    gen = settings.config.generate
+    where = f" in {settings.source}" if settings.source else " (default)"
+    cwd = Path.cwd()
+
+    def pick(flag: str, option: Any, config_key: str, config_value: Any) -> Value:
+        if option is not None:
+            return Value(option, flag, cwd)
+        return Value(config_value, f"generate.{config_key}{where}", settings.base_dir)
+
+    size_option = options.size
+    values = {
+        "name": Value(options.name if options.name is not None else DEFAULT_SCENE, "--name",
+                      cwd),
+        "prompt": pick("--prompt", options.prompt, "prompt", gen.prompt),
+        "negative": pick("--negative", options.negative, "negative", gen.negative),
+        "size": (Value(size_option, "--size", cwd) if size_option is not None else
+                 Value((gen.width, gen.height), f"generate.width/height{where}",
+                       settings.base_dir)),
+        "steps": pick("--steps", options.steps, "steps", gen.steps),
+        "cfg": pick("--cfg", options.cfg, "cfg", gen.cfg),
+        "sampler": pick("--sampler", options.sampler, "sampler", gen.sampler),
+        "seed": pick("--seed", options.seed, "seed", gen.seed),
+        "count": pick("--count", options.count, "count", gen.count),
+        "control_scale": pick("--control-scale", options.control_scale,
+                              "control_scale", gen.control_scale),
+        "figures": pick("--figures", options.figures, "figures", gen.figures),
+        "pose": pick("--pose", options.pose, "pose_map", gen.pose_map),
+        "loras": Value(options.loras or None, "--lora", cwd),
+        "clip_skip": Value(options.clip_skip, "--clip-skip", cwd),
+    }
+    return values
+
+
+# --- the scenes file ---------------------------------------------------------------------------
+
+def read_scenes_file(path: Path) -> list[dict[str, Any]]:
+    """The `[[scene]]` tables of a scenes file (structure checked, values not yet)."""
+    from loraforge.config import read_toml
+
+    if not path.is_file():
+        raise ForgeError("scenes file not found" if not path.exists() else "is not a file",
+                         path=path, fix="check the path given to --scenes")
+    data = read_toml(path)
+    unknown = [key for key in data if key != "scene"]
+    if unknown:
+        raise ForgeError(f"unknown top-level key(s): {', '.join(unknown)}", path=path,
+                         fix="write each scene as a [[scene]] table")
+    scenes = data.get("scene")
+    if not isinstance(scenes, list) or not scenes or not all(isinstance(s, dict)
+                                                             for s in scenes):
+        raise ForgeError("holds no scenes", path=path,
+                         fix='add at least one [[scene]] table with a prompt = "..."')
+    return scenes
+
+
+def scene_label(index: int, scene: dict[str, Any]) -> str:
+    name = scene.get("name")
+    shown = f'"{name}"' if isinstance(name, str) and name.strip() else "(no name)"
+    return f"scene {shown} (#{index + 1})"
+
+
+def scene_values(index: int, scene: dict[str, Any], defaults: dict[str, Value],
+                 base: Path) -> dict[str, Value]:
+    """One scene's values over the command line's; ForgeError for unknown fields."""
+    label = scene_label(index, scene)
+    unknown = [key for key in scene if key not in SCENE_FIELDS]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, SCENE_FIELDS, n=1, cutoff=0.6)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ForgeError(f"{label}: unknown field `{key}`{hint}",
+                         fix="scene fields: " + ", ".join(SCENE_FIELDS))
+    if "seed" in scene and "seeds" in scene:
+        raise ForgeError(f"{label}: has both `seed` and `seeds`", fix="keep one of them")
+    values = dict(defaults)
+    values["name"] = Value(f"{DEFAULT_SCENE}{index + 1}", label, base)
+    values.pop("seeds", None)
+    for key, raw in scene.items():
+        values[key] = Value(raw, f"{label}, field `{key}`", base)
+    return values
+
+
+def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, poses: PoseCache,
+              ) -> list[Job]:
+    """Every scene to render, checked. Scenes file: all errors are gathered and reported at
+    once, naming each scene and field, and nothing is rendered."""
+    defaults = command_values(settings, options)
+    if options.scenes is None:
+        return [resolve_job(defaults, settings, resolver, poses)]
+    path = Path(options.scenes)
+    scenes = read_scenes_file(path)
+    base = path.resolve().parent
+    jobs: list[Job] = []
+    problems: list[str] = []
+    for index, scene in enumerate(scenes):
+        try:
+            jobs.append(resolve_job(scene_values(index, scene, defaults, base), settings,
+                                    resolver, poses))
+        except ForgeError as exc:
+            problems.append(str(exc).replace("\n", "\n    "))
+    stems: dict[str, str] = {}
+    for index, job in enumerate(jobs):
+        other = stems.get(job.stem.lower())
+        if other is not None:
+            problems.append(f"scenes \"{other}\" and \"{job.name}\" (#{index + 1}) would write "
+                            f"the same files ({job.stem}-<seed>.png)\n    fix: give each scene "
+                            "its own name")
+        stems[job.stem.lower()] = job.name
+    if problems:
+        count = len(problems)
+        raise ForgeError(f"{count} bad scene entr{'y' if count == 1 else 'ies'}; nothing was "
+                         "rendered:\n  - " + "\n  - ".join(problems), path=path,
+                         fix="correct the scenes and fields named above")
+    return jobs

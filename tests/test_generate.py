@@ -1,0 +1,362 @@
+"""`loraforge generate` on the tiny model: LoRAs stack and weigh, the ControlNet is live, every
+sampler runs, prompts encode as in training, PNG info and sidecars, newest-finished discovery,
+and one end-to-end run of the command with a scenes file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from loraforge.config import load_settings
+from loraforge.errors import ForgeError
+from loraforge.generate import pnginfo
+from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lora
+from loraforge.generate.loras import newest_finished_lora as newest_lora
+from loraforge.generate.pipeline import (
+    build_pipeline,
+    encode_prompt_pair,
+    load_pipeline,
+    make_scheduler,
+    render,
+)
+from loraforge.generate.poses import draw_pose, random_pose
+from loraforge.generate.samplers import SAMPLERS
+from loraforge.generate.scenes import Options
+from loraforge.hashing import sha256_file
+from loraforge.text import chunk_token_ids, encode_token_ids
+
+# This machine's two cores are shared: one torch thread per process is several times faster.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+SIZE = 96
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_lora(path: Path, base: Path, seed: int, *, text: bool = True, scale: float = 0.1,
+              clip_skip: str = "2") -> Path:
+    """A kohya-format LoRA for `base` with random non-zero up weights (a trained stand-in)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from loraforge.train import export, network
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder",
+                                                 local_files_only=True)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    torch.manual_seed(seed)
+    targets = network.unet_targets(unet, 4, 4)
+    network.inject(unet, targets)
+    if text:
+        text_targets = network.text_targets(text_encoder, 4, 4)
+        network.inject(text_encoder, text_targets)
+        targets += text_targets
+    with torch.no_grad():
+        for target in targets:
+            network.lora_pair(models[target.component], target)[1].normal_(0, scale)
+    tensors = export.kohya_state_dict(models, targets, "fp32")
+    export.save_lora(path, tensors, {"ss_network_module": "networks.lora",
+                                     "ss_base_model_version": "sd_v1",
+                                     "ss_clip_skip": clip_skip}, 0o644)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tiny_store: Path) -> Path:
+    return tiny_store / "tiny-sd15"
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory: pytest.TempPathFactory, base: Path) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("loras")
+    return {"a": make_lora(folder / "style_a.safetensors", base, 1, clip_skip="1"),
+            "b": make_lora(folder / "style_b.safetensors", base, 2, text=False)}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_store: Path, base: Path) -> Any:
+    return load_pipeline(base, tiny_store / "tiny-controlnet", torch.device("cpu"),
+                         torch.float32)
+
+
+@pytest.fixture(scope="module")
+def stack(pipe: Any) -> LoraStack:
+    return LoraStack(pipe)
+
+
+@pytest.fixture()
+def clean(stack: LoraStack) -> LoraStack:
+    """The shared pipeline with no LoRA active and the default sampler."""
+    stack.activate([])
+    stack.pipe.scheduler = make_scheduler("DPM++ 2M Karras", stack.pipe.scheduler.config)
+    return stack
+
+
+def _pose(seed: int, figures: int = 1) -> Any:
+    return draw_pose(random_pose(figures, SIZE, SIZE, seed))
+
+
+def _render(pipe: Any, prompt: str = "a red knight", seed: int = 1, pose: Any = None,
+            scale: float = 1.0, steps: int = 4, size: int = SIZE, clip_skip: int = 2,
+            ) -> np.ndarray:
+    embeds, negative = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, prompt, "lowres",
+                                          clip_skip)
+    if getattr(pipe, "controlnet", None) is not None and pose is None:
+        pose = _pose(0)
+    image = render(pipe, embeds, negative, size, size, steps, 7.0, seed, image=pose,
+                   control_scale=scale)
+    array = np.asarray(image, dtype=np.int16)
+    assert array.shape == (size, size, 3)
+    return array
+
+
+def test_loras_change_the_image_stack_and_weight_zero_is_the_base(
+        clean: LoraStack, lora_files: dict[str, Path], base: Path) -> None:
+    widths = BaseWidths.of(base)
+    a, b = (inspect_lora(lora_files[k], widths) for k in "ab")
+    assert a.has_text_encoder and not b.has_text_encoder and a.clip_skip == 1
+    plain = _render(clean.pipe)
+
+    clean.activate([LoraUse(a, 0.0)])
+    assert np.array_equal(_render(clean.pipe), plain)
+    clean.activate([LoraUse(a, 1.0)])
+    only_a = _render(clean.pipe)
+    clean.activate([LoraUse(b, 1.0)])
+    only_b = _render(clean.pipe)
+    clean.activate([LoraUse(a, 1.0), LoraUse(b, 1.0)])
+    both = _render(clean.pipe)
+    clean.activate([])
+    assert np.array_equal(_render(clean.pipe), plain)
+
+    assert np.abs(only_a - plain).max() > 8
+    assert np.abs(only_b - plain).max() > 8
+    assert np.abs(both - only_a).max() > 8 and np.abs(both - only_b).max() > 8
+
+
+def test_controlnet_is_live_and_scale_zero_equals_no_controlnet(clean: LoraStack) -> None:
+    pipe = clean.pipe
+    zero_convs = [*pipe.controlnet.controlnet_down_blocks, pipe.controlnet.controlnet_mid_block]
+    assert all(conv.weight.abs().sum() > 0 for conv in zero_convs)
+
+    first = _render(pipe, pose=_pose(1, 1))
+    second = _render(pipe, pose=_pose(2, 2))
+    assert np.abs(first - second).max() > 8
+
+    plain = build_pipeline(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
+                           make_scheduler("DPM++ 2M Karras", pipe.scheduler.config))
+    without = _render(plain)
+    assert np.array_equal(_render(pipe, pose=_pose(1, 1), scale=0.0), without)
+    assert np.array_equal(_render(pipe, pose=_pose(2, 2), scale=0.0), without)
+
+
+def test_every_sampler_runs_and_repeats_per_seed(clean: LoraStack) -> None:
+    pipe = clean.pipe
+    plain = build_pipeline(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
+                           pipe.scheduler)
+    results = {}
+    for name in SAMPLERS:
+        plain.scheduler = make_scheduler(name, pipe.scheduler.config)
+        results[name] = _render(plain, steps=3, size=64)
+        if "SDE" in name or name == "Euler a":  # samplers that draw noise at every step
+            assert np.array_equal(_render(plain, steps=3, size=64), results[name]), name
+            assert not np.array_equal(_render(plain, steps=3, size=64, seed=2), results[name])
+    assert type(make_scheduler("DPM++ SDE Karras", pipe.scheduler.config)).__name__ \
+        == "DPMSolverSDEScheduler"
+    assert len({arr.tobytes() for arr in results.values()}) >= len(SAMPLERS) - 1
+
+
+def test_prompt_encoding_matches_training_and_long_prompts_work(clean: LoraStack) -> None:
+    pipe = clean.pipe
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    embeds, negative = encode_prompt_pair(tokenizer, text_encoder, "a red knight, solo", "", 2)
+    with torch.no_grad():
+        trained = encode_token_ids(text_encoder, chunk_token_ids(tokenizer,
+                                                                 ["a red knight, solo"], 3), 2)
+    assert torch.equal(embeds, trained)
+    assert embeds.shape == negative.shape == (1, 77, 32)
+
+    long_prompt = ", ".join(["knight"] * 100)
+    long_embeds, long_negative = encode_prompt_pair(tokenizer, text_encoder, long_prompt,
+                                                    "lowres", 2)
+    assert len(tokenizer(long_prompt, add_special_tokens=False)["input_ids"]) > 150
+    assert long_embeds.shape == long_negative.shape == (1, 3 * 77, 32)
+    image = _render(pipe, prompt=", ".join(["knight"] * 50))  # 100 tokens: 2 chunks
+    assert image.std() > 0
+
+    weighted, _ = encode_prompt_pair(tokenizer, text_encoder, "a (red:1.5) knight", "", 2)
+    plain, _ = encode_prompt_pair(tokenizer, text_encoder, "a red knight", "", 2)
+    ratio = weighted[0].norm(dim=-1) / plain[0].norm(dim=-1)
+    assert torch.allclose(ratio[2] / ratio[1], torch.tensor(1.5), atol=1e-4)  # bos, a, red
+    assert torch.allclose(ratio[3] / ratio[1], torch.tensor(1.0), atol=1e-4)
+
+
+def _write_run(runs_dir: Path, name: str, status: str, finished_at: str | None,
+               lora: Path | None) -> Path:
+    run_dir = runs_dir / name
+    run_dir.mkdir(parents=True)
+    record = {"name": name, "status": status, "updated_at": finished_at or "2026-01-01T00:00:00"}
+    if finished_at:
+        record["finished_at"] = finished_at
+    (run_dir / "run.json").write_text(json.dumps(record))
+    if lora is not None:
+        shutil.copy(lora, run_dir / f"{name}.safetensors")
+    return run_dir
+
+
+def test_newest_finished_lora_skips_unfinished_runs_and_half_written_files(
+        tmp_path: Path, lora_files: dict[str, Path]) -> None:
+    runs_dir = tmp_path / "Multi_Concept_Output"
+    old = _write_run(runs_dir, "old", "finished", "2026-01-01T10:00:00+0000", lora_files["a"])
+    _write_run(runs_dir, "newer", "interrupted", None, lora_files["b"])
+    _write_run(runs_dir, "busy", "running", None, None)
+    (runs_dir / "busy" / ".busy.safetensors.x1y2.tmp").write_bytes(
+        lora_files["b"].read_bytes())
+    cut = _write_run(runs_dir, "cut", "finished", "2026-01-03T10:00:00+0000", None)
+    data = lora_files["b"].read_bytes()
+    (cut / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    assert newest_lora(runs_dir) == old / "old.safetensors"
+
+    _write_run(runs_dir, "fresh", "finished", "2026-01-02T10:00:00+0000", lora_files["b"])
+    assert newest_lora(runs_dir) == runs_dir / "fresh" / "fresh.safetensors"
+
+    for name in ("old", "fresh"):
+        shutil.rmtree(runs_dir / name)
+    with pytest.raises(ForgeError) as info:
+        newest_lora(runs_dir)
+    message = str(info.value)
+    for part in ("newer (interrupted)", "busy (running)", "cut (finished, but is incomplete"):
+        assert part in message, message
+
+
+def _project(root: Path, tiny_store: Path, generate: dict[str, object]) -> Path:
+    from loraforge.project import toml_value
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["[storage]", 'root = "store"', "[models]",
+             f'base = "{tiny_store / "tiny-sd15"}"',
+             f'controlnet = "{tiny_store / "tiny-controlnet"}"', "[generate]"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in generate.items()]
+    config = root / "forge.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+@pytest.fixture()
+def own_environment() -> Iterator[None]:
+    """generate() sets the offline switches and HF_HOME for its process: keep them out of the
+    tests that run after this one (their subprocesses inherit os.environ)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_generate_writes_png_info_sidecar_pose_and_final_image(
+        tmp_path: Path, tiny_store: Path, lora_files: dict[str, Path],
+        own_environment: None) -> None:
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 3,
+                                             "figures": 1, "lora_weight": 0.7})
+    runs_dir = tmp_path / "store" / "Multi_Concept_Output"
+    run = _write_run(runs_dir, "blake", "finished", "2026-01-02T10:00:00+0000", lora_files["a"])
+    style = _write_run(runs_dir, "style", "finished", "2026-01-01T10:00:00+0000",
+                       lora_files["b"])
+    _write_run(runs_dir, "later", "interrupted", None, lora_files["b"])
+    settings = load_settings(config)
+    lines: list[str] = []
+    prompt = "a (red:1.2) knight <lora:style:0.3>"
+    written = generate(settings, Options(prompt=prompt, negative="lowres", seed=7, count=2,
+                                         cfg=6.5), lines.append)
+    images = tmp_path / "store" / "Final_Images"
+    assert written == [images / "scene-7.png", images / "scene-8.png"]
+
+    lora = run / "blake.safetensors"
+    info = pnginfo.parse_parameters(pnginfo.read_parameters(written[0]) or "")
+    unet_sha = sha256_file(tiny_store / "tiny-sd15" / "unet" /
+                           "diffusion_pytorch_model.safetensors")
+    lora_file = inspect_lora(lora, BaseWidths.of(tiny_store / "tiny-sd15"))
+    style_file = inspect_lora(style / "style.safetensors", BaseWidths.of(tiny_store /
+                                                                          "tiny-sd15"))
+    assert info["prompt"] == prompt and info["negative_prompt"] == "lowres"
+    assert (info["Steps"], info["Sampler"], info["CFG scale"], info["Seed"]) == \
+        (3, "DPM++ 2M Karras", 6.5, 7)
+    assert (info["width"], info["height"], info["Clip skip"]) == (SIZE, SIZE, 1)
+    assert info["Model"] == "tiny-sd15" and info["Model hash"] == unet_sha[:10]
+    assert info["lora_hashes"] == {"blake": lora_file.sha256[:12],
+                                   "style": style_file.sha256[:12]}
+    assert "tiny-controlnet" in info["ControlNet 0"]
+    assert info["Version"].startswith("loraforge ")
+
+    sidecar = json.loads((images / "scene-7.json").read_text())
+    assert sidecar["parameters"] == pnginfo.read_parameters(written[0])
+    assert (sidecar["prompt"], sidecar["steps"], sidecar["cfg_scale"], sidecar["seed"],
+            sidecar["clip_skip"], sidecar["sampler"]) == (info["prompt"], 3, 6.5, 7, 1,
+                                                          info["Sampler"])
+    assert sidecar["model"]["hash"] == info["Model hash"]
+    assert sidecar["loras"][0] == {"name": "blake", "path": str(lora.resolve()), "weight": 0.7,
+                                   "hash": lora_file.short_hash, "sha256": lora_file.sha256}
+    assert (sidecar["loras"][1]["name"], sidecar["loras"][1]["weight"]) == ("style", 0.3)
+    assert sidecar["image"] == str(written[0])
+
+    from PIL import Image
+
+    with Image.open(images / "scene-7.pose.png") as pose:
+        assert np.array_equal(np.asarray(pose.convert("RGB")),
+                              np.asarray(draw_pose(random_pose(1, SIZE, SIZE, 7))))
+    assert (images / "final_command_scene.png").read_bytes() == written[1].read_bytes()
+    assert not list(images.glob(".*"))
+    assert any("no pose map" in line for line in lines)
+
+
+def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Path,
+                                                   lora_files: dict[str, Path]) -> None:
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2})
+    pose_file = tmp_path / "poses" / "wide.png"
+    pose_file.parent.mkdir()
+    draw_pose(random_pose(2, 192, 96, 3)).save(pose_file)
+    shutil.copy(lora_files["b"], tmp_path / "poses" / "style.safetensors")
+    scenes = tmp_path / "poses" / "scenes.toml"
+    scenes.write_text(
+        '[[scene]]\nname = "Beach day"\nprompt = "two knights on a beach"\n'
+        'pose = "wide.png"\nseeds = [3, 4]\nloras = ["style.safetensors:0.5"]\n\n'
+        '[[scene]]\nname = "night"\nprompt = "a mage at night"\npose = "random"\n'
+        'figures = 1\nsize = "100x98"\nsampler = "Euler a"\nseed = 5\nloras = ["none"]\n')
+    result = run_cli("generate", "--config", config, "--scenes", scenes, "--lora", "missing",
+                     env=ONE_THREAD, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "104x96" in result.stdout and "rounded" in result.stdout
+    images = tmp_path / "store" / "Final_Images"
+    names = sorted(p.name for p in images.iterdir())
+    assert names == ["Beach_day-3.json", "Beach_day-3.png", "Beach_day-3.pose.png",
+                     "Beach_day-4.json", "Beach_day-4.png", "Beach_day-4.pose.png",
+                     "final_command_scene.png", "night-5.json", "night-5.png",
+                     "night-5.pose.png"]
+    beach = pnginfo.parse_parameters(pnginfo.read_parameters(images / "Beach_day-4.png") or "")
+    night = pnginfo.parse_parameters(pnginfo.read_parameters(images / "night-5.png") or "")
+    assert beach["prompt"] == "two knights on a beach" and beach["Seed"] == 4
+    assert list(beach["lora_hashes"]) == ["style"]
+    assert night["Sampler"] == "Euler a" and night["Size"] == "104x96"
+    assert "Lora hashes" not in night
+    assert (images / "final_command_scene.png").read_bytes() == \
+        (images / "night-5.png").read_bytes()
+    sidecar = json.loads((images / "Beach_day-3.json").read_text())
+    assert sidecar["pose_source"] == str(pose_file.resolve())
+    assert sidecar["loras"][0]["weight"] == 0.5
+    from PIL import Image
+
+    with Image.open(images / "Beach_day-3.pose.png") as pose:  # 192x96 letterboxed to 96x96
+        bars = np.asarray(pose.convert("RGB"))
+    assert bars.shape == (SIZE, SIZE, 3)
+    assert bars[:20].max() == 0 and bars[-20:].max() == 0 and bars[24:72].max() > 0
+    assert "letterboxed" in result.stderr

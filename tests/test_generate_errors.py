@@ -1,0 +1,182 @@
+"""`loraforge generate` with bad input: exit 1, one message naming the file/scene and the fix, no
+traceback, nothing rendered and nothing already on disk touched. Every case fails before a model
+is loaded, so each run takes about a second."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_user_error, run_cli
+from safetensors.numpy import save_file
+
+KEEP = b"an earlier image"
+
+
+@pytest.fixture()
+def project(tmp_path: Path, tiny_store: Path) -> Path:
+    """A project rendering at 128x96 with the tiny model, and an earlier image on disk."""
+    lines = ["[storage]", 'root = "store"', "[models]",
+             f'base = "{tiny_store / "tiny-sd15"}"',
+             f'controlnet = "{tiny_store / "tiny-controlnet"}"',
+             "[generate]", "width = 128", "height = 96", "steps = 2"]
+    (tmp_path / "forge.toml").write_text("\n".join(lines) + "\n")
+    images = tmp_path / "store" / "Final_Images"
+    images.mkdir(parents=True)
+    (images / "earlier-1.png").write_bytes(KEEP)
+    return tmp_path
+
+
+def _generate(project: Path, *args: str | Path) -> object:
+    return run_cli("generate", "--config", project / "forge.toml", *args, cwd=project)
+
+
+def _untouched(project: Path) -> None:
+    images = project / "store" / "Final_Images"
+    assert sorted(p.name for p in images.iterdir()) == ["earlier-1.png"]
+    assert (images / "earlier-1.png").read_bytes() == KEEP
+
+
+def _lora(path: Path, keys: dict[str, tuple[int, ...]], meta: dict[str, str] | None = None,
+          ) -> Path:
+    save_file({k: np.zeros(shape, dtype=np.float32) for k, shape in keys.items()}, str(path),
+              metadata=meta or {"ss_base_model_version": "sd_v1"})
+    return path
+
+
+def test_missing_lora(project: Path) -> None:
+    result = _generate(project, "--lora", "nowhere/blake.safetensors:0.8")
+    assert_user_error(result, "nowhere/blake.safetensors", "LoRA file not found", "fix:")
+    _untouched(project)
+
+
+def test_text_file_as_lora(project: Path) -> None:
+    (project / "notes.safetensors").write_text("this is not a LoRA\n")
+    result = _generate(project, "--lora", "notes.safetensors")
+    assert_user_error(result, "notes.safetensors", "is not a safetensors file")
+    _untouched(project)
+
+
+@pytest.mark.parametrize("name", ["old.pt", "old.ckpt"])
+def test_pickled_lora_is_refused_unopened(project: Path, name: str) -> None:
+    marker = project / "unpickled"
+    if name.endswith(".pt"):
+        # Unpickling this would create the marker file: it must never happen.
+        payload = pickle.dumps(_Trap(str(marker)), protocol=4)
+    else:
+        payload = b"PK\x03\x04" + b"\0" * 64  # torch's zip checkpoint format
+    (project / name).write_bytes(payload)
+    result = _generate(project, "--lora", name)
+    assert_user_error(result, name, "pickled", "safetensors")
+    assert not marker.exists()
+    _untouched(project)
+
+
+class _Trap:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (Path(self.path), "unpickled!"))
+
+
+def test_sdxl_lora_is_refused(project: Path) -> None:
+    _lora(project / "xl.safetensors", {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 768),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 1280),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 2048),
+    }, {"ss_base_model_version": "sdxl_base_v1-0"})
+    result = _generate(project, "--lora", "xl.safetensors")
+    assert_user_error(result, "xl.safetensors", "SDXL")
+    _untouched(project)
+
+
+def test_lora_for_a_wider_model_is_refused(project: Path) -> None:
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    _lora(project / "sd15.safetensors", {f"{name}.lora_down.weight": (4, 768),
+                                         f"{name}.lora_up.weight": (320, 4),
+                                         f"{name}.alpha": ()})
+    result = _generate(project, "--lora", "sd15.safetensors")
+    assert_user_error(result, "sd15.safetensors", "text width 768", "base model has 32")
+    _untouched(project)
+
+
+def test_unreadable_pose_map(project: Path) -> None:
+    (project / "pose.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    result = _generate(project, "--pose", "pose.png", "--lora", "none")
+    assert_user_error(result, "pose.png", "--pose", "corrupt")
+    _untouched(project)
+
+
+def test_blank_pose_map(project: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (128, 96)).save(project / "pose_map.png")  # generate.pose_map's default
+    result = _generate(project, "--lora", "none")
+    assert_user_error(result, "pose_map.png", "generate.pose_map", "blank", "--pose random")
+    _untouched(project)
+
+
+@pytest.mark.parametrize(("size", "needle"), [("12x", "is not WIDTHxHEIGHT"),
+                                              ("0x96", "must be positive"),
+                                              ("-5x96", "is not WIDTHxHEIGHT"),
+                                              ("8x8", "out of range")])
+def test_bad_size(project: Path, size: str, needle: str) -> None:
+    result = _generate(project, "--size", size, "--lora", "none")
+    assert_user_error(result, "--size", needle, "768x576")
+    _untouched(project)
+
+
+def test_more_figures_than_fit(project: Path) -> None:
+    result = _generate(project, "--pose", "random", "--figures", "9", "--lora", "none")
+    assert_user_error(result, "--figures", "9 figures do not fit", "at most 3")
+    _untouched(project)
+
+
+def test_unknown_sampler_lists_the_known_ones(project: Path) -> None:
+    result = _generate(project, "--sampler", "DPM++ 3M Turbo", "--lora", "none")
+    assert_user_error(result, "--sampler", "unknown sampler", "DPM++ 2M Karras", "Euler a",
+                      "DDIM", "UniPC", "DPM++ SDE Karras")
+    _untouched(project)
+
+
+def test_bad_scene_entries_are_named_and_nothing_is_rendered(project: Path) -> None:
+    (project / "scenes.toml").write_text(
+        '[[scene]]\nname = "good"\nprompt = "fine"\n\n'
+        '[[scene]]\nname = "two"\nprompt = "x"\nsize = "abc"\n\n'
+        '[[scene]]\nname = "three"\nprompt = "y"\nstepz = 3\n\n'
+        '[[scene]]\nname = "four"\nprompt = "z"\nseeds = [1, 1]\n')
+    result = _generate(project, "--scenes", "scenes.toml", "--lora", "none")
+    assert_user_error(result, "scenes.toml", "3 bad scene entries", "nothing was rendered",
+                      'scene "two" (#2), field `size`', 'scene "three" (#3): unknown field '
+                      "`stepz` (did you mean `steps`?)", 'scene "four" (#4), field `seeds`')
+    assert '"good"' not in result.stdout + result.stderr
+    _untouched(project)
+
+
+def test_no_finished_run_lists_the_runs(project: Path) -> None:
+    runs = project / "store" / "Multi_Concept_Output"
+    for name, status in (("blake", "interrupted"), ("mira", "running")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "run.json").write_text(json.dumps({"name": name, "status": status}))
+    result = _generate(project)
+    assert_user_error(result, "no finished training run", "blake (interrupted)",
+                      "mira (running)", "--lora")
+    _untouched(project)
+
+
+def test_a_photo_as_pose_map_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from loraforge.generate.scenes import PoseCache
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(60, 200, (48, 64, 3), dtype=np.uint8)).save(photo)
+    warnings: list[str] = []
+    image = PoseCache(warnings.append).load(photo, 128, 96)
+    assert image.size == (128, 96)
+    assert len(warnings) == 1 and "photo" in warnings[0] and "pose extract" in warnings[0]
