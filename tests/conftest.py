@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,28 @@ def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -
     assert "Traceback" not in text, text
     for needle in needles:
         assert needle in text, (needle, text)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """In-process training and generation switch the process offline (os.environ); later
+    tests, and the subprocesses they start, must not inherit that."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """In-process rendering on a 2-core machine shared with other processes: one torch thread
+    is several times faster than two fighting over the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

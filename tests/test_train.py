@@ -43,8 +43,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> Train
         "epochs": 12, "save_precision": "fp32", "keep_last_n": 2, "unet_lr": 1e-2,
         "text_encoder_lr": 2e-3})
     settings = load_settings(config)
+    saved = dict(os.environ)
     go_offline(settings)
-    return train(settings, "fmt", restart=False)
+    try:
+        return train(settings, "fmt", restart=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _pipeline(base: Path, lora: Path | None):

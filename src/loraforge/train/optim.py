@@ -60,6 +60,12 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], args: dict[str, Any
                     device: torch.device) -> torch.optim.Optimizer:
     """`groups`: param groups, each with its own `lr`. `args`: keyword arguments from config."""
     cls = _optimizer_class(name, device)
+    rates = {group["lr"] for group in groups} - {0.0}
+    if name == "Prodigy" and len(rates) > 1:
+        raise ForgeError("Prodigy finds the step size itself and needs one learning rate for "
+                         f"the U-Net and the text encoder (got {sorted(rates)})",
+                         fix="set train.unet_lr and train.text_encoder_lr to the same value "
+                             "(1.0 is usual for Prodigy), or text_encoder_lr = 0")
     kwargs = dict(args)
     if name == "AdamW":
         kwargs.setdefault("fused", True)  # one kernel for all tensors: ~5x faster steps here
