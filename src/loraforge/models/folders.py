@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from loraforge.errors import ForgeError
@@ -37,10 +37,12 @@ def remove_leftovers(root: Path, name: str, older_than: float = 0.0) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def install(tmp: Path, dest: Path) -> None:
+def install(tmp: Path, dest: Path, keep_if: Callable[[Path], bool] | None = None) -> None:
     """Rename the finished folder `tmp` onto `dest`; a previous `dest` is moved aside, then removed.
 
-    The model is never missing for longer than two renames, and never half-present.
+    The model is never missing for longer than two renames, and never half-present. When the
+    rename fails because another process installed `dest` meanwhile, `keep_if(dest)` says
+    whether that copy is good to keep.
     """
     old: Path | None = None
     if dest.exists() or dest.is_symlink():
@@ -49,6 +51,8 @@ def install(tmp: Path, dest: Path) -> None:
     try:
         os.rename(tmp, dest)
     except OSError:
+        if keep_if is not None and keep_if(dest):
+            return
         if old is not None:  # put the previous model back
             os.replace(old / dest.name, dest)
         raise

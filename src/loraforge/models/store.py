@@ -8,6 +8,7 @@ model costs milliseconds and never loads weights.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,28 +38,24 @@ CONTROLNET_FIX = (f"run {FETCH_CONTROLNET}; or set `models.controlnet` in forge.
                   "SD 1.x OpenPose ControlNet folder (`tiny` for the embedded test model)")
 
 
-def resolve_base_model(settings: Settings) -> Path:
-    """The folder of the configured base model, checked to be a diffusers SD 1.x pipeline."""
-    name = settings.config.models.base
+def _resolve(settings: Settings, name: str, which: int, check: Callable[[Path], None]) -> Path:
     if name == TINY:
         from loraforge.models.tiny import ensure_tiny_models
 
-        return ensure_tiny_models(settings.storage_root)[0]
+        return ensure_tiny_models(settings.storage_root)[which]
     path = settings.model_dir(name)
-    check_base_model(path)
+    check(path)
     return path
+
+
+def resolve_base_model(settings: Settings) -> Path:
+    """The folder of the configured base model, checked to be a diffusers SD 1.x pipeline."""
+    return _resolve(settings, settings.config.models.base, 0, check_base_model)
 
 
 def resolve_controlnet(settings: Settings) -> Path:
     """The folder of the configured ControlNet, checked to be a diffusers SD 1.x ControlNet."""
-    name = settings.config.models.controlnet
-    if name == TINY:
-        from loraforge.models.tiny import ensure_tiny_models
-
-        return ensure_tiny_models(settings.storage_root)[1]
-    path = settings.model_dir(name)
-    check_controlnet(path)
-    return path
+    return _resolve(settings, settings.config.models.controlnet, 1, check_controlnet)
 
 
 def is_tiny(path: Path) -> bool:

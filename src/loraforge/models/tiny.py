@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
+from loraforge.models import folders
 
 if TYPE_CHECKING:
     import torch
@@ -166,7 +167,8 @@ def _build_and_install(root: Path, base_dir: Path, cn_dir: Path) -> None:
             for tmp, dest, component in ((cn_tmp, cn_dir, "controlnet"),
                                          (base_tmp, base_dir, "base")):
                 if not is_complete(dest, component):
-                    _install(tmp, dest, component)
+                    folders.install(tmp, dest,
+                                    keep_if=lambda d, c=component: is_complete(d, c))
         finally:
             for tmp in (base_tmp, cn_tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -340,23 +342,6 @@ def _remove_partials(root: Path, stale_only: bool) -> None:
             with contextlib.suppress(OSError):
                 if not stale_only or now - path.stat().st_mtime > STALE_PARTIAL_SECONDS:
                     shutil.rmtree(path, ignore_errors=True)
-
-
-def _install(tmp: Path, dest: Path, component: str) -> None:
-    """Rename the finished `tmp` onto `dest`, moving an outdated or partial `dest` aside first."""
-    old: Path | None = None
-    if dest.exists() or dest.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=OLD_SUFFIX, dir=dest.parent))
-        os.replace(dest, old / dest.name)
-    try:
-        os.rename(tmp, dest)
-    except OSError:
-        # Another build (without a working lock) installed it first: fine if it is complete.
-        if not is_complete(dest, component):
-            raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["clip_text_config", "ensure_tiny_models", "sd15_config", "sd15_config_dir",

@@ -22,7 +22,8 @@ def _need(module: str, optimizer: str, extra: str) -> None:
                              '"AdamW"')
 
 
-def _optimizer_class(name: str, device: torch.device) -> type:
+def optimizer_class(name: str, device: torch.device) -> type:
+    """The optimizer class a name stands for; a ForgeError when it cannot run here."""
     import torch
 
     if name == "AdamW":
@@ -59,7 +60,7 @@ def _optimizer_class(name: str, device: torch.device) -> type:
 def build_optimizer(name: str, groups: list[dict[str, Any]], args: dict[str, Any],
                     device: torch.device) -> torch.optim.Optimizer:
     """`groups`: param groups, each with its own `lr`. `args`: keyword arguments from config."""
-    cls = _optimizer_class(name, device)
+    cls = optimizer_class(name, device)
     rates = {group["lr"] for group in groups} - {0.0}
     if name == "Prodigy" and len(rates) > 1:
         raise ForgeError("Prodigy finds the step size itself and needs one learning rate for "

@@ -179,6 +179,9 @@ class Trainer:
         self.dtype = {"no": torch.float32, "fp16": torch.float16,
                       "bf16": torch.bfloat16}[precision]
         self.train_text = self.cfg.text_encoder_lr > 0
+        from loraforge.train.optim import optimizer_class
+
+        optimizer_class(self.cfg.optimizer, self.device)  # fail before minutes of model loading
         self.mode = settings.file_mode
         self.record = runs.RunRecord(run_dir, self.mode)
 
