@@ -7,6 +7,8 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -104,12 +106,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loraforge-bench-") as tmp:
         body = (run_train if args.what == "train" else run_generate)(args, Path(tmp))
     title = f"### {args.what}, {args.model} model ({machine()})"
-    command = "python -m bench " + " ".join(__import__("sys").argv[1:])
+    command = "python -m bench " + shlex.join(sys.argv[1:])
     text = "\n".join(filter(None, [title, "", f"`{command}`", args.note, "", body, ""]))
     print(text)
     if not args.no_write:
         with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+            fh.write("\n" + text + "\n")
 
 
 if __name__ == "__main__":
