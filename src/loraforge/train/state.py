@@ -35,7 +35,12 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    loss_ema: float | None = None
+    loss_ema: float = 0.0  # exponential moving average from 0; see `smoothed_loss`
+
+    def smoothed_loss(self, beta: float) -> float:
+        """The moving average with its start-up bias removed (as Adam corrects its moments):
+        without it the curve would start near 0 and seem to climb."""
+        return self.loss_ema / (1 - beta ** self.step) if self.step else 0.0
 
 
 def state_root(run_dir: Path) -> Path:

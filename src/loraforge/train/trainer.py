@@ -414,19 +414,19 @@ class Trainer:
                                                          position.step)
                         position.step += 1
                         position.batch_in_epoch = first + len(group)
-                        position.loss_ema = (loss_value if position.loss_ema is None else
-                                             LOSS_SMOOTHING * position.loss_ema
+                        position.loss_ema = (LOSS_SMOOTHING * position.loss_ema
                                              + (1 - LOSS_SMOOTHING) * loss_value)
+                        smoothed = position.smoothed_loss(LOSS_SMOOTHING)
                         lrs = self.scheduler.get_last_lr()
                         writer.add_scalar("loss/step", loss_value, position.step)
-                        writer.add_scalar("loss/smoothed", position.loss_ema, position.step)
+                        writer.add_scalar("loss/smoothed", smoothed, position.step)
                         for group_name, lr in zip(("unet", "text_encoder"), lrs, strict=False):
                             writer.add_scalar(f"lr/{group_name}", lr, position.step)
                         history.write(json.dumps({
                             "step": position.step, "epoch": epoch + 1, "loss": loss_value,
-                            "loss_smoothed": position.loss_ema, "lr": lrs,
+                            "loss_smoothed": smoothed, "lr": lrs,
                             "seconds": round(time.monotonic() - progress.started, 4)}) + "\n")
-                        progress.update(position.step, epoch + 1, position.loss_ema, lrs[0],
+                        progress.update(position.step, epoch + 1, smoothed, lrs[0],
                                         sum(len(b) for b in group))
                         if stop.requested:
                             save(f"signal {stop.signal_name}")
@@ -456,7 +456,8 @@ class Trainer:
         self.save_lora(final, models, facts, position, plan.epochs)
         shutil.rmtree(self.run_dir / "state", ignore_errors=True)
         self.record.update(status="finished", step=position.step,
-                           final_loss=position.loss_ema, final_lora=str(final),
+                           final_loss=position.smoothed_loss(LOSS_SMOOTHING),
+                           final_lora=str(final),
                            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.write_report()
         return final
