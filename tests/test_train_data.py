@@ -166,3 +166,17 @@ def test_report_command_rebuilds_the_report(project: Path) -> None:
     rebuilt = run_cli("report", "rep", "--config", project)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (result.final.parent / "report.html").is_file()
+
+
+def test_regularisation_concepts_are_weighted_by_the_prior_loss_weight(project: Path) -> None:
+    with project.open("a") as fh:
+        fh.write("\n[dataset.concepts.red_knight]\nis_reg = true\n"
+                 "\n[dataset.concepts.blue_mage]\nis_reg = true\n")
+    result = _train(project, "reg", "train.prior_loss_weight=0")
+    assert all(loss == 0.0 for loss in _losses(result))  # every image weighted 0: nothing learnt
+    from safetensors import safe_open
+
+    with safe_open(str(result.final), "pt") as fh:
+        ups = [fh.get_tensor(k) for k in fh.keys() if k.endswith("lora_up.weight")]  # noqa: SIM118
+        assert fh.metadata()["ss_prior_loss_weight"] == "0.0"
+    assert all(not up.any() for up in ups)
