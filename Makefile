@@ -1,22 +1,24 @@
-# make demo: build lora_env if missing, then train and render with the embedded tiny model.
-# make test: build lora_env if missing, then run the whole test suite.
+# make demo: build lora_env if missing (or older than pyproject.toml), then train and render with
+#            the embedded tiny model.
+# make test: the same environment, then ruff and the whole test suite.
 ENV := lora_env
 BIN := $(ENV)/bin
+STAMP := $(ENV)/.forge-stamp
 
 .PHONY: demo test lint setup
 
-$(BIN)/loraforge:
+$(STAMP): pyproject.toml setup_forge.sh
 	./setup_forge.sh
+	@touch $(STAMP)
 
-setup:
-	./setup_forge.sh
+setup: $(STAMP)
 
-demo: $(BIN)/loraforge
+demo: $(STAMP)
 	$(BIN)/loraforge demo demo
 
-test: $(BIN)/loraforge
+test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
-lint: $(BIN)/loraforge
+lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
