@@ -225,9 +225,18 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
 
     changed = run_cli("train", "--config", config, "--set", "train.unet_lr=0.01")
     assert_user_error(changed, "cannot resume", "train.unet_lr: 0.002 -> 0.01", "--restart")
+    extra = tmp_path / "master_dataset" / "1_red_knight" / "extra.png"
+    extra.write_bytes((tmp_path / "master_dataset" / "1_red_knight" / "0.png").read_bytes())
+    grown = run_cli("train", "--config", config)
+    assert_user_error(grown, "cannot resume", "images.dataset", "--restart")
+    extra.unlink()
 
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    stale = run_dir / "multi_concept-000007.safetensors"
+    stale.write_bytes(b"from the attempt before")
     restarted = run_cli("train", "--config", config, "--restart", "--set", "train.epochs=1")
     assert restarted.returncode == 0, restarted.stderr
+    assert not stale.exists()
     history = (tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
                / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == [1, 2]  # the old run's are gone

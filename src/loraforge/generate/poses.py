@@ -88,11 +88,6 @@ class Person:
             raise ValueError(f"a person has {NUM_KEYPOINTS} keypoints, got {len(points)}")
         object.__setattr__(self, "keypoints", points)
 
-    @classmethod
-    def from_xy(cls, points: Any) -> Person:
-        """A complete person from 18 ``(x, y)`` pairs (a list or an (18, 2) array)."""
-        return cls(tuple((x, y) for x, y in points))
-
     def __getitem__(self, index: int) -> Point | None:
         return self.keypoints[index]
 

@@ -42,10 +42,6 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
 _BY_KEY = {name.lower().replace(" ", ""): name for name in SAMPLERS}
 
 
-def sampler_names() -> list[str]:
-    return list(SAMPLERS)
-
-
 def check_sampler(name: str, where: str | None = None) -> str:
     """The canonical sampler name for `name` (case and spaces ignored); ForgeError if unknown."""
     key = str(name).lower().replace(" ", "")

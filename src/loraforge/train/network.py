@@ -114,10 +114,3 @@ def lora_pair(model: nn.Module, target: Target) -> tuple[torch.Tensor, torch.Ten
     layer = model.get_submodule(target.path)
     return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
 
-
-def lora_parameters(model: nn.Module, targets: list[Target]) -> list[torch.nn.Parameter]:
-    params = []
-    for target in targets:
-        down, up = lora_pair(model, target)
-        params += [down, up]
-    return params

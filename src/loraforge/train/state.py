@@ -63,17 +63,21 @@ def save_state(run_dir: Path, position: Position, weights: dict[str, torch.Tenso
     """Write a new state folder atomically and prune old ones. Raises OSError on a full disk,
     leaving every earlier state in place."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     root = state_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{position.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
-                  str(tmp / WEIGHTS))
-        buffer = io.BytesIO()  # torch.save reports a full disk as RuntimeError; a plain write
-        torch.save(trainer_state, buffer)  # reports it as OSError, which callers handle
+        # Serialised in memory, written with plain writes: a full disk is then an OSError
+        # (safetensors and torch.save report it as their own errors, or not at all).
+        (tmp / WEIGHTS).write_bytes(save({k: v.detach().to("cpu").contiguous()
+                                          for k, v in weights.items()}))
+        buffer = io.BytesIO()
+        torch.save(trainer_state, buffer)
         (tmp / OPTIMIZER).write_bytes(buffer.getvalue())
         (tmp / POSITION).write_text(json.dumps({"position": position.__dict__,
                                                 "config": config}, indent=1))
@@ -82,9 +86,13 @@ def save_state(run_dir: Path, position: Position, weights: dict[str, torch.Tenso
             with open(item, "rb") as fh:
                 os.fsync(fh.fileno())
         os.chmod(tmp, mode | 0o111)
-        if final.exists():
-            shutil.rmtree(final)
+        aside = None
+        if final.exists():  # the same step saved twice: keep the old one until the swap
+            aside = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+            os.replace(final, aside / final.name)
         os.replace(tmp, final)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -108,14 +116,15 @@ def load_state(path: Path) -> LoadedState:
 
     try:
         meta = json.loads((path / POSITION).read_text())
+        position = Position(**meta["position"])
         weights = load_file(str(path / WEIGHTS))
         trainer_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ForgeError(f"training state cannot be read ({exc})", path=path,
+    except Exception as exc:  # any damage (truncation, a foreign file) means the same to a user
+        raise ForgeError(f"training state cannot be read ({type(exc).__name__}: {exc})",
+                         path=path,
                          fix="delete this state folder to resume from the one before it, or "
                              "pass --restart") from None
-    return LoadedState(path, Position(**meta["position"]), meta["config"], weights,
-                       trainer_state)
+    return LoadedState(path, position, meta["config"], weights, trainer_state)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any],

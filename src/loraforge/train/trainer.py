@@ -104,9 +104,13 @@ def make_plan(settings: Settings, batches: int) -> Plan:
                 total, epochs)
 
 
-def semantic_config(settings: Settings) -> dict[str, Any]:
+def semantic_config(settings: Settings, examples: list[Any]) -> dict[str, Any]:
+    """What decides the trained weights: the config's sections, and the images themselves."""
     data = settings.to_dict()
-    return {section: data[section] for section in SEMANTIC_SECTIONS}
+    images = hashlib.sha256(json.dumps([(str(e.path), e.concept, e.bucket)
+                                        for e in examples]).encode()).hexdigest()[:16]
+    return {**{section: data[section] for section in SEMANTIC_SECTIONS},
+            "images": {"dataset": images}}
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
@@ -333,6 +337,12 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------
     def run(self, base: Path, restart: bool, facts_for: Any) -> Path:
+        """Train to the end; raises Interrupted (state saved) on SIGTERM/SIGINT/SIGUSR1, which
+        are caught from the very start, model loading and latent caching included."""
+        with StopRequest() as stop:
+            return self._run(base, restart, facts_for, stop)
+
+    def _run(self, base: Path, restart: bool, facts_for: Any, stop: StopRequest) -> Path:
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
@@ -400,53 +410,52 @@ class Trainer:
             log.info("state saved (%s): %s", reason, path)
 
         try:
-            with StopRequest() as stop:
-                if stop.requested:
-                    raise Interrupted
-                for epoch in range(position.epoch, plan.epochs):
-                    batches = epoch_batches(self.examples, self.indices, plan.batch_size,
-                                            cfg.seed, epoch)
-                    for first in range(position.batch_in_epoch, len(batches), plan.accumulation):
-                        if position.step >= plan.total_steps:
-                            break
-                        group = batches[first:first + plan.accumulation]
-                        loss_value = self.optimizer_step(models, batches, first, epoch,
-                                                         position.step)
-                        position.step += 1
-                        position.batch_in_epoch = first + len(group)
-                        position.loss_ema = (LOSS_SMOOTHING * position.loss_ema
-                                             + (1 - LOSS_SMOOTHING) * loss_value)
-                        smoothed = position.smoothed_loss(LOSS_SMOOTHING)
-                        lrs = self.scheduler.get_last_lr()
-                        writer.add_scalar("loss/step", loss_value, position.step)
-                        writer.add_scalar("loss/smoothed", smoothed, position.step)
-                        for group_name, lr in zip(("unet", "text_encoder"), lrs, strict=False):
-                            writer.add_scalar(f"lr/{group_name}", lr, position.step)
-                        history.write(json.dumps({
-                            "step": position.step, "epoch": epoch + 1, "loss": loss_value,
-                            "loss_smoothed": smoothed, "lr": lrs,
-                            "seconds": round(time.monotonic() - progress.started, 4)}) + "\n")
-                        progress.update(position.step, epoch + 1, smoothed, lrs[0],
-                                        sum(len(b) for b in group))
-                        if stop.requested:
-                            save(f"signal {stop.signal_name}")
-                            raise Interrupted
-                        if position.step % cfg.state_every_n_steps == 0:
-                            save("periodic")
-                    if position.batch_in_epoch < len(batches):
-                        break  # max_steps reached inside this epoch
-                    position.epoch, position.batch_in_epoch = epoch + 1, 0
-                    if (epoch + 1) % cfg.save_every_n_epochs == 0 and epoch + 1 < plan.epochs:
-                        self.save_lora(runs.epoch_lora(self.run_dir, epoch + 1), models, facts,
-                                       position, epoch + 1)
-                        self.prune_epochs()
-                    last = epoch + 1 == plan.epochs
-                    if (epoch + 1) % cfg.sample_every_n_epochs == 0 or last:
-                        self.render_previews(models, epoch + 1)
-                    self.write_report()
+            if stop.requested:  # a signal came while models loaded or latents were cached
+                raise Interrupted
+            for epoch in range(position.epoch, plan.epochs):
+                batches = epoch_batches(self.examples, self.indices, plan.batch_size,
+                                        cfg.seed, epoch)
+                for first in range(position.batch_in_epoch, len(batches), plan.accumulation):
+                    if position.step >= plan.total_steps:
+                        break
+                    group = batches[first:first + plan.accumulation]
+                    loss_value = self.optimizer_step(models, batches, first, epoch,
+                                                     position.step)
+                    position.step += 1
+                    position.batch_in_epoch = first + len(group)
+                    position.loss_ema = (LOSS_SMOOTHING * position.loss_ema
+                                         + (1 - LOSS_SMOOTHING) * loss_value)
+                    smoothed = position.smoothed_loss(LOSS_SMOOTHING)
+                    lrs = self.scheduler.get_last_lr()
+                    writer.add_scalar("loss/step", loss_value, position.step)
+                    writer.add_scalar("loss/smoothed", smoothed, position.step)
+                    for group_name, lr in zip(("unet", "text_encoder"), lrs, strict=False):
+                        writer.add_scalar(f"lr/{group_name}", lr, position.step)
+                    history.write(json.dumps({
+                        "step": position.step, "epoch": epoch + 1, "loss": loss_value,
+                        "loss_smoothed": smoothed, "lr": lrs,
+                        "seconds": round(time.monotonic() - progress.started, 4)}) + "\n")
+                    progress.update(position.step, epoch + 1, smoothed, lrs[0],
+                                    sum(len(b) for b in group))
                     if stop.requested:
                         save(f"signal {stop.signal_name}")
                         raise Interrupted
+                    if position.step % cfg.state_every_n_steps == 0:
+                        save("periodic")
+                if position.batch_in_epoch < len(batches):
+                    break  # max_steps reached inside this epoch
+                position.epoch, position.batch_in_epoch = epoch + 1, 0
+                if (epoch + 1) % cfg.save_every_n_epochs == 0 and epoch + 1 < plan.epochs:
+                    self.save_lora(runs.epoch_lora(self.run_dir, epoch + 1), models, facts,
+                                   position, epoch + 1)
+                    self.prune_epochs()
+                last = epoch + 1 == plan.epochs
+                if (epoch + 1) % cfg.sample_every_n_epochs == 0 or last:
+                    self.render_previews(models, epoch + 1)
+                self.write_report()
+                if stop.requested:
+                    save(f"signal {stop.signal_name}")
+                    raise Interrupted
         finally:
             progress.close()
             writer.close()
@@ -454,11 +463,11 @@ class Trainer:
 
         final = runs.final_lora(self.run_dir)
         self.save_lora(final, models, facts, position, plan.epochs)
-        shutil.rmtree(self.run_dir / "state", ignore_errors=True)
         self.record.update(status="finished", step=position.step,
                            final_loss=position.smoothed_loss(LOSS_SMOOTHING),
                            final_lora=str(final),
                            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        shutil.rmtree(self.run_dir / "state", ignore_errors=True)
         self.write_report()
         return final
 
@@ -492,11 +501,11 @@ class Trainer:
                     save_atomic(preview_path(self.run_dir, epoch, index, sample),
                                 lambda tmp, im=image: im.save(tmp, format="PNG"), self.mode)
             write_grid(self.run_dir, self.sample_prompts, epoch, self.mode)
-        except OSError as exc:
-            log.warning("previews of epoch %d not saved: %s", epoch, exc)
+            log.info("previews of epoch %d: %s", epoch, self.run_dir / "samples")
+        except Exception as exc:  # a preview is a courtesy: training goes on without it
+            log.warning("previews of epoch %d not made: %s", epoch, exc)
         finally:
             models.unet.train()
-        log.info("previews of epoch %d: %s", epoch, self.run_dir / "samples")
 
     def write_report(self) -> None:
         from loraforge.report.html import write_report
@@ -582,16 +591,19 @@ class Trainer:
         from loraforge.train.state import save_state
 
         return save_state(self.run_dir, position, named, trainer_state,
-                          semantic_config(self.settings), self.cfg.keep_states, self.mode)
+                          semantic_config(self.settings, self.examples), self.cfg.keep_states,
+                          self.mode)
 
     def check_resumable(self, saved: dict[str, Any], path: Path) -> None:
         from loraforge.train.state import config_differences
 
-        diffs = config_differences(saved, semantic_config(self.settings), RESUME_SAFE)
+        diffs = config_differences(saved, semantic_config(self.settings, self.examples),
+                                   RESUME_SAFE)
         if diffs:
             shown = "\n  ".join(diffs)
             raise ForgeError(f"cannot resume run `{self.run_dir.name}`: its saved state was "
-                             f"written with a different config:\n  {shown}",
+                             f"written with a different config or dataset (images.dataset: "
+                             f"the list of images):\n  {shown}",
                              path=path,
                              fix=f"undo those changes to resume, pass --restart to start "
                                  f"`{self.run_dir.name}` over, or train under a new --run name")
@@ -674,11 +686,16 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     from loraforge.hashing import legacy_hash, sha256_file
     from loraforge.train.metadata import TrainingFacts
 
-    if restart:
-        shutil.rmtree(run_dir / "state", ignore_errors=True)
-        shutil.rmtree(run_dir / "events", ignore_errors=True)
-        (run_dir / HISTORY).unlink(missing_ok=True)
-    trainer = Trainer(settings, dataset, run_dir)
+    if restart:  # what the old attempt made must not mix with the new one
+        for folder in ("state", "events", "samples"):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+        for old in [run_dir / HISTORY, *run_dir.glob(f"{run_dir.name}*.safetensors")]:
+            old.unlink(missing_ok=True)
+    try:
+        trainer = Trainer(settings, dataset, run_dir)
+    except ForgeError as exc:
+        runs.RunRecord(run_dir, settings.file_mode).update(status="failed", error=str(exc))
+        raise
     previous = trainer.record.data
     started = (previous.get("started_at_unix") if not restart else None) or env_time() \
         or time.time()
@@ -714,6 +731,12 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     except ForgeError as exc:
         trainer.record.update(status="failed", error=str(exc))
         raise
+    except OSError as exc:  # an image removed mid-run, a folder made read-only, a full disk
+        error = ForgeError(f"{exc.strerror or exc} while training", path=exc.filename or run_dir,
+                           fix="fix the file or free the space, then rerun the same command: "
+                               "training resumes from the last state saved completely")
+        trainer.record.update(status="failed", error=str(error))
+        raise error from None
     except BaseException as exc:
         trainer.record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
