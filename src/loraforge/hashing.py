@@ -20,6 +20,16 @@ def legacy_hash(path: Path) -> str:
         return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
 
 
+def digest_file(path: Path, offset: int = 0) -> str:
+    """sha256 of a file's bytes from `offset` on, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while block := fh.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
     """Full sha256 of a file; remembered in `cache_dir/hashes.json` by path, size and mtime."""
     stat = path.stat()
@@ -33,11 +43,7 @@ def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
             known = {}
     if key in known:
         return known[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = digest_file(path)
     if cache_file is not None:
         known[key] = value
         with contextlib.suppress(OSError):

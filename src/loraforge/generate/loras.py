@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from typing import Any
 
 from loraforge import runs
 from loraforge.errors import ForgeError
+from loraforge.hashing import digest_file
 
 log = logging.getLogger("loraforge.generate")
 
@@ -151,15 +151,6 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
-def _payload_sha256(path: Path, offset: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _shape(info: Any) -> list[int]:
     shape = info.get("shape") if isinstance(info, dict) else None
     return [int(x) for x in shape] if isinstance(shape, list) else []
@@ -210,7 +201,7 @@ def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
                              "one made by `loraforge train`")
     has_text = any(k.startswith(("lora_te_", "text_encoder.")) for k in keys)
     try:
-        sha = _payload_sha256(path, offset)
+        sha = digest_file(path, offset)
     except OSError as exc:
         raise ForgeError(f"cannot be read ({exc.strerror or exc})", path=path) from None
     return LoraFile(path.resolve(), metadata, sha, has_text)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.fsutil import write_atomic
-from loraforge.train.network import Target, lora_pair
+from loraforge.train.network import Target, lora_weights
 
 if TYPE_CHECKING:
     import torch
@@ -25,14 +25,11 @@ def kohya_state_dict(models: dict[str, nn.Module], targets: list[Target], precis
     import torch
 
     dtype = getattr(torch, SAVE_DTYPES[precision])
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = {key: value.detach().to("cpu", dtype).contiguous()
+               for key, value in lora_weights(models, targets).items()}
     for target in targets:
-        down, up = lora_pair(models[target.component], target)
-        name = target.kohya_name
-        tensors[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(target.alpha), dtype=dtype)
-    return tensors
+        tensors[f"{target.kohya_name}.alpha"] = torch.tensor(float(target.alpha), dtype=dtype)
+    return dict(sorted(tensors.items()))
 
 
 def _split(blob: bytes) -> tuple[dict[str, Any], bytes]:

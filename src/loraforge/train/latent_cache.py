@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from loraforge.fsutil import save_atomic
+from loraforge.hashing import digest_file
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +42,6 @@ CACHE_FORMAT = 1
 #: The tensor name inside an entry file.
 TENSOR_NAME = "latents"
 
-_CHUNK = 1 << 20
 _sha_memo: dict[tuple[str, int, int, int], str] = {}
 
 T = TypeVar("T")
@@ -59,11 +59,7 @@ def file_sha256(path: Path) -> str:
     known = _sha_memo.get(memo_key)
     if known is not None:
         return known
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = digest_file(resolved)
     _sha_memo[memo_key] = value
     return value
 

@@ -114,3 +114,13 @@ def lora_pair(model: nn.Module, target: Target) -> tuple[torch.Tensor, torch.Ten
     layer = model.get_submodule(target.path)
     return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
 
+
+def lora_weights(models: dict[str, nn.Module], targets: list[Target]) -> dict[str, torch.Tensor]:
+    """The live LoRA parameters under their kohya names: `<name>.lora_down.weight` and
+    `<name>.lora_up.weight`. `models` maps a target's component ("unet", "text_encoder")."""
+    weights = {}
+    for target in targets:
+        down, up = lora_pair(models[target.component], target)
+        weights[f"{target.kohya_name}.lora_down.weight"] = down
+        weights[f"{target.kohya_name}.lora_up.weight"] = up
+    return weights

@@ -576,15 +576,10 @@ class Trainer:
 
     # --- files -------------------------------------------------------------------------
     def named_lora(self, models: Models) -> dict[str, torch.Tensor]:
-        from loraforge.train.network import lora_pair
+        from loraforge.train.network import lora_weights
 
-        named = {}
-        components = {"unet": models.unet, "text_encoder": models.text_encoder}
-        for target in models.targets:
-            down, up = lora_pair(components[target.component], target)
-            named[f"{target.kohya_name}.lora_down.weight"] = down
-            named[f"{target.kohya_name}.lora_up.weight"] = up
-        return named
+        return lora_weights({"unet": models.unet, "text_encoder": models.text_encoder},
+                            models.targets)
 
     def save_state(self, position: Position, named: dict[str, torch.Tensor],
                    trainer_state: dict[str, Any]) -> Path:
