@@ -352,6 +352,11 @@ class Trainer:
         from loraforge.train.state import load_state, saved_states
 
         cfg, plan = self.cfg, self.plan
+        # A state from another config is refused before minutes of model loading.
+        states = [] if restart else saved_states(self.run_dir)
+        state = load_state(states[-1]) if states else None
+        if state is not None:
+            self.check_resumable(state.config, state.path)
         models = self.models = self.load_models(base)
         self.unet_forward = models.unet
         if cfg.compile_unet and self.device.type == "cuda":
@@ -371,10 +376,7 @@ class Trainer:
         named = self.named_lora(models)
 
         position = Position()
-        states = [] if restart else saved_states(self.run_dir)
-        if states:
-            state = load_state(states[-1])
-            self.check_resumable(state.config, states[-1])
+        if state is not None:
             with torch.no_grad():
                 for key, tensor in state.weights.items():
                     named[key].copy_(tensor)
@@ -382,7 +384,7 @@ class Trainer:
             self.scheduler.load_state_dict(state.trainer_state["scheduler"])
             self.scaler.load_state_dict(state.trainer_state["scaler"])
             position = state.position
-            log.info("resuming from %s (step %d of %d)", states[-1], position.step,
+            log.info("resuming from %s (step %d of %d)", state.path, position.step,
                      plan.total_steps)
 
         if cfg.cache_latents:
