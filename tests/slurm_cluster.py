@@ -1,9 +1,10 @@
-"""A real one-node SLURM cluster on this machine, for the tests of `loraforge slurm`.
+"""A real two-node SLURM cluster on this machine, for the tests of `loraforge slurm`.
 
-Debian's slurmctld + slurmd + munge (see shared/reference/slurm-local.md): partitions `c3_accel`
-(the seed's) and `debug`, four fake GPUs, a fast scheduler, everything under a temporary folder,
-private ports. Started once per test session, stopped cleanly at the end (jobs cancelled, daemons
-killed by the pids in their pid files).
+Debian's slurmctld + two slurmd daemons (nodes n1 and n2, both on this host, as in
+shared/reference/slurm-local.md) + munge: partitions `c3_accel` (the seed's) and `debug`, four
+fake GPUs per node, a fast scheduler, everything under a temporary folder, private ports.
+Started once per test session, stopped cleanly at the end (jobs cancelled, daemons killed by the
+pids in their pid files).
 
 Use it by importing the fixture into a test module:
 
@@ -42,6 +43,22 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def _consecutive_free_ports() -> list[int]:
+    """slurmctld's port, then two consecutive ones for the nodes (a node range takes a port
+    range)."""
+    for _ in range(50):
+        first, second = _free_ports(2)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", second))
+                b.bind(("127.0.0.1", second + 1))
+            except OSError:
+                continue
+        if second + 1 != first:
+            return [first, second, second + 1]
+    raise RuntimeError("no two consecutive free ports for the test cluster's nodes")
 
 
 def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
@@ -124,7 +141,11 @@ class Cluster:
         return (self.root / "log" / name).read_text(errors="replace")
 
 
+NODES = ("n1", "n2")
+
+
 def _write_config(root: Path, host: str, ports: list[int]) -> Path:
+    """`ports`: slurmctld's, then one per node."""
     for sub in ("state", "spool", "log", "run", "gpu"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     gpus = []
@@ -135,24 +156,23 @@ def _write_config(root: Path, host: str, ports: list[int]) -> Path:
         gpus.append(gpu)
     (root / "gres.conf").write_text(
         "AutoDetect=off\n"
-        f"NodeName={host} Name=gpu File={root / 'gpu'}/gpu[0-3]\n")
+        f"NodeName=n[1-2] Name=gpu File={root / 'gpu'}/gpu[0-3]\n")
     conf = root / "slurm.conf"
     conf.write_text("\n".join([
         "ClusterName=loraforge-test",
         f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={ports[0]}",
-        f"SlurmdPort={ports[1]}",
         "SlurmUser=root",
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
         "AuthInfo=cred_expire=10",
         f"StateSaveLocation={root / 'state'}",
-        f"SlurmdSpoolDir={root / 'spool'}",
+        f"SlurmdSpoolDir={root / 'spool'}/%n",
         f"SlurmctldPidFile={root / 'run' / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'run' / 'slurmd.pid'}",
+        f"SlurmdPidFile={root / 'run' / 'slurmd-%n.pid'}",
         f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
-        f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+        f"SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}",
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
         "ProctrackType=proctrack/pgid",
@@ -171,9 +191,10 @@ def _write_config(root: Path, host: str, ports: list[int]) -> Path:
         "ReturnToService=2",
         "DefMemPerCPU=500",
         "GresTypes=gpu",
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs=32 RealMemory=256000 Gres=gpu:4 State=UNKNOWN",
-        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
-        f"PartitionName=c3_accel Nodes={host} MaxTime=INFINITE State=UP",
+        f"NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port={ports[1]}-{ports[2]} "
+        "CPUs=32 RealMemory=256000 Gres=gpu:4 State=UNKNOWN",
+        "PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP",
+        "PartitionName=c3_accel Nodes=n[1-2] MaxTime=INFINITE State=UP",
         "",
     ]))
     return conf
@@ -218,14 +239,17 @@ def start_cluster(root: Path) -> Cluster:
     if subprocess.run(["getent", "hosts", host], capture_output=True).returncode:
         with open("/etc/hosts", "a") as hosts:
             hosts.write(f"127.0.0.1 {host}\n")
-    conf = _write_config(root, host, _free_ports(2))
+    conf = _write_config(root, host, _consecutive_free_ports())
     env = {**os.environ, "SLURM_CONF": str(conf)}
     env["PATH"] = f"{env.get('PATH', '')}:/usr/sbin"
     cluster = Cluster(root, conf, env)
     cluster.started_munge = _ensure_munge(env)
-    cluster.pid_files = [root / "run" / "slurmctld.pid", root / "run" / "slurmd.pid"]
+    cluster.pid_files = [root / "run" / "slurmctld.pid",
+                         *(root / "run" / f"slurmd-{node}.pid" for node in NODES)]
     _run("slurmctld", "-i", env=env)
-    _run("slurmd", env=env)
+    for node in NODES:
+        (root / "spool" / node).mkdir(parents=True, exist_ok=True)
+        _run("slurmd", "-N", node, env=env)
     deadline = time.monotonic() + 30
     state = ""
     while time.monotonic() < deadline:
@@ -256,7 +280,7 @@ def stop_cluster(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A one-node SLURM cluster; SLURM_CONF points every client command of this process at it."""
+    """A two-node SLURM cluster; SLURM_CONF points every client command of this process at it."""
     cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLURM_CONF", str(cluster.conf))

@@ -6,6 +6,7 @@ so `--help` and config errors answer at once.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -117,17 +118,29 @@ def train(
 ) -> None:
     """Train one multi-concept LoRA over all concept folders (resumes an interrupted run).
 
-    Exit code 75 means: interrupted by a signal, state saved; rerun the same command to resume.
+    With train.gpus > 1 it starts one process per GPU. Exit code 75 means: interrupted by a
+    signal, state saved; rerun the same command to resume.
     """
-    from loraforge.train.trainer import RESUMABLE_EXIT, Interrupted
+    from loraforge.train.distributed import launch_local, rerun_argv, world_from_env
+    from loraforge.train.trainer import RESUMABLE_EXIT, Interrupted, check_inputs
     from loraforge.train.trainer import train as train_lora
 
+    settings = _settings(config, overrides)
+    world = world_from_env()
+    processes = settings.config.train.gpus
+    if processes > 1 and not world.distributed:
+        check_inputs(settings, run)
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        raise typer.Exit(launch_local(processes, rerun_argv(), threads))
     try:
-        final = train_lora(_settings(config, overrides), run, restart).final
+        final = train_lora(settings, run, restart, world).final
     except Interrupted:
+        if not world.is_main:  # rank 0 saved the state and reports it
+            raise typer.Exit(0) from None
         Console(stderr=True).print("interrupted: state saved; rerun the same command to resume")
         raise typer.Exit(RESUMABLE_EXIT) from None
-    out.print(f"LoRA: {final}", markup=False)
+    if world.is_main:
+        out.print(f"LoRA: {final}", markup=False)
 
 
 @app.command()

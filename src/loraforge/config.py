@@ -130,7 +130,14 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=1, le=10_000)
     max_steps: int | None = Field(None, ge=1,
                                   description="Stop after this many steps (overrides epochs).")
-    batch_size: int = Field(2, ge=1, le=1024)
+    batch_size: int = Field(2, ge=1, le=1024, description="Images per step on each GPU; the "
+                            "global batch is this times the number of training processes.")
+    gpus: int = Field(1, ge=1, le=64, description="Training processes `loraforge train` starts "
+                      "on this machine, one per GPU (CPU processes where there is no GPU). "
+                      "SLURM jobs use slurm.nodes x slurm.gpus_per_node instead.")
+    scale_lr: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="Multiply the learning rates by the number of training processes "
+        "(linear) or its square root (sqrt); none keeps them as written.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     unet_lr: float = Field(5e-4, ge=0, le=1)
     text_encoder_lr: float = Field(1e-4, ge=0, le=1, description="0 trains the U-Net only.")
@@ -203,12 +210,13 @@ class GenerateConfig(_Section):
 class SlurmConfig(_Section):
     partition: str = "c3_accel"
     gpus: int = Field(1, ge=0, le=64)
-    cpus: int = Field(8, ge=1, le=1024)
+    cpus: int = Field(8, ge=1, le=1024, description="CPUs per training process (per GPU).")
     mem: str = "32G"
     time: str = "04:00:00"
     account: str | None = None
     qos: str | None = None
-    nodes: int = Field(1, ge=1, le=256)
+    nodes: int = Field(1, ge=1, le=256, description="Nodes of a training job; training runs "
+                       "one process per GPU on each (one per node without GPUs).")
     gpus_per_node: int | None = Field(None, ge=0, le=64, description="Default: slurm.gpus.")
     grace_seconds: int = Field(300, ge=30, le=3600, description="SIGUSR1 this long before the "
                                "time limit: state is saved, the job requeued.")

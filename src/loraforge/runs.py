@@ -43,15 +43,18 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 class RunRecord:
     """`run.json`: resolved config, dataset summary, status and timings, rewritten atomically."""
 
-    def __init__(self, run_dir: Path, mode: int) -> None:
+    def __init__(self, run_dir: Path, mode: int, write: bool = True) -> None:
+        """`write=False`: keep the values in memory only (a training process other than rank 0)."""
         self.path = run_dir / RECORD
         self.mode = mode
+        self.write = write
         self.data: dict[str, Any] = read_record(run_dir) or {"name": run_dir.name}
 
     def update(self, **values: Any) -> None:
         self.data.update(values)
         self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True), self.mode)
+        if self.write:
+            write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True), self.mode)
 
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:

@@ -118,6 +118,20 @@ class JobScript:
     def log_pattern(self) -> str:
         return f"{LOG_DIR}/%x-%A_%a.out" if self.array else f"{LOG_DIR}/%x-%j.out"
 
+    @property
+    def layout(self) -> tuple[int, int, Gpus]:
+        """(nodes, processes per node, GPUs per node): training runs one process per GPU on
+        every node (one per node without GPUs); generation one process with at most one GPU."""
+        gpus = self.res.gpus
+        if self.kind == "train":
+            return self.res.nodes, max(1, gpus.count), gpus
+        return 1, 1, Gpus(min(gpus.count, 1), gpus.kind)
+
+    @property
+    def processes(self) -> int:
+        nodes, per_node, _ = self.layout
+        return nodes * per_node
+
     def log_name(self, job_id: str, task: int | str | None = None) -> str:
         suffix = f"{job_id}_{task}" if task is not None else job_id
         return f"{LOG_DIR}/{self.job_name}-{suffix}.out"
@@ -131,9 +145,10 @@ def _sbatch_lines(job: JobScript) -> list[str]:
         lines.append(f"--account={res.account}")
     if res.qos:
         lines.append(f"--qos={res.qos}")
-    lines += [f"--nodes={res.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={res.cpus}"]
-    if res.gpus.count:
-        lines.append(f"--gres={res.gpus.gres()}")
+    nodes, per_node, gpus = job.layout
+    lines += [f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--cpus-per-task={res.cpus}"]
+    if gpus.count:
+        lines.append(f"--gres={gpus.gres()}")
     lines += [f"--mem={res.mem}", f"--time={res.time}"]
     if job.array:
         limit = f"%{job.max_parallel}" if job.max_parallel else ""
@@ -147,7 +162,8 @@ def _command_lines(words: list[str], indent: str = "") -> str:
     """`loraforge train ...` on one line, or one option (with its value) per continued line."""
     segments: list[list[str]] = []
     for word in words:
-        if not segments or (str(word).startswith("-") and not isinstance(word, Raw)):
+        if not segments or word == "loraforge" or (str(word).startswith("-")
+                                                   and not isinstance(word, Raw)):
             segments.append([quote(word)])
         else:
             segments[-1].append(quote(word))
@@ -195,6 +211,20 @@ def render(job: JobScript) -> str:
         "export PYTHONUNBUFFERED=1",
         "",
     ]
+    if job.processes > 1:
+        nodes, per_node, _ = job.layout
+        out += [
+            f"# Data-parallel training: srun starts {job.processes} processes ({nodes} node(s) x "
+            f"{per_node}), one per GPU;",
+            "# they meet on the allocation's first node (this one) at a free port. srun passes",
+            "# USR1/TERM on to every process and exits with their highest exit code.",
+            'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            'getent hosts "$MASTER_ADDR" >/dev/null || MASTER_ADDR="$(hostname)"',
+            "MASTER_PORT=\"$(python -c 'import socket; s = socket.socket(); "
+            's.bind(("", 0)); print(s.getsockname()[1])\')"',
+            "export MASTER_ADDR MASTER_PORT",
+            "",
+        ]
     if job.array:
         out += ["# One run per combination of the swept values; SLURM_ARRAY_TASK_ID picks one.",
                 'case "${SLURM_ARRAY_TASK_ID:-0}" in']
@@ -209,7 +239,7 @@ def render(job: JobScript) -> str:
         "",
         "# loraforge runs in the background so this shell can pass SLURM's signals on; a trap",
         "# interrupts `wait`, so wait again until loraforge has really exited.",
-        _command_lines(job.command) + " &",
+        _command_lines(_launch(job) + job.command) + " &",
         "child=$!",
         '[ "$warned" -eq 0 ] || kill -USR1 "$child" 2>/dev/null',
         'wait "$child"',
@@ -245,6 +275,16 @@ def render(job: JobScript) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _launch(job: JobScript) -> list[str]:
+    """The words before `loraforge`: srun for a job of several processes (a failing process
+    takes the others down at once instead of leaving them waiting for it)."""
+    if job.processes == 1:
+        return []
+    _, per_node, _ = job.layout
+    return ["srun", f"--ntasks-per-node={per_node}", f"--cpus-per-task={job.res.cpus}",
+            "--kill-on-bad-exit=1"]
 
 
 def _shell_path(path: Path, base: Path | None) -> str:

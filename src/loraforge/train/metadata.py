@@ -27,6 +27,8 @@ class TrainingFacts:
     total_steps: int
     num_epochs: int
     batches_per_epoch: int
+    total_batch_size: int  # per process x processes
+    lr_factor: float  # train.scale_lr for this many processes
     warmup_steps: int
     mixed_precision: str
     train_text_encoder: bool
@@ -61,9 +63,10 @@ def lora_metadata(settings: Settings, dataset: Dataset, facts: TrainingFacts, st
         "ss_num_train_images": str(images_x_repeats),
         "ss_num_batches_per_epoch": str(facts.batches_per_epoch),
         "ss_batch_size_per_device": str(train.batch_size),
-        "ss_learning_rate": str(train.unet_lr),
-        "ss_unet_lr": str(train.unet_lr),
-        "ss_text_encoder_lr": str(train.text_encoder_lr),
+        "ss_total_batch_size": str(facts.total_batch_size),
+        "ss_learning_rate": str(train.unet_lr * facts.lr_factor),
+        "ss_unet_lr": str(train.unet_lr * facts.lr_factor),
+        "ss_text_encoder_lr": str(train.text_encoder_lr * facts.lr_factor),
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_lr_warmup_steps": str(facts.warmup_steps),
         "ss_optimizer": facts.optimizer,

@@ -17,6 +17,10 @@ class Draw:
     timesteps: torch.Tensor
     noise: torch.Tensor
 
+    def rows(self, start: int, stop: int) -> Draw:
+        """The draw of examples start..stop-1 of the batch (one process's share)."""
+        return Draw(self.timesteps[start:stop], self.noise[start:stop])
+
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """A generator seeded by (seed, step): a resumed run draws exactly what the original would."""
@@ -26,18 +30,20 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=kind).manual_seed(seed * 1_000_003 + 7919 * step + 1)
 
 
-def draw(latents: torch.Tensor, num_timesteps: int, noise_offset: float,
-         generator: torch.Generator) -> Draw:
+def draw(shape: tuple[int, ...], num_timesteps: int, noise_offset: float,
+         generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Draw:
+    """Noise and timesteps for a whole batch of latents of `shape` (the global batch when
+    several processes share it: each takes its rows, so the split does not change the draw)."""
     import torch
 
-    batch, channels = latents.shape[:2]
+    batch, channels = shape[:2]
     gen_device = generator.device
-    noise = torch.randn(latents.shape, generator=generator, device=gen_device)
+    noise = torch.randn(shape, generator=generator, device=gen_device)
     if noise_offset > 0:
         noise = noise + noise_offset * torch.randn((batch, channels, 1, 1), generator=generator,
                                                    device=gen_device)
     timesteps = torch.randint(0, num_timesteps, (batch,), generator=generator, device=gen_device)
-    return Draw(timesteps.to(latents.device), noise.to(latents.device, latents.dtype))
+    return Draw(timesteps.to(device), noise.to(device, dtype))
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

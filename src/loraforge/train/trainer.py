@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.hashing import env_time
+from loraforge.train.distributed import RESUMABLE, World
 from loraforge.train.state import Position
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from loraforge.dataset.scan import Dataset
 
 #: Exit code after a signal: state saved, rerun the same command to resume (EX_TEMPFAIL).
-RESUMABLE_EXIT = 75
+RESUMABLE_EXIT = RESUMABLE
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 #: Keys that may change between an interruption and its resume without changing the result.
 RESUME_SAFE = {
@@ -44,6 +46,8 @@ SEMANTIC_SECTIONS = ("models", "dataset", "train")
 LOSS_SMOOTHING = 0.98
 #: One JSON line per optimizer step; after a resume the last line for a step wins.
 HISTORY = "history.jsonl"
+#: Largest difference between the processes' weights (norm of any tensor) that is not an error.
+REPLICA_TOLERANCE = 1e-6
 
 log = logging.getLogger("loraforge.train")
 
@@ -74,13 +78,53 @@ class StopRequest:
         return self.signal_name is not None
 
 
+class Journal:
+    """Rank 0's record of every optimizer step: TensorBoard scalars, one `history.jsonl` line,
+    the progress bar or log line. Other processes keep none."""
+
+    def __init__(self, run_dir: Path, step: int, total: int, every_seconds: float,
+                 active: bool) -> None:
+        from loraforge.train.progress import TrainingProgress
+
+        self.active = active
+        if not active:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "events"), purge_step=step + 1)
+        self.history = open(run_dir / HISTORY, "a", encoding="utf-8")  # noqa: SIM115
+        self.progress = TrainingProgress(total, step, every_seconds)
+
+    def step(self, position: Position, epoch: int, loss: float, lrs: list[float], images: int,
+             extra: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        smoothed = position.smoothed_loss(LOSS_SMOOTHING)
+        self.writer.add_scalar("loss/step", loss, position.step)
+        self.writer.add_scalar("loss/smoothed", smoothed, position.step)
+        for group_name, lr in zip(("unet", "text_encoder"), lrs, strict=False):
+            self.writer.add_scalar(f"lr/{group_name}", lr, position.step)
+        self.history.write(json.dumps({
+            "step": position.step, "epoch": epoch, "loss": loss, "loss_smoothed": smoothed,
+            "lr": lrs, "seconds": round(time.monotonic() - self.progress.started, 4),
+            **extra}) + "\n")
+        self.progress.update(position.step, epoch, smoothed, lrs[0], images)
+
+    def close(self) -> None:
+        if self.active:
+            self.progress.close()
+            self.writer.close()
+            self.history.close()
+
+
 class Interrupted(Exception):
     """Training stopped on a signal after saving its state; the run can be resumed."""
 
 
 @dataclass
 class Plan:
-    """How many steps, how batches group into optimizer steps."""
+    """How many steps, how batches group into optimizer steps. `batch_size` is the global batch:
+    the per-process batch times the number of processes."""
 
     batch_size: int
     accumulation: int
@@ -90,8 +134,8 @@ class Plan:
     epochs: int
 
 
-def make_plan(settings: Settings, batches: int) -> Plan:
-    """`batches`: batches per epoch (single-bucket batches, so more than items / batch size)."""
+def make_plan(settings: Settings, batches: int, world: World) -> Plan:
+    """`batches`: global batches per epoch (single-bucket, so more than items / batch size)."""
     train = settings.config.train
     steps_per_epoch = math.ceil(batches / train.gradient_accumulation_steps)
     if train.max_steps:
@@ -100,30 +144,58 @@ def make_plan(settings: Settings, batches: int) -> Plan:
     else:
         epochs = train.epochs
         total = epochs * steps_per_epoch
-    return Plan(train.batch_size, train.gradient_accumulation_steps, batches, steps_per_epoch,
-                total, epochs)
+    return Plan(train.batch_size * world.size, train.gradient_accumulation_steps, batches,
+                steps_per_epoch, total, epochs)
 
 
-def semantic_config(settings: Settings, examples: list[Any]) -> dict[str, Any]:
-    """What decides the trained weights: the config's sections, and the images themselves."""
+def lr_factor(settings: Settings, world: World) -> float:
+    """What train.scale_lr multiplies the learning rates by in a world of this size."""
+    rule = settings.config.train.scale_lr
+    return {"none": 1.0, "linear": float(world.size), "sqrt": math.sqrt(world.size)}[rule]
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+
+
+def semantic_config(settings: Settings, examples: list[Any], world: World) -> dict[str, Any]:
+    """What decides the trained weights: the config's sections, and the images themselves.
+    The number of processes does not, as long as the global batch and the learning rates the
+    optimizer uses stay the same: a run saved on 4 GPUs resumes on 2 with twice the batch."""
     data = settings.to_dict()
-    images = hashlib.sha256(json.dumps([(str(e.path), e.concept, e.bucket)
-                                        for e in examples]).encode()).hexdigest()[:16]
-    return {**{section: data[section] for section in SEMANTIC_SECTIONS},
-            "images": {"dataset": images}}
+    # Paths inside the dataset folder: a project moved elsewhere still resumes.
+    images = hashlib.sha256(json.dumps([(_relative(e.path, settings.dataset_dir), e.concept,
+                                         e.bucket) for e in examples]).encode()).hexdigest()[:16]
+    found = {**{section: data[section] for section in SEMANTIC_SECTIONS},
+             "images": {"dataset": images}}
+    train = dict(found["train"])
+    train["global_batch_size"] = train.pop("batch_size") * world.size
+    factor = lr_factor(settings, world)
+    for key in ("unet_lr", "text_encoder_lr"):
+        train[key] = train[key] * factor
+    for key in ("gpus", "scale_lr"):
+        train.pop(key)
+    found["train"] = train
+    return found
 
 
-def _setup_logging(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+def _setup_logging(run_dir: Path, world: World) -> logging.Handler | None:
+    """Rank 0 logs to train.log and stderr; other processes only their own errors, marked
+    with their rank (the messages would otherwise repeat once per process)."""
     root = logging.getLogger("loraforge")
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in root.handlers):
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(message)s"))
+        prefix = "" if world.is_main else f"[rank {world.rank}] "
+        stream.setFormatter(logging.Formatter(prefix + "%(message)s"))
         root.addHandler(stream)
+    if not world.is_main:
+        root.setLevel(logging.ERROR)
+        return None
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
     return handler
 
 
@@ -143,25 +215,30 @@ class Models:
     alphas_cumprod: Any
     num_timesteps: int
     scheduler_config: Any
+    latent_channels: int
+    vae_scale: int
     targets: list[Any] = field(default_factory=list)
 
 
 class Trainer:
-    def __init__(self, settings: Settings, dataset: Dataset, run_dir: Path) -> None:
+    """One training process. With several (`world`), rank 0 alone writes files and logs."""
+
+    def __init__(self, settings: Settings, dataset: Dataset, run_dir: Path, world: World,
+                 device: torch.device) -> None:
         import torch
 
         from loraforge.dataset.examples import batches_per_epoch, build_examples, repeated_indices
-        from loraforge.runtime import pick_device
 
         self.settings = settings
+        self.world = world
         self.cfg = settings.config.train
         self.data_cfg = settings.config.dataset
         self.dataset = dataset
         self.run_dir = run_dir
         self.examples = build_examples(dataset, self.data_cfg, log.warning)
         self.indices = repeated_indices(dataset)
-        self.plan = make_plan(settings, batches_per_epoch(self.examples, self.indices,
-                                                          self.cfg.batch_size))
+        self.plan = make_plan(settings, batches_per_epoch(
+            self.examples, self.indices, self.cfg.batch_size * world.size), world)
         uncachable = [k for k in ("random_crop", "color_aug") if getattr(self.data_cfg, k)]
         if uncachable and self.cfg.cache_latents:
             raise ForgeError(f"dataset.{uncachable[0]} changes the pixels every epoch, so the "
@@ -176,7 +253,7 @@ class Trainer:
                                                    defaults_from_config(settings.to_dict()))
         self.latents: dict[tuple[int, bool], torch.Tensor] | None = None
         self.text_cache: dict[int, torch.Tensor] | None = None
-        self.device = pick_device()
+        self.device = device
         on_gpu = self.device.type == "cuda"
         precision = self.cfg.mixed_precision if on_gpu else "no"
         self.precision = precision
@@ -187,7 +264,7 @@ class Trainer:
 
         optimizer_class(self.cfg.optimizer, self.device)  # fail before minutes of model loading
         self.mode = settings.file_mode
-        self.record = runs.RunRecord(run_dir, self.mode)
+        self.record = runs.RunRecord(run_dir, self.mode, write=world.is_main)
 
     # --- setup -------------------------------------------------------------------------
     def load_models(self, base: Path) -> Models:
@@ -234,7 +311,9 @@ class Trainer:
         text_encoder.train(self.train_text)
         vae.to(self.device).eval()
         return Models(tokenizer, text_encoder, vae, unet, scheduler.alphas_cumprod.to(self.device),
-                      scheduler.config.num_train_timesteps, scheduler.config, targets)
+                      scheduler.config.num_train_timesteps, scheduler.config,
+                      unet.config.in_channels, 2 ** (len(vae.config.block_out_channels) - 1),
+                      targets)
 
     def encode_pixels(self, models: Models, pixels: list[torch.Tensor]) -> torch.Tensor:
         import torch
@@ -261,7 +340,7 @@ class Trainer:
         from loraforge.dataset.check import summarize
         from loraforge.fsutil import write_atomic
 
-        summary = summarize(self.dataset, self.cfg.batch_size, self.plan.epochs,
+        summary = summarize(self.dataset, self.plan.batch_size, self.plan.epochs,
                             self.cfg.max_steps, self.examples)
         write_atomic(self.run_dir / "dataset.json", json.dumps(summary, indent=1), self.mode)
 
@@ -273,8 +352,11 @@ class Trainer:
         return f"{digest}|fp32|mean"
 
     def cache_latents(self, models: Models, base: Path) -> None:
-        """Every (image, flip) latent, from the disk cache or encoded once in batches."""
+        """Every (image, flip) latent, from the disk cache or encoded once in batches. With
+        several processes each encodes its share, then all exchange them: no process waits
+        for one encoding everything (a collective would time out on a large dataset)."""
         from loraforge.dataset.examples import pixel_tensor
+        from loraforge.train.distributed import gather_objects
         from loraforge.train.latent_cache import LatentCache, file_sha256
 
         disk = self.settings.cache_dir if self.cfg.cache_latents_to_disk else None
@@ -285,16 +367,22 @@ class Trainer:
             for flip in (False, True) if example.policy.flip_aug else (False,):
                 requests.append(cache.request(digest, example.bucket, flip,
                                               (example.index, flip)))
-        found = cache.fill(requests, lambda reqs: self.encode_pixels(
+        keys = list(dict.fromkeys(r.key for r in requests))
+        mine = set(keys[self.world.rank::self.world.size])
+        found = cache.fill([r for r in requests if r.key in mine], lambda reqs: self.encode_pixels(
             models, [pixel_tensor(self.examples[r.data[0]], r.data[1]) for r in reqs]), 8)
-        for warning in cache.warnings:
-            log.warning(warning)
-        log.info("latents: %d encoded, %d from the cache", cache.encoded,
-                 len(requests) - cache.encoded)
-        self.record.update(latent_cache={"encoded": cache.encoded,
-                                         "reused": len(requests) - cache.encoded,
+        if self.world.distributed:
+            found = {k: v.cpu() for k, v in found.items()}
+        shares = gather_objects((found, cache.encoded, cache.warnings), self.world)
+        everything = {k: v for share, _, _ in shares for k, v in share.items()}
+        encoded = sum(count for _, count, _ in shares)
+        for _, _, warnings in shares:
+            for warning in warnings:
+                log.warning(warning)
+        log.info("latents: %d encoded, %d from the cache", encoded, len(requests) - encoded)
+        self.record.update(latent_cache={"encoded": encoded, "reused": len(requests) - encoded,
                                          "disk": str(cache.directory) if disk else None})
-        self.latents = {r.data: found[r.key].to(self.device, self.dtype) for r in requests}
+        self.latents = {r.data: everything[r.key].to(self.device, self.dtype) for r in requests}
 
     def cache_text(self, models: Models) -> None:
         """Text-encoder outputs of every caption, computed once, when they cannot change (no
@@ -344,14 +432,13 @@ class Trainer:
 
     def _run(self, base: Path, restart: bool, facts_for: Any, stop: StopRequest) -> Path:
         import torch
-        from torch.utils.tensorboard import SummaryWriter
 
         from loraforge.dataset.examples import epoch_batches
+        from loraforge.train.distributed import any_rank, replica_spread
         from loraforge.train.optim import build_optimizer, build_scheduler, warmup_steps
-        from loraforge.train.progress import TrainingProgress
         from loraforge.train.state import load_state, saved_states
 
-        cfg, plan = self.cfg, self.plan
+        cfg, plan, world = self.cfg, self.plan, self.world
         # A state from another config is refused before minutes of model loading.
         states = [] if restart else saved_states(self.run_dir)
         state = load_state(states[-1]) if states else None
@@ -364,9 +451,10 @@ class Trainer:
             self.unet_forward = torch.compile(models.unet)
         params_unet = [p for p in models.unet.parameters() if p.requires_grad]
         params_text = [p for p in models.text_encoder.parameters() if p.requires_grad]
-        groups = [{"params": params_unet, "lr": cfg.unet_lr}]
+        factor = lr_factor(self.settings, world)
+        groups = [{"params": params_unet, "lr": cfg.unet_lr * factor}]
         if self.train_text:
-            groups.append({"params": params_text, "lr": cfg.text_encoder_lr})
+            groups.append({"params": params_text, "lr": cfg.text_encoder_lr * factor})
         self.trainable = params_unet + params_text
         self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.optimizer_args, self.device)
         self.scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer, plan.total_steps,
@@ -386,6 +474,9 @@ class Trainer:
             position = state.position
             log.info("resuming from %s (step %d of %d)", state.path, position.step,
                      plan.total_steps)
+        if world.distributed:
+            log.info("%d training processes, %d images per process and step, global batch %d",
+                     world.size, cfg.batch_size, plan.batch_size)
 
         if cfg.cache_latents:
             self.cache_latents(models, base)
@@ -395,13 +486,15 @@ class Trainer:
                     torch.cuda.empty_cache()
         self.cache_text(models)
         facts = facts_for(self, self.optimizer, warmup_steps(cfg.lr_warmup, plan.total_steps))
-        writer = SummaryWriter(str(self.run_dir / "events"), purge_step=position.step + 1)
-        history = open(self.run_dir / HISTORY, "a", encoding="utf-8")  # noqa: SIM115
-        self.write_dataset_summary()
-        progress = TrainingProgress(plan.total_steps, position.step, cfg.log_every_seconds)
+        journal = Journal(self.run_dir, position.step, plan.total_steps, cfg.log_every_seconds,
+                          world.is_main)
+        if world.is_main:
+            self.write_dataset_summary()
         self.record.update(status="running", step=position.step, total_steps=plan.total_steps)
 
         def save(reason: str) -> None:
+            if not world.is_main:
+                return
             trainer_state = {"optimizer": self.optimizer.state_dict(),
                              "scheduler": self.scheduler.state_dict(),
                              "scaler": self.scaler.state_dict()}
@@ -412,7 +505,8 @@ class Trainer:
             log.info("state saved (%s): %s", reason, path)
 
         try:
-            if stop.requested:  # a signal came while models loaded or latents were cached
+            # A signal that came while models loaded or latents were cached (to any process).
+            if any_rank(stop.requested, world):
                 raise Interrupted
             for epoch in range(position.epoch, plan.epochs):
                 batches = epoch_batches(self.examples, self.indices, plan.batch_size,
@@ -421,57 +515,59 @@ class Trainer:
                     if position.step >= plan.total_steps:
                         break
                     group = batches[first:first + plan.accumulation]
-                    loss_value = self.optimizer_step(models, batches, first, epoch,
-                                                     position.step)
+                    loss_value, stopping = self.optimizer_step(models, batches, first, epoch,
+                                                               position.step, stop.requested)
                     position.step += 1
                     position.batch_in_epoch = first + len(group)
                     position.loss_ema = (LOSS_SMOOTHING * position.loss_ema
                                          + (1 - LOSS_SMOOTHING) * loss_value)
-                    smoothed = position.smoothed_loss(LOSS_SMOOTHING)
-                    lrs = self.scheduler.get_last_lr()
-                    writer.add_scalar("loss/step", loss_value, position.step)
-                    writer.add_scalar("loss/smoothed", smoothed, position.step)
-                    for group_name, lr in zip(("unet", "text_encoder"), lrs, strict=False):
-                        writer.add_scalar(f"lr/{group_name}", lr, position.step)
-                    history.write(json.dumps({
-                        "step": position.step, "epoch": epoch + 1, "loss": loss_value,
-                        "loss_smoothed": smoothed, "lr": lrs,
-                        "seconds": round(time.monotonic() - progress.started, 4)}) + "\n")
-                    progress.update(position.step, epoch + 1, smoothed, lrs[0],
-                                    sum(len(b) for b in group))
-                    if stop.requested:
-                        save(f"signal {stop.signal_name}")
+                    spread = replica_spread(self.trainable, world)
+                    journal.step(position, epoch + 1, loss_value, self.scheduler.get_last_lr(),
+                                 sum(len(b) for b in group),
+                                 {"replica_spread": spread} if world.distributed else {})
+                    if spread > REPLICA_TOLERANCE:
+                        raise ForgeError(f"the {world.size} training processes hold different "
+                                         f"weights after step {position.step} (largest "
+                                         f"difference {spread:.3g})",
+                                         fix="report this as a bug; rerun the same command to "
+                                             "resume from the last saved state")
+                    if stopping:
+                        save(f"signal {stop.signal_name or 'to another process'}")
                         raise Interrupted
                     if position.step % cfg.state_every_n_steps == 0:
                         save("periodic")
                 if position.batch_in_epoch < len(batches):
                     break  # max_steps reached inside this epoch
                 position.epoch, position.batch_in_epoch = epoch + 1, 0
-                if (epoch + 1) % cfg.save_every_n_epochs == 0 and epoch + 1 < plan.epochs:
-                    self.save_lora(runs.epoch_lora(self.run_dir, epoch + 1), models, facts,
-                                   position, epoch + 1)
-                    self.prune_epochs()
-                last = epoch + 1 == plan.epochs
-                if (epoch + 1) % cfg.sample_every_n_epochs == 0 or last:
-                    self.render_previews(models, epoch + 1)
-                self.write_report()
-                if stop.requested:
-                    save(f"signal {stop.signal_name}")
+                if world.is_main:
+                    self.end_of_epoch(models, facts, position, epoch + 1)
+                if any_rank(stop.requested, world):
+                    save(f"signal {stop.signal_name or 'to another process'}")
                     raise Interrupted
         finally:
-            progress.close()
-            writer.close()
-            history.close()
+            journal.close()
 
         final = runs.final_lora(self.run_dir)
-        self.save_lora(final, models, facts, position, plan.epochs)
-        self.record.update(status="finished", step=position.step,
-                           final_loss=position.smoothed_loss(LOSS_SMOOTHING),
-                           final_lora=str(final),
-                           finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        shutil.rmtree(self.run_dir / "state", ignore_errors=True)
-        self.write_report()
+        if world.is_main:
+            self.save_lora(final, models, facts, position, plan.epochs)
+            self.record.update(status="finished", step=position.step,
+                               final_loss=position.smoothed_loss(LOSS_SMOOTHING),
+                               final_lora=str(final),
+                               finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            shutil.rmtree(self.run_dir / "state", ignore_errors=True)
+            self.write_report()
         return final
+
+    def end_of_epoch(self, models: Models, facts: Any, position: Position, done: int) -> None:
+        """The epoch's LoRA file (unless it is the last: the final file follows), previews and
+        the report."""
+        cfg = self.cfg
+        if done % cfg.save_every_n_epochs == 0 and done < self.plan.epochs:
+            self.save_lora(runs.epoch_lora(self.run_dir, done), models, facts, position, done)
+            self.prune_epochs()
+        if done % cfg.sample_every_n_epochs == 0 or done == self.plan.epochs:
+            self.render_previews(models, done)
+        self.write_report()
 
     def render_previews(self, models: Models, epoch: int) -> None:
         """Sample prompts rendered with the LoRA as it is now, each from its own fixed seed:
@@ -518,13 +614,15 @@ class Trainer:
             log.warning("report.html not written: %s", exc)
 
     def optimizer_step(self, models: Models, batches: list[list[int]], first: int, epoch: int,
-                       step: int) -> float:
-        """Forward and backward over batches[first:first + accumulation], then one optimizer
-        step. Returns the mean loss."""
+                       step: int, stop: bool) -> tuple[float, bool]:
+        """Forward and backward over this process's share of batches[first:first +
+        accumulation], gradients summed over the processes, then one optimizer step. Returns
+        the mean loss over the global batch, and whether any process was asked to stop."""
         import torch
 
         from loraforge.dataset.examples import draw_example, pixel_tensor
         from loraforge.train import objective
+        from loraforge.train.distributed import shard, sum_gradients
 
         cfg = self.cfg
         group = batches[first:first + self.plan.accumulation]
@@ -532,9 +630,19 @@ class Trainer:
         autocast = (torch.autocast("cuda", dtype=self.dtype) if self.precision != "no"
                     else nullcontext())
         text_grad = nullcontext() if self.train_text else torch.no_grad()
-        total = 0.0
-        for number, batch in enumerate(group, start=first):
-            positions = [number * self.plan.batch_size + slot for slot in range(len(batch))]
+        total = torch.zeros((), device=self.device)
+        for number, whole in enumerate(group, start=first):
+            width, height = self.examples[whole[0]].bucket
+            scale = models.vae_scale
+            full_draw = objective.draw((len(whole), models.latent_channels, height // scale,
+                                        width // scale), models.num_timesteps,
+                                       cfg.noise_offset, generator, self.device, self.dtype)
+            start, batch = shard(whole, self.world)
+            if not batch:
+                continue
+            noise_draw = full_draw.rows(start, start + len(batch))
+            positions = [number * self.plan.batch_size + start + slot
+                         for slot in range(len(batch))]
             draws = [draw_example(self.examples[i], cfg.seed, epoch, p)
                      for i, p in zip(batch, positions, strict=True)]
             if self.latents is not None:
@@ -545,8 +653,6 @@ class Trainer:
                     pixel_tensor(self.examples[i], d.flip, self.data_cfg.random_crop,
                                  self.data_cfg.color_aug, (cfg.seed, epoch, p))
                     for i, d, p in zip(batch, draws, positions, strict=True)]).to(self.dtype)
-            noise_draw = objective.draw(latents, models.num_timesteps, cfg.noise_offset,
-                                        generator)
             with autocast:
                 with text_grad:
                     hidden = self.text_states(models, [d.caption for d in draws], batch)
@@ -560,8 +666,12 @@ class Trainer:
                                       for i in batch], device=self.device)
                 weights = prior if weights is None else weights * prior
             loss = objective.denoising_loss(prediction, noise_draw.noise, weights)
-            self.scaler.scale(loss / len(group)).backward()
-            total += loss.item() / len(group)
+            if len(batch) < len(whole):  # this process's share of the global batch's mean
+                loss = loss * (len(batch) / len(whole))
+            loss = loss / len(group)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        loss_sum, stops = sum_gradients(self.trainable, [total, float(stop)], self.world)
         self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
@@ -569,7 +679,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return loss_sum, stops > 0
 
     def add_noise(self, models: Models, latents: torch.Tensor, draw: Any) -> torch.Tensor:
         alpha_bar = models.alphas_cumprod[draw.timesteps].to(latents.dtype)
@@ -588,15 +698,20 @@ class Trainer:
         from loraforge.train.state import save_state
 
         return save_state(self.run_dir, position, named, trainer_state,
-                          semantic_config(self.settings, self.examples), self.cfg.keep_states,
+                          semantic_config(self.settings, self.examples, self.world),
+                          self.cfg.keep_states,
                           self.mode)
 
     def check_resumable(self, saved: dict[str, Any], path: Path) -> None:
         from loraforge.train.state import config_differences
 
-        diffs = config_differences(saved, semantic_config(self.settings, self.examples),
-                                   RESUME_SAFE)
+        diffs = config_differences(saved, semantic_config(self.settings, self.examples,
+                                                          self.world), RESUME_SAFE)
         if diffs:
+            if any(d.startswith("train.global_batch_size") for d in diffs):
+                diffs.append(f"(the global batch is train.batch_size x the number of training "
+                             f"processes, now {self.cfg.batch_size} x {self.world.size}: with "
+                             "fewer processes raise train.batch_size to keep it)")
             shown = "\n  ".join(diffs)
             raise ForgeError(f"cannot resume run `{self.run_dir.name}`: its saved state was "
                              f"written with a different config or dataset (images.dataset: "
@@ -650,13 +765,28 @@ class TrainResult:
     trainer: Trainer | None  # None when the run had already finished
 
 
-def train(settings: Settings, run_name: str | None, restart: bool) -> TrainResult:
-    """Train (or resume) one run; returns the final LoRA file and the trainer that made it."""
+def check_inputs(settings: Settings, run_name: str | None) -> tuple[str, Dataset, Path]:
+    """The run name, the dataset and the base model's folder, checked (ForgeError names what
+    is wrong); switches the process offline. A launch of several processes calls it first, so
+    a mistake is reported once, not once per process, and the tiny model is built once."""
     from loraforge.dataset.scan import scan_dataset
+    from loraforge.models.store import resolve_base_model
     from loraforge.runtime import go_offline
 
     name = runs.check_run_name(run_name or settings.config.train.run_name)
     dataset = scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
+    go_offline(settings)
+    return name, dataset, resolve_base_model(settings)
+
+
+def train(settings: Settings, run_name: str | None, restart: bool,
+          world: World | None = None) -> TrainResult:
+    """Train (or resume) one run as one of `world`'s processes (default: the one torchrun or
+    srun describe, else a single process); returns the final LoRA file and the trainer."""
+    from loraforge.train import distributed
+
+    world = world or distributed.world_from_env()
+    name, dataset, base = check_inputs(settings, run_name)
     run_dir = settings.runs_dir / name
     record = runs.read_record(run_dir)
     if record and record.get("status") == "finished" and not restart:
@@ -665,34 +795,44 @@ def train(settings: Settings, run_name: str | None, restart: bool) -> TrainResul
             log.info("run `%s` already finished: %s (pass --restart to train it again)", name,
                      final)
             return TrainResult(final, None)
-    go_offline(settings)
-    from loraforge.models.store import resolve_base_model
-
-    base = resolve_base_model(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(run_dir)
+    handler = _setup_logging(run_dir, world)
+    device = distributed.device_for(world, settings.config.train.gpus)
+    distributed.join(world, device)
+    clean = False
     try:
-        return _train_in(settings, dataset, run_dir, base, restart)
+        result = _train_in(settings, dataset, run_dir, base, restart, world, device)
+        clean = True
+        return result
+    except Interrupted:
+        clean = True
+        raise
     finally:
-        logging.getLogger("loraforge").removeHandler(handler)
-        handler.close()
+        distributed.leave(world, clean)
+        if handler is not None:
+            logging.getLogger("loraforge").removeHandler(handler)
+            handler.close()
 
 
 def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
-              restart: bool) -> TrainResult:
+              restart: bool, world: World, device: torch.device) -> TrainResult:
     from loraforge.hashing import legacy_hash, sha256_file
     from loraforge.train.metadata import TrainingFacts
 
-    if restart:  # what the old attempt made must not mix with the new one
+    if restart and world.is_main:  # what the old attempt made must not mix with the new one
         for folder in ("state", "events", "samples"):
             shutil.rmtree(run_dir / folder, ignore_errors=True)
         for old in [run_dir / HISTORY, *run_dir.glob(f"{run_dir.name}*.safetensors")]:
             old.unlink(missing_ok=True)
     try:
-        trainer = Trainer(settings, dataset, run_dir)
+        trainer = Trainer(settings, dataset, run_dir, world, device)
     except ForgeError as exc:
-        runs.RunRecord(run_dir, settings.file_mode).update(status="failed", error=str(exc))
+        runs.RunRecord(run_dir, settings.file_mode, write=world.is_main).update(
+            status="failed", error=str(exc))
         raise
+    from loraforge.train.distributed import gather_objects
+
+    hosts = gather_objects(os.environ.get("SLURMD_NODENAME") or socket.gethostname(), world)
     previous = trainer.record.data
     started = (previous.get("started_at_unix") if not restart else None) or env_time() \
         or time.time()
@@ -706,6 +846,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         dataset={"concepts": dataset.dataset_dirs(), "images": dataset.num_images,
                  "images_x_repeats": dataset.images_x_repeats},
         started_at_unix=started, base_model=str(base), device=str(trainer.device),
+        processes=world.size, process_hosts=hosts, global_batch_size=trainer.plan.batch_size,
         steps_per_epoch=trainer.plan.steps_per_epoch, epochs=trainer.plan.epochs,
         slurm=slurm_job())
 
@@ -716,7 +857,8 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
             base_model_legacy_hash=model_legacy,
             optimizer=_optimizer_description(optimizer, settings.config.train.optimizer_args),
             total_steps=t.plan.total_steps, num_epochs=t.plan.epochs,
-            batches_per_epoch=t.plan.batches_per_epoch, warmup_steps=warmup,
+            batches_per_epoch=t.plan.batches_per_epoch, total_batch_size=t.plan.batch_size,
+            lr_factor=lr_factor(settings, t.world), warmup_steps=warmup,
             mixed_precision=t.precision, train_text_encoder=t.train_text,
             bucket_info=t.bucket_info())
 
