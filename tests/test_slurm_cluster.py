@@ -116,23 +116,35 @@ def scenarios(slurm_cluster: Cluster, tiny_store: Path,  # noqa: F811
         "slurm", "sweep", "--run", "sw", "--param", "train.unet_lr=1e-4,5e-4",
         "--param", "train.network_dim=4,8", cwd=sweep))
 
+    # Two nodes, one training process on each (no GPUs): srun starts them, gloo joins them.
+    wide = _project(root / "wide", tiny_store, {"epochs": 10, "batch_size": 1},
+                    {"nodes": 2, "gpus": 0})
+    s.projects["wide"] = wide
+    s.ids["wide"] = _submitted_ids(run_cli("slurm", "train", "--run", "wide", cwd=wide))
+
     for name, ids in s.ids.items():
         assert ids, name
     return s
+
+
+def _wait_for_line(cluster: Cluster, project: Path, job_name: str, job_id: str,
+                   pattern: str) -> None:
+    """Until the job's log has a line matching `pattern` (the job must stay queued or running)."""
+    log = project / "logs" / f"{job_name}-{job_id}.out"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and re.search(pattern, log.read_text(errors="replace"),
+                                          re.MULTILINE)):
+        assert time.monotonic() < deadline, _log(project, job_name, job_id)
+        assert cluster.job(job_id).get("JobState") in {"PENDING", "RUNNING"}, \
+            _log(project, job_name, job_id)
+        time.sleep(0.3)
 
 
 def test_warning_signal_saves_requeues_and_resumes_to_an_identical_lora(
         scenarios: Scenarios, slurm_cluster: Cluster) -> None:  # noqa: F811
     project = scenarios.projects["preempted"]
     job_id = scenarios.ids["preempted"][0]
-    log = project / "logs" / f"train-same-{job_id}.out"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and re.search(r"^step 1/", log.read_text(errors="replace"),
-                                          re.MULTILINE)):
-        assert time.monotonic() < deadline, _log(project, "train-same", job_id)
-        assert slurm_cluster.job(job_id).get("JobState") in {"PENDING", "RUNNING"}, \
-            _log(project, "train-same", job_id)
-        time.sleep(0.3)
+    _wait_for_line(slurm_cluster, project, "train-same", job_id, r"^step 1/")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
 
     job = slurm_cluster.wait(job_id, timeout=400)
@@ -258,3 +270,26 @@ def test_cancel_stops_a_pending_job(scenarios: Scenarios, slurm_cluster: Cluster
     assert slurm_cluster.wait(job_id, timeout=30)["JobState"] == "CANCELLED"
     again = run_cli("slurm", "cancel", "later", cwd=project)
     assert "nothing to cancel" in again.stdout
+
+
+def test_two_node_job_trains_with_one_process_per_node_through_a_requeue(
+        scenarios: Scenarios, slurm_cluster: Cluster) -> None:  # noqa: F811
+    """srun passes SLURM's warning to both processes: they stop at the same step, rank 0 saves,
+    the job is requeued and both resume."""
+    project, job_id = scenarios.projects["wide"], scenarios.ids["wide"][0]
+    _wait_for_line(slurm_cluster, project, "train-wide", job_id, r"^step 1/")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    job = slurm_cluster.wait(job_id, timeout=400)
+    text = _log(project, "train-wide", job_id)
+    assert job["JobState"] == "COMPLETED", text
+    assert job["NodeList"] == "n[1-2]" and job["NumNodes"] == "2", job
+    assert int(job["Restarts"]) >= 1 and "requeueing job" in text, text
+    assert "2 training processes" in text, text
+    run_dir = project / "store" / "Multi_Concept_Output" / "wide"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished"
+    assert sorted(record["process_hosts"]) == ["n1", "n2"]
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert max(h["step"] for h in history) == 20  # 4 images / global batch 2, 10 epochs
+    assert all(h["replica_spread"] == 0.0 for h in history)
+    assert (run_dir / "wide.safetensors").is_file()
