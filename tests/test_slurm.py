@@ -123,8 +123,8 @@ def test_init_writes_both_job_scripts_from_the_slurm_section(tmp_path: Path) -> 
                        ("submit_inference.ssub", "loraforge generate &")):
         text = (project / name).read_text()
         assert os.access(project / name, os.X_OK)
-        for line in ("#SBATCH --partition=debug", "#SBATCH --gres=gpu:2",
-                     "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16G", "#SBATCH --time=1-00:00",
+        for line in ("#SBATCH --partition=debug", "#SBATCH --cpus-per-task=4",
+                     "#SBATCH --mem=16G", "#SBATCH --time=1-00:00",
                      "#SBATCH --account=lab1", "#SBATCH --qos=high",
                      "#SBATCH --constraint=a100", "#SBATCH --output=logs/%x-%j.out",
                      "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", call,
@@ -133,13 +133,39 @@ def test_init_writes_both_job_scripts_from_the_slurm_section(tmp_path: Path) -> 
             assert line in text, (name, line)
         assert "HF_HOME=\"$PWD\"/store/cache/huggingface" in text
         assert subprocess.run(["bash", "-n", str(project / name)]).returncode == 0
-    assert "scontrol requeue" in (project / "submit_training.ssub").read_text()
+    training = (project / "submit_training.ssub").read_text()
+    assert "scontrol requeue" in training
+    # Training: one process per GPU, started by srun; generation: one process, one GPU.
+    for line in ("#SBATCH --gres=gpu:2", "#SBATCH --ntasks-per-node=2",
+                 "srun --ntasks-per-node=2 --cpus-per-task=4 --kill-on-bad-exit=1 loraforge "
+                 "train &", "export MASTER_ADDR MASTER_PORT"):
+        assert line in training
+    inference = (project / "submit_inference.ssub").read_text()
+    for line in ("#SBATCH --gres=gpu:1", "#SBATCH --ntasks-per-node=1", "#SBATCH --nodes=1"):
+        assert line in inference
+    assert "srun" not in inference and "MASTER_ADDR" not in inference
 
     (project / "submit_training.ssub").write_text("# mine\n")
     again = run_cli("init", project)
     assert again.returncode == 0
     assert (project / "submit_training.ssub").read_text() == "# mine\n"
     assert "kept" in again.stdout
+
+
+def test_two_nodes_of_four_gpus_start_eight_processes_that_meet_on_the_first(
+        tmp_path: Path) -> None:
+    project = _project(tmp_path, "nodes = 2\ngpus_per_node = 4\ncpus = 6\n")
+    result = run_cli("slurm", "train", "--dry-run", "--run", "wide", cwd=project)
+    assert result.returncode == 0, result.stderr
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4",
+                 "#SBATCH --cpus-per-task=6", "srun starts 8 processes (2 node(s) x 4)",
+                 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+                 "--ntasks-per-node=4", "--kill-on-bad-exit=1"):
+        assert line in result.stdout, line
+    script = result.stdout[result.stdout.index("#!/bin/bash"):]
+    script = script[:script.index("\n# ---")] if "\n# ---" in script else script
+    checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_default_init_scripts_match_the_seed_resources(tmp_path: Path) -> None:
@@ -151,6 +177,7 @@ def test_default_init_scripts_match_the_seed_resources(tmp_path: Path) -> None:
                  "MAX_REQUEUES=20"):
         assert line in text
     assert "--account" not in text and "--qos" not in text
+    assert "srun" not in text and "#SBATCH --ntasks-per-node=1" in text  # one GPU, one process
 
 
 def test_dry_run_prints_the_script_and_the_sbatch_call_and_writes_nothing(tmp_path: Path,

@@ -117,8 +117,9 @@ def scenarios(slurm_cluster: Cluster, tiny_store: Path,  # noqa: F811
         "--param", "train.network_dim=4,8", cwd=sweep))
 
     # Two nodes, one training process on each (no GPUs): srun starts them, gloo joins them.
+    # Held until its test releases it, so that it is still running when the test signals it.
     wide = _project(root / "wide", tiny_store, {"epochs": 10, "batch_size": 1},
-                    {"nodes": 2, "gpus": 0})
+                    {"nodes": 2, "gpus": 0, "extra": ["--hold"]})
     s.projects["wide"] = wide
     s.ids["wide"] = _submitted_ids(run_cli("slurm", "train", "--run", "wide", cwd=wide))
 
@@ -277,6 +278,7 @@ def test_two_node_job_trains_with_one_process_per_node_through_a_requeue(
     """srun passes SLURM's warning to both processes: they stop at the same step, rank 0 saves,
     the job is requeued and both resume."""
     project, job_id = scenarios.projects["wide"], scenarios.ids["wide"][0]
+    subprocess.run(["scontrol", "release", job_id], check=True, timeout=30)
     _wait_for_line(slurm_cluster, project, "train-wide", job_id, r"^step 1/")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
     job = slurm_cluster.wait(job_id, timeout=400)

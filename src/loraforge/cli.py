@@ -130,7 +130,7 @@ def train(
     processes = settings.config.train.gpus
     if processes > 1 and not world.distributed:
         check_inputs(settings, run)
-        threads = max(1, (os.cpu_count() or 1) // processes)
+        threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
         raise typer.Exit(launch_local(processes, rerun_argv(), threads))
     try:
         final = train_lora(settings, run, restart, world).final

@@ -275,6 +275,10 @@ class Trainer:
         from loraforge.train import network
 
         log.info("loading base model %s", base)
+        if not self.world.is_main:  # one "Loading weights" bar in the log, not one per process
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer",
                                                   local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder",
