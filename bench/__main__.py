@@ -43,7 +43,7 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
     import torch
 
     from bench.models import model_folders
-    from bench.train import ours, reference
+    from bench.train import ours, ours_processes, reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _ = model_folders(args.model, models_root(work))
@@ -53,6 +53,9 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
         for extra in args.variant:
             results.append(ours(work, base, batch, args.resolution, args.steps, device,
                                 extra.split()))
+        for count in args.processes:
+            results.append(ours_processes(work, base, batch, args.resolution, args.steps,
+                                          count))
         ref = reference(base, batch, args.resolution, args.steps, device)
         for result in [*results, ref]:
             rows.append([result.name, str(batch), f"{result.images_per_s:.2f}",
@@ -91,6 +94,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--variant", action="append", default=[],
                         help="extra trainer overrides, e.g. 'train.gradient_checkpointing=true'")
+    parser.add_argument("--processes", type=int, nargs="+", default=[],
+                        help="train: also run `loraforge train` with train.gpus = N, the same "
+                             "global batch split over N processes")
     parser.add_argument("--note", default="", help="a line written above the table")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()

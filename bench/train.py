@@ -80,14 +80,51 @@ def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device
     started = time.perf_counter()
     result = train(settings, "bench", restart=True)
     total = time.perf_counter() - started
-    history = [json.loads(line) for line in
-               (result.final.parent / "history.jsonl").read_text().splitlines()]
-    warm = max(1, len(history) // 4)
-    seconds = history[-1]["seconds"] - history[warm - 1]["seconds"]
-    rate = (len(history) - warm) * batch / seconds
-    first = total - history[-1]["seconds"] + history[0]["seconds"]
+    rate, first = _rates(result.final.parent, batch, total)
     name = "loraforge" + (f" ({' '.join(extra)})" if extra else "")
     return TrainResult(name, batch, resolution, rate, first, _peak_memory_gb(device))
+
+
+def _rates(run_dir: Path, batch: int, total: float) -> tuple[float, float]:
+    """Images/s after the first quarter of the steps, and the time before the first step."""
+    history = [json.loads(line) for line in
+               (run_dir / "history.jsonl").read_text().splitlines()]
+    warm = max(1, len(history) // 4)
+    seconds = history[-1]["seconds"] - history[warm - 1]["seconds"]
+    return (len(history) - warm) * batch / seconds, \
+        total - history[-1]["seconds"] + history[0]["seconds"]
+
+
+def ours_processes(work: Path, base: Path, batch: int, resolution: int, steps: int,
+                   processes: int) -> TrainResult:
+    """`loraforge train` with `train.gpus = processes`, the global batch `batch` split over
+    them, run as a user runs it (the command starts the processes). Peak memory is not
+    measured across processes (0)."""
+    import subprocess
+    import sys
+
+    if batch % processes:
+        raise SystemExit(f"batch {batch} does not split over {processes} processes")
+    project = work / f"processes-{processes}"
+    write_dataset(project / "master_dataset", max(batch * 2, 8), resolution)
+    config = project / "forge.toml"
+    config.write_text("")
+    sets = [f"storage.root={json.dumps(str(project / 'store'))}",
+            f"models.base={json.dumps(str(base))}", f"dataset.resolution={resolution}",
+            f"train.batch_size={batch // processes}", f"train.gpus={processes}",
+            f"train.max_steps={steps}", 'train.optimizer="AdamW"',
+            'train.mixed_precision="bf16"', "train.log_every_seconds=1000",
+            "train.save_every_n_epochs=1000", "train.cache_latents_to_disk=false"]
+    command = [sys.executable, "-m", "loraforge", "train", "--config", str(config), "--run",
+               "bench", *(word for value in sets for word in ("--set", value))]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    total = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"training with {processes} processes failed:\n{done.stderr[-3000:]}")
+    rate, first = _rates(project / "store" / "Multi_Concept_Output" / "bench", batch, total)
+    return TrainResult(f"loraforge, {processes} processes x batch {batch // processes}", batch,
+                       resolution, rate, first, 0.0)
 
 
 def reference(base: Path, batch: int, resolution: int, steps: int, device: str) -> TrainResult:

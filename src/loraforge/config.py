@@ -162,8 +162,8 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "fp16", description="On GPU; CPU always trains in fp32.")
     gradient_checkpointing: bool = False
-    compile_unet: bool = Field(False, description="torch.compile the U-Net on a GPU (slow "
-                               "first step per bucket; see BENCHMARKS.md).")
+    compile_unet: bool = Field(False, description="torch.compile the U-Net (slow first step "
+                               "per bucket: minutes; see BENCHMARKS.md).")
     cache_latents: bool = Field(True, description="Encode each image with the VAE once, "
                                 "before training.")
     cache_latents_to_disk: bool = Field(True, description="Keep the latent cache under "
