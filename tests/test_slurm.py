@@ -137,8 +137,8 @@ def test_init_writes_both_job_scripts_from_the_slurm_section(tmp_path: Path) -> 
     assert "scontrol requeue" in training
     # Training: one process per GPU, started by srun; generation: one process, one GPU.
     for line in ("#SBATCH --gres=gpu:2", "#SBATCH --ntasks-per-node=2",
-                 "srun --ntasks-per-node=2 --cpus-per-task=4 --kill-on-bad-exit=1 loraforge "
-                 "train &", "export MASTER_ADDR MASTER_PORT"):
+                 "srun --ntasks-per-node=2 --cpus-per-task=4 --kill-on-bad-exit=0 --wait=60 "
+                 "loraforge train &", "export MASTER_ADDR MASTER_PORT"):
         assert line in training
     inference = (project / "submit_inference.ssub").read_text()
     for line in ("#SBATCH --gres=gpu:1", "#SBATCH --ntasks-per-node=1", "#SBATCH --nodes=1"):
@@ -160,7 +160,7 @@ def test_two_nodes_of_four_gpus_start_eight_processes_that_meet_on_the_first(
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4",
                  "#SBATCH --cpus-per-task=6", "srun starts 8 processes (2 node(s) x 4)",
                  'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-                 "--ntasks-per-node=4", "--kill-on-bad-exit=1"):
+                 "--ntasks-per-node=4", "--wait=60", "kill -USR1"):
         assert line in result.stdout, line
     script = result.stdout[result.stdout.index("#!/bin/bash"):]
     script = script[:script.index("\n# ---")] if "\n# ---" in script else script

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from conftest import write_training_project
 
 from loraforge.train.state import Position, config_differences
 
@@ -20,3 +23,32 @@ def test_config_differences_name_each_changed_key_but_not_ignored_ones() -> None
     current = {"train": {"unet_lr": 5e-4, "keep_last_n": 3}, "dataset": {"resolution": 512}}
     assert config_differences(saved, current, {"train.keep_last_n"}) == [
         "train.unet_lr: 0.001 -> 0.0005"]
+
+
+def test_learning_rates_equal_up_to_rounding_are_the_same() -> None:
+    """3 processes at 1e-4 with linear scaling resume on 1 process at 3e-4."""
+    assert config_differences({"train": {"unet_lr": 1e-4 * 3}}, {"train": {"unet_lr": 3e-4}},
+                              set()) == []
+
+
+def test_a_state_saved_by_the_single_process_version_still_resumes(tmp_path: Path,
+                                                                   tiny_store: Path) -> None:
+    """Before several processes a state kept `train.batch_size` and fingerprinted the images
+    by absolute path; a run requeued across the upgrade must not be refused."""
+    from loraforge.config import load_settings
+    from loraforge.dataset.examples import build_examples
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.train.distributed import World
+    from loraforge.train.trainer import _images_fingerprint, _upgraded, semantic_config
+
+    settings = load_settings(write_training_project(tmp_path, tiny_store), [])
+    dataset = scan_dataset(settings.dataset_dir, ".txt")
+    examples = build_examples(dataset, settings.config.dataset, lambda _: None)
+    current = semantic_config(settings, examples, World())
+    old_train = {k: v for k, v in current["train"].items() if k != "global_batch_size"}
+    old = {**current, "train": {**old_train, "batch_size": 2},
+           "images": {"dataset": _images_fingerprint(examples, None)}}
+    assert config_differences(_upgraded(old, settings, examples), current, set()) == []
+    doubled = {**old, "train": {**old_train, "batch_size": 4}}
+    assert config_differences(_upgraded(doubled, settings, examples), current, set()) == [
+        "train.global_batch_size: 4 -> 2"]

@@ -135,8 +135,8 @@ def train(
     try:
         final = train_lora(settings, run, restart, world).final
     except Interrupted:
-        if not world.is_main:  # rank 0 saved the state and reports it
-            raise typer.Exit(0) from None
+        if not world.is_main:  # rank 0 saved the state and says so
+            raise typer.Exit(RESUMABLE_EXIT) from None
         Console(stderr=True).print("interrupted: state saved; rerun the same command to resume")
         raise typer.Exit(RESUMABLE_EXIT) from None
     if world.is_main:

@@ -191,7 +191,7 @@ def render(job: JobScript) -> str:
         "cancelled=0",
         "trap 'warned=1; echo \"[$(date -Is)] USR1: time limit or preemption near: saving"
         " state\"; [ -z \"$child\" ] || kill -USR1 \"$child\" 2>/dev/null' USR1",
-        "trap 'cancelled=1; [ -z \"$child\" ] || kill -TERM \"$child\" 2>/dev/null' TERM INT",
+        *_term_trap(job),
         "",
         start,
         "# New files and folders: group-readable; only the owner writes (storage.file_mode).",
@@ -217,7 +217,7 @@ def render(job: JobScript) -> str:
             f"# Data-parallel training: srun starts {job.processes} processes ({nodes} node(s) x "
             f"{per_node}), one per GPU;",
             "# they meet on the allocation's first node (this one) at a free port. srun passes",
-            "# USR1/TERM on to every process and exits with their highest exit code.",
+            "# USR1 on to every process and exits with their highest exit code.",
             'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
             'getent hosts "$MASTER_ADDR" >/dev/null || MASTER_ADDR="$(hostname)"',
             "MASTER_PORT=\"$(python -c 'import socket; s = socket.socket(); "
@@ -277,14 +277,24 @@ def render(job: JobScript) -> str:
     return "\n".join(out)
 
 
+def _term_trap(job: JobScript) -> list[str]:
+    if job.processes == 1:
+        return ["trap 'cancelled=1; [ -z \"$child\" ] || kill -TERM \"$child\" 2>/dev/null' "
+                "TERM INT"]
+    return ["# srun ends its processes at once on TERM but passes USR1 on: ask for a save.",
+            "trap 'cancelled=1; [ -z \"$child\" ] || kill -USR1 \"$child\" 2>/dev/null' "
+            "TERM INT"]
+
+
 def _launch(job: JobScript) -> list[str]:
-    """The words before `loraforge`: srun for a job of several processes (a failing process
-    takes the others down at once instead of leaving them waiting for it)."""
+    """The words before `loraforge`: srun for a job of several processes. Every process
+    exits 75 after a save; when one fails, srun ends the others a minute later instead of
+    leaving them waiting for it (KillOnBadExit would also end them on that 75)."""
     if job.processes == 1:
         return []
     _, per_node, _ = job.layout
     return ["srun", f"--ntasks-per-node={per_node}", f"--cpus-per-task={job.res.cpus}",
-            "--kill-on-bad-exit=1"]
+            "--kill-on-bad-exit=0", "--wait=60"]
 
 
 def _shell_path(path: Path, base: Path | None) -> str:

@@ -36,6 +36,8 @@ from loraforge.errors import ForgeError
 if TYPE_CHECKING:
     import torch
 
+#: The group `gather_objects` and `from_main` use (None: the default group).
+_objects_group: Any = None
 #: Longest wait in a collective: rank 0 alone renders previews and writes files meanwhile.
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 #: Signals a local launch passes on to its workers.
@@ -100,10 +102,15 @@ def join(world: World, device: torch.device) -> None:
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    global _objects_group
     try:
         dist.init_process_group(backend, init_method="env://", rank=world.rank,
                                 world_size=world.size, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
+        # Python objects (the latent cache, a path) travel over gloo: through NCCL they would
+        # be staged in GPU memory, padded to the largest, once per process.
+        _objects_group = (dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+                          if backend == "nccl" else None)
     except (RuntimeError, ValueError) as exc:  # DistNetworkError, DistStoreError, a bad port
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise ForgeError(f"process {world.rank} of {world.size} could not meet the others at "
@@ -125,6 +132,8 @@ def leave(world: World, clean: bool) -> None:
     if clean:
         dist.barrier()
     dist.destroy_process_group()
+    global _objects_group
+    _objects_group = None
 
 
 def device_for(world: World, gpus_wanted: int) -> torch.device:
@@ -134,12 +143,16 @@ def device_for(world: World, gpus_wanted: int) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     count = torch.cuda.device_count()
-    if world.local_rank >= count:
+    index = world.local_rank
+    bound = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if count == 1 and bound and "," not in bound:  # SLURM bound one GPU to this task
+        index = 0
+    if index >= count:
         raise ForgeError(f"process {world.rank} wants GPU {world.local_rank} but this node has "
                          f"{count}", fix=f"ask for at most {count} processes per node "
                          f"(train.gpus = {gpus_wanted}, or slurm.gpus_per_node)")
-    torch.cuda.set_device(world.local_rank)
-    return torch.device("cuda", world.local_rank)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def shard(batch: Sequence[int], world: World) -> tuple[int, list[int]]:
@@ -219,8 +232,20 @@ def gather_objects(value: Any, world: World) -> list[Any]:
     import torch.distributed as dist
 
     found: list[Any] = [None] * world.size
-    dist.all_gather_object(found, value)
+    dist.all_gather_object(found, value, group=_objects_group)
     return found
+
+
+def from_main(value: Any, world: World) -> Any:
+    """Rank 0's `value` on every rank: what rank 0 decided (which state to resume, a hash of
+    a file on shared storage) is what every process uses."""
+    if not world.distributed:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0, group=_objects_group)
+    return holder[0]
 
 
 # --- launching on one machine -----------------------------------------------------------------
@@ -235,8 +260,8 @@ def launch_local(size: int, argv: list[str], threads: int | None = None,
                  grace: float = FAILURE_GRACE_SECONDS) -> int:
     """Run `argv` as `size` workers on this machine (the variables torchrun sets), pass
     TERM/INT/USR1 on to all of them, and return one exit code: the first failure's, else rank
-    0's (75 after a signal: the others then end with 0). When a worker fails the others get
-    `grace` seconds, then are killed: they would wait for it in the next collective."""
+    0's (75 after a signal, state saved). When a worker fails the others get `grace` seconds,
+    then are killed: they would wait for it in the next collective."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(size), "LOCAL_WORLD_SIZE": str(size)}
     if threads is not None and "OMP_NUM_THREADS" not in os.environ:
@@ -272,11 +297,9 @@ def launch_local(size: int, argv: list[str], threads: int | None = None,
 
 
 def _failure(codes: list[int | None]) -> int | None:
-    """The exit code of a worker that ended badly (rank 0 with anything but 0 or 75, "state
-    saved"; another rank with anything but 0), or None."""
-    if codes[0] not in (None, 0, RESUMABLE):
-        return codes[0]
-    return next((c for c in codes[1:] if c not in (None, 0)), None)
+    """The exit code of a worker that ended badly (anything but 0, or 75: "state saved"), or
+    None."""
+    return next((c for c in codes if c not in (None, 0, RESUMABLE)), None)
 
 
 def rerun_argv() -> list[str]:

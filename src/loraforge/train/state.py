@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -135,7 +136,10 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any],
         before, after = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(before) | set(after)):
             name = f"{section}.{key}"
-            if name in ignored or before.get(key) == after.get(key):
+            old, new = before.get(key), after.get(key)
+            if name in ignored or old == new or (
+                    isinstance(old, float) and isinstance(new, float)
+                    and math.isclose(old, new, rel_tol=1e-9)):  # 1e-4 x 3 against 3e-4
                 continue
             lines.append(f"{name}: {before.get(key)!r} -> {after.get(key)!r}")
     return lines

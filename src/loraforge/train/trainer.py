@@ -158,14 +158,34 @@ def _relative(path: Path, folder: Path) -> str:
     return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
 
 
+def _images_fingerprint(examples: list[Any], folder: Path | None) -> str:
+    """The list of images (paths inside `folder`; absolute when None), concepts and buckets."""
+    return hashlib.sha256(json.dumps([
+        (_relative(e.path, folder) if folder else str(e.path), e.concept, e.bucket)
+        for e in examples]).encode()).hexdigest()[:16]
+
+
+def _upgraded(saved: dict[str, Any], settings: Settings, examples: list[Any]) -> dict[str, Any]:
+    """A state's config as this version writes it. Versions before several processes saved
+    the (single-process) batch_size and fingerprinted the images by absolute path."""
+    train = saved.get("train", {})
+    if "batch_size" not in train:
+        return saved
+    train = {k: v for k, v in train.items() if k != "batch_size"}
+    train["global_batch_size"] = saved["train"]["batch_size"]
+    images = dict(saved.get("images", {}))
+    if images.get("dataset") == _images_fingerprint(examples, None):
+        images["dataset"] = _images_fingerprint(examples, settings.dataset_dir)
+    return {**saved, "train": train, "images": images}
+
+
 def semantic_config(settings: Settings, examples: list[Any], world: World) -> dict[str, Any]:
     """What decides the trained weights: the config's sections, and the images themselves.
     The number of processes does not, as long as the global batch and the learning rates the
     optimizer uses stay the same: a run saved on 4 GPUs resumes on 2 with twice the batch."""
     data = settings.to_dict()
     # Paths inside the dataset folder: a project moved elsewhere still resumes.
-    images = hashlib.sha256(json.dumps([(_relative(e.path, settings.dataset_dir), e.concept,
-                                         e.bucket) for e in examples]).encode()).hexdigest()[:16]
+    images = _images_fingerprint(examples, settings.dataset_dir)
     found = {**{section: data[section] for section in SEMANTIC_SECTIONS},
              "images": {"dataset": images}}
     train = dict(found["train"])
@@ -349,11 +369,15 @@ class Trainer:
         write_atomic(self.run_dir / "dataset.json", json.dumps(summary, indent=1), self.mode)
 
     def vae_identity(self, base: Path) -> str:
+        """The latent cache's VAE key; rank 0 hashes the weights, once for every process."""
         from loraforge.hashing import sha256_file
+        from loraforge.train.distributed import from_main
 
         weights = sorted((base / "vae").glob("*.safetensors"))
-        digest = sha256_file(weights[0], self.settings.cache_dir) if weights else str(base)
-        return f"{digest}|fp32|mean"
+        digest = None
+        if self.world.is_main:
+            digest = sha256_file(weights[0], self.settings.cache_dir) if weights else str(base)
+        return f"{from_main(digest, self.world)}|fp32|mean"
 
     def cache_latents(self, models: Models, base: Path) -> None:
         """Every (image, flip) latent, from the disk cache or encoded once in batches. With
@@ -438,14 +462,16 @@ class Trainer:
         import torch
 
         from loraforge.dataset.examples import epoch_batches
-        from loraforge.train.distributed import any_rank, replica_spread
+        from loraforge.train.distributed import any_rank, from_main, replica_spread
         from loraforge.train.optim import build_optimizer, build_scheduler, warmup_steps
         from loraforge.train.state import load_state, saved_states
 
         cfg, plan, world = self.cfg, self.plan, self.world
-        # A state from another config is refused before minutes of model loading.
-        states = [] if restart else saved_states(self.run_dir)
-        state = load_state(states[-1]) if states else None
+        # A state from another config is refused before minutes of model loading. Rank 0
+        # picks it: on shared storage another node may still see an older folder listing.
+        states = [] if restart or not world.is_main else saved_states(self.run_dir)
+        chosen = from_main(states[-1] if states else None, world)
+        state = load_state(chosen) if chosen else None
         if state is not None:
             self.check_resumable(state.config, state.path)
         models = self.models = self.load_models(base)
@@ -478,6 +504,10 @@ class Trainer:
             position = state.position
             log.info("resuming from %s (step %d of %d)", state.path, position.step,
                      plan.total_steps)
+        if self.scaler.is_enabled():
+            # Set the loss scale now: a process whose share of the first batch is empty would
+            # reach `unscale_` without ever having scaled a loss.
+            self.scaler.scale(torch.zeros((), device=self.device))
         if world.distributed:
             log.info("%d training processes, %d images per process and step, global batch %d",
                      world.size, cfg.batch_size, plan.batch_size)
@@ -709,8 +739,9 @@ class Trainer:
     def check_resumable(self, saved: dict[str, Any], path: Path) -> None:
         from loraforge.train.state import config_differences
 
-        diffs = config_differences(saved, semantic_config(self.settings, self.examples,
-                                                          self.world), RESUME_SAFE)
+        diffs = config_differences(_upgraded(saved, self.settings, self.examples),
+                                   semantic_config(self.settings, self.examples, self.world),
+                                   RESUME_SAFE)
         if diffs:
             if any(d.startswith("train.global_batch_size") for d in diffs):
                 diffs.append(f"(the global batch is train.batch_size x the number of training "
@@ -843,8 +874,9 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     session = hashlib.sha256(f"{run_dir.name}|{started}|{settings.config.train.seed}".encode()
                              ).hexdigest()[:16]
     weights_file = base / "unet" / "diffusion_pytorch_model.safetensors"
-    model_sha = sha256_file(weights_file, settings.cache_dir) if weights_file.is_file() else ""
-    model_legacy = legacy_hash(weights_file) if weights_file.is_file() else ""
+    hashed = weights_file.is_file() and world.is_main  # only rank 0 writes the metadata
+    model_sha = sha256_file(weights_file, settings.cache_dir) if hashed else ""
+    model_legacy = legacy_hash(weights_file) if hashed else ""
     trainer.record.update(
         name=run_dir.name, status="running", config=settings.to_dict(),
         dataset={"concepts": dataset.dataset_dirs(), "images": dataset.num_images,
