@@ -154,6 +154,16 @@ def test_previews_grid_and_report_reference_only_existing_files(project: Path) -
         assert (run_dir / unquote(link)).exists(), link
 
 
+def test_max_steps_inside_an_epoch_still_previews_the_final_weights(project: Path) -> None:
+    # 4 images at batch 2: two steps per epoch, so step 3 ends in the middle of epoch 2.
+    result = _train(project, "cut", "train.max_steps=3", "train.sample_steps=2",
+                    'train.sample_prompts=["red_knight, solo"]')
+    samples = result.final.parent / "samples"
+    assert sorted(p.name for p in samples.glob("epoch-*")) == ["epoch-001", "epoch-002"]
+    assert list((samples / "epoch-002").glob("0-*.png"))
+    assert (samples / "grid-epoch-002.png").is_file()
+
+
 def test_unknown_preview_flag_is_named(project: Path) -> None:
     result = run_cli("train", "--config", project, "--set",
                      'train.sample_prompts=["red_knight --q 3"]')

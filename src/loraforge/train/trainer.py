@@ -570,8 +570,10 @@ class Trainer:
                         raise Interrupted
                     if position.step % cfg.state_every_n_steps == 0:
                         save("periodic")
-                if position.batch_in_epoch < len(batches):
-                    break  # max_steps reached inside this epoch
+                if position.batch_in_epoch < len(batches):  # max_steps reached mid-epoch:
+                    if world.is_main:  # the last previews show the final weights
+                        self.render_previews(models, epoch + 1)
+                    break
                 position.epoch, position.batch_in_epoch = epoch + 1, 0
                 if world.is_main:
                     self.end_of_epoch(models, facts, position, epoch + 1)
