@@ -58,6 +58,21 @@ def _reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _project(project: Path, base: Path, batch: int, resolution: int, steps: int,
+             global_batch: int) -> tuple[Path, list[str]]:
+    """A benchmark project (dataset and empty forge.toml) and the `--set` values it trains
+    with: `batch` images per process, `steps` steps, caches in memory, no saving on the way."""
+    write_dataset(project / "master_dataset", max(global_batch * 2, 8), resolution)
+    config = project / "forge.toml"
+    config.write_text("")
+    return config, [f"storage.root={json.dumps(str(project / 'store'))}",
+                    f"models.base={json.dumps(str(base))}", f"dataset.resolution={resolution}",
+                    f"train.batch_size={batch}", f"train.max_steps={steps}",
+                    'train.optimizer="AdamW"', 'train.mixed_precision="bf16"',
+                    "train.log_every_seconds=1000", "train.save_every_n_epochs=1000",
+                    "train.cache_latents_to_disk=false"]
+
+
 def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device: str,
          extra: list[str]) -> TrainResult:
     from loraforge.config import load_settings
@@ -65,16 +80,8 @@ def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device
     from loraforge.train.trainer import train
 
     project = work / f"ours-b{batch}-{len(list(work.glob(f'ours-b{batch}-*')))}"
-    write_dataset(project / "master_dataset", max(batch * 2, 8), resolution)
-    config = project / "forge.toml"
-    config.write_text("")
-    overrides = [f"storage.root={json.dumps(str(project / 'store'))}",
-                 f"models.base={json.dumps(str(base))}", f"dataset.resolution={resolution}",
-                 f"train.batch_size={batch}", f"train.max_steps={steps}",
-                 'train.optimizer="AdamW"',
-                 "train.mixed_precision=\"bf16\"", "train.log_every_seconds=1000",
-                 "train.save_every_n_epochs=1000", "train.cache_latents_to_disk=false", *extra]
-    settings = load_settings(config, overrides)
+    config, overrides = _project(project, base, batch, resolution, steps, batch)
+    settings = load_settings(config, [*overrides, *extra])
     go_offline(settings)
     _reset_peak(device)
     started = time.perf_counter()
@@ -106,15 +113,8 @@ def ours_processes(work: Path, base: Path, batch: int, resolution: int, steps: i
     if batch % processes:
         raise SystemExit(f"batch {batch} does not split over {processes} processes")
     project = work / f"processes-{processes}"
-    write_dataset(project / "master_dataset", max(batch * 2, 8), resolution)
-    config = project / "forge.toml"
-    config.write_text("")
-    sets = [f"storage.root={json.dumps(str(project / 'store'))}",
-            f"models.base={json.dumps(str(base))}", f"dataset.resolution={resolution}",
-            f"train.batch_size={batch // processes}", f"train.gpus={processes}",
-            f"train.max_steps={steps}", 'train.optimizer="AdamW"',
-            'train.mixed_precision="bf16"', "train.log_every_seconds=1000",
-            "train.save_every_n_epochs=1000", "train.cache_latents_to_disk=false"]
+    config, sets = _project(project, base, batch // processes, resolution, steps, batch)
+    sets.append(f"train.gpus={processes}")
     command = [sys.executable, "-m", "loraforge", "train", "--config", str(config), "--run",
                "bench", *(word for value in sets for word in ("--set", value))]
     started = time.perf_counter()
