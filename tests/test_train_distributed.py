@@ -16,7 +16,13 @@ from conftest import assert_user_error, run_cli, write_training_project
 from test_train import _interrupt_at, _start_train
 
 from loraforge.errors import ForgeError
-from loraforge.train.distributed import World, launch_local, shard, world_from_env
+from loraforge.train.distributed import (
+    World,
+    check_local_gpus,
+    launch_local,
+    shard,
+    world_from_env,
+)
 from loraforge.train.trainer import RESUMABLE_EXIT
 
 FIXED_ENV = {"SOURCE_DATE_EPOCH": "1767225600"}
@@ -204,3 +210,15 @@ def test_ranks_disagreeing_on_the_weights_are_detected(tmp_path: Path) -> None:
         spread, same = map(float, (tmp_path / f"spread-{rank}").read_text().split())
         assert same == 0.0
         assert spread == pytest.approx(2 ** 0.5)  # |(2, 2)| - |(1, 1)|
+
+
+def test_more_processes_than_gpus_is_refused_before_any_starts(monkeypatch: pytest.MonkeyPatch,
+                                                               ) -> None:
+    """A machine with 2 GPUs (the GPU is what cannot exist here, so it is faked)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_local_gpus(2)
+    with pytest.raises(ForgeError, match=r"train\.gpus = 4 but this machine has 2 GPUs"):
+        check_local_gpus(4)

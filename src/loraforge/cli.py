@@ -121,7 +121,12 @@ def train(
     With train.gpus > 1 it starts one process per GPU. Exit code 75 means: interrupted by a
     signal, state saved; rerun the same command to resume.
     """
-    from loraforge.train.distributed import launch_local, rerun_argv, world_from_env
+    from loraforge.train.distributed import (
+        check_local_gpus,
+        launch_local,
+        rerun_argv,
+        world_from_env,
+    )
     from loraforge.train.trainer import RESUMABLE_EXIT, Interrupted, check_inputs
     from loraforge.train.trainer import train as train_lora
 
@@ -130,6 +135,7 @@ def train(
     processes = settings.config.train.gpus
     if processes > 1 and not world.distributed:
         check_inputs(settings, run)
+        check_local_gpus(processes)
         threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
         raise typer.Exit(launch_local(processes, rerun_argv(), threads))
     try:

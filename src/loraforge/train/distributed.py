@@ -155,6 +155,17 @@ def device_for(world: World, gpus_wanted: int) -> torch.device:
     return torch.device("cuda", index)
 
 
+def check_local_gpus(processes: int) -> None:
+    """Before starting `processes` workers on this machine: enough GPUs, when it has any."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < count < processes:
+        raise ForgeError(f"train.gpus = {processes} but this machine has {count} GPU"
+                         f"{'s' if count > 1 else ''}",
+                         fix=f"set train.gpus to at most {count}, or ask SLURM for more GPUs")
+
+
 def shard(batch: Sequence[int], world: World) -> tuple[int, list[int]]:
     """This rank's contiguous slice of a global batch and where it starts; slice sizes differ
     by at most one, and a rank gets nothing when the batch is smaller than the world."""
