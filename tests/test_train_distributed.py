@@ -4,6 +4,7 @@ process with the same global batch does, stay in step, and resume from a state s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,22 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     assert runs.pair_result.stdout.count("step 12/12") == 1
     assert runs.pair_result.stdout.count("LoRA: ") == 1
     assert "[rank 1]" not in runs.pair_result.stderr
+
+
+def test_torchrun_launches_the_same_training(runs: Runs, tmp_path: Path) -> None:
+    """`torchrun -m loraforge train` instead of train.gpus: the same two ranks, the same file."""
+    project = tmp_path / "torchrun"
+    shutil.copytree(runs.pair.parent, project, ignore=shutil.ignore_patterns("store"))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "loraforge", "train", "--config", str(project / "forge.toml")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **FIXED_ENV,
+                                                           "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((_run_dir(project / "forge.toml") / "run.json").read_text())
+    assert record["processes"] == 2
+    assert (_run_dir(project / "forge.toml") / f"{RUN}.safetensors").read_bytes() == \
+        (_run_dir(runs.pair) / f"{RUN}.safetensors").read_bytes()
 
 
 def test_lora_metadata_records_the_per_process_and_the_global_batch(runs: Runs) -> None:
