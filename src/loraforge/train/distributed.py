@@ -112,6 +112,8 @@ def join(world: World, device: torch.device) -> None:
         _objects_group = (dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
                           if backend == "nccl" else None)
     except (RuntimeError, ValueError) as exc:  # DistNetworkError, DistStoreError, a bad port
+        if dist.is_initialized():
+            dist.destroy_process_group()
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise ForgeError(f"process {world.rank} of {world.size} could not meet the others at "
                          f"{where}: {exc}",
@@ -145,7 +147,8 @@ def device_for(world: World, gpus_wanted: int) -> torch.device:
     count = torch.cuda.device_count()
     index = world.local_rank
     bound = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if count == 1 and bound and "," not in bound:  # SLURM bound one GPU to this task
+    started_by_srun = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
+    if started_by_srun and count == 1 and bound and "," not in bound:  # one GPU per task
         index = 0
     if index >= count:
         raise ForgeError(f"process {world.rank} wants GPU {world.local_rank} but this node has "

@@ -468,10 +468,9 @@ class Trainer:
 
         cfg, plan, world = self.cfg, self.plan, self.world
         # A state from another config is refused before minutes of model loading. Rank 0
-        # picks it: on shared storage another node may still see an older folder listing.
+        # reads it and sends it: on shared storage another node may still see an older listing.
         states = [] if restart or not world.is_main else saved_states(self.run_dir)
-        chosen = from_main(states[-1] if states else None, world)
-        state = load_state(chosen) if chosen else None
+        state = from_main(load_state(states[-1]) if states else None, world)
         if state is not None:
             self.check_resumable(state.config, state.path)
         models = self.models = self.load_models(base)
