@@ -281,7 +281,8 @@ def _term_trap(job: JobScript) -> list[str]:
     if job.processes == 1:
         return ["trap 'cancelled=1; [ -z \"$child\" ] || kill -TERM \"$child\" 2>/dev/null' "
                 "TERM INT"]
-    return ["# srun ends its processes at once on TERM but passes USR1 on: ask for a save.",
+    return ["# srun ends the step on TERM once SLURM's KillWait is over; it passes USR1 on:",
+            "# ask every process to save now.",
             "trap 'cancelled=1; [ -z \"$child\" ] || kill -USR1 \"$child\" 2>/dev/null' "
             "TERM INT"]
 
