@@ -160,7 +160,10 @@ def test_two_nodes_of_four_gpus_start_eight_processes_that_meet_on_the_first(
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4",
                  "#SBATCH --cpus-per-task=6", "srun starts 8 processes (2 node(s) x 4)",
                  'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-                 "--ntasks-per-node=4", "--wait=60", "kill -USR1"):
+                 "--ntasks-per-node=4", "--wait=60",
+                 # srun would end the step on TERM: the trap asks every process to save instead.
+                 "trap 'cancelled=1; [ -z \"$child\" ] || kill -USR1 \"$child\" 2>/dev/null' "
+                 "TERM INT"):
         assert line in result.stdout, line
     script = result.stdout[result.stdout.index("#!/bin/bash"):]
     script = script[:script.index("\n# ---")] if "\n# ---" in script else script

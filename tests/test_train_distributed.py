@@ -20,6 +20,7 @@ from loraforge.errors import ForgeError
 from loraforge.train.distributed import (
     World,
     check_local_gpus,
+    device_for,
     launch_local,
     shard,
     world_from_env,
@@ -239,3 +240,22 @@ def test_more_processes_than_gpus_is_refused_before_any_starts(monkeypatch: pyte
     check_local_gpus(2)
     with pytest.raises(ForgeError, match=r"train\.gpus = 4 but this machine has 2 GPUs"):
         check_local_gpus(4)
+
+
+def test_each_process_takes_its_own_gpu_or_the_one_slurm_bound_to_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node with 4 GPUs, and a task SLURM bound to one (the GPUs are faked; set_device too)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert device_for(World(3, 4, 3), 4) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ForgeError, match="wants GPU 1 but this node has 1"):
+        device_for(World(1, 2, 1), 2)  # torchrun with one visible GPU: a clear error
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert device_for(World(1, 2, 1), 2) == torch.device("cuda", 0)
