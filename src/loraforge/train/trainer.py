@@ -24,7 +24,17 @@ from typing import TYPE_CHECKING, Any
 from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.hashing import env_time
-from loraforge.train.distributed import RESUMABLE, World
+from loraforge.train import distributed
+from loraforge.train.distributed import (
+    RESUMABLE,
+    World,
+    any_rank,
+    from_main,
+    gather_objects,
+    replica_spread,
+    shard,
+    sum_gradients,
+)
 from loraforge.train.state import Position
 
 if TYPE_CHECKING:
@@ -371,7 +381,6 @@ class Trainer:
     def vae_identity(self, base: Path) -> str:
         """The latent cache's VAE key; rank 0 hashes the weights, once for every process."""
         from loraforge.hashing import sha256_file
-        from loraforge.train.distributed import from_main
 
         weights = sorted((base / "vae").glob("*.safetensors"))
         digest = None
@@ -384,7 +393,6 @@ class Trainer:
         several processes each encodes its share, then all exchange them: no process waits
         for one encoding everything (a collective would time out on a large dataset)."""
         from loraforge.dataset.examples import pixel_tensor
-        from loraforge.train.distributed import gather_objects
         from loraforge.train.latent_cache import LatentCache, file_sha256
 
         disk = self.settings.cache_dir if self.cfg.cache_latents_to_disk else None
@@ -462,7 +470,6 @@ class Trainer:
         import torch
 
         from loraforge.dataset.examples import epoch_batches
-        from loraforge.train.distributed import any_rank, from_main, replica_spread
         from loraforge.train.optim import build_optimizer, build_scheduler, warmup_steps
         from loraforge.train.state import load_state, saved_states
 
@@ -657,7 +664,6 @@ class Trainer:
 
         from loraforge.dataset.examples import draw_example, pixel_tensor
         from loraforge.train import objective
-        from loraforge.train.distributed import shard, sum_gradients
 
         cfg = self.cfg
         group = batches[first:first + self.plan.accumulation]
@@ -819,8 +825,6 @@ def train(settings: Settings, run_name: str | None, restart: bool,
           world: World | None = None) -> TrainResult:
     """Train (or resume) one run as one of `world`'s processes (default: the one torchrun or
     srun describe, else a single process); returns the final LoRA file and the trainer."""
-    from loraforge.train import distributed
-
     world = world or distributed.world_from_env()
     name, dataset, base = check_inputs(settings, run_name)
     run_dir = settings.runs_dir / name
@@ -866,8 +870,6 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         runs.RunRecord(run_dir, settings.file_mode, write=world.is_main).update(
             status="failed", error=str(exc))
         raise
-    from loraforge.train.distributed import gather_objects
-
     hosts = gather_objects(os.environ.get("SLURMD_NODENAME") or socket.gethostname(), world)
     previous = trainer.record.data
     started = (previous.get("started_at_unix") if not restart else None) or env_time() \
