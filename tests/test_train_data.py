@@ -190,3 +190,33 @@ def test_regularisation_concepts_are_weighted_by_the_prior_loss_weight(project: 
         ups = [fh.get_tensor(k) for k in fh.keys() if k.endswith("lora_up.weight")]  # noqa: SIM118
         assert fh.metadata()["ss_prior_loss_weight"] == "0.0"
     assert all(not up.any() for up in ups)
+
+
+def test_latents_are_encoded_in_batches_of_vae_batch_size(project: Path) -> None:
+    """The VAE's memory grows with the images per call (~0.6 GB each at 512 px in fp32): the
+    default encodes one at a time, a larger vae_batch_size groups them, with the same latents."""
+    import torch
+    from diffusers.models.autoencoders.vae import Encoder
+
+    seen: list[int] = []
+
+    def watch(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, Encoder):
+            seen.append(args[0].shape[0])
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(watch)
+    try:
+        one = _train(project, "one", "dataset.flip_aug=true", "train.max_steps=1")
+        ones = list(seen)
+        seen.clear()
+        three = _train(project, "three", "dataset.flip_aug=true", "train.max_steps=1",
+                       "train.vae_batch_size=3", "train.cache_latents_to_disk=false")
+    finally:
+        hook.remove()
+    assert ones == [1] * 8
+    assert sorted(seen) == [2, 3, 3]
+    assert one.trainer is not None and three.trainer is not None
+    assert one.trainer.latents is not None and three.trainer.latents is not None
+    assert one.trainer.latents.keys() == three.trainer.latents.keys()
+    for key, latent in one.trainer.latents.items():
+        torch.testing.assert_close(three.trainer.latents[key], latent, rtol=1e-4, atol=1e-5)

@@ -50,6 +50,7 @@ STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 RESUME_SAFE = {
     "train.run_name", "train.save_every_n_epochs", "train.keep_last_n", "train.save_precision",
     "train.state_every_n_steps", "train.keep_states", "train.log_every_seconds",
+    "train.vae_batch_size",
 }
 #: Sections of the config that decide the trained weights.
 SEMANTIC_SECTIONS = ("models", "dataset", "train")
@@ -406,7 +407,8 @@ class Trainer:
         keys = list(dict.fromkeys(r.key for r in requests))
         mine = set(keys[self.world.rank::self.world.size])
         found = cache.fill([r for r in requests if r.key in mine], lambda reqs: self.encode_pixels(
-            models, [pixel_tensor(self.examples[r.data[0]], r.data[1]) for r in reqs]), 8)
+            models, [pixel_tensor(self.examples[r.data[0]], r.data[1]) for r in reqs]),
+            self.cfg.vae_batch_size)
         if self.world.distributed:
             found = {k: v.cpu() for k, v in found.items()}
         shares = gather_objects((found, cache.encoded, cache.warnings), self.world)
