@@ -109,6 +109,18 @@ def inject(model: nn.Module, targets: list[Target]) -> None:
             part.requires_grad_(True)
 
 
+def keep_input_dtype(model: nn.Module) -> None:
+    """Stop peft casting each adapter's input to the adapter's fp32 weights. Under autocast the
+    matmul casts back to bf16/fp16 anyway: the cast only copied every adapted activation twice
+    and kept a second copy for the backward pass (BENCHMARKS.md: same outputs and gradients
+    bit for bit, fewer copies, less memory). Only for models run under autocast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 def lora_pair(model: nn.Module, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
     """(down, up) weights of one target: kohya's lora_down and lora_up."""
     layer = model.get_submodule(target.path)

@@ -333,6 +333,9 @@ class Trainer:
             network.inject(text_encoder, text)
             targets += text
         vae.requires_grad_(False)
+        if self.precision != "no":  # every adapted forward runs under autocast
+            network.keep_input_dtype(unet)
+            network.keep_input_dtype(text_encoder)
         for model in (unet, text_encoder):
             for name, param in model.named_parameters():
                 if "lora_" not in name:

@@ -1,0 +1,61 @@
+"""LoRA layers under mixed precision (what a GPU run does), checked on the CPU with bf16
+autocast: keeping each adapter's input in the compute dtype changes no number and saves memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from loraforge.models.tiny import ensure_tiny_models
+from loraforge.train import network
+
+
+def _adapted_unet(base: Path, keep_input_dtype: bool) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
+                                                torch_dtype=torch.float32)
+    network.inject(unet, network.unet_targets(unet, 8, 4))
+    for name, param in unet.named_parameters():
+        if "lora_" not in name:  # as the trainer keeps them: frozen weights in bf16
+            param.data = param.data.to(torch.bfloat16)
+    with torch.no_grad():  # a trained state: the up weights start at zero
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    if keep_input_dtype:
+        network.keep_input_dtype(unet)
+    return unet
+
+
+def _step(unet: UNet2DConditionModel) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Output, LoRA gradients and the bytes autograd keeps for the backward pass."""
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 16, 16, generator=generator).to(torch.bfloat16)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim,
+                         generator=generator).to(torch.bfloat16)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        output = unet(latents, torch.tensor([500, 20]), hidden).sample
+    output.float().square().mean().backward()
+    grads = [p.grad for n, p in unet.named_parameters() if "lora_" in n]
+    return output.detach(), grads, sum(saved.values())
+
+
+def test_adapters_under_autocast_keep_results_and_save_less_for_backward(
+        tmp_path: Path) -> None:
+    base, _ = ensure_tiny_models(tmp_path)
+    cast_out, cast_grads, cast_bytes = _step(_adapted_unet(base, keep_input_dtype=False))
+    kept_out, kept_grads, kept_bytes = _step(_adapted_unet(base, keep_input_dtype=True))
+    assert torch.equal(kept_out, cast_out)
+    assert len(kept_grads) == len(cast_grads) > 0
+    assert all(torch.equal(a, b) for a, b in zip(kept_grads, cast_grads, strict=True))
+    assert kept_bytes < 0.95 * cast_bytes
