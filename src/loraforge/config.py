@@ -162,8 +162,10 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "fp16", description="On GPU; CPU always trains in fp32.")
     gradient_checkpointing: bool = False
-    compile_unet: bool = Field(False, description="torch.compile the U-Net (slow first step "
-                               "per bucket: minutes; see BENCHMARKS.md).")
+    compile_unet: bool | Literal["blocks"] = Field(
+        False, description='torch.compile the U-Net: true compiles it whole (fastest steps; '
+        'minutes of compiling per bucket), "blocks" its transformer blocks only (compiles ~6x '
+        "sooner); see BENCHMARKS.md.")
     cache_latents: bool = Field(True, description="Encode each image with the VAE once, "
                                 "before training.")
     vae_batch_size: int = Field(1, ge=1, description="Images per VAE call while caching "

@@ -487,7 +487,9 @@ class Trainer:
             self.check_resumable(state.config, state.path)
         models = self.models = self.load_models(base)
         self.unet_forward = models.unet
-        if cfg.compile_unet:
+        if cfg.compile_unet == "blocks":  # one graph per block shape, shared by like blocks
+            models.unet.compile_repeated_blocks()
+        elif cfg.compile_unet:
             # One graph per bucket shape: fewer kernel launches, which bound small batches.
             self.unet_forward = torch.compile(models.unet)
         params_unet = [p for p in models.unet.parameters() if p.requires_grad]
