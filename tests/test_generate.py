@@ -137,10 +137,28 @@ def test_loras_change_the_image_stack_and_weight_zero_is_the_base(
     both = _render(clean.pipe)
     clean.activate([])
     assert np.array_equal(_render(clean.pipe), plain)
+    clean.activate([LoraUse(a, 1.0)])  # merged LoRAs are taken out exactly: same bits again
+    assert np.array_equal(_render(clean.pipe), only_a)
 
     assert np.abs(only_a - plain).max() > 8
     assert np.abs(only_b - plain).max() > 8
     assert np.abs(both - only_a).max() > 8 and np.abs(both - only_b).max() > 8
+
+
+def test_merged_loras_render_what_diffusers_adapters_render(
+        clean: LoraStack, lora_files: dict[str, Path], base: Path, tiny_store: Path) -> None:
+    """The stack merges LoRAs into the weights for speed; diffusers' own adapters, unmerged,
+    with the same weights give the same picture."""
+    widths = BaseWidths.of(base)
+    a, b = (inspect_lora(lora_files[k], widths) for k in "ab")
+    clean.activate([LoraUse(a, 0.7), LoraUse(b, -0.4)])
+    merged = _render(clean.pipe)
+    reference = load_pipeline(base, tiny_store / "tiny-controlnet", torch.device("cpu"),
+                              torch.float32)
+    reference.load_lora_weights(str(lora_files["a"]), adapter_name="a")
+    reference.load_lora_weights(str(lora_files["b"]), adapter_name="b")
+    reference.set_adapters(["a", "b"], [0.7, -0.4])
+    assert np.abs(_render(reference) - merged).max() <= 2
 
 
 def test_controlnet_is_live_and_scale_zero_equals_no_controlnet(clean: LoraStack) -> None:

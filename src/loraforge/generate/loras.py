@@ -6,8 +6,9 @@
 - Every file is checked from its header before any model is loaded: it must be a complete
   safetensors file (pickled `.ckpt`/`.pt`/`.bin` files are refused, never unpickled), and an SD 1.x
   LoRA whose widths fit the base model (SDXL, SD 2.x and other families are refused by name).
-- `LoraStack` loads each file once per process as a named diffusers adapter and activates the
-  set each scene asks for with its weights (`set_adapters`).
+- `LoraStack` loads each file once per process as a named diffusers adapter and merges the set
+  each scene asks for, with its weights, into the model's weights (`fuse_lora`), as A1111 and
+  ComfyUI apply LoRAs: the denoising steps then run no adapter arithmetic (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import re
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -308,12 +310,20 @@ def newest_finished_lora(runs_dir: Path) -> Path:
 # --- loading into a pipeline ----------------------------------------------------------------
 
 class LoraStack:
-    """LoRA files loaded into one pipeline (each once, as its own adapter), activated per scene."""
+    """LoRA files loaded into one pipeline (each once, as its own adapter); per scene the active
+    ones are merged into the U-Net's and text encoder's weights. The weights they change are
+    kept unmerged on the CPU and copied back before another set is merged, so a scene renders
+    the same bits whatever scenes came before it (subtracting a merged LoRA again would not,
+    in fp16)."""
+
+    COMPONENTS = ("unet", "text_encoder")
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self.adapters: dict[Path, str] = {}
         self.active: tuple[tuple[str, float], ...] | None = None
+        self.merged = False
+        self.unmerged: dict[tuple[str, str], Any] = {}
 
     def load(self, lora: LoraFile) -> str:
         if lora.path in self.adapters:
@@ -338,14 +348,42 @@ class LoraStack:
 
     def activate(self, uses: list[LoraUse]) -> None:
         """Exactly these LoRAs with these weights are active from now on (none: LoRA off)."""
-        names = [self.load(use.lora) for use in uses]
-        wanted = tuple(zip(names, (use.weight for use in uses), strict=True))
+        wanted = tuple((str(use.lora.path), use.weight) for use in uses)
         if wanted == self.active:
             return
-        if not uses:
-            if self.adapters:
-                self.pipe.disable_lora()
-        else:
+        self._unmerge()
+        names = [self.load(use.lora) for use in uses]
+        if uses:
             self.pipe.enable_lora()
             self.pipe.set_adapters(names, [use.weight for use in uses])
+            self._keep_unmerged()
+            self.pipe.fuse_lora(components=list(self.COMPONENTS), adapter_names=names)
+            self.merged = True
+        elif self.adapters:
+            self.pipe.disable_lora()
         self.active = wanted
+
+    def _adapted_layers(self) -> Iterator[tuple[tuple[str, str], Any]]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for component in self.COMPONENTS:
+            for path, module in getattr(self.pipe, component).named_modules():
+                if isinstance(module, BaseTunerLayer):
+                    yield (component, path), module.get_base_layer()
+
+    def _keep_unmerged(self) -> None:
+        """A CPU copy of each adapted layer's weight not kept yet (they are all unmerged now)."""
+        for key, layer in self._adapted_layers():
+            if key not in self.unmerged:
+                self.unmerged[key] = layer.weight.detach().to("cpu", copy=True)
+
+    def _unmerge(self) -> None:
+        import torch
+
+        if not self.merged:
+            return
+        self.pipe.unfuse_lora(components=list(self.COMPONENTS))
+        with torch.no_grad():
+            for key, layer in self._adapted_layers():
+                layer.weight.copy_(self.unmerged[key])
+        self.merged = False
