@@ -1,4 +1,4 @@
-"""`python -m bench {train,generate} --model tiny|sd15 [...]`: measure, print, append to
+"""`python -m bench {train,generate,memory} --model tiny|sd15 [...]`: measure, print, append to
 BENCHMARKS.md with the machine, versions and date."""
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
             results.append(ours_processes(work, base, batch, args.resolution, args.steps,
                                           count))
         ref = reference(base, batch, args.resolution, args.steps, device)
-        for result in [*results, ref]:
+        floor = reference(base, batch, args.resolution, args.steps, device, cached=True)
+        for result in [*results, ref, floor]:
             rows.append([result.name, str(batch), f"{result.images_per_s:.2f}",
                          f"{result.images_per_s / ref.images_per_s:.2f}x",
                          f"{result.first_step_s:.1f}", f"{result.peak_memory_gb:.2f}",
@@ -67,16 +68,18 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
 
 
 def run_generate(args: argparse.Namespace, work: Path) -> str:
-    from bench.generate import ours, stock
+    from bench.generate import ours, random_loras, stock
     from bench.models import model_folders
 
     base, controlnet = model_folders(args.model, models_root(work))
+    loras = random_loras(base, work, args.loras)
     rows = []
     for size in args.size:
         width, height = (int(v) for v in size.split("x"))
         for batch in args.batch:
-            for result in (ours(base, controlnet, width, height, batch, args.steps, args.variant),
-                           stock(base, controlnet, width, height, batch, args.steps)):
+            for result in (ours(base, controlnet, width, height, batch, args.steps, args.variant,
+                                loras),
+                           stock(base, controlnet, width, height, batch, args.steps, loras)):
                 for r in result:
                     rows.append([r.name, size, str(batch), f"{r.seconds_per_image:.3f}",
                                  f"{r.warmup_s:.1f}",
@@ -84,9 +87,26 @@ def run_generate(args: argparse.Namespace, work: Path) -> str:
     return table(["pipeline", "size", "batch", "s / image", "warm-up (s)", "TFLOP/s"], rows)
 
 
+def run_memory(args: argparse.Namespace, work: Path) -> str:
+    import torch
+
+    from bench.memory import lora_step, vae_caching
+    from bench.models import model_folders
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, _ = model_folders(args.model, models_root(work))
+    results = [vae_caching(base, batch, args.resolution, device) for batch in args.vae_batch]
+    for batch in args.batch:
+        results += [lora_step(base, batch, args.resolution, device, keep)
+                    for keep in (False, True)]
+    return table(["phase", "batch", "resolution", "peak memory (GB)"],
+                 [[r.phase, str(r.batch), str(r.resolution), f"{r.peak_gb:.2f}"]
+                  for r in results])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("what", choices=["train", "generate"])
+    parser.add_argument("what", choices=["train", "generate", "memory"])
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--batch", type=int, nargs="+", default=None)
     parser.add_argument("--resolution", type=int, default=None)
@@ -97,6 +117,11 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[],
                         help="train: also run `loraforge train` with train.gpus = N, the same "
                              "global batch split over N processes")
+    parser.add_argument("--loras", type=int, default=2,
+                        help="generate: random character LoRAs active in every image (a "
+                             "two-character scene)")
+    parser.add_argument("--vae-batch", type=int, nargs="+", default=[1, 8],
+                        help="memory: VAE images per call while caching latents")
     parser.add_argument("--note", default="", help="a line written above the table")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -105,12 +130,16 @@ def main() -> None:
         args.batch = args.batch or ([8] if tiny else [1, 2, 4, 8])
         args.resolution = args.resolution or (64 if tiny else 512)
         args.steps = args.steps or (40 if tiny else 60)
+    elif args.what == "memory":
+        args.batch = args.batch or [1]
+        args.resolution = args.resolution or (64 if tiny else 512)
     else:
         args.batch = args.batch or ([1] if tiny else [1, 4])
         args.size = args.size or (["128x96"] if tiny else ["512x512", "512x768"])
         args.steps = args.steps or 25
     with tempfile.TemporaryDirectory(prefix="loraforge-bench-") as tmp:
-        body = (run_train if args.what == "train" else run_generate)(args, Path(tmp))
+        body = {"train": run_train, "generate": run_generate,
+                "memory": run_memory}[args.what](args, Path(tmp))
     title = f"### {args.what}, {args.model} model ({machine()})"
     command = "python -m bench " + shlex.join(sys.argv[1:])
     text = "\n".join(filter(None, [title, "", f"`{command}`", args.note, "", body, ""]))

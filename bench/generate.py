@@ -32,6 +32,33 @@ def _pose(width: int, height: int):
     return draw_pose(random_pose(2, width, height, 0))
 
 
+def random_loras(base: Path, folder: Path, count: int) -> list[Path]:
+    """`count` kohya-format LoRA files for `base` (dim 16, U-Net and text encoder) with random
+    up weights: stand-ins for trained character LoRAs, which cost the same to apply."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from loraforge.train import export, network
+
+    paths = []
+    for index in range(count):
+        models = {"unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
+                  "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder")}
+        torch.manual_seed(index)
+        targets = network.unet_targets(models["unet"], 16, 8)
+        network.inject(models["unet"], targets)
+        text = network.text_targets(models["text_encoder"], 16, 8)
+        network.inject(models["text_encoder"], text)
+        with torch.no_grad():
+            for target in targets + text:
+                network.lora_pair(models[target.component], target)[1].normal_(0, 0.01)
+        paths.append(folder / f"character{index}.safetensors")
+        export.save_lora(paths[-1], export.kohya_state_dict(models, targets + text, "fp16"),
+                         {"ss_network_module": "networks.lora"}, 0o644)
+    return paths
+
+
 def _time(pipe, kwargs: dict, batch: int, device: str, repeats: int = 3) -> tuple[float, float]:
     """(seconds per image, first call's seconds)."""
     import torch
@@ -48,33 +75,42 @@ def _time(pipe, kwargs: dict, batch: int, device: str, repeats: int = 3) -> tupl
     return best / batch, warmup
 
 
+def _with_loras(name: str, loras: list[Path]) -> str:
+    return f"{name}, {len(loras)} LoRAs" if loras else name
+
+
 def ours(base: Path, controlnet: Path, width: int, height: int, batch: int, steps: int,
-         variants: list[str]) -> list[GenerateResult]:
+         variants: list[str], loras: list[Path]) -> list[GenerateResult]:
     import torch
 
+    from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lora
     from loraforge.generate.pipeline import load_pipeline, pick_dtype
     from loraforge.generate.prompts import encode_prompt_pair
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(base, controlnet, device, pick_dtype("auto", device).dtype)
+    widths = BaseWidths.of(base)
+    LoraStack(pipe).activate([LoraUse(inspect_lora(path, widths), 0.8) for path in loras])
     embeds, negative = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder,
                                           "2girls, standing, best quality", "lowres", 2)
     kwargs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative,
               "image": _pose(width, height), "width": width, "height": height,
               "num_inference_steps": steps, "guidance_scale": 7.0}
     per_image, warmup = _time(pipe, kwargs, batch, device.type)
-    results = [GenerateResult("loraforge", width, height, steps, per_image, warmup)]
+    results = [GenerateResult(_with_loras("loraforge", loras), width, height, steps, per_image,
+                              warmup)]
     if "compile" in variants and device.type == "cuda":
         pipe.unet = torch.compile(pipe.unet)
         pipe.controlnet = torch.compile(pipe.controlnet)
         per_image, warmup = _time(pipe, kwargs, batch, device.type)
-        results.append(GenerateResult("loraforge + torch.compile", width, height, steps,
-                                      per_image, warmup))
+        results.append(GenerateResult(_with_loras("loraforge + torch.compile", loras), width,
+                                      height, steps, per_image, warmup))
     return results
 
 
 def stock(base: Path, controlnet: Path, width: int, height: int, batch: int, steps: int,
-          ) -> list[GenerateResult]:
+          loras: list[Path]) -> list[GenerateResult]:
+    """diffusers' pipeline as its documentation shows it; LoRAs as adapters (set_adapters)."""
     import torch
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
@@ -83,9 +119,13 @@ def stock(base: Path, controlnet: Path, width: int, height: int, batch: int, ste
         base, controlnet=ControlNetModel.from_pretrained(controlnet, torch_dtype=torch.float32),
         safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
+    for index, path in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"character{index}")
+    if loras:
+        pipe.set_adapters([f"character{i}" for i in range(len(loras))], [0.8] * len(loras))
     kwargs = {"prompt": "2girls, standing, best quality", "negative_prompt": "lowres",
               "image": _pose(width, height), "width": width, "height": height,
               "num_inference_steps": steps}
     per_image, warmup = _time(pipe, kwargs, batch, device)
-    return [GenerateResult("diffusers stock (fp32 defaults)", width, height, steps, per_image,
-                           warmup)]
+    return [GenerateResult(_with_loras("diffusers stock (fp32 defaults)", loras), width, height,
+                           steps, per_image, warmup)]
