@@ -60,8 +60,9 @@ class MemoryResult:
     peak_gb: float
 
 
-def _measure(device: str, modules: list[torch.nn.Module], run: Any) -> float:
-    """GB at the peak of `run()`, the modules' weights included."""
+def _measure(device: str, modules: list[torch.nn.Module], inputs: list[torch.Tensor],
+             run: Any) -> float:
+    """GB at the peak of `run()`, the modules' weights and the inputs included."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -70,7 +71,7 @@ def _measure(device: str, modules: list[torch.nn.Module], run: Any) -> float:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**30
     mode = TensorPeak()
-    mode.track(*(t for m in modules for t in [*m.parameters(), *m.buffers()]))
+    mode.track(*inputs, *(t for m in modules for t in [*m.parameters(), *m.buffers()]))
     with mode:
         run()
     return mode.peak / 2**30
@@ -87,7 +88,7 @@ def vae_caching(base: Path, batch: int, resolution: int, device: str) -> MemoryR
         with torch.no_grad():
             vae.encode(pixels).latent_dist.mean.cpu()
 
-    peak = _measure(device, [vae], run)
+    peak = _measure(device, [vae], [pixels], run)
     return MemoryResult(f"latent caching, train.vae_batch_size={batch}", batch, resolution,
                         peak)
 
@@ -120,6 +121,6 @@ def lora_step(base: Path, batch: int, resolution: int, device: str, keep_input_d
             output = unet(latents, timesteps, hidden).sample
         output.float().square().mean().backward()
 
-    peak = _measure(device, [unet], run)
+    peak = _measure(device, [unet], [latents, hidden], run)
     how = "input kept in bf16 (loraforge)" if keep_input_dtype else "peft's fp32 input cast"
     return MemoryResult(f"U-Net LoRA step, {how}", batch, resolution, peak)

@@ -352,6 +352,7 @@ class LoraStack:
         if wanted == self.active:
             return
         self._unmerge()
+        self.active = None  # until the new set is in place (a load may fail)
         names = [self.load(use.lora) for use in uses]
         if uses:
             self.pipe.enable_lora()
