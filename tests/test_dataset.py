@@ -299,6 +299,19 @@ def test_json_numbers(project: Path) -> None:
     assert summary["concepts"][0]["top_tags"] == [{"tag": "alpha", "count": 3}]
 
 
+def test_steps_count_the_global_batch_of_several_training_processes(project: Path) -> None:
+    """train.batch_size is per GPU: 4 processes at batch 2 take 8 images per step."""
+    good_concept(project, "10_alpha", 3)
+    good_concept(project, "20_beta", 5)
+    by_flag = check(project, "--processes", "4")
+    assert by_flag.returncode == 0, by_flag.stderr
+    assert "batch size 8 (2 per process x 4 processes): 17 steps per epoch" in by_flag.stdout
+    by_config = json.loads(check(project, "--json", "--set", "train.gpus=2").stdout)["totals"]
+    assert (by_config["batch_size"], by_config["processes"]) == (4, 2)
+    assert by_config["steps_per_epoch"] == 33
+    assert by_config["total_steps"] == 330
+
+
 def test_json_with_overrides_and_too_many_steps(project: Path) -> None:
     good_concept(project, "10_alpha", 3)
     result = check(project, "--json", "--set", "train.epochs=5000", "--set", "train.batch_size=4")

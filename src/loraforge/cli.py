@@ -70,11 +70,15 @@ def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: Jso
 
 @dataset_app.command("check")
 def dataset_check(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False,
-                  ) -> None:
+                  processes: Annotated[int | None, typer.Option(
+                      "--processes", min=1, help="Training processes (GPUs) sharing each "
+                      "batch; default train.gpus. For a SLURM job: slurm.nodes x GPUs per "
+                      "node.")] = None) -> None:
     """Explain every problem in master_dataset/ before a GPU is spent."""
     from loraforge.dataset.check import check_dataset
 
-    check_dataset(_settings(config, overrides), as_json, out)
+    settings = _settings(config, overrides)
+    check_dataset(settings, as_json, out, processes or settings.config.train.gpus)
 
 
 @pose_app.command("random")

@@ -68,10 +68,10 @@ def _caption_advice(concept: Concept) -> str | None:
 
 
 def summarize(dataset: Dataset, batch_size: int, epochs: int, max_steps: int | None = None,
-              examples: list[Example] | None = None) -> dict[str, Any]:
-    """Everything the check prints, as JSON-able data. With `examples` (their aspect buckets),
-    each concept lists its bucket counts and steps count single-bucket batches, as training
-    does."""
+              examples: list[Example] | None = None, processes: int = 1) -> dict[str, Any]:
+    """Everything the check prints, as JSON-able data. `batch_size` is the global batch (that
+    of all `processes` together). With `examples` (their aspect buckets), each concept lists
+    its bucket counts and steps count single-bucket batches, as training does."""
     concepts = []
     advice: list[str] = []
     for concept in dataset.concepts:
@@ -106,6 +106,7 @@ def summarize(dataset: Dataset, batch_size: int, epochs: int, max_steps: int | N
             "captioned": sum(c["captioned"] for c in concepts),
             "images_x_repeats": total,
             "batch_size": batch_size,
+            "processes": processes,
             "epochs": epochs,
             "max_steps": max_steps,
             "steps_per_epoch": steps_per_epoch,
@@ -142,7 +143,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     t = summary["totals"]
     lines = [f"total: {t['concepts']} concepts, {t['images']} images, "
              f"{t['images_x_repeats']} images x repeats",
-             f"batch size {t['batch_size']}: {t['steps_per_epoch']} steps per epoch"]
+             f"batch size {t['batch_size']}{_split(t)}: {t['steps_per_epoch']} steps per epoch"]
     if t["max_steps"] is not None:
         epochs = t["max_steps"] / max(t["steps_per_epoch"], 1)
         lines.append(f"train.max_steps: {t['total_steps']} total steps (about {epochs:.1f} "
@@ -155,8 +156,17 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         console.print(Text.assemble(("advice: ", "cyan"), line), soft_wrap=True)
 
 
-def check_dataset(settings: Settings, as_json: bool, console: Console) -> None:
-    """Scan the configured dataset; print warnings on stderr and the summary on stdout."""
+def _split(totals: dict[str, Any]) -> str:
+    processes = totals.get("processes", 1)
+    if processes == 1:
+        return ""
+    return f" ({totals['batch_size'] // processes} per process x {processes} processes)"
+
+
+def check_dataset(settings: Settings, as_json: bool, console: Console, processes: int = 1,
+                  ) -> None:
+    """Scan the configured dataset; print warnings on stderr and the summary on stdout. Steps
+    count the global batch: train.batch_size on each of `processes` training processes."""
     try:
         dataset = scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
     except DatasetError as exc:
@@ -167,7 +177,8 @@ def check_dataset(settings: Settings, as_json: bool, console: Console) -> None:
     warnings: list[str] = []
     examples = build_examples(dataset, settings.config.dataset, warnings.append)
     print_warnings(warnings)
-    summary = summarize(dataset, train.batch_size, train.epochs, train.max_steps, examples)
+    summary = summarize(dataset, train.batch_size * processes, train.epochs, train.max_steps,
+                        examples, processes)
     if as_json:
         console.out(json.dumps(summary, indent=2), highlight=False)
     else:

@@ -379,7 +379,7 @@ class Trainer:
         from loraforge.fsutil import write_atomic
 
         summary = summarize(self.dataset, self.plan.batch_size, self.plan.epochs,
-                            self.cfg.max_steps, self.examples)
+                            self.cfg.max_steps, self.examples, self.world.size)
         write_atomic(self.run_dir / "dataset.json", json.dumps(summary, indent=1), self.mode)
 
     def vae_identity(self, base: Path) -> str:
