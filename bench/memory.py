@@ -64,12 +64,12 @@ def _measure(device: str, modules: list[torch.nn.Module], inputs: list[torch.Ten
              run: Any) -> float:
     """GB at the peak of `run()`, the modules' weights and the inputs included."""
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        from bench.train import peak_memory_gb, reset_peak
+
+        reset_peak(device)
         run()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**30
+        return peak_memory_gb(device)
     mode = TensorPeak()
     mode.track(*inputs, *(t for m in modules for t in [*m.parameters(), *m.buffers()]))
     with mode:
@@ -104,9 +104,7 @@ def lora_step(base: Path, batch: int, resolution: int, device: str, keep_input_d
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
                                                 torch_dtype=torch.float32)
     network.inject(unet, network.unet_targets(unet, 16, 8))
-    for name, param in unet.named_parameters():
-        if "lora_" not in name:
-            param.data = param.data.to(torch.bfloat16)
+    network.cast_base_weights(unet, torch.bfloat16)
     if keep_input_dtype:
         network.keep_input_dtype(unet)
     unet.to(device)

@@ -40,7 +40,7 @@ def write_dataset(folder: Path, images: int, resolution: int) -> None:
         (concept / f"{i:03d}.txt").write_text("bench_character, 1girl, solo, standing")
 
 
-def _peak_memory_gb(device: str) -> float:
+def peak_memory_gb(device: str) -> float:
     import resource
 
     import torch
@@ -50,7 +50,7 @@ def _peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _reset_peak(device: str) -> None:
+def reset_peak(device: str) -> None:
     import torch
 
     if device == "cuda":
@@ -83,13 +83,13 @@ def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device
     config, overrides = _project(project, base, batch, resolution, steps, batch)
     settings = load_settings(config, [*overrides, *extra])
     go_offline(settings)
-    _reset_peak(device)
+    reset_peak(device)
     started = time.perf_counter()
     result = train(settings, "bench", restart=True)
     total = time.perf_counter() - started
     rate, first = _rates(result.final.parent, batch, total)
     name = "loraforge" + (f" ({' '.join(extra)})" if extra else "")
-    return TrainResult(name, batch, resolution, rate, first, _peak_memory_gb(device))
+    return TrainResult(name, batch, resolution, rate, first, peak_memory_gb(device))
 
 
 def _rates(run_dir: Path, batch: int, total: float) -> tuple[float, float]:
@@ -138,7 +138,7 @@ def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _reset_peak(device)
+    reset_peak(device)
     started = time.perf_counter()
     weight_dtype = torch.float16 if device == "cuda" else torch.float32
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
@@ -189,4 +189,4 @@ def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
     rate = (steps - warm) * batch / (times[-1] - times[warm - 1])
     name = "reference loop" + (", VAE and text encoder cached" if cached else "")
     return TrainResult(name, batch, resolution, rate, times[0] - started,
-                       _peak_memory_gb(device))
+                       peak_memory_gb(device))

@@ -17,9 +17,7 @@ def _adapted_unet(base: Path, keep_input_dtype: bool) -> UNet2DConditionModel:
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
                                                 torch_dtype=torch.float32)
     network.inject(unet, network.unet_targets(unet, 8, 4))
-    for name, param in unet.named_parameters():
-        if "lora_" not in name:  # as the trainer keeps them: frozen weights in bf16
-            param.data = param.data.to(torch.bfloat16)
+    network.cast_base_weights(unet, torch.bfloat16)  # as the trainer keeps them
     with torch.no_grad():  # a trained state: the up weights start at zero
         for name, param in unet.named_parameters():
             if "lora_B" in name:

@@ -157,7 +157,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 
 
 def _split(totals: dict[str, Any]) -> str:
-    processes = totals.get("processes", 1)
+    processes = totals["processes"]
     if processes == 1:
         return ""
     return f" ({totals['batch_size'] // processes} per process x {processes} processes)"

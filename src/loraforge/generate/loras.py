@@ -321,8 +321,7 @@ class LoraStack:
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self.adapters: dict[Path, str] = {}
-        self.active: tuple[tuple[str, float], ...] | None = None
-        self.merged = False
+        self.active: tuple[tuple[str, float], ...] | None = None  # merged: (path, weight)s
         self.unmerged: dict[tuple[str, str], Any] = {}
 
     def load(self, lora: LoraFile) -> str:
@@ -359,7 +358,6 @@ class LoraStack:
             self.pipe.set_adapters(names, [use.weight for use in uses])
             self._keep_unmerged()
             self.pipe.fuse_lora(components=list(self.COMPONENTS), adapter_names=names)
-            self.merged = True
         elif self.adapters:
             self.pipe.disable_lora()
         self.active = wanted
@@ -381,10 +379,9 @@ class LoraStack:
     def _unmerge(self) -> None:
         import torch
 
-        if not self.merged:
+        if not self.active:
             return
         self.pipe.unfuse_lora(components=list(self.COMPONENTS))
         with torch.no_grad():
             for key, layer in self._adapted_layers():
                 layer.weight.copy_(self.unmerged[key])
-        self.merged = False

@@ -109,6 +109,13 @@ def inject(model: nn.Module, targets: list[Target]) -> None:
             part.requires_grad_(True)
 
 
+def cast_base_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """The model's own (frozen) weights in `dtype`; its LoRA weights stay fp32."""
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.to(dtype)
+
+
 def keep_input_dtype(model: nn.Module) -> None:
     """Stop peft casting each adapter's input to the adapter's fp32 weights. Under autocast the
     matmul casts back to bf16/fp16 anyway: the cast only copied every adapted activation twice

@@ -337,9 +337,7 @@ class Trainer:
             network.keep_input_dtype(unet)
             network.keep_input_dtype(text_encoder)
         for model in (unet, text_encoder):
-            for name, param in model.named_parameters():
-                if "lora_" not in name:
-                    param.data = param.data.to(self.dtype)
+            network.cast_base_weights(model, self.dtype)
             model.to(self.device)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
