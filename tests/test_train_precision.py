@@ -6,10 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from conftest import write_training_project
 from diffusers import UNet2DConditionModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
+from loraforge.config import load_settings
 from loraforge.models.tiny import ensure_tiny_models
 from loraforge.train import network
+from loraforge.train.distributed import World
+from loraforge.train.trainer import Trainer, check_inputs
 
 
 def _adapted_unet(base: Path, keep_input_dtype: bool) -> UNet2DConditionModel:
@@ -57,3 +62,34 @@ def test_adapters_under_autocast_keep_results_and_save_less_for_backward(
     assert len(kept_grads) == len(cast_grads) > 0
     assert all(torch.equal(a, b) for a, b in zip(kept_grads, cast_grads, strict=True))
     assert kept_bytes < 0.95 * cast_bytes
+
+
+def _trainer_as_on_a_gpu(tmp_path: Path, tiny_store: Path, *sets: str) -> Trainer:
+    """A trainer whose device stands in for a GPU training in bf16 (the CPU never does)."""
+    settings = load_settings(write_training_project(tmp_path, tiny_store), list(sets))
+    _, dataset, _ = check_inputs(settings, "gpu")
+    trainer = Trainer(settings, dataset, tmp_path / "run", World(), torch.device("cpu"))
+    trainer.precision, trainer.dtype = "bf16", torch.bfloat16
+    return trainer
+
+
+def test_trainer_in_bf16_keeps_frozen_weights_in_bf16_and_adapter_inputs_uncast(
+        tmp_path: Path, tiny_store: Path) -> None:
+    trainer = _trainer_as_on_a_gpu(tmp_path, tiny_store)
+    models = trainer.load_models(tiny_store / "tiny-sd15")
+    for model in (models.unet, models.text_encoder):
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+        assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+        adapters = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        assert adapters and not any(m.cast_input_dtype_enabled for m in adapters)
+
+
+def test_compile_unet_blocks_compiles_the_transformer_blocks_only(
+        tmp_path: Path, tiny_store: Path) -> None:
+    trainer = _trainer_as_on_a_gpu(tmp_path, tiny_store, "train.compile_unet=blocks")
+    unet = trainer.load_models(tiny_store / "tiny-sd15").unet
+    assert trainer.compiled(unet) is unet
+    compiled = {type(m).__name__ for m in unet.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == {"BasicTransformerBlock"}

@@ -351,6 +351,18 @@ class Trainer:
                       unet.config.in_channels, 2 ** (len(vae.config.block_out_channels) - 1),
                       targets)
 
+    def compiled(self, unet: Any) -> Any:
+        """What the training step calls for the U-Net, as train.compile_unet asks."""
+        import torch
+
+        if self.cfg.compile_unet == "blocks":  # one graph per block shape, shared by like blocks
+            unet.compile_repeated_blocks()
+            return unet
+        if self.cfg.compile_unet:
+            # One graph per bucket shape: fewer kernel launches, which bound small batches.
+            return torch.compile(unet)
+        return unet
+
     def encode_pixels(self, models: Models, pixels: list[torch.Tensor]) -> torch.Tensor:
         import torch
 
@@ -484,12 +496,7 @@ class Trainer:
         if state is not None:
             self.check_resumable(state.config, state.path)
         models = self.models = self.load_models(base)
-        self.unet_forward = models.unet
-        if cfg.compile_unet == "blocks":  # one graph per block shape, shared by like blocks
-            models.unet.compile_repeated_blocks()
-        elif cfg.compile_unet:
-            # One graph per bucket shape: fewer kernel launches, which bound small batches.
-            self.unet_forward = torch.compile(models.unet)
+        self.unet_forward = self.compiled(models.unet)
         params_unet = [p for p in models.unet.parameters() if p.requires_grad]
         params_text = [p for p in models.text_encoder.parameters() if p.requires_grad]
         factor = lr_factor(self.settings, world)
