@@ -161,6 +161,35 @@ def test_merged_loras_render_what_diffusers_adapters_render(
     assert np.abs(_render(reference) - merged).max() <= 2
 
 
+def _unet_operations(pipe: Any) -> int:
+    """Tensor operations one denoising call of the U-Net dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    latents = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
+    hidden = torch.zeros(1, 77, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad(), Count():
+        pipe.unet(latents, torch.tensor([500]), hidden)
+    return Count.calls
+
+
+def test_active_loras_add_no_work_to_a_denoising_step(
+        clean: LoraStack, lora_files: dict[str, Path], base: Path) -> None:
+    """Merged into the weights, two LoRAs cost a denoising step nothing (as adapters each
+    adapted layer would run two more matrix products per LoRA)."""
+    widths = BaseWidths.of(base)
+    plain = _unet_operations(clean.pipe)
+    clean.activate([LoraUse(inspect_lora(lora_files[k], widths), 0.8) for k in "ab"])
+    assert _unet_operations(clean.pipe) == plain
+
+
 def test_controlnet_is_live_and_scale_zero_equals_no_controlnet(clean: LoraStack) -> None:
     pipe = clean.pipe
     zero_convs = [*pipe.controlnet.controlnet_down_blocks, pipe.controlnet.controlnet_mid_block]
