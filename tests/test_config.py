@@ -123,7 +123,21 @@ def test_malformed_override_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("config", "show", "--set", "epochs")
     assert_user_error(result, "`epochs`", "key=value")
     result = run_cli("config", "show", "--set", "train.epochs=0")
-    assert_user_error(result, "--set", "`train.epochs`")
+    assert_user_error(result, "`--set train.epochs=0`", "greater than or equal to 1")
+
+
+def test_bad_override_is_named_not_the_file_it_overrides(tmp_path: Path) -> None:
+    config = tmp_path / "forge.toml"
+    config.write_text("[train]\nepochs = 3\n")
+    result = run_cli("config", "show", "--config", config, "--set", "generate.steps=0")
+    assert_user_error(result, "`--set generate.steps=0`", "greater than or equal to 1")
+    assert str(config) not in result.stdout + result.stderr
+    config.write_text("[train]\nepochs = 0\n")
+    result = run_cli("config", "show", "--config", config, "--set", "generate.steps=0")
+    assert_user_error(result, str(config), "`train.epochs`", "`--set generate.steps=0`")
+    result = run_cli("config", "show", "--config", config, "--set", "train.epochz=3")
+    assert_user_error(result, "unknown key `train.epochz` (--set train.epochz=3)",
+                      "did you mean `train.epochs`?")
 
 
 def test_cli_help_imports_no_heavy_library() -> None:

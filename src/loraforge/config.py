@@ -312,23 +312,31 @@ def _suggest(key: str, choices: list[str], prefix: str) -> str:
     return f"valid keys: {', '.join(prefix + c for c in choices)}"
 
 
-def _explain(error: ValidationError, where: str) -> ForgeError:
-    """Turn pydantic's report into one message naming the key and the fix."""
+def _explain(error: ValidationError, where: str, given: dict[str, str]) -> ForgeError:
+    """Turn pydantic's report into one message naming the key and the fix. `given`: the
+    `--set` overrides by key, named instead of the file for the keys they set."""
     problems = []
+    from_file = False
     for item in error.errors():
         loc = [str(p) for p in item["loc"]]
         key = ".".join(loc)
+        override = given.get(".".join(loc[:2]))
+        from_file = from_file or override is None
+        origin = f" (--set {override})" if override is not None else ""
         if item["type"] == "extra_forbidden":
             parent = _section_model(loc[0]) if len(loc) > 1 else ForgeConfig
             choices = _field_names(parent) if parent is not None else []
             prefix = f"{loc[0]}." if len(loc) > 1 else ""
-            problems.append(f"unknown key `{key}`: {_suggest(loc[-1], choices, prefix)}")
+            problems.append(f"unknown key `{key}`{origin}: "
+                            f"{_suggest(loc[-1], choices, prefix)}")
+        elif override is not None:
+            problems.append(f"`--set {override}`: {item['msg']}")
         else:
             got = item.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict) else ""
             problems.append(f"`{key}`: {item['msg']}{shown}")
     message = problems[0] if len(problems) == 1 else "\n  - ".join(["invalid:", *problems])
-    return ForgeError(message, path=where,
+    return ForgeError(message, path=where if from_file else "--set",
                       fix="edit the value(s) named above; `loraforge config show` prints "
                           "every key with its current value")
 
@@ -392,6 +400,7 @@ def load_settings(path: Path | None = None, overrides: list[str] | None = None) 
         config = ForgeConfig.model_validate(data)
     except ValidationError as exc:
         where = str(source) if source is not None else "--set"
-        raise _explain(exc, where) from None
+        given = {".".join(parse_override(item)[0]): item.strip() for item in overrides or []}
+        raise _explain(exc, where, given) from None
     base_dir = source.resolve().parent if source is not None else Path.cwd()
     return Settings(config, base_dir, source.resolve() if source is not None else None)
