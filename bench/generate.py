@@ -4,6 +4,7 @@ diffusers' stock StableDiffusionControlNetPipeline with default settings."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +60,14 @@ def random_loras(base: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def _time(pipe, kwargs: dict, batch: int, device: str, repeats: int = 3) -> tuple[float, float]:
-    """(seconds per image, first call's seconds)."""
+def _time(run: Callable[[], object], batch: int, device: str,
+          repeats: int = 3) -> tuple[float, float]:
+    """(seconds per image, first call's seconds) of `run`, which makes `batch` images."""
     import torch
 
     def once() -> float:
         started = time.perf_counter()
-        pipe(**kwargs, num_images_per_prompt=batch, output_type="pil")
+        run()
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
@@ -81,10 +83,12 @@ def _with_loras(name: str, loras: list[Path]) -> str:
 
 def ours(base: Path, controlnet: Path, width: int, height: int, batch: int, steps: int,
          variants: list[str], loras: list[Path]) -> list[GenerateResult]:
+    """`loraforge generate`'s path: its pipeline, the LoRAs merged, `batch` seeds denoised
+    together (generate.batch_size)."""
     import torch
 
     from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lora
-    from loraforge.generate.pipeline import load_pipeline, pick_dtype
+    from loraforge.generate.pipeline import load_pipeline, pick_dtype, render_batch
     from loraforge.generate.prompts import encode_prompt_pair
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,16 +97,19 @@ def ours(base: Path, controlnet: Path, width: int, height: int, batch: int, step
     LoraStack(pipe).activate([LoraUse(inspect_lora(path, widths), 0.8) for path in loras])
     embeds, negative = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder,
                                           "2girls, standing, best quality", "lowres", 2)
-    kwargs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative,
-              "image": _pose(width, height), "width": width, "height": height,
-              "num_inference_steps": steps, "guidance_scale": 7.0}
-    per_image, warmup = _time(pipe, kwargs, batch, device.type)
+    seeds = list(range(batch))
+    poses = [_pose(width, height)] * batch
+
+    def run() -> object:
+        return render_batch(pipe, embeds, negative, width, height, steps, 7.0, seeds, poses)
+
+    per_image, warmup = _time(run, batch, device.type)
     results = [GenerateResult(_with_loras("loraforge", loras), width, height, steps, per_image,
                               warmup)]
     if "compile" in variants and device.type == "cuda":
         pipe.unet = torch.compile(pipe.unet)
         pipe.controlnet = torch.compile(pipe.controlnet)
-        per_image, warmup = _time(pipe, kwargs, batch, device.type)
+        per_image, warmup = _time(run, batch, device.type)
         results.append(GenerateResult(_with_loras("loraforge + torch.compile", loras), width,
                                       height, steps, per_image, warmup))
     return results
@@ -125,7 +132,8 @@ def stock(base: Path, controlnet: Path, width: int, height: int, batch: int, ste
         pipe.set_adapters([f"character{i}" for i in range(len(loras))], [0.8] * len(loras))
     kwargs = {"prompt": "2girls, standing, best quality", "negative_prompt": "lowres",
               "image": _pose(width, height), "width": width, "height": height,
-              "num_inference_steps": steps}
-    per_image, warmup = _time(pipe, kwargs, batch, device)
+              "num_inference_steps": steps, "output_type": "pil"}
+    per_image, warmup = _time(lambda: pipe(**kwargs, num_images_per_prompt=batch), batch,
+                              device)
     return [GenerateResult(_with_loras("diffusers stock (fp32 defaults)", loras), width, height,
                            steps, per_image, warmup)]

@@ -23,10 +23,12 @@ from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lor
 from loraforge.generate.loras import newest_finished_lora as newest_lora
 from loraforge.generate.pipeline import (
     build_pipeline,
+    compile_denoisers,
     encode_prompt_pair,
     load_pipeline,
     make_scheduler,
     render,
+    render_batch,
 )
 from loraforge.generate.poses import draw_pose, random_pose
 from loraforge.generate.samplers import SAMPLERS
@@ -161,6 +163,36 @@ def test_merged_loras_render_what_diffusers_adapters_render(
     assert np.abs(_render(reference) - merged).max() <= 2
 
 
+def test_compiled_blocks_render_what_eager_models_render_as_loras_change(
+        clean: LoraStack, tiny_store: Path, base: Path, lora_files: dict[str, Path]) -> None:
+    """generate.compile = "blocks": the transformer blocks of the U-Net and the ControlNet are
+    compiled, the compiled models see each scene's LoRAs merged into the weights, and loading
+    or changing LoRAs compiles nothing anew (a recompile costs seconds to minutes)."""
+    from torch._dynamo.utils import counters
+
+    with_lora = [LoraUse(inspect_lora(lora_files["a"], BaseWidths.of(base)), 0.8)]
+    eager_base = _render(clean.pipe, steps=2)
+    clean.activate(with_lora)
+    eager_lora = _render(clean.pipe, steps=2)
+    assert np.abs(eager_lora - eager_base).max() > 20
+
+    pipe = load_pipeline(base, tiny_store / "tiny-controlnet", torch.device("cpu"),
+                         torch.float32)
+    compile_denoisers(pipe, "blocks")
+    compiled = {type(module).__name__ for model in (pipe.unet, pipe.controlnet)
+                for module in model.modules()
+                if getattr(module, "_compiled_call_impl", None) is not None}
+    assert compiled == {"BasicTransformerBlock"}
+    assert np.abs(_render(pipe, steps=2) - eager_base).max() <= 2
+    graphs = counters["stats"]["unique_graphs"]
+    stack = LoraStack(pipe)
+    stack.activate(with_lora)  # the first LoRA this pipeline loads
+    assert np.abs(_render(pipe, steps=2) - eager_lora).max() <= 2
+    stack.activate([])
+    assert np.abs(_render(pipe, steps=2) - eager_base).max() <= 2
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def _unet_operations(pipe: Any) -> int:
     """Tensor operations one denoising call of the U-Net dispatches."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -220,6 +252,25 @@ def test_every_sampler_runs_and_repeats_per_seed(clean: LoraStack) -> None:
     assert type(make_scheduler("DPM++ SDE Karras", pipe.scheduler.config)).__name__ \
         == "DPMSolverSDEScheduler"
     assert len({arr.tobytes() for arr in results.values()}) >= len(SAMPLERS) - 1
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler a", "DPM++ SDE Karras"])
+def test_a_batch_renders_each_seed_as_it_renders_alone(clean: LoraStack, sampler: str) -> None:
+    """Seeds denoised together give each seed its own image: its noise (initial, per-step,
+    Brownian) and its pose, in order, as when rendered alone, up to rounding."""
+    pipe = clean.pipe
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    embeds, negative = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, "a red knight",
+                                          "lowres", 2)
+    seeds, poses = [3, 4, 5], [_pose(3), _pose(4), _pose(3)]
+    alone = [np.asarray(render(pipe, embeds, negative, SIZE, SIZE, 3, 7.0, seed, image=pose),
+                        dtype=np.int16) for seed, pose in zip(seeds, poses, strict=True)]
+    together = [np.asarray(image, dtype=np.int16) for image in
+                render_batch(pipe, embeds, negative, SIZE, SIZE, 3, 7.0, seeds, poses)]
+    for single, batched in zip(alone, together, strict=True):
+        assert np.abs(single - batched).max() <= 2
+    assert np.abs(together[0] - together[1]).max() > 50
+    assert np.abs(together[0] - together[2]).max() > 50
 
 
 def test_prompt_encoding_matches_training_and_long_prompts_work(clean: LoraStack) -> None:
@@ -355,6 +406,7 @@ def test_generate_writes_png_info_sidecar_pose_and_final_image(
                                    "hash": lora_file.short_hash, "sha256": lora_file.sha256}
     assert (sidecar["loras"][1]["name"], sidecar["loras"][1]["weight"]) == ("style", 0.3)
     assert sidecar["image"] == str(written[0])
+    assert sidecar["batch_size"] == 2  # count 2 within the default generate.batch_size
 
     from PIL import Image
 
@@ -380,7 +432,7 @@ def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Pa
         '[[scene]]\nname = "night"\nprompt = "a mage at night"\npose = "random"\n'
         'figures = 1\nsize = "100x98"\nsampler = "Euler a"\nseed = 5\nloras = ["none"]\n')
     result = run_cli("generate", "--config", config, "--scenes", scenes, "--lora", "missing",
-                     env=ONE_THREAD, timeout=300)
+                     "--batch-size", "1", env=ONE_THREAD, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "104x96" in result.stdout and "rounded" in result.stdout
     images = tmp_path / "store" / "Final_Images"
@@ -400,6 +452,7 @@ def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Pa
     sidecar = json.loads((images / "Beach_day-3.json").read_text())
     assert sidecar["pose_source"] == str(pose_file.resolve())
     assert sidecar["loras"][0]["weight"] == 0.5
+    assert sidecar["batch_size"] == 1
     from PIL import Image
 
     with Image.open(images / "Beach_day-3.pose.png") as pose:  # 192x96 letterboxed to 96x96

@@ -130,6 +130,14 @@ def test_bad_size(project: Path, size: str, needle: str) -> None:
     _untouched(project)
 
 
+@pytest.mark.parametrize("value", ["0", "65", "four"])
+def test_bad_batch_size(project: Path, value: str) -> None:
+    result = _generate(project, "--batch-size", value, "--lora", "none")
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert "--batch-size" in result.stderr
+    _untouched(project)
+
+
 def test_more_figures_than_fit(project: Path) -> None:
     result = _generate(project, "--pose", "random", "--figures", "9", "--lora", "none")
     assert_user_error(result, "--figures", "9 figures do not fit", "at most 3")

@@ -207,6 +207,13 @@ class GenerateConfig(_Section):
     control_scale: float = Field(1.0, ge=0, le=5)
     figures: int = Field(2, ge=1, le=16, description="People in a generated pose map.")
     count: int = Field(1, ge=1, le=1000, description="Images per prompt (seed, seed+1, ...).")
+    batch_size: int = Field(4, ge=1, le=64, description="Seeds of a scene denoised together "
+                            "(faster; each image matches its single render up to rounding). "
+                            "Lower it when a GPU runs out of memory.")
+    compile: bool | Literal["blocks"] = Field(
+        False, description='torch.compile the U-Net and ControlNet: true compiles them whole, '
+        '"blocks" their transformer blocks only; the first batch of each size waits for the '
+        "compiler. See BENCHMARKS.md.")
     vae_tiling: bool | None = Field(None, description="Decode in tiles (default: above 1024 "
                                     "px on a side).")
     offload: bool = Field(False, description="Keep idle models in CPU memory (small GPUs).")

@@ -32,6 +32,9 @@ def generate_command(
         "--seed", help="First seed (-1: random). Default: generate.seed.")] = None,
     count: Annotated[int | None, typer.Option(
         "--count", help="Images per scene: seeds S, S+1, ... Default: generate.count.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, max=64, help="Seeds denoised together (lower it if a GPU "
+        "runs out of memory). Default: generate.batch_size.")] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Sampling steps. Default: generate.steps.")] = None,
     cfg: Annotated[float | None, typer.Option(
@@ -79,7 +82,8 @@ def generate_command(
     if precision not in PRECISIONS:
         raise ForgeError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}",
                          fix="use --precision auto (the default)")
-    settings = load_settings(config, overrides or [])
+    extra = [] if batch_size is None else [f"generate.batch_size={batch_size}"]
+    settings = load_settings(config, [*(overrides or []), *extra])
     out = Console(soft_wrap=True, highlight=False)
     logger = logging.getLogger("loraforge.generate")
     if not logger.handlers:

@@ -314,7 +314,12 @@ class LoraStack:
     ones are merged into the U-Net's and text encoder's weights. The weights they change are
     kept unmerged on the CPU and copied back before another set is merged, so a scene renders
     the same bits whatever scenes came before it (subtracting a merged LoRA again would not,
-    in fp16)."""
+    in fp16).
+
+    Between scene changes peft's adapter wrappers are taken out of the models and their
+    (merged) base layers put in their place: the denoising steps run plain layers, and a
+    compiled model (generate.compile) sees the same modules in every scene, so changing LoRAs
+    never recompiles it."""
 
     COMPONENTS = ("unet", "text_encoder")
 
@@ -323,6 +328,7 @@ class LoraStack:
         self.adapters: dict[Path, str] = {}
         self.active: tuple[tuple[str, float], ...] | None = None  # merged: (path, weight)s
         self.unmerged: dict[tuple[str, str], Any] = {}
+        self.wrappers: dict[tuple[str, str], Any] = {}  # taken out of the models
 
     def load(self, lora: LoraFile) -> str:
         if lora.path in self.adapters:
@@ -350,6 +356,7 @@ class LoraStack:
         wanted = tuple((str(use.lora.path), use.weight) for use in uses)
         if wanted == self.active:
             return
+        self._put_wrappers_back()
         self._unmerge()
         self.active = None  # until the new set is in place (a load may fail)
         names = [self.load(use.lora) for use in uses]
@@ -358,8 +365,7 @@ class LoraStack:
             self.pipe.set_adapters(names, [use.weight for use in uses])
             self._keep_unmerged()
             self.pipe.fuse_lora(components=list(self.COMPONENTS), adapter_names=names)
-        elif self.adapters:
-            self.pipe.disable_lora()
+        self._take_wrappers_out()
         self.active = wanted
 
     def _adapted_layers(self) -> Iterator[tuple[tuple[str, str], Any]]:
@@ -368,13 +374,14 @@ class LoraStack:
         for component in self.COMPONENTS:
             for path, module in getattr(self.pipe, component).named_modules():
                 if isinstance(module, BaseTunerLayer):
-                    yield (component, path), module.get_base_layer()
+                    yield (component, path), module
 
     def _keep_unmerged(self) -> None:
         """A CPU copy of each adapted layer's weight not kept yet (they are all unmerged now)."""
-        for key, layer in self._adapted_layers():
+        for key, wrapper in self._adapted_layers():
             if key not in self.unmerged:
-                self.unmerged[key] = layer.weight.detach().to("cpu", copy=True)
+                weight = wrapper.get_base_layer().weight
+                self.unmerged[key] = weight.detach().to("cpu", copy=True)
 
     def _unmerge(self) -> None:
         import torch
@@ -383,5 +390,20 @@ class LoraStack:
             return
         self.pipe.unfuse_lora(components=list(self.COMPONENTS))
         with torch.no_grad():
-            for key, layer in self._adapted_layers():
-                layer.weight.copy_(self.unmerged[key])
+            for key, wrapper in self._adapted_layers():
+                wrapper.get_base_layer().weight.copy_(self.unmerged[key])
+
+    def _set(self, key: tuple[str, str], module: Any) -> None:
+        component, path = key
+        parent, _, name = path.rpartition(".")
+        setattr(getattr(self.pipe, component).get_submodule(parent), name, module)
+
+    def _take_wrappers_out(self) -> None:
+        for key, wrapper in list(self._adapted_layers()):
+            self._set(key, wrapper.get_base_layer())
+            self.wrappers[key] = wrapper
+
+    def _put_wrappers_back(self) -> None:
+        for key, wrapper in self.wrappers.items():
+            self._set(key, wrapper)
+        self.wrappers.clear()

@@ -8,15 +8,17 @@ Public API (all heavy imports inside):
 - `build_pipeline(tokenizer, text_encoder, vae, unet, scheduler, controlnet=None)`: a
   StableDiffusion(ControlNet)Pipeline around in-memory components (no safety checker).
 - `render(pipe, embeds, negative_embeds, width, height, steps, cfg, seed, image=None,
-  control_scale=1.0)`: one PIL image, deterministic per seed (a CPU torch.Generator).
-- `load_pipeline(base, controlnet, device, dtype, offload)`: the models from disk, once.
+  control_scale=1.0)`: one PIL image, deterministic per seed (a CPU torch.Generator);
+  `render_batch(..., seeds, images, ...)` several seeds in one batch.
+- `load_pipeline(base, controlnet, device, dtype, offload)`: the models from disk, once;
+  `compile_denoisers(pipe, how)` compiles its U-Net and ControlNet (generate.compile).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +30,10 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["Precision", "build_pipeline", "encode_prompt_pair", "load_pipeline",
-           "make_scheduler", "pick_dtype", "quiet_libraries", "render", "set_vae_tiling"]
+__all__ = ["Precision", "build_pipeline", "compile_denoisers", "encode_prompt_pair",
+           "load_pipeline",
+           "make_scheduler", "pick_dtype", "quiet_libraries", "render", "render_batch",
+           "set_vae_tiling"]
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
@@ -134,13 +138,33 @@ def load_pipeline(base: Path, controlnet: Path | None, device: torch.device,
     pipe = build_pipeline(tokenizer, text_encoder, vae, unet,
                           make_scheduler(sampler, scheduler_config), cn)
     for model in (text_encoder, vae, unet, cn):
-        if model is not None:
-            model.eval()
+        if model is not None:  # frozen, as a LoRA leaves them: loading one compiles nothing anew
+            model.eval().requires_grad_(False)
+    vae.enable_slicing()  # a batch of images is decoded one by one: its memory is one image's
     if offload and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     return pipe
+
+
+def compile_denoisers(pipe: Any, how: bool | str) -> None:
+    """torch.compile the U-Net and the ControlNet in place, as generate.compile asks: whole
+    (true) or only their transformer blocks ("blocks", one graph shared by like blocks). The
+    compiler runs when the first batch of each size is rendered."""
+    if not how:
+        return
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for model in (pipe.unet, getattr(pipe, "controlnet", None)):
+        if model is None:
+            continue
+        if how != "blocks":
+            model.compile()
+            continue
+        for module in model.modules():
+            if isinstance(module, BasicTransformerBlock):
+                module.compile()
 
 
 def _scheduler_config(base: Path) -> dict[str, Any]:
@@ -166,25 +190,43 @@ def render(pipe: Any, embeds: torch.Tensor, negative_embeds: torch.Tensor, width
     noise and any sampler noise come from a CPU generator seeded with `seed`, so an image is the
     same on every run (bit-identical on the CPU).
     """
+    return render_batch(pipe, embeds, negative_embeds, width, height, steps, cfg, [seed],
+                        None if image is None else [image], control_scale)[0]
+
+
+def render_batch(pipe: Any, embeds: torch.Tensor, negative_embeds: torch.Tensor, width: int,
+                 height: int, steps: int, cfg: float, seeds: Sequence[int],
+                 images: Sequence[Image.Image] | None = None, control_scale: float = 1.0,
+                 ) -> list[Image.Image]:
+    """One image per seed, denoised together in one batch (faster on a GPU). Image i takes
+    all its noise from `seeds[i]` and `images[i]` as its control image, so it is the image
+    `render` makes from that seed up to rounding (batched kernels may round differently)."""
     import torch
 
     has_controlnet = getattr(pipe, "controlnet", None) is not None
-    if has_controlnet and image is None:
+    if has_controlnet and images is None:
         raise ValueError("a ControlNet pipeline needs a control image")
-    if not has_controlnet and image is not None:
+    if not has_controlnet and images is not None:
         raise ValueError("a control image needs a ControlNet pipeline")
+    if images is not None and len(images) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds need {len(seeds)} control images, got "
+                         f"{len(images)}")
     if width % 8 or height % 8:
         raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
-    seed_scheduler(pipe.scheduler, seed)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    count = len(seeds)
+    seed_scheduler(pipe.scheduler, seeds[0] if count == 1 else list(seeds))
+    generators: Any = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     extra: dict[str, Any] = {}
-    if has_controlnet:
-        extra = {"image": image, "controlnet_conditioning_scale": float(control_scale)}
+    if images is not None:
+        extra = {"image": images[0] if count == 1 else list(images),
+                 "controlnet_conditioning_scale": float(control_scale)}
     with _autocast_if_mixed(pipe):
-        result = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
+        result = pipe(prompt_embeds=embeds.repeat(count, 1, 1),
+                      negative_prompt_embeds=negative_embeds.repeat(count, 1, 1),
                       width=width, height=height, num_inference_steps=steps, guidance_scale=cfg,
-                      generator=generator, output_type="pil", **extra)
-    return result.images[0]
+                      generator=generators[0] if count == 1 else generators, output_type="pil",
+                      **extra)
+    return list(result.images)
 
 
 def _autocast_if_mixed(pipe: Any) -> contextlib.AbstractContextManager[Any]:

@@ -93,7 +93,7 @@ def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInf
 
 def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, parameters: str,
             image: Path, pose: Path, seconds: float, device: str, precision: str,
-            ) -> dict[str, Any]:
+            batch: int) -> dict[str, Any]:
     return {
         "image": str(image),
         "pose_map": str(pose),
@@ -119,7 +119,8 @@ def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, paramet
         "parameters": parameters,
         "device": device,
         "precision": precision,
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 3),  # the batch's time over its images
+        "batch_size": batch,  # images denoised together (rounding may differ by the batch)
     }
 
 
@@ -180,10 +181,11 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     import torch
 
     from loraforge.generate.pipeline import (
+        compile_denoisers,
         load_pipeline,
         make_scheduler,
         pick_dtype,
-        render,
+        render_batch,
         set_vae_tiling,
     )
     from loraforge.generate.prompts import encode_prompts
@@ -202,6 +204,8 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     pipe = load_pipeline(base_dir, controlnet_dir, device, chosen.dtype, offload)
     echo(f"models: {base_dir.name} + {controlnet_dir.name} on {device.type} ({chosen.name}), "
          f"loaded in {time.monotonic() - started:.1f} s")
+    compile_denoisers(pipe, gen.compile)
+    compiled: set[tuple[int, int, int]] = set()  # the batch shapes compiled so far
     stack = LoraStack(pipe)
     scheduler_config = dict(pipe.scheduler.config)
     written: list[Path] = []
@@ -215,23 +219,31 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
         embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder,
                                                  [job.text, job.negative_text], job.clip_skip,
                                                  MAX_CHUNKS)
-        for seed in job.seeds:
+        for first in range(0, len(job.seeds), gen.batch_size):
+            seeds = job.seeds[first:first + gen.batch_size]
             t0 = time.monotonic()
-            pose = job.pose.image_for(seed, job.width, job.height)
-            image = render(pipe, embeds, negative_embeds, job.width, job.height, job.steps,
-                           job.cfg, seed, image=pose, control_scale=job.control_scale)
-            seconds = time.monotonic() - t0
-            fields = parameters_fields(job, seed, base, controlnet)
-            parameters = pnginfo.format_parameters(job.prompt, job.negative, fields)
-            stem = folder / f"{job.stem}-{seed}"
-            record = sidecar(job, seed, base, controlnet, parameters, Path(f"{stem}.png"),
-                             Path(f"{stem}.pose.png"), seconds, str(device), chosen.name)
-            path = _write_outputs(folder, job, seed, image, pose, parameters, record,
-                                  settings.file_mode)
-            written.append(path)
-            loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.loras) or "none"
-            echo(f"[{len(written)}/{total}] {path} ({job.width}x{job.height}, {job.steps} "
-                 f"steps, {job.sampler}, seed {seed}, LoRA {loras}, {seconds:.1f} s)")
+            poses = [job.pose.image_for(seed, job.width, job.height) for seed in seeds]
+            images = render_batch(pipe, embeds, negative_embeds, job.width, job.height,
+                                  job.steps, job.cfg, seeds, poses, job.control_scale)
+            seconds = (time.monotonic() - t0) / len(seeds)
+            shape = (job.width, job.height, len(seeds))
+            compiling = " (including torch.compile)" \
+                if gen.compile and shape not in compiled else ""
+            compiled.add(shape)
+            for seed, image, pose in zip(seeds, images, poses, strict=True):
+                fields = parameters_fields(job, seed, base, controlnet)
+                parameters = pnginfo.format_parameters(job.prompt, job.negative, fields)
+                stem = folder / f"{job.stem}-{seed}"
+                record = sidecar(job, seed, base, controlnet, parameters, Path(f"{stem}.png"),
+                                 Path(f"{stem}.pose.png"), seconds, str(device), chosen.name,
+                                 len(seeds))
+                path = _write_outputs(folder, job, seed, image, pose, parameters, record,
+                                      settings.file_mode)
+                written.append(path)
+                loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.loras) or "none"
+                echo(f"[{len(written)}/{total}] {path} ({job.width}x{job.height}, {job.steps} "
+                     f"steps, {job.sampler}, seed {seed}, LoRA {loras}, {seconds:.1f} s)"
+                     f"{compiling}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     echo(f"newest image also at {folder / (FINAL_NAME + '.png')}")
