@@ -172,6 +172,8 @@ def test_two_nodes_of_four_gpus_start_eight_processes_that_meet_on_the_first(
 
 
 def test_default_init_scripts_match_the_seed_resources(tmp_path: Path) -> None:
+    (tmp_path / "lora_env" / "bin").mkdir(parents=True)  # the seed's layout: the environment
+    (tmp_path / "lora_env" / "bin" / "activate").write_text("")  # beside forge.toml
     assert run_cli("init", tmp_path).returncode == 0
     text = (tmp_path / "submit_training.ssub").read_text()
     for line in ("#SBATCH --partition=c3_accel", "#SBATCH --gres=gpu:1",
@@ -181,6 +183,22 @@ def test_default_init_scripts_match_the_seed_resources(tmp_path: Path) -> None:
         assert line in text
     assert "--account" not in text and "--qos" not in text
     assert "srun" not in text and "#SBATCH --ntasks-per-node=1" in text  # one GPU, one process
+
+
+def test_init_elsewhere_points_the_jobs_at_the_environment_that_ran_it(tmp_path: Path) -> None:
+    """The README's recipe: setup_forge.sh builds lora_env/ in the checkout, `loraforge init
+    my_project` makes a folder inside it; the jobs run in my_project/ and must still find the
+    environment."""
+    project = tmp_path / "my_project"
+    result = run_cli("init", project)
+    assert result.returncode == 0, result.stderr
+    activate = Path(sys.prefix) / "bin" / "activate"
+    assert activate.is_file()
+    assert f"slurm.env_activate = {activate}" in result.stdout
+    for name in ("submit_training.ssub", "submit_inference.ssub"):
+        assert f"if ! source {activate}; then" in (project / name).read_text()
+    shown = run_cli("config", "show", "--json", cwd=project)
+    assert json.loads(shown.stdout)["config"]["slurm"]["env_activate"] == str(activate)
 
 
 def test_dry_run_prints_the_script_and_the_sbatch_call_and_writes_nothing(tmp_path: Path,

@@ -52,7 +52,8 @@ def init(
     tiny: Annotated[bool, typer.Option("--tiny", help="Use the embedded tiny model (demo, "
                                        "tests, no downloads).")] = False,
 ) -> None:
-    """Write a commented forge.toml and an empty master_dataset/ (never overwrites a file)."""
+    """Write a commented forge.toml, master_dataset/ (with a README), the two SLURM job
+    scripts and logs/; never overwrites a file."""
     from loraforge.project import init_project
 
     for line in init_project(directory, tiny=tiny):

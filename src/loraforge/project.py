@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
 
-from loraforge.config import CONFIG_NAME, TINY, ForgeConfig, Settings
+from loraforge.config import CONFIG_NAME, TINY, ForgeConfig, Settings, SlurmConfig
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
 
 HEADER = """\
-# LoRA Forge configuration. Every key below shows its default; delete a key to use the default.
+# LoRA Forge configuration. Every key below shows its value (the default unless `loraforge init`
+# chose another, e.g. for --tiny or this machine's environment); delete a key to use the default.
 # Relative paths resolve against this file's folder. LORAFORGE_STORAGE_ROOT overrides storage.root.
 # Command-line flags override this file: loraforge train --set train.epochs=5
 # See the resolved values with: loraforge config show
 """
+
+DEFAULT_ACTIVATE: str = SlurmConfig.model_fields["env_activate"].default
 
 # What `init --tiny` changes so a laptop or CI machine can train and render in seconds.
 TINY_VALUES: dict[str, dict[str, Any]] = {
@@ -95,8 +99,15 @@ def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
     if config.exists():
         said.append(f"kept      {config} (already exists; not overwritten)")
     else:
-        write_atomic(config, render_config(TINY_VALUES if tiny else None))
+        values = {section: dict(keys) for section, keys in TINY_VALUES.items()} if tiny else {}
+        activate = _environment_activate(directory)
+        if activate is not None:
+            values.setdefault("slurm", {})["env_activate"] = activate
+        write_atomic(config, render_config(values))
         said.append(f"wrote     {config}")
+        if activate is not None:
+            said.append(f"          slurm.env_activate = {activate} (the environment that "
+                        "ran init; the job scripts activate it)")
     readme = directory / "master_dataset" / "README.md"
     if readme.exists():
         said.append(f"kept      {readme}")
@@ -107,6 +118,16 @@ def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
     said.append("next: put images in master_dataset/<repeats>_<name>/, then `loraforge dataset "
                 "check`")
     return said
+
+
+def _environment_activate(directory: Path) -> str | None:
+    """The environment a new project's jobs must activate, when the default (`lora_env/` in
+    the project folder) is not there: the virtual environment running `init`, by its absolute
+    path. None keeps the default."""
+    if (directory / DEFAULT_ACTIVATE).is_file() or sys.prefix == sys.base_prefix:
+        return None
+    script = Path(sys.prefix) / "bin" / "activate"
+    return str(script) if script.is_file() else None
 
 
 def _write_job_scripts(directory: Path, config: Path) -> list[str]:
