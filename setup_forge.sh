@@ -3,15 +3,16 @@
 #   ./setup_forge.sh                      CPU machine: torch 2.13.0
 #   TORCH_SPEC='torch==2.13.0' \
 #   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 ./setup_forge.sh    cluster GPU node
-# An already-installed torch is kept; every later pip call holds it fixed (constraints file), so
-# nothing can swap it for another build. Idempotent: a second run with nothing changed takes seconds.
+# With a CUDA build of torch the extra `cuda` (bitsandbytes) is installed too; LORAFORGE_EXTRAS
+# replaces the extras. An already-installed torch is kept; every later pip call holds it fixed
+# (constraints file), so nothing can swap it for another build. Idempotent: a second run with
+# nothing changed takes seconds.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 env_dir=${LORA_ENV:-$here/lora_env}
 python=${PYTHON:-python3}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
-extras=${LORAFORGE_EXTRAS:-test,optimizers}
 
 if [ ! -x "$env_dir/bin/python" ]; then
     echo "setup_forge: creating $env_dir"
@@ -25,6 +26,12 @@ if ! "$py" -c 'import torch' 2>/dev/null; then
     "${pip[@]}" install "$torch_spec"
 fi
 "$py" -c 'import torch; print("torch==" + torch.__version__)' >"$env_dir/constraints.txt"
+# A CUDA build of torch also gets bitsandbytes (the default optimizer, AdamW8bit, needs it).
+if "$py" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+    extras=${LORAFORGE_EXTRAS:-test,optimizers,cuda}
+else
+    extras=${LORAFORGE_EXTRAS:-test,optimizers}
+fi
 
 stamp=$(cat "$here/pyproject.toml" "$env_dir/constraints.txt" | sha256sum | cut -c1-16)
 stamp="$stamp $extras"
