@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import assert_user_error, run_cli
 
 
@@ -150,3 +152,21 @@ def test_cli_help_imports_no_heavy_library() -> None:
     help_text = run_cli("--help").stdout
     for command in ("init", "config", "models", "dataset"):
         assert command in help_text
+
+
+def test_model_and_compile_caches_live_under_the_storage_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
+
+    from loraforge.config import load_settings
+    from loraforge.runtime import go_offline
+
+    for name in ("HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "forge.toml").write_text('[storage]\nroot = "lab"\n')
+    settings = load_settings(tmp_path / "forge.toml")
+    go_offline(settings)
+    lab = tmp_path / "lab"
+    assert Path(os.environ["HF_HOME"]).is_relative_to(lab)
+    assert Path(cache_dir()).is_relative_to(lab)
+    assert Path(triton_cache_dir(0)).is_relative_to(lab)

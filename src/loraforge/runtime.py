@@ -15,7 +15,8 @@ OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE
 
 
 def go_offline(settings: Settings) -> None:
-    """Never reach the network; keep every Hugging Face cache under the storage root.
+    """Never reach the network; keep every Hugging Face and torch.compile cache under the
+    storage root.
 
     Call before diffusers or transformers are imported: they read these once.
     """
@@ -23,6 +24,10 @@ def go_offline(settings: Settings) -> None:
         os.environ[switch] = "1"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     os.environ["HF_HOME"] = str(settings.cache_dir / "huggingface")
+    # torch.compile's kernels (train.compile_unet, generate.compile): kept for later jobs, on
+    # lab storage rather than the node's /tmp and ~/.triton.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "torch-inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(settings.cache_dir / "triton"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
