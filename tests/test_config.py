@@ -51,8 +51,12 @@ def test_written_config_holds_the_community_defaults(tmp_path: Path) -> None:
 
 def test_tiny_init_selects_the_embedded_model(tmp_path: Path) -> None:
     run_cli("init", tmp_path, "--tiny")
-    shown = _show(tmp_path / "forge.toml")["config"]
-    assert shown["models"] == {"base": "tiny", "controlnet": "tiny"}
+    shown = _show(tmp_path / "forge.toml")
+    assert shown["config"]["models"] == {"base": "tiny", "controlnet": "tiny"}
+    root = Path(shown["paths"]["storage_root"])
+    assert shown["paths"]["base_model"] == str(root / "tiny-sd15")
+    assert shown["paths"]["controlnet"] == str(root / "tiny-controlnet")
+    shown = shown["config"]
     assert shown["train"]["optimizer"] == "AdamW"
 
 
@@ -89,6 +93,13 @@ def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path: Path) -> None:
     result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
     assert_user_error(result, "forge.toml", "unknown key `train.unet_lrr`",
                       "did you mean `train.unet_lr`?")
+
+
+def test_unknown_key_of_a_concept_table_suggests_the_concept_key(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text("[dataset.concepts.blue_mage]\nshufle_caption = false\n")
+    result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "unknown key `dataset.concepts.blue_mage.shufle_caption`",
+                      "did you mean `dataset.concepts.blue_mage.shuffle_caption`?")
 
 
 def test_unknown_section_is_named(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -307,9 +307,21 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-def _section_model(section: str) -> type[BaseModel] | None:
-    field = ForgeConfig.model_fields.get(section)
-    return field.annotation if field is not None else None  # type: ignore[return-value]
+def _parent_model(loc: list[str]) -> type[BaseModel] | None:
+    """The config model holding the key at `loc` (a table's key, such as the concept name in
+    dataset.concepts.<name>.<key>, is stepped over)."""
+    model: Any = ForgeConfig
+    index = 0
+    while index < len(loc) - 1:
+        field = model.model_fields.get(loc[index]) if isinstance(model, type) else None
+        if field is None:
+            return None
+        model = field.annotation
+        index += 1
+        if get_origin(model) is dict:
+            model = get_args(model)[1]
+            index += 1
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
 def _suggest(key: str, choices: list[str], prefix: str) -> str:
@@ -331,9 +343,9 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
         from_file = from_file or override is None
         origin = f" (--set {override})" if override is not None else ""
         if item["type"] == "extra_forbidden":
-            parent = _section_model(loc[0]) if len(loc) > 1 else ForgeConfig
+            parent = _parent_model(loc)
             choices = _field_names(parent) if parent is not None else []
-            prefix = f"{loc[0]}." if len(loc) > 1 else ""
+            prefix = "".join(f"{part}." for part in loc[:-1])
             problems.append(f"unknown key `{key}`{origin}: "
                             f"{_suggest(loc[-1], choices, prefix)}")
         elif override is not None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from loraforge.config import CONFIG_NAME, TINY, ForgeConfig, Settings, SlurmConfig
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
+from loraforge.models.tiny import BASE_NAME, CONTROLNET_NAME
 
 HEADER = """\
 # LoRA Forge configuration. Every key below shows its value (the default unless `loraforge init`
@@ -148,6 +149,11 @@ def _write_job_scripts(directory: Path, config: Path) -> list[str]:
     return said
 
 
+def _model_path(settings: Settings, name: str, tiny_folder: str) -> Path:
+    """Where a configured model lives (`tiny`: its folder under the storage root)."""
+    return settings.storage_root / tiny_folder if name == TINY else settings.model_dir(name)
+
+
 def resolved_paths(settings: Settings) -> dict[str, str]:
     return {
         "config": str(settings.source) if settings.source else "(none: built-in defaults)",
@@ -156,8 +162,9 @@ def resolved_paths(settings: Settings) -> dict[str, str]:
         "runs": str(settings.runs_dir),
         "images": str(settings.images_dir),
         "cache": str(settings.cache_dir),
-        "base_model": str(settings.model_dir(settings.config.models.base)),
-        "controlnet": str(settings.model_dir(settings.config.models.controlnet)),
+        "base_model": str(_model_path(settings, settings.config.models.base, BASE_NAME)),
+        "controlnet": str(_model_path(settings, settings.config.models.controlnet,
+                                      CONTROLNET_NAME)),
     }
 
 
