@@ -77,13 +77,13 @@ def run_generate(args: argparse.Namespace, work: Path) -> str:
     for size in args.size:
         width, height = (int(v) for v in size.split("x"))
         for batch in args.batch:
-            for result in (ours(base, controlnet, width, height, batch, args.steps, args.variant,
-                                loras),
-                           stock(base, controlnet, width, height, batch, args.steps, loras)):
-                for r in result:
-                    rows.append([r.name, size, str(batch), f"{r.seconds_per_image:.3f}",
-                                 f"{r.warmup_s:.1f}",
-                                 f"{r.tflops():.1f}" if args.model == "sd15" else "-"])
+            results = [ours(base, controlnet, width, height, batch, args.steps, variant, loras)
+                       for variant in [None, *args.variant]]
+            results.append(stock(base, controlnet, width, height, batch, args.steps, loras))
+            for r in results:
+                rows.append([r.name, size, str(batch), f"{r.seconds_per_image:.3f}",
+                             f"{r.warmup_s:.1f}",
+                             f"{r.tflops():.1f}" if args.model == "sd15" else "-"])
     return table(["pipeline", "size", "batch", "s / image", "warm-up (s)", "TFLOP/s"], rows)
 
 
@@ -113,7 +113,9 @@ def main() -> None:
     parser.add_argument("--size", nargs="+", default=None, help="WxH (generate)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--variant", action="append", default=[],
-                        help="extra trainer overrides, e.g. 'train.gradient_checkpointing=true'")
+                        help="train: extra trainer overrides, e.g. "
+                             "'train.gradient_checkpointing=true'; generate: one of compile, "
+                             "compile=blocks, fuse_qkv, channels_last")
     parser.add_argument("--processes", type=int, nargs="+", default=[],
                         help="train: also run `loraforge train` with train.gpus = N, the same "
                              "global batch split over N processes")

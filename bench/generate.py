@@ -81,10 +81,37 @@ def _with_loras(name: str, loras: list[Path]) -> str:
     return f"{name}, {len(loras)} LoRAs" if loras else name
 
 
+#: What `--variant` names for generation, each measured in its own pipeline against the plain
+#: one: `loraforge generate` options, and candidates not (yet) in it.
+VARIANTS = {
+    "compile": "generate.compile = true",
+    "compile=blocks": 'generate.compile = "blocks"',
+    "fuse_qkv": "fused QKV projections after the merge (not an option yet)",
+    "channels_last": "U-Net and ControlNet in channels-last order (not an option yet)",
+}
+
+
+def _apply(pipe, variant: str) -> None:
+    import torch
+
+    from loraforge.generate.pipeline import compile_denoisers
+
+    if variant.startswith("compile"):
+        compile_denoisers(pipe, "blocks" if variant == "compile=blocks" else True)
+    elif variant == "fuse_qkv":
+        pipe.unet.fuse_qkv_projections()
+        pipe.controlnet.fuse_qkv_projections()
+    elif variant == "channels_last":
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.controlnet.to(memory_format=torch.channels_last)
+    else:
+        raise SystemExit(f"unknown generate variant {variant!r}: one of {', '.join(VARIANTS)}")
+
+
 def ours(base: Path, controlnet: Path, width: int, height: int, batch: int, steps: int,
-         variants: list[str], loras: list[Path]) -> list[GenerateResult]:
+         variant: str | None, loras: list[Path]) -> GenerateResult:
     """`loraforge generate`'s path: its pipeline, the LoRAs merged, `batch` seeds denoised
-    together (generate.batch_size)."""
+    together (generate.batch_size), with `variant` applied (its warm-up includes compiling)."""
     import torch
 
     from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lora
@@ -95,6 +122,8 @@ def ours(base: Path, controlnet: Path, width: int, height: int, batch: int, step
     pipe = load_pipeline(base, controlnet, device, pick_dtype("auto", device).dtype)
     widths = BaseWidths.of(base)
     LoraStack(pipe).activate([LoraUse(inspect_lora(path, widths), 0.8) for path in loras])
+    if variant:
+        _apply(pipe, variant)
     embeds, negative = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder,
                                           "2girls, standing, best quality", "lowres", 2)
     seeds = list(range(batch))
@@ -104,19 +133,12 @@ def ours(base: Path, controlnet: Path, width: int, height: int, batch: int, step
         return render_batch(pipe, embeds, negative, width, height, steps, 7.0, seeds, poses)
 
     per_image, warmup = _time(run, batch, device.type)
-    results = [GenerateResult(_with_loras("loraforge", loras), width, height, steps, per_image,
-                              warmup)]
-    if "compile" in variants and device.type == "cuda":
-        pipe.unet = torch.compile(pipe.unet)
-        pipe.controlnet = torch.compile(pipe.controlnet)
-        per_image, warmup = _time(run, batch, device.type)
-        results.append(GenerateResult(_with_loras("loraforge + torch.compile", loras), width,
-                                      height, steps, per_image, warmup))
-    return results
+    name = "loraforge" + (f" ({VARIANTS[variant]})" if variant else "")
+    return GenerateResult(_with_loras(name, loras), width, height, steps, per_image, warmup)
 
 
 def stock(base: Path, controlnet: Path, width: int, height: int, batch: int, steps: int,
-          loras: list[Path]) -> list[GenerateResult]:
+          loras: list[Path]) -> GenerateResult:
     """diffusers' pipeline as its documentation shows it; LoRAs as adapters (set_adapters)."""
     import torch
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
@@ -135,5 +157,5 @@ def stock(base: Path, controlnet: Path, width: int, height: int, batch: int, ste
               "num_inference_steps": steps, "output_type": "pil"}
     per_image, warmup = _time(lambda: pipe(**kwargs, num_images_per_prompt=batch), batch,
                               device)
-    return [GenerateResult(_with_loras("diffusers stock (fp32 defaults)", loras), width, height,
-                           steps, per_image, warmup)]
+    return GenerateResult(_with_loras("diffusers stock (fp32 defaults)", loras), width, height,
+                          steps, per_image, warmup)

@@ -21,12 +21,17 @@ bench() {  # name, seconds, arguments...
 note="GPU run of bench/gpu.sh: bf16 autocast, fused AdamW, latents cached, random SD 1.5 weights."
 # Peak memory of latent caching and of one LoRA step (the <= 6 GB configuration of issue 9);
 # the first benchmark also builds the random SD 1.5 models (about a minute).
-bench memory 140 memory --model sd15 --vae-batch 1 8 --batch 1 4
+bench memory 110 memory --model sd15 --vae-batch 1 8 --batch 1 4
 # text_encoder_lr=0: U-Net only, as the reference; gradient_checkpointing: the small-GPU setup.
-bench train 190 train --model sd15 --batch 4 --steps 24 \
+bench train 160 train --model sd15 --batch 4 --steps 24 \
     --variant "train.text_encoder_lr=0" --variant "train.gradient_checkpointing=true" \
     --note "$note"
-bench generate 140 generate --model sd15 --size 512x768 --batch 1 --steps 25 --loras 2 \
-    --note "GPU run of bench/gpu.sh: 2 figures, 2 character LoRAs at 0.8, CFG 7, ControlNet."
-bench compile 100 train --model sd15 --batch 4 --steps 24 \
+scene="GPU run of bench/gpu.sh: 2 figures, 2 character LoRAs at 0.8, CFG 7, ControlNet."
+bench generate 50 generate --model sd15 --size 512x768 --batch 1 --steps 25 --loras 2 \
+    --note "$scene"
+# generate.batch_size 4, and the candidates for defaults: each variant in its own pipeline.
+bench generate-variants 160 generate --model sd15 --size 512x768 --batch 4 --steps 25 \
+    --loras 2 --variant compile=blocks --variant fuse_qkv --variant channels_last \
+    --note "$scene"
+bench compile 80 train --model sd15 --batch 4 --steps 24 \
     --variant "train.compile_unet=blocks" --note "$note"

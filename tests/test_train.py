@@ -144,6 +144,22 @@ def test_epoch_files_are_kept_newest_n_and_state_is_cleared(trained: TrainResult
     assert "saved" in (run_dir / "train.log").read_text()
 
 
+def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainResult,
+                                                                    tmp_path: Path) -> None:
+    config = trained.final.parents[2].parent / "forge.toml"
+    before = trained.final.read_bytes()
+    again = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"LoRA: {trained.final}" in again.stdout and "already finished" in again.stderr
+    changed = run_cli("train", "--config", config, "--run", "fmt", "--set",
+                      "train.epochs=13", "--set", "train.keep_last_n=3", cwd=tmp_path)
+    assert_user_error(changed, "`fmt` already finished, with other settings",
+                      "train.epochs: 12 -> 13", "--restart")
+    assert "keep_last_n" not in changed.stderr  # it does not change the weights
+    assert trained.final.read_bytes() == before
+    assert json.loads((trained.final.parent / "run.json").read_text())["status"] == "finished"
+
+
 def test_diffusers_load_reproduces_the_trained_model(trained: TrainResult,
                                                      tiny_store: Path) -> None:
     trainer = trained.trainer
@@ -222,9 +238,12 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     process = _start_train(config, FIXED_ENV)
     _interrupt_at(process, step=2)
     assert process.returncode == RESUMABLE_EXIT
+    record = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept" / "run.json"
+    interrupted = record.read_bytes()
 
     changed = run_cli("train", "--config", config, "--set", "train.unet_lr=0.01")
     assert_user_error(changed, "cannot resume", "train.unet_lr: 0.002 -> 0.01", "--restart")
+    assert record.read_bytes() == interrupted  # still an interrupted run, with no error
     extra = tmp_path / "master_dataset" / "1_red_knight" / "extra.png"
     extra.write_bytes((tmp_path / "master_dataset" / "1_red_knight" / "0.png").read_bytes())
     grown = run_cli("train", "--config", config)

@@ -144,14 +144,18 @@ def train(
         threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
         raise typer.Exit(launch_local(processes, rerun_argv(), threads))
     try:
-        final = train_lora(settings, run, restart, world).final
+        result = train_lora(settings, run, restart, world)
     except Interrupted:
         if not world.is_main:  # rank 0 saved the state and says so
             raise typer.Exit(RESUMABLE_EXIT) from None
         Console(stderr=True).print("interrupted: state saved; rerun the same command to resume")
         raise typer.Exit(RESUMABLE_EXIT) from None
     if world.is_main:
-        out.print(f"LoRA: {final}", markup=False)
+        if result.trainer is None:
+            Console(stderr=True).print(f"run `{result.final.parent.name}` had already finished "
+                                       "with these settings; pass --restart to train it again",
+                                       markup=False)
+        out.print(f"LoRA: {result.final}", markup=False)
 
 
 @app.command()

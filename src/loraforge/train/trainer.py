@@ -475,26 +475,32 @@ class Trainer:
         return encode_token_ids(models.text_encoder, ids, self.cfg.clip_skip)
 
     # --- the loop ----------------------------------------------------------------------
-    def run(self, base: Path, restart: bool, facts_for: Any) -> Path:
-        """Train to the end; raises Interrupted (state saved) on SIGTERM/SIGINT/SIGUSR1, which
-        are caught from the very start, model loading and latent caching included."""
-        with StopRequest() as stop:
-            return self._run(base, restart, facts_for, stop)
+    def saved_state(self, restart: bool) -> Any:
+        """The newest saved state to resume from (None: start afresh), checked to fit this
+        config and dataset: a state from another one is refused (ForgeError) before minutes of
+        model loading. Rank 0 reads it and sends it: on shared storage another node may still
+        see an older listing. Every process must call it."""
+        from loraforge.train.state import load_state, saved_states
 
-    def _run(self, base: Path, restart: bool, facts_for: Any, stop: StopRequest) -> Path:
+        states = [] if restart or not self.world.is_main else saved_states(self.run_dir)
+        state = from_main(load_state(states[-1]) if states else None, self.world)
+        if state is not None:
+            self.check_resumable(state.config, state.path)
+        return state
+
+    def run(self, base: Path, state: Any, facts_for: Any) -> Path:
+        """Train to the end from `state` (see `saved_state`); raises Interrupted (state saved)
+        on SIGTERM/SIGINT/SIGUSR1, which are caught from the start of model loading."""
+        with StopRequest() as stop:
+            return self._run(base, state, facts_for, stop)
+
+    def _run(self, base: Path, state: Any, facts_for: Any, stop: StopRequest) -> Path:
         import torch
 
         from loraforge.dataset.examples import epoch_batches
         from loraforge.train.optim import build_optimizer, build_scheduler, warmup_steps
-        from loraforge.train.state import load_state, saved_states
 
         cfg, plan, world = self.cfg, self.plan, self.world
-        # A state from another config is refused before minutes of model loading. Rank 0
-        # reads it and sends it: on shared storage another node may still see an older listing.
-        states = [] if restart or not world.is_main else saved_states(self.run_dir)
-        state = from_main(load_state(states[-1]) if states else None, world)
-        if state is not None:
-            self.check_resumable(state.config, state.path)
         models = self.models = self.load_models(base)
         self.unet_forward = self.compiled(models.unet)
         params_unet = [p for p in models.unet.parameters() if p.requires_grad]
@@ -844,8 +850,7 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     if record and record.get("status") == "finished" and not restart:
         final = runs.final_lora(run_dir)
         if final.is_file():
-            log.info("run `%s` already finished: %s (pass --restart to train it again)", name,
-                     final)
+            _check_finished_with(record, settings, run_dir)
             return TrainResult(final, None)
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(run_dir, world)
@@ -866,6 +871,23 @@ def train(settings: Settings, run_name: str | None, restart: bool,
             handler.close()
 
 
+def _check_finished_with(record: dict[str, Any], settings: Settings, run_dir: Path) -> None:
+    """A finished run is only handed back for the settings it was trained with: other
+    settings ask for another training, which must not be answered with the old file."""
+    from loraforge.train.state import config_differences
+
+    saved, current = record.get("config") or {}, settings.to_dict()
+    diffs = config_differences({s: saved.get(s, {}) for s in SEMANTIC_SECTIONS},
+                               {s: current[s] for s in SEMANTIC_SECTIONS}, RESUME_SAFE)
+    if diffs:
+        shown = "\n  ".join(diffs)
+        raise ForgeError(f"run `{run_dir.name}` already finished, with other settings:\n  "
+                         f"{shown}", path=run_dir,
+                         fix=f"pass --restart to train `{run_dir.name}` again with these "
+                             "settings (its files are replaced), or train under a new --run "
+                             "name")
+
+
 def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
               restart: bool, world: World, device: torch.device) -> TrainResult:
     from loraforge.hashing import legacy_hash, sha256_file
@@ -882,6 +904,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         runs.RunRecord(run_dir, settings.file_mode, write=world.is_main).update(
             status="failed", error=str(exc))
         raise
+    state = trainer.saved_state(restart)  # a refused resume leaves run.json as it was
     hosts = gather_objects(os.environ.get("SLURMD_NODENAME") or socket.gethostname(), world)
     previous = trainer.record.data
     started = (previous.get("started_at_unix") if not restart else None) or env_time() \
@@ -914,7 +937,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
             bucket_info=t.bucket_info())
 
     try:
-        return TrainResult(trainer.run(base, restart, facts_for), trainer)
+        return TrainResult(trainer.run(base, state, facts_for), trainer)
     except Interrupted:
         trainer.record.update(status="interrupted")
         raise
