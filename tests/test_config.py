@@ -35,6 +35,13 @@ def test_init_writes_config_and_dataset_folder_and_never_overwrites(tmp_path: Pa
     assert config.read_text() == "[train]\nepochs = 3\n"
 
 
+def test_init_where_no_folder_can_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("mine")
+    result = run_cli("init", tmp_path / "afile" / "project")
+    assert_user_error(result, "afile/project", "cannot create the project folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_written_config_holds_the_community_defaults(tmp_path: Path) -> None:
     run_cli("init", tmp_path)
     shown = _show(tmp_path / "forge.toml")["config"]

@@ -159,8 +159,9 @@ def train(
 
 
 @app.command()
-def demo(directory: Annotated[Path, typer.Argument(help="Project folder to create or reuse."
-                                                   )] = Path("demo")) -> None:
+def demo(directory: Annotated[Path, typer.Argument(
+        help="Folder to create, or an earlier demo's to reuse (a project of yours is refused)."
+        )] = Path("demo")) -> None:
     """The whole journey on the embedded tiny model: dataset, check, train, posed scene."""
     from loraforge.demo import run_demo
 

@@ -11,13 +11,35 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loraforge.config import CONFIG_NAME, load_settings
+from loraforge.config import CONFIG_NAME, TINY, load_settings
 from loraforge.dataset.check import check_dataset
-from loraforge.dataset.sample import write_sample_dataset
+from loraforge.dataset.sample import SAMPLE_FOLDERS, write_sample_dataset
+from loraforge.errors import ForgeError
 from loraforge.project import init_project
 
 
+def check_demo_folder(directory: Path) -> None:
+    """The demo only (re)uses a folder of its own: in a user's project it would add its sample
+    characters to the dataset, and every later training would learn them."""
+    config = directory / CONFIG_NAME
+    if not config.is_file():
+        return
+    settings = load_settings(config)
+    fix = "run the demo in a folder of its own, e.g. `loraforge demo demo`"
+    if settings.config.models.base != TINY:
+        raise ForgeError("is a project of yours (its forge.toml does not use the tiny model): "
+                         "the demo would add its sample characters to your dataset",
+                         path=directory, fix=fix)
+    dataset = settings.dataset_dir
+    own = sorted(p.name for p in dataset.iterdir()
+                 if p.is_dir() and p.name not in SAMPLE_FOLDERS) if dataset.is_dir() else []
+    if own:
+        raise ForgeError(f"holds concept folders of its own ({', '.join(own)}): the demo would "
+                         "add its sample characters beside them", path=dataset, fix=fix)
+
+
 def run_demo(directory: Path, console: Console) -> None:
+    check_demo_folder(directory)
     console.rule("1. project")
     for line in init_project(directory, tiny=True):
         console.print(line, markup=False)

@@ -94,7 +94,13 @@ def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
     if directory.exists() and not directory.is_dir():
         raise ForgeError("exists and is not a folder", path=directory,
                          fix="choose another project folder")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ForgeError(f"cannot create the project folder ({exc.strerror or exc})",
+                         path=directory,
+                         fix="choose a folder you can write to, whose parents are folders"
+                         ) from None
     said = []
     config = directory / CONFIG_NAME
     if config.exists():

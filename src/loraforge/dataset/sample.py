@@ -196,6 +196,9 @@ _CONCEPTS = (
              _mage, "staff"),
 )
 
+#: The concept folders `write_sample_dataset` makes.
+SAMPLE_FOLDERS = tuple(concept.folder for concept in _CONCEPTS)
+
 
 def _render(concept: _Concept, shot: _Shot) -> Image.Image:
     im = Image.new("RGB", shot.size)

@@ -1,0 +1,34 @@
+"""`loraforge demo DIR` leaves a user's project alone: it refuses a folder that is not its own
+before writing anything. (The demo itself runs in CI as `make demo`.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import assert_user_error, run_cli
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_demo_refuses_a_project_that_does_not_use_the_tiny_model(tmp_path: Path) -> None:
+    assert run_cli("init", tmp_path).returncode == 0
+    (tmp_path / "master_dataset" / "5_alice").mkdir()
+    before = _tree(tmp_path)
+    result = run_cli("demo", tmp_path)
+    assert_user_error(result, str(tmp_path), "does not use the tiny model",
+                      "loraforge demo demo")
+    assert _tree(tmp_path) == before
+    assert not (tmp_path / "master_dataset" / "10_red_knight").exists()
+
+
+def test_demo_refuses_a_tiny_project_with_concepts_of_its_own(tmp_path: Path) -> None:
+    assert run_cli("init", tmp_path, "--tiny").returncode == 0
+    (tmp_path / "master_dataset" / "3_bob").mkdir()
+    (tmp_path / "master_dataset" / "3_bob" / "1.txt").write_text("bob")
+    before = _tree(tmp_path)
+    result = run_cli("demo", tmp_path)
+    assert_user_error(result, "master_dataset", "3_bob", "folder of its own")
+    assert _tree(tmp_path) == before
