@@ -53,6 +53,19 @@ def test_missing_lora(project: Path) -> None:
     _untouched(project)
 
 
+@pytest.mark.parametrize(("suffix", "needle"), [(":abc", "weight `abc`"),
+                                                (":1:2", "weight `1:2`"),
+                                                (":1e9", "from -5 to 5"),
+                                                (":nan", "weight `nan`"),
+                                                (":-7", "from -5 to 5")])
+def test_bad_lora_weight_is_named_not_the_file(project: Path, suffix: str, needle: str) -> None:
+    lora = _lora(project / "mine.safetensors", {"lora_unet_x.lora_down.weight": (4, 8)})
+    result = _generate(project, "--lora", f"{lora}{suffix}")
+    assert_user_error(result, "--lora", needle, "0.8")
+    assert "not found" not in result.stdout + result.stderr
+    _untouched(project)
+
+
 def test_text_file_as_lora(project: Path) -> None:
     (project / "notes.safetensors").write_text("this is not a LoRA\n")
     result = _generate(project, "--lora", "notes.safetensors")

@@ -220,10 +220,14 @@ def split_weight(text: str) -> tuple[str, float | None]:
     return match.group("ref"), float(match.group("weight"))
 
 
+#: The LoRA weights accepted (generate.lora_weight's range): far beyond, images are noise.
+MAX_WEIGHT = 5.0
+
+
 def check_weight(weight: float, what: str) -> float:
-    if not math.isfinite(weight):
-        raise ForgeError(f"{what}: the LoRA weight must be a finite number, got {weight}",
-                         fix="use a weight such as 0.8")
+    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+        raise ForgeError(f"{what}: the LoRA weight must be a number from -{MAX_WEIGHT:g} to "
+                         f"{MAX_WEIGHT:g}, got {weight}", fix="use a weight such as 0.8")
     return float(weight)
 
 

@@ -317,15 +317,29 @@ class LoraResolver:
         return self._default
 
     def ref(self, ref: str, weight: float | None, origin: str, base: Path,
-            ) -> lora_files.LoraUse:
+            text: str | None = None) -> lora_files.LoraUse:
+        """The LoRA `ref` names (`text`: as written, weight included)."""
         default_weight = self.settings.config.generate.lora_weight
         try:
             path = lora_files.resolve_lora(ref, self.settings.runs_dir, base)
             lora = self.file(path)
         except ForgeError as exc:
+            self._check_weight_text(text or ref, origin, base)
             raise ForgeError(f"{origin}: {exc.message}", path=exc.path, fix=exc.fix) from None
         weight = default_weight if weight is None else lora_files.check_weight(weight, origin)
         return lora_files.LoraUse(lora, weight)
+
+    def _check_weight_text(self, ref: str, origin: str, base: Path) -> None:
+        """`FILE:abc` names an existing LoRA with a weight that is not a number: say that,
+        rather than that no file `FILE:abc` exists."""
+        for index in (i for i, char in enumerate(ref) if char == ":" and i > 0):
+            head, tail = ref[:index], ref[index + 1:]
+            try:
+                lora_files.resolve_lora(head, self.settings.runs_dir, base)
+            except ForgeError:
+                continue
+            raise ForgeError(f"{origin}: the LoRA weight `{tail}` of {head} is not a number",
+                             fix=f"write it as {head}:0.8")
 
     def items(self, value: Value) -> list[lora_files.LoraUse] | None:
         """The LoRAs a `loras` value names; None for none given, [] for "none"."""
@@ -356,7 +370,7 @@ class LoraResolver:
             if ref.strip().lower() == lora_files.NO_LORA:
                 continue
             uses.append(self.ref(ref, None if weight is None else float(weight), value.origin,
-                                 value.base))
+                                 value.base, item if isinstance(item, str) else None))
         return uses
 
 
