@@ -84,10 +84,10 @@ def _with_loras(name: str, loras: list[Path]) -> str:
 #: What `--variant` names for generation, each measured in its own pipeline against the plain
 #: one: `loraforge generate` options, and candidates not (yet) in it.
 VARIANTS = {
-    "compile": "generate.compile = true",
-    "compile=blocks": 'generate.compile = "blocks"',
-    "fuse_qkv": "fused QKV projections after the merge (not an option yet)",
-    "channels_last": "U-Net and ControlNet in channels-last order (not an option yet)",
+    "compile": "generate.compile=true",
+    "compile=blocks": "generate.compile=blocks",
+    "fuse_qkv": "fused QKV, not an option",
+    "channels_last": "channels-last, not an option",
 }
 
 

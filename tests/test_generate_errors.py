@@ -201,3 +201,8 @@ def test_a_photo_as_pose_map_is_a_warning_not_an_error(tmp_path: Path) -> None:
     image = PoseCache(warnings.append).load(photo, 128, 96)
     assert image.size == (128, 96)
     assert len(warnings) == 1 and "photo" in warnings[0] and "pose extract" in warnings[0]
+
+
+def test_help_shows_the_scenes_file_format() -> None:
+    result = run_cli("generate", "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0 and "TOML file of [[scene]] tables" in result.stdout

@@ -56,7 +56,7 @@ def generate_command(
         "--name", help="Scene name: the output files are <name>-<seed>.png. Default: scene."
     )] = None,
     scenes: Annotated[Path | None, typer.Option(
-        "--scenes", help="TOML file of [[scene]] tables (name, prompt, negative, pose, seed or "
+        "--scenes", help="TOML file of \\[\\[scene]] tables (name, prompt, negative, pose, seed or "
         "seeds, count, size, figures, loras, steps, cfg, sampler, control_scale, clip_skip), "
         "rendered with the models loaded once; the options above are their defaults.")] = None,
     precision: Annotated[str, typer.Option(
