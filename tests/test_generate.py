@@ -435,6 +435,7 @@ def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Pa
                      "--batch-size", "1", env=ONE_THREAD, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "104x96" in result.stdout and "rounded" in result.stdout
+    assert "[transformers]" not in result.stderr  # library chatter stays out of job logs
     images = tmp_path / "store" / "Final_Images"
     names = sorted(p.name for p in images.iterdir())
     assert names == ["Beach_day-3.json", "Beach_day-3.png", "Beach_day-3.pose.png",

@@ -255,6 +255,7 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     stale.write_bytes(b"from the attempt before")
     restarted = run_cli("train", "--config", config, "--restart", "--set", "train.epochs=1")
     assert restarted.returncode == 0, restarted.stderr
+    assert "Loading weights" not in restarted.stderr  # no progress bars in a job's log
     assert not stale.exists()
     history = (tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
                / "history.jsonl").read_text().splitlines()

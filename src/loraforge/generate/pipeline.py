@@ -90,6 +90,7 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()  # transformers may be imported already
     warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
     # torchsde's Brownian interval complains about float rounding at the last step (harmless).

@@ -306,7 +306,7 @@ class Trainer:
         from loraforge.train import network
 
         log.info("loading base model %s", base)
-        if not self.world.is_main:  # one "Loading weights" bar in the log, not one per process
+        if not (self.world.is_main and sys.stderr.isatty()):  # bars for a person, not in logs
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
