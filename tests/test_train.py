@@ -236,6 +236,13 @@ def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
 def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Path) -> None:
     config = write_training_project(tmp_path, tiny_store, {"epochs": 20})
     process = _start_train(config, FIXED_ENV)
+    assert process.stdout is not None
+    for line in process.stdout:  # until the first step is logged (or the process ends)
+        if line.startswith("step 1/"):
+            break
+    # The same run started again while it trains (a job submitted twice) is turned away.
+    twice = run_cli("train", "--config", config)
+    assert_user_error(twice, "another process is busy with training run `multi_concept`")
     _interrupt_at(process, step=2)
     assert process.returncode == RESUMABLE_EXIT
     record = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept" / "run.json"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.hashing import env_time
+from loraforge.models.folders import exclusive
 from loraforge.train import distributed
 from loraforge.train.distributed import (
     RESUMABLE,
@@ -57,6 +58,8 @@ SEMANTIC_SECTIONS = ("models", "dataset", "train")
 LOSS_SMOOTHING = 0.98
 #: One JSON line per optimizer step; after a resume the last line for a step wins.
 HISTORY = "history.jsonl"
+#: Held by the process training the run.
+LOCK = ".train.lock"
 #: Largest difference between the processes' weights (norm of any tensor) that is not an error.
 REPLICA_TOLERANCE = 1e-6
 
@@ -853,22 +856,24 @@ def train(settings: Settings, run_name: str | None, restart: bool,
             _check_finished_with(record, settings, run_dir)
             return TrainResult(final, None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(run_dir, world)
-    device = distributed.device_for(world, settings.config.train.gpus)
-    distributed.join(world, device)
-    clean = False
-    try:
-        result = _train_in(settings, dataset, run_dir, base, restart, world, device)
-        clean = True
-        return result
-    except Interrupted:
-        clean = True
-        raise
-    finally:
-        distributed.leave(world, clean)
-        if handler is not None:
-            logging.getLogger("loraforge").removeHandler(handler)
-            handler.close()
+    # One training of a run at a time (a job submitted twice, sbatch beside a local run).
+    with exclusive(run_dir / LOCK, f"training run `{name}`") if world.is_main else nullcontext():
+        handler = _setup_logging(run_dir, world)
+        device = distributed.device_for(world, settings.config.train.gpus)
+        distributed.join(world, device)
+        clean = False
+        try:
+            result = _train_in(settings, dataset, run_dir, base, restart, world, device)
+            clean = True
+            return result
+        except Interrupted:
+            clean = True
+            raise
+        finally:
+            distributed.leave(world, clean)
+            if handler is not None:
+                logging.getLogger("loraforge").removeHandler(handler)
+                handler.close()
 
 
 def _check_finished_with(record: dict[str, Any], settings: Settings, run_dir: Path) -> None:
