@@ -233,6 +233,23 @@ def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
         assert list((run_dir / "samples" / f"epoch-{epoch:03d}").glob("0-*.png"))
 
 
+def test_a_signal_before_the_first_step_says_nothing_was_saved(tmp_path: Path,
+                                                               tiny_store: Path) -> None:
+    config = write_training_project(tmp_path, tiny_store)
+    process = _start_train(config, FIXED_ENV)
+    assert process.stderr is not None
+    for line in process.stderr:  # the signal handlers are in place from model loading on
+        if "loading base model" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == RESUMABLE_EXIT
+    assert "before the first step (nothing to save)" in err and "state saved" not in err
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    assert not (run_dir / "state").exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+
+
 def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Path) -> None:
     config = write_training_project(tmp_path, tiny_store, {"epochs": 20})
     process = _start_train(config, FIXED_ENV)

@@ -145,10 +145,13 @@ def train(
         raise typer.Exit(launch_local(processes, rerun_argv(), threads))
     try:
         result = train_lora(settings, run, restart, world)
-    except Interrupted:
+    except Interrupted as stop:
         if not world.is_main:  # rank 0 saved the state and says so
             raise typer.Exit(RESUMABLE_EXIT) from None
-        Console(stderr=True).print("interrupted: state saved; rerun the same command to resume")
+        Console(stderr=True).print(
+            "interrupted: state saved; rerun the same command to resume" if stop.saved else
+            "interrupted before the first step (nothing to save); rerun the same command to "
+            "start")
         raise typer.Exit(RESUMABLE_EXIT) from None
     if world.is_main:
         if result.trainer is None:

@@ -132,7 +132,12 @@ class Journal:
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after saving its state; the run can be resumed."""
+    """Training stopped on a signal; the run can be resumed. `saved`: a state of it is on disk
+    (False: stopped before its first step, so a rerun starts it)."""
+
+    def __init__(self, saved: bool = True) -> None:
+        super().__init__()
+        self.saved = saved
 
 
 @dataclass
@@ -568,7 +573,7 @@ class Trainer:
         try:
             # A signal that came while models loaded or latents were cached (to any process).
             if any_rank(stop.requested, world):
-                raise Interrupted
+                raise Interrupted(saved=position.step > 0)
             for epoch in range(position.epoch, plan.epochs):
                 batches = epoch_batches(self.examples, self.indices, plan.batch_size,
                                         cfg.seed, epoch)
