@@ -418,6 +418,27 @@ def test_generate_writes_png_info_sidecar_pose_and_final_image(
     assert any("no pose map" in line for line in lines)
 
 
+def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
+        tmp_path: Path, tiny_store: Path, own_environment: None) -> None:
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2,
+                                             "figures": 1, "seed": 5})
+    settings = load_settings(config)
+    first = generate(settings, Options(loras=["none"]), lambda line: None)
+    kept = first[0].read_bytes()
+    other = generate(settings, Options(loras=["none"], cfg=3.0), lambda line: None)
+    images = tmp_path / "store" / "Final_Images"
+    assert other == [images / "scene-5-v2.png"] and first == [images / "scene-5.png"]
+    assert first[0].read_bytes() == kept
+    assert json.loads((images / "scene-5-v2.json").read_text())["image"] == str(other[0])
+    assert (images / "scene-5-v2.pose.png").is_file()
+    again = generate(settings, Options(loras=["none"], cfg=3.0), lambda line: None)
+    assert again == other
+    assert sorted(p.name for p in images.glob("scene-5*.png")) == [
+        "scene-5-v2.png", "scene-5-v2.pose.png", "scene-5.png", "scene-5.pose.png"]
+
+
 def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Path,
                                                    lora_files: dict[str, Path]) -> None:
     config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2})

@@ -2,7 +2,8 @@
 
 Outputs under `<storage>/Final_Images/` (all written atomically):
 
-- `<scene>-<seed>.png`: the image, with A1111's `parameters` text chunk;
+- `<scene>-<seed>.png`: the image, with A1111's `parameters` text chunk (an earlier image of
+  that name made with other parameters is kept: the new one is `<scene>-<seed>-v2.png`, ...);
 - `<scene>-<seed>.pose.png`: the pose map the ControlNet saw;
 - `<scene>-<seed>.json`: the same values as the chunk, plus full paths and hashes;
 - `final_command_scene.png`: a copy of the newest image (the seed project's name).
@@ -124,11 +125,26 @@ def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, paramet
     }
 
 
-def _write_outputs(folder: Path, job: Job, seed: int, image: Image.Image, pose: Image.Image,
+def output_stem(folder: Path, stem: str, parameters: str) -> str:
+    """`stem` (`<scene>-<seed>`), unless an image of that name made with other parameters is
+    there: it is kept, and the new one takes the first free `<stem>-v2`, `-v3`, ... The same
+    image made again replaces its own file, so a rerun adds nothing."""
+    candidate, number = stem, 1
+    while (folder / f"{candidate}.png").exists():
+        try:
+            if pnginfo.read_parameters(folder / f"{candidate}.png") == parameters:
+                break
+        except OSError:  # unreadable or not a PNG: someone's file, kept as it is
+            pass
+        number += 1
+        candidate = f"{stem}-v{number}"
+    return candidate
+
+
+def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Image,
                    parameters: str, record: dict[str, Any], mode: int) -> Path:
     from loraforge.fsutil import save_atomic
 
-    stem = f"{job.stem}-{seed}"
     image_path = folder / f"{stem}.png"
     try:
         save_atomic(folder / f"{stem}.pose.png", lambda tmp: pose.save(tmp, format="PNG"), mode)
@@ -233,11 +249,11 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
             for seed, image, pose in zip(seeds, images, poses, strict=True):
                 fields = parameters_fields(job, seed, base, controlnet)
                 parameters = pnginfo.format_parameters(job.prompt, job.negative, fields)
-                stem = folder / f"{job.stem}-{seed}"
-                record = sidecar(job, seed, base, controlnet, parameters, Path(f"{stem}.png"),
-                                 Path(f"{stem}.pose.png"), seconds, str(device), chosen.name,
-                                 len(seeds))
-                path = _write_outputs(folder, job, seed, image, pose, parameters, record,
+                stem = output_stem(folder, f"{job.stem}-{seed}", parameters)
+                record = sidecar(job, seed, base, controlnet, parameters,
+                                 folder / f"{stem}.png", folder / f"{stem}.pose.png", seconds,
+                                 str(device), chosen.name, len(seeds))
+                path = _write_outputs(folder, stem, image, pose, parameters, record,
                                       settings.file_mode)
                 written.append(path)
                 loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.loras) or "none"
