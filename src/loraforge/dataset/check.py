@@ -76,7 +76,7 @@ def summarize(dataset: Dataset, batch_size: int, epochs: int, max_steps: int | N
     advice: list[str] = []
     for concept in dataset.concepts:
         buckets = Counter(f"{e.bucket[0]}x{e.bucket[1]}" for e in examples or []
-                          if e.concept == concept.name)
+                          if e.path.parent == concept.folder)  # two folders may share a name
         concepts.append({
             "buckets": dict(sorted(buckets.items())),
             "name": concept.name,
