@@ -124,6 +124,14 @@ def test_unreadable_pose_map(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_folder_as_pose_map(project: Path) -> None:
+    (project / "poses").mkdir()
+    result = _generate(project, "--pose", "poses", "--lora", "none")
+    assert_user_error(result, "poses", "--pose", "is a folder, not an image")
+    assert "delete" not in result.stdout + result.stderr
+    _untouched(project)
+
+
 def test_blank_pose_map(project: Path) -> None:
     from PIL import Image
 

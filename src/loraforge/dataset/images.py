@@ -166,6 +166,8 @@ def _not_readable(path: Path) -> ForgeError:
 
 def _open(path: Path) -> Image.Image:
     path = Path(path)
+    if path.is_dir():
+        raise ForgeError("is a folder, not an image", path=path, fix="give the image file")
     try:
         im = Image.open(path, formats=_FORMATS)
     except UnidentifiedImageError:
