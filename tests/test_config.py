@@ -109,6 +109,14 @@ def test_unknown_key_of_a_concept_table_suggests_the_concept_key(tmp_path: Path)
                       "did you mean `dataset.concepts.blue_mage.shuffle_caption`?")
 
 
+def test_unknown_optimizer_is_caught_when_the_config_is_read(tmp_path: Path) -> None:
+    (tmp_path / "forge.toml").write_text('[train]\noptimizer = "adam8bit"\n')
+    result = run_cli("dataset", "check", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "forge.toml", "`train.optimizer`", "did you mean AdamW8bit?")
+    (tmp_path / "forge.toml").write_text('[train]\noptimizer = "torch.optim.SGD"\n')
+    assert run_cli("config", "show", "--config", tmp_path / "forge.toml").returncode == 0
+
+
 def test_unknown_section_is_named(tmp_path: Path) -> None:
     (tmp_path / "forge.toml").write_text("[trian]\nepochs = 1\n")
     result = run_cli("config", "show", "--config", tmp_path / "forge.toml")

@@ -124,6 +124,10 @@ class DatasetConfig(_Section):
         return value
 
 
+#: Optimizers by the names LoRA users know (train.optimizer); any module.Class path works too.
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor")
+
+
 class TrainConfig(_Section):
     run_name: str = Field("multi_concept", description="Run folder and LoRA file name; "
                           "--run overrides it.")
@@ -189,6 +193,20 @@ class TrainConfig(_Section):
     state_every_n_steps: int = Field(200, ge=1, description="Resumable state saved this often.")
     keep_states: int = Field(2, ge=1)
     log_every_seconds: float = Field(30.0, gt=0, description="Progress line interval in log files.")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        """A built-in name or a module.Class path: a typo is caught when the config is read,
+        not after the models have loaded."""
+        if "." in value or value in OPTIMIZERS:
+            return value
+        by_lower = {name.lower(): name for name in OPTIMIZERS}
+        close = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.5)
+        hint = f"did you mean {by_lower[close[0]]}? " if close else ""
+        raise ValueError(f"unknown optimizer {value!r}: {hint}use one of "
+                         f"{', '.join(OPTIMIZERS)} or a module.Class path such as "
+                         "torch.optim.SGD")
 
 
 class GenerateConfig(_Section):
@@ -342,6 +360,7 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
         override = given.get(".".join(loc[:2]))
         from_file = from_file or override is None
         origin = f" (--set {override})" if override is not None else ""
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             parent = _parent_model(loc)
             choices = _field_names(parent) if parent is not None else []
@@ -349,11 +368,11 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
             problems.append(f"unknown key `{key}`{origin}: "
                             f"{_suggest(loc[-1], choices, prefix)}")
         elif override is not None:
-            problems.append(f"`--set {override}`: {item['msg']}")
+            problems.append(f"`--set {override}`: {message}")
         else:
             got = item.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict) else ""
-            problems.append(f"`{key}`: {item['msg']}{shown}")
+            problems.append(f"`{key}`: {message}{shown}")
     message = problems[0] if len(problems) == 1 else "\n  - ".join(["invalid:", *problems])
     return ForgeError(message, path=where if from_file else "--set",
                       fix="edit the value(s) named above; `loraforge config show` prints "

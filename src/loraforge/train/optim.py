@@ -6,12 +6,13 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
+from loraforge.config import OPTIMIZERS
 from loraforge.errors import ForgeError
 
 if TYPE_CHECKING:
     import torch
 
-BUILTIN = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor")
+BUILTIN = OPTIMIZERS
 
 
 def _need(module: str, optimizer: str, extra: str) -> None:
