@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_cli
 
 from loraforge.config import ForgeConfig, ModelsConfig, Settings, StorageConfig
 from loraforge.errors import ForgeError
@@ -346,3 +347,21 @@ def test_store_tiny_marker_needed_for_narrow_models(tiny_store: Path, tmp_path: 
         store.check_base_model(copy)
     with pytest.raises(ForgeError, match="does not fit"):
         store.check_pair(_skeleton(tmp_path / "Real"), tiny_store / tiny.CONTROLNET_NAME)
+
+
+def test_a_damaged_tiny_model_is_named_with_its_repair(tiny_store: Path, tmp_path: Path) -> None:
+    for name in (tiny.BASE_NAME, tiny.CONTROLNET_NAME):
+        shutil.copytree(tiny_store / name, tmp_path / "store" / name)
+    config = tmp_path / "forge.toml"
+    config.write_text('[storage]\nroot = "store"\n[models]\nbase = "tiny"\ncontrolnet = "tiny"\n')
+    weights = tmp_path / "store" / tiny.BASE_NAME / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    damaged = run_cli("models", "verify", "--config", config)
+    assert damaged.returncode == 1
+    assert f"delete {tmp_path / 'store' / tiny.BASE_NAME}" in damaged.stdout
+    assert "loraforge models tiny" in damaged.stdout and "fetch or import" not in damaged.stdout
+    shutil.rmtree(tmp_path / "store" / tiny.BASE_NAME)
+    assert run_cli("models", "tiny", "--config", config).returncode == 0
+    assert run_cli("models", "verify", "--config", config).returncode == 0

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from loraforge.models.tiny import BASE_NAME, CONTROLNET_NAME
 from loraforge.options import ConfigOpt, JsonOpt, SetOpt
 
 if TYPE_CHECKING:
@@ -126,6 +127,7 @@ def verify_command(
             _say(f"no models under {settings.storage_root}")
             return
     failed = 0
+    tiny_damaged = []
     for folder in targets:
         result = verify_folder(folder)
         status = "ok" if result.ok else "DAMAGED"
@@ -142,9 +144,15 @@ def verify_command(
         if result.note:
             _say(f"  note: {result.note}")
         failed += not result.ok
+        if not result.ok and folder.name in (BASE_NAME, CONTROLNET_NAME):
+            tiny_damaged.append(folder)
+    if tiny_damaged:
+        _say(f"the embedded tiny model is damaged: delete {' and '.join(map(str, tiny_damaged))}"
+             " and run `loraforge models tiny` to build it again")
+    if failed > len(tiny_damaged):
+        _say(f"{failed - len(tiny_damaged)} model(s) damaged: move each aside and fetch or "
+             "import it again (`loraforge models fetch ...` / `loraforge models import ...`)")
     if failed:
-        _say(f"{failed} model(s) damaged: move each aside and fetch or import it again "
-             "(`loraforge models fetch ...` / `loraforge models import ...`)")
         raise typer.Exit(1)
 
 
