@@ -25,9 +25,9 @@ if ! "$py" -c 'import torch' 2>/dev/null; then
     echo "setup_forge: installing $torch_spec"
     "${pip[@]}" install "$torch_spec"
 fi
-"$py" -c 'import torch; print("torch==" + torch.__version__)' >"$env_dir/constraints.txt"
+"$py" -W ignore -c 'import torch; print("torch==" + torch.__version__)' >"$env_dir/constraints.txt"
 # A CUDA build of torch also gets bitsandbytes (the default optimizer, AdamW8bit, needs it).
-if "$py" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+if "$py" -W ignore -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
     extras=${LORAFORGE_EXTRAS:-test,optimizers,cuda}
 else
     extras=${LORAFORGE_EXTRAS:-test,optimizers}

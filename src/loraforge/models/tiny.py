@@ -180,13 +180,15 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
     Both folders must exist and be empty. Each ends with its marker file and manifest.json.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel
+
+    with _quiet_progress():  # importing diffusers' pipelines makes transformers talk
+        from diffusers import (
+            AutoencoderKL,
+            PNDMScheduler,
+            StableDiffusionPipeline,
+            UNet2DConditionModel,
+        )
+        from transformers import CLIPTextModel
 
     from loraforge.models.manifest import describe_files, write_manifest
     from loraforge.models.tokenizer import new_clip_tokenizer, write_vocab_files
@@ -274,17 +276,21 @@ def _seeded(seed: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_progress() -> Iterator[None]:
-    """No progress bars while saving (they are carriage-return noise in job logs)."""
+    """No progress bars and no transformers warnings (carriage-return noise and chatter in job
+    logs); errors still show."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     was = (diffusers_logging.is_progress_bar_enabled(),
            transformers_logging.is_progress_bar_enabled())
+    verbosity = transformers_logging.get_verbosity()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     try:
         yield
     finally:
+        transformers_logging.set_verbosity(verbosity)
         if was[0]:
             diffusers_logging.enable_progress_bar()
         if was[1]:
