@@ -448,8 +448,9 @@ class _Scanner:
                size: tuple[int, int]) -> ImageRecord | None:
         width, height = size
         if min(width, height) < MIN_SIDE:
-            self.warn(path, f"is only {width}x{height} px (short side under {MIN_SIDE}); it will "
-                      "be upscaled and look blurry: use a larger image or remove it")
+            self.warn(path, f"is only {width}x{height} px (short side under {MIN_SIDE}): it "
+                      "trains at its own small size (never upscaled) and teaches little "
+                      "detail; use a larger image or remove it")
         tags: list[str] = []
         if caption_path is not None:
             try:
