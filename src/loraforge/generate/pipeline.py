@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.generate.prompts import encode_prompt_pair
 from loraforge.generate.samplers import make_scheduler, seed_scheduler
+from loraforge.runtime import quiet_loading
 
 if TYPE_CHECKING:
     import torch
@@ -65,19 +66,6 @@ def pick_dtype(requested: str, device: torch.device) -> Precision:
         if not torch.cuda.is_bf16_supported():
             return Precision("fp16", "this GPU has no bf16: rendering in fp16")
     return Precision(requested)
-
-
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    from transformers.utils import logging as transformers_logging
-
-    was = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            transformers_logging.enable_progress_bar()
 
 
 def quiet_libraries() -> None:
@@ -123,7 +111,7 @@ def load_pipeline(base: Path, controlnet: Path | None, device: torch.device,
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    with _quiet_progress():
+    with quiet_loading():
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer",
                                                   local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge.errors import ForgeError
 from loraforge.models import folders
 from loraforge.models.manifest import NOT_MODELS, describe_files, write_manifest
+from loraforge.runtime import quiet_loading
 
 if TYPE_CHECKING:
     import torch
@@ -536,7 +536,7 @@ def convert_base(ckpt: Checkpoint, vae: Checkpoint | None, family: Family, out: 
             short = _vae_name(key)
             if short is not None:
                 tensors[VAE + short] = value
-    with _config_dir({"unet": family.unet, "vae": family.vae}) as config, _quiet():
+    with _config_dir({"unet": family.unet, "vae": family.vae}) as config, quiet_loading():
         unet = _single_file(UNet2DConditionModel, tensors, config, "unet", UNET, ckpt.path)
         vae_model = _single_file(AutoencoderKL, tensors, config, "vae", VAE,
                                  vae.path if vae is not None else ckpt.path)
@@ -555,7 +555,7 @@ def convert_controlnet(ckpt: Checkpoint, family: Family, out: Path) -> None:
 
     tensors = ckpt.tensors()
     config = controlnet_config(family, ckpt.shapes)
-    with _config_dir({"controlnet": config}) as config_dir, _quiet():
+    with _config_dir({"controlnet": config}) as config_dir, quiet_loading():
         model = _single_file(ControlNetModel, tensors, config_dir, "controlnet",
                              controlnet_prefix(ckpt.shapes), ckpt.path)
         model.save_pretrained(out, safe_serialization=True)
@@ -632,26 +632,6 @@ def _config_dir(configs: dict[str, dict[str, Any]]) -> Iterator[Path]:
             (root / sub / "config.json").write_text(json.dumps(config, indent=2),
                                                     encoding="utf-8")
         yield root
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """No progress bars or dtype chatter from diffusers/transformers while converting."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    levels = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
-    bars = diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.set_verbosity(logging.ERROR)
-    transformers_logging.set_verbosity(logging.ERROR)
-    diffusers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(levels[0])
-        transformers_logging.set_verbosity(levels[1])
-        if bars:
-            diffusers_logging.enable_progress_bar()
 
 
 def _strip_volatile(folder: Path) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
 from loraforge.models import folders
+from loraforge.runtime import quiet_loading
 
 if TYPE_CHECKING:
     import torch
@@ -181,7 +182,7 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
     """
     import torch
 
-    with _quiet_progress():  # importing diffusers' pipelines makes transformers talk
+    with quiet_loading():  # importing diffusers' pipelines makes transformers talk
         from diffusers import (
             AutoencoderKL,
             PNDMScheduler,
@@ -213,7 +214,7 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    with _quiet_progress():
+    with quiet_loading():
         pipe.save_pretrained(base_dir, safe_serialization=True)
         controlnet.save_pretrained(controlnet_dir, safe_serialization=True)
     write_vocab_files(base_dir / "tokenizer")
@@ -272,29 +273,6 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
     finally:
         torch.random.set_rng_state(state)
-
-
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """No progress bars and no transformers warnings (carriage-return noise and chatter in job
-    logs); errors still show."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    was = (diffusers_logging.is_progress_bar_enabled(),
-           transformers_logging.is_progress_bar_enabled())
-    verbosity = transformers_logging.get_verbosity()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        if was[0]:
-            diffusers_logging.enable_progress_bar()
-        if was[1]:
-            transformers_logging.enable_progress_bar()
 
 
 def _strip_volatile(folder: Path) -> None:
