@@ -13,7 +13,7 @@ from rich.console import Console
 from loraforge.config import CONFIG_NAME, TINY, ForgeConfig, Settings, SlurmConfig
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
-from loraforge.models.tiny import BASE_NAME, CONTROLNET_NAME
+from loraforge.models.tiny import tiny_folders
 
 HEADER = """\
 # LoRA Forge configuration. Every key below shows its value (the default unless `loraforge init`
@@ -155,9 +155,10 @@ def _write_job_scripts(directory: Path, config: Path) -> list[str]:
     return said
 
 
-def _model_path(settings: Settings, name: str, tiny_folder: str) -> Path:
-    """Where a configured model lives (`tiny`: its folder under the storage root)."""
-    return settings.storage_root / tiny_folder if name == TINY else settings.model_dir(name)
+def _model_path(settings: Settings, name: str, which: int) -> Path:
+    """Where a configured model lives (`tiny`: folder `which` of `tiny_folders`)."""
+    return tiny_folders(settings.storage_root)[which] if name == TINY \
+        else settings.model_dir(name)
 
 
 def resolved_paths(settings: Settings) -> dict[str, str]:
@@ -168,9 +169,8 @@ def resolved_paths(settings: Settings) -> dict[str, str]:
         "runs": str(settings.runs_dir),
         "images": str(settings.images_dir),
         "cache": str(settings.cache_dir),
-        "base_model": str(_model_path(settings, settings.config.models.base, BASE_NAME)),
-        "controlnet": str(_model_path(settings, settings.config.models.controlnet,
-                                      CONTROLNET_NAME)),
+        "base_model": str(_model_path(settings, settings.config.models.base, 0)),
+        "controlnet": str(_model_path(settings, settings.config.models.controlnet, 1)),
     }
 
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from loraforge.models.tiny import BASE_NAME, CONTROLNET_NAME
 from loraforge.options import ConfigOpt, JsonOpt, SetOpt
 
 if TYPE_CHECKING:
@@ -113,6 +112,7 @@ def verify_command(
     """Re-hash model files against their manifest.json; exit 1 if any is missing or changed."""
     from loraforge.errors import ForgeError
     from loraforge.models.manifest import model_folders, verify_folder
+    from loraforge.models.tiny import tiny_folders
 
     settings = _settings(config, overrides)
     if name is not None:
@@ -144,7 +144,7 @@ def verify_command(
         if result.note:
             _say(f"  note: {result.note}")
         failed += not result.ok
-        if not result.ok and folder.name in (BASE_NAME, CONTROLNET_NAME):
+        if not result.ok and folder in tiny_folders(settings.storage_root):
             tiny_damaged.append(folder)
     if tiny_damaged:
         _say(f"the embedded tiny model is damaged: delete {' and '.join(map(str, tiny_damaged))}"

@@ -135,6 +135,12 @@ def is_complete(folder: Path, component: str) -> bool:
     return folder.is_dir() and read_marker(folder) == marker(component)
 
 
+def tiny_folders(storage_root: Path) -> tuple[Path, Path]:
+    """(base_dir, controlnet_dir) where the tiny model lives under `storage_root`, built or not."""
+    root = Path(storage_root)
+    return root / BASE_NAME, root / CONTROLNET_NAME
+
+
 def ensure_tiny_models(storage_root: Path) -> tuple[Path, Path]:
     """Return (base_dir, controlnet_dir) under `storage_root`, building them first if missing.
 
@@ -143,7 +149,7 @@ def ensure_tiny_models(storage_root: Path) -> tuple[Path, Path]:
     installed by renaming a complete folder into place.
     """
     root = Path(storage_root)
-    base_dir, cn_dir = root / BASE_NAME, root / CONTROLNET_NAME
+    base_dir, cn_dir = tiny_folders(root)
     if is_complete(base_dir, "base") and is_complete(cn_dir, "controlnet"):
         return base_dir, cn_dir
     try:

@@ -12,9 +12,6 @@ from loraforge.errors import ForgeError
 if TYPE_CHECKING:
     import torch
 
-BUILTIN = OPTIMIZERS
-
-
 def _need(module: str, optimizer: str, extra: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ForgeError(f"optimizer {optimizer} needs the Python package `{module}`, which is "
@@ -48,7 +45,7 @@ def optimizer_class(name: str, device: torch.device) -> type:
     module_name, _, class_name = name.rpartition(".")
     if not module_name:
         raise ForgeError(f"unknown optimizer `{name}`",
-                         fix=f"use one of {', '.join(BUILTIN)} or a module.Class path such as "
+                         fix=f"use one of {', '.join(OPTIMIZERS)} or a module.Class path such as "
                              "torch.optim.SGD")
     try:
         return getattr(importlib.import_module(module_name), class_name)
