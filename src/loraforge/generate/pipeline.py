@@ -202,19 +202,18 @@ def render_batch(pipe: Any, embeds: torch.Tensor, negative_embeds: torch.Tensor,
                          f"{len(images)}")
     if width % 8 or height % 8:
         raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
-    count = len(seeds)
-    seed_scheduler(pipe.scheduler, seeds[0] if count == 1 else list(seeds))
-    generators: Any = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    # Lists of one give the same bits as a single seed, image and generator (checked for
+    # every kind of sampler noise), so one path serves every batch size.
+    seed_scheduler(pipe.scheduler, list(seeds))
     extra: dict[str, Any] = {}
     if images is not None:
-        extra = {"image": images[0] if count == 1 else list(images),
-                 "controlnet_conditioning_scale": float(control_scale)}
+        extra = {"image": list(images), "controlnet_conditioning_scale": float(control_scale)}
     with _autocast_if_mixed(pipe):
-        result = pipe(prompt_embeds=embeds.repeat(count, 1, 1),
-                      negative_prompt_embeds=negative_embeds.repeat(count, 1, 1),
+        result = pipe(prompt_embeds=embeds.repeat(len(seeds), 1, 1),
+                      negative_prompt_embeds=negative_embeds.repeat(len(seeds), 1, 1),
                       width=width, height=height, num_inference_steps=steps, guidance_scale=cfg,
-                      generator=generators[0] if count == 1 else generators, output_type="pil",
-                      **extra)
+                      generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+                      output_type="pil", **extra)
     return list(result.images)
 
 

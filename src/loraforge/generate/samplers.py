@@ -74,9 +74,9 @@ def make_scheduler(name: str, scheduler_config: Any) -> Any:
     return cls.from_config(config, **sampler.options)
 
 
-def seed_scheduler(scheduler: Any, seed: int | list[int]) -> None:
-    """Make a scheduler's own noise (if it draws any outside the generator) follow `seed`: a
-    list gives each image of a batch its own seed."""
+def seed_scheduler(scheduler: Any, seeds: list[int]) -> None:
+    """Make a scheduler's own noise (if it draws any outside the generator) follow `seeds`,
+    one per image of the batch."""
     if hasattr(scheduler, "noise_sampler_seed"):
-        scheduler.noise_sampler_seed = seed
+        scheduler.noise_sampler_seed = seeds
         scheduler.noise_sampler = None
