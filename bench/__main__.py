@@ -10,7 +10,10 @@ import platform
 import shlex
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +42,21 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def measured(name: str, measure: Callable[[], Any]) -> Any:
+    """`measure()`, or None when it fails: the other rows of a table are still worth having
+    (a GPU run is short and rare). Progress goes to stderr as each row is done, so a run cut
+    off by its time limit still leaves the rows it finished in its log."""
+    started = time.perf_counter()
+    try:
+        result = measure()
+    except Exception as exc:  # a failed variant is a row of the table, not the end of it
+        print(f"bench: {name} failed after {time.perf_counter() - started:.0f} s: "
+              f"{type(exc).__name__}: {str(exc)[:500]}", file=sys.stderr, flush=True)
+        return None
+    print(f"bench: {name}: {result}", file=sys.stderr, flush=True)
+    return result
+
+
 def run_train(args: argparse.Namespace, work: Path) -> str:
     import torch
 
@@ -47,24 +65,36 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _ = model_folders(args.model, models_root(work))
+    header = ["trainer", "batch", "images/s", "vs reference", "first step (s)",
+              "peak memory (GB)", "TFLOP/s"]
     rows = []
     for batch in args.batch:
-        results = [ours(work, base, batch, args.resolution, args.steps, device, [])]
-        for extra in args.variant:
-            results.append(ours(work, base, batch, args.resolution, args.steps, device,
-                                extra.split()))
-        for count in args.processes:
-            results.append(ours_processes(work, base, batch, args.resolution, args.steps,
-                                          count))
-        ref = reference(base, batch, args.resolution, args.steps, device)
-        floor = reference(base, batch, args.resolution, args.steps, device, cached=True)
-        for result in [*results, ref, floor]:
+        # The plain rows first, the variants (slow to compile, maybe cut off) last.
+        runs = [(f"loraforge b{batch}", lambda b=batch: ours(
+            work, base, b, args.resolution, args.steps, device, []))]
+        if not args.skip_reference:
+            runs += [(f"reference b{batch}", lambda b=batch: reference(
+                base, b, args.resolution, args.steps, device))]
+            runs += [(f"reference cached b{batch}", lambda b=batch: reference(
+                base, b, args.resolution, args.steps, device, cached=True))]
+        runs += [(f"loraforge ({extra}) b{batch}", lambda b=batch, e=extra: ours(
+            work, base, b, args.resolution, args.steps, device, e.split()))
+            for extra in args.variant]
+        runs += [(f"loraforge, {count} processes b{batch}", lambda b=batch, c=count:
+                  ours_processes(work, base, b, args.resolution, args.steps, c))
+                 for count in args.processes]
+        results = [(name, measured(name, run)) for name, run in runs]
+        ref = next((r for name, r in results if name == f"reference b{batch}" and r), None)
+        for name, result in results:
+            if result is None:
+                rows.append([f"{name.rsplit(' b', 1)[0]}: failed (see the log)", str(batch),
+                             *["-"] * 5])
+                continue
             rows.append([result.name, str(batch), f"{result.images_per_s:.2f}",
-                         f"{result.images_per_s / ref.images_per_s:.2f}x",
+                         f"{result.images_per_s / ref.images_per_s:.2f}x" if ref else "-",
                          f"{result.first_step_s:.1f}", f"{result.peak_memory_gb:.2f}",
                          f"{result.tflops():.1f}" if args.model == "sd15" else "-"])
-    return table(["trainer", "batch", "images/s", "vs reference", "first step (s)",
-                  "peak memory (GB)", "TFLOP/s"], rows)
+    return table(header, rows)
 
 
 def run_generate(args: argparse.Namespace, work: Path) -> str:
@@ -77,10 +107,20 @@ def run_generate(args: argparse.Namespace, work: Path) -> str:
     for size in args.size:
         width, height = (int(v) for v in size.split("x"))
         for batch in args.batch:
-            results = [ours(base, controlnet, width, height, batch, args.steps, variant, loras)
-                       for variant in [None, *args.variant]]
-            results.append(stock(base, controlnet, width, height, batch, args.steps, loras))
-            for r in results:
+            # The plain rows first, the variants (slow to compile, maybe cut off) last.
+            runs = [(f"loraforge ({variant or 'plain'}) {size} b{batch}",
+                     lambda b=batch, v=variant, w=width, h=height: ours(
+                         base, controlnet, w, h, b, args.steps, v, loras))
+                    for variant in [None, *args.variant]]
+            if not args.skip_reference:
+                runs.insert(1, (f"stock {size} b{batch}", lambda b=batch, w=width, h=height:
+                                stock(base, controlnet, w, h, b, args.steps, loras)))
+            for name, run in runs:
+                r = measured(name, run)
+                if r is None:
+                    rows.append([f"{name.rsplit(' ', 2)[0]}: failed (see the log)", size,
+                                 str(batch), "-", "-", "-"])
+                    continue
                 rows.append([r.name, size, str(batch), f"{r.seconds_per_image:.3f}",
                              f"{r.warmup_s:.1f}",
                              f"{r.tflops():.1f}" if args.model == "sd15" else "-"])
@@ -115,7 +155,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="train: extra trainer overrides, e.g. "
                              "'train.gradient_checkpointing=true'; generate: one of compile, "
-                             "compile=blocks, fuse_qkv, channels_last")
+                             "compile=blocks, compile=graphs, fuse_qkv, channels_last")
     parser.add_argument("--processes", type=int, nargs="+", default=[],
                         help="train: also run `loraforge train` with train.gpus = N, the same "
                              "global batch split over N processes")
@@ -124,9 +164,19 @@ def main() -> None:
                              "two-character scene)")
     parser.add_argument("--vae-batch", type=int, nargs="+", default=[1, 8],
                         help="memory: VAE images per call while caching latents")
+    parser.add_argument("--skip-reference", action="store_true",
+                        help="leave out the reference rows (train: the reference loops; "
+                             "generate: diffusers' stock pipeline)")
     parser.add_argument("--note", default="", help="a line written above the table")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    if args.what == "generate":
+        from bench.generate import VARIANTS
+
+        for variant in args.variant:
+            if variant not in VARIANTS:
+                parser.error(f"unknown generate variant {variant!r}: one of "
+                             f"{', '.join(VARIANTS)}")
     tiny = args.model == "tiny"
     if args.what == "train":
         args.batch = args.batch or ([8] if tiny else [1, 2, 4, 8])

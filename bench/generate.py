@@ -86,6 +86,7 @@ def _with_loras(name: str, loras: list[Path]) -> str:
 VARIANTS = {
     "compile": "generate.compile=true",
     "compile=blocks": "generate.compile=blocks",
+    "compile=graphs": "generate.compile=graphs",
     "fuse_qkv": "fused QKV, not an option",
     "channels_last": "channels-last, not an option",
 }
@@ -97,15 +98,13 @@ def _apply(pipe, variant: str) -> None:
     from loraforge.generate.pipeline import compile_denoisers
 
     if variant.startswith("compile"):
-        compile_denoisers(pipe, "blocks" if variant == "compile=blocks" else True)
+        compile_denoisers(pipe, variant.partition("=")[2] or True)
     elif variant == "fuse_qkv":
         pipe.unet.fuse_qkv_projections()
         pipe.controlnet.fuse_qkv_projections()
-    elif variant == "channels_last":
+    else:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.controlnet.to(memory_format=torch.channels_last)
-    else:
-        raise SystemExit(f"unknown generate variant {variant!r}: one of {', '.join(VARIANTS)}")
 
 
 def ours(base: Path, controlnet: Path, width: int, height: int, batch: int, steps: int,
@@ -143,13 +142,16 @@ def stock(base: Path, controlnet: Path, width: int, height: int, batch: int, ste
     import torch
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
+    from loraforge.runtime import quiet_loading
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         base, controlnet=ControlNetModel.from_pretrained(controlnet, torch_dtype=torch.float32),
         safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
-    for index, path in enumerate(loras):
-        pipe.load_lora_weights(str(path), adapter_name=f"character{index}")
+    with quiet_loading():  # transformers' "MISSING keys" table of an intermediate step
+        for index, path in enumerate(loras):
+            pipe.load_lora_weights(str(path), adapter_name=f"character{index}")
     if loras:
         pipe.set_adapters([f"character{i}" for i in range(len(loras))], [0.8] * len(loras))
     kwargs = {"prompt": "2girls, standing, best quality", "negative_prompt": "lowres",

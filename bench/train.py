@@ -93,13 +93,18 @@ def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device
 
 
 def _rates(run_dir: Path, batch: int, total: float) -> tuple[float, float]:
-    """Images/s after the first quarter of the steps, and the time before the first step."""
-    history = [json.loads(line) for line in
+    """Images/s after the first quarter of the steps, and the time before the first step.
+    On a GPU the trainer reads losses in groups of steps, and a step's `seconds` is when its
+    group was read (the GPU had finished it): the rate is measured between such moments."""
+    seconds = [json.loads(line)["seconds"] for line in
                (run_dir / "history.jsonl").read_text().splitlines()]
-    warm = max(1, len(history) // 4)
-    seconds = history[-1]["seconds"] - history[warm - 1]["seconds"]
-    return (len(history) - warm) * batch / seconds, \
-        total - history[-1]["seconds"] + history[0]["seconds"]
+    read = [i for i in range(len(seconds))  # the last step of each group
+            if i == len(seconds) - 1 or seconds[i] != seconds[i + 1]]
+    start = next(i for i in read if i >= max(1, len(seconds) // 4) - 1)
+    if start == read[-1]:
+        raise SystemExit(f"too few steps ({len(seconds)}) to measure a rate after warming up")
+    return (read[-1] - start) * batch / (seconds[read[-1]] - seconds[start]), \
+        total - seconds[-1] + seconds[0]
 
 
 def ours_processes(work: Path, base: Path, batch: int, resolution: int, steps: int,

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from loraforge.config import load_settings
 from loraforge.models.tiny import ensure_tiny_models
-from loraforge.train import network
+from loraforge.train import network, objective
 from loraforge.train.distributed import World
 from loraforge.train.trainer import Trainer, check_inputs
 
@@ -93,3 +93,30 @@ def test_compile_unet_blocks_compiles_the_transformer_blocks_only(
     compiled = {type(m).__name__ for m in unet.modules()
                 if getattr(m, "_compiled_call_impl", None) is not None}
     assert compiled == {"BasicTransformerBlock"}
+
+
+def test_compile_unet_graphs_compiles_the_whole_u_net_for_cuda_graphs(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """"graphs": the whole U-Net, its compiled steps replayed as CUDA graphs (mode
+    reduce-overhead); true: the whole U-Net without them. Nothing is compiled here (lazily, at
+    the first step)."""
+    for how, cuda_graphs in (("true", False), ('"graphs"', True)):
+        trainer = _trainer_as_on_a_gpu(tmp_path / how.strip('"'), tiny_store,
+                                       f"train.compile_unet={how}")
+        unet = trainer.load_models(tiny_store / "tiny-sd15").unet
+        compiled = trainer.compiled(unet)
+        assert compiled is not unet and compiled._orig_mod is unet
+        assert compiled.get_compiler_config()["triton.cudagraphs"] is cuda_graphs
+
+
+def test_channels_last_puts_the_u_net_and_its_input_in_channels_last_order(
+        tmp_path: Path, tiny_store: Path) -> None:
+    channels_last = torch.channels_last
+    trainer = _trainer_as_on_a_gpu(tmp_path, tiny_store, "train.channels_last=true")
+    models = trainer.load_models(tiny_store / "tiny-sd15")
+    convs = [m.weight for m in models.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=channels_last) for w in convs)
+    latents = torch.zeros(2, 4, 8, 8, dtype=torch.bfloat16)
+    draw = objective.draw((2, 4, 8, 8), models.num_timesteps, 0.0,
+                          torch.Generator().manual_seed(0), torch.device("cpu"), torch.bfloat16)
+    assert trainer.add_noise(models, latents, draw).is_contiguous(memory_format=channels_last)

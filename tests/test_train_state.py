@@ -18,6 +18,44 @@ def test_smoothed_loss_starts_at_the_loss_not_near_zero() -> None:
         assert position.smoothed_loss(0.98) == pytest.approx(0.8)
 
 
+def _journal(run_dir: Path, losses: list[float], on_gpu: bool) -> tuple[list[dict], float,
+                                                                        list[int]]:
+    """Record `losses` as steps 1..n: the history lines (without their time), the moving
+    average, and how many losses were still unread after each step."""
+    import json
+
+    import torch
+
+    from loraforge.train.journal import Journal
+
+    run_dir.mkdir()
+    position = Position()
+    journal = Journal(run_dir, position, len(losses), 30.0, True, on_gpu)
+    unread = []
+    for loss in losses:
+        position.step += 1
+        journal.step(1, torch.tensor(loss), [1e-4, 5e-5], 2, {})
+        unread.append(len(journal.pending))
+    journal.close()
+    lines = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "seconds"} for line in lines], \
+        position.loss_ema, unread
+
+
+def test_a_gpu_run_reads_losses_in_groups_and_records_the_same_history(
+        tmp_path: Path) -> None:
+    """Reading a loss makes the CPU wait for the GPU, so a GPU run reads them a group at a
+    time (the first at once: it shows the warm-up); every step still gets its line, with the
+    same numbers as when each is read at once."""
+    losses = [0.5 + 0.01 * i for i in range(20)]
+    each, each_ema, each_unread = _journal(tmp_path / "cpu", losses, on_gpu=False)
+    grouped, grouped_ema, grouped_unread = _journal(tmp_path / "gpu", losses, on_gpu=True)
+    assert [line["step"] for line in grouped] == list(range(1, 21))
+    assert grouped == each and grouped_ema == each_ema
+    assert each_unread == [0] * 20
+    assert grouped_unread[0] == 0 and max(grouped_unread) == 7
+
+
 def test_config_differences_name_each_changed_key_but_not_ignored_ones() -> None:
     saved = {"train": {"unet_lr": 1e-3, "keep_last_n": 10}, "dataset": {"resolution": 512}}
     current = {"train": {"unet_lr": 5e-4, "keep_last_n": 3}, "dataset": {"resolution": 512}}

@@ -179,29 +179,30 @@ def shard(batch: Sequence[int], world: World) -> tuple[int, list[int]]:
 
 
 def sum_gradients(params: Sequence[torch.Tensor], extras: Sequence[float | torch.Tensor],
-                  world: World) -> list[float]:
+                  world: World) -> torch.Tensor:
     """Sum every parameter's gradient over the ranks, in place (a missing gradient counts as
-    zero), in one all-reduce that also sums `extras` (numbers); returns the summed extras."""
+    zero), in one all-reduce that also sums `extras` (numbers); returns the summed extras, a
+    float32 vector on the parameters' device."""
     import torch
 
-    values = torch.stack([torch.as_tensor(x, dtype=torch.float32).reshape(()).to("cpu")
-                          for x in extras]) if extras else torch.zeros(0)
+    device = params[0].device
+    values = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device).reshape(())
+                          for x in extras]) if extras else torch.zeros(0, device=device)
     if not world.distributed:
-        return values.tolist()
+        return values
     import torch.distributed as dist
 
-    device = params[0].device
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([*(p.grad.reshape(-1).float() for p in params), values.to(device)])
+    flat = torch.cat([*(p.grad.reshape(-1).float() for p in params), values])
     dist.all_reduce(flat)
     offset = 0
     for p in params:
         count = p.numel()
         p.grad.copy_(flat[offset:offset + count].view_as(p.grad))
         offset += count
-    return flat[offset:].tolist()
+    return flat[offset:]
 
 
 def any_rank(flag: bool, world: World) -> bool:

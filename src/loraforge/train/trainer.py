@@ -36,6 +36,7 @@ from loraforge.train.distributed import (
     shard,
     sum_gradients,
 )
+from loraforge.train.journal import HISTORY, LOSS_SMOOTHING, Journal
 from loraforge.train.state import Position
 
 if TYPE_CHECKING:
@@ -55,9 +56,6 @@ RESUME_SAFE = {
 }
 #: Sections of the config that decide the trained weights.
 SEMANTIC_SECTIONS = ("models", "dataset", "train")
-LOSS_SMOOTHING = 0.98
-#: One JSON line per optimizer step; after a resume the last line for a step wins.
-HISTORY = "history.jsonl"
 #: Held by the process training the run.
 LOCK = ".train.lock"
 #: Largest difference between the processes' weights (norm of any tensor) that is not an error.
@@ -90,45 +88,6 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
-
-
-class Journal:
-    """Rank 0's record of every optimizer step: TensorBoard scalars, one `history.jsonl` line,
-    the progress bar or log line. Other processes keep none."""
-
-    def __init__(self, run_dir: Path, step: int, total: int, every_seconds: float,
-                 active: bool) -> None:
-        from loraforge.train.progress import TrainingProgress
-
-        self.active = active
-        if not active:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(run_dir / "events"), purge_step=step + 1)
-        self.history = open(run_dir / HISTORY, "a", encoding="utf-8")  # noqa: SIM115
-        self.progress = TrainingProgress(total, step, every_seconds)
-
-    def step(self, position: Position, epoch: int, loss: float, lrs: list[float], images: int,
-             extra: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        smoothed = position.smoothed_loss(LOSS_SMOOTHING)
-        self.writer.add_scalar("loss/step", loss, position.step)
-        self.writer.add_scalar("loss/smoothed", smoothed, position.step)
-        for group_name, lr in zip(("unet", "text_encoder"), lrs, strict=False):
-            self.writer.add_scalar(f"lr/{group_name}", lr, position.step)
-        self.history.write(json.dumps({
-            "step": position.step, "epoch": epoch, "loss": loss, "loss_smoothed": smoothed,
-            "lr": lrs, "seconds": round(time.monotonic() - self.progress.started, 4),
-            **extra}) + "\n")
-        self.progress.update(position.step, epoch, smoothed, lrs[0], images)
-
-    def close(self) -> None:
-        if self.active:
-            self.progress.close()
-            self.writer.close()
-            self.history.close()
 
 
 class Interrupted(Exception):
@@ -347,6 +306,8 @@ class Trainer:
         for model in (unet, text_encoder):
             network.cast_base_weights(model, self.dtype)
             model.to(self.device)
+        if cfg.channels_last:  # the latents follow in add_noise
+            unet.to(memory_format=torch.channels_last)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if self.train_text:
@@ -366,6 +327,8 @@ class Trainer:
         if self.cfg.compile_unet == "blocks":  # one graph per block shape, shared by like blocks
             unet.compile_repeated_blocks()
             return unet
+        if self.cfg.compile_unet == "graphs":  # each bucket shape's graph replayed whole
+            return torch.compile(unet, mode="reduce-overhead")
         if self.cfg.compile_unet:
             # One graph per bucket shape: fewer kernel launches, which bound small batches.
             return torch.compile(unet)
@@ -552,13 +515,14 @@ class Trainer:
                     torch.cuda.empty_cache()
         self.cache_text(models)
         facts = facts_for(self, self.optimizer, warmup_steps(cfg.lr_warmup, plan.total_steps))
-        journal = Journal(self.run_dir, position.step, plan.total_steps, cfg.log_every_seconds,
-                          world.is_main)
+        journal = Journal(self.run_dir, position, plan.total_steps, cfg.log_every_seconds,
+                          world.is_main, self.device.type == "cuda")
         if world.is_main:
             self.write_dataset_summary()
         self.record.update(status="running", step=position.step, total_steps=plan.total_steps)
 
         def save(reason: str) -> None:
+            journal.flush()  # the state holds the loss's moving average
             if not world.is_main:
                 return
             trainer_state = {"optimizer": self.optimizer.state_dict(),
@@ -581,14 +545,12 @@ class Trainer:
                     if position.step >= plan.total_steps:
                         break
                     group = batches[first:first + plan.accumulation]
-                    loss_value, stopping = self.optimizer_step(models, batches, first, epoch,
-                                                               position.step, stop.requested)
+                    loss, stopping = self.optimizer_step(models, batches, first, epoch,
+                                                         position.step, stop.requested)
                     position.step += 1
                     position.batch_in_epoch = first + len(group)
-                    position.loss_ema = (LOSS_SMOOTHING * position.loss_ema
-                                         + (1 - LOSS_SMOOTHING) * loss_value)
                     spread = replica_spread(self.trainable, world)
-                    journal.step(position, epoch + 1, loss_value, self.scheduler.get_last_lr(),
+                    journal.step(epoch + 1, loss, self.scheduler.get_last_lr(),
                                  sum(len(b) for b in group),
                                  {"replica_spread": spread} if world.distributed else {})
                     if spread > REPLICA_TOLERANCE:
@@ -607,6 +569,7 @@ class Trainer:
                         self.render_previews(models, epoch + 1)
                     break
                 position.epoch, position.batch_in_epoch = epoch + 1, 0
+                journal.flush()
                 if world.is_main:
                     self.end_of_epoch(models, facts, position, epoch + 1)
                 if any_rank(stop.requested, world):
@@ -682,10 +645,11 @@ class Trainer:
             log.warning("report.html not written: %s", exc)
 
     def optimizer_step(self, models: Models, batches: list[list[int]], first: int, epoch: int,
-                       step: int, stop: bool) -> tuple[float, bool]:
+                       step: int, stop: bool) -> tuple[torch.Tensor, bool]:
         """Forward and backward over this process's share of batches[first:first +
         accumulation], gradients summed over the processes, then one optimizer step. Returns
-        the mean loss over the global batch, and whether any process was asked to stop."""
+        the mean loss over the global batch (on the device: reading it waits for the GPU), and
+        whether any process was asked to stop."""
         import torch
 
         from loraforge.dataset.examples import draw_example, pixel_tensor
@@ -738,7 +702,9 @@ class Trainer:
             loss = loss / len(group)
             self.scaler.scale(loss).backward()
             total += loss.detach()
-        loss_sum, stops = sum_gradients(self.trainable, [total, float(stop)], self.world)
+        if self.world.distributed:  # every process must learn of a stop at the same step
+            summed = sum_gradients(self.trainable, [total, float(stop)], self.world)
+            total, stop = summed[0], bool(summed[1] > 0)
         self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
@@ -746,12 +712,17 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, stops > 0
+        return total, stop
 
     def add_noise(self, models: Models, latents: torch.Tensor, draw: Any) -> torch.Tensor:
         alpha_bar = models.alphas_cumprod[draw.timesteps].to(latents.dtype)
         alpha_bar = alpha_bar.view(-1, 1, 1, 1)
-        return alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * draw.noise
+        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * draw.noise
+        if self.cfg.channels_last:
+            import torch
+
+            return noisy.contiguous(memory_format=torch.channels_last)
+        return noisy
 
     # --- files -------------------------------------------------------------------------
     def named_lora(self, models: Models) -> dict[str, torch.Tensor]:

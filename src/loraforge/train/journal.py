@@ -1,0 +1,108 @@
+"""The record of every optimizer step: the moving average of the loss (saved with each state),
+and on rank 0 the TensorBoard scalars, one `history.jsonl` line and the progress bar or log line.
+
+Losses stay on the device until they are written: reading one makes the CPU wait for the GPU to
+finish every step queued so far, which leaves the GPU idle while the next step is prepared. So
+on a GPU they are read in groups: the first step alone (its time shows the warm-up: loading,
+compiling), then every `GPU_GROUP` steps, at least once a second, and whenever
+the trainer needs the numbers (`flush`: before a state is saved, at an epoch's end, at the end).
+The numbers written are the same whatever the grouping.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.train.state import Position
+
+if TYPE_CHECKING:
+    import torch
+
+#: Weight of the old value in the loss's moving average.
+LOSS_SMOOTHING = 0.98
+#: One JSON line per optimizer step; after a resume the last line for a step wins.
+HISTORY = "history.jsonl"
+#: Steps whose losses a GPU run reads at once (a CPU reads each at once: it never waits).
+GPU_GROUP = 8
+#: The longest a person watching waits for the next progress update.
+MAX_WAIT_SECONDS = 1.0
+
+
+@dataclass
+class _Pending:
+    step: int
+    epoch: int
+    loss: torch.Tensor
+    lrs: list[float]
+    images: int
+    extra: dict[str, Any]
+
+
+class Journal:
+    """Keeps `position.loss_ema` and, when `write` (rank 0), the run's step records.
+    `history.jsonl`'s `seconds` is when a step's loss was read: the time the step had surely
+    finished."""
+
+    def __init__(self, run_dir: Path, position: Position, total: int, every_seconds: float,
+                 write: bool, on_gpu: bool) -> None:
+        from loraforge.train.progress import TrainingProgress
+
+        self.position = position
+        self.write = write
+        self.group = GPU_GROUP if on_gpu else 1
+        self.pending: list[_Pending] = []
+        self.last_flush = -float("inf")  # the first step is read at once: it shows the warm-up
+        if not write:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "events"), purge_step=position.step + 1)
+        self.history = open(run_dir / HISTORY, "a", encoding="utf-8")  # noqa: SIM115
+        self.progress = TrainingProgress(total, position.step, every_seconds)
+
+    def step(self, epoch: int, loss: torch.Tensor, lrs: list[float], images: int,
+             extra: dict[str, Any]) -> None:
+        """Record the step `position.step` (already counted), whose mean loss is `loss`."""
+        self.pending.append(_Pending(self.position.step, epoch, loss.detach(), list(lrs),
+                                     images, extra))
+        if (len(self.pending) >= self.group
+                or time.monotonic() - self.last_flush >= MAX_WAIT_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the pending losses (one wait for the device) and record them in order."""
+        import torch
+
+        self.last_flush = time.monotonic()
+        if not self.pending:
+            return
+        losses = torch.stack([p.loss.float() for p in self.pending]).tolist()
+        for entry, loss in zip(self.pending, losses, strict=True):
+            self.position.loss_ema = (LOSS_SMOOTHING * self.position.loss_ema
+                                      + (1 - LOSS_SMOOTHING) * loss)
+            if self.write:
+                self._write(entry, loss, self.position.loss_ema
+                            / (1 - LOSS_SMOOTHING ** entry.step))
+        self.pending.clear()
+
+    def _write(self, entry: _Pending, loss: float, smoothed: float) -> None:
+        self.writer.add_scalar("loss/step", loss, entry.step)
+        self.writer.add_scalar("loss/smoothed", smoothed, entry.step)
+        for group_name, lr in zip(("unet", "text_encoder"), entry.lrs, strict=False):
+            self.writer.add_scalar(f"lr/{group_name}", lr, entry.step)
+        self.history.write(json.dumps({
+            "step": entry.step, "epoch": entry.epoch, "loss": loss, "loss_smoothed": smoothed,
+            "lr": entry.lrs, "seconds": round(self.last_flush - self.progress.started, 4),
+            **entry.extra}) + "\n")
+        self.progress.update(entry.step, entry.epoch, smoothed, entry.lrs[0], entry.images)
+
+    def close(self) -> None:
+        self.flush()
+        if self.write:
+            self.progress.close()
+            self.writer.close()
+            self.history.close()
