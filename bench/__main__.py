@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="train: extra trainer overrides, e.g. "
                              "'train.gradient_checkpointing=true'; generate: one of compile, "
-                             "compile=blocks, compile=graphs, fuse_qkv, channels_last")
+                             "compile=blocks, fuse_qkv, channels_last")
     parser.add_argument("--processes", type=int, nargs="+", default=[],
                         help="train: also run `loraforge train` with train.gpus = N, the same "
                              "global batch split over N processes")

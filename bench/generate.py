@@ -86,7 +86,6 @@ def _with_loras(name: str, loras: list[Path]) -> str:
 VARIANTS = {
     "compile": "generate.compile=true",
     "compile=blocks": "generate.compile=blocks",
-    "compile=graphs": "generate.compile=graphs",
     "fuse_qkv": "fused QKV, not an option",
     "channels_last": "channels-last, not an option",
 }

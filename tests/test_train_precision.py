@@ -95,23 +95,11 @@ def test_compile_unet_blocks_compiles_the_transformer_blocks_only(
     assert compiled == {"BasicTransformerBlock"}
 
 
-def test_compile_unet_graphs_compiles_the_whole_u_net_for_cuda_graphs(
-        tmp_path: Path, tiny_store: Path) -> None:
-    """"graphs": the whole U-Net, its compiled steps replayed as CUDA graphs (mode
-    reduce-overhead); true: the whole U-Net without them. Nothing is compiled here (lazily, at
-    the first step)."""
-    for how, cuda_graphs in (("true", False), ('"graphs"', True)):
-        trainer = _trainer_as_on_a_gpu(tmp_path / how.strip('"'), tiny_store,
-                                       f"train.compile_unet={how}")
-        unet = trainer.load_models(tiny_store / "tiny-sd15").unet
-        compiled = trainer.compiled(unet)
-        assert compiled is not unet and compiled._orig_mod is unet
-        assert compiled.get_compiler_config()["triton.cudagraphs"] is cuda_graphs
-
-
 def test_channels_last_puts_the_u_net_and_its_input_in_channels_last_order(
         tmp_path: Path, tiny_store: Path) -> None:
+    """train.channels_last = true (the default on a GPU; the CPU gains nothing from it)."""
     channels_last = torch.channels_last
+    assert not _trainer_as_on_a_gpu(tmp_path / "default", tiny_store).channels_last
     trainer = _trainer_as_on_a_gpu(tmp_path, tiny_store, "train.channels_last=true")
     models = trainer.load_models(tiny_store / "tiny-sd15")
     convs = [m.weight for m in models.unet.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -166,14 +166,14 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "fp16", description="On GPU; CPU always trains in fp32.")
     gradient_checkpointing: bool = False
-    compile_unet: bool | Literal["blocks", "graphs"] = Field(
-        False, description='torch.compile the U-Net: true compiles it whole (fastest steps; '
-        'minutes of compiling per bucket), "blocks" its transformer blocks only (compiles ~6x '
-        'sooner), "graphs" whole and replayed as CUDA graphs (fewest kernel launches; on the '
-        "CPU the same as true); see BENCHMARKS.md.")
-    channels_last: bool = Field(False, description="Keep the U-Net's convolutions in "
-                                "channels-last memory order (faster bf16/fp16 convolutions on "
-                                "many GPUs); see BENCHMARKS.md.")
+    compile_unet: bool | Literal["blocks"] = Field(
+        False, description='torch.compile the U-Net: true compiles it whole (minutes of '
+        'compiling per bucket: over 3 on an H200), "blocks" its transformer blocks only (46 s '
+        "on an H200 at batch 16, 1.17x the steps); see BENCHMARKS.md.")
+    channels_last: bool | None = Field(None, description="Keep the U-Net's convolutions in "
+                                       "channels-last memory order (default: on a GPU, where "
+                                       "bf16/fp16 convolutions run faster so; not on the CPU, "
+                                       "where it gains nothing); see BENCHMARKS.md.")
     cache_latents: bool = Field(True, description="Encode each image with the VAE once, "
                                 "before training.")
     vae_batch_size: int = Field(1, ge=1, description="Images per VAE call while caching "
@@ -232,11 +232,10 @@ class GenerateConfig(_Section):
     batch_size: int = Field(4, ge=1, le=64, description="Seeds of a scene denoised together "
                             "(faster; each image matches its single render up to rounding). "
                             "Lower it when a GPU runs out of memory.")
-    compile: bool | Literal["blocks", "graphs"] = Field(
+    compile: bool | Literal["blocks"] = Field(
         False, description='torch.compile the U-Net and ControlNet: true compiles them whole, '
-        '"blocks" their transformer blocks only, "graphs" whole and replayed as CUDA graphs '
-        "(fewest kernel launches; on the CPU the same as true); the first batch of each size "
-        "waits for the compiler. See BENCHMARKS.md.")
+        '"blocks" their transformer blocks only; the first batch of each size waits for the '
+        "compiler. See BENCHMARKS.md.")
     vae_tiling: bool | None = Field(None, description="Decode in tiles (default: above 1024 "
                                     "px on a side).")
     offload: bool = Field(False, description="Keep idle models in CPU memory (small GPUs).")

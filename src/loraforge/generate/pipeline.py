@@ -139,9 +139,8 @@ def load_pipeline(base: Path, controlnet: Path | None, device: torch.device,
 
 def compile_denoisers(pipe: Any, how: bool | str) -> None:
     """torch.compile the U-Net and the ControlNet in place, as generate.compile asks: whole
-    (true), whole and replayed as CUDA graphs ("graphs": a denoising step launches a few graphs
-    instead of thousands of kernels), or only their transformer blocks ("blocks", one graph
-    shared by like blocks). The compiler runs when the first batch of each size is rendered."""
+    (true) or only their transformer blocks ("blocks", one graph shared by like blocks). The
+    compiler runs when the first batch of each size is rendered."""
     if not how:
         return
     from diffusers.models.attention import BasicTransformerBlock
@@ -150,7 +149,7 @@ def compile_denoisers(pipe: Any, how: bool | str) -> None:
         if model is None:
             continue
         if how != "blocks":
-            model.compile(mode="reduce-overhead" if how == "graphs" else None)
+            model.compile()
             continue
         for module in model.modules():
             if isinstance(module, BasicTransformerBlock):

@@ -258,6 +258,7 @@ class Trainer:
         self.dtype = {"no": torch.float32, "fp16": torch.float16,
                       "bf16": torch.bfloat16}[precision]
         self.train_text = self.cfg.text_encoder_lr > 0
+        self.channels_last = on_gpu if self.cfg.channels_last is None else self.cfg.channels_last
         from loraforge.train.optim import optimizer_class
 
         optimizer_class(self.cfg.optimizer, self.device)  # fail before minutes of model loading
@@ -306,7 +307,7 @@ class Trainer:
         for model in (unet, text_encoder):
             network.cast_base_weights(model, self.dtype)
             model.to(self.device)
-        if cfg.channels_last:  # the latents follow in add_noise
+        if self.channels_last:  # the latents follow in add_noise
             unet.to(memory_format=torch.channels_last)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -327,8 +328,6 @@ class Trainer:
         if self.cfg.compile_unet == "blocks":  # one graph per block shape, shared by like blocks
             unet.compile_repeated_blocks()
             return unet
-        if self.cfg.compile_unet == "graphs":  # each bucket shape's graph replayed whole
-            return torch.compile(unet, mode="reduce-overhead")
         if self.cfg.compile_unet:
             # One graph per bucket shape: fewer kernel launches, which bound small batches.
             return torch.compile(unet)
@@ -718,7 +717,7 @@ class Trainer:
         alpha_bar = models.alphas_cumprod[draw.timesteps].to(latents.dtype)
         alpha_bar = alpha_bar.view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * draw.noise
-        if self.cfg.channels_last:
+        if self.channels_last:
             import torch
 
             return noisy.contiguous(memory_format=torch.channels_last)
