@@ -1,6 +1,7 @@
-# make demo: build lora_env if missing (or older than pyproject.toml), then train and render with
-#            the embedded tiny model.
-# make test: the same environment, then ruff and the whole test suite.
+# make demo:  build lora_env if missing (or older than pyproject.toml), then train and render with
+#             the embedded tiny model.
+# make test:  the same environment, the SLURM packages the cluster tests need (as root, with apt:
+#             tests/setup_slurm.sh), then ruff and the whole test suite.
 ENV := lora_env
 BIN := $(ENV)/bin
 STAMP := $(ENV)/.forge-stamp
@@ -17,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/loraforge demo demo
 
 test: $(STAMP)
+	./tests/setup_slurm.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
