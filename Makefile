@@ -2,11 +2,12 @@
 #             the embedded tiny model.
 # make test:  the same environment, the SLURM packages the cluster tests need (as root, with apt:
 #             tests/setup_slurm.sh), then ruff and the whole test suite.
+# make check: the same environment, then ruff and the fast tests (no `slow` marker): the inner loop.
 ENV := lora_env
 BIN := $(ENV)/bin
 STAMP := $(ENV)/.forge-stamp
 
-.PHONY: demo test lint setup
+.PHONY: demo test check lint setup
 
 $(STAMP): pyproject.toml setup_forge.sh
 	./setup_forge.sh
@@ -21,6 +22,10 @@ test: $(STAMP)
 	./tests/setup_slurm.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
+
+check: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q -m "not slow and not slurm"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
