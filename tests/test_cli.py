@@ -92,7 +92,16 @@ def test_usage_errors_are_error_and_fix_lines_exit_1(
         assert needle in err, (needle, err)
 
 
-def test_usage_error_from_the_installed_command(tmp_path: object) -> None:
+def test_usage_error_from_the_installed_command() -> None:
     result = run_cli("generate", "--seed", "abc", "--lora", "none")
     assert_user_error(result, "error: Invalid value for '--seed'", "fix: usage: loraforge generate")
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args", [[], ["slurm"]])
+def test_a_command_group_alone_shows_its_help_and_exit_1(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        args: list[str]) -> None:
+    code, out, err = _main(monkeypatch, capsys, *args)
+    assert code == 1 and err == ""
+    assert f"Usage: {' '.join(['loraforge', *args])} [OPTIONS] COMMAND [ARGS]..." in out
