@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-import typer.main
 from rich.console import Console
 from rich.text import Text
-from typer.core import TyperArgument, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 HELP_OPTION_NAMES = ["-h", "--help"]
 # Metavars by value type, for options declared without one (argparse's and click's habits).
@@ -38,9 +37,9 @@ def _option_metavar(option: TyperOption) -> str:
     return TYPE_METAVARS.get(element, option.name.upper() if option.name else "VALUE")
 
 
-def conventional(command: typer.main.TyperGroup | typer.core.TyperCommand) -> None:
-    """Give every parameter of `command` and its subcommands a metavar (none for flags), and
-    `-h` beside `--help`."""
+def conventional(command: TyperGroup | TyperCommand) -> None:
+    """Give every parameter of `command` and its subcommands a metavar (none for flags and for
+    `-h`/`--help`)."""
     help_option = command.get_help_option(typer.Context(command,
                                                         help_option_names=HELP_OPTION_NAMES))
     if help_option is not None:
