@@ -16,9 +16,14 @@ for program in "${programs[@]}"; do
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
-if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
-    echo "setup_slurm: ${missing[*]} missing and not root with apt-get: the SLURM cluster tests" \
-        "will be skipped (run \`sudo make test\` to install the packages and run them)"
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup_slurm: ${missing[*]} missing and not root: the SLURM cluster tests will be" \
+        "skipped (run \`sudo make test\` to install the packages and run them)"
+    exit 0
+fi
+if ! command -v apt-get >/dev/null; then
+    echo "setup_slurm: ${missing[*]} missing and no apt-get: the SLURM cluster tests will be" \
+        "skipped (install slurmctld, slurmd, the SLURM client and munge, then rerun)"
     exit 0
 fi
 

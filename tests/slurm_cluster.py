@@ -234,8 +234,8 @@ def missing_requirements() -> str | None:
     missing = [p for p in PROGRAMS if shutil.which(p) is None
                and not Path("/usr/sbin", p).exists()]
     if missing:
-        return (f"SLURM cluster tests not run: {', '.join(missing)} missing; run `make test`, "
-                "which installs them (tests/setup_slurm.sh, apt)")
+        return (f"SLURM cluster tests not run: {', '.join(missing)} missing; `make test` as "
+                "root installs them (tests/setup_slurm.sh, apt)")
     return None
 
 

@@ -48,5 +48,6 @@ def test_setup_script_without_root_installs_nothing_and_says_so() -> None:
     if installed:
         assert result.stdout == ""
     else:
-        assert "the SLURM cluster tests will be skipped (run `sudo make test`" in result.stdout
+        assert "missing and not root: the SLURM cluster tests will be skipped (run `sudo make " \
+               "test`" in result.stdout
         assert len(result.stdout.splitlines()) == 1
