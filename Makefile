@@ -1,11 +1,13 @@
-# make demo: build lora_env if missing (or older than pyproject.toml), then train and render with
-#            the embedded tiny model.
-# make test: the same environment, then ruff and the whole test suite.
+# make demo:  build lora_env if missing (or older than pyproject.toml), then train and render with
+#             the embedded tiny model.
+# make test:  the same environment, the SLURM packages the cluster tests need (as root, with apt:
+#             tests/setup_slurm.sh), then ruff and the whole test suite.
+# make check: the same environment, then ruff and the fast tests (no `slow` marker): the inner loop.
 ENV := lora_env
 BIN := $(ENV)/bin
 STAMP := $(ENV)/.forge-stamp
 
-.PHONY: demo test lint setup
+.PHONY: demo test check lint setup
 
 $(STAMP): pyproject.toml setup_forge.sh
 	./setup_forge.sh
@@ -17,8 +19,13 @@ demo: $(STAMP)
 	$(BIN)/loraforge demo demo
 
 test: $(STAMP)
+	./tests/setup_slurm.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
+
+check: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q -m "not slow and not slurm"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -404,9 +404,11 @@ def test_generate_writes_png_info_sidecar_pose_and_final_image(
     lora_file = inspect_lora(lora, BaseWidths.of(tiny_store / "tiny-sd15"))
     style_file = inspect_lora(style / "style.safetensors", BaseWidths.of(tiny_store /
                                                                           "tiny-sd15"))
-    assert info["prompt"] == prompt and info["negative_prompt"] == "lowres"
-    assert (info["Steps"], info["Sampler"], info["CFG scale"], info["Seed"]) == \
-        (3, "DPM++ 2M Karras", 6.5, 7)
+    # pasted into A1111 (>= 1.9) it applies both LoRAs at these weights, with this sampler
+    assert info["prompt"] == "a (red:1.2) knight <lora:blake:0.7> <lora:style:0.3>"
+    assert info["negative_prompt"] == "lowres"
+    assert (info["Steps"], info["Sampler"], info["Schedule type"], info["CFG scale"],
+            info["Seed"]) == (3, "DPM++ 2M", "Karras", 6.5, 7)
     assert (info["width"], info["height"], info["Clip skip"]) == (SIZE, SIZE, 1)
     assert info["Model"] == "tiny-sd15" and info["Model hash"] == unet_sha[:10]
     assert info["lora_hashes"] == {"blake": lora_file.sha256[:12],
@@ -417,8 +419,8 @@ def test_generate_writes_png_info_sidecar_pose_and_final_image(
     sidecar = json.loads((images / "scene-7.json").read_text())
     assert sidecar["parameters"] == pnginfo.read_parameters(written[0])
     assert (sidecar["prompt"], sidecar["steps"], sidecar["cfg_scale"], sidecar["seed"],
-            sidecar["clip_skip"], sidecar["sampler"]) == (info["prompt"], 3, 6.5, 7, 1,
-                                                          info["Sampler"])
+            sidecar["clip_skip"], sidecar["sampler"]) == (prompt, 3, 6.5, 7, 1,
+                                                          info["sampler"])
     assert sidecar["model"]["hash"] == info["Model hash"]
     assert sidecar["loras"][0] == {"name": "blake", "path": str(lora.resolve()), "weight": 0.7,
                                    "hash": lora_file.short_hash, "sha256": lora_file.sha256}
@@ -483,9 +485,10 @@ def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Pa
                      "night-5.pose.png"]
     beach = pnginfo.parse_parameters(pnginfo.read_parameters(images / "Beach_day-4.png") or "")
     night = pnginfo.parse_parameters(pnginfo.read_parameters(images / "night-5.png") or "")
-    assert beach["prompt"] == "two knights on a beach" and beach["Seed"] == 4
+    assert beach["prompt"] == "two knights on a beach <lora:style:0.5>" and beach["Seed"] == 4
     assert list(beach["lora_hashes"]) == ["style"]
-    assert night["Sampler"] == "Euler a" and night["Size"] == "104x96"
+    assert (night["Sampler"], night["Schedule type"], night["Size"]) == \
+        ("Euler a", "Automatic", "104x96")
     assert "Lora hashes" not in night
     assert (images / "final_command_scene.png").read_bytes() == \
         (images / "night-5.png").read_bytes()

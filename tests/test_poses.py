@@ -371,7 +371,7 @@ def test_looks_like_pose_map() -> None:
 def test_cli_random_then_render(tmp_path: Path) -> None:
     png, js, again = tmp_path / "X.png", tmp_path / "X.json", tmp_path / "Y.png"
     result = run_cli("pose", "random", "--figures", "2", "--size", "512x384", "--seed", "3",
-                     "-o", png, "--json", js)
+                     "-o", png, "--pose-json", js)
     assert result.returncode == 0, result.stderr
     assert "(2 figures, 512x384, seed 3)" in " ".join(result.stdout.split())
     with Image.open(png) as im:
@@ -393,7 +393,7 @@ def test_cli_bad_input_is_a_clear_error_and_keeps_files(tmp_path: Path) -> None:
     keep_json.write_text("precious")
     bad = tmp_path / "bad.json"
     bad.write_text(_people([1.0] * 53))
-    random = ["pose", "random", "-o", keep, "--json", keep_json]
+    random = ["pose", "random", "-o", keep, "--pose-json", keep_json]
     cases: list[tuple[list[str | Path], list[str]]] = [
         ([*random, "--size", "0x100"], ["0x100", "must be positive"]),
         ([*random, "--size", "abc"], ["abc", "WIDTHxHEIGHT"]),

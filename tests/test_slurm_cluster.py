@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, write_training_project
-from slurm_cluster import Cluster, slurm_cluster  # noqa: F401
+from slurm_cluster import Cluster, missing_requirements, slurm_cluster  # noqa: F401
 
 pytestmark = pytest.mark.slurm
+if missing_requirements():  # one line in the summary, not one per test
+    pytest.skip(missing_requirements(), allow_module_level=True)
 
 ACTIVATE = str(Path(sys.prefix) / "bin" / "activate")
 FIXED_ENV = {"SOURCE_DATE_EPOCH": "1767225600"}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.text import Text
 
@@ -22,9 +23,11 @@ from loraforge.models.command import models_app
 from loraforge.options import ConfigOpt, JsonOpt, SetOpt
 from loraforge.report.command import report_command
 from loraforge.slurm.command import runs_command, slurm_app
+from loraforge.usage import HELP_OPTION_NAMES, conventional, report_usage_error
 
 app = typer.Typer(help="LoRA Forge: multi-concept LoRA training and posed scenes for SD 1.5.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  context_settings={"help_option_names": HELP_OPTION_NAMES})
 config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Check the training dataset.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -40,6 +43,21 @@ app.command("report")(report_command)
 
 
 out = Console(soft_wrap=True, highlight=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"loraforge {version('loraforge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """LoRA Forge: multi-concept LoRA training and posed scenes for SD 1.5."""
 
 
 def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
@@ -84,17 +102,20 @@ def dataset_check(config: ConfigOpt = None, overrides: SetOpt = None, as_json: J
 
 @pose_app.command("random")
 def pose_random(
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG pose map to write.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
+                                         help="PNG pose map to write.")],
     figures: Annotated[int, typer.Option("--figures", help="Number of people.")] = 2,
-    size: Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT.")] = "1024x768",
+    size: Annotated[str, typer.Option("--size", metavar="WxH", help="WIDTHxHEIGHT."
+                                      )] = "1024x768",
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same pose.")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write OpenPose JSON."
-                                                  )] = None,
+    pose_json: Annotated[Path | None, typer.Option(
+        "--pose-json", metavar="FILE", help="Also write the figures as OpenPose JSON (what "
+        "`pose render` and pose editors read).")] = None,
 ) -> None:
     """Draw plausible random OpenPose figures, side by side, deterministic per seed."""
     from loraforge.generate.poses import random_pose_command
 
-    for line in random_pose_command(output, figures, size, seed, json_out):
+    for line in random_pose_command(output, figures, size, seed, pose_json):
         out.print(line, markup=False)
 
 
@@ -102,8 +123,9 @@ def pose_random(
 def pose_render(
     pose_json: Annotated[Path, typer.Argument(help="OpenPose JSON (people[].pose_keypoints_2d)."
                                               )],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG to write "
-                                                "(default: beside the JSON, .png).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="FILE", help="PNG to write (default: beside the JSON, .png)."
+        )] = None,
 ) -> None:
     """Draw the OpenPose JSON that pose editors exchange as a pose map."""
     from loraforge.generate.poses import render_pose_command
@@ -174,14 +196,19 @@ def demo(directory: Annotated[Path, typer.Argument(
 def main() -> None:
     """Entry point: user errors become one message and a non-zero exit, never a traceback."""
     err = Console(stderr=True)
+    command = typer.main.get_command(app)
+    conventional(command)
     try:
-        app()
+        code = command.main(prog_name="loraforge", standalone_mode=False)
+    except typer.TyperException as exc:
+        sys.exit(report_usage_error(exc, err))
     except ForgeError as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ def generate_command(
     negative: Annotated[str | None, typer.Option(
         "--negative", "-n", help="Negative prompt. Default: generate.negative.")] = None,
     lora: Annotated[list[str] | None, typer.Option(
-        "--lora", help="LoRA to apply: FILE.safetensors[:WEIGHT] or a run name[:WEIGHT] "
+        "--lora", metavar="LORA[:W]",
+        help="LoRA to apply: FILE.safetensors[:WEIGHT] or a run name[:WEIGHT] "
         "(repeatable: they stack); `none` for the base model alone. Default: the newest "
         "finished training run's LoRA at generate.lora_weight.")] = None,
     pose: Annotated[str | None, typer.Option(
-        "--pose", help="Pose map (OpenPose PNG, or OpenPose JSON), or `random`. Default: "
+        "--pose", metavar="FILE|random",
+        help="Pose map (OpenPose PNG, or OpenPose JSON), or `random`. Default: "
         "generate.pose_map, random figures when that file is missing.")] = None,
     figures: Annotated[int | None, typer.Option(
         "--figures", help="People in a random pose map. Default: generate.figures.")] = None,
@@ -44,7 +46,8 @@ def generate_command(
         "'DPM++ 2M SDE Karras', 'DPM++ SDE Karras', 'Euler a', 'Euler', 'Heun', 'DDIM', "
         "'UniPC'. Default: generate.sampler.")] = None,
     size: Annotated[str | None, typer.Option(
-        "--size", help="WIDTHxHEIGHT, rounded to multiples of 8. Default: generate.width x "
+        "--size", metavar="WxH",
+        help="WIDTHxHEIGHT, rounded to multiples of 8. Default: generate.width x "
         "generate.height.")] = None,
     control_scale: Annotated[float | None, typer.Option(
         "--control-scale", help="ControlNet strength (0 = pose ignored). Default: "
@@ -56,7 +59,8 @@ def generate_command(
         "--name", help="Scene name: the output files are <name>-<seed>.png. Default: scene."
     )] = None,
     scenes: Annotated[Path | None, typer.Option(
-        "--scenes", help="TOML file of \\[\\[scene]] tables (name, prompt, negative, pose, seed or "
+        "--scenes", metavar="FILE",
+        help="TOML file of \\[\\[scene]] tables (name, prompt, negative, pose, seed or "
         "seeds, count, size, figures, loras, steps, cfg, sampler, control_scale, clip_skip), "
         "rendered with the models loaded once; the options above are their defaults.")] = None,
     precision: Annotated[str, typer.Option(

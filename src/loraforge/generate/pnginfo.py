@@ -4,10 +4,11 @@ Layout (three parts, as A1111 writes it):
 
     <prompt, one or more lines>
     Negative prompt: <negative prompt, one or more lines>     (left out when empty)
-    Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 42, Size: 768x576, ...
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 42, ...
 
 The last line is `Key: value` pairs separated by ", "; a value holding a comma, a colon or a
-newline is written as a JSON string in double quotes (A1111's quoting).
+newline is written as a JSON string in double quotes (A1111's quoting). The prompt carries a
+`<lora:NAME:WEIGHT>` tag for each LoRA used, so that pasted into A1111 it applies them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,13 @@ def unquote(text: str) -> str:
     return text
 
 
+def prompt_with_loras(prompt: str, loras: Sequence[tuple[str, float]]) -> str:
+    """`prompt` (without `<lora:...>` tags) followed by one `<lora:NAME:WEIGHT>` tag for each
+    LoRA used, in order: what A1111 needs to apply them."""
+    tags = " ".join(f"<lora:{name}:{weight:g}>" for name, weight in loras)
+    return f"{prompt.strip()} {tags}".strip()
+
+
 def format_parameters(prompt: str, negative: str, fields: Mapping[str, object]) -> str:
     """The `parameters` text. `fields` in order (Steps, Sampler, CFG scale, Seed, Size, ...);
     None values are left out."""
@@ -70,7 +78,8 @@ def _pairs(line: str) -> list[tuple[str, str]]:
 def parse_parameters(text: str) -> dict[str, Any]:
     """Read a `parameters` text back: `prompt`, `negative_prompt`, then every `Key` of the last
     line with its value unquoted. Steps, Seed and Clip skip are ints, CFG scale a float; Size
-    also gives `width` and `height`, and Lora hashes gives `lora_hashes` ({name: hash})."""
+    also gives `width` and `height`, Lora hashes gives `lora_hashes` ({name: hash}), and
+    Sampler with Schedule type gives `sampler`, our name for it (`DPM++ 2M Karras`)."""
     lines = text.strip().split("\n")
     last = lines[-1]
     pairs = _pairs(last)
@@ -98,6 +107,10 @@ def parse_parameters(text: str) -> dict[str, Any]:
     size = re.match(r"^(\d+)x(\d+)$", str(result.get("Size", "")))
     if size:
         result["width"], result["height"] = int(size.group(1)), int(size.group(2))
+    sampler = result.get("Sampler")
+    if sampler is not None:
+        schedule = result.get("Schedule type")
+        result["sampler"] = f"{sampler} {schedule}" if schedule == "Karras" else sampler
     if "Lora hashes" in result:
         result["lora_hashes"] = parse_lora_hashes(str(result["Lora hashes"]))
     return result

@@ -776,7 +776,7 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
         _check_output(json_out, png=False)
         if json_out.resolve() == output.resolve():
             raise ForgeError("the PNG and the JSON would be the same file", path=output,
-                             fix="give --json a different name, e.g. pose_map.json")
+                             fix="give --pose-json a different name, e.g. pose_map.json")
     pose = random_pose(figures, width, height, seed)
     image = draw_pose(pose)
     _save_png(image, output)

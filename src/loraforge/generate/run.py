@@ -24,6 +24,7 @@ from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
 from loraforge.generate import pnginfo
 from loraforge.generate.loras import BaseWidths, LoraStack
+from loraforge.generate.samplers import infotext_sampler
 from loraforge.generate.scenes import FINAL_NAME, Job, LoraResolver, Options, PoseCache, plan_jobs
 
 if TYPE_CHECKING:
@@ -77,9 +78,11 @@ def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInf
                "Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, "
                "Control Mode: Balanced")
     loras = pnginfo.format_lora_hashes({u.lora.name: u.lora.short_hash for u in job.loras})
+    sampler, schedule = infotext_sampler(job.sampler)
     return {
         "Steps": job.steps,
-        "Sampler": job.sampler,
+        "Sampler": sampler,
+        "Schedule type": schedule,
         "CFG scale": repr(job.cfg),
         "Seed": seed,
         "Size": f"{job.width}x{job.height}",
@@ -248,7 +251,10 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
             compiled.add(shape)
             for seed, image, pose in zip(seeds, images, poses, strict=True):
                 fields = parameters_fields(job, seed, base, controlnet)
-                parameters = pnginfo.format_parameters(job.prompt, job.negative, fields)
+                parameters = pnginfo.format_parameters(
+                    pnginfo.prompt_with_loras(job.text, [(u.lora.name, u.weight)
+                                                         for u in job.loras]),
+                    job.negative_text, fields)
                 stem = output_stem(folder, f"{job.stem}-{seed}", parameters)
                 record = sidecar(job, seed, base, controlnet, parameters,
                                  folder / f"{stem}.png", folder / f"{stem}.pose.png", seconds,

@@ -40,6 +40,15 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("UniPC", "UniPCMultistepScheduler", {"use_karras_sigmas": False}),
 )}
 _BY_KEY = {name.lower().replace(" ", ""): name for name in SAMPLERS}
+KARRAS = " Karras"
+
+
+def infotext_sampler(name: str) -> tuple[str, str]:
+    """(Sampler, Schedule type) as A1111 >= 1.9 writes them: `DPM++ 2M Karras` is
+    (`DPM++ 2M`, `Karras`); a sampler on its own default schedule is (name, `Automatic`)."""
+    if name.endswith(KARRAS):
+        return name.removesuffix(KARRAS), KARRAS.strip()
+    return name, "Automatic"
 
 
 def check_sampler(name: str, where: str | None = None) -> str:

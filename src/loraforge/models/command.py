@@ -66,7 +66,8 @@ def import_command(
     name: Annotated[str | None, typer.Option(
         "--name", help="Folder name under the storage root (default: the file's stem).")] = None,
     vae: Annotated[Path | None, typer.Option(
-        "--vae", help="Single-file VAE for a checkpoint without one (\"noVAE\"), or to replace "
+        "--vae", metavar="FILE",
+        help="Single-file VAE for a checkpoint without one (\"noVAE\"), or to replace "
         "its own, e.g. vae-ft-mse-840000-ema-pruned.safetensors.")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,

@@ -22,8 +22,9 @@ slurm_app = typer.Typer(help="Render and submit SLURM job scripts; watch and can
                         no_args_is_help=True)
 
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: train.run_name).")]
-GpusOpt = Annotated[str | None, typer.Option("--gpus", help="GPUs per node, N or TYPE:N "
-                    "(default: slurm.gpus).")]
+GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="[TYPE:]N",
+                                             help="GPUs per node, N or TYPE:N (default: "
+                                             "slurm.gpus).")]
 DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the job script(s) and the sbatch "
                    "call; write and submit nothing.")]
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt (default: "
@@ -33,10 +34,12 @@ NegativeOpt = Annotated[str | None, typer.Option("--negative", "-n", help="Negat
 NameOpt = Annotated[str | None, typer.Option("--name", help="Scene name (output "
                     "<name>-<seed>.png).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed (default: generate.seed).")]
-LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA to apply, as "
-                    "`loraforge generate --lora` takes it (repeatable).")]
-PoseOpt = Annotated[str | None, typer.Option("--pose", help="Pose map or OpenPose JSON.")]
-ScenesOpt = Annotated[str | None, typer.Option("--scenes", help="Scenes file.")]
+LoraOpt = Annotated[list[str] | None, typer.Option("--lora", metavar="LORA[:W]",
+                                                   help="LoRA to apply, as `loraforge generate "
+                                                   "--lora` takes it (repeatable).")]
+PoseOpt = Annotated[str | None, typer.Option("--pose", metavar="FILE|random",
+                                             help="Pose map or OpenPose JSON.")]
+ScenesOpt = Annotated[str | None, typer.Option("--scenes", metavar="FILE", help="Scenes file.")]
 RunArg = Annotated[str | None, typer.Argument(help="Run name or job id (default: the newest "
                    "jobs).")]
 
@@ -110,8 +113,9 @@ def slurm_pipeline(config: ConfigOpt = None, overrides: SetOpt = None, run: RunO
 
 @slurm_app.command("sweep")
 def slurm_sweep(
-    param: Annotated[list[str], typer.Option("--param", help="A value list to sweep: "
-                     "section.key=v1,v2,... (repeatable; every combination is one run).")],
+    param: Annotated[list[str], typer.Option("--param", metavar="KEY=V1,V2", help="A value list "
+                     "to sweep: section.key=v1,v2,... (repeatable; every combination is one run)."
+                     )],
     config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt = None,
     max_parallel: Annotated[int | None, typer.Option("--max-parallel", min=1, help="Run at most "
                             "this many at once.")] = None,

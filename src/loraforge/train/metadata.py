@@ -44,11 +44,10 @@ def lora_metadata(settings: Settings, dataset: Dataset, facts: TrainingFacts, st
     network_args = ({"conv_dim": str(train.conv_dim), "conv_alpha": str(train.conv_alpha)}
                     if train.conv_dim > 0 else {})
     concepts = [c.name for c in dataset.concepts]
-    return {
+    record: dict[str, Any] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(train.network_dim),
         "ss_network_alpha": str(train.network_alpha),
-        "ss_network_args": json.dumps(network_args) if network_args else "null",
         "ss_network_train_unet_only": str(not facts.train_text_encoder),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
@@ -111,3 +110,6 @@ def lora_metadata(settings: Settings, dataset: Dataset, facts: TrainingFacts, st
         "modelspec.trigger_phrase": ", ".join(concepts),
         "modelspec.description": f"LoRA Forge multi-concept LoRA: {', '.join(concepts)}",
     }
+    if network_args:  # kohya leaves the key out for a plain LoRA
+        record["ss_network_args"] = json.dumps(network_args)
+    return record
