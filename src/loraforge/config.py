@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from loraforge.errors import ForgeError
+from loraforge.sample_prompts import parse_sample_prompts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -111,9 +112,24 @@ class DatasetConfig(_Section):
 
     @model_validator(mode="after")
     def _bucket_range(self) -> DatasetConfig:
+        """Buckets that can exist: training at `resolution` needs a bucket that large (a larger
+        resolution would make buckets above max_bucket and upscale every image to them), and
+        some multiple of bucket_step between the smallest and the largest side. A resolution
+        below min_bucket lowers the smallest side (tiny models train at 64 px)."""
+        if not self.enable_bucket:
+            return self
         if self.min_bucket > self.max_bucket:
             raise ValueError(f"min_bucket ({self.min_bucket}) is above max_bucket "
                              f"({self.max_bucket})")
+        if self.resolution > self.max_bucket:
+            raise ValueError(f"resolution ({self.resolution}) is above max_bucket "
+                             f"({self.max_bucket}): lower dataset.resolution, or raise "
+                             f"dataset.max_bucket to at least {self.resolution}")
+        low, step = min(self.min_bucket, self.resolution), self.bucket_step
+        if self.max_bucket // step * step < max(step, -(-low // step) * step):
+            raise ValueError(f"no multiple of bucket_step ({step}) lies between "
+                             f"{low} and max_bucket ({self.max_bucket}), so there is no bucket: "
+                             "lower dataset.bucket_step or widen min_bucket..max_bucket")
         return self
 
     @field_validator("caption_extension")
@@ -193,6 +209,16 @@ class TrainConfig(_Section):
     state_every_n_steps: int = Field(200, ge=1, description="Resumable state saved this often.")
     keep_states: int = Field(2, ge=1)
     log_every_seconds: float = Field(30.0, gt=0, description="Progress line interval in log files.")
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _sample_prompt_flags(cls, value: list[str]) -> list[str]:
+        """A bad kohya flag is reported when the config is read, not after a training epoch."""
+        try:
+            parse_sample_prompts(value)
+        except ForgeError as exc:
+            raise ValueError(f"{exc.message} (fix: {exc.fix})") from None
+        return value
 
     @field_validator("optimizer")
     @classmethod
