@@ -88,6 +88,9 @@ def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
 
     settings = _settings(config, overrides)
     entries = scan_models(settings.storage_root, settings.cache_dir)
+    for entry in entries:
+        if entry.warning:
+            typer.echo(f"warning: {entry.warning}", err=True)
     if as_json:
         out.print_json(json.dumps([e.to_dict() for e in entries]))
         return
