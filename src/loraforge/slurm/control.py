@@ -64,6 +64,16 @@ def job_status(settings: Settings, run: str | None) -> list[dict[str, Any]]:
 
 
 def print_status(settings: Settings, run: str | None, as_json: bool, console: Console) -> None:
+    """The jobs' table (or JSON). No jobs at all is an answer, not an error (like `slurm
+    cancel` with nothing to cancel); an unknown RUN is an error."""
+    if run is None and not load_jobs(settings.storage_root):
+        if as_json:
+            console.print_json("[]")
+        else:
+            console.print(f"no jobs yet: none was submitted with `loraforge slurm` for "
+                          f"{settings.storage_root} (submit one with `loraforge slurm train`, "
+                          "`pipeline` or `sweep`)", markup=False)
+        return
     rows = job_status(settings, run)
     if as_json:
         console.print_json(json.dumps(rows))
