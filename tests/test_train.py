@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, write_training_project
+from conftest import assert_user_error, draw_character, run_cli, write_training_project
 from safetensors import safe_open
 
 from loraforge.config import load_settings
@@ -273,6 +273,14 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     grown = run_cli("train", "--config", config)
     assert_user_error(grown, "cannot resume", "images.dataset", "--restart")
     extra.unlink()
+    replaced = tmp_path / "master_dataset" / "1_red_knight" / "1.png"
+    original = replaced.read_bytes()
+    draw_character(replaced, (20, 160, 20), "circle", offset=0)  # another image, same name
+    swapped = run_cli("train", "--config", config)
+    assert_user_error(swapped, "cannot resume", "images.content: 1_red_knight/1.png is another "
+                      "image now", "undo those changes to resume", "--restart")
+    assert record.read_bytes() == interrupted
+    replaced.write_bytes(original)
 
     run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
     stale = run_dir / "multi_concept-000007.safetensors"
