@@ -126,24 +126,33 @@ def train(
     With train.gpus > 1 it starts one process per GPU. Exit code 75 means: interrupted by a
     signal, state saved; rerun the same command to resume.
     """
+    import signal
+
     from loraforge.train.distributed import (
         check_local_gpus,
         launch_local,
         rerun_argv,
         world_from_env,
     )
-    from loraforge.train.trainer import RESUMABLE_EXIT, Interrupted, check_inputs
+    from loraforge.train.trainer import RESUMABLE_EXIT, STOP_SIGNALS, Interrupted, check_inputs
     from loraforge.train.trainer import train as train_lora
 
-    settings = _settings(config, overrides)
+    def stop_early(_number: int, _frame: object) -> None:
+        """A stop signal before the trainer catches its own (while the libraries load and the
+        inputs are checked): nothing is saved yet, so stop now, as a resumable exit."""
+        raise Interrupted(saved=False)
+
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS]
+    early = {number: signal.signal(number, stop_early) for number in numbers}
     world = world_from_env()
-    processes = settings.config.train.gpus
-    if processes > 1 and not world.distributed:
-        check_inputs(settings, run)
-        check_local_gpus(processes)
-        threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
-        raise typer.Exit(launch_local(processes, rerun_argv(), threads))
     try:
+        settings = _settings(config, overrides)
+        processes = settings.config.train.gpus
+        if processes > 1 and not world.distributed:
+            check_inputs(settings, run)
+            check_local_gpus(processes)
+            threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
+            raise typer.Exit(launch_local(processes, rerun_argv(), threads))
         result = train_lora(settings, run, restart, world)
     except Interrupted as stop:
         if not world.is_main:  # rank 0 saved the state and says so
@@ -153,6 +162,9 @@ def train(
             "interrupted before the first step (nothing to save); rerun the same command to "
             "start")
         raise typer.Exit(RESUMABLE_EXIT) from None
+    finally:
+        for number, handler in early.items():
+            signal.signal(number, handler)
     if world.is_main:
         if result.trainer is None:
             Console(stderr=True).print(f"run `{result.final.parent.name}` had already finished "
