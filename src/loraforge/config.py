@@ -384,6 +384,9 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
         loc = [str(p) for p in item["loc"]]
         key = ".".join(loc)
         override = given.get(".".join(loc[:2]))
+        if override is None and len(loc) == 1:  # a whole section: what --set put into it
+            into = [text for name, text in given.items() if name.split(".")[0] == loc[0]]
+            override = " --set ".join(into) or None
         from_file = from_file or override is None
         origin = f" (--set {override})" if override is not None else ""
         message = item["msg"].removeprefix("Value error, ")

@@ -142,6 +142,10 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
                       str(c["repeats"]), str(c["images_x_repeats"]))
     console.print(table)
     for c in summary["concepts"]:
+        if c["is_reg"]:
+            console.print(Text(f"{c['name']} is a regularisation concept (is_reg): trained "
+                               "with loss weight train.prior_loss_weight, no repeats advice"),
+                          soft_wrap=True)
         tags = ", ".join(f"{t['tag']} ({t['count']})" for t in c["top_tags"])
         console.print(Text(f"top tags of {c['name']}: {tags}"), soft_wrap=True)
         if c["buckets"]:
