@@ -54,10 +54,15 @@ def run_main(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
                captured.err)
 
 
+def _state(path: Path) -> str:
+    if path.is_symlink():
+        return f"link to {path.readlink()}"
+    return "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every path under `root` with the sha256 of its bytes ("dir" for folders)."""
-    return {p.relative_to(root).as_posix(): "dir" if p.is_dir() else
-            hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))}
+    return {p.relative_to(root).as_posix(): _state(p) for p in sorted(root.rglob("*"))}
 
 
 def assert_refused(ran: Ran, *needles: str) -> None:
@@ -311,6 +316,31 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
     ("slurm-mem-bad", key("slurm", 'mem = "lots"'), ["slurm", "train", "--dry-run"],
      ("slurm.mem", "lots")),
     ("report-unknown-run", nothing, ["report", "ghost"], ("no training run `ghost`",)),
+    # more of each family
+    ("caption-cp1252", write(f"{KNIGHT}/0.txt", "caf\xe9, knight".encode("cp1252")),
+     ["dataset", "check"], ("0.txt", "is not UTF-8 text", "iconv -f")),
+    ("concept-name-missing", rename(KNIGHT, f"{DS}/10_"), ["dataset", "check"],
+     ("10_", "no concept name after the repeat count")),
+    ("concept-name-only-digits", rename(KNIGHT, f"{DS}/10"), ["dataset", "check"],
+     ("10", "has a repeat count but no concept name", "10_my_concept")),
+    ("broken-link-in-concept", lambda root: (root / KNIGHT / "5.png").symlink_to("gone.png"),
+     ["dataset", "check"], ("5.png", "is a broken link")),
+    ("generate-sampler-unknown", nothing, ["generate", "--sampler", "Euler b"],
+     ("--sampler", "unknown sampler `Euler b`", "use one of")),
+    ("generate-cfg-out-of-range", nothing, ["generate", "--cfg", "99"], ("--cfg",)),
+    ("generate-scenes-unknown-field", write("scenes.toml", '[[scene]]\nprompt = "x"\nwidht = 5\n'),
+     ["generate", "--scenes", "scenes.toml"], ("scenes.toml", "widht")),
+    ("generate-lora-weight-not-a-number", write("store/x.safetensors", b"x"),
+     ["generate", "--lora", "store/x.safetensors:heavy"],
+     ("--lora", "the LoRA weight `heavy`", "is not a number", "store/x.safetensors:0.8")),
+    ("pose-render-no-people", write("pose.json", '{"width": 64, "height": 64}'),
+     ["pose", "render", "pose.json"], ("pose.json", "has no canvas_width")),
+    ("pose-random-json-is-png", nothing, ["pose", "random", "-o", "p.png", "--json", "p.png"],
+     ("p.png",)),
+    ("slurm-sweep-empty-value", nothing, ["slurm", "sweep", "--dry-run", "--param",
+                                          "train.unet_lr="], ("train.unet_lr=", "empty value")),
+    ("slurm-partition-bad", key("slurm", 'partition = "a b"'), ["slurm", "train", "--dry-run"],
+     ("slurm.partition", "a b")),
 ]
 
 
