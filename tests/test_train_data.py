@@ -220,3 +220,21 @@ def test_latents_are_encoded_in_batches_of_vae_batch_size(project: Path) -> None
     assert one.trainer.latents.keys() == three.trainer.latents.keys()
     for key, latent in one.trainer.latents.items():
         torch.testing.assert_close(three.trainer.latents[key], latent, rtol=1e-4, atol=1e-5)
+
+
+def test_results_take_storage_file_mode_and_the_logs_follow_the_umask(project: Path) -> None:
+    """As the README says: results (LoRA, run.json) are written with storage.file_mode, the
+    logs appended in place (train.log, history.jsonl) with the umask."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        result = _train(project, "modes", "storage.file_mode=0640", "train.max_steps=1")
+    finally:
+        os.umask(previous)
+    run_dir = result.final.parent
+    for name in (result.final.name, "run.json"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o640, name
+    for name in ("train.log", "history.jsonl"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o644, name
