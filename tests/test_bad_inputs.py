@@ -394,6 +394,11 @@ def test_an_error_outside_a_project_says_there_is_no_forge_toml(
     assert_refused(ran, "dataset folder not found",
                    f"note: there is no forge.toml in {tmp_path}", "loraforge init")
     assert list(tmp_path.iterdir()) == []
+    for args, answer in ((["runs"], "no runs yet"), (["models", "list"], "no models under"),
+                         (["slurm", "status"], "no jobs yet")):
+        empty = run_main(args, tmp_path, monkeypatch, capsys)
+        assert empty.code == 0 and answer in empty.out, empty.text
+        assert f"note: there is no forge.toml in {tmp_path}" in empty.err
     inside = run_main(["dataset", "check", "--set", "dataset.path=elsewhere"],
                       write_project_config(tmp_path), monkeypatch, capsys)
     assert_refused(inside, "dataset folder not found")

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from loraforge.config import CONFIG_NAME, Settings, load_settings
+from loraforge.config import CONFIG_NAME, Settings, load_settings, outside_project_note
 from loraforge.errors import ForgeError
 from loraforge.generate.command import generate_command
 from loraforge.models.command import models_app
@@ -188,7 +188,7 @@ PROJECT_COMMANDS = ("config", "dataset", "train", "generate", "models", "slurm",
                     "report")
 
 
-def outside_project_note(args: list[str]) -> str | None:
+def _project_note(args: list[str]) -> str | None:
     """For an error of a command that reads forge.toml run where there is none: say so, since
     the built-in defaults (storage here, master_dataset/ here) then explain the error."""
     if not args or args[0] not in PROJECT_COMMANDS:
@@ -197,9 +197,7 @@ def outside_project_note(args: list[str]) -> str | None:
         return None
     if (Path.cwd() / CONFIG_NAME).is_file():
         return None
-    return (f"note: there is no {CONFIG_NAME} in {Path.cwd()}, so the built-in defaults were "
-            "used: run this in your project folder, pass --config FILE, or create a project "
-            "with `loraforge init`")
+    return outside_project_note()
 
 
 def main() -> None:
@@ -209,7 +207,7 @@ def main() -> None:
         app()
     except ForgeError as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
-        note = outside_project_note(sys.argv[1:])
+        note = _project_note(sys.argv[1:])
         if note:
             err.print(note, soft_wrap=True, markup=False)
         sys.exit(exc.exit_code)

@@ -448,6 +448,13 @@ def read_toml(path: Path) -> dict[str, Any]:
                          fix="correct the line and column named; strings need quotes") from None
 
 
+def outside_project_note() -> str:
+    """What to tell a user whose command found no forge.toml (so the defaults were used)."""
+    return (f"note: there is no {CONFIG_NAME} in {Path.cwd()}, so the built-in defaults were "
+            "used: run this in your project folder, pass --config FILE, or create a project "
+            "with `loraforge init`")
+
+
 def find_config(explicit: Path | None) -> Path | None:
     """The config to use: the one given, else ./forge.toml if present, else none (defaults)."""
     if explicit is not None:

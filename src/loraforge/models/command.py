@@ -83,6 +83,7 @@ def import_command(
 def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
                  as_json: JsonOpt = False) -> None:
     """The model folders under the storage root: name, kind, size, A1111 hash, source."""
+    from loraforge.config import outside_project_note
     from loraforge.models.fetch import human_size
     from loraforge.models.manifest import scan_models
 
@@ -97,6 +98,8 @@ def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
     if not entries:
         _say(f"no models under {settings.storage_root}; get one with `loraforge models fetch` "
              "(online) or `loraforge models import FILE --as base` (offline)")
+        if settings.source is None:
+            typer.echo(outside_project_note(), err=True)
         return
     rows = [("NAME", "KIND", "SIZE", "HASH", "SOURCE")]
     rows += [(e.name, e.kind, human_size(e.size), e.short_hash or "-", e.source) for e in entries]
