@@ -23,14 +23,14 @@ if TYPE_CHECKING:
     import torch
 
 STATE_DIR = "state"
-#: Which file each image of the run is (sha256 of its bytes), in the config a state is saved with.
-CONTENT_KEY = "images.content"
-#: Image content changes shown one by one; the rest are counted.
-SHOWN_IMAGES = 5
 PREFIX = "step-"
 WEIGHTS = "lora.safetensors"
 OPTIMIZER = "optimizer.pt"
 POSITION = "position.json"
+#: Which file each image of the run is (sha256 of its bytes), in the config a state is saved with.
+CONTENT_KEY = "images.content"
+#: Image content changes shown one by one; the rest are counted.
+SHOWN_IMAGES = 5
 
 
 @dataclass
