@@ -243,7 +243,7 @@ def test_warnings_keep_exit_code_zero(project: Path) -> None:
            "concept name 'blake' alone" in err
     assert "warning: master_dataset/10_blake/lost.txt: is a caption without an image" in err
     assert "warning: master_dataset/10_blake/img2.png: is only 200x400 px" in err
-    assert "never upscaled" in err
+    assert "is enlarged to its bucket (or, with dataset.bucket_no_upscale = true" in err
     assert "warning: master_dataset/notes.txt: is not a concept folder; ignored" in err
     summary = json.loads(result.stdout)
     (blake,) = summary["concepts"]

@@ -476,8 +476,10 @@ def test_runs_lists_status_loss_and_the_swept_values(tmp_path: Path) -> None:
 
 
 def test_slurm_status_without_submissions_says_how_to_submit(tmp_path: Path) -> None:
+    """No jobs is an answer (exit 0), as `slurm cancel` with nothing to cancel is."""
     result = run_cli("slurm", "status", cwd=_project(tmp_path))
-    assert_user_error(result, "no jobs were submitted", "loraforge slurm train")
+    assert result.returncode == 0, result.stderr
+    assert "no jobs yet" in result.stdout and "loraforge slurm train" in result.stdout
 
 
 def test_help_is_fast_and_lists_the_commands() -> None:

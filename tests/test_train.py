@@ -9,11 +9,12 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, write_training_project
+from conftest import assert_user_error, draw_character, run_cli, write_training_project
 from safetensors import safe_open
 
 from loraforge.config import load_settings
@@ -250,6 +251,30 @@ def test_a_signal_before_the_first_step_says_nothing_was_saved(tmp_path: Path,
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
 
 
+def _catches(pid: int, number: int) -> bool:
+    """Whether the process has a handler for signal `number` (Linux: SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (number - 1) & 1)
+    return False
+
+
+def test_a_signal_while_the_libraries_load_is_a_clean_resumable_exit(tmp_path: Path,
+                                                                    tiny_store: Path) -> None:
+    """SIGTERM as soon as `train` catches it (long before model loading): exit 75 and the
+    message, not a silent 143; nothing of the run is written yet."""
+    config = write_training_project(tmp_path, tiny_store)
+    process = _start_train(config, FIXED_ENV)
+    while process.poll() is None and not _catches(process.pid, signal.SIGTERM):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == RESUMABLE_EXIT, err
+    assert "before the first step (nothing to save)" in err and "Traceback" not in err
+    assert not (tmp_path / "store" / "Multi_Concept_Output" / "multi_concept" / "run.json"
+                ).exists()
+
+
 def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Path) -> None:
     config = write_training_project(tmp_path, tiny_store, {"epochs": 20})
     process = _start_train(config, FIXED_ENV)
@@ -273,6 +298,14 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     grown = run_cli("train", "--config", config)
     assert_user_error(grown, "cannot resume", "images.dataset", "--restart")
     extra.unlink()
+    replaced = tmp_path / "master_dataset" / "1_red_knight" / "1.png"
+    original = replaced.read_bytes()
+    draw_character(replaced, (20, 160, 20), "circle", offset=0)  # another image, same name
+    swapped = run_cli("train", "--config", config)
+    assert_user_error(swapped, "cannot resume", "images.content: 1_red_knight/1.png is another "
+                      "image now", "undo those changes to resume", "--restart")
+    assert record.read_bytes() == interrupted
+    replaced.write_bytes(original)
 
     run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
     stale = run_dir / "multi_concept-000007.safetensors"

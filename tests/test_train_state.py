@@ -90,3 +90,13 @@ def test_a_state_saved_by_the_single_process_version_still_resumes(tmp_path: Pat
     doubled = {**old, "train": {**old_train, "batch_size": 4}}
     assert config_differences(_upgraded(doubled, settings, examples), current, set()) == [
         "train.global_batch_size: 4 -> 2"]
+
+
+def test_an_image_replaced_under_its_name_is_named_and_older_states_skip_the_check() -> None:
+    content = {"1_x/a.png": "1111", "1_x/b.png": "2222"}
+    saved = {"images": {"dataset": "abc", "content": content}}
+    current = {"images": {"dataset": "abc", "content": {**content, "1_x/b.png": "3333"}}}
+    assert config_differences(saved, current, set()) == [
+        "images.content: 1_x/b.png is another image now (sha256 2222... -> 3333...)"]
+    # a state written before image contents were recorded resumes as it did
+    assert config_differences({"images": {"dataset": "abc"}}, current, set()) == []

@@ -16,7 +16,7 @@ import typer.main
 from rich.console import Console
 from rich.text import Text
 
-from loraforge.config import Settings, load_settings
+from loraforge.config import CONFIG_NAME, Settings, load_settings, outside_project_note
 from loraforge.errors import ForgeError
 from loraforge.generate.command import generate_command
 from loraforge.models.command import models_app
@@ -148,24 +148,33 @@ def train(
     With train.gpus > 1 it starts one process per GPU. Exit code 75 means: interrupted by a
     signal, state saved; rerun the same command to resume.
     """
+    import signal
+
     from loraforge.train.distributed import (
         check_local_gpus,
         launch_local,
         rerun_argv,
         world_from_env,
     )
-    from loraforge.train.trainer import RESUMABLE_EXIT, Interrupted, check_inputs
+    from loraforge.train.trainer import RESUMABLE_EXIT, STOP_SIGNALS, Interrupted, check_inputs
     from loraforge.train.trainer import train as train_lora
 
-    settings = _settings(config, overrides)
+    def stop_early(_number: int, _frame: object) -> None:
+        """A stop signal before the trainer catches its own (while the libraries load and the
+        inputs are checked): nothing is saved yet, so stop now, as a resumable exit."""
+        raise Interrupted(saved=False)
+
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS]
+    early = {number: signal.signal(number, stop_early) for number in numbers}
     world = world_from_env()
-    processes = settings.config.train.gpus
-    if processes > 1 and not world.distributed:
-        check_inputs(settings, run)
-        check_local_gpus(processes)
-        threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
-        raise typer.Exit(launch_local(processes, rerun_argv(), threads))
     try:
+        settings = _settings(config, overrides)
+        processes = settings.config.train.gpus
+        if processes > 1 and not world.distributed:
+            check_inputs(settings, run)
+            check_local_gpus(processes)
+            threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
+            raise typer.Exit(launch_local(processes, rerun_argv(), threads))
         result = train_lora(settings, run, restart, world)
     except Interrupted as stop:
         if not world.is_main:  # rank 0 saved the state and says so
@@ -175,6 +184,9 @@ def train(
             "interrupted before the first step (nothing to save); rerun the same command to "
             "start")
         raise typer.Exit(RESUMABLE_EXIT) from None
+    finally:
+        for number, handler in early.items():
+            signal.signal(number, handler)
     if world.is_main:
         if result.trainer is None:
             Console(stderr=True).print(f"run `{result.final.parent.name}` had already finished "
@@ -193,6 +205,23 @@ def demo(directory: Annotated[Path, typer.Argument(
     run_demo(directory, out)
 
 
+#: Commands that read forge.toml (the others: init, demo, pose).
+PROJECT_COMMANDS = ("config", "dataset", "train", "generate", "models", "slurm", "runs",
+                    "report")
+
+
+def _project_note(args: list[str]) -> str | None:
+    """For an error of a command that reads forge.toml run where there is none: say so, since
+    the built-in defaults (storage here, master_dataset/ here) then explain the error."""
+    if not args or args[0] not in PROJECT_COMMANDS:
+        return None
+    if any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
+        return None
+    if (Path.cwd() / CONFIG_NAME).is_file():
+        return None
+    return outside_project_note()
+
+
 def main() -> None:
     """Entry point: user errors become one message and a non-zero exit, never a traceback."""
     err = Console(stderr=True)
@@ -204,6 +233,9 @@ def main() -> None:
         sys.exit(report_usage_error(exc, err))
     except ForgeError as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        note = _project_note(sys.argv[1:])
+        if note:
+            err.print(note, soft_wrap=True, markup=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from loraforge.errors import ForgeError
+from loraforge.sample_prompts import parse_sample_prompts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -111,9 +112,24 @@ class DatasetConfig(_Section):
 
     @model_validator(mode="after")
     def _bucket_range(self) -> DatasetConfig:
+        """Buckets that can exist: training at `resolution` needs a bucket that large (a larger
+        resolution would make buckets above max_bucket and upscale every image to them), and
+        some multiple of bucket_step between the smallest and the largest side. A resolution
+        below min_bucket lowers the smallest side (tiny models train at 64 px)."""
+        if not self.enable_bucket:
+            return self
         if self.min_bucket > self.max_bucket:
             raise ValueError(f"min_bucket ({self.min_bucket}) is above max_bucket "
                              f"({self.max_bucket})")
+        if self.resolution > self.max_bucket:
+            raise ValueError(f"resolution ({self.resolution}) is above max_bucket "
+                             f"({self.max_bucket}): lower dataset.resolution, or raise "
+                             f"dataset.max_bucket to at least {self.resolution}")
+        low, step = min(self.min_bucket, self.resolution), self.bucket_step
+        if self.max_bucket // step * step < max(step, -(-low // step) * step):
+            raise ValueError(f"no multiple of bucket_step ({step}) lies between "
+                             f"{low} and max_bucket ({self.max_bucket}), so there is no bucket: "
+                             "lower dataset.bucket_step or widen min_bucket..max_bucket")
         return self
 
     @field_validator("caption_extension")
@@ -197,6 +213,16 @@ class TrainConfig(_Section):
     state_every_n_steps: int = Field(200, ge=1, description="Resumable state saved this often.")
     keep_states: int = Field(2, ge=1)
     log_every_seconds: float = Field(30.0, gt=0, description="Progress line interval in log files.")
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _sample_prompt_flags(cls, value: list[str]) -> list[str]:
+        """A bad kohya flag is reported when the config is read, not after a training epoch."""
+        try:
+            parse_sample_prompts(value)
+        except ForgeError as exc:
+            raise ValueError(f"{exc.message} (fix: {exc.fix})") from None
+        return value
 
     @field_validator("optimizer")
     @classmethod
@@ -362,6 +388,9 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
         loc = [str(p) for p in item["loc"]]
         key = ".".join(loc)
         override = given.get(".".join(loc[:2]))
+        if override is None and len(loc) == 1:  # a whole section: what --set put into it
+            into = [text for name, text in given.items() if name.split(".")[0] == loc[0]]
+            override = " --set ".join(into) or None
         from_file = from_file or override is None
         origin = f" (--set {override})" if override is not None else ""
         message = item["msg"].removeprefix("Value error, ")
@@ -421,6 +450,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ForgeError(f"is not valid TOML: {exc}", path=path,
                          fix="correct the line and column named; strings need quotes") from None
+
+
+def outside_project_note() -> str:
+    """What to tell a user whose command found no forge.toml (so the defaults were used)."""
+    return (f"note: there is no {CONFIG_NAME} in {Path.cwd()}, so the built-in defaults were "
+            "used: run this in your project folder, pass --config FILE, or create a project "
+            "with `loraforge init`")
 
 
 def find_config(explicit: Path | None) -> Path | None:

@@ -41,7 +41,9 @@ MAX_SENSIBLE_STEPS = 10_000
 TOP_TAGS = 10
 
 
-def _repeats_advice(concept: Concept) -> str | None:
+def _repeats_advice(concept: Concept, is_reg: bool) -> str | None:
+    if is_reg:  # regularisation images are balanced against the trained ones, not this rule
+        return None
     low, high = IMAGES_X_REPEATS_RANGE
     n, total = concept.num_images, concept.images_x_repeats
     if n == 0 or low <= total <= high:
@@ -75,10 +77,13 @@ def summarize(dataset: Dataset, batch_size: int, epochs: int, max_steps: int | N
     concepts = []
     advice: list[str] = []
     for concept in dataset.concepts:
-        buckets = Counter(f"{e.bucket[0]}x{e.bucket[1]}" for e in examples or []
-                          if e.path.parent == concept.folder)  # two folders may share a name
+        own = [e for e in examples or []
+               if e.path.parent == concept.folder]  # two folders may share a name
+        buckets = Counter(f"{e.bucket[0]}x{e.bucket[1]}" for e in own)
+        is_reg = any(e.is_reg for e in own)
         concepts.append({
             "buckets": dict(sorted(buckets.items())),
+            "is_reg": is_reg,
             "name": concept.name,
             "folder": concept.folder_name,
             "images": concept.num_images,
@@ -88,7 +93,8 @@ def summarize(dataset: Dataset, batch_size: int, epochs: int, max_steps: int | N
             "top_tags": [{"tag": tag, "count": count}
                          for tag, count in concept.top_tags(TOP_TAGS)],
         })
-        advice.extend(a for a in (_repeats_advice(concept), _caption_advice(concept)) if a)
+        advice.extend(a for a in (_repeats_advice(concept, is_reg), _caption_advice(concept))
+                      if a)
     total = dataset.images_x_repeats
     steps_per_epoch = (math.ceil(total / batch_size) if examples is None else
                        batches_per_epoch(examples, repeated_indices(dataset), batch_size))
@@ -131,10 +137,15 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     for name in ("images", "captioned", "repeats", "images x repeats"):
         table.add_column(name, justify="right")
     for c in summary["concepts"]:
-        table.add_row(c["name"], c["folder"], str(c["images"]), str(c["captioned"]),
+        table.add_row(c["name"] + (" (reg)" if c["is_reg"] else ""), c["folder"],
+                      str(c["images"]), str(c["captioned"]),
                       str(c["repeats"]), str(c["images_x_repeats"]))
     console.print(table)
     for c in summary["concepts"]:
+        if c["is_reg"]:
+            console.print(Text(f"{c['name']} is a regularisation concept (is_reg): trained "
+                               "with loss weight train.prior_loss_weight, no repeats advice"),
+                          soft_wrap=True)
         tags = ", ".join(f"{t['tag']} ({t['count']})" for t in c["top_tags"])
         console.print(Text(f"top tags of {c['name']}: {tags}"), soft_wrap=True)
         if c["buckets"]:

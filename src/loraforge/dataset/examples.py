@@ -67,10 +67,11 @@ def build_examples(dataset: Dataset, config: DatasetConfig,
                          fix=f"the concepts are: {', '.join(known)} (the folder name without "
                              "its repeat count)")
     if config.enable_bucket:
-        # A resolution below min_bucket (tiny test models train at 64 px) lowers the minimum.
+        # A resolution below min_bucket (tiny test models train at 64 px) lowers the minimum;
+        # one above max_bucket is refused when the config is read.
         buckets = bucketing.make_buckets(config.resolution, config.bucket_step,
                                          min(config.min_bucket, config.resolution),
-                                         max(config.max_bucket, config.resolution))
+                                         config.max_bucket)
     found: list[Example] = []
     for concept in dataset.concepts:
         policy, is_reg = concept_policy(config, concept.name)
@@ -86,6 +87,12 @@ def build_examples(dataset: Dataset, config: DatasetConfig,
                 bucket = (config.resolution, config.resolution)
             found.append(Example(len(found), record.path, tuple(record.tags), concept.name,
                                  bucket, policy, is_reg))
+    if found and all(e.is_reg for e in found):
+        names = ", ".join(f"[dataset.concepts.{c.name}]" for c in dataset.concepts)
+        raise ForgeError(f"every concept is a regularisation concept (is_reg = true in "
+                         f"{names}), so there is nothing to train",
+                         fix="add a concept folder of the character to train, or remove "
+                             "is_reg = true from the concept that is not regularisation")
     return found
 
 

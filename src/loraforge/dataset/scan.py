@@ -3,7 +3,7 @@
 Rules (the community pre-flight, made explicit):
 
 - Each folder directly in the dataset folder is a concept: `20_blake_character` trains the concept
-  `blake_character` with 20 repeats. The repeat count must be a whole number of at least 1.
+  `blake_character` with 20 repeats. The repeat count must be a whole number from 1 to 1000.
 - A concept folder holds images (png, jpg, jpeg, webp, bmp; any letter case; judged by content, so
   a JPEG named `.png` is fine) and optional same-stem captions (`dataset.caption_extension`,
   `.txt` by default): comma-separated tags, UTF-8 (a BOM is fine); line breaks separate tags too.
@@ -45,10 +45,12 @@ from loraforge.dataset.images import (
 )
 from loraforge.errors import ForgeError
 
-#: Images with a shorter side than this are upscaled by bucketing: worth a warning.
+#: Images with a shorter side than this teach little detail: worth a warning.
 MIN_SIDE = 256
 #: The repeat count suggested when a folder has none (the community default).
 DEFAULT_REPEATS = 10
+#: More repeats than this is a typo (the community uses 1 to about 100).
+MAX_REPEATS = 1000
 
 _FOLDER_RE = re.compile(r"^([0-9]+)_(.*)$")
 _CLUTTER = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
@@ -307,6 +309,7 @@ class _Scanner:
             self.problem(self.root, "has no concept folders",
                          f"add a folder named <repeats>_<concept> holding that concept's images, "
                          f"e.g. {shell_path(self.root / '10_my_character')}/")
+        self.shared_names(folders)
         concepts = self.assemble(folders)
         warnings = [text for _, text in sorted(self.warnings, key=lambda w: w[0].parts)]
         if self.problems:
@@ -360,9 +363,31 @@ class _Scanner:
                 self.problem(folder, "has 0 repeats, so its images would never be trained",
                              f"rename it with at least 1 repeat, e.g. mv {shell_path(folder)} "
                              f"{shell_path(folder.with_name(f'{DEFAULT_REPEATS}_{concept}'))}")
+            elif repeats > MAX_REPEATS:
+                shown = str(repeats) if len(str(repeats)) <= 12 else f"{str(repeats)[:12]}..."
+                self.problem(folder, f"has {shown} repeats; at most {MAX_REPEATS} are allowed "
+                             "(the community uses 1 to about 100, aiming at 200-400 images x "
+                             "repeats per concept)",
+                             f"rename it with fewer repeats, e.g. mv {shell_path(folder)} "
+                             f"{shell_path(folder.with_name(f'{DEFAULT_REPEATS}_{concept}'))}")
+                repeats = DEFAULT_REPEATS
         result = _Folder(folder, concept, repeats)
         self.list_concept(result)
         return result
+
+    def shared_names(self, folders: list[_Folder]) -> None:
+        """`5_x` beside `10_x`: one concept trained from two folders. kohya users do this on
+        purpose (a subset repeated more often), so it is a warning, not an error."""
+        by_name: dict[str, list[_Folder]] = {}
+        for folder in folders:
+            by_name.setdefault(folder.name, []).append(folder)
+        for name, same in sorted(by_name.items()):
+            if len(same) > 1:
+                names = " and ".join(f.path.name for f in same)
+                self.warn(same[0].path, f"{names} all train the concept `{name}`: one "
+                          f"activation tag and one [dataset.concepts.{name}] for both, each "
+                          "folder with its own repeats; if they are different characters, "
+                          "rename one folder")
 
     def list_concept(self, folder: _Folder) -> None:
         ext = self.ext.lower()
@@ -449,8 +474,9 @@ class _Scanner:
         width, height = size
         if min(width, height) < MIN_SIDE:
             self.warn(path, f"is only {width}x{height} px (short side under {MIN_SIDE}): it "
-                      "trains at its own small size (never upscaled) and teaches little "
-                      "detail; use a larger image or remove it")
+                      "is enlarged to its bucket (or, with dataset.bucket_no_upscale = true, "
+                      "trains at its own small size) and teaches little detail; use a larger "
+                      "image or remove it")
         tags: list[str] = []
         if caption_path is not None:
             try:

@@ -793,7 +793,15 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
 
 def render_pose_command(pose_json: Path, output: Path | None) -> list[str]:
     """``loraforge pose render``: draw an OpenPose JSON as a pose map; lines to print."""
+    from loraforge.dataset.images import is_image_kind, sniff_file
+
     pose_json = Path(pose_json)
+    kind = sniff_file(pose_json) if pose_json.is_file() else None
+    if is_image_kind(kind):
+        raise ForgeError(f"is {kind}, not OpenPose JSON: `pose render` draws the JSON a pose "
+                         "editor exports", path=pose_json,
+                         fix=f"a pose map image needs no rendering: use it as it is, e.g. "
+                             f"`loraforge generate --pose {pose_json}`")
     output = pose_json.with_suffix(".png") if output is None else Path(output)
     _check_output(output)
     if output.resolve() == pose_json.resolve():

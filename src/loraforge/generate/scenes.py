@@ -259,9 +259,9 @@ class PoseCache:
         return image
 
 
-def _pose(value: Value, figures: Value, width: int, height: int, first_seed: int,
+def _pose(value: Value, figures: Value, size: Value, width: int, height: int, first_seed: int,
           cache: PoseCache, optional: bool) -> PoseSource:
-    from loraforge.generate.poses import random_pose
+    from loraforge.generate.poses import max_figures, random_pose
 
     count = _int(figures, 1, 16, "use 1 to 16 figures")
     raw = value.value
@@ -287,8 +287,9 @@ def _pose(value: Value, figures: Value, width: int, height: int, first_seed: int
         return PoseSource(path, count, image, reason)
     try:
         random_pose(count, width, height, first_seed)
-    except ForgeError as exc:
-        raise ForgeError(f"{figures.origin}: {exc.message}", fix=exc.fix) from None
+    except ForgeError as exc:  # blame the size when no figure fits it at all
+        blamed = size if max_figures(width, height) == 0 else figures
+        raise ForgeError(f"{blamed.origin}: {exc.message}", fix=exc.fix) from None
     return PoseSource(None, count, None, reason)
 
 
@@ -415,8 +416,8 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
         raise _err(sampler_value, f"must be a sampler name, got {sampler_value.value!r}")
     sampler = check_sampler(sampler_value.value, sampler_value.origin)
     seeds = _seeds(values["seed"], values.get("seeds"), values["count"])
-    pose = _pose(values["pose"], values["figures"], width, height, seeds[0], poses,
-                 optional=values["pose"].origin.startswith("generate.pose_map"))
+    pose = _pose(values["pose"], values["figures"], values["size"], width, height, seeds[0],
+                 poses, optional=values["pose"].origin.startswith("generate.pose_map"))
     if pose.reason:
         notes.append(pose.reason)
 

@@ -84,17 +84,23 @@ def import_command(
 def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
                  as_json: JsonOpt = False) -> None:
     """The model folders under the storage root: name, kind, size, A1111 hash, source."""
+    from loraforge.config import outside_project_note
     from loraforge.models.fetch import human_size
     from loraforge.models.manifest import scan_models
 
     settings = _settings(config, overrides)
     entries = scan_models(settings.storage_root, settings.cache_dir)
+    for entry in entries:
+        if entry.warning:
+            typer.echo(f"warning: {entry.warning}", err=True)
     if as_json:
         out.print_json(json.dumps([e.to_dict() for e in entries]))
         return
     if not entries:
         _say(f"no models under {settings.storage_root}; get one with `loraforge models fetch` "
              "(online) or `loraforge models import FILE --as base` (offline)")
+        if settings.source is None:
+            typer.echo(outside_project_note(), err=True)
         return
     rows = [("NAME", "KIND", "SIZE", "HASH", "SOURCE")]
     rows += [(e.name, e.kind, human_size(e.size), e.short_hash or "-", e.source) for e in entries]

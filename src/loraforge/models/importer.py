@@ -229,10 +229,40 @@ def _offline(root: Path) -> None:
 # --- reading ----------------------------------------------------------------------------------
 
 
+def _not_safetensors(path: Path) -> ForgeError | None:
+    """What a `.safetensors`-named file is instead, from its first bytes: a pickle (torch's zip
+    or a bare pickle) or text. None when it may be one (safetensors then has its say)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
+                                           and head[1] in (2, 3, 4, 5)):
+        return ForgeError("is a pickled checkpoint (torch.save / .ckpt format) named "
+                          ".safetensors; LoRA Forge does not open pickles as safetensors",
+                          path=path, fix="use the model's real .safetensors file, or rename "
+                          "this one to .ckpt so that it is read with torch.load(weights_only="
+                          "True), which never runs code from it")
+    text = head.decode("utf-8", errors="ignore")  # a character cut at byte 512 is dropped
+    if head and len(text.encode()) >= len(head) - 3 and all(
+            c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        shown = f" (it starts: {first!r})" if first else ""
+        return ForgeError(f"is a text file, not a safetensors model{shown}", path=path,
+                          fix="a download that failed often saves an error page: download the "
+                              "model again and check the file is gigabytes, not bytes")
+    return None
+
+
 def open_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint's tensor names and shapes; pickles only with weights_only=True."""
     if path.suffix.lower() == SAFETENSORS:
         from safetensors import SafetensorError, safe_open
+
+        wrong = _not_safetensors(path)
+        if wrong is not None:
+            raise wrong
 
         try:
             with safe_open(str(path), framework="pt") as fh:

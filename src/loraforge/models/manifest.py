@@ -59,7 +59,8 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest of a model folder, or None when it has none (or an unreadable one)."""
+    """The manifest of a model folder, or None when it has none or an unusable one
+    (`manifest_problem` says which)."""
     try:
         data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -67,6 +68,24 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         return None
     return data
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why the folder's manifest.json cannot be used; None when it is fine or absent."""
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return f"{MANIFEST_NAME} cannot be read ({exc.strerror or exc})"
+    except UnicodeDecodeError:
+        return f"{MANIFEST_NAME} is malformed (not UTF-8 text)"
+    except ValueError as exc:
+        return f"{MANIFEST_NAME} is malformed (not valid JSON: {exc})"
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return f"{MANIFEST_NAME} is malformed (no \"files\" table)"
+    return None
 
 
 def model_kind(folder: Path, manifest: dict[str, Any] | None = None) -> str | None:
@@ -151,6 +170,7 @@ class ModelEntry:
     size: int
     sha256: str | None
     source: str
+    warning: str | None = None
 
     @property
     def short_hash(self) -> str:
@@ -158,7 +178,8 @@ class ModelEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "kind": self.kind, "size": self.size,
-                "sha256": self.sha256, "hash": self.short_hash, "source": self.source}
+                "sha256": self.sha256, "hash": self.short_hash, "source": self.source,
+                "warning": self.warning}
 
 
 def model_folders(root: Path) -> Iterable[Path]:
@@ -177,8 +198,13 @@ def scan_models(root: Path, cache_dir: Path | None = None) -> list[ModelEntry]:
         manifest = read_manifest(folder)
         kind = model_kind(folder, manifest) or "unknown"
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        problem = manifest_problem(folder)
+        source = "malformed manifest.json" if problem else describe_source(manifest)
+        warning = (f"{folder / MANIFEST_NAME}: {problem.removeprefix(MANIFEST_NAME + ' ')}; "
+                   f"`loraforge models verify {folder.name}` cannot check its files"
+                   if problem else None)
         entries.append(ModelEntry(folder.name, folder, kind, size,
-                                  model_sha256(folder, cache_dir), describe_source(manifest)))
+                                  model_sha256(folder, cache_dir), source, warning))
     return entries
 
 
@@ -205,7 +231,11 @@ def verify_folder(folder: Path) -> Verification:
     result = Verification(folder.name, folder)
     manifest = read_manifest(folder)
     kind = model_kind(folder, manifest)
-    if manifest is None:
+    problem = manifest_problem(folder)
+    if problem is not None:
+        result.problems.append(f"{problem}: file contents cannot be checked; fetch or import "
+                               "the model again to write a new one")
+    elif manifest is None:
         result.note = ("no manifest.json (not installed by `models fetch` or `models import`): "
                        "structure checked, file contents cannot be")
     else:

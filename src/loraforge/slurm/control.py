@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loraforge.config import Settings
+from loraforge.config import Settings, outside_project_note
 from loraforge.errors import ForgeError
 from loraforge.runs import RunRecord, check_run_name, list_runs, read_record
 from loraforge.slurm import scheduler
@@ -64,6 +64,17 @@ def job_status(settings: Settings, run: str | None) -> list[dict[str, Any]]:
 
 
 def print_status(settings: Settings, run: str | None, as_json: bool, console: Console) -> None:
+    """The jobs' table (or JSON). No jobs at all is an answer, not an error (like `slurm
+    cancel` with nothing to cancel); an unknown RUN is an error."""
+    if run is None and not load_jobs(settings.storage_root):
+        if as_json:
+            console.print_json("[]")
+        else:
+            console.print(f"no jobs yet: none was submitted with `loraforge slurm` for "
+                          f"{settings.storage_root} (submit one with `loraforge slurm train`, "
+                          "`pipeline` or `sweep`)", markup=False)
+            _note_defaults(settings)
+        return
     rows = job_status(settings, run)
     if as_json:
         console.print_json(json.dumps(rows))
@@ -77,6 +88,12 @@ def print_status(settings: Settings, run: str | None, as_json: bool, console: Co
                       row["reason"] if row["reason"] != "None" else "", row["node"],
                       row["elapsed"], row["restarts"], row["run_status"])
     console.print(table)
+
+
+def _note_defaults(settings: Settings) -> None:
+    """An empty answer found with the built-in defaults may just mean: not in the project."""
+    if settings.source is None:
+        Console(stderr=True).print(outside_project_note(), markup=False, soft_wrap=True)
 
 
 def cancel_jobs(settings: Settings, run: str | None) -> list[str]:
@@ -158,6 +175,7 @@ def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
         return
     if not rows:
         console.print(f"no runs yet in {settings.runs_dir}", markup=False)
+        _note_defaults(settings)
         return
     params = list(rows[0]["params"])
     table = Table(title=f"runs ({settings.runs_dir})")

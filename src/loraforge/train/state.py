@@ -27,6 +27,10 @@ PREFIX = "step-"
 WEIGHTS = "lora.safetensors"
 OPTIMIZER = "optimizer.pt"
 POSITION = "position.json"
+#: Which file each image of the run is (sha256 of its bytes), in the config a state is saved with.
+CONTENT_KEY = "images.content"
+#: Image content changes shown one by one; the rest are counted.
+SHOWN_IMAGES = 5
 
 
 @dataclass
@@ -128,15 +132,45 @@ def load_state(path: Path) -> LoadedState:
     return LoadedState(path, position, meta["config"], weights, trainer_state)
 
 
+def images_content(paths: list[Path], folder: Path) -> dict[str, str]:
+    """{image path inside `folder`: the first 16 hex digits of its bytes' sha256}: an image
+    replaced by another of the same name changes it (the list of names does not). Hashes are
+    remembered per file as the latent cache's are, so a run hashes each image once."""
+    from loraforge.train.latent_cache import file_sha256
+
+    found = {}
+    for path in paths:
+        name = path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
+        found[name] = file_sha256(path)[:16]
+    return dict(sorted(found.items()))
+
+
+def _content_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """One line per image whose content changed (added or removed images show in
+    images.dataset, the list of images)."""
+    changed = sorted(name for name in set(old) & set(new) if old[name] != new[name])
+    lines = [f"{CONTENT_KEY}: {name} is another image now (sha256 {old[name]}... -> "
+             f"{new[name]}...)" for name in changed[:SHOWN_IMAGES]]
+    if len(changed) > SHOWN_IMAGES:
+        lines.append(f"{CONTENT_KEY}: and {len(changed) - SHOWN_IMAGES} more images changed")
+    return lines
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any],
                        ignored: set[str]) -> list[str]:
-    """`section.key: saved -> current` for every value that differs, except `ignored` keys."""
+    """`section.key: saved -> current` for every value that differs, except `ignored` keys.
+    `images.content` is compared image by image, and only when the saved side has it (states
+    written before it existed resume as they did)."""
     lines = []
     for section in sorted(set(saved) | set(current)):
         before, after = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(before) | set(after)):
             name = f"{section}.{key}"
             old, new = before.get(key), after.get(key)
+            if name == CONTENT_KEY:
+                if isinstance(old, dict) and isinstance(new, dict):
+                    lines += _content_differences(old, new)
+                continue
             if name in ignored or old == new or (
                     isinstance(old, float) and isinstance(new, float)
                     and math.isclose(old, new, rel_tol=1e-9)):  # 1e-4 x 3 against 3e-4

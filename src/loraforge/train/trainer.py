@@ -37,7 +37,7 @@ from loraforge.train.distributed import (
     sum_gradients,
 )
 from loraforge.train.journal import HISTORY, LOSS_SMOOTHING, Journal
-from loraforge.train.state import Position
+from loraforge.train.state import Position, images_content
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +165,8 @@ def semantic_config(settings: Settings, examples: list[Any], world: World) -> di
     # Paths inside the dataset folder: a project moved elsewhere still resumes.
     images = _images_fingerprint(examples, settings.dataset_dir)
     found = {**{section: data[section] for section in SEMANTIC_SECTIONS},
-             "images": {"dataset": images}}
+             "images": {"dataset": images, "content": images_content(
+                 sorted({e.path for e in examples}), settings.dataset_dir)}}
     train = dict(found["train"])
     train["global_batch_size"] = train.pop("batch_size") * world.size
     factor = lr_factor(settings, world)
