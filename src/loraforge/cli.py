@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from loraforge.config import Settings, load_settings
+from loraforge.dataset.command import dedupe_command, tag_command, tags_command
 from loraforge.errors import ForgeError
 from loraforge.generate.command import generate_command
 from loraforge.models.command import models_app
@@ -26,7 +27,8 @@ from loraforge.slurm.command import runs_command, slurm_app
 app = typer.Typer(help="LoRA Forge: multi-concept LoRA training and posed scenes for SD 1.5.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
-dataset_app = typer.Typer(help="Check the training dataset.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Check the training dataset; caption, curate and dedupe it.",
+                          no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 pose_app = typer.Typer(help="OpenPose pose maps: random figures, or drawn from pose JSON.",
@@ -35,6 +37,9 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(pose_app, name="pose")
 app.add_typer(slurm_app, name="slurm")
 app.command("generate")(generate_command)
+dataset_app.command("tag")(tag_command)
+dataset_app.command("tags")(tags_command)
+dataset_app.command("dedupe")(dedupe_command)
 app.command("runs")(runs_command)
 app.command("report")(report_command)
 
