@@ -135,8 +135,8 @@ def caption_diff(label: str, old: str | None, new: str) -> list[str]:
 
 
 class CaptionWriter:
-    """Writes captions atomically; the first change to a file copies its old bytes to the
-    backup folder of this action (created only when something is backed up)."""
+    """Writes captions atomically; a change to a file that held any text first copies its old
+    bytes to the backup folder of this action (created only when something is backed up)."""
 
     def __init__(self, dataset_dir: Path, action: str, file_mode: int = DEFAULT_FILE_MODE,
                  ) -> None:
@@ -156,7 +156,7 @@ class CaptionWriter:
         not exist); False when nothing changes."""
         if old == new:
             return False
-        if old is not None:
+        if old is not None and old.strip():
             backup = self.backup_dir / path.parent.name / path.name
             backup.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, backup)
