@@ -48,6 +48,8 @@ One folder per concept (character), named `<repeats>_<name>`:
 
 - `<repeats>`: how often each image is seen per epoch. Aim for images x repeats between 200 and 400.
 - Images: png, jpg, jpeg, webp, bmp. A folder without captions trains on its name.
+- No captions yet? `loraforge dataset tag` writes them (name first, yours are kept);
+  `loraforge dataset tags` shows and edits them, `loraforge dataset dedupe` finds near-duplicates.
 - Check it before spending GPU time: `loraforge dataset check`
 """
 
