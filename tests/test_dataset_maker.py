@@ -206,7 +206,7 @@ def test_tag_user_errors(tmp_path: Path, args: list[str], toml: str, needles: li
 def _captioned_concept(root: Path) -> Path:
     folder = root / "master_dataset" / "10_blake"
     folder.mkdir(parents=True)
-    texts = ["blake, solo, 1girl, simple_background\n", "blake, 1girl, smile",
+    texts = ["blake, solo, 1girl, simple_background\n", "blake, 1girl, smile, Smile",
              "1girl, solo, simple background"]
     for i, text in enumerate(texts):
         draw_character(folder / f"{i}.png", RED, "box", 40 * i - 40)  # 22+ bits apart
@@ -216,6 +216,7 @@ def _captioned_concept(root: Path) -> Path:
 
 
 def test_tag_frequencies_count_spellings_together(tmp_path: Path) -> None:
+    """`simple_background` and `simple background` are one tag; `smile, Smile` counts once."""
     _captioned_concept(tmp_path)
     concepts, captions, warnings = tag_list.load(tmp_path / "master_dataset", None, ".txt")
     (blake,) = tag_list.frequencies(concepts, captions)
@@ -241,7 +242,7 @@ def test_tags_dry_run_shows_the_diff_and_the_edit_keeps_a_backup(tmp_path: Path)
     _, captions, _ = tag_list.load(tmp_path / "master_dataset", ["blake"], ".txt")
     edits = tag_list.parse_edits(["solo,simple background,blake"], ["1girl=1woman"], True)
     done = tag_list.edit_captions(tmp_path / "master_dataset", captions, edits, False, 0o644)
-    assert _captions(folder) == {"0.txt": "blake, 1woman\n", "1.txt": "blake, 1woman, smile",
+    assert _captions(folder) == {"0.txt": "blake, 1woman\n", "1.txt": "blake, 1woman, smile, Smile",
                                  "2.txt": "blake, 1woman"}
     assert done.backup_dir is not None
     assert {p.name: p.read_text() for p in (done.backup_dir / "10_blake").iterdir()} == before

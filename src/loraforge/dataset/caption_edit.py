@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from loraforge.errors import ForgeError
 from loraforge.fsutil import DEFAULT_FILE_MODE, write_atomic
 
 BACKUP_DIR = ".caption_backups"
@@ -156,11 +157,18 @@ class CaptionWriter:
         not exist); False when nothing changes."""
         if old == new:
             return False
-        if old is not None and old.strip():
-            backup = self.backup_dir / path.parent.name / path.name
-            backup.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, backup)
-            self.backed_up += 1
-        write_atomic(path, new, self.file_mode)
+        try:
+            if old is not None and old.strip():
+                backup = self.backup_dir / path.parent.name / path.name
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, backup)
+                self.backed_up += 1
+            write_atomic(path, new, self.file_mode)
+        except OSError as exc:
+            raise ForgeError(f"cannot be written ({exc.strerror or exc}); it is unchanged, and "
+                             "the captions written before it are kept", path=path,
+                             fix="make the folder writable (chmod u+w) or free disk space, then "
+                                 "run the same command again: it continues where it stopped"
+                             ) from None
         self.written += 1
         return True

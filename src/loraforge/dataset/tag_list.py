@@ -99,10 +99,13 @@ def frequencies(concepts: list[ConceptFolder], captions: list[Caption]) -> list[
         spelling: dict[str, str] = {}
         mine = [c for c in captions if c.concept is concept and caption_tags(c.text)]
         for caption in mine:
-            for tag in dict.fromkeys(caption_tags(caption.text)):
+            seen: set[str] = set()
+            for tag in caption_tags(caption.text):
                 key = tag_key(tag)
                 spelling.setdefault(key, tag)
-                counts[key] += 1
+                if key not in seen:
+                    seen.add(key)
+                    counts[key] += 1
         out.append({"concept": concept.name, "folder": concept.folder.name,
                     "images": len(concept.images), "captioned": len(mine),
                     "tags": [{"tag": spelling[k], "count": n} for k, n in counts.most_common()]})
