@@ -21,6 +21,7 @@ left as it was.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -82,9 +83,11 @@ def select_tags(probabilities: np.ndarray, tags: list[Tag], threshold: float,
                 character_threshold: float) -> list[str]:
     """Character tags at or above `character_threshold`, then general tags at or above
     `threshold`, each group most probable first (ties: tag list order); no rating tags."""
+    import numpy as np
+
     from loraforge.models.tagger import CHARACTER, GENERAL
 
-    order = sorted(range(len(tags)), key=lambda i: -float(probabilities[i]))
+    order = np.argsort(-np.asarray(probabilities), kind="stable").tolist()
     characters = [tags[i].name for i in order if tags[i].category == CHARACTER
                   and probabilities[i] >= character_threshold]
     general = [tags[i].name for i in order if tags[i].category == GENERAL
@@ -168,17 +171,18 @@ def _load(job: Job, size: int) -> np.ndarray | ForgeError:
 
 def _batches(jobs: list[Job], size: int, batch_size: int, workers: int,
              ) -> Iterator[list[tuple[Job, np.ndarray | ForgeError]]]:
-    """Prepared batches in order; the next batch is read while the model runs on this one."""
+    """Prepared batches in order; `workers` threads read the next batches (one each) while the
+    model runs on this one."""
+    def load_chunk(chunk: list[Job]) -> list[tuple[Job, np.ndarray | ForgeError]]:
+        return [(job, _load(job, size)) for job in chunk]
+
+    chunks = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        chunks = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
-        pending = [pool.submit(lambda c: [(j, _load(j, size)) for j in c], chunk)
-                   for chunk in chunks[:2]]
+        pending = [pool.submit(load_chunk, chunk) for chunk in chunks[:workers]]
         for index in range(len(chunks)):
-            batch = pending[index].result()
-            if index + 2 < len(chunks):
-                pending.append(pool.submit(lambda c: [(j, _load(j, size)) for j in c],
-                                           chunks[index + 2]))
-            yield batch
+            if index + workers < len(chunks):
+                pending.append(pool.submit(load_chunk, chunks[index + workers]))
+            yield pending[index].result()
 
 
 def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
@@ -203,7 +207,8 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
     progress = Progress(len(jobs), stream)
     started = time.monotonic()
     try:
-        for batch in _batches(jobs, model.size, batch_size, workers=2):
+        workers = max(1, min(4, len(os.sched_getaffinity(0))))
+        for batch in _batches(jobs, model.size, batch_size, workers):
             ready = [(job, x) for job, x in batch if not isinstance(x, ForgeError)]
             for job, x in batch:
                 if isinstance(x, ForgeError):
