@@ -63,6 +63,7 @@ def test_tiny_init_selects_the_embedded_model(tmp_path: Path) -> None:
     root = Path(shown["paths"]["storage_root"])
     assert shown["paths"]["base_model"] == str(root / "tiny-sd15")
     assert shown["paths"]["controlnet"] == str(root / "tiny-controlnet")
+    assert shown["paths"]["tagger"] == str(root / "tiny-tagger")
     shown = shown["config"]
     assert shown["train"]["optimizer"] == "AdamW"
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from loraforge.config import CONFIG_NAME, TINY, ForgeConfig, Settings, SlurmConfig
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
+from loraforge.models.tagger import TINY_NAME as TAGGER_TINY_NAME
 from loraforge.models.tiny import tiny_folders
 
 HEADER = """\
@@ -173,6 +174,9 @@ def resolved_paths(settings: Settings) -> dict[str, str]:
         "cache": str(settings.cache_dir),
         "base_model": str(_model_path(settings, settings.config.models.base, 0)),
         "controlnet": str(_model_path(settings, settings.config.models.controlnet, 1)),
+        "tagger": str(settings.storage_root / TAGGER_TINY_NAME
+                      if settings.config.models.tagger == TINY
+                      else settings.model_dir(settings.config.models.tagger)),
     }
 
 
