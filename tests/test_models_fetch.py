@@ -473,6 +473,12 @@ def test_fetch_tagger_installs_model_and_tags_that_then_tag_offline(tmp_path: Pa
     store = tmp_path / "store"
     try:
         env = hub_env(fake, store, tmp_path / "home")
+        files = fake.repos["SmilingWolf/wd-vit-tagger-v3"].files
+        csv = files.pop("selected_tags.csv")  # a repository without the tag list is refused
+        result = models_cli("fetch", "tagger", env=env)
+        assert result.returncode == 1 and "has no selected_tags.csv" in result.stderr
+        assert "Traceback" not in result.stderr and not (store / "wd-tagger").exists()
+        files["selected_tags.csv"] = csv
         text = ok(models_cli("fetch", "tagger", env=env))
         assert "wd-tagger: installed SmilingWolf/wd-vit-tagger-v3@dddddddddd" in text
         fetched = {r.path for r in fake.requests("GET") if not r.path.startswith("/api/")}
