@@ -18,7 +18,7 @@ from PIL import Image
 from loraforge.config import load_settings
 from loraforge.dataset import tag_list
 from loraforge.dataset.caption_edit import BACKUP_DIR
-from loraforge.dataset.dedupe import hash_pictures, near_duplicate_groups
+from loraforge.dataset.dedupe import hash_pictures, near_duplicate_groups, phash
 from loraforge.dataset.folders import concept_folders
 from loraforge.dataset.tagger import prepare_image, select_tags, tag_dataset, tag_text
 from loraforge.models.tagger import (
@@ -274,6 +274,8 @@ def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> N
     draw_character(mage / "c.png", (30, 160, 40), "circle", -30)
     Image.open(knight / "a.png").save(mage / "a_copy.png")
 
+    # A flat picture: only the DC coefficient lies above the median (of zeros).
+    assert phash(Image.new("RGB", (90, 60), (9, 200, 20))) == 1 << 63
     warnings: list[str] = []
     pictures = hash_pictures(concept_folders(dataset), ".txt", warnings)
     groups = near_duplicate_groups(pictures, 6)
