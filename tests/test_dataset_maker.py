@@ -122,6 +122,8 @@ def test_tag_writes_captions_trigger_first_and_keeps_hand_captions(tmp_path: Pat
     draw_character(knight / "1.png", RED, "box", 10)
     hand = "red_knight ||| my own words, red armor\n"
     (knight / "1.txt").write_text(hand)
+    draw_character(knight / "2.png", BLUE, "box", 40)
+    (knight / "2.txt").write_text("smiling, no trigger")
     draw_character(mage / "0.png", BLUE, "circle", 0)
     (mage / "0.txt").write_text("  \n")  # empty: tagged like a missing caption
     Image.open(mage / "0.png").convert("CMYK").save(mage / "cmyk.jpg")
@@ -140,15 +142,17 @@ def test_tag_writes_captions_trigger_first_and_keeps_hand_captions(tmp_path: Pat
     assert "warning: master_dataset/5_blue_mage/broken.png:" in result.stderr
     assert "warning: master_dataset/5_blue_mage/huge.png: is too large" in result.stderr
     assert "not tagged, its caption left as it is" in result.stderr
-    assert "1 hand-written kept" in result.stdout
+    assert "2 hand-written kept" in result.stdout
     assert "tagged 7/7 images" in result.stdout  # the progress line (not a terminal)
     captions = _captions(dataset)
     assert captions["10_red_knight/1.txt"] == hand
-    assert set(captions) == {"10_red_knight/0.txt", "10_red_knight/1.txt", "5_blue_mage/0.txt",
+    assert captions["10_red_knight/2.txt"] == "smiling, no trigger"
+    assert set(captions) == {"10_red_knight/0.txt", "10_red_knight/1.txt",
+                             "10_red_knight/2.txt", "5_blue_mage/0.txt",
                              "5_blue_mage/cmyk.txt", "5_blue_mage/alpha.txt",
                              "5_blue_mage/deep.txt"}
     for name, text in captions.items():
-        if name == "10_red_knight/1.txt":
+        if name in ("10_red_knight/1.txt", "10_red_knight/2.txt"):
             continue
         trigger = "red_knight" if name.startswith("10_") else "blue_mage"
         tags = text.split(", ")
@@ -161,12 +165,14 @@ def test_tag_writes_captions_trigger_first_and_keeps_hand_captions(tmp_path: Pat
     rerun = tag_dataset(settings, None, 0.35, 0.85, "missing", 8, print)
     assert rerun.images == 0 and _captions(dataset) == captions
 
-    # --append: the hand caption keeps every character, the tagger's tags come after it.
+    # --append: hand captions keep every character, the tagger's tags come after them, and the
+    # trigger goes first where it was missing.
     appended = tag_dataset(settings, ["red_knight"], 0.35, 0.85, "append", 8, print)
     after = _captions(dataset)
     assert after["10_red_knight/1.txt"].startswith(hand.rstrip() + ", ")
+    assert after["10_red_knight/2.txt"].startswith("red_knight, smiling, no trigger, ")
     assert after["10_red_knight/0.txt"] == captions["10_red_knight/0.txt"]
-    assert appended.reports["10_red_knight"].written == 1
+    assert appended.reports["10_red_knight"].written == 2
     assert appended.backup_dir is not None
     assert (appended.backup_dir / "10_red_knight" / "1.txt").read_text() == hand
     again = tag_dataset(settings, ["red_knight"], 0.35, 0.85, "append", 8, print)
