@@ -23,11 +23,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from conftest import run_cli
+from conftest import draw_character, run_cli
 
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdef"
 COMMITS = {"Lykon/AnyLoRA": "a" * 40, "lllyasviel/control_v11p_sd15_openpose": "b" * 40,
-           "lllyasviel/Annotators": "c" * 40}
+           "lllyasviel/Annotators": "c" * 40, "SmilingWolf/wd-vit-tagger-v3": "d" * 40}
 
 
 @dataclass
@@ -459,3 +459,49 @@ def test_fetch_resumes_across_runs_with_the_login_token(
     result = models_cli("fetch", "anylora", env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert result.returncode == 1 and "login node with internet" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fetch_tagger_installs_model_and_tags_that_then_tag_offline(tmp_path: Path) -> None:
+    from loraforge.models.tagger import tiny_model_bytes, tiny_tags_csv
+
+    model, tags = tiny_model_bytes(), tiny_tags_csv().encode()
+    fake = FakeHub()
+    fake.add("SmilingWolf/wd-vit-tagger-v3", {"model.onnx": model, "selected_tags.csv": tags,
+                                              "README.md": b"WD tagger", "sw_jax_cv_config.json":
+                                              b"{}"}, lfs_suffixes=(".onnx",))
+    fake.thread.start()
+    store = tmp_path / "store"
+    try:
+        env = hub_env(fake, store, tmp_path / "home")
+        files = fake.repos["SmilingWolf/wd-vit-tagger-v3"].files
+        csv = files.pop("selected_tags.csv")  # a repository without the tag list is refused
+        result = models_cli("fetch", "tagger", env=env)
+        assert result.returncode == 1 and "has no selected_tags.csv" in result.stderr
+        assert "Traceback" not in result.stderr and not (store / "wd-tagger").exists()
+        files["selected_tags.csv"] = csv
+        text = ok(models_cli("fetch", "tagger", env=env))
+        assert "wd-tagger: installed SmilingWolf/wd-vit-tagger-v3@dddddddddd" in text
+        fetched = {r.path for r in fake.requests("GET") if not r.path.startswith("/api/")}
+        assert not [p for p in fetched if "README" in p or "jax" in p]
+        assert "nothing downloaded" in ok(models_cli("fetch", "tagger", env=env))
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+    folder = store / "wd-tagger"
+    assert (folder / "model.onnx").read_bytes() == model
+    assert (folder / "selected_tags.csv").read_bytes() == tags
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["kind"] == "tagger"
+    assert manifest["source"]["files"]["model.onnx"] == {"size": len(model), "sha256": sha(model)}
+    assert manifest["files"]["selected_tags.csv"]["sha256"] == sha(tags)
+    assert "wd-tagger: ok (2 files re-hashed)" in ok(models_cli("verify", env=env))
+
+    # Offline afterwards (the Hub is gone): `dataset tag` uses it by default (models.tagger).
+    concept = tmp_path / "proj" / "master_dataset" / "4_knight"
+    concept.mkdir(parents=True)
+    draw_character(concept / "a.png", (200, 30, 30), "box", 0)
+    result = run_cli("dataset", "tag", cwd=tmp_path / "proj",
+                     env={"LORAFORGE_STORAGE_ROOT": str(store), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "tagger: " in result.stdout and "wd-tagger" in result.stdout
+    assert (concept / "a.txt").read_text().startswith("knight, ")

@@ -229,6 +229,20 @@ def test_pipeline_dry_run_chains_generation_after_training(tmp_path: Path) -> No
     assert "--prompt 'two knights'" in out and "--seed 7" in out
 
 
+def test_tag_dry_run_renders_one_tagging_process_with_its_options(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    result = run_cli("slurm", "tag", "--dry-run", "--append", "--threshold", "0.5", "--gpus",
+                     "a100:2", "blake", "20_mira", cwd=project)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in ("#SBATCH --job-name=tag", "#SBATCH --gres=gpu:a100:1",
+                   "#SBATCH --ntasks-per-node=1", "export HF_HUB_OFFLINE=1",
+                   "loraforge dataset tag", f"--config {project / 'forge.toml'}",
+                   "--threshold 0.5", "--append", "-- blake 20_mira", "sbatch --parsable"):
+        assert needle in out, (needle, out)
+    assert "srun" not in out and not (project / "store").exists()
+
+
 def test_sweep_names_one_run_per_combination() -> None:
     params = parse_params(["train.unet_lr=1e-4,5e-4", "train.network_dim=8,16"])
     tasks = sweep_tasks("multi_concept", params)
@@ -486,7 +500,7 @@ def test_help_is_fast_and_lists_the_commands() -> None:
     started = time.monotonic()
     result = run_cli("slurm", "--help")
     assert result.returncode == 0
-    for command in ("train", "generate", "pipeline", "sweep", "status", "cancel", "logs"):
+    for command in ("train", "generate", "pipeline", "sweep", "tag", "status", "cancel", "logs"):
         assert command in result.stdout
     assert "mark-failed" not in result.stdout
     assert time.monotonic() - started < 20

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from loraforge.config import CONFIG_NAME, Settings, load_settings, outside_project_note
+from loraforge.dataset.command import dedupe_command, tag_command, tags_command
 from loraforge.errors import ForgeError
 from loraforge.generate.command import generate_command
 from loraforge.models.command import models_app
@@ -29,7 +30,8 @@ app = typer.Typer(help="LoRA Forge: multi-concept LoRA training and posed scenes
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   context_settings={"help_option_names": HELP_OPTION_NAMES})
 config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
-dataset_app = typer.Typer(help="Check the training dataset.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Check the training dataset; caption, curate and dedupe it.",
+                          no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 pose_app = typer.Typer(help="OpenPose pose maps: random figures, or drawn from pose JSON.",
@@ -38,6 +40,9 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(pose_app, name="pose")
 app.add_typer(slurm_app, name="slurm")
 app.command("generate")(generate_command)
+dataset_app.command("tag")(tag_command)
+dataset_app.command("tags")(tags_command)
+dataset_app.command("dedupe")(dedupe_command)
 app.command("runs")(runs_command)
 app.command("report")(report_command)
 

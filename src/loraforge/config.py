@@ -60,6 +60,9 @@ class ModelsConfig(_Section):
                       "absolute path, or 'tiny' for the embedded test model.")
     controlnet: str = Field("controlnet-model", description="OpenPose ControlNet: a folder under "
                             "the storage root, an absolute path, or 'tiny'.")
+    tagger: str = Field("wd-tagger", description="Image tagger for `dataset tag` (a WD14 ONNX "
+                        "model and selected_tags.csv): a folder under the storage root, an "
+                        "absolute path, or 'tiny'.")
 
 
 class ConceptOverrides(_Section):

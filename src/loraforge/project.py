@@ -13,6 +13,7 @@ from rich.console import Console
 from loraforge.config import CONFIG_NAME, TINY, ForgeConfig, Settings, SlurmConfig
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
+from loraforge.models.tagger import TINY_NAME as TAGGER_TINY_NAME
 from loraforge.models.tiny import tiny_folders
 
 HEADER = """\
@@ -27,7 +28,7 @@ DEFAULT_ACTIVATE: str = SlurmConfig.model_fields["env_activate"].default
 
 # What `init --tiny` changes so a laptop or CI machine can train and render in seconds.
 TINY_VALUES: dict[str, dict[str, Any]] = {
-    "models": {"base": TINY, "controlnet": TINY},
+    "models": {"base": TINY, "controlnet": TINY, "tagger": TINY},
     "dataset": {"resolution": 64},
     "train": {"epochs": 4, "batch_size": 4, "optimizer": "AdamW", "unet_lr": 1e-3,
               "text_encoder_lr": 5e-4, "mixed_precision": "no"},
@@ -48,6 +49,8 @@ One folder per concept (character), named `<repeats>_<name>`:
 
 - `<repeats>`: how often each image is seen per epoch. Aim for images x repeats between 200 and 400.
 - Images: png, jpg, jpeg, webp, bmp. A folder without captions trains on its name.
+- No captions yet? `loraforge dataset tag` writes them (name first, yours are kept);
+  `loraforge dataset tags` shows and edits them, `loraforge dataset dedupe` finds near-duplicates.
 - Check it before spending GPU time: `loraforge dataset check`
 """
 
@@ -171,6 +174,9 @@ def resolved_paths(settings: Settings) -> dict[str, str]:
         "cache": str(settings.cache_dir),
         "base_model": str(_model_path(settings, settings.config.models.base, 0)),
         "controlnet": str(_model_path(settings, settings.config.models.controlnet, 1)),
+        "tagger": str(settings.storage_root / TAGGER_TINY_NAME
+                      if settings.config.models.tagger == TINY
+                      else settings.model_dir(settings.config.models.tagger)),
     }
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from loraforge.dataset.curation import curate
 from loraforge.dataset.examples import (
     Example,
     batches_per_epoch,
@@ -190,6 +191,10 @@ def check_dataset(settings: Settings, as_json: bool, console: Console, processes
     print_warnings(warnings)
     summary = summarize(dataset, train.batch_size * processes, train.epochs, train.max_steps,
                         examples, processes)
+    curation = curate(dataset, settings.config.dataset.caption_extension)
+    print_warnings(curation.warnings)
+    summary["advice"] += curation.advice
+    summary["totals"]["near_duplicates"] = curation.near_duplicates
     if as_json:
         console.out(json.dumps(summary, indent=2), highlight=False)
     else:

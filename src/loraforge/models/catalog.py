@@ -12,8 +12,9 @@ class HubModel:
     key: str  # what `models fetch KEY` takes
     repo: str
     folder: str  # installed as <storage>/<folder>
-    kind: str  # base | controlnet | detector
+    kind: str  # base | controlnet | detector | tagger
     what: str
+    in_all: bool = True  # fetched by `models fetch all` (train and generate need it)
 
 
 HUB_MODELS: tuple[HubModel, ...] = (
@@ -23,9 +24,12 @@ HUB_MODELS: tuple[HubModel, ...] = (
              "controlnet", "OpenPose ControlNet v1.1 for SD 1.5"),
     HubModel("openpose-detector", "lllyasviel/Annotators", "controlnet-detector", "detector",
              "OpenPose body detector (poses from photos), stored as safetensors"),
+    HubModel("tagger", "SmilingWolf/wd-vit-tagger-v3", "wd-tagger", "tagger",
+             "WD14 image tagger v3 (ViT, ONNX) for `loraforge dataset tag`", in_all=False),
 )
 ALL = "all"
 DETECTOR_SOURCE = "body_pose_model.pth"
+TAGGER_FILES = ("model.onnx", "selected_tags.csv")
 
 
 def keys() -> list[str]:

@@ -37,7 +37,8 @@ def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
 def fetch_command(
     which: Annotated[str, typer.Argument(
         help="anylora (base model -> AnyLoRA/), controlnet-openpose (-> controlnet-model/), "
-             "openpose-detector (-> controlnet-detector/), or all.")] = "all",
+             "openpose-detector (-> controlnet-detector/), all (these three), or tagger "
+             "(-> wd-tagger/, for `dataset tag`).")] = "all",
     revision: Annotated[str | None, typer.Option(
         "--revision", help="Branch, tag or commit of the model's Hub repository (default: "
         "main); the commit it resolves to is recorded in manifest.json.")] = None,

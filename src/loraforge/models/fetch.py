@@ -35,7 +35,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from loraforge.errors import ForgeError
 from loraforge.models import folders
-from loraforge.models.catalog import ALL, DETECTOR_SOURCE, HUB_MODELS, HubModel, by_key, keys
+from loraforge.models.catalog import (
+    ALL,
+    DETECTOR_SOURCE,
+    HUB_MODELS,
+    TAGGER_FILES,
+    HubModel,
+    by_key,
+    keys,
+)
 from loraforge.models.manifest import DETECTOR_FILE, describe_files, read_manifest, write_manifest
 
 Say = Callable[[str], None]
@@ -93,7 +101,7 @@ def fetch_models(storage_root: Path, which: str, revision: str | None, full_prec
                  say: Say, file_mode: int = folders.FILE_MODE) -> list[FetchResult]:
     """Fetch `which` (a catalog key or `all`) into `storage_root`; report through `say`."""
     if which.lower() == ALL:
-        targets = list(HUB_MODELS)
+        targets = [model for model in HUB_MODELS if model.in_all]
         if revision:
             raise ForgeError("--revision names a commit of one repository; it cannot apply to "
                              "`all`", fix=f"fetch one model: one of {', '.join(keys())}")
@@ -252,6 +260,10 @@ def _assemble_and_install(root: Path, dest: Path, plan: Plan,
             store.check_base_model(tmp, require_sd1=False)
         elif model.kind == "controlnet":
             store.check_controlnet(tmp, require_sd1=False)
+        elif model.kind == "tagger":
+            from loraforge.models.tagger import TaggerModel
+
+            TaggerModel(tmp)  # loads in onnxruntime, its outputs match the tag list
         else:
             say(f"{model.folder}: converting {DETECTOR_SOURCE} to {DETECTOR_FILE} "
                 "(loaded with weights_only=True)")
@@ -486,6 +498,13 @@ def _select(plan: Plan, siblings: dict[str, Wanted], full_precision: bool) -> No
             raise ForgeError(f"{model.repo}@{plan.revision} has no {DETECTOR_SOURCE}",
                              fix="check --revision")
         plan.files = [siblings[DETECTOR_SOURCE]]
+        return
+    if model.kind == "tagger":
+        missing = [name for name in TAGGER_FILES if name not in siblings]
+        if missing:
+            raise ForgeError(f"{model.repo}@{plan.revision} has no {', '.join(missing)}: not a "
+                             "WD14 ONNX tagger", fix="check --revision")
+        plan.files = [siblings[name] for name in TAGGER_FILES]
         return
     configs = BASE_CONFIGS if model.kind == "base" else ("config.json",)
     for name in configs:

@@ -1,7 +1,7 @@
 """`manifest.json`: what a model folder holds and where it came from, so it can be listed and
 verified later. Written by `models fetch`, `models import` and the tiny-model build.
 
-    {"format": 1, "kind": "base" | "controlnet" | "detector",
+    {"format": 1, "kind": "base" | "controlnet" | "detector" | "tagger",
      "source": {"type": "hub", "repo": ..., "revision": ..., "commit": ..., "variant": ...}
              | {"type": "file", "file": ..., "sha256": ..., "short_hash": ..., "vae": {...}}
              | {"type": "embedded", "recipe": ...},
@@ -24,7 +24,7 @@ from loraforge.hashing import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
-KINDS = ("base", "controlnet", "detector")
+KINDS = ("base", "controlnet", "detector", "tagger")
 DETECTOR_FILE = "body_pose_model.safetensors"
 # Folders under the storage root that are never models.
 NOT_MODELS = frozenset({"Multi_Concept_Output", "Final_Images", "cache", "master_dataset"})
@@ -33,6 +33,7 @@ IDENTITY_FILES = {
     "base": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
     "controlnet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "detector": (DETECTOR_FILE,),
+    "tagger": ("model.onnx",),
 }
 
 
@@ -89,7 +90,7 @@ def manifest_problem(folder: Path) -> str | None:
 
 
 def model_kind(folder: Path, manifest: dict[str, Any] | None = None) -> str | None:
-    """base, controlnet or detector; None when `folder` does not look like a model at all."""
+    """base, controlnet, detector or tagger; None when `folder` does not look like a model."""
     if manifest is not None and manifest.get("kind") in KINDS:
         return str(manifest["kind"])
     from loraforge.models.tiny import read_marker
@@ -101,6 +102,8 @@ def model_kind(folder: Path, manifest: dict[str, Any] | None = None) -> str | No
         return "base"
     if (folder / DETECTOR_FILE).is_file():
         return "detector"
+    if (folder / "model.onnx").is_file() and (folder / "selected_tags.csv").is_file():
+        return "tagger"
     config = folder / "config.json"
     if config.is_file():
         try:
@@ -262,6 +265,10 @@ def verify_folder(folder: Path) -> Verification:
             from loraforge.models.store import check_controlnet
 
             check_controlnet(folder, require_sd1=False)
+        elif kind == "tagger":
+            from loraforge.models.tagger import check_tagger
+
+            check_tagger(folder)
         elif kind is None:
             result.problems.append("does not look like a model folder")
     except ForgeError as exc:

@@ -111,6 +111,40 @@ def slurm_pipeline(config: ConfigOpt = None, overrides: SetOpt = None, run: RunO
                     _generate_args(prompt, negative, seed, lora, pose, scenes, name), typer.echo)
 
 
+@slurm_app.command("tag")
+def slurm_tag(
+    concepts: Annotated[list[str] | None, typer.Argument(
+        help="Concepts (default: every concept).", show_default=False)] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", min=0.0, max=1.0, help="As `dataset tag --threshold`.")] = None,
+    character_threshold: Annotated[float | None, typer.Option(
+        "--character-threshold", min=0.0, max=1.0, help="As `dataset tag`.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="As `dataset tag`.")] = False,
+    append: Annotated[bool, typer.Option("--append", help="As `dataset tag`.")] = False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, max=256,
+                                                   help="As `dataset tag`.")] = None,
+    config: ConfigOpt = None, overrides: SetOpt = None, gpus: GpusOpt = None,
+    dry_run: DryOpt = False,
+) -> None:
+    """Submit `loraforge dataset tag` as a batch job (fast on a GPU; a CPU works too)."""
+    from loraforge.errors import ForgeError
+    from loraforge.slurm.jobs import submit_tag
+
+    if overwrite and append:
+        raise ForgeError("--overwrite and --append exclude each other",
+                         fix="--append adds tags to existing captions; --overwrite replaces "
+                             "them (with a backup): choose one")
+    words: list[str] = []
+    for flag, value in (("--threshold", threshold), ("--character-threshold",
+                        character_threshold), ("--batch-size", batch_size)):
+        if value is not None:
+            words += [flag, str(value)]
+    words += ["--overwrite"] * overwrite + ["--append"] * append
+    if concepts:
+        words += ["--", *concepts]
+    submit_tag(_options(config, overrides, gpus, dry_run), words, typer.echo)
+
+
 @slurm_app.command("sweep")
 def slurm_sweep(
     param: Annotated[list[str], typer.Option("--param", metavar="KEY=V1,V2", help="A value list "

@@ -1,4 +1,4 @@
-"""`loraforge slurm train|generate|pipeline|sweep`: render the job scripts from the config, keep
+"""`loraforge slurm train|generate|pipeline|sweep|tag`: render the job scripts from the config, keep
 them under `<storage>/jobs/`, submit them with sbatch, and remember which job runs which run in
 `<storage>/jobs/jobs.json` (for `slurm status|cancel|logs`)."""
 
@@ -132,6 +132,13 @@ class Submitter:
                          command=["loraforge", "generate", *self.base_words(), *args.words()],
                          notes=self._notes())
 
+    def tag_job(self, words: list[str]) -> JobScript:
+        return self._job(kind="tag", job_name="tag",
+                         title="caption the dataset with the image tagger (rendered by "
+                               "`loraforge slurm tag`); a rerun continues where it stopped.",
+                         command=["loraforge", "dataset", "tag", *self.base_words(), *words],
+                         notes=self._notes())
+
     def sweep_job(self, base_run: str, tasks: list[ArrayTask], max_parallel: int | None,
                   ) -> JobScript:
         words = [*self.base_words(), "--run", Raw('"$RUN"'), Raw('"${SETS[@]}"')]
@@ -232,6 +239,12 @@ def submit_train(options: Options, run: str | None, echo: Any) -> list[dict[str,
 def submit_generate(options: Options, args: GenerateArgs, echo: Any) -> list[dict[str, Any]]:
     sub = Submitter(options)
     return sub.submit([Planned(sub.generate_job(args, None), [None])], echo)
+
+
+def submit_tag(options: Options, words: list[str], echo: Any) -> list[dict[str, Any]]:
+    """`loraforge dataset tag WORDS` as a job (one process; a GPU when slurm.gpus asks)."""
+    sub = Submitter(options)
+    return sub.submit([Planned(sub.tag_job(words), [None])], echo)
 
 
 def submit_pipeline(options: Options, run: str | None, args: GenerateArgs, echo: Any,

@@ -30,7 +30,7 @@ INFERENCE_SCRIPT = "submit_inference.ssub"
 LOG_DIR = "logs"
 OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_DATASETS_OFFLINE",
            "HF_HUB_DISABLE_TELEMETRY")
-Kind = Literal["train", "generate"]
+Kind = Literal["train", "generate", "tag"]
 
 
 class Raw(str):
@@ -121,7 +121,8 @@ class JobScript:
     @property
     def layout(self) -> tuple[int, int, Gpus]:
         """(nodes, processes per node, GPUs per node): training runs one process per GPU on
-        every node (one per node without GPUs); generation one process with at most one GPU."""
+        every node (one per node without GPUs); generation and tagging one process with at
+        most one GPU."""
         gpus = self.res.gpus
         if self.kind == "train":
             return self.res.nodes, max(1, gpus.count), gpus

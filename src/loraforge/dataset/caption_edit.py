@@ -1,0 +1,174 @@
+"""Editing caption files without losing what people wrote: tag-level edits that keep the rest of
+the text as it was, diffs for dry runs, and a backup of every caption before it is changed.
+
+Tags are separated by commas and line breaks, and the `|||` of `dataset.keep_tokens_separator`
+separates them too: an edit changes only the tags it names and keeps every separator and the
+spacing around the others. Tags are compared case-insensitively with `_` and space alike, so
+`--remove "simple background"` also removes `simple_background`.
+
+Backups: before a caption changes, its old bytes are copied to
+`<dataset>/.caption_backups/<time>-<action>/<concept folder>/<file>` (a hidden folder, which no
+scan reads); restoring is a copy back.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from loraforge.errors import ForgeError
+from loraforge.fsutil import DEFAULT_FILE_MODE, write_atomic
+
+BACKUP_DIR = ".caption_backups"
+_SEPARATOR = re.compile(r"(,|\r?\n|\|\|\|)")
+_SOFT = (",", "\n", "\r\n")  # separators that only separate (unlike |||, which means "kept")
+
+
+def tag_key(tag: str) -> str:
+    """How tags are compared: stripped, lower case, `_` read as a space."""
+    return " ".join(tag.strip().lower().replace("_", " ").split())
+
+
+def caption_tags(text: str) -> list[str]:
+    """The tags of a caption text, in order (the `|||` separator separates tags too)."""
+    return [part.strip() for part in _SEPARATOR.split(text)[::2] if part.strip()]
+
+
+def _split(text: str) -> tuple[str, list[list[str]], str]:
+    """(leading space, [[tag text, separator after it], ...], trailing space)."""
+    core = text.strip()
+    head = text[: len(text) - len(text.lstrip())]
+    tail = text[len(head) + len(core):]
+    parts = _SEPARATOR.split(core)
+    items = [[parts[i], parts[i + 1] if i + 1 < len(parts) else ""]
+             for i in range(0, len(parts), 2)]
+    return head, items, tail
+
+
+def edit_tags(text: str, change: Callable[[str], str | None]) -> str:
+    """Apply `change` to every tag: it returns the tag's new text, or None to remove the tag.
+    A change that would repeat a tag already in the caption removes it instead."""
+    head, items, tail = _split(text)
+    seen = {tag_key(t) for t in caption_tags(text)}
+    i = 0
+    while i < len(items):
+        raw = items[i][0]
+        tag = raw.strip()
+        new = change(tag) if tag else tag
+        if new is not None and tag_key(new) != tag_key(tag) and tag_key(new) in seen:
+            new = None
+        if new is None:
+            seen.discard(tag_key(tag))
+            _remove(items, i)
+            continue
+        if new != tag:
+            seen.discard(tag_key(tag))
+            seen.add(tag_key(new))
+            items[i][0] = raw.replace(tag, new, 1)
+        i += 1
+    if items:
+        items[0][0] = items[0][0].lstrip()
+    core = "".join(t + s for t, s in items).strip().strip(",").strip()
+    return f"{head}{core}{tail}" if core else ""
+
+
+def _remove(items: list[list[str]], i: int) -> None:
+    sep = items[i][1]
+    if sep in _SOFT:
+        del items[i]
+    elif i > 0 and items[i - 1][1] in _SOFT:
+        items[i - 1][0] = items[i - 1][0].rstrip() + (" " if sep else "")
+        items[i - 1][1] = sep
+        del items[i]
+    else:  # between two `|||` (or alone): leave the separators, drop the words
+        items[i][0] = " "
+
+
+def remove_tags(text: str, names: Iterable[str], keep: str | None = None) -> str:
+    """`text` without the tags in `names` (never the tag `keep`: the trigger)."""
+    gone = {tag_key(n) for n in names} - ({tag_key(keep)} if keep else set())
+    return edit_tags(text, lambda tag: None if tag_key(tag) in gone else tag)
+
+
+def replace_tags(text: str, mapping: dict[str, str], keep: str | None = None) -> str:
+    """`text` with each tag in `mapping` replaced by its value (never the tag `keep`)."""
+    table = {tag_key(old): new for old, new in mapping.items()
+             if not keep or tag_key(old) != tag_key(keep)}
+    return edit_tags(text, lambda tag: table.get(tag_key(tag), tag))
+
+
+def put_first(text: str, trigger: str) -> str:
+    """`text` with `trigger` as its first tag (moved there, or added)."""
+    tags = caption_tags(text)
+    if tags and tag_key(tags[0]) == tag_key(trigger):
+        return text
+    rest = remove_tags(text, [trigger])
+    head, _, _ = _split(rest)
+    body = rest[len(head):]
+    return f"{trigger}, {body}" if body.strip() else trigger
+
+
+def append_tags(text: str, tags: Iterable[str]) -> str:
+    """`text` with `tags` added at the end, except those it already has."""
+    have = {tag_key(t) for t in caption_tags(text)}
+    new = []
+    for tag in tags:
+        if tag_key(tag) not in have:
+            have.add(tag_key(tag))
+            new.append(tag)
+    if not new:
+        return text
+    core = text.rstrip()
+    tail = text[len(core):]
+    joined = ", ".join(new)
+    return f"{core}, {joined}{tail}" if core.strip() else f"{joined}{tail}"
+
+
+def caption_diff(label: str, old: str | None, new: str) -> list[str]:
+    """A unified diff of one caption file (`old` None: the file is new)."""
+    return list(difflib.unified_diff((old or "").splitlines(), new.splitlines(),
+                                     "/dev/null" if old is None else f"a/{label}",
+                                     f"b/{label}", lineterm="", n=0))
+
+
+class CaptionWriter:
+    """Writes captions atomically; a change to a file that held any text first copies its old
+    bytes to the backup folder of this action (created only when something is backed up)."""
+
+    def __init__(self, dataset_dir: Path, action: str, file_mode: int = DEFAULT_FILE_MODE,
+                 ) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder = Path(dataset_dir) / BACKUP_DIR / f"{stamp}-{action}"
+        n = 1
+        while folder.exists():
+            n += 1
+            folder = folder.with_name(f"{stamp}-{action}-{n}")
+        self.backup_dir = folder
+        self.file_mode = file_mode
+        self.written = 0
+        self.backed_up = 0
+
+    def write(self, path: Path, old: str | None, new: str) -> bool:
+        """Write `new` to the caption `path` (whose current text is `old`, None when it does
+        not exist); False when nothing changes."""
+        if old == new:
+            return False
+        try:
+            if old is not None and old.strip():
+                backup = self.backup_dir / path.parent.name / path.name
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, backup)
+                self.backed_up += 1
+            write_atomic(path, new, self.file_mode)
+        except OSError as exc:
+            raise ForgeError(f"cannot be written ({exc.strerror or exc}); it is unchanged, and "
+                             "the captions written before it are kept", path=path,
+                             fix="make the folder writable (chmod u+w) or free disk space, then "
+                                 "run the same command again: it continues where it stopped"
+                             ) from None
+        self.written += 1
+        return True

@@ -1,0 +1,69 @@
+"""The concept folders and their images, listed leniently for the commands that curate a dataset
+(`dataset tag`, `tags`, `dedupe`): unlike `scan`, a bad file is not an error here; each command
+reports what it cannot use as a warning and goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraforge.dataset.images import IMAGE_EXTENSIONS
+from loraforge.dataset.scan import display_path, is_clutter, parse_folder_name, shell_path
+from loraforge.errors import ForgeError
+
+
+@dataclass
+class ConceptFolder:
+    """One `<repeats>_<name>` folder: its trigger (the concept name) and its image files."""
+
+    name: str
+    folder: Path
+    images: list[Path] = field(default_factory=list)
+
+    def caption_path(self, image: Path, extension: str) -> Path:
+        return image.with_name(image.stem + extension)
+
+
+def concept_folders(dataset_dir: Path, only: list[str] | None = None,
+                    warn: list[str] | None = None) -> list[ConceptFolder]:
+    """The concept folders of `dataset_dir` (all, or those named in `only` by concept or folder
+    name), each with its images sorted by name. Folders without a repeat count are skipped with
+    a warning appended to `warn`."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise ForgeError("dataset folder not found", path=display_path(root),
+                         fix="set dataset.path in forge.toml to the folder holding your "
+                             "<repeats>_<concept>/ folders, or run `loraforge init`")
+    concepts = []
+    for name in sorted(os.listdir(root)):
+        folder = root / name
+        if is_clutter(name) or not folder.is_dir():
+            continue
+        parsed = parse_folder_name(name)
+        if parsed is None or not parsed[1].strip():
+            if warn is not None:
+                warn.append(f"{display_path(folder)}: not a <repeats>_<concept> folder; skipped "
+                            "(`loraforge dataset check` says how to name it)")
+            continue
+        images = [folder / entry for entry in sorted(os.listdir(folder))
+                  if not is_clutter(entry) and Path(entry).suffix.lower() in IMAGE_EXTENSIONS
+                  and (folder / entry).is_file()]
+        concepts.append(ConceptFolder(parsed[1], folder, images))
+    if only:
+        chosen = [c for c in concepts if c.name in only or c.folder.name in only]
+        known = {c.name for c in concepts} | {c.folder.name for c in concepts}
+        unknown = [name for name in only if name not in known]
+        if unknown:
+            names = ", ".join(c.name for c in concepts) or "none"
+            raise ForgeError(f"no concept named {', '.join(map(repr, unknown))} in "
+                             f"{display_path(root)} (concepts: {names})",
+                             fix="name a concept (e.g. blake_character) or its folder (e.g. "
+                                 "20_blake_character), or leave it out for every concept")
+        concepts = chosen
+    if not concepts:
+        raise ForgeError("has no concept folders", path=display_path(root),
+                         fix=f"add a folder named <repeats>_<concept> holding that concept's "
+                             f"images, e.g. {shell_path(root / '10_my_character')}/")
+    return concepts

@@ -1,0 +1,307 @@
+"""`loraforge dataset tag`: caption every image with a WD14-family tagger, offline.
+
+Each caption is the concept's trigger (its folder's name) first, then the character tags whose
+probability reaches `--character-threshold`, then the general tags reaching `--threshold`, each
+group most probable first; rating tags are left out. Tag names become words (`long_hair` ->
+`long hair`) except emoticons such as `^_^`, whose underscore is part of the face.
+
+Hand-written captions are never lost. By default only images without a caption (or with an
+empty one) are tagged. `--append` adds the tags a caption lacks at its end (and puts the trigger
+first); `--overwrite` replaces captions, after copying the old ones to the backup folder (see
+`caption_edit`). Reruns change nothing that is already as it would be written, so a job stopped
+halfway just runs again.
+
+Input preparation follows the model card: the image (EXIF orientation applied, transparency on
+white, any colour mode as RGB, see `images.load_image`) is padded to a square with white,
+centred, resized to the model's input size with a bicubic filter, and handed over as BGR float32
+values 0-255. A picture that cannot be read is skipped with a warning naming it; its caption is
+left as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TextIO
+
+from PIL import Image
+
+from loraforge.dataset.caption_edit import (
+    CaptionWriter,
+    append_tags,
+    caption_tags,
+    put_first,
+    tag_key,
+)
+from loraforge.dataset.folders import ConceptFolder, concept_folders
+from loraforge.dataset.images import load_image
+from loraforge.dataset.scan import display_path
+from loraforge.errors import ForgeError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from loraforge.config import Settings
+    from loraforge.models.tagger import Tag, TaggerModel
+
+Mode = Literal["missing", "append", "overwrite"]
+Say = Callable[[str], None]
+WHITE = (255, 255, 255)
+
+
+# --- the model card's input preparation and output reading ---------------------------------
+
+def prepare_image(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB image as the tagger's input: padded to a white square (centred; an odd margin
+    puts the extra pixel right/bottom), resized to `size` x `size` (bicubic) and returned as
+    (size, size, 3) float32 BGR values 0-255."""
+    import numpy as np
+
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    side = max(rgb.size)
+    square = Image.new("RGB", (side, side), WHITE)
+    square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
+    if side != size:
+        square = square.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(square, dtype=np.float32)[:, :, ::-1]
+
+
+def tag_text(name: str) -> str:
+    """A tag list name as caption text: `_` becomes a space, except in emoticons (no two
+    letters in a row: `^_^`, `o_o`, `>_<`), where it is part of the face."""
+    letters = any(a.isalpha() and b.isalpha() for a, b in itertools.pairwise(name))
+    return name.replace("_", " ") if letters else name
+
+
+def select_tags(probabilities: np.ndarray, tags: list[Tag], threshold: float,
+                character_threshold: float) -> list[str]:
+    """Character tags at or above `character_threshold`, then general tags at or above
+    `threshold`, each group most probable first (ties: tag list order); no rating tags."""
+    import numpy as np
+
+    from loraforge.models.tagger import CHARACTER, GENERAL
+
+    order = np.argsort(-np.asarray(probabilities), kind="stable").tolist()
+    characters = [tags[i].name for i in order if tags[i].category == CHARACTER
+                  and probabilities[i] >= character_threshold]
+    general = [tags[i].name for i in order if tags[i].category == GENERAL
+               and probabilities[i] >= threshold]
+    return [tag_text(name) for name in characters + general]
+
+
+def new_caption(trigger: str, old: str | None, tags: list[str], mode: Mode) -> str:
+    """The caption `mode` makes of an image's current caption `old` and its predicted tags."""
+    if mode == "append" and old is not None and caption_tags(old):
+        return put_first(append_tags(old, tags), trigger)
+    return ", ".join([trigger, *(t for t in tags if tag_key(t) != tag_key(trigger))])
+
+
+# --- the command ------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    concept: ConceptFolder
+    image: Path
+    caption: Path
+    old: str | None
+
+
+@dataclass
+class ConceptReport:
+    written: int = 0
+    unchanged: int = 0
+    kept: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class TagResult:
+    reports: dict[str, ConceptReport] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    backup_dir: Path | None = None
+    images: int = 0
+    seconds: float = 0.0
+
+
+def _read_caption(path: Path) -> str:
+    return path.read_bytes().decode("utf-8-sig")
+
+
+def plan_jobs(concepts: list[ConceptFolder], extension: str, mode: Mode, result: TagResult,
+              ) -> list[Job]:
+    """The images to tag: with `mode` missing, only those without a (non-empty) caption."""
+    jobs = []
+    for concept in concepts:
+        report = result.reports.setdefault(concept.folder.name, ConceptReport())
+        for image in concept.images:
+            caption = concept.caption_path(image, extension)
+            old = None
+            if caption.exists():
+                try:
+                    old = _read_caption(caption)
+                except (OSError, UnicodeDecodeError) as exc:
+                    why = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else \
+                        f"cannot be read ({exc.strerror})"
+                    result.warnings.append(f"{display_path(caption)}: {why}; "
+                                           f"{image.name} not tagged, its caption left as it is")
+                    report.skipped += 1
+                    continue
+            if mode == "missing" and old is not None and caption_tags(old):
+                report.kept += 1
+                continue
+            jobs.append(Job(concept, image, caption, old))
+    return jobs
+
+
+def _load(job: Job, size: int) -> np.ndarray | ForgeError:
+    try:
+        return prepare_image(load_image(job.image), size)
+    except ForgeError as exc:
+        return exc
+    except MemoryError:
+        return ForgeError("is too large to decode in memory", path=job.image,
+                          fix="downscale it (a few megapixels is plenty)")
+
+
+def _batches(jobs: list[Job], size: int, batch_size: int, workers: int,
+             ) -> Iterator[list[tuple[Job, np.ndarray | ForgeError]]]:
+    """Prepared batches in order; `workers` threads read the next batches (one each) while the
+    model runs on this one."""
+    def load_chunk(chunk: list[Job]) -> list[tuple[Job, np.ndarray | ForgeError]]:
+        return [(job, _load(job, size)) for job in chunk]
+
+    chunks = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.submit(load_chunk, chunk) for chunk in chunks[:workers]]
+        for index in range(len(chunks)):
+            if index + workers < len(chunks):
+                pending.append(pool.submit(load_chunk, chunks[index + workers]))
+            yield pending[index].result()
+
+
+def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
+                character_threshold: float, mode: Mode, batch_size: int, say: Say,
+                stream: TextIO | None = None) -> TagResult:
+    """Tag the images of the chosen concepts (all by default); see the module's docstring."""
+    import numpy as np
+
+    from loraforge.models.tagger import TaggerModel, resolve_tagger
+
+    result = TagResult()
+    extension = settings.config.dataset.caption_extension
+    concepts = concept_folders(settings.dataset_dir, only, result.warnings)
+    jobs = plan_jobs(concepts, extension, mode, result)
+    if not jobs:
+        return result
+    model: TaggerModel = TaggerModel(resolve_tagger(settings))
+    say(f"tagger: {display_path(model.folder)} on {model.provider.replace('ExecutionProvider', '')}"
+        f", {len(jobs)} image(s), batch {batch_size}, threshold {threshold}, characters "
+        f"{character_threshold}")
+    writer = CaptionWriter(settings.dataset_dir, "tag", settings.file_mode)
+    progress = Progress(len(jobs), stream)
+    started = time.monotonic()
+    try:
+        workers = max(1, min(4, len(os.sched_getaffinity(0))))
+        for batch in _batches(jobs, model.size, batch_size, workers):
+            ready = [(job, x) for job, x in batch if not isinstance(x, ForgeError)]
+            for job, x in batch:
+                if isinstance(x, ForgeError):
+                    result.warnings.append(f"{display_path(job.image)}: {x.message}; not tagged"
+                                           ", its caption left as it is")
+                    result.reports[job.concept.folder.name].skipped += 1
+            if ready:
+                probabilities = model.predict(np.stack([x for _, x in ready]))
+                for (job, _), row in zip(ready, probabilities, strict=True):
+                    tags = select_tags(row, model.tags, threshold, character_threshold)
+                    text = new_caption(job.concept.name, job.old, tags, mode)
+                    report = result.reports[job.concept.folder.name]
+                    if writer.write(job.caption, job.old, text):
+                        report.written += 1
+                    else:
+                        report.unchanged += 1
+                    result.images += 1
+            progress.advance(len(batch))
+    finally:
+        progress.close()
+    result.seconds = time.monotonic() - started
+    result.backup_dir = writer.backup_dir if writer.backed_up else None
+    return result
+
+
+def report_lines(result: TagResult, mode: Mode) -> list[str]:
+    lines = []
+    for folder, r in result.reports.items():
+        parts = [f"{r.written} caption(s) written"]
+        if r.unchanged:
+            parts.append(f"{r.unchanged} already as tagged")
+        if r.kept:
+            parts.append(f"{r.kept} hand-written kept (--append adds tags to them, --overwrite "
+                         "replaces them with a backup)" if mode == "missing" else
+                         f"{r.kept} kept")
+        if r.skipped:
+            parts.append(f"{r.skipped} skipped (see the warnings)")
+        lines.append(f"{folder}: {', '.join(parts)}")
+    if result.images:
+        rate = result.images / max(result.seconds, 1e-9)
+        lines.append(f"tagged {result.images} image(s) in {result.seconds:.1f} s "
+                     f"({rate:.1f} images/s)")
+    if result.backup_dir is not None:
+        lines.append(f"the old captions are in {display_path(result.backup_dir)}/ (copy them "
+                     "back to undo)")
+    return lines
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(max(0, seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """A bar with the ETA on a terminal; in a log file one line every `every` seconds."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, every: float = 15.0) -> None:
+        self.total, self.done, self.every = total, 0, every
+        self.stream = stream or sys.stdout
+        self.started = self.last = time.monotonic()
+        self._bar = None
+        if self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(TextColumn("tag"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=Console(file=self.stream))
+            self._task = self._bar.add_task("tag", total=total)
+            self._bar.start()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            elapsed = now - self.started
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate else 0.0
+            print(f"tagged {self.done}/{self.total} images, {rate:.1f} images/s, "
+                  f"eta {_duration(eta)}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

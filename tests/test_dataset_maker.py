@@ -1,0 +1,319 @@
+"""The dataset maker: `dataset tag` with the embedded tiny tagger (real onnxruntime, real files),
+the model card's input preparation, `dataset tags` (frequencies, bulk edits with dry run and
+backup), `dataset dedupe` and what `dataset check` adds. One CLI run per behaviour a user sees
+at the command line; the rest in-process."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_user_error, draw_character, run_cli
+from PIL import Image
+
+from loraforge.config import load_settings
+from loraforge.dataset import tag_list
+from loraforge.dataset.caption_edit import BACKUP_DIR
+from loraforge.dataset.dedupe import hash_pictures, near_duplicate_groups, phash
+from loraforge.dataset.folders import concept_folders
+from loraforge.dataset.tagger import prepare_image, select_tags, tag_dataset, tag_text
+from loraforge.models.tagger import (
+    CHARACTER,
+    GENERAL,
+    RATING,
+    Tag,
+    TaggerModel,
+    ensure_tiny_tagger,
+    tiny_model_bytes,
+)
+
+RED, BLUE = (200, 30, 30), (30, 40, 200)
+
+
+def _project(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "forge.toml").write_text('[storage]\nroot = "store"\n[models]\ntagger = "tiny"\n')
+    return root
+
+
+def _huge_png(path: Path) -> None:
+    """A PNG whose header says 30000 x 30000 pixels (900 MP): Pillow refuses it as a
+    decompression bomb before reading any pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _captions(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*.txt"))
+            if BACKUP_DIR not in p.parts}
+
+
+def _backups(dataset: Path) -> list[Path]:
+    return sorted((dataset / BACKUP_DIR).glob("*")) if (dataset / BACKUP_DIR).is_dir() else []
+
+
+# --- the model card's preprocessing, hand-checked -------------------------------------------
+
+def test_input_preparation_follows_the_model_card(tmp_path: Path) -> None:
+    """WD14 taggers take BGR float32 0-255, padded to a white square, resized to 448."""
+    # 3 x 1 pixels: red, orange-blue, fully transparent. Alpha goes on white (load_image), the
+    # square is 3 x 3 with the row in the middle ((3 - 1) // 2 = 1 white row above), and each
+    # pixel is (B, G, R): red (255, 0, 0) -> [0, 0, 255]; (0, 128, 255) -> [255, 128, 0].
+    path = tmp_path / "row.png"
+    pixels = Image.new("RGBA", (3, 1))
+    pixels.putpixel((0, 0), (255, 0, 0, 255))
+    pixels.putpixel((1, 0), (0, 128, 255, 255))
+    pixels.putpixel((2, 0), (10, 20, 30, 0))
+    pixels.save(path)
+    from loraforge.dataset.images import load_image
+
+    white = [255.0, 255.0, 255.0]
+    expected = np.array([[white, white, white],
+                         [[0.0, 0.0, 255.0], [255.0, 128.0, 0.0], white],
+                         [white, white, white]], dtype=np.float32)
+    got = prepare_image(load_image(path), 3)
+    assert got.dtype == np.float32 and got.shape == (3, 3, 3)
+    np.testing.assert_array_equal(got, expected)
+
+    # At the real size: a 896 x 448 red picture fills the middle half of a 448 x 448 white
+    # square (rows 112-335); its pixels read [0, 0, 255] in BGR.
+    wide = prepare_image(Image.new("RGB", (896, 448), (255, 0, 0)), 448)
+    assert wide.shape == (448, 448, 3)
+    np.testing.assert_array_equal(wide[0, 0], white)
+    np.testing.assert_array_equal(wide[447, 447], white)
+    np.testing.assert_array_equal(wide[224, 10], [0.0, 0.0, 255.0])
+    np.testing.assert_array_equal(wide[120:328, :, 2], 255.0)
+    assert (wide[:100] == 255.0).all() and (wide[348:] == 255.0).all()
+    # The tiny tagger declares the real input: one batch of 448 x 448 x 3.
+    model = TaggerModel(ensure_tiny_tagger(tmp_path / "store"))
+    assert model.size == 448 and len(model.tags) == model.predict(wide[None]).shape[1]
+
+
+def test_tags_are_read_as_the_model_card_says() -> None:
+    tags = [Tag("general", RATING), Tag("long_hair", GENERAL), Tag("^_^", GENERAL),
+            Tag("solo", GENERAL), Tag("tiny_mage_(forge)", CHARACTER), Tag(">_<", GENERAL)]
+    probabilities = np.array([0.99, 0.5, 0.9, 0.2, 0.86, 0.34], dtype=np.float32)
+    assert select_tags(probabilities, tags, 0.35, 0.85) == [
+        "tiny mage (forge)", "^_^", "long hair"]
+    assert select_tags(probabilities, tags, 0.3, 0.9) == ["^_^", "long hair", ">_<"]
+    assert [tag_text(t) for t in ("o_o", "3_3", "+_+", "hat_bow", "1girl")] == [
+        "o_o", "3_3", "+_+", "hat bow", "1girl"]
+    assert tiny_model_bytes() == tiny_model_bytes()  # the tiny tagger is built the same way
+
+
+# --- dataset tag ------------------------------------------------------------------------------
+
+def test_tag_writes_captions_trigger_first_and_keeps_hand_captions(tmp_path: Path) -> None:
+    project = _project(tmp_path / "proj")
+    dataset = project / "master_dataset"
+    knight, mage = dataset / "10_red_knight", dataset / "5_blue_mage"
+    knight.mkdir(parents=True)
+    mage.mkdir(parents=True)
+    draw_character(knight / "0.png", RED, "box", -10)
+    draw_character(knight / "1.png", RED, "box", 10)
+    hand = "red_knight ||| my own words, red armor\n"
+    (knight / "1.txt").write_text(hand)
+    draw_character(knight / "2.png", BLUE, "box", 40)
+    (knight / "2.txt").write_text("smiling, no trigger")
+    draw_character(mage / "0.png", BLUE, "circle", 0)
+    (mage / "0.txt").write_text("  \n")  # empty: tagged like a missing caption
+    Image.open(mage / "0.png").convert("CMYK").save(mage / "cmyk.jpg")
+    rgba = Image.open(mage / "0.png").convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((256, 256)))
+    rgba.save(mage / "alpha.png")
+    deep = (np.asarray(Image.open(mage / "0.png").convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(deep).save(mage / "deep.png")  # 16-bit grey
+    assert Image.open(mage / "deep.png").mode.startswith("I")
+    (mage / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    _huge_png(mage / "huge.png")
+
+    result = run_cli("dataset", "tag", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "warning: master_dataset/5_blue_mage/broken.png:" in result.stderr
+    assert "warning: master_dataset/5_blue_mage/huge.png: is too large" in result.stderr
+    assert "not tagged, its caption left as it is" in result.stderr
+    assert "2 hand-written kept" in result.stdout
+    assert "tagged 7/7 images" in result.stdout  # the progress line (not a terminal)
+    captions = _captions(dataset)
+    assert captions["10_red_knight/1.txt"] == hand
+    assert captions["10_red_knight/2.txt"] == "smiling, no trigger"
+    assert set(captions) == {"10_red_knight/0.txt", "10_red_knight/1.txt",
+                             "10_red_knight/2.txt", "5_blue_mage/0.txt",
+                             "5_blue_mage/cmyk.txt", "5_blue_mage/alpha.txt",
+                             "5_blue_mage/deep.txt"}
+    for name, text in captions.items():
+        if name in ("10_red_knight/1.txt", "10_red_knight/2.txt"):
+            continue
+        trigger = "red_knight" if name.startswith("10_") else "blue_mage"
+        tags = text.split(", ")
+        assert tags[0] == trigger and len(tags) > 1 and tags.count(trigger) == 1, (name, text)
+        assert "_" not in "".join(tags[1:]).replace("^_^", "")  # words, not list names
+    assert not _backups(dataset)  # nothing but an empty caption was replaced: no backup
+
+    # Idempotent: a rerun tags nothing and changes no byte.
+    settings = load_settings(project / "forge.toml")
+    rerun = tag_dataset(settings, None, 0.35, 0.85, "missing", 8, print)
+    assert rerun.images == 0 and _captions(dataset) == captions
+
+    # --append: hand captions keep every character, the tagger's tags come after them, and the
+    # trigger goes first where it was missing.
+    appended = tag_dataset(settings, ["red_knight"], 0.35, 0.85, "append", 8, print)
+    after = _captions(dataset)
+    assert after["10_red_knight/1.txt"].startswith(hand.rstrip() + ", ")
+    assert after["10_red_knight/2.txt"].startswith("red_knight, smiling, no trigger, ")
+    assert after["10_red_knight/0.txt"] == captions["10_red_knight/0.txt"]
+    assert appended.reports["10_red_knight"].written == 2
+    assert appended.backup_dir is not None
+    assert (appended.backup_dir / "10_red_knight" / "1.txt").read_text() == hand
+    again = tag_dataset(settings, ["red_knight"], 0.35, 0.85, "append", 8, print)
+    assert again.reports["10_red_knight"].written == 0 and _captions(dataset) == after
+
+    # --overwrite: replaced, the appended caption backed up; a rerun at batch 1 changes nothing.
+    over = tag_dataset(settings, ["10_red_knight"], 0.35, 0.85, "overwrite", 8, print)
+    final = _captions(dataset)
+    assert final["10_red_knight/1.txt"].startswith("red_knight, ")
+    assert "my own words" not in final["10_red_knight/1.txt"]
+    assert over.backup_dir is not None
+    assert (over.backup_dir / "10_red_knight" / "1.txt").read_text() == \
+        after["10_red_knight/1.txt"]
+    backups = _backups(dataset)
+    same = tag_dataset(settings, None, 0.35, 0.85, "overwrite", 1, print)
+    assert sum(r.written for r in same.reports.values()) == 0
+    assert _captions(dataset) == final and _backups(dataset) == backups
+
+
+@pytest.mark.parametrize(("args", "toml", "needles"), [
+    (["--overwrite", "--append"], "", ["--overwrite and --append", "choose one"]),
+    (["nobody"], "", ["no concept named 'nobody'", "concepts: knight"]),
+    ([], "[models]\ntagger = \"wd-tagger\"\n", ["wd-tagger: tagger model not found",
+                                                 "loraforge models fetch tagger"]),
+])
+def test_tag_user_errors(tmp_path: Path, args: list[str], toml: str, needles: list[str]) -> None:
+    (tmp_path / "forge.toml").write_text(toml or '[models]\ntagger = "tiny"\n')
+    folder = tmp_path / "master_dataset" / "3_knight"
+    folder.mkdir(parents=True)
+    draw_character(folder / "a.png", RED, "box", 0)
+    assert_user_error(run_cli("dataset", "tag", *args, cwd=tmp_path), *needles)
+    assert not list(tmp_path.rglob("*.txt"))
+
+
+# --- dataset tags -----------------------------------------------------------------------------
+
+def _captioned_concept(root: Path) -> Path:
+    folder = root / "master_dataset" / "10_blake"
+    folder.mkdir(parents=True)
+    texts = ["blake, solo, 1girl, simple_background\n", "blake, 1girl, smile, Smile",
+             "1girl, solo, simple background"]
+    for i, text in enumerate(texts):
+        draw_character(folder / f"{i}.png", RED, "box", 40 * i - 40)  # 22+ bits apart
+        (folder / f"{i}.txt").write_text(text)
+    draw_character(folder / "bare.png", BLUE, "circle", -40)
+    return folder
+
+
+def test_tag_frequencies_count_spellings_together(tmp_path: Path) -> None:
+    """`simple_background` and `simple background` are one tag; `smile, Smile` counts once."""
+    _captioned_concept(tmp_path)
+    concepts, captions, warnings = tag_list.load(tmp_path / "master_dataset", None, ".txt")
+    (blake,) = tag_list.frequencies(concepts, captions)
+    assert (blake["images"], blake["captioned"], warnings) == (4, 3, [])
+    assert blake["tags"] == [{"tag": "1girl", "count": 3}, {"tag": "blake", "count": 2},
+                             {"tag": "solo", "count": 2},
+                             {"tag": "simple_background", "count": 2},
+                             {"tag": "smile", "count": 1}]
+
+
+def test_tags_dry_run_shows_the_diff_and_the_edit_keeps_a_backup(tmp_path: Path) -> None:
+    folder = _captioned_concept(tmp_path)
+    before = _captions(folder)
+    result = run_cli("dataset", "tags", "--remove", "solo,simple background,blake",
+                     "--replace", "1girl=1woman", "--add-trigger", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for needle in ("--- a/10_blake/0.txt", "+++ b/10_blake/0.txt",
+                   "-blake, solo, 1girl, simple_background", "+blake, 1woman",
+                   "-1girl, solo, simple background", "dry run: 3 caption(s) would change"):
+        assert needle in result.stdout, (needle, result.stdout)
+    assert _captions(folder) == before and not (tmp_path / "master_dataset" / BACKUP_DIR).exists()
+
+    _, captions, _ = tag_list.load(tmp_path / "master_dataset", ["blake"], ".txt")
+    edits = tag_list.parse_edits(["solo,simple background,blake"], ["1girl=1woman"], True)
+    done = tag_list.edit_captions(tmp_path / "master_dataset", captions, edits, False, 0o644)
+    assert _captions(folder) == {"0.txt": "blake, 1woman\n", "1.txt": "blake, 1woman, smile, Smile",
+                                 "2.txt": "blake, 1woman"}
+    assert done.backup_dir is not None
+    assert {p.name: p.read_text() for p in (done.backup_dir / "10_blake").iterdir()} == before
+    again = tag_list.edit_captions(tmp_path / "master_dataset",
+                                   tag_list.load(tmp_path / "master_dataset", None, ".txt")[1],
+                                   edits, False, 0o644)
+    assert again.changed == [] and again.backup_dir is None
+
+
+def test_tags_replace_needs_old_equals_new(tmp_path: Path) -> None:
+    folder = _captioned_concept(tmp_path)
+    before = _captions(folder)
+    assert_user_error(run_cli("dataset", "tags", "--replace", "1girl", cwd=tmp_path),
+                      "--replace '1girl' is not OLD=NEW", "1girl=1woman")
+    assert _captions(folder) == before
+
+
+# --- dataset dedupe and check --------------------------------------------------------------
+
+def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> None:
+    dataset = tmp_path / "master_dataset"
+    knight, mage = dataset / "10_knight", dataset / "10_mage"
+    knight.mkdir(parents=True)
+    mage.mkdir(parents=True)
+    draw_character(knight / "a.png", RED, "box", -20)
+    Image.open(knight / "a.png").resize((200, 200)).save(knight / "a_small.jpg", quality=80)
+    (knight / "a_small.txt").write_text("knight, small copy")
+    draw_character(knight / "b.png", BLUE, "circle", 30)
+    draw_character(mage / "c.png", (30, 160, 40), "circle", -30)
+    Image.open(knight / "a.png").save(mage / "a_copy.png")
+
+    # A flat picture: only the DC coefficient lies above the median (of zeros).
+    assert phash(Image.new("RGB", (90, 60), (9, 200, 20))) == 1 << 63
+    warnings: list[str] = []
+    pictures = hash_pictures(concept_folders(dataset), ".txt", warnings)
+    groups = near_duplicate_groups(pictures, 6)
+    assert warnings == [] and len(pictures) == 5
+    assert [[p.path.relative_to(dataset).as_posix() for p in g] for g in groups] == [
+        ["10_knight/a.png", "10_knight/a_small.jpg", "10_mage/a_copy.png"]]
+
+    result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "group 1: keep master_dataset/10_knight/a.png (256x256)" in result.stdout
+    assert "2 near-duplicate(s) in 1 group(s)" in result.stdout
+    moved = dataset / ".duplicates"
+    assert sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*") if p.is_file()) \
+        == ["10_knight/a_small.jpg", "10_knight/a_small.txt", "10_mage/a_copy.png"]
+    assert (moved / "10_knight" / "a_small.txt").read_text() == "knight, small copy"
+    assert sorted(p.name for p in knight.iterdir()) == ["a.png", "b.png"]
+    assert len(list(dataset.rglob("*.png"))) + len(list(dataset.rglob("*.jpg"))) == 5
+
+
+def test_check_reports_missing_triggers_absorbed_tags_and_near_duplicates(tmp_path: Path,
+                                                                           ) -> None:
+    folder = _captioned_concept(tmp_path)
+    (folder / "bare.txt").write_text("blake, 1girl")
+    Image.open(folder / "0.png").save(folder / "dup.png")
+    (folder / "dup.txt").write_text("blake, 1girl, copy")
+    result = run_cli("dataset", "check", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    advice = "\n".join(summary["advice"])
+    assert "blake: 1 of 5 captions lack the trigger 'blake' (e.g. 2)" in advice
+    assert "loraforge dataset tags --add-trigger blake" in advice
+    assert "blake: '1girl' is in every caption, so training absorbs it into the trigger " \
+           "'blake'" in advice
+    assert "1 near-duplicate picture(s) in 1 group(s)" in advice
+    assert summary["totals"]["near_duplicates"] == 1
