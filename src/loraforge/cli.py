@@ -29,7 +29,8 @@ config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_hel
 dataset_app = typer.Typer(help="Check the training dataset.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
-pose_app = typer.Typer(help="OpenPose pose maps: random figures, or drawn from pose JSON.",
+pose_app = typer.Typer(help="OpenPose pose maps: random figures, drawn from pose JSON, or "
+                       "extracted from pictures.",
                        no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(pose_app, name="pose")
@@ -110,6 +111,29 @@ def pose_render(
 
     for line in render_pose_command(pose_json, output):
         out.print(line, markup=False)
+
+
+@pose_app.command("extract")
+def pose_extract(
+    pictures: Annotated[list[Path], typer.Argument(help="Pictures (png, jpg, webp, bmp), or "
+                                                   "folders of them.")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="PNG pose map to write (default: PICTURE.pose.png beside the "
+        "picture); with several pictures, a folder.")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="OpenPose JSON to write (default: beside the PNG, .json).")] = None,
+    size: Annotated[str | None, typer.Option(
+        "--size", help="WIDTHxHEIGHT of the map (default: generate.width x generate.height)."
+        )] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Detect every person in pictures (models.detector) and write their OpenPose pose maps
+    and JSON, letterboxed onto the scene size."""
+    from loraforge.generate.extract import extract_command
+
+    extract_command(_settings(config, overrides), pictures, output, json_out, size,
+                    lambda line: out.print(line, markup=False))
 
 
 @app.command()

@@ -27,7 +27,7 @@ DEFAULT_ACTIVATE: str = SlurmConfig.model_fields["env_activate"].default
 
 # What `init --tiny` changes so a laptop or CI machine can train and render in seconds.
 TINY_VALUES: dict[str, dict[str, Any]] = {
-    "models": {"base": TINY, "controlnet": TINY},
+    "models": {"base": TINY, "controlnet": TINY, "detector": TINY},
     "dataset": {"resolution": 64},
     "train": {"epochs": 4, "batch_size": 4, "optimizer": "AdamW", "unet_lr": 1e-3,
               "text_encoder_lr": 5e-4, "mixed_precision": "no"},

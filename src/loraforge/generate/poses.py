@@ -757,7 +757,8 @@ def _check_output(output: Path, *, png: bool = True) -> None:
                          fix=f"name the output {output.with_suffix('.png').name}")
 
 
-def _save_png(image: Image.Image, output: Path) -> None:
+def save_png(image: Image.Image, output: Path) -> None:
+    """Write a pose map as PNG, atomically; ForgeError naming the file if it cannot be."""
     try:
         save_atomic(output, lambda tmp: image.save(tmp, format="PNG"))
     except OSError as exc:
@@ -779,7 +780,7 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
                              fix="give --json a different name, e.g. pose_map.json")
     pose = random_pose(figures, width, height, seed)
     image = draw_pose(pose)
-    _save_png(image, output)
+    save_png(image, output)
     noun = "figure" if figures == 1 else "figures"
     lines = [f"wrote {output} ({figures} {noun}, {width}x{height}, seed {seed})"]
     if json_out is not None:
@@ -800,7 +801,7 @@ def render_pose_command(pose_json: Path, output: Path | None) -> list[str]:
         raise ForgeError("the output would overwrite the pose JSON", path=output,
                          fix="pass -o with another name")
     pose = read_pose_json(pose_json)
-    _save_png(draw_pose(pose), output)
+    save_png(draw_pose(pose), output)
     n = len(pose.people)
     lines = [f"wrote {output} ({n} {'person' if n == 1 else 'people'}, "
              f"{pose.width}x{pose.height})"]
