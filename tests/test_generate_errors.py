@@ -197,20 +197,6 @@ def test_no_finished_run_lists_the_runs(project: Path) -> None:
     _untouched(project)
 
 
-def test_a_photo_as_pose_map_is_a_warning_not_an_error(tmp_path: Path) -> None:
-    from PIL import Image
-
-    from loraforge.generate.scenes import PoseCache
-
-    rng = np.random.default_rng(0)
-    photo = tmp_path / "photo.png"
-    Image.fromarray(rng.integers(60, 200, (48, 64, 3), dtype=np.uint8)).save(photo)
-    warnings: list[str] = []
-    image = PoseCache(warnings.append).load(photo, 128, 96)
-    assert image.size == (128, 96)
-    assert len(warnings) == 1 and "photo" in warnings[0] and "pose extract" in warnings[0]
-
-
 def test_help_shows_the_scenes_file_format() -> None:
     result = run_cli("generate", "--help", env={"COLUMNS": "200"})
     assert result.returncode == 0 and "TOML file of [[scene]] tables" in result.stdout

@@ -82,6 +82,7 @@ def upsample(fields: torch.Tensor, heatmaps: torch.Tensor, width: int, height: i
 
 
 def _smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Each map blurred by a Gaussian (separable, edges replicated), as one depthwise conv."""
     import torch
     from torch.nn import functional
 
@@ -89,25 +90,32 @@ def _smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(t ** 2) / (2 * sigma ** 2))
     kernel /= kernel.sum()
-    x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
-    x = functional.conv2d(functional.pad(x, (radius, radius, 0, 0), mode="replicate"),
-                          kernel.view(1, 1, 1, -1))
-    x = functional.conv2d(functional.pad(x, (0, 0, radius, radius), mode="replicate"),
-                          kernel.view(1, 1, -1, 1))
-    return x[:, 0].numpy()
+    n = len(maps)
+    x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
+    with torch.no_grad():
+        x = functional.conv2d(functional.pad(x, (radius, radius, 0, 0), mode="replicate"),
+                              kernel.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)
+        x = functional.conv2d(functional.pad(x, (0, 0, radius, radius), mode="replicate"),
+                              kernel.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)
+    return x[0].numpy()
 
 
 def find_peaks(heatmaps: np.ndarray, limits: Thresholds = DEFAULT) -> list[list[Candidate]]:
     """Keypoint candidates per part (18 lists), from heatmaps (>= 18, H, W) at input pixels."""
+    import torch
+    from torch.nn import functional
+
     smooth = _smooth(heatmaps[:NUM_KEYPOINTS], SMOOTH_SIGMA)
+    with torch.no_grad():
+        window = functional.max_pool2d(torch.from_numpy(smooth)[None], 3, 1, 1)[0].numpy()
+    parts, ys, xs = np.nonzero((smooth == window) & (smooth > limits.peak))
+    # A local maximum counts only when no neighbour equals it: a plateau has no peak.
     padded = np.pad(smooth, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
-    h, w = smooth.shape[1:]
-    higher = np.ones(smooth.shape, dtype=bool)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            if (dy, dx) != (1, 1):
-                higher &= smooth > padded[:, dy:dy + h, dx:dx + w]
-    higher &= smooth > limits.peak
+    strict = np.ones(len(parts), dtype=bool)
+    for dy, dx in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)):
+        strict &= smooth[parts, ys, xs] > padded[parts, ys + dy, xs + dx]
+    higher = np.zeros(smooth.shape, dtype=bool)
+    higher[parts[strict], ys[strict], xs[strict]] = True
     candidates: list[list[Candidate]] = []
     for part in range(NUM_KEYPOINTS):
         ys, xs = np.nonzero(higher[part])
