@@ -14,6 +14,7 @@ from loraforge.config import CONFIG_NAME, TINY, ForgeConfig, Settings, SlurmConf
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
 from loraforge.models.tiny import tiny_folders
+from loraforge.models.tiny_detector import tiny_detector_folder
 
 HEADER = """\
 # LoRA Forge configuration. Every key below shows its value (the default unless `loraforge init`
@@ -171,6 +172,9 @@ def resolved_paths(settings: Settings) -> dict[str, str]:
         "cache": str(settings.cache_dir),
         "base_model": str(_model_path(settings, settings.config.models.base, 0)),
         "controlnet": str(_model_path(settings, settings.config.models.controlnet, 1)),
+        "detector": str(tiny_detector_folder(settings.storage_root)
+                        if settings.config.models.detector == TINY
+                        else settings.model_dir(settings.config.models.detector)),
     }
 
 
