@@ -141,6 +141,22 @@ def test_blank_pose_map(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_photo_as_pose_needs_the_detector_or_is_refused(project: Path) -> None:
+    """A photo is extracted (generate.pose_from_photo = "extract", the default): without a
+    fetched detector that says how to get one; with "refuse" it says how to extract it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(60, 200, (48, 64, 3), dtype=np.uint8)).save(project / "me.png")
+    result = _generate(project, "--pose", "me.png", "--lora", "none")
+    assert_user_error(result, "--pose", "pose detector not found",
+                      "loraforge models fetch openpose-detector")
+    result = _generate(project, "--pose", "me.png", "--lora", "none",
+                       "--set", "generate.pose_from_photo=refuse")
+    assert_user_error(result, "me.png", "not a pose map", "loraforge pose extract")
+    _untouched(project)
+
+
 @pytest.mark.parametrize(("size", "needle"), [("12x", "is not WIDTHxHEIGHT"),
                                               ("0x96", "must be positive"),
                                               ("-5x96", "is not WIDTHxHEIGHT"),
