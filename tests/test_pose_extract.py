@@ -307,13 +307,16 @@ def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> Non
 
     settings = load_settings(None, [f"storage.root={tmp_path / 'nothing'}"])
     picture = _figures(tmp_path / "ref.png")
+    _figures(tmp_path / "ref.jpg")
+    other = _figures(tmp_path / "other.png")
     cases = [
         (([picture], tmp_path / "map.jpg", None), "written as PNG"),
         (([picture], picture, None), "would overwrite the picture"),
         (([picture], None, tmp_path / "ref.pose.png"), "needs its own .json name"),
-        (([picture, picture], None, tmp_path / "x.json"), "--json names one file"),
-        (([picture, picture], tmp_path / "x.png", None), "-o must be a folder"),
+        (([picture, other], None, tmp_path / "x.json"), "--json names one file"),
+        (([picture, other], tmp_path / "x.png", None), "-o must be a folder"),
         (([tmp_path / "missing.png"], None, None), "no such file"),
+        (([picture, tmp_path / "ref.jpg"], None, None), "ref.png and ref.jpg would both write"),
     ]
     for (inputs, output, json_out), needle in cases:
         with pytest.raises(ForgeError, match=needle):
@@ -321,7 +324,7 @@ def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> Non
     with pytest.raises(ForgeError, match="pose detector not found") as missing:
         extract_command(settings, [picture], None, None, None, lambda _: None)
     assert "models fetch openpose-detector" in str(missing.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.png", "ref.jpg", "ref.png"]
 
 
 def test_a_huge_photo_is_decoded_small(tmp_path: Path, tiny_root: Path) -> None:

@@ -174,7 +174,7 @@ def _open(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise _not_readable(path) from None
     except Image.DecompressionBombError as exc:
-        raise ForgeError(f"is too large to be a training image ({exc})", path=path,
+        raise ForgeError(f"is too large to decode safely ({exc})", path=path,
                          fix="downscale it (a few megapixels is plenty) or delete it") from None
     except FileNotFoundError:
         raise ForgeError("does not exist", path=path,

@@ -177,6 +177,14 @@ def _outputs(picture: Path, output: Path | None, json_out: Path | None, batch: b
 def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | None,
                    batch: bool) -> None:
     if batch:
+        seen: dict[Path, Path] = {}
+        for picture in pictures:
+            png = _outputs(picture, output, json_out, batch)[0].resolve()
+            if png in seen:
+                raise ForgeError(f"{seen[png].name} and {picture.name} would both write "
+                                 f"{png.name}", path=picture.parent,
+                                 fix="rename one of them, or extract them one at a time with -o")
+            seen[png] = picture
         if json_out is not None:
             raise ForgeError("--json names one file, but several pictures are extracted",
                              path=json_out, fix="drop --json: each picture's JSON is written "
