@@ -146,38 +146,52 @@ def published_names(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+FETCH_FIX = ("run `loraforge models fetch openpose-detector` (on a login node with internet), "
+             "or set `models.detector = \"tiny\"` for the embedded test detector")
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A detector's tensors under their published names; ForgeError naming an unreadable file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return published_names(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ForgeError(f"cannot be read as safetensors ({exc})", path=path,
+                         fix=FETCH_FIX) from None
+
+
+def fill(net: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str,
+         ) -> torch.nn.Module:
+    """``net`` with the weights of ``state``, in eval mode; ForgeError naming ``path`` when a
+    weight is missing or shaped otherwise."""
+    import torch
+
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
+    if missing or wrong:
+        problem = (f"{len(missing)} weights missing (first: {missing[0]})" if missing else
+                   f"{len(wrong)} weights of the wrong shape (first: {wrong[0]})")
+        raise ForgeError(f"is not {what} in the published layout: {problem}", path=path,
+                         fix=FETCH_FIX)
+    net.load_state_dict({k: state[k].to(torch.float32) for k in expected})
+    return net.eval()
+
+
 def load_detector(folder: Path) -> torch.nn.Module:
     """The body network from ``<folder>/body_pose_model.safetensors``, in eval mode.
 
     ForgeError naming the file when it is missing, or not a body network in the published layout.
     """
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(folder) / DETECTOR_FILE
-    fix = ("run `loraforge models fetch openpose-detector` (on a login node with internet), or "
-           "set `models.detector = \"tiny\"` for the embedded test detector")
     if not path.is_file():
         raise ForgeError("no pose detector here (body_pose_model.safetensors is missing)",
-                         path=Path(folder), fix=fix)
-    try:
-        state = published_names(load_file(str(path)))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ForgeError(f"cannot be read as safetensors ({exc})", path=path, fix=fix) from None
+                         path=Path(folder), fix=FETCH_FIX)
+    state = read_state(path)
     widths = widths_of(state)
     if widths is None:
         raise ForgeError("is not an OpenPose body network (no conv1_1 ... conv5_4_CPM_L1 "
-                         "weights)", path=path, fix=fix)
-    net = build_network(widths)
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
-    if missing or wrong:
-        what = (f"{len(missing)} weights missing (first: {missing[0]})" if missing else
-                f"{len(wrong)} weights of the wrong shape (first: {wrong[0]})")
-        raise ForgeError(f"is not an OpenPose body network in the published layout: {what}",
-                         path=path, fix=fix)
-    net.load_state_dict({k: state[k].to(torch.float32) for k in expected})
-    net.eval()
-    return net
+                         "weights)", path=path, fix=FETCH_FIX)
+    return fill(build_network(widths), state, path, "an OpenPose body network")
