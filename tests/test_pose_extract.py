@@ -327,28 +327,35 @@ def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.png", "ref.jpg", "ref.png"]
 
 
-def test_a_huge_photo_is_decoded_small(tmp_path: Path, tiny_root: Path) -> None:
+def test_a_huge_photo_is_decoded_small(tmp_path: Path) -> None:
     """A 6000x4000 JPEG is decoded at 1/4 scale (1500x1000, 4.5 MB instead of 72 MB), still
-    more than the network's 552x368 input needs. Keypoints come back in the picture's pixels:
-    the same people as from the network-sized copy, scaled up."""
-    from loraforge.generate.extract import Detector, input_size, load_picture
+    more than the network's 552x368 input needs."""
+    from loraforge.generate.extract import input_size, load_picture
 
-    huge = _figures(tmp_path / "huge.jpg", (6000, 4000))
-    picture = load_picture(huge)
+    picture = load_picture(_figures(tmp_path / "huge.jpg", (6000, 4000)))
     assert picture.size == (1500, 1000)
     assert input_size(*picture.size) == (552, 368)
+
+
+def test_keypoints_come_back_in_the_pictures_pixels(tmp_path: Path, tiny_root: Path) -> None:
+    """The same people as from a copy at the network's input size, scaled up."""
+    from loraforge.generate.extract import Detector, input_size, load_picture
+
+    path = _figures(tmp_path / "big.png", (1024, 768))
+    picture = load_picture(path)
+    assert input_size(*picture.size) == (491, 368)
     detector = Detector(_tiny_settings(tiny_root))
-    big = detector.people(picture, huge)
+    big = detector.people(picture, path)
     small_path = tmp_path / "small.png"
-    picture.resize((552, 368), Image.Resampling.BICUBIC).save(small_path)
+    picture.resize((491, 368), Image.Resampling.BICUBIC).save(small_path)
     small = detector.people(load_picture(small_path), small_path)
-    assert (big.width, big.height) == (1500, 1000) and len(big.people) == len(small.people)
-    scale = 1500 / 552
+    assert (big.width, big.height) == (1024, 768) and len(big.people) == len(small.people)
+    sx, sy = 1024 / 491, 768 / 368
     for a, b in zip(big.people, small.people, strict=True):
         for p, q in zip(a.keypoints, b.keypoints, strict=True):
             assert (p is None) == (q is None)
             if p is not None and q is not None:
-                expected = ((q[0] + 0.5) * scale - 0.5, (q[1] + 0.5) * scale - 0.5)
+                expected = ((q[0] + 0.5) * sx - 0.5, (q[1] + 0.5) * sy - 0.5)
                 assert math.dist(p, expected) < 1e-6
 
 
@@ -387,3 +394,114 @@ def test_generate_refuses_a_photo_when_told_to(tmp_path: Path) -> None:
         PoseCache(lambda _: None, photo_poses(settings)).load(photo, 128, 96)
     assert "loraforge pose extract" in str(refused.value)
     assert 'pose_from_photo = "extract"' in str(refused.value)
+
+
+# --- hands ----------------------------------------------------------------------------------------
+
+def test_the_hand_network_has_the_published_parameter_names_and_shapes() -> None:
+    """Simon et al. (2017): a VGG-19 trunk to conv5_2, conv5_3_CPM to 128 features, stage 1
+    (1x1 to 512, 1x1 to 22 heatmaps), stages 2-6 on the 22 + 128 channels (five 7x7, two 1x1)."""
+    import torch
+
+    from loraforge.models.handpose import build_network
+
+    convs = [("conv1_1", 3, 64, 3), ("conv1_2", 64, 64, 3), ("conv2_1", 64, 128, 3),
+             ("conv2_2", 128, 128, 3), ("conv3_1", 128, 256, 3), ("conv3_2", 256, 256, 3),
+             ("conv3_3", 256, 256, 3), ("conv3_4", 256, 256, 3), ("conv4_1", 256, 512, 3),
+             ("conv4_2", 512, 512, 3), ("conv4_3", 512, 512, 3), ("conv4_4", 512, 512, 3),
+             ("conv5_1", 512, 512, 3), ("conv5_2", 512, 512, 3), ("conv5_3_CPM", 512, 128, 3),
+             ("conv6_1_CPM", 128, 512, 1), ("conv6_2_CPM", 512, 22, 1)]
+    for stage in range(2, 7):
+        convs += [(f"Mconv1_stage{stage}", 150, 128, 7)]
+        convs += [(f"Mconv{i}_stage{stage}", 128, 128, 7) for i in (2, 3, 4, 5)]
+        convs += [(f"Mconv6_stage{stage}", 128, 128, 1), (f"Mconv7_stage{stage}", 128, 22, 1)]
+    expected = {}
+    for name, cin, cout, k in convs:
+        expected[f"{name}.weight"], expected[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+    with torch.device("meta"):
+        net = build_network()
+        assert net(torch.zeros(1, 3, 368, 368)).shape == (1, 22, 46, 46)
+    state = net.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    # 147.3 MB of float32: the size of the released hand_pose_model.pth.
+    assert sum(v.numel() for v in state.values()) == 36_832_324
+
+
+def _arms(width: float = 60.0) -> Person:
+    """A person facing the viewer with both arms hanging: shoulders, elbows, wrists, and a neck."""
+    points: list[tuple[float, float] | None] = [None] * 18
+    points[1] = (300.0, 100.0)
+    for shoulder, elbow, wrist, x in ((2, 3, 4, 300.0 - width), (5, 6, 7, 300.0 + width)):
+        points[shoulder], points[elbow], points[wrist] = (x, 110.0), (x, 170.0), (x, 230.0)
+    return Person(tuple(points))
+
+
+def test_a_hand_is_looked_for_past_the_wrist() -> None:
+    from loraforge.generate.hands import ARMS, hand_box
+
+    person = _arms()
+    # A third of the forearm past the wrist; 1.5 x the forearm (60 px) wide.
+    left, top, side = hand_box(person, ARMS[1], 600, 400) or (0, 0, 0)
+    assert (left, top, side) == pytest.approx((195.0, 249.8 - 45.0, 90.0))
+    # At the picture's edge the square shrinks to fit; a missing elbow or a tiny arm: no hand.
+    assert hand_box(person, ARMS[1], 600, 270) == pytest.approx((195.0, 204.8, 65.2))
+    no_elbow = Person(tuple(None if i == 3 else p for i, p in enumerate(person.keypoints)))
+    assert hand_box(no_elbow, ARMS[1], 600, 400) is None
+    tiny = person.moved(lambda p: (p[0] / 10, p[1] / 10))
+    assert hand_box(tiny, ARMS[1], 600, 400) is None
+
+
+def test_hand_keypoints_are_the_heatmaps_peaks() -> None:
+    from loraforge.generate.hands import hand_points
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(20, 340, (21, 2))
+    ys, xs = np.mgrid[0:368, 0:368]
+    maps = np.stack([np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 7.0 ** 2)) for x, y in truth])
+    maps[20] *= 0.04  # under the threshold: not found
+    found = hand_points(maps.astype(np.float32))
+    assert found[20] is None
+    for p, q in zip(found[:20], truth[:20], strict=True):
+        assert p is not None and math.dist(p, q) <= 1.0
+
+
+def test_hands_are_detected_inside_their_squares(tmp_path: Path, tiny_root: Path) -> None:
+    """Through the tiny hand network: each hand's keypoints lie in the square it was looked for
+    in, and survive the JSON and the drawing."""
+    from loraforge.generate.hands import ARMS, add_hands, hand_box
+    from loraforge.generate.poses import HAND_POINT_COLOR, fit_pose, write_pose_json
+    from loraforge.models.handpose import load_hand_detector
+
+    picture = Image.open(_figures(tmp_path / "ref.png", (600, 400))).convert("RGB")
+    person = _arms()
+    pose = add_hands(load_hand_detector(tiny_root / "tiny-detector"), picture,
+                     PoseMap(600, 400, (person,)))
+    hands = pose.people[0].hands
+    assert all(hand is not None for hand in hands)
+    for hand, arm in zip(hands, ARMS, strict=True):
+        left, top, side = hand_box(person, arm, 600, 400) or (0, 0, 0)
+        for p in hand or ():
+            if p is not None:
+                assert left - 1 <= p[0] <= left + side + 1 and top - 1 <= p[1] <= top + side + 1
+    write_pose_json(tmp_path / "hands.json", pose)
+    assert read_pose_json(tmp_path / "hands.json") == pose
+    drawn = np.asarray(draw_pose(fit_pose(pose, 600, 400)))
+    for p in hands[0] or ():
+        if p is not None:
+            assert tuple(drawn[round(p[1]), round(p[0])]) == HAND_POINT_COLOR
+
+
+def test_hands_need_the_hand_detector(tmp_path: Path, tiny_root: Path) -> None:
+    import shutil
+
+    from loraforge.generate.extract import extract_command
+
+    folder = tmp_path / "body-only"
+    shutil.copytree(tiny_root / "tiny-detector", folder)
+    (folder / "hand_pose_model.safetensors").unlink()
+    settings = load_settings(None, [f"storage.root={tmp_path}", f"models.detector={folder}"])
+    picture = _figures(tmp_path / "ref.png")
+    with pytest.raises(ForgeError, match="no hand detector here") as missing:
+        extract_command(settings, [picture], None, None, None, lambda _: None, hands=True)
+    assert "models fetch openpose-detector" in str(missing.value)
+    assert not (tmp_path / "ref.pose.png").exists()

@@ -125,6 +125,9 @@ def pose_extract(
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the map (default: generate.width x generate.height)."
         )] = None,
+    hands: Annotated[bool, typer.Option(
+        "--hands", help="Also detect each person's hands (21 keypoints each; needs "
+        "hand_pose_model.safetensors beside the body detector).")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -133,7 +136,7 @@ def pose_extract(
     from loraforge.generate.extract import extract_command
 
     extract_command(_settings(config, overrides), pictures, output, json_out, size,
-                    lambda line: out.print(line, markup=False))
+                    lambda line: out.print(line, markup=False), hands)
 
 
 @app.command()

@@ -98,10 +98,12 @@ def detect(net: torch.nn.Module, picture: Image.Image) -> PoseMap:
 
 @dataclass
 class Detector:
-    """The configured body network, loaded on first use (once per process)."""
+    """The configured body network (and with ``hands`` the hand network), loaded on first use."""
 
     settings: Settings
+    hands: bool = False
     _net: torch.nn.Module | None = None
+    _hand_net: torch.nn.Module | None = None
 
     @property
     def is_tiny(self) -> bool:
@@ -111,7 +113,12 @@ class Detector:
         if self._net is None:
             from loraforge.models import bodypose, store
 
-            self._net = bodypose.load_detector(store.resolve_detector(self.settings))
+            folder = store.resolve_detector(self.settings)
+            self._net = bodypose.load_detector(folder)
+            if self.hands:
+                from loraforge.models.handpose import load_hand_detector
+
+                self._hand_net = load_hand_detector(folder)
         return self._net
 
     def people(self, picture: Image.Image, path: Path) -> PoseMap:
@@ -126,6 +133,10 @@ class Detector:
                        "run `loraforge models fetch openpose-detector` and set "
                        "models.detector = \"controlnet-detector\"")
             raise ForgeError("no person found", path=path, fix=fix)
+        if self._hand_net is not None:
+            from loraforge.generate.hands import add_hands
+
+            pose = add_hands(self._hand_net, picture, pose)
         return pose
 
 
@@ -214,7 +225,8 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
 
 
 def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
-                    json_out: Path | None, size: str | None, say: Say) -> None:
+                    json_out: Path | None, size: str | None, say: Say,
+                    hands: bool = False) -> None:
     """`loraforge pose extract`: one pose map (PNG) and OpenPose JSON per picture, letterboxed
     onto the scene size. A batch goes on past a bad picture and ends with a summary; ForgeError
     (exit 1) when any picture gave no pose."""
@@ -222,7 +234,7 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     width, height = parse_size(size) if size else (gen.width, gen.height)
     pictures, batch = _pictures(inputs)
     _check_outputs(pictures, output, json_out, batch)
-    detector = Detector(settings)
+    detector = Detector(settings, hands)
     detector.net()  # a missing or damaged detector stops the batch before the first picture
     people = 0
     failed: list[str] = []
@@ -246,8 +258,10 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
             continue
         n = len(found.people)
         people += n
-        say(f"{picture_path} -> {png} ({n} {'person' if n == 1 else 'people'}, {width}x{height}"
-            f"; JSON: {json_path.name})")
+        with_hands = (f", {sum(h is not None for p in found.people for h in p.hands)} hands"
+                      if hands else "")
+        say(f"{picture_path} -> {png} ({n} {'person' if n == 1 else 'people'}{with_hands}, "
+            f"{width}x{height}; JSON: {json_path.name})")
     if batch:
         done = len(pictures) - len(failed)
         summary = (f"{len(pictures)} pictures: {done} extracted ({people} people), "

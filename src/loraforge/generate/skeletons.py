@@ -66,22 +66,24 @@ class Candidate:
     score: float
 
 
-def upsample(fields: torch.Tensor, heatmaps: torch.Tensor, width: int, height: int,
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Stride-8 outputs (C, h, w) -> (C, height, width) arrays over the unpadded input."""
+def upsample_maps(maps: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """Stride-8 maps (C, h, w) -> (C, height, width) over the unpadded input (bicubic)."""
     import torch
     from torch.nn import functional
 
-    def up(x: torch.Tensor) -> np.ndarray:
-        big = functional.interpolate(x[None].float(), scale_factor=STRIDE, mode="bicubic",
-                                     align_corners=False)[0]
-        return big[:, :height, :width].numpy()
-
     with torch.no_grad():
-        return up(fields), up(heatmaps)
+        big = functional.interpolate(maps[None].float(), scale_factor=STRIDE, mode="bicubic",
+                                     align_corners=False)[0]
+    return big[:, :height, :width].numpy()
 
 
-def _smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
+def upsample(fields: torch.Tensor, heatmaps: torch.Tensor, width: int, height: int,
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The body network's outputs at the input's pixels: (fields, heatmaps)."""
+    return upsample_maps(fields, width, height), upsample_maps(heatmaps, width, height)
+
+
+def smooth_maps(maps: np.ndarray, sigma: float = SMOOTH_SIGMA) -> np.ndarray:
     """Each map blurred by a Gaussian (separable, edges replicated), as one depthwise conv."""
     import torch
     from torch.nn import functional
@@ -105,7 +107,7 @@ def find_peaks(heatmaps: np.ndarray, limits: Thresholds = DEFAULT) -> list[list[
     import torch
     from torch.nn import functional
 
-    smooth = _smooth(heatmaps[:NUM_KEYPOINTS], SMOOTH_SIGMA)
+    smooth = smooth_maps(heatmaps[:NUM_KEYPOINTS])
     with torch.no_grad():
         window = functional.max_pool2d(torch.from_numpy(smooth)[None], 3, 1, 1)[0].numpy()
     parts, ys, xs = np.nonzero((smooth == window) & (smooth > limits.peak))

@@ -1,5 +1,5 @@
-"""The embedded test detector: the OpenPose body network's module tree, a few channels wide, with
-random weights from a fixed seed (what `models.detector = "tiny"` loads; no download).
+"""The embedded test detector: the OpenPose body and hand networks' module trees, a few channels
+wide, with random weights from a fixed seed (what `models.detector = "tiny"` loads; no download).
 
 It finds no real people: its skeletons come from its random weights. It exists so that the whole
 path (picture -> network -> peaks -> limbs -> people -> pose map) runs in tests and the demo
@@ -16,14 +16,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loraforge.errors import ForgeError
-from loraforge.models import folders
+from loraforge.models import folders, handpose
 from loraforge.models.bodypose import Widths, build_network
 from loraforge.models.manifest import DETECTOR_FILE, describe_files, write_manifest
 
 NAME = "tiny-detector"
 SEED = 20240617
-VERSION = 1
+VERSION = 2  # 2: with the hand network
 WIDTHS = Widths(vgg=(4, 8, 8, 16), cpm=(8, 8), stage=8, wide=16)
+HAND_WIDTHS = handpose.HandWidths(vgg=(4, 8, 8, 16), features=8, stage=8, wide=16)
 # Weights drawn from N(0, GAIN² / fan_in) carry the picture's detail through the 92 layers to
 # heatmaps of about the trained model's range (the default init flattens them to the biases);
 # biases are zero, so a flat picture gives flat maps: nobody.
@@ -33,7 +34,7 @@ MARKER = "loraforge.json"
 
 def recipe() -> dict[str, object]:
     return {"kind": "tiny", "component": "detector", "seed": SEED, "version": VERSION,
-            "widths": asdict(WIDTHS), "gain": GAIN}
+            "widths": asdict(WIDTHS), "hand_widths": asdict(HAND_WIDTHS), "gain": GAIN}
 
 
 def recipe_hash() -> str:
@@ -57,18 +58,20 @@ def build_tiny_detector(folder: Path) -> None:
     from safetensors.torch import save_file
 
     state = torch.random.get_rng_state()
-    torch.manual_seed(SEED)
     try:
-        net = build_network(WIDTHS)
-        with torch.no_grad():
-            for conv in net.children():
-                fan_in = conv.weight[0].numel()
-                conv.weight.normal_(0.0, GAIN / fan_in ** 0.5)
-                conv.bias.zero_()
+        for seed, net, name in ((SEED, build_network(WIDTHS), DETECTOR_FILE),
+                                (SEED + 1, handpose.build_network(HAND_WIDTHS),
+                                 handpose.HAND_FILE)):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for conv in net.children():
+                    fan_in = conv.weight[0].numel()
+                    conv.weight.normal_(0.0, GAIN / fan_in ** 0.5)
+                    conv.bias.zero_()
+            tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+            save_file(tensors, str(folder / name), metadata={"format": "pt"})
     finally:
         torch.random.set_rng_state(state)
-    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(folder / DETECTOR_FILE), metadata={"format": "pt"})
     (folder / MARKER).write_text(json.dumps(recipe(), indent=2) + "\n", encoding="utf-8")
     write_manifest(folder, {"kind": "detector", "files": describe_files(folder),
                             "source": {"type": "embedded", "recipe": recipe_hash()}})
