@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
 from loraforge.models.bodypose import FETCH_FIX, fill, read_state
+from loraforge.models.manifest import HAND_DETECTOR_FILE
 
 if TYPE_CHECKING:
     import torch
 
-HAND_FILE = "hand_pose_model.safetensors"
 HEATMAP_CHANNELS = 22
 STAGES = 6
 
@@ -119,7 +119,7 @@ def widths_of(state: dict[str, Any]) -> HandWidths | None:
 
 def load_hand_detector(folder: Path) -> torch.nn.Module:
     """The hand network from ``<folder>/hand_pose_model.safetensors``, in eval mode."""
-    path = Path(folder) / HAND_FILE
+    path = Path(folder) / HAND_DETECTOR_FILE
     if not path.is_file():
         raise ForgeError("no hand detector here (hand_pose_model.safetensors is missing)",
                          path=Path(folder), fix=FETCH_FIX)

@@ -18,7 +18,12 @@ from pathlib import Path
 from loraforge.errors import ForgeError
 from loraforge.models import folders, handpose
 from loraforge.models.bodypose import Widths, build_network
-from loraforge.models.manifest import DETECTOR_FILE, describe_files, write_manifest
+from loraforge.models.manifest import (
+    DETECTOR_FILE,
+    HAND_DETECTOR_FILE,
+    describe_files,
+    write_manifest,
+)
 
 NAME = "tiny-detector"
 SEED = 20240617
@@ -61,7 +66,7 @@ def build_tiny_detector(folder: Path) -> None:
     try:
         for seed, net, name in ((SEED, build_network(WIDTHS), DETECTOR_FILE),
                                 (SEED + 1, handpose.build_network(HAND_WIDTHS),
-                                 handpose.HAND_FILE)):
+                                 HAND_DETECTOR_FILE)):
             torch.manual_seed(seed)
             with torch.no_grad():
                 for conv in net.children():
