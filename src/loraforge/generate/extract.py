@@ -10,7 +10,7 @@ onto the scene size generation uses and drawn in the standard pose map colours.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,8 +102,8 @@ class Detector:
 
     settings: Settings
     hands: bool = False
-    _net: torch.nn.Module | None = None
-    _hand_net: torch.nn.Module | None = None
+    _net: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    _hand_net: torch.nn.Module | None = field(default=None, init=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:
