@@ -42,12 +42,12 @@ def run(pictures: int, threads: list[int], device: str) -> list[str]:
     from loraforge.generate.extract import input_size, load_picture, network_maps
     from loraforge.generate.hands import crop_maps, hand_points
     from loraforge.generate.skeletons import people_from_maps
-    from loraforge.models import handpose
+    from loraforge.models import cpm
     from loraforge.models.bodypose import build_network
 
     torch.manual_seed(0)
     net = build_network().eval().to(device)
-    hand_net = handpose.build_network().eval().to(device)
+    hand_net = cpm.build_network(cpm.HAND_CHANNELS).eval().to(device)
     rows = ["| device | threads | network input | network s | parsing s | per picture s | "
             "per hand s |", "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:

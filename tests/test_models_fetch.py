@@ -242,9 +242,8 @@ def served(tiny_store: Path) -> dict[str, dict[str, bytes]]:
         "images/input.png": os.urandom(512),
     }
     pth, _ = detector_pth()
-    hand_pth, _ = detector_pth(seed=4)
-    annotators = {"body_pose_model.pth": pth, "hand_pose_model.pth": hand_pth,
-                  "ControlNetHED.pth": os.urandom(2048)}
+    annotators = {"body_pose_model.pth": pth, "hand_pose_model.pth": detector_pth(seed=4)[0],
+                  "facenet.pth": detector_pth(seed=5)[0], "ControlNetHED.pth": os.urandom(2048)}
     return {"Lykon/AnyLoRA": anylora, "lllyasviel/control_v11p_sd15_openpose": controlnet,
             "lllyasviel/Annotators": annotators}
 
@@ -351,14 +350,15 @@ def test_fetch_all_installs_checks_and_is_idempotent(
     assert {p.name for p in controlnet.iterdir()} == {
         "config.json", "diffusion_pytorch_model.safetensors", "manifest.json"}
 
-    # The body and hand detectors: converted from the pickles to safetensors; the .pth files
-    # are not kept anywhere.
+    # The body, hand and face detectors: converted from the pickles to safetensors; the .pth
+    # files are not kept anywhere.
     from safetensors.torch import load_file
 
     detector = store / "controlnet-detector"
     assert {p.name for p in detector.iterdir()} == {
-        "body_pose_model.safetensors", "hand_pose_model.safetensors", "manifest.json"}
-    for name, seed in (("body_pose_model", 3), ("hand_pose_model", 4)):
+        "body_pose_model.safetensors", "hand_pose_model.safetensors", "facenet.safetensors",
+        "manifest.json"}
+    for name, seed in (("body_pose_model", 3), ("hand_pose_model", 4), ("facenet", 5)):
         pth, state = detector_pth(seed)
         loaded = load_file(str(detector / f"{name}.safetensors"))
         assert loaded.keys() == state.keys()

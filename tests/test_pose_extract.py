@@ -396,35 +396,39 @@ def test_generate_refuses_a_photo_when_told_to(tmp_path: Path) -> None:
     assert 'pose_from_photo = "extract"' in str(refused.value)
 
 
-# --- hands ----------------------------------------------------------------------------------------
+# --- hands and faces ------------------------------------------------------------------------------
 
-def test_the_hand_network_has_the_published_parameter_names_and_shapes() -> None:
+@pytest.mark.parametrize(("outputs", "parameters"), [(22, 36_832_324), (71, 38_425_706)])
+def test_the_hand_and_face_networks_have_the_published_names_and_shapes(outputs: int,
+                                                                         parameters: int) -> None:
     """Simon et al. (2017): a VGG-19 trunk to conv5_2, conv5_3_CPM to 128 features, stage 1
-    (1x1 to 512, 1x1 to 22 heatmaps), stages 2-6 on the 22 + 128 channels (five 7x7, two 1x1)."""
+    (1x1 to 512, 1x1 to the heatmaps: 22 for a hand, 71 for a face), stages 2-6 on the heatmaps
+    and the 128 features (five 7x7, two 1x1). 147.3 MB / 153.7 MB of float32: the sizes of the
+    released hand_pose_model.pth and facenet.pth."""
     import torch
 
-    from loraforge.models.handpose import build_network
+    from loraforge.models.cpm import build_network
 
     convs = [("conv1_1", 3, 64, 3), ("conv1_2", 64, 64, 3), ("conv2_1", 64, 128, 3),
              ("conv2_2", 128, 128, 3), ("conv3_1", 128, 256, 3), ("conv3_2", 256, 256, 3),
              ("conv3_3", 256, 256, 3), ("conv3_4", 256, 256, 3), ("conv4_1", 256, 512, 3),
              ("conv4_2", 512, 512, 3), ("conv4_3", 512, 512, 3), ("conv4_4", 512, 512, 3),
              ("conv5_1", 512, 512, 3), ("conv5_2", 512, 512, 3), ("conv5_3_CPM", 512, 128, 3),
-             ("conv6_1_CPM", 128, 512, 1), ("conv6_2_CPM", 512, 22, 1)]
+             ("conv6_1_CPM", 128, 512, 1), ("conv6_2_CPM", 512, outputs, 1)]
     for stage in range(2, 7):
-        convs += [(f"Mconv1_stage{stage}", 150, 128, 7)]
+        convs += [(f"Mconv1_stage{stage}", outputs + 128, 128, 7)]
         convs += [(f"Mconv{i}_stage{stage}", 128, 128, 7) for i in (2, 3, 4, 5)]
-        convs += [(f"Mconv6_stage{stage}", 128, 128, 1), (f"Mconv7_stage{stage}", 128, 22, 1)]
+        convs += [(f"Mconv6_stage{stage}", 128, 128, 1),
+                  (f"Mconv7_stage{stage}", 128, outputs, 1)]
     expected = {}
     for name, cin, cout, k in convs:
         expected[f"{name}.weight"], expected[f"{name}.bias"] = (cout, cin, k, k), (cout,)
     with torch.device("meta"):
-        net = build_network()
-        assert net(torch.zeros(1, 3, 368, 368)).shape == (1, 22, 46, 46)
+        net = build_network(outputs)
+        assert net(torch.zeros(1, 3, 368, 368)).shape == (1, outputs, 46, 46)
     state = net.state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
-    # 147.3 MB of float32: the size of the released hand_pose_model.pth.
-    assert sum(v.numel() for v in state.values()) == 36_832_324
+    assert sum(v.numel() for v in state.values()) == parameters
 
 
 def _arms(width: float = 60.0) -> Person:
@@ -470,7 +474,7 @@ def test_hands_are_detected_inside_their_squares(tmp_path: Path, tiny_root: Path
     in, and survive the JSON and the drawing."""
     from loraforge.generate.hands import ARMS, add_hands, hand_box
     from loraforge.generate.poses import HAND_POINT_COLOR, fit_pose, write_pose_json
-    from loraforge.models.handpose import load_hand_detector
+    from loraforge.models.cpm import load_hand_detector
 
     picture = Image.open(_figures(tmp_path / "ref.png", (600, 400))).convert("RGB")
     person = _arms()
@@ -491,17 +495,58 @@ def test_hands_are_detected_inside_their_squares(tmp_path: Path, tiny_root: Path
             assert tuple(drawn[round(p[1]), round(p[0])]) == HAND_POINT_COLOR
 
 
-def test_hands_need_the_hand_detector(tmp_path: Path, tiny_root: Path) -> None:
+@pytest.mark.parametrize("part", ["hand", "face"])
+def test_hands_and_faces_need_their_detectors(tmp_path: Path, tiny_root: Path, part: str,
+                                              ) -> None:
     import shutil
 
     from loraforge.generate.extract import extract_command
 
     folder = tmp_path / "body-only"
     shutil.copytree(tiny_root / "tiny-detector", folder)
-    (folder / "hand_pose_model.safetensors").unlink()
+    name = {"hand": "hand_pose_model", "face": "facenet"}[part]
+    (folder / f"{name}.safetensors").unlink()
     settings = load_settings(None, [f"storage.root={tmp_path}", f"models.detector={folder}"])
     picture = _figures(tmp_path / "ref.png")
-    with pytest.raises(ForgeError, match="no hand detector here") as missing:
-        extract_command(settings, [picture], None, None, None, lambda _: None, hands=True)
+    with pytest.raises(ForgeError, match=f"no {part} detector here") as missing:
+        extract_command(settings, [picture], None, None, None, lambda _: None,
+                        hands=part == "hand", face=part == "face")
     assert "models fetch openpose-detector" in str(missing.value)
     assert not (tmp_path / "ref.pose.png").exists()
+
+
+def test_a_face_is_looked_for_around_the_nose() -> None:
+    from loraforge.generate.faces import face_box
+
+    points: list[tuple[float, float] | None] = [None] * 18
+    points[0], points[14], points[16] = (300.0, 100.0), (290.0, 95.0), (280.0, 104.0)
+    person = Person(tuple(points))
+    # 3 x the nose-eye distance (10 px along x) beats 1.5 x the nose-ear one (20 px): 30 px.
+    assert face_box(person, 600, 400) == pytest.approx((270.0, 70.0, 60.0))
+    assert face_box(person, 600, 120) == pytest.approx((270.0, 70.0, 50.0))  # clipped
+    no_eyes = Person(tuple(p if i == 0 else None for i, p in enumerate(points)))
+    assert face_box(no_eyes, 600, 400) is None
+
+
+def test_faces_are_detected_inside_their_squares(tmp_path: Path, tiny_root: Path) -> None:
+    from loraforge.generate.faces import add_faces, face_box
+    from loraforge.generate.poses import FACE_POINT_COLOR, write_pose_json
+    from loraforge.models.cpm import load_face_detector
+
+    picture = Image.open(_figures(tmp_path / "ref.png", (600, 400))).convert("RGB")
+    points: list[tuple[float, float] | None] = [None] * 18
+    points[0], points[14], points[15] = (150.0, 75.0), (140.0, 68.0), (160.0, 68.0)
+    person = Person(tuple(points))
+    pose = add_faces(load_face_detector(tiny_root / "tiny-detector"), picture,
+                     PoseMap(600, 400, (person,)))
+    face = pose.people[0].face
+    assert face is not None and len(face) == 70
+    left, top, side = face_box(person, 600, 400) or (0, 0, 0)
+    for p in face:
+        if p is not None:
+            assert left - 1 <= p[0] <= left + side + 1 and top - 1 <= p[1] <= top + side + 1
+    write_pose_json(tmp_path / "face.json", pose)
+    assert read_pose_json(tmp_path / "face.json") == pose
+    drawn = np.asarray(draw_pose(pose))
+    last = [p for p in face if p is not None][-1]
+    assert tuple(drawn[round(last[1]), round(last[0])]) == FACE_POINT_COLOR

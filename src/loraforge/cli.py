@@ -128,6 +128,9 @@ def pose_extract(
     hands: Annotated[bool, typer.Option(
         "--hands", help="Also detect each person's hands (21 keypoints each; needs "
         "hand_pose_model.safetensors beside the body detector).")] = False,
+    face: Annotated[bool, typer.Option(
+        "--face", help="Also detect each person's face (70 keypoints; needs "
+        "facenet.safetensors beside the body detector).")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -136,7 +139,7 @@ def pose_extract(
     from loraforge.generate.extract import extract_command
 
     extract_command(_settings(config, overrides), pictures, output, json_out, size,
-                    lambda line: out.print(line, markup=False), hands)
+                    lambda line: out.print(line, markup=False), hands, face)
 
 
 @app.command()

@@ -98,12 +98,15 @@ def detect(net: torch.nn.Module, picture: Image.Image) -> PoseMap:
 
 @dataclass
 class Detector:
-    """The configured body network (and with ``hands`` the hand network), loaded on first use."""
+    """The configured body network (and with ``hands`` / ``face`` the hand / face network),
+    loaded on first use."""
 
     settings: Settings
     hands: bool = False
+    face: bool = False
     _net: torch.nn.Module | None = field(default=None, init=False, repr=False)
     _hand_net: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    _face_net: torch.nn.Module | None = field(default=None, init=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:
@@ -115,10 +118,12 @@ class Detector:
 
             folder = store.resolve_detector(self.settings)
             self._net = bodypose.load_detector(folder)
-            if self.hands:
-                from loraforge.models.handpose import load_hand_detector
+            from loraforge.models import cpm
 
-                self._hand_net = load_hand_detector(folder)
+            if self.hands:
+                self._hand_net = cpm.load_hand_detector(folder)
+            if self.face:
+                self._face_net = cpm.load_face_detector(folder)
         return self._net
 
     def people(self, picture: Image.Image, path: Path) -> PoseMap:
@@ -137,6 +142,10 @@ class Detector:
             from loraforge.generate.hands import add_hands
 
             pose = add_hands(self._hand_net, picture, pose)
+        if self._face_net is not None:
+            from loraforge.generate.faces import add_faces
+
+            pose = add_faces(self._face_net, picture, pose)
         return pose
 
 
@@ -226,7 +235,7 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
 
 def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
                     json_out: Path | None, size: str | None, say: Say,
-                    hands: bool = False) -> None:
+                    hands: bool = False, face: bool = False) -> None:
     """`loraforge pose extract`: one pose map (PNG) and OpenPose JSON per picture, letterboxed
     onto the scene size. A batch goes on past a bad picture and ends with a summary; ForgeError
     (exit 1) when any picture gave no pose."""
@@ -234,7 +243,7 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     width, height = parse_size(size) if size else (gen.width, gen.height)
     pictures, batch = _pictures(inputs)
     _check_outputs(pictures, output, json_out, batch)
-    detector = Detector(settings, hands)
+    detector = Detector(settings, hands, face)
     detector.net()  # a missing or damaged detector stops the batch before the first picture
     people = 0
     failed: list[str] = []
@@ -258,9 +267,10 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
             continue
         n = len(found.people)
         people += n
-        with_hands = (f", {sum(h is not None for p in found.people for h in p.hands)} hands"
-                      if hands else "")
-        say(f"{picture_path} -> {png} ({n} {'person' if n == 1 else 'people'}{with_hands}, "
+        parts = (f", {sum(h is not None for p in found.people for h in p.hands)} hands"
+                 if hands else "")
+        parts += (f", {sum(p.face is not None for p in found.people)} faces" if face else "")
+        say(f"{picture_path} -> {png} ({n} {'person' if n == 1 else 'people'}{parts}, "
             f"{width}x{height}; JSON: {json_path.name})")
     if batch:
         done = len(pictures) - len(failed)

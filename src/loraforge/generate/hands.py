@@ -1,5 +1,5 @@
 """Hands for the people found in a picture: a square around each hand the body reveals, run
-through the hand network, one keypoint per heatmap.
+through the hand network, one keypoint per heatmap (the crop and peak steps serve faces too).
 
 Where a hand is: past the wrist, a third of the forearm further along it; how big: 1.5 times
 the longer of the forearm and 0.9 times the upper arm (the rule of OpenPose's body-based hand
@@ -59,11 +59,12 @@ def hand_box(person: Person, arm: tuple[int, int, int], width: int, height: int,
     return (left, top, side) if side >= MIN_SIDE else None
 
 
-def hand_points(heatmaps: np.ndarray) -> Hand:
-    """One keypoint per heatmap (21, side, side): its highest point when above ``PEAK``."""
+def part_points(heatmaps: np.ndarray, count: int) -> tuple[tuple[float, float] | None, ...]:
+    """One keypoint for each of the first ``count`` heatmaps (C, side, side): its highest
+    point (after smoothing) when above ``PEAK``."""
     from loraforge.generate.skeletons import smooth_maps
 
-    smooth = smooth_maps(heatmaps[:NUM_HAND_KEYPOINTS])
+    smooth = smooth_maps(heatmaps[:count])
     points: list[tuple[float, float] | None] = []
     for channel in smooth:
         y, x = np.unravel_index(int(np.argmax(channel)), channel.shape)
@@ -71,8 +72,13 @@ def hand_points(heatmaps: np.ndarray) -> Hand:
     return tuple(points)
 
 
+def hand_points(heatmaps: np.ndarray) -> Hand:
+    """The 21 hand keypoints from the hand network's heatmaps over its crop."""
+    return part_points(heatmaps, NUM_HAND_KEYPOINTS)
+
+
 def crop_maps(net: torch.nn.Module, crop: Image.Image) -> np.ndarray:
-    """The hand network's 21 + 1 heatmaps over a square crop scaled to 368 px."""
+    """A hand or face network's heatmaps over a square crop scaled to 368 px."""
     import torch
 
     from loraforge.generate.extract import network_input
@@ -94,14 +100,20 @@ def add_hands(net: torch.nn.Module, picture: Image.Image, pose: PoseMap) -> Pose
             if box is None:
                 hands.append(None)
                 continue
-            left, top, side = box
-            crop = picture.crop((round(left), round(top), round(left + side),
-                                 round(top + side)))
-            sx, sy = crop.width / INPUT_SIDE, crop.height / INPUT_SIDE
-            found = hand_points(crop_maps(net, crop))
-            points = tuple(None if p is None else
-                           (round(left) + (p[0] + 0.5) * sx - 0.5,
-                            round(top) + (p[1] + 0.5) * sy - 0.5) for p in found)
-            hands.append(points if any(p is not None for p in points) else None)
-        people.append(Person(person.keypoints, (hands[0], hands[1])))
+            hands.append(detect_in_square(net, picture, box, NUM_HAND_KEYPOINTS))
+        people.append(Person(person.keypoints, (hands[0], hands[1]), person.face))
     return PoseMap(pose.width, pose.height, tuple(people))
+
+
+def detect_in_square(net: torch.nn.Module, picture: Image.Image,
+                     box: tuple[float, float, float], count: int,
+                     ) -> tuple[tuple[float, float] | None, ...] | None:
+    """``count`` keypoints found by ``net`` in the (left, top, side) square of ``picture``, in
+    the picture's pixels; None when none is found."""
+    left, top, side = box
+    crop = picture.crop((round(left), round(top), round(left + side), round(top + side)))
+    sx, sy = crop.width / INPUT_SIDE, crop.height / INPUT_SIDE
+    found = part_points(crop_maps(net, crop), count)
+    points = tuple(None if p is None else (round(left) + (p[0] + 0.5) * sx - 0.5,
+                                           round(top) + (p[1] + 0.5) * sy - 0.5) for p in found)
+    return points if any(p is not None for p in points) else None

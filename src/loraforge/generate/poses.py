@@ -77,6 +77,12 @@ HAND_BONE_COLORS: tuple[tuple[int, int, int], ...] = tuple(
 HAND_POINT_COLOR = (0, 0, 255)
 REFERENCE_HAND_WIDTH = 2.0
 HAND_KEYS = ("hand_left_keypoints_2d", "hand_right_keypoints_2d")  # the person's left, right
+# Faces: OpenPose's 70 face keypoints, drawn as the ControlNet's face maps: white dots, radius
+# 3 px at 512 px, no lines.
+NUM_FACE_KEYPOINTS = 70
+FACE_KEY = "face_keypoints_2d"
+FACE_POINT_COLOR = (255, 255, 255)
+REFERENCE_FACE_RADIUS = 3.0
 
 Point = tuple[float, float]
 Hand = tuple[Point | None, ...]
@@ -97,10 +103,11 @@ def stroke_radius(width: int, height: int) -> float:
 @dataclass(frozen=True)
 class Person:
     """One body: 18 keypoints in COCO order, each ``(x, y)`` in pixels or ``None`` (missing);
-    and optionally the person's (left, right) hands, 21 keypoints each."""
+    and optionally the person's (left, right) hands, 21 keypoints each, and face, 70."""
 
     keypoints: tuple[Point | None, ...]
     hands: tuple[Hand | None, Hand | None] = (None, None)
+    face: tuple[Point | None, ...] | None = None
 
     def __post_init__(self) -> None:
         points = _points(self.keypoints)
@@ -111,14 +118,19 @@ class Person:
         if len(hands) != 2 or any(h is not None and len(h) != NUM_HAND_KEYPOINTS for h in hands):
             raise ValueError(f"a person has two hands of {NUM_HAND_KEYPOINTS} keypoints or None")
         object.__setattr__(self, "hands", hands)
+        face = None if self.face is None else _points(self.face)
+        if face is not None and len(face) != NUM_FACE_KEYPOINTS:
+            raise ValueError(f"a face has {NUM_FACE_KEYPOINTS} keypoints, got {len(face)}")
+        object.__setattr__(self, "face", face)
 
     def moved(self, move: Callable[[Point], Point]) -> Person:
-        """The same person with every keypoint (body and hands) passed through ``move``."""
+        """The same person with every keypoint (body, hands, face) passed through ``move``."""
         def each(points: tuple[Point | None, ...]) -> tuple[Point | None, ...]:
             return tuple(None if p is None else move(p) for p in points)
 
         hands = tuple(None if hand is None else each(hand) for hand in self.hands)
-        return Person(each(self.keypoints), (hands[0], hands[1]))
+        return Person(each(self.keypoints), (hands[0], hands[1]),
+                      None if self.face is None else each(self.face))
 
     def __getitem__(self, index: int) -> Point | None:
         return self.keypoints[index]
@@ -144,11 +156,11 @@ class Person:
         return _flat(self.keypoints)
 
     def entry(self) -> dict[str, list[float]]:
-        """This person in the exchange format: the body, and each hand that was detected."""
+        """This person in the exchange format: the body, and the hands and face detected."""
         values = {"pose_keypoints_2d": self.flat()}
-        for key, hand in zip(HAND_KEYS, self.hands, strict=True):
-            if hand is not None:
-                values[key] = _flat(hand)
+        for key, part in (*zip(HAND_KEYS, self.hands, strict=True), (FACE_KEY, self.face)):
+            if part is not None:
+                values[key] = _flat(part)
         return values
 
 
@@ -244,17 +256,17 @@ class PoseMap:
                     raise ForgeError(f"{where}.pose_keypoints_2d[{j}] ({KEYPOINT_NAMES[j // 3]} "
                                      f"{'xyc'[j % 3]}) must be a finite number, got {v!r}",
                                      path=path, fix=fix)
-            hands: list[Hand | None] = []
-            for key in HAND_KEYS:
-                hand = entry.get(key) or None  # OpenPose writes [] when hands were not detected
-                if hand is not None and (
-                        not isinstance(hand, list) or len(hand) != 3 * NUM_HAND_KEYPOINTS
-                        or not all(_is_finite_number(v) for v in hand)):
-                    raise ForgeError(f"{where}.{key} must be {3 * NUM_HAND_KEYPOINTS} finite "
-                                     f"numbers ({NUM_HAND_KEYPOINTS} keypoints x, y, confidence)"
-                                     " or empty", path=path, fix=fix)
-                hands.append(None if hand is None else _unflat(hand))
-            people.append(Person(_unflat(values), (hands[0], hands[1])))
+            parts: list[tuple[Point | None, ...] | None] = []
+            for key, count in ((HAND_KEYS[0], NUM_HAND_KEYPOINTS),
+                               (HAND_KEYS[1], NUM_HAND_KEYPOINTS), (FACE_KEY, NUM_FACE_KEYPOINTS)):
+                part = entry.get(key) or None  # OpenPose writes [] for what it did not detect
+                if part is not None and (
+                        not isinstance(part, list) or len(part) != 3 * count
+                        or not all(_is_finite_number(v) for v in part)):
+                    raise ForgeError(f"{where}.{key} must be {3 * count} finite numbers ({count}"
+                                     " keypoints x, y, confidence) or empty", path=path, fix=fix)
+                parts.append(None if part is None else _unflat(part))
+            people.append(Person(_unflat(values), (parts[0], parts[1]), parts[2]))
         return cls(size[0], size[1], tuple(people))
 
     @classmethod
@@ -336,8 +348,8 @@ def _ellipse_polygon(p: Point, q: Point, half_width: float) -> list[tuple[float,
 def draw_pose(pose: PoseMap) -> Image.Image:
     """The pose map of ``pose``: black RGB canvas, limbs (60% colour) then keypoints (full colour).
 
-    Limb i and keypoint i use colour i; a limb with a missing end is not drawn. Hands, where a
-    person has them, are drawn over every body. Deterministic.
+    Limb i and keypoint i use colour i; a limb with a missing end is not drawn. Hands and faces,
+    where a person has them, are drawn over every body. Deterministic.
     """
     image = Image.new("RGB", (pose.width, pose.height), (0, 0, 0))
     draw = ImageDraw.Draw(image)
@@ -365,6 +377,12 @@ def draw_pose(pose: PoseMap) -> Image.Image:
                     x, y = p
                     draw.ellipse((x - radius, y - radius, x + radius, y + radius),
                                  fill=HAND_POINT_COLOR)
+    dot = max(1.0, REFERENCE_FACE_RADIUS * draw_scale(pose.width, pose.height))
+    for person in pose.people:
+        for p in person.face or ():
+            if p is not None:
+                x, y = p
+                draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=FACE_POINT_COLOR)
     return image
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraforge.models.manifest import DETECTOR_FILE, HAND_DETECTOR_FILE
+from loraforge.models.manifest import DETECTOR_FILE, FACE_DETECTOR_FILE, HAND_DETECTOR_FILE
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,14 @@ HUB_MODELS: tuple[HubModel, ...] = (
     HubModel("controlnet-openpose", "lllyasviel/control_v11p_sd15_openpose", "controlnet-model",
              "controlnet", "OpenPose ControlNet v1.1 for SD 1.5"),
     HubModel("openpose-detector", "lllyasviel/Annotators", "controlnet-detector", "detector",
-             "OpenPose body and hand detectors (poses from photos), stored as safetensors"),
+             "OpenPose body, hand and face detectors (poses from photos), as safetensors"),
 )
 ALL = "all"
 DETECTOR_SOURCE = "body_pose_model.pth"
-HAND_SOURCE = "hand_pose_model.pth"  # fetched too where the repository has it
-# Each detector pickle and the safetensors file it is converted to.
-DETECTOR_FILES = {DETECTOR_SOURCE: DETECTOR_FILE, HAND_SOURCE: HAND_DETECTOR_FILE}
+# Each detector pickle and the safetensors file it is converted to; the hand and face networks
+# are fetched where the repository has them.
+DETECTOR_FILES = {DETECTOR_SOURCE: DETECTOR_FILE, "hand_pose_model.pth": HAND_DETECTOR_FILE,
+                  "facenet.pth": FACE_DETECTOR_FILE}
 
 
 def keys() -> list[str]:

@@ -39,7 +39,6 @@ from loraforge.models.catalog import (
     ALL,
     DETECTOR_FILES,
     DETECTOR_SOURCE,
-    HAND_SOURCE,
     HUB_MODELS,
     HubModel,
     by_key,
@@ -498,8 +497,8 @@ def _select(plan: Plan, siblings: dict[str, Wanted], full_precision: bool) -> No
             raise ForgeError(f"{model.repo}@{plan.revision} has no {DETECTOR_SOURCE}",
                              fix="check --revision")
         plan.files = [siblings[DETECTOR_SOURCE]]
-        if HAND_SOURCE in siblings:
-            plan.files.append(siblings[HAND_SOURCE])
+        plan.files += [siblings[name] for name in DETECTOR_FILES
+                       if name != DETECTOR_SOURCE and name in siblings]
         return
     configs = BASE_CONFIGS if model.kind == "base" else ("config.json",)
     for name in configs:

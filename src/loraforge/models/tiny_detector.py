@@ -1,5 +1,6 @@
-"""The embedded test detector: the OpenPose body and hand networks' module trees, a few channels
-wide, with random weights from a fixed seed (what `models.detector = "tiny"` loads; no download).
+"""The embedded test detector: the OpenPose body, hand and face networks' module trees, a few
+channels wide, with random weights from a fixed seed (what `models.detector = "tiny"` loads; no
+download).
 
 It finds no real people: its skeletons come from its random weights. It exists so that the whole
 path (picture -> network -> peaks -> limbs -> people -> pose map) runs in tests and the demo
@@ -16,10 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loraforge.errors import ForgeError
-from loraforge.models import folders, handpose
+from loraforge.models import cpm, folders
 from loraforge.models.bodypose import Widths, build_network
 from loraforge.models.manifest import (
     DETECTOR_FILE,
+    FACE_DETECTOR_FILE,
     HAND_DETECTOR_FILE,
     describe_files,
     write_manifest,
@@ -27,9 +29,9 @@ from loraforge.models.manifest import (
 
 NAME = "tiny-detector"
 SEED = 20240617
-VERSION = 2  # 2: with the hand network
+VERSION = 3  # 2: with the hand network, 3: and the face network
 WIDTHS = Widths(vgg=(4, 8, 8, 16), cpm=(8, 8), stage=8, wide=16)
-HAND_WIDTHS = handpose.HandWidths(vgg=(4, 8, 8, 16), features=8, stage=8, wide=16)
+PART_WIDTHS = cpm.Widths(vgg=(4, 8, 8, 16), features=8, stage=8, wide=16)  # hand and face
 # Weights drawn from N(0, GAIN² / fan_in) carry the picture's detail through the 92 layers to
 # heatmaps of about the trained model's range (the default init flattens them to the biases);
 # biases are zero, so a flat picture gives flat maps: nobody.
@@ -39,7 +41,7 @@ MARKER = "loraforge.json"
 
 def recipe() -> dict[str, object]:
     return {"kind": "tiny", "component": "detector", "seed": SEED, "version": VERSION,
-            "widths": asdict(WIDTHS), "hand_widths": asdict(HAND_WIDTHS), "gain": GAIN}
+            "widths": asdict(WIDTHS), "part_widths": asdict(PART_WIDTHS), "gain": GAIN}
 
 
 def recipe_hash() -> str:
@@ -64,9 +66,11 @@ def build_tiny_detector(folder: Path) -> None:
 
     state = torch.random.get_rng_state()
     try:
-        for seed, net, name in ((SEED, build_network(WIDTHS), DETECTOR_FILE),
-                                (SEED + 1, handpose.build_network(HAND_WIDTHS),
-                                 HAND_DETECTOR_FILE)):
+        for seed, net, name in (
+                (SEED, build_network(WIDTHS), DETECTOR_FILE),
+                (SEED + 1, cpm.build_network(cpm.HAND_CHANNELS, PART_WIDTHS), HAND_DETECTOR_FILE),
+                (SEED + 2, cpm.build_network(cpm.FACE_CHANNELS, PART_WIDTHS),
+                 FACE_DETECTOR_FILE)):
             torch.manual_seed(seed)
             with torch.no_grad():
                 for conv in net.children():

@@ -1,14 +1,15 @@
-"""The OpenPose hand network (Simon et al., "Hand Keypoint Detection in Single Images using
-Multiview Bootstrapping", CVPR 2017), written from the paper's architecture.
+"""The OpenPose hand and face networks: convolutional pose machines on one trunk (hand: Simon et
+al., "Hand Keypoint Detection in Single Images using Multiview Bootstrapping", CVPR 2017; the
+face network was trained the same way), written from the published architecture.
 
-A convolutional pose machine on a VGG-19 trunk: its first twelve 3x3 convolutions (three 2x2
-max-pools: stride 8) and a 3x3 reduction to 128 feature channels; stage 1 maps them (a 1x1 to
-512, a 1x1 out) to 22 heatmaps (21 hand keypoints and the background); stages 2-6 read the
-previous heatmaps and the features, concatenated in that order (five 7x7 convolutions, a 1x1, a
-1x1 out). Every convolution but the outputs is followed by a ReLU. Parameter names are the
-published ones (``conv1_1.weight`` ... ``Mconv7_stage6.bias``), so the state dict of
-``lllyasviel/Annotators/hand_pose_model.pth`` loads as it is. Input: a square crop around a hand,
-BGR in [-0.5, 0.5), like the body network's.
+A VGG-19 trunk (its first fourteen 3x3 convolutions, three 2x2 max-pools: stride 8) and a 3x3
+reduction to 128 feature channels; stage 1 maps them (a 1x1 to 512, a 1x1 out) to heatmaps: 22
+for a hand (21 keypoints and the background), 71 for a face (70 and the background); stages
+2-6 read the previous heatmaps and the features, concatenated in that order (five 7x7
+convolutions, a 1x1, a 1x1 out). Every convolution but the outputs is followed by a ReLU.
+Parameter names are the published ones (``conv1_1.weight`` ... ``Mconv7_stage6.bias``), so the
+state dicts of ``lllyasviel/Annotators`` ``hand_pose_model.pth`` and ``facenet.pth`` load as
+they are. Input: a square crop, BGR in [-0.5, 0.5), like the body network's.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
 from loraforge.models.bodypose import FETCH_FIX, fill, read_state
-from loraforge.models.manifest import HAND_DETECTOR_FILE
+from loraforge.models.manifest import FACE_DETECTOR_FILE, HAND_DETECTOR_FILE
 
 if TYPE_CHECKING:
     import torch
 
-HEATMAP_CHANNELS = 22
+HAND_CHANNELS = 22
+FACE_CHANNELS = 71
 STAGES = 6
 
 
 @dataclass(frozen=True)
-class HandWidths:
-    """Channel widths of the hand network; the defaults are the published model's."""
+class Widths:
+    """Channel widths of a hand or face network; the defaults are the published models'."""
 
     vgg: tuple[int, int, int, int] = (64, 128, 256, 512)  # conv1_x .. conv5_2
     features: int = 128  # conv5_3_CPM
@@ -38,11 +40,11 @@ class HandWidths:
     wide: int = 512  # conv6_1_CPM
 
 
-FULL = HandWidths()
+FULL = Widths()
 POOL_AFTER = ("conv1_2", "conv2_2", "conv3_4")
 
 
-def layer_table(widths: HandWidths = FULL) -> list[tuple[str, int, int, int, bool]]:
+def layer_table(outputs: int, widths: Widths = FULL) -> list[tuple[str, int, int, int, bool]]:
     """Every convolution in order: (name, in channels, out channels, kernel, ReLU after)."""
     v1, v2, v3, v4 = widths.vgg
     f, s = widths.features, widths.stage
@@ -56,29 +58,29 @@ def layer_table(widths: HandWidths = FULL) -> list[tuple[str, int, int, int, boo
         ("conv5_1", v4, v4, 3, True), ("conv5_2", v4, v4, 3, True),
         ("conv5_3_CPM", v4, f, 3, True),
         ("conv6_1_CPM", f, widths.wide, 1, True),
-        ("conv6_2_CPM", widths.wide, HEATMAP_CHANNELS, 1, False),
+        ("conv6_2_CPM", widths.wide, outputs, 1, False),
     ]
     for stage in range(2, STAGES + 1):
-        layers += [(f"Mconv1_stage{stage}", HEATMAP_CHANNELS + f, s, 7, True)]
+        layers += [(f"Mconv1_stage{stage}", outputs + f, s, 7, True)]
         layers += [(f"Mconv{i}_stage{stage}", s, s, 7, True) for i in range(2, 6)]
         layers += [(f"Mconv6_stage{stage}", s, s, 1, True),
-                   (f"Mconv7_stage{stage}", s, HEATMAP_CHANNELS, 1, False)]
+                   (f"Mconv7_stage{stage}", s, outputs, 1, False)]
     return layers
 
 
-def build_network(widths: HandWidths = FULL) -> torch.nn.Module:
-    """A hand network with fresh (untrained) weights and the published parameter names."""
+def build_network(outputs: int, widths: Widths = FULL) -> torch.nn.Module:
+    """A hand (22 outputs) or face (71) network with fresh weights and the published names."""
     import torch
     from torch import nn
 
-    table = layer_table(widths)
+    table = layer_table(outputs, widths)
     relu = {name: after for name, *_, after in table}
     trunk = [name for name, *_ in table[:15]]
     stages = {1: ["conv6_1_CPM", "conv6_2_CPM"]}
     stages.update({stage: [name for name, *_ in table if name.endswith(f"_stage{stage}")]
                    for stage in range(2, STAGES + 1)})
 
-    class HandPoseNet(nn.Module):
+    class PoseMachine(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             for name, cin, cout, kernel, _ in table:
@@ -94,20 +96,20 @@ def build_network(widths: HandWidths = FULL) -> torch.nn.Module:
             return x
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            """The last stage's 22 heatmaps, at 1/8 of the input size."""
+            """The last stage's heatmaps, at 1/8 of the input size."""
             features = self._run(trunk, x)
             heatmaps = self._run(stages[1], features)
             for stage in range(2, STAGES + 1):
                 heatmaps = self._run(stages[stage], torch.cat([heatmaps, features], 1))
             return heatmaps
 
-    return HandPoseNet()
+    return PoseMachine()
 
 
-def widths_of(state: dict[str, Any]) -> HandWidths | None:
-    """The widths of a hand network's state dict in the published layout; None if not one."""
+def widths_of(state: dict[str, Any]) -> Widths | None:
+    """The widths of a hand or face network's state dict; None if it is not one."""
     try:
-        return HandWidths(
+        return Widths(
             vgg=(state["conv1_1.weight"].shape[0], state["conv2_1.weight"].shape[0],
                  state["conv3_1.weight"].shape[0], state["conv4_1.weight"].shape[0]),
             features=state["conv5_3_CPM.weight"].shape[0],
@@ -117,15 +119,24 @@ def widths_of(state: dict[str, Any]) -> HandWidths | None:
         return None
 
 
-def load_hand_detector(folder: Path) -> torch.nn.Module:
-    """The hand network from ``<folder>/hand_pose_model.safetensors``, in eval mode."""
-    path = Path(folder) / HAND_DETECTOR_FILE
+def _load(folder: Path, name: str, outputs: int, what: str) -> torch.nn.Module:
+    path = Path(folder) / name
     if not path.is_file():
-        raise ForgeError("no hand detector here (hand_pose_model.safetensors is missing)",
-                         path=Path(folder), fix=FETCH_FIX)
+        raise ForgeError(f"no {what} detector here ({name} is missing)", path=Path(folder),
+                         fix=FETCH_FIX)
     state = read_state(path)
     widths = widths_of(state)
     if widths is None:
-        raise ForgeError("is not an OpenPose hand network (no conv1_1 ... Mconv1_stage2 "
+        raise ForgeError(f"is not an OpenPose {what} network (no conv1_1 ... Mconv1_stage2 "
                          "weights)", path=path, fix=FETCH_FIX)
-    return fill(build_network(widths), state, path, "an OpenPose hand network")
+    return fill(build_network(outputs, widths), state, path, f"an OpenPose {what} network")
+
+
+def load_hand_detector(folder: Path) -> torch.nn.Module:
+    """The hand network from ``<folder>/hand_pose_model.safetensors``, in eval mode."""
+    return _load(folder, HAND_DETECTOR_FILE, HAND_CHANNELS, "hand")
+
+
+def load_face_detector(folder: Path) -> torch.nn.Module:
+    """The face network from ``<folder>/facenet.safetensors``, in eval mode."""
+    return _load(folder, FACE_DETECTOR_FILE, FACE_CHANNELS, "face")
