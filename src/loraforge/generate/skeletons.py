@@ -182,13 +182,12 @@ def assemble(candidates: list[list[Candidate]], fields: np.ndarray,
         for i, j, score in score_limbs(fields, starts, ends, channels, limits):
             a, b = starts[i], ends[j]
             found = [s for s in people if s.parts[pa] is a or s.parts[pb] is b]
-            if len(found) == 1:
+            if len(found) == 1:  # the limb grows a person by the end it does not hold yet
                 person = found[0]
-                if person.parts[pb] is None:
-                    person.parts[pb] = b
-                    person.score += b.score + score
-                elif person.parts[pb] is not b:
-                    continue
+                for part, candidate in ((pb, b), (pa, a)):
+                    if person.parts[part] is None:
+                        person.parts[part] = candidate
+                        person.score += candidate.score + score
             elif len(found) == 2:
                 first, second = found
                 if all(x is None or y is None for x, y in zip(first.parts, second.parts,
