@@ -59,11 +59,13 @@ def test_written_config_holds_the_community_defaults(tmp_path: Path) -> None:
 def test_tiny_init_selects_the_embedded_model(tmp_path: Path) -> None:
     run_cli("init", tmp_path, "--tiny")
     shown = _show(tmp_path / "forge.toml")
-    assert shown["config"]["models"] == {"base": "tiny", "controlnet": "tiny", "tagger": "tiny"}
+    assert shown["config"]["models"] == {"base": "tiny", "controlnet": "tiny", "tagger": "tiny",
+                                         "detector": "tiny"}
     root = Path(shown["paths"]["storage_root"])
     assert shown["paths"]["base_model"] == str(root / "tiny-sd15")
     assert shown["paths"]["controlnet"] == str(root / "tiny-controlnet")
     assert shown["paths"]["tagger"] == str(root / "tiny-tagger")
+    assert shown["paths"]["detector"] == str(root / "tiny-detector")
     shown = shown["config"]
     assert shown["train"]["optimizer"] == "AdamW"
 

@@ -141,6 +141,22 @@ def test_blank_pose_map(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_photo_as_pose_needs_the_detector_or_is_refused(project: Path) -> None:
+    """A photo is extracted (generate.pose_from_photo = "extract", the default): without a
+    fetched detector that says how to get one; with "refuse" it says how to extract it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(60, 200, (48, 64, 3), dtype=np.uint8)).save(project / "me.png")
+    result = _generate(project, "--pose", "me.png", "--lora", "none")
+    assert_user_error(result, "--pose", "pose detector not found",
+                      "loraforge models fetch openpose-detector")
+    result = _generate(project, "--pose", "me.png", "--lora", "none",
+                       "--set", "generate.pose_from_photo=refuse")
+    assert_user_error(result, "me.png", "not a pose map", "loraforge pose extract")
+    _untouched(project)
+
+
 @pytest.mark.parametrize(("size", "needle"), [("12x", "is not WIDTHxHEIGHT"),
                                               ("0x96", "must be positive"),
                                               ("-5x96", "is not WIDTHxHEIGHT"),
@@ -194,20 +210,6 @@ def test_no_finished_run_lists_the_runs(project: Path) -> None:
     assert_user_error(result, "no finished training run", "blake (interrupted)",
                       "mira (running)", "--lora")
     _untouched(project)
-
-
-def test_a_photo_as_pose_map_is_a_warning_not_an_error(tmp_path: Path) -> None:
-    from PIL import Image
-
-    from loraforge.generate.scenes import PoseCache
-
-    rng = np.random.default_rng(0)
-    photo = tmp_path / "photo.png"
-    Image.fromarray(rng.integers(60, 200, (48, 64, 3), dtype=np.uint8)).save(photo)
-    warnings: list[str] = []
-    image = PoseCache(warnings.append).load(photo, 128, 96)
-    assert image.size == (128, 96)
-    assert len(warnings) == 1 and "photo" in warnings[0] and "pose extract" in warnings[0]
 
 
 def test_help_shows_the_scenes_file_format() -> None:

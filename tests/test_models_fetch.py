@@ -191,10 +191,10 @@ def fp16_bytes(path: Path) -> bytes:
     return save({k: v.half() for k, v in load_file(str(path)).items()})
 
 
-def detector_pth() -> tuple[bytes, dict[str, Any]]:
+def detector_pth(seed: int = 3) -> tuple[bytes, dict[str, Any]]:
     import torch
 
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
     state = {"model0.conv1_1.weight": torch.randn(8, 3, 3, 3, generator=gen),
              "model0.conv1_1.bias": torch.randn(8, generator=gen),
              "model1_1.conv5_5_CPM_L1.weight": torch.randn(4, 8, 1, 1, generator=gen)}
@@ -242,8 +242,8 @@ def served(tiny_store: Path) -> dict[str, dict[str, bytes]]:
         "images/input.png": os.urandom(512),
     }
     pth, _ = detector_pth()
-    annotators = {"body_pose_model.pth": pth, "hand_pose_model.pth": os.urandom(4096),
-                  "ControlNetHED.pth": os.urandom(2048)}
+    annotators = {"body_pose_model.pth": pth, "hand_pose_model.pth": detector_pth(seed=4)[0],
+                  "facenet.pth": detector_pth(seed=5)[0], "ControlNetHED.pth": os.urandom(2048)}
     return {"Lykon/AnyLoRA": anylora, "lllyasviel/control_v11p_sd15_openpose": controlnet,
             "lllyasviel/Annotators": annotators}
 
@@ -350,26 +350,29 @@ def test_fetch_all_installs_checks_and_is_idempotent(
     assert {p.name for p in controlnet.iterdir()} == {
         "config.json", "diffusion_pytorch_model.safetensors", "manifest.json"}
 
-    # The detector: converted from the pickle to safetensors; the .pth is not kept anywhere.
+    # The body, hand and face detectors: converted from the pickles to safetensors; the .pth
+    # files are not kept anywhere.
     from safetensors.torch import load_file
 
     detector = store / "controlnet-detector"
-    assert {p.name for p in detector.iterdir()} == {"body_pose_model.safetensors",
-                                                    "manifest.json"}
-    _, state = detector_pth()
-    loaded = load_file(str(detector / "body_pose_model.safetensors"))
-    assert loaded.keys() == state.keys()
-    assert all((loaded[k] == state[k]).all() for k in state)
+    assert {p.name for p in detector.iterdir()} == {
+        "body_pose_model.safetensors", "hand_pose_model.safetensors", "facenet.safetensors",
+        "manifest.json"}
+    for name, seed in (("body_pose_model", 3), ("hand_pose_model", 4), ("facenet", 5)):
+        pth, state = detector_pth(seed)
+        loaded = load_file(str(detector / f"{name}.safetensors"))
+        assert loaded.keys() == state.keys()
+        assert all((loaded[k] == state[k]).all() for k in state)
+        assert not [p for p in store.rglob("*") if p.is_file() and p.stat().st_size == len(pth)
+                    and p.read_bytes() == pth]
     pth = served["lllyasviel/Annotators"]["body_pose_model.pth"]
-    assert not [p for p in store.rglob("*") if p.is_file() and p.stat().st_size == len(pth)
-                and p.read_bytes() == pth]
     det_manifest = json.loads((detector / "manifest.json").read_text())
     assert det_manifest["source"]["files"]["body_pose_model.pth"]["sha256"] == sha(pth)
 
     # Only what was asked for went over the wire.
     fetched = {r.path for r in hub.requests("GET") if not r.path.startswith("/api/")}
     never = ("AnyLoRA_noVae", "safety_checker", "feature_extractor", ".bin", "README",
-             "hand_pose", "ControlNetHED", "images/")
+             "ControlNetHED", "images/")
     assert not [p for p in fetched if any(n in p for n in never)]
     for blob in (sha(anylora["AnyLoRA_noVae_fp16-pruned.safetensors"]),
                  sha(anylora["unet/diffusion_pytorch_model.safetensors"])):

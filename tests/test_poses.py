@@ -455,3 +455,21 @@ def test_narrowest_pose_fits_the_capacity_bound() -> None:
         xs = [x for x, _ in poses._build_figure(rng, poses._ATTENTION)]
         widest = max(widest, max(xs) - min(xs))
     assert 0.3 < widest <= poses.ATTENTION_MAX_WIDTH
+
+
+def test_hands_and_faces_in_the_exchange_json() -> None:
+    """OpenPose writes [] for hands it did not look for; a hand of the wrong length is named."""
+    body = [v for p in KNOWN for v in (*p, 1)]
+    pose = PoseMap.from_dict({"canvas_width": 1024, "canvas_height": 1024, "people": [
+        {"pose_keypoints_2d": body, "hand_left_keypoints_2d": [],
+         "hand_right_keypoints_2d": [v for i in range(21) for v in (i, 2 * i, i % 2)],
+         "face_keypoints_2d": [v for i in range(70) for v in (i, i, 1)]}]})
+    left, right = pose.people[0].hands
+    assert left is None and right is not None
+    assert right[1] == (1.0, 2.0) and right[2] is None
+    face = pose.people[0].face
+    assert face is not None and face[69] == (69.0, 69.0)
+    assert PoseMap.from_json(pose.to_json()) == pose
+    with pytest.raises(ForgeError, match=r"people\[0\].hand_left_keypoints_2d must be 63"):
+        PoseMap.from_dict({"canvas_width": 8, "canvas_height": 8, "people": [
+            {"pose_keypoints_2d": body, "hand_left_keypoints_2d": [1, 2, 3]}]})

@@ -34,7 +34,8 @@ dataset_app = typer.Typer(help="Check the training dataset; caption, curate and 
                           no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
-pose_app = typer.Typer(help="OpenPose pose maps: random figures, or drawn from pose JSON.",
+pose_app = typer.Typer(help="OpenPose pose maps: random figures, drawn from pose JSON, or "
+                       "extracted from pictures.",
                        no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(pose_app, name="pose")
@@ -137,6 +138,36 @@ def pose_render(
 
     for line in render_pose_command(pose_json, output):
         out.print(line, markup=False)
+
+
+@pose_app.command("extract")
+def pose_extract(
+    pictures: Annotated[list[Path], typer.Argument(help="Pictures (png, jpg, webp, bmp), or "
+                                                   "folders of them.")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="PNG pose map to write (default: PICTURE.pose.png beside the "
+        "picture); with several pictures, a folder.")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--pose-json", metavar="FILE",
+        help="OpenPose JSON to write (default: beside the PNG, .json).")] = None,
+    size: Annotated[str | None, typer.Option(
+        "--size", help="WIDTHxHEIGHT of the map (default: generate.width x generate.height)."
+        )] = None,
+    hands: Annotated[bool, typer.Option(
+        "--hands", help="Also detect each person's hands (21 keypoints each; needs "
+        "hand_pose_model.safetensors beside the body detector).")] = False,
+    face: Annotated[bool, typer.Option(
+        "--face", help="Also detect each person's face (70 keypoints; needs "
+        "facenet.safetensors beside the body detector).")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Detect every person in pictures (models.detector) and write their OpenPose pose maps
+    and JSON, letterboxed onto the scene size."""
+    from loraforge.generate.extract import extract_command
+
+    extract_command(_settings(config, overrides), pictures, output, json_out, size,
+                    lambda line: out.print(line, markup=False), hands, face)
 
 
 @app.command()

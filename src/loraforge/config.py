@@ -63,6 +63,9 @@ class ModelsConfig(_Section):
     tagger: str = Field("wd-tagger", description="Image tagger for `dataset tag` (a WD14 ONNX "
                         "model and selected_tags.csv): a folder under the storage root, an "
                         "absolute path, or 'tiny'.")
+    detector: str = Field("controlnet-detector", description="OpenPose body detector (poses "
+                          "from pictures): a folder under the storage root, an absolute path, "
+                          "or 'tiny' (random weights: finds no real people).")
 
 
 class ConceptOverrides(_Section):
@@ -248,6 +251,9 @@ class GenerateConfig(_Section):
     negative: str = Field("lowres, bad anatomy, bad hands, worst quality, low quality",
                           description="Default negative prompt.")
     pose_map: str = Field("pose_map.png", description="Pose map; generated when missing.")
+    pose_from_photo: Literal["extract", "refuse"] = Field(
+        "extract", description="A pose picture that is not a pose map (a photo, a drawing): "
+        "extract its people with models.detector, or refuse it.")
     width: int = Field(768, ge=64, le=4096)
     height: int = Field(576, ge=64, le=4096)
     steps: int = Field(25, ge=1, le=500)

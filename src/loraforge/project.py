@@ -15,6 +15,7 @@ from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
 from loraforge.models.tagger import TINY_NAME as TAGGER_TINY_NAME
 from loraforge.models.tiny import tiny_folders
+from loraforge.models.tiny_detector import tiny_detector_folder
 
 HEADER = """\
 # LoRA Forge configuration. Every key below shows its value (the default unless `loraforge init`
@@ -28,7 +29,7 @@ DEFAULT_ACTIVATE: str = SlurmConfig.model_fields["env_activate"].default
 
 # What `init --tiny` changes so a laptop or CI machine can train and render in seconds.
 TINY_VALUES: dict[str, dict[str, Any]] = {
-    "models": {"base": TINY, "controlnet": TINY, "tagger": TINY},
+    "models": {"base": TINY, "controlnet": TINY, "tagger": TINY, "detector": TINY},
     "dataset": {"resolution": 64},
     "train": {"epochs": 4, "batch_size": 4, "optimizer": "AdamW", "unet_lr": 1e-3,
               "text_encoder_lr": 5e-4, "mixed_precision": "no"},
@@ -177,6 +178,9 @@ def resolved_paths(settings: Settings) -> dict[str, str]:
         "tagger": str(settings.storage_root / TAGGER_TINY_NAME
                       if settings.config.models.tagger == TINY
                       else settings.model_dir(settings.config.models.tagger)),
+        "detector": str(tiny_detector_folder(settings.storage_root)
+                        if settings.config.models.detector == TINY
+                        else settings.model_dir(settings.config.models.detector)),
     }
 
 

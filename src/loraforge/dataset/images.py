@@ -11,6 +11,7 @@ the file and the fix.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -173,7 +174,7 @@ def _open(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise _not_readable(path) from None
     except Image.DecompressionBombError as exc:
-        raise ForgeError(f"is too large to be a training image ({exc})", path=path,
+        raise ForgeError(f"is too large to decode safely ({exc})", path=path,
                          fix="downscale it (a few megapixels is plenty) or delete it") from None
     except FileNotFoundError:
         raise ForgeError("does not exist", path=path,
@@ -235,11 +236,21 @@ def probe_image(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def load_image(path: Path) -> Image.Image:
-    """The image as trained: RGB, fully decoded, EXIF orientation applied, alpha on white."""
+def load_image(path: Path, fit: tuple[int, int] | None = None) -> Image.Image:
+    """The image as trained: RGB, fully decoded, EXIF orientation applied, alpha on white.
+
+    ``fit`` (width, height): the box the caller will scale the image into. A JPEG is then decoded
+    at 1/2, 1/4 or 1/8 scale where it still fills that box (either way round), which bounds the
+    memory a huge photo takes.
+    """
     path = Path(path)
     im = _open(path)
     try:
+        if fit is not None and im.format in ("JPEG", "MPO"):
+            w, h = im.size
+            scale = max(min(fit[0] / w, fit[1] / h), min(fit[1] / w, fit[0] / h))
+            if scale < 1:
+                im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
         _decode(im, path)
         try:
             oriented = ImageOps.exif_transpose(im)

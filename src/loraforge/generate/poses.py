@@ -18,10 +18,12 @@ poses whose joint angles are drawn within anatomical ranges. Only numpy and Pill
 from __future__ import annotations
 
 import bisect
+import colorsys
 import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,29 @@ REFERENCE_SIZE = 512
 REFERENCE_RADIUS = 4.0   # limb half-width and keypoint radius at 512 px
 MAX_CANVAS_SIDE = 16384
 
+# Hands (OpenPose's 21 hand keypoints: 0 wrist, then 4 per finger from thumb to little finger,
+# base to tip), drawn as the OpenPose ControlNet's hand maps are: the 20 bones as lines 2 px wide
+# (at 512 px) coloured around the hue circle (bone i at hue i/20), the keypoints as blue dots.
+NUM_HAND_KEYPOINTS = 21
+HAND_BONES: tuple[tuple[int, int], ...] = tuple(
+    pair for finger in range(5) for pair in
+    ((0 if j == 0 else 4 * finger + j, 4 * finger + j + 1) for j in range(4)))
+HAND_BONE_COLORS: tuple[tuple[int, int, int], ...] = tuple(
+    (round(255 * r), round(255 * g), round(255 * b))
+    for r, g, b in (colorsys.hsv_to_rgb(i / len(HAND_BONES), 1.0, 1.0)
+                    for i in range(len(HAND_BONES))))
+HAND_POINT_COLOR = (0, 0, 255)
+REFERENCE_HAND_WIDTH = 2.0
+HAND_KEYS = ("hand_left_keypoints_2d", "hand_right_keypoints_2d")  # the person's left, right
+# Faces: OpenPose's 70 face keypoints, drawn as the ControlNet's face maps: white dots, radius
+# 3 px at 512 px, no lines.
+NUM_FACE_KEYPOINTS = 70
+FACE_KEY = "face_keypoints_2d"
+FACE_POINT_COLOR = (255, 255, 255)
+REFERENCE_FACE_RADIUS = 3.0
+
 Point = tuple[float, float]
+Hand = tuple[Point | None, ...]
 
 
 def draw_scale(width: int, height: int) -> float:
@@ -78,15 +102,35 @@ def stroke_radius(width: int, height: int) -> float:
 
 @dataclass(frozen=True)
 class Person:
-    """One body: 18 keypoints in COCO order, each ``(x, y)`` in pixels or ``None`` (missing)."""
+    """One body: 18 keypoints in COCO order, each ``(x, y)`` in pixels or ``None`` (missing);
+    and optionally the person's (left, right) hands, 21 keypoints each, and face, 70."""
 
     keypoints: tuple[Point | None, ...]
+    hands: tuple[Hand | None, Hand | None] = (None, None)
+    face: tuple[Point | None, ...] | None = None
 
     def __post_init__(self) -> None:
-        points = tuple(None if p is None else (float(p[0]), float(p[1])) for p in self.keypoints)
+        points = _points(self.keypoints)
         if len(points) != NUM_KEYPOINTS:
             raise ValueError(f"a person has {NUM_KEYPOINTS} keypoints, got {len(points)}")
         object.__setattr__(self, "keypoints", points)
+        hands = tuple(None if hand is None else _points(hand) for hand in self.hands)
+        if len(hands) != 2 or any(h is not None and len(h) != NUM_HAND_KEYPOINTS for h in hands):
+            raise ValueError(f"a person has two hands of {NUM_HAND_KEYPOINTS} keypoints or None")
+        object.__setattr__(self, "hands", hands)
+        face = None if self.face is None else _points(self.face)
+        if face is not None and len(face) != NUM_FACE_KEYPOINTS:
+            raise ValueError(f"a face has {NUM_FACE_KEYPOINTS} keypoints, got {len(face)}")
+        object.__setattr__(self, "face", face)
+
+    def moved(self, move: Callable[[Point], Point]) -> Person:
+        """The same person with every keypoint (body, hands, face) passed through ``move``."""
+        def each(points: tuple[Point | None, ...]) -> tuple[Point | None, ...]:
+            return tuple(None if p is None else move(p) for p in points)
+
+        hands = tuple(None if hand is None else each(hand) for hand in self.hands)
+        return Person(each(self.keypoints), (hands[0], hands[1]),
+                      None if self.face is None else each(self.face))
 
     def __getitem__(self, index: int) -> Point | None:
         return self.keypoints[index]
@@ -109,10 +153,26 @@ class Person:
 
     def flat(self) -> list[float]:
         """The exchange format's 54 numbers: x, y, c per keypoint (missing: 0, 0, 0)."""
-        values: list[float] = []
-        for p in self.keypoints:
-            values.extend((p[0], p[1], 1.0) if p is not None else (0.0, 0.0, 0.0))
+        return _flat(self.keypoints)
+
+    def entry(self) -> dict[str, list[float]]:
+        """This person in the exchange format: the body, and the hands and face detected."""
+        values = {"pose_keypoints_2d": self.flat()}
+        for key, part in (*zip(HAND_KEYS, self.hands, strict=True), (FACE_KEY, self.face)):
+            if part is not None:
+                values[key] = _flat(part)
         return values
+
+
+def _points(points: tuple[Point | None, ...]) -> tuple[Point | None, ...]:
+    return tuple(None if p is None else (float(p[0]), float(p[1])) for p in points)
+
+
+def _flat(points: tuple[Point | None, ...]) -> list[float]:
+    values: list[float] = []
+    for p in points:
+        values.extend((p[0], p[1], 1.0) if p is not None else (0.0, 0.0, 0.0))
+    return values
 
 
 @dataclass(frozen=True)
@@ -130,19 +190,20 @@ class PoseMap:
 
     def to_dict(self) -> dict[str, Any]:
         return {"canvas_width": self.width, "canvas_height": self.height,
-                "people": [{"pose_keypoints_2d": p.flat()} for p in self.people]}
+                "people": [p.entry() for p in self.people]}
 
     def to_json(self) -> str:
         """The OpenPose exchange JSON, one keypoint (x, y, c) a line; floats round-trip exactly."""
         lines = ["{", f'  "canvas_width": {self.width},', f'  "canvas_height": {self.height},',
                  '  "people": [']
         for k, person in enumerate(self.people):
-            values = person.flat()
-            rows = [", ".join(json.dumps(v) for v in values[i:i + 3])
-                    for i in range(0, len(values), 3)]
+            parts = []
+            for key, values in person.entry().items():
+                rows = [", ".join(json.dumps(v) for v in values[i:i + 3])
+                        for i in range(0, len(values), 3)]
+                parts.append(f'"{key}": [\n      ' + ",\n      ".join(rows) + "\n    ]")
             comma = "," if k < len(self.people) - 1 else ""
-            lines.append('    {"pose_keypoints_2d": [\n      ' + ",\n      ".join(rows)
-                         + "\n    ]}" + comma)
+            lines.append("    {" + ",\n     ".join(parts) + "}" + comma)
         lines += ["  ]", "}"]
         return "\n".join(lines) + "\n"
 
@@ -195,11 +256,17 @@ class PoseMap:
                     raise ForgeError(f"{where}.pose_keypoints_2d[{j}] ({KEYPOINT_NAMES[j // 3]} "
                                      f"{'xyc'[j % 3]}) must be a finite number, got {v!r}",
                                      path=path, fix=fix)
-            points: list[Point | None] = []
-            for k in range(NUM_KEYPOINTS):
-                x, y, c = values[3 * k:3 * k + 3]
-                points.append((float(x), float(y)) if c > 0 else None)
-            people.append(Person(tuple(points)))
+            parts: list[tuple[Point | None, ...] | None] = []
+            for key, count in ((HAND_KEYS[0], NUM_HAND_KEYPOINTS),
+                               (HAND_KEYS[1], NUM_HAND_KEYPOINTS), (FACE_KEY, NUM_FACE_KEYPOINTS)):
+                part = entry.get(key) or None  # OpenPose writes [] for what it did not detect
+                if part is not None and (
+                        not isinstance(part, list) or len(part) != 3 * count
+                        or not all(_is_finite_number(v) for v in part)):
+                    raise ForgeError(f"{where}.{key} must be {3 * count} finite numbers ({count}"
+                                     " keypoints x, y, confidence) or empty", path=path, fix=fix)
+                parts.append(None if part is None else _unflat(part))
+            people.append(Person(_unflat(values), (parts[0], parts[1]), parts[2]))
         return cls(size[0], size[1], tuple(people))
 
     @classmethod
@@ -212,6 +279,12 @@ class PoseMap:
                              f"{exc.colno})", path=path,
                              fix="fix the JSON, or export the pose again from the editor") from None
         return cls.from_dict(data, path)
+
+
+def _unflat(values: list[Any]) -> tuple[Point | None, ...]:
+    """x, y, c triples -> points (c = 0: missing)."""
+    return tuple((float(values[i]), float(values[i + 1])) if values[i + 2] > 0 else None
+                 for i in range(0, len(values), 3))
 
 
 def _is_number(value: Any) -> bool:
@@ -275,7 +348,8 @@ def _ellipse_polygon(p: Point, q: Point, half_width: float) -> list[tuple[float,
 def draw_pose(pose: PoseMap) -> Image.Image:
     """The pose map of ``pose``: black RGB canvas, limbs (60% colour) then keypoints (full colour).
 
-    Limb i and keypoint i use colour i; a limb with a missing end is not drawn. Deterministic.
+    Limb i and keypoint i use colour i; a limb with a missing end is not drawn. Hands and faces,
+    where a person has them, are drawn over every body. Deterministic.
     """
     image = Image.new("RGB", (pose.width, pose.height), (0, 0, 0))
     draw = ImageDraw.Draw(image)
@@ -289,6 +363,26 @@ def draw_pose(pose: PoseMap) -> Image.Image:
             if p is not None:
                 x, y = p
                 draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=COLORS[i])
+    width = max(1, round(REFERENCE_HAND_WIDTH * draw_scale(pose.width, pose.height)))
+    for person in pose.people:
+        for hand in person.hands:
+            if hand is None:
+                continue
+            for (a, b), colour in zip(HAND_BONES, HAND_BONE_COLORS, strict=True):
+                pa, pb = hand[a], hand[b]
+                if pa is not None and pb is not None:
+                    draw.line((pa, pb), fill=colour, width=width)
+            for p in hand:
+                if p is not None:
+                    x, y = p
+                    draw.ellipse((x - radius, y - radius, x + radius, y + radius),
+                                 fill=HAND_POINT_COLOR)
+    dot = max(1.0, REFERENCE_FACE_RADIUS * draw_scale(pose.width, pose.height))
+    for person in pose.people:
+        for p in person.face or ():
+            if p is not None:
+                x, y = p
+                draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=FACE_POINT_COLOR)
     return image
 
 
@@ -317,8 +411,8 @@ def fit_pose(pose: PoseMap, width: int, height: int) -> PoseMap:
     scale = min(width / pose.width, height / pose.height)
     ox = (width - pose.width * scale) / 2
     oy = (height - pose.height * scale) / 2
-    people = tuple(Person(tuple(None if p is None else (p[0] * scale + ox, p[1] * scale + oy)
-                                for p in person.keypoints)) for person in pose.people)
+    people = tuple(person.moved(lambda p: (p[0] * scale + ox, p[1] * scale + oy))
+                   for person in pose.people)
     return PoseMap(width, height, people)
 
 
@@ -757,7 +851,8 @@ def _check_output(output: Path, *, png: bool = True) -> None:
                          fix=f"name the output {output.with_suffix('.png').name}")
 
 
-def _save_png(image: Image.Image, output: Path) -> None:
+def save_png(image: Image.Image, output: Path) -> None:
+    """Write a pose map as PNG, atomically; ForgeError naming the file if it cannot be."""
     try:
         save_atomic(output, lambda tmp: image.save(tmp, format="PNG"))
     except OSError as exc:
@@ -779,7 +874,7 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
                              fix="give --pose-json a different name, e.g. pose_map.json")
     pose = random_pose(figures, width, height, seed)
     image = draw_pose(pose)
-    _save_png(image, output)
+    save_png(image, output)
     noun = "figure" if figures == 1 else "figures"
     lines = [f"wrote {output} ({figures} {noun}, {width}x{height}, seed {seed})"]
     if json_out is not None:
@@ -808,7 +903,7 @@ def render_pose_command(pose_json: Path, output: Path | None) -> list[str]:
         raise ForgeError("the output would overwrite the pose JSON", path=output,
                          fix="pass -o with another name")
     pose = read_pose_json(pose_json)
-    _save_png(draw_pose(pose), output)
+    save_png(draw_pose(pose), output)
     n = len(pose.people)
     lines = [f"wrote {output} ({n} {'person' if n == 1 else 'people'}, "
              f"{pose.width}x{pose.height})"]

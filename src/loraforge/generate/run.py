@@ -183,7 +183,10 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     controlnet_dir = store.resolve_controlnet(settings)
     store.check_pair(base_dir, controlnet_dir)
     resolver = LoraResolver(settings, BaseWidths.of(base_dir))
-    jobs = plan_jobs(settings, options, resolver, PoseCache(lambda m: log.warning("%s", m)))
+    from loraforge.generate.extract import photo_poses
+
+    jobs = plan_jobs(settings, options, resolver,
+                     PoseCache(lambda m: log.warning("%s", m), photo_poses(settings)))
     folder = settings.images_dir
     _prepare_output(folder)
     for job in jobs:

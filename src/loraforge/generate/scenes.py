@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from loraforge.config import Settings
+    from loraforge.generate.poses import PoseMap
 
 log = logging.getLogger("loraforge.generate")
 
@@ -223,11 +224,18 @@ def _seeds(seed: Value, seeds: Value | None, count: Value) -> list[int]:
 # --- poses -----------------------------------------------------------------------------------
 
 class PoseCache:
-    """Pose map files read, checked and letterboxed once per (file, size)."""
+    """Pose map files read, checked and letterboxed once per (file, size).
 
-    def __init__(self, warn: Callable[[str], None]) -> None:
+    A picture that is not a pose map (a photo, a drawing) goes to ``from_photo``, which returns
+    the people in it (`generate.pose_from_photo = "extract"`); without one it is refused.
+    """
+
+    def __init__(self, warn: Callable[[str], None],
+                 from_photo: Callable[[Path, Image.Image], PoseMap] | None) -> None:
         self.warn = warn
+        self.from_photo = from_photo
         self.images: dict[tuple[Path, int, int], Image.Image] = {}
+        self.people: dict[Path, PoseMap] = {}
 
     def load(self, path: Path, width: int, height: int) -> Image.Image:
         key = (path, width, height)
@@ -249,8 +257,18 @@ class PoseCache:
                              fix="draw the figures (`loraforge pose random` or a pose editor), "
                                  "or use --pose random")
         if not ok:
-            self.warn(f"{path}: {reason}; using it as the ControlNet image anyway (to get a pose "
-                      "from a photo, extract it first: `loraforge pose extract`)")
+            if self.from_photo is None:
+                raise ForgeError(f"is not a pose map ({reason}), and generate.pose_from_photo "
+                                 "is \"refuse\"", path=path,
+                                 fix=f"extract its people first (`loraforge pose extract {path}`"
+                                     f", then --pose {path.stem}.pose.png), or set "
+                                     "generate.pose_from_photo = \"extract\"")
+            if path not in self.people:
+                self.people[path] = self.from_photo(path, image)
+                n = len(self.people[path].people)
+                self.warn(f"{path}: {reason}; extracted {n} {'person' if n == 1 else 'people'} "
+                          "from it with the pose detector (models.detector)")
+            return poses.draw_pose(poses.fit_pose(self.people[path], width, height))
         if image.size != (width, height):
             if abs(image.width / image.height - width / height) > 0.01:
                 self.warn(f"{path}: {image.width}x{image.height} letterboxed onto {width}x"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraforge.models.manifest import DETECTOR_FILE, FACE_DETECTOR_FILE, HAND_DETECTOR_FILE
+
 
 @dataclass(frozen=True)
 class HubModel:
@@ -23,13 +25,17 @@ HUB_MODELS: tuple[HubModel, ...] = (
     HubModel("controlnet-openpose", "lllyasviel/control_v11p_sd15_openpose", "controlnet-model",
              "controlnet", "OpenPose ControlNet v1.1 for SD 1.5"),
     HubModel("openpose-detector", "lllyasviel/Annotators", "controlnet-detector", "detector",
-             "OpenPose body detector (poses from photos), stored as safetensors"),
+             "OpenPose body, hand and face detectors (poses from photos), as safetensors"),
     HubModel("tagger", "SmilingWolf/wd-vit-tagger-v3", "wd-tagger", "tagger",
              "WD14 image tagger v3 (ViT, ONNX) for `loraforge dataset tag`", in_all=False),
 )
 ALL = "all"
 DETECTOR_SOURCE = "body_pose_model.pth"
 TAGGER_FILES = ("model.onnx", "selected_tags.csv")
+# Each detector pickle and the safetensors file it is converted to; the hand and face networks
+# are fetched where the repository has them.
+DETECTOR_FILES = {DETECTOR_SOURCE: DETECTOR_FILE, "hand_pose_model.pth": HAND_DETECTOR_FILE,
+                  "facenet.pth": FACE_DETECTOR_FILE}
 
 
 def keys() -> list[str]:

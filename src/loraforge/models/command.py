@@ -121,6 +121,7 @@ def verify_command(
     from loraforge.errors import ForgeError
     from loraforge.models.manifest import model_folders, verify_folder
     from loraforge.models.tiny import tiny_folders
+    from loraforge.models.tiny_detector import tiny_detector_folder
 
     settings = _settings(config, overrides)
     if name is not None:
@@ -152,7 +153,8 @@ def verify_command(
         if result.note:
             _say(f"  note: {result.note}")
         failed += not result.ok
-        if not result.ok and folder in tiny_folders(settings.storage_root):
+        if not result.ok and folder in (*tiny_folders(settings.storage_root),
+                                        tiny_detector_folder(settings.storage_root)):
             tiny_damaged.append(folder)
     if tiny_damaged:
         _say(f"the embedded tiny model is damaged: delete {' and '.join(map(str, tiny_damaged))}"
@@ -166,8 +168,13 @@ def verify_command(
 
 @models_app.command("tiny")
 def tiny_command(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
-    """Build the embedded tiny SD1.5-shaped model and ControlNet under the storage root."""
+    """Build the embedded tiny SD1.5-shaped model, its ControlNet and the tiny pose detector
+    (random weights) under the storage root."""
     from loraforge.models.tiny import ensure_tiny_models
+    from loraforge.models.tiny_detector import ensure_tiny_detector
 
-    base, controlnet = ensure_tiny_models(_settings(config, overrides).storage_root)
-    _say(f"tiny base model: {base}\ntiny ControlNet: {controlnet}")
+    root = _settings(config, overrides).storage_root
+    base, controlnet = ensure_tiny_models(root)
+    detector = ensure_tiny_detector(root)
+    _say(f"tiny base model: {base}\ntiny ControlNet: {controlnet}\ntiny pose detector: "
+         f"{detector}")

@@ -37,6 +37,7 @@ from loraforge.errors import ForgeError
 from loraforge.models import folders
 from loraforge.models.catalog import (
     ALL,
+    DETECTOR_FILES,
     DETECTOR_SOURCE,
     HUB_MODELS,
     TAGGER_FILES,
@@ -44,7 +45,7 @@ from loraforge.models.catalog import (
     by_key,
     keys,
 )
-from loraforge.models.manifest import DETECTOR_FILE, describe_files, read_manifest, write_manifest
+from loraforge.models.manifest import describe_files, read_manifest, write_manifest
 
 Say = Callable[[str], None]
 
@@ -265,10 +266,12 @@ def _assemble_and_install(root: Path, dest: Path, plan: Plan,
 
             TaggerModel(tmp)  # loads in onnxruntime, its outputs match the tag list
         else:
-            say(f"{model.folder}: converting {DETECTOR_SOURCE} to {DETECTOR_FILE} "
-                "(loaded with weights_only=True)")
-            _convert_detector(blobs[DETECTOR_SOURCE][0], tmp / DETECTOR_FILE, model, plan.commit)
-            changes.append(f"{DETECTOR_FILE}: converted from {DETECTOR_SOURCE}")
+            for source in (w.repo_path for w in plan.files):
+                converted = DETECTOR_FILES[source]
+                say(f"{model.folder}: converting {source} to {converted} (loaded with "
+                    "weights_only=True)")
+                _convert_detector(blobs[source][0], tmp / converted, model, plan.commit, source)
+                changes.append(f"{converted}: converted from {source}")
         for rel in changes:  # rewritten files: hash what is there now
             known.pop(rel.split(":")[0], None)
         write_manifest(tmp, {
@@ -329,7 +332,8 @@ def _rewrite(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _convert_detector(pth: Path, dest: Path, model: HubModel, commit: str) -> None:
+def _convert_detector(pth: Path, dest: Path, model: HubModel, commit: str,
+                      source: str = DETECTOR_SOURCE) -> None:
     import pickle
 
     import torch
@@ -339,18 +343,18 @@ def _convert_detector(pth: Path, dest: Path, model: HubModel, commit: str) -> No
         data = torch.load(pth, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ForgeError(f"{model.repo}/{DETECTOR_SOURCE} cannot be loaded safely "
+        raise ForgeError(f"{model.repo}/{source} cannot be loaded safely "
                          f"(weights_only=True refused it: {reason}); it is not converted",
                          fix="report it; LoRA Forge never unpickles a file fully") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not data or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise ForgeError(f"{model.repo}/{DETECTOR_SOURCE} is not a state dict of tensors",
+        raise ForgeError(f"{model.repo}/{source} is not a state dict of tensors",
                          fix="check --revision; the detector must be a plain state dict")
     tensors = {k: v.detach().contiguous().clone() for k, v in data.items()}
     save_file(tensors, str(dest), metadata={"format": "pt",
-                                            "source": f"{model.repo}/{DETECTOR_SOURCE}@{commit}"})
+                                            "source": f"{model.repo}/{source}@{commit}"})
 
 
 # --- the Hub ----------------------------------------------------------------------------------
@@ -498,6 +502,8 @@ def _select(plan: Plan, siblings: dict[str, Wanted], full_precision: bool) -> No
             raise ForgeError(f"{model.repo}@{plan.revision} has no {DETECTOR_SOURCE}",
                              fix="check --revision")
         plan.files = [siblings[DETECTOR_SOURCE]]
+        plan.files += [siblings[name] for name in DETECTOR_FILES
+                       if name != DETECTOR_SOURCE and name in siblings]
         return
     if model.kind == "tagger":
         missing = [name for name in TAGGER_FILES if name not in siblings]

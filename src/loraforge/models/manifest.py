@@ -26,6 +26,8 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = 1
 KINDS = ("base", "controlnet", "detector", "tagger")
 DETECTOR_FILE = "body_pose_model.safetensors"
+HAND_DETECTOR_FILE = "hand_pose_model.safetensors"
+FACE_DETECTOR_FILE = "facenet.safetensors"
 # Folders under the storage root that are never models.
 NOT_MODELS = frozenset({"Multi_Concept_Output", "Final_Images", "cache", "master_dataset"})
 # The file whose sha256 identifies a model of each kind (A1111's model hash).

@@ -36,6 +36,9 @@ BASE_FIX = (f"run {FETCH_BASE}, or {IMPORT_BASE}; or set `models.base` in forge.
             "SD 1.x model folder (`tiny` for the embedded test model)")
 CONTROLNET_FIX = (f"run {FETCH_CONTROLNET}; or set `models.controlnet` in forge.toml to another "
                   "SD 1.x OpenPose ControlNet folder (`tiny` for the embedded test model)")
+DETECTOR_FIX = ("run `loraforge models fetch openpose-detector` (on a login node with internet); "
+                "or set `models.detector` in forge.toml to another folder holding "
+                "body_pose_model.safetensors (`tiny` for the embedded test detector)")
 
 
 def _resolve(settings: Settings, name: str, which: int, check: Callable[[Path], None]) -> Path:
@@ -56,6 +59,23 @@ def resolve_base_model(settings: Settings) -> Path:
 def resolve_controlnet(settings: Settings) -> Path:
     """The folder of the configured ControlNet, checked to be a diffusers SD 1.x ControlNet."""
     return _resolve(settings, settings.config.models.controlnet, 1, check_controlnet)
+
+
+def resolve_detector(settings: Settings) -> Path:
+    """The folder of the configured pose detector (`tiny`: the embedded one, built on first use).
+
+    Its weights are checked when they load (`bodypose.load_detector`)."""
+    name = settings.config.models.detector
+    if name == TINY:
+        from loraforge.models.tiny_detector import ensure_tiny_detector
+
+        return ensure_tiny_detector(settings.storage_root)
+    path = settings.model_dir(name)
+    if not path.is_dir():
+        raise ForgeError("is not a folder; the pose detector is a folder holding "
+                         "body_pose_model.safetensors" if path.exists() else
+                         "pose detector not found", path=path, fix=DETECTOR_FIX)
+    return path
 
 
 def is_tiny(path: Path) -> bool:

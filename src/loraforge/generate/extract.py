@@ -1,0 +1,282 @@
+"""Pose maps from reference pictures: `loraforge pose extract`, and photos given to `generate`.
+
+A picture is decoded at a reduced size where its format allows (JPEG: DCT scaling), so a huge
+photo costs little memory, then scaled to fit the network's input box (368 px high, at most 656
+wide: OpenPose's default resolution), run through the body network once, and parsed into people
+(see `skeletons`). Keypoints are mapped back to the picture's pixels, then the pose is letterboxed
+onto the scene size generation uses and drawn in the standard pose map colours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from loraforge.config import TINY
+from loraforge.errors import ForgeError
+from loraforge.generate.poses import (
+    Person,
+    PoseMap,
+    draw_pose,
+    fit_pose,
+    parse_size,
+    save_png,
+    write_pose_json,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from loraforge.config import Settings
+
+Say = Callable[[str], None]
+
+INPUT_HEIGHT = 368
+INPUT_MAX_WIDTH = 656
+PAD_VALUE = 128
+OUTPUT_SUFFIX = ".pose"
+
+
+def input_size(width: int, height: int) -> tuple[int, int]:
+    """The network's input size for a W x H picture: fitted into 656 x 368, aspect kept."""
+    scale = min(INPUT_HEIGHT / height, INPUT_MAX_WIDTH / width)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def load_picture(path: Path) -> Image.Image:
+    """The picture as RGB, decoded at no more than about twice the network's input size where
+    the format can skip detail (JPEG), so a huge photo never needs its full-size pixels."""
+    from loraforge.dataset.images import load_image
+
+    return load_image(path, fit=(2 * INPUT_MAX_WIDTH, 2 * INPUT_HEIGHT))
+
+
+def network_input(picture: Image.Image) -> torch.Tensor:
+    """(1, 3, H8, W8): BGR in [-0.5, 0.5), padded right and bottom to multiples of 8 with grey."""
+    import numpy as np
+    import torch
+
+    width, height = input_size(*picture.size)
+    pixels = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC),
+                        dtype=np.float32)
+    padded = np.full((-(-height // 8) * 8, -(-width // 8) * 8, 3), PAD_VALUE, dtype=np.float32)
+    padded[:height, :width] = pixels
+    return torch.from_numpy(padded[:, :, ::-1].transpose(2, 0, 1).copy())[None] / 256 - 0.5
+
+
+def network_maps(net: torch.nn.Module, picture: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The network's affinity fields (38, h, w) and heatmaps (19, h, w) over the input size."""
+    import torch
+
+    from loraforge.generate.skeletons import upsample
+
+    with torch.no_grad():
+        fields, heatmaps = net(network_input(picture))
+    return upsample(fields[0], heatmaps[0], *input_size(*picture.size))
+
+
+def detect(net: torch.nn.Module, picture: Image.Image) -> PoseMap:
+    """Every person the network finds in ``picture``, in the picture's pixel coordinates."""
+    from loraforge.generate.skeletons import people_from_maps
+
+    fields, heatmaps = network_maps(net, picture)
+    width, height = input_size(*picture.size)
+    sx, sy = picture.width / width, picture.height / height
+    people = tuple(
+        Person(tuple(None if p is None else ((p[0] + 0.5) * sx - 0.5, (p[1] + 0.5) * sy - 0.5)
+                     for p in person.keypoints))
+        for person in people_from_maps(fields, heatmaps))
+    return PoseMap(picture.width, picture.height, people)
+
+
+# --- the detector ---------------------------------------------------------------------------
+
+@dataclass
+class Detector:
+    """The configured body network (and with ``hands`` / ``face`` the hand / face network),
+    loaded on first use."""
+
+    settings: Settings
+    hands: bool = False
+    face: bool = False
+    _net: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    _hand_net: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    _face_net: torch.nn.Module | None = field(default=None, init=False, repr=False)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.settings.config.models.detector == TINY
+
+    def net(self) -> torch.nn.Module:
+        if self._net is None:
+            from loraforge.models import bodypose, store
+
+            folder = store.resolve_detector(self.settings)
+            self._net = bodypose.load_detector(folder)
+            from loraforge.models import cpm
+
+            if self.hands:
+                self._hand_net = cpm.load_hand_detector(folder)
+            if self.face:
+                self._face_net = cpm.load_face_detector(folder)
+        return self._net
+
+    def people(self, picture: Image.Image, path: Path) -> PoseMap:
+        """The people in ``picture``; ForgeError naming ``path`` when there is nobody."""
+        pose = detect(self.net(), picture)
+        if not pose.people:
+            fix = ("use a picture where each person's head, shoulders and hips are visible "
+                   "and not tiny in the frame, or draw the pose (`loraforge pose random`, or a "
+                   "pose editor's JSON)")
+            if self.is_tiny:
+                fix = ("models.detector is \"tiny\" (random weights: it finds no real people); "
+                       "run `loraforge models fetch openpose-detector` and set "
+                       "models.detector = \"controlnet-detector\"")
+            raise ForgeError("no person found", path=path, fix=fix)
+        if self._hand_net is not None:
+            from loraforge.generate.hands import add_hands
+
+            pose = add_hands(self._hand_net, picture, pose)
+        if self._face_net is not None:
+            from loraforge.generate.faces import add_faces
+
+            pose = add_faces(self._face_net, picture, pose)
+        return pose
+
+
+def photo_poses(settings: Settings) -> Callable[[Path, Image.Image], PoseMap] | None:
+    """What `generate` does with a picture that is not a pose map: extract its people
+    (`generate.pose_from_photo = "extract"`), or None to refuse it."""
+    if settings.config.generate.pose_from_photo != "extract":
+        return None
+    detector = Detector(settings)
+    return lambda path, picture: detector.people(picture, path)
+
+
+# --- `loraforge pose extract` ------------------------------------------------------------------
+
+def _pictures(inputs: list[Path]) -> tuple[list[Path], bool]:
+    """The pictures named (folders expanded to their images, sorted), and whether it is a batch."""
+    from loraforge.dataset.images import IMAGE_EXTENSIONS
+
+    pictures: list[Path] = []
+    batch = len(inputs) > 1
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            batch = True
+            found = sorted(p for p in item.iterdir() if p.is_file()
+                           and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not p.stem.endswith(OUTPUT_SUFFIX))
+            if not found:
+                raise ForgeError("holds no pictures (png, jpg, jpeg, webp, bmp)", path=item,
+                                 fix="name the pictures, or a folder that holds some")
+            pictures += found
+        elif not item.exists():
+            raise ForgeError("no such file", path=item, fix="check the path to the picture")
+        else:
+            pictures.append(item)
+    return pictures, batch
+
+
+def _outputs(picture: Path, output: Path | None, json_out: Path | None, batch: bool,
+             ) -> tuple[Path, Path]:
+    stem = picture.stem + OUTPUT_SUFFIX
+    if batch:
+        folder = output if output is not None else picture.parent
+        return folder / f"{stem}.png", folder / f"{stem}.json"
+    png = output if output is not None else picture.with_name(f"{stem}.png")
+    return png, json_out if json_out is not None else png.with_suffix(".json")
+
+
+def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | None,
+                   batch: bool) -> None:
+    if batch:
+        seen: dict[Path, Path] = {}
+        for picture in pictures:
+            png = _outputs(picture, output, json_out, batch)[0].resolve()
+            if png in seen:
+                raise ForgeError(f"{seen[png].name} and {picture.name} would both write "
+                                 f"{png.name}", path=picture.parent,
+                                 fix="rename one of them, or extract them one at a time with -o")
+            seen[png] = picture
+        if json_out is not None:
+            raise ForgeError("--pose-json names one file, but several pictures are extracted",
+                             path=json_out, fix="drop --pose-json: each picture's JSON is written "
+                             "beside its pose map (NAME.pose.json)")
+        if output is not None and output.suffix.lower() == ".png":
+            raise ForgeError("several pictures are extracted, so -o must be a folder",
+                             path=output, fix="pass a folder, e.g. -o poses/")
+        if output is not None and output.exists() and not output.is_dir():
+            raise ForgeError("is a file; several pictures need a folder for their pose maps",
+                             path=output, fix="pass a folder, e.g. -o poses/")
+        return
+    png, json_path = _outputs(pictures[0], output, json_out, batch)
+    if png.is_dir():
+        raise ForgeError("is a folder; expected the pose map's file name", path=png,
+                         fix="pass a file path, e.g. -o pose_map.png")
+    if png.suffix.lower() != ".png":
+        raise ForgeError("pose maps are written as PNG (a lossy format would change the "
+                         "colours the ControlNet reads)", path=png,
+                         fix=f"name the output {png.with_suffix('.png').name}")
+    if json_path.suffix.lower() != ".json" or json_path.resolve() == png.resolve():
+        raise ForgeError("the OpenPose JSON needs its own .json name", path=json_path,
+                         fix="pass --pose-json with a .json name, e.g. pose_map.json")
+    for written in (png, json_path):
+        if written.resolve() == pictures[0].resolve():
+            raise ForgeError("the output would overwrite the picture", path=written,
+                             fix="pass -o with another name")
+
+
+def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
+                    json_out: Path | None, size: str | None, say: Say,
+                    hands: bool = False, face: bool = False) -> None:
+    """`loraforge pose extract`: one pose map (PNG) and OpenPose JSON per picture, letterboxed
+    onto the scene size. A batch goes on past a bad picture and ends with a summary; ForgeError
+    (exit 1) when any picture gave no pose."""
+    gen = settings.config.generate
+    width, height = parse_size(size) if size else (gen.width, gen.height)
+    pictures, batch = _pictures(inputs)
+    _check_outputs(pictures, output, json_out, batch)
+    detector = Detector(settings, hands, face)
+    detector.net()  # a missing or damaged detector stops the batch before the first picture
+    people = 0
+    failed: list[str] = []
+    for picture_path in pictures:
+        png, json_path = _outputs(picture_path, output, json_out, batch)
+        try:
+            picture = load_picture(picture_path)
+            found = detector.people(picture, picture_path)
+            fitted = fit_pose(found, width, height)
+            save_png(draw_pose(fitted), png)
+            try:
+                write_pose_json(json_path, fitted)
+            except OSError as exc:
+                raise ForgeError(f"cannot be written: {exc.strerror or exc}",
+                                 path=json_path) from None
+        except ForgeError as exc:
+            if not batch:
+                raise
+            failed.append(picture_path.name)
+            say(f"error: {exc}")
+            continue
+        n = len(found.people)
+        people += n
+        parts = (f", {sum(h is not None for p in found.people for h in p.hands)} hands"
+                 if hands else "")
+        parts += (f", {sum(p.face is not None for p in found.people)} faces" if face else "")
+        say(f"{picture_path} -> {png} ({n} {'person' if n == 1 else 'people'}{parts}, "
+            f"{width}x{height}; JSON: {json_path.name})")
+    if batch:
+        done = len(pictures) - len(failed)
+        summary = (f"{len(pictures)} pictures: {done} extracted ({people} people), "
+                   f"{len(failed)} without a pose")
+        if failed:
+            raise ForgeError(f"{summary}: {', '.join(failed)}",
+                             fix="see each picture's error above; the others were written")
+        say(summary)
