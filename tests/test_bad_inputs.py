@@ -335,7 +335,7 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
      ("--lora", "the LoRA weight `heavy`", "is not a number", "store/x.safetensors:0.8")),
     ("pose-render-no-people", write("pose.json", '{"width": 64, "height": 64}'),
      ["pose", "render", "pose.json"], ("pose.json", "has no canvas_width")),
-    ("pose-random-json-is-png", nothing, ["pose", "random", "-o", "p.png", "--json", "p.png"],
+    ("pose-random-json-is-png", nothing, ["pose", "random", "-o", "p.png", "--pose-json", "p.png"],
      ("p.png",)),
     ("slurm-sweep-empty-value", nothing, ["slurm", "sweep", "--dry-run", "--param",
                                           "train.unet_lr="], ("train.unet_lr=", "empty value")),

@@ -191,7 +191,8 @@ def check_dataset(settings: Settings, as_json: bool, console: Console, processes
     print_warnings(warnings)
     summary = summarize(dataset, train.batch_size * processes, train.epochs, train.max_steps,
                         examples, processes)
-    curation = curate(dataset, settings.config.dataset.caption_extension)
+    curation = curate(dataset, settings.config.dataset.caption_extension, regularisation=frozenset(
+        c["name"] for c in summary["concepts"] if c["is_reg"]))
     print_warnings(curation.warnings)
     summary["advice"] += curation.advice
     summary["totals"]["near_duplicates"] = curation.near_duplicates

@@ -51,10 +51,13 @@ def _absorbed_advice(concept: Concept) -> str | None:
 
 
 def curate(dataset: Dataset, caption_extension: str, distance: int = DEFAULT_DISTANCE,
-           ) -> Curation:
-    """The advice for every concept, and the near-duplicate count over the whole dataset."""
+           regularisation: frozenset[str] = frozenset()) -> Curation:
+    """The advice for every concept, and the near-duplicate count over the whole dataset.
+    Concepts named in `regularisation` (is_reg) teach no trigger, so get no trigger advice."""
     result = Curation()
     for concept in dataset.concepts:
+        if concept.name in regularisation:
+            continue
         result.advice += [a for a in (_trigger_advice(concept), _absorbed_advice(concept)) if a]
     folders = [ConceptFolder(c.name, c.folder, [image.path for image in c.images])
                for c in dataset.concepts]
