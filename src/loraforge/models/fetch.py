@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -579,21 +578,20 @@ class _Progress:
 
 
 def _checked(path: Path, wanted: Wanted) -> str | None:
-    """sha256 of `path` when it matches what the Hub says about `wanted`, else None."""
-    size = path.stat().st_size
-    if wanted.size is not None and size != wanted.size:
+    """sha256 of `path` when it matches what the Hub says about `wanted`, else None.
+
+    An LFS file is checked against its sha256; a small, non-LFS file (the Hub keeps those under
+    10 MB) against its git blob id, with huggingface_hub's own hash functions."""
+    from huggingface_hub.utils.sha import git_hash, sha_fileobj
+
+    if wanted.size is not None and path.stat().st_size != wanted.size:
         return None
-    sha256 = hashlib.sha256()
-    git = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
     with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            sha256.update(block)
-            git.update(block)
-    digest = sha256.hexdigest()
+        digest = sha_fileobj(fh, CHUNK).hex()
     if wanted.sha256 is not None:
         return digest if digest == wanted.sha256 else None
     if wanted.blob_id is not None:
-        return digest if git.hexdigest() == wanted.blob_id else None
+        return digest if git_hash(path.read_bytes()) == wanted.blob_id else None
     return digest
 
 
@@ -605,7 +603,9 @@ def _safe_key(value: str | None) -> str | None:
 
 
 def _repo_folder(repo: str) -> str:
-    return "models--" + repo.replace("/", "--")
+    from huggingface_hub.file_download import repo_folder_name
+
+    return repo_folder_name(repo_id=repo, repo_type="model")
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
