@@ -1,11 +1,12 @@
 """Concept separation on the tiny model: our trainer against an independent oracle.
 
 `python -m bench.separation [--steps N] [--scaling-factor F] [--embedding-std S]
-[--pretrain N] [--work DIR]`
+[--pretrain N] [--solid] [--work DIR]`
 
 The data is issue #21's: `4_zqred/` (red discs) and `4_zqblue/` (blue squares), 64 px, captions
-"zqred, disc, solo" / "zqblue, square, solo". Two LoRAs are trained on it for the same number of
-steps and measured with `loraforge eval`'s measure (same images, noise, timesteps):
+"zqred, disc, solo" / "zqblue, square, solo" (`--solid`: each image one flat red or blue).
+Two LoRAs are trained on it for the same number of steps and measured with `loraforge eval`'s
+measure (same images, noise, timesteps):
 
 - ours: `loraforge train` in-process with the tiny model's quick settings (`init --tiny`);
 - the oracle: a plain loop written here with diffusers and peft only (LoRA on the U-Net's
@@ -39,7 +40,9 @@ UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 TEXT_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-def write_dataset(folder: Path) -> None:
+def write_dataset(folder: Path, solid: bool) -> None:
+    """The issue's discs and squares; `solid`: each image one flat colour (the most a trigger
+    can tell apart)."""
     from PIL import Image, ImageDraw
 
     for name, trigger, shape, colour in CONCEPTS:
@@ -49,8 +52,9 @@ def write_dataset(folder: Path) -> None:
             image = Image.new("RGB", (64, 64), (235, 235, 225))
             draw = ImageDraw.Draw(image)
             x, y, size = 8 + 6 * i, 10 + 4 * (i % 2), 28 + 2 * i
-            box = (x, y, x + size, y + size)
-            (draw.ellipse if shape == "disc" else draw.rectangle)(box, fill=colour)
+            box = (0, 0, 64, 64) if solid else (x, y, x + size, y + size)
+            shade = tuple(max(0, c - 10 * i) for c in colour) if solid else colour
+            (draw.ellipse if shape == "disc" and not solid else draw.rectangle)(box, fill=shade)
             image.save(concept / f"{i}.png")
             (concept / f"{i}.txt").write_text(f"{trigger}, {shape}, solo")
 
@@ -213,12 +217,13 @@ def main() -> None:
     parser.add_argument("--scaling-factor", type=float, default=None)
     parser.add_argument("--embedding-std", type=float, default=None)
     parser.add_argument("--pretrain", type=int, default=0)
+    parser.add_argument("--solid", action="store_true", help="flat-colour images")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-separation-"))
-    write_dataset(work / "master_dataset")
+    write_dataset(work / "master_dataset", args.solid)
     tiny, _ = ensure_tiny_models(work / "tiny")
     with quiet_loading():
         base = variant_base(tiny, work / "tiny" / "variant", args, work / "master_dataset")
