@@ -96,3 +96,20 @@ def test_eval_of_an_unfinished_run_is_refused(tmp_path: Path) -> None:
     nothing = CliRunner().invoke(app, ["eval", "--set", f"storage.root={tmp_path}"])
     assert isinstance(nothing.exception, ForgeError)
     assert "no finished training run" in str(nothing.exception)
+
+
+def test_concepts_sharing_a_trigger_are_named(tmp_path: Path) -> None:
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.train.separation import distinct_triggers
+
+    for folder in ("2_blake", "2_mira", "2_sora"):
+        (tmp_path / folder).mkdir()
+        draw_character(tmp_path / folder / "0.png", (200, 30, 30), "box", offset=0)
+    (tmp_path / "2_blake" / "0.txt").write_text("1girl, blake, red hat")
+    (tmp_path / "2_mira" / "0.txt").write_text("1girl, mira, blue robe")
+    with pytest.raises(ForgeError, match="blake and mira share the trigger `1girl`") as caught:
+        distinct_triggers(scan_dataset(tmp_path, ".txt"))
+    assert "activation tag first" in str(caught.value.fix)
+    (tmp_path / "2_mira" / "0.txt").write_text("mira, 1girl, blue robe")
+    assert distinct_triggers(scan_dataset(tmp_path, ".txt")) == {
+        "blake": "1girl", "mira": "mira", "sora": "sora"}

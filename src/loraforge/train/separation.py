@@ -100,6 +100,24 @@ def trigger_of(concept: Concept) -> str:
     return firsts.most_common(1)[0][0] if firsts else concept.name
 
 
+def distinct_triggers(dataset: Dataset) -> dict[str, str]:
+    """Concept -> trigger; ForgeError when two concepts share one (nothing could ask the LoRA
+    for one of them alone)."""
+    triggers = {c.name: trigger_of(c) for c in dataset.concepts}
+    by_trigger: dict[str, list[str]] = {}
+    for name, trigger in triggers.items():
+        by_trigger.setdefault(trigger, []).append(name)
+    shared = next((names for names in by_trigger.values() if len(names) > 1), None)
+    if shared:
+        trigger = triggers[shared[0]]
+        raise ForgeError(f"concepts {' and '.join(shared)} share the trigger `{trigger}` (the "
+                         "first tag of most of their captions), so no prompt can ask for one of "
+                         "them alone", path=dataset.root,
+                         fix="put each concept's own activation tag first in its captions "
+                             "(e.g. `blake, 1boy, ...`), then train again")
+    return triggers
+
+
 def finished_lora(run_dir: Path) -> Path:
     """The final LoRA of a finished run, or a ForgeError saying what to do."""
     record = runs.read_record(run_dir) or {}
@@ -270,6 +288,7 @@ def measure(settings: Settings, run_dir: Path, held_out: Path | None = None) -> 
     record = runs.read_record(run_dir) or {}
     config, clip_skip, chunks = _recorded(record, settings)
     dataset = scan_dataset(settings.dataset_dir, config.caption_extension)
+    distinct_triggers(dataset)
     held = _held_out(held_out, dataset, config)
     go_offline(settings)
     recorded_base = Path(str(record.get("base_model") or ""))
