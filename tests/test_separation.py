@@ -15,7 +15,7 @@ from loraforge.cli import app
 from loraforge.config import load_settings
 from loraforge.errors import ForgeError
 from loraforge.runtime import go_offline
-from loraforge.train.separation import ConceptSeparation, measure
+from loraforge.train.separation import ConceptSeparation, Separation, measure
 from loraforge.train.trainer import train
 
 RUN = "sep"
@@ -53,8 +53,10 @@ def test_eval_measures_every_concept_under_every_trigger(project: Path) -> None:
         assert len(row["by_timestep"]["no LoRA"]) == len(shown["timesteps"])
         # The LoRA learned the images: below the base model under the concept's own trigger.
         assert row["loss"][row["trigger"]] < row["no_lora"]
+    assert [p["concepts"] for p in shown["pairs"]] == [["blue_mage", "red_knight"]]
     page = (run_dir / "report.html").read_text()
     assert "Concept separation" in page and "“blue_mage”" in page
+    assert "blue_mage / red_knight: " in page
     # Fixed noise and timesteps: measuring again gives the same numbers.
     again = measure(load_settings(project), run_dir)
     assert [c.to_dict() for c in again.concepts] == shown["concepts"]
@@ -83,6 +85,21 @@ def test_margin_says_whether_the_own_trigger_wins() -> None:
     assert mixed.margin < 0 and mixed.separated is False
     alone = ConceptSeparation("a", "ta", 2, False, {"ta": 0.6}, 0.9)
     assert alone.margin is None and alone.separated is None
+
+
+def test_pair_separation_cancels_a_trigger_that_suits_every_image() -> None:
+    def result(red: dict[str, float], blue: dict[str, float]) -> Separation:
+        return Separation("r", "r.safetensors", [50], 1, [
+            ConceptSeparation("red", "zqred", 4, False, red, 1.0),
+            ConceptSeparation("blue", "zqblue", 4, False, blue, 1.0)])
+
+    # "zqred" is the better prompt for every image: red looks separated, blue does not.
+    biased = result({"zqred": 0.49, "zqblue": 0.50}, {"zqred": 0.59, "zqblue": 0.60})
+    assert [c.separated for c in biased.concepts] == [True, False]
+    assert biased.pairs() == [("red", "blue", pytest.approx(0.0))]
+    apart = result({"zqred": 0.50, "zqblue": 0.52}, {"zqred": 0.63, "zqblue": 0.60})
+    assert [c.separated for c in apart.concepts] == [True, True]
+    assert apart.pairs() == [("red", "blue", pytest.approx(0.05 / 1.10))]
 
 
 def test_eval_of_an_unfinished_run_is_refused(tmp_path: Path) -> None:

@@ -281,12 +281,18 @@ def _separation_section(run_dir: Path) -> str:
         source = "held-out" if c.get("held_out") else "training, fresh noise"
         rows.append([esc(c.get("name", "")), f"{_number(c.get('images'))} ({source})", *cells,
                      _loss(c.get("no_lora")), esc(shown)])
+    pairs = [f"{esc(' / '.join(map(str, p['concepts'])))}: {p['separation']:+.2%}"
+             for p in data.get("pairs") or [] if isinstance(p, dict)
+             and isinstance(p.get("concepts"), list) and isinstance(p.get("separation"), float)]
+    shown_pairs = f"<p>pair separation: {' · '.join(pairs)}</p>" if pairs else ""
     return (f"<h2>Concept separation</h2>"
-            f"{_table(head, rows, numeric=set(range(2, len(head))))}"
+            f"{_table(head, rows, numeric=set(range(2, len(head))))}{shown_pairs}"
             "<p class=\"muted\">denoising loss of each concept's images at fixed noise and "
             "timesteps (lower is better), prompted with each trigger alone; bold: the concept's "
             "own trigger. margin: how much lower the own trigger is than the best other one "
-            "(near 0 or negative: the LoRA does not tell the concepts apart). From "
+            "(near 0 or negative: the LoRA does not tell the concepts apart). Pair separation: "
+            "both concepts' losses under each other's trigger minus under their own, relative "
+            "to their own (a prompt that suits every image cancels out of it). From "
             f"{esc(SEPARATION)}, written by <code>loraforge eval</code>.</p>")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,11 +87,24 @@ class Separation:
     def triggers(self) -> list[str]:
         return [c.trigger for c in self.concepts]
 
+    def pairs(self) -> list[tuple[str, str, float]]:
+        """(concept a, concept b, separation) for every pair: how much worse each does under
+        the other's trigger than under its own, summed, relative to the two own losses. A
+        trigger that is a better prompt for every image (a bias, not separation) adds as much
+        to one difference as it takes from the other, so it cancels out here."""
+        found = []
+        for a, b in combinations(self.concepts, 2):
+            cross = a.loss[b.trigger] - a.own + b.loss[a.trigger] - b.own
+            found.append((a.name, b.name, cross / (a.own + b.own)))
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run, "lora": self.lora, "timesteps": self.timesteps,
                 "noise_seed": self.noise_seed, "prompt": "the trigger alone",
                 "loss": "mean squared error on the noise, averaged over images and timesteps",
-                "concepts": [c.to_dict() for c in self.concepts]}
+                "concepts": [c.to_dict() for c in self.concepts],
+                "pairs": [{"concepts": [a, b], "separation": value}
+                          for a, b, value in self.pairs()]}
 
 
 def trigger_of(concept: Concept) -> str:
@@ -352,6 +366,11 @@ def print_table(result: Separation, console: Any) -> None:
         source = "held-out" if row.held_out else "training, fresh noise"
         table.add_row(row.name, f"{row.images} ({source})", *cells, f"{row.no_lora:.4f}", shown)
     console.print(table)
+    for a, b, value in result.pairs():
+        console.print(f"pair {a} / {b}: separation {value:+.2%}", markup=False)
     console.print("denoising loss at fixed noise and timesteps (lower is better); bold: the "
                   "concept's own trigger. margin: how much lower its own trigger is than the "
-                  "best other one; negative or ~0: the LoRA does not tell the concepts apart.")
+                  "best other one; negative or ~0: the LoRA does not tell the concepts apart. pair "
+                  "separation: both concepts' losses under each other's trigger minus under "
+                  "their own, relative to their own; a prompt that suits every image cancels "
+                  "out of it.")
