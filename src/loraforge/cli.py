@@ -231,6 +231,42 @@ def train(
         out.print(f"LoRA: {result.final}", markup=False)
 
 
+@app.command("eval")
+def eval_run(
+    run: Annotated[str | None, typer.Argument(help="Run name (default: the newest finished "
+                                              "run).")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+    held_out: Annotated[Path | None, typer.Option("--held-out", help="Folder of held-out "
+                        "images in the dataset's layout (<repeats>_<name>/); concepts without "
+                        "one are measured on their training images with fresh noise.")] = None,
+) -> None:
+    """Concept separation of a finished run: each concept's denoising loss with its own
+    trigger, with every other concept's trigger and without the LoRA, at fixed noise and
+    timesteps. Writes separation.json into the run folder and shows it in its report."""
+    import json
+
+    from loraforge.report.command import find_run
+    from loraforge.train.separation import (
+        measure,
+        newest_finished_run,
+        print_table,
+        write_separation,
+    )
+
+    settings = _settings(config, overrides)
+    run_dir = (find_run(settings.runs_dir, run) if run is not None
+               else newest_finished_run(settings.runs_dir))
+    result = measure(settings, run_dir, held_out)
+    path = write_separation(run_dir, result, settings.file_mode)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        print_table(result, out)
+        out.print(f"written: {path}", markup=False)
+
+
 @app.command()
 def demo(directory: Annotated[Path, typer.Argument(
         help="Folder to create, or an earlier demo's to reuse (a project of yours is refused)."

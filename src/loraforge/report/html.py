@@ -26,6 +26,7 @@ REPORT = "report.html"
 LOSS_PNG = "report-loss.png"
 HISTORY = "history.jsonl"
 DATASET = "dataset.json"
+SEPARATION = "separation.json"
 TOP_TAGS_SHOWN = 12
 THUMB = 256
 
@@ -254,6 +255,47 @@ def _loss_section(run_dir: Path, history: list[dict[str, Any]], mode: int) -> st
             f"<p class=\"facts\">{' · '.join(facts)}</p>")
 
 
+def _loss(value: Any) -> str:
+    """A loss to 4 decimals: separation differences show in the third or fourth."""
+    if isinstance(value, float) and math.isfinite(value):
+        return esc(f"{value:.4f}")
+    return _number(value)
+
+
+def _separation_section(run_dir: Path) -> str:
+    """`loraforge eval`'s table, when it has been run: loss by trigger, per concept."""
+    data = _read_json(Path(run_dir) / SEPARATION)
+    concepts = data.get("concepts") if isinstance(data, dict) else None
+    if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
+        return ""
+    triggers = [str(c.get("trigger")) for c in concepts]
+    head = ("concept", "images", *(f"“{t}”" for t in triggers), "no LoRA", "margin")
+    rows = []
+    for c in concepts:
+        loss = c.get("loss") if isinstance(c.get("loss"), dict) else {}
+        cells = [f"<b>{_loss(loss.get(t))}</b>" if t == c.get("trigger")
+                 else _loss(loss.get(t)) for t in triggers]
+        margin = c.get("margin")
+        shown = (f"{margin:+.2%}" if isinstance(margin, (int, float))
+                 and not isinstance(margin, bool) else "—")
+        source = "held-out" if c.get("held_out") else "training, fresh noise"
+        rows.append([esc(c.get("name", "")), f"{_number(c.get('images'))} ({source})", *cells,
+                     _loss(c.get("no_lora")), esc(shown)])
+    pairs = [f"{esc(' / '.join(map(str, p['concepts'])))}: {p['separation']:+.2%}"
+             for p in data.get("pairs") or [] if isinstance(p, dict)
+             and isinstance(p.get("concepts"), list) and isinstance(p.get("separation"), float)]
+    shown_pairs = f"<p>pair separation: {' · '.join(pairs)}</p>" if pairs else ""
+    return (f"<h2>Concept separation</h2>"
+            f"{_table(head, rows, numeric=set(range(2, len(head))))}{shown_pairs}"
+            "<p class=\"muted\">denoising loss of each concept's images at fixed noise and "
+            "timesteps (lower is better), prompted with each trigger alone; bold: the concept's "
+            "own trigger. margin: how much lower the own trigger is than the best other one "
+            "(near 0 or negative: the LoRA does not tell the concepts apart). Pair separation: "
+            "both concepts' losses under each other's trigger minus under their own, relative "
+            "to their own (a prompt that suits every image cancels out of it). From "
+            f"{esc(SEPARATION)}, written by <code>loraforge eval</code>.</p>")
+
+
 def _prompts(record: dict[str, Any]) -> list[previews.SamplePrompt]:
     config = record.get("config")
     if not isinstance(config, dict):
@@ -361,6 +403,7 @@ def render_report(run_dir: Path, mode: int = DEFAULT_FILE_MODE) -> str:
     name = record.get("name") or run_dir.name
     body = [_header(run_dir, record), _config_section(record),
             _dataset_section(run_dir, record), _loss_section(run_dir, read_history(run_dir), mode),
+            _separation_section(run_dir),
             _epochs_section(run_dir, record),
             f"<p class=\"muted\">written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} by "
             "loraforge</p>"]

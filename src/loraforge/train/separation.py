@@ -1,0 +1,376 @@
+"""`loraforge eval`: does each concept's trigger call up that concept, and only that one?
+
+For every concept of a finished run, its images are encoded by the VAE, noised with fixed noise
+at fixed timesteps, and the U-Net's denoising loss (plain mean squared error on the noise, no
+min-SNR weighting) is measured under three conditions:
+
+- its own trigger, with the LoRA (the prompt is the trigger alone: what a scene's region asks for);
+- each other concept's trigger, with the LoRA, on the same images, noise and timesteps;
+- its own trigger without the LoRA (the base model).
+
+A LoRA that learned the concept lowers the loss below the base model's; one that learned it
+*apart* lowers it further under the concept's own trigger than under any other. The margin is
+(lowest other-trigger loss - own-trigger loss) / own-trigger loss. Every comparison is paired
+(same noise, same timesteps), so small differences are real, not sampling noise.
+
+Held-out images come from a folder in the dataset's layout (`<repeats>_<name>/`); a concept
+without held-out images is measured on its training images with fresh noise, and the table says
+so. The result is written to `separation.json` in the run folder and shown in its report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge import runs
+from loraforge.errors import ForgeError
+from loraforge.fsutil import write_atomic
+from loraforge.report.html import SEPARATION, write_report
+
+if TYPE_CHECKING:
+    import torch
+
+    from loraforge.config import DatasetConfig, Settings
+    from loraforge.dataset.scan import Concept, Dataset
+
+TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
+NOISE_SEED = 20261204  # no training step draws from this seed
+NO_LORA = "no LoRA"
+BATCH = 16  # noised latents per U-Net call
+
+
+@dataclass
+class ConceptSeparation:
+    """One concept's row: loss by trigger (with the LoRA), and without the LoRA."""
+
+    name: str
+    trigger: str
+    images: int
+    held_out: bool
+    loss: dict[str, float]  # trigger -> loss with the LoRA
+    no_lora: float
+    by_timestep: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def own(self) -> float:
+        return self.loss[self.trigger]
+
+    @property
+    def margin(self) -> float | None:
+        """(lowest other-trigger loss - own-trigger loss) / own; None with one concept."""
+        others = [loss for trigger, loss in self.loss.items() if trigger != self.trigger]
+        return (min(others) - self.own) / self.own if others else None
+
+    @property
+    def separated(self) -> bool | None:
+        margin = self.margin
+        return None if margin is None else margin > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "margin": self.margin, "separated": self.separated}
+
+
+@dataclass
+class Separation:
+    run: str
+    lora: str
+    timesteps: list[int]
+    noise_seed: int
+    concepts: list[ConceptSeparation]
+
+    @property
+    def triggers(self) -> list[str]:
+        return [c.trigger for c in self.concepts]
+
+    def pairs(self) -> list[tuple[str, str, float]]:
+        """(concept a, concept b, separation) for every pair: how much worse each does under
+        the other's trigger than under its own, summed, relative to the two own losses. A
+        trigger that is a better prompt for every image (a bias, not separation) adds as much
+        to one difference as it takes from the other, so it cancels out here."""
+        found = []
+        for a, b in combinations(self.concepts, 2):
+            cross = a.loss[b.trigger] - a.own + b.loss[a.trigger] - b.own
+            found.append((a.name, b.name, cross / (a.own + b.own)))
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "lora": self.lora, "timesteps": self.timesteps,
+                "noise_seed": self.noise_seed, "prompt": "the trigger alone",
+                "loss": "mean squared error on the noise, averaged over images and timesteps",
+                "concepts": [c.to_dict() for c in self.concepts],
+                "pairs": [{"concepts": [a, b], "separation": value}
+                          for a, b, value in self.pairs()]}
+
+
+def trigger_of(concept: Concept) -> str:
+    """A concept's activation tag: the most common first tag of its captions (an uncaptioned
+    image's tags are the concept's name)."""
+    firsts = Counter(image.tags[0] for image in concept.images if image.tags)
+    return firsts.most_common(1)[0][0] if firsts else concept.name
+
+
+def distinct_triggers(dataset: Dataset) -> dict[str, str]:
+    """Concept -> trigger; ForgeError when two concepts share one (nothing could ask the LoRA
+    for one of them alone)."""
+    triggers = {c.name: trigger_of(c) for c in dataset.concepts}
+    by_trigger: dict[str, list[str]] = {}
+    for name, trigger in triggers.items():
+        by_trigger.setdefault(trigger, []).append(name)
+    shared = next((names for names in by_trigger.values() if len(names) > 1), None)
+    if shared:
+        trigger = triggers[shared[0]]
+        raise ForgeError(f"concepts {' and '.join(shared)} share the trigger `{trigger}` (the "
+                         "first tag of most of their captions), so no prompt can ask for one of "
+                         "them alone", path=dataset.root,
+                         fix="put each concept's own activation tag first in its captions "
+                             "(e.g. `blake, 1boy, ...`), then train again")
+    return triggers
+
+
+def finished_lora(run_dir: Path) -> Path:
+    """The final LoRA of a finished run, or a ForgeError saying what to do."""
+    record = runs.read_record(run_dir) or {}
+    final = runs.final_lora(run_dir)
+    if record.get("status") != "finished" or not final.is_file():
+        status = record.get("status", "unknown")
+        raise ForgeError(f"run `{run_dir.name}` has not finished (status: {status}), so it has "
+                         "no final LoRA to measure", path=run_dir,
+                         fix=f"finish it first: rerun `loraforge train --run {run_dir.name}` "
+                             "(it resumes), then `loraforge eval` again")
+    return final
+
+
+def newest_finished_run(runs_dir: Path) -> Path:
+    """The folder of the newest run that finished with its final LoRA, or a ForgeError."""
+    for record in reversed(runs.list_runs(runs_dir)):
+        run_dir = Path(record["dir"])
+        if record.get("status") == "finished" and runs.final_lora(run_dir).is_file():
+            return run_dir
+    raise ForgeError("no finished training run to measure", path=runs_dir,
+                     fix="train one first (`loraforge train`), or name a run: "
+                         "`loraforge eval RUN`")
+
+
+def _recorded(record: dict[str, Any], settings: Settings) -> tuple[DatasetConfig, int, int]:
+    """The run's own dataset config, clip skip and token chunks (the current config's when the
+    record lacks them)."""
+    from loraforge.config import DatasetConfig
+
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    try:
+        dataset = DatasetConfig.model_validate(config["dataset"])
+    except (KeyError, ValueError, TypeError):
+        dataset = settings.config.dataset
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    clip_skip = int(train.get("clip_skip", settings.config.train.clip_skip))
+    tokens = int(train.get("max_token_length", settings.config.train.max_token_length))
+    return dataset, clip_skip, max(1, tokens // 75)
+
+
+def _held_out(folder: Path | None, dataset: Dataset, config: DatasetConfig) -> Dataset | None:
+    """The held-out images, scanned like a dataset; ForgeError for a concept the run lacks."""
+    if folder is None:
+        return None
+    from loraforge.dataset.scan import scan_dataset
+
+    held = scan_dataset(folder, config.caption_extension)
+    known = {c.name for c in dataset.concepts}
+    unknown = sorted(c.name for c in held.concepts if c.name not in known)
+    if unknown:
+        raise ForgeError(f"held-out concept folder(s) {', '.join(unknown)} match no concept of "
+                         "the run", path=folder,
+                         fix=f"name them like the training folders (<repeats>_<name>, the "
+                             f"names are: {', '.join(sorted(known))})")
+    return held
+
+
+def _latents(vae: Any, concept: Concept, dataset: Dataset, config: DatasetConfig,
+             device: torch.device) -> torch.Tensor:
+    """VAE latents of a concept's images, each fitted to its bucket; images of the most common
+    bucket only (one batch shape)."""
+    import torch
+
+    from loraforge.dataset.examples import build_examples, pixel_tensor
+
+    single = type(dataset)(dataset.root, [concept])
+    examples = build_examples(single, config.model_copy(update={"concepts": {}}),
+                              lambda _message: None)
+    bucket = Counter(e.bucket for e in examples).most_common(1)[0][0]
+    pixels = torch.stack([pixel_tensor(e, False) for e in examples if e.bucket == bucket])
+    with torch.no_grad():
+        encoded = vae.encode(pixels.to(device)).latent_dist.mean
+    return encoded * vae.config.scaling_factor
+
+
+def _noised(latents: torch.Tensor, alphas_cumprod: torch.Tensor,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every image at every timestep of TIMESTEPS, with noise from NOISE_SEED: (noisy latents,
+    timesteps, noise), images x timesteps rows, timestep-major."""
+    import torch
+
+    count = latents.shape[0]
+    generator = torch.Generator().manual_seed(NOISE_SEED)
+    noise = torch.randn((len(TIMESTEPS), *latents.shape), generator=generator)
+    noise = noise.to(latents.device).flatten(0, 1)
+    timesteps = torch.tensor(TIMESTEPS, device=latents.device).repeat_interleave(count)
+    alpha_bar = alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
+    clean = latents.repeat(len(TIMESTEPS), 1, 1, 1)
+    return alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise, timesteps, noise
+
+
+def _loss_by_timestep(unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor,
+                      noise: torch.Tensor, hidden: torch.Tensor) -> list[float]:
+    import torch
+
+    errors = []
+    with torch.no_grad():
+        for start in range(0, noisy.shape[0], BATCH):
+            rows = slice(start, start + BATCH)
+            states = hidden.expand(noisy[rows].shape[0], -1, -1)
+            prediction = unet(noisy[rows], timesteps[rows], encoder_hidden_states=states).sample
+            errors.append((prediction.float() - noise[rows].float()).pow(2).mean(dim=(1, 2, 3)))
+    per_row = torch.cat(errors).view(len(TIMESTEPS), -1)
+    return [round(float(v), 6) for v in per_row.mean(dim=1)]
+
+
+@dataclass
+class Sample:
+    """A concept's images, noised at every timestep of TIMESTEPS with fixed noise."""
+
+    concept: str
+    trigger: str
+    held_out: bool
+    images: int
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+
+
+def concept_samples(vae: Any, alphas_cumprod: torch.Tensor, dataset: Dataset,
+                    config: DatasetConfig, held: Dataset | None, device: torch.device,
+                    ) -> list[Sample]:
+    """One Sample per concept of `dataset`: its held-out images when `held` has the concept,
+    else its training images (fresh noise: NOISE_SEED is no training step's)."""
+    samples = []
+    for concept in dataset.concepts:
+        own = next((c for c in held.concepts if c.name == concept.name), None) if held else None
+        source, images = (held, own) if own is not None else (dataset, concept)
+        latents = _latents(vae, images, source, config, device)
+        samples.append(Sample(concept.name, trigger_of(concept), own is not None,
+                              latents.shape[0], *_noised(latents, alphas_cumprod)))
+    return samples
+
+
+def trigger_losses(unet: Any, encode: Any, samples: list[Sample], triggers: list[str],
+                   ) -> dict[str, dict[str, list[float]]]:
+    """Concept -> trigger -> loss at each timestep; `encode(prompt)` gives hidden states."""
+    hidden = {trigger: encode(trigger) for trigger in triggers}
+    return {s.concept: {t: _loss_by_timestep(unet, s.noisy, s.timesteps, s.noise, hidden[t])
+                        for t in triggers} for s in samples}
+
+
+def separation_table(run: str, lora: str, samples: list[Sample],
+                     with_lora: dict[str, dict[str, list[float]]],
+                     without: dict[str, dict[str, list[float]]]) -> Separation:
+    """The table from `trigger_losses` with the LoRA (every trigger) and without it (at least
+    each concept's own trigger)."""
+    rows = []
+    for s in samples:
+        by_timestep = {**with_lora[s.concept], NO_LORA: without[s.concept][s.trigger]}
+        rows.append(ConceptSeparation(
+            s.concept, s.trigger, s.images, s.held_out,
+            {t: _mean(v) for t, v in with_lora[s.concept].items()},
+            _mean(by_timestep[NO_LORA]), by_timestep))
+    return Separation(run, lora, list(TIMESTEPS), NOISE_SEED, rows)
+
+
+def measure(settings: Settings, run_dir: Path, held_out: Path | None = None) -> Separation:
+    """The separation table of a finished run (loads the base model and its final LoRA)."""
+    import torch
+
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.models.store import resolve_base_model
+    from loraforge.runtime import go_offline, pick_device, quiet_loading
+    from loraforge.text import chunk_token_ids, encode_token_ids
+
+    lora = finished_lora(run_dir)
+    record = runs.read_record(run_dir) or {}
+    config, clip_skip, chunks = _recorded(record, settings)
+    dataset = scan_dataset(settings.dataset_dir, config.caption_extension)
+    distinct_triggers(dataset)
+    held = _held_out(held_out, dataset, config)
+    go_offline(settings)
+    recorded_base = Path(str(record.get("base_model") or ""))
+    base = recorded_base if (recorded_base / "unet").is_dir() else resolve_base_model(settings)
+    device = pick_device()
+    with quiet_loading():
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            base, safety_checker=None, requires_safety_checker=False, local_files_only=True,
+            dtype=torch.float32).to(device)
+
+    def encode(prompt: str) -> torch.Tensor:
+        with torch.no_grad():
+            ids = chunk_token_ids(pipe.tokenizer, [prompt], chunks)
+            return encode_token_ids(pipe.text_encoder, ids, clip_skip)
+
+    samples = concept_samples(pipe.vae, pipe.scheduler.alphas_cumprod, dataset, config, held,
+                              device)
+    triggers = list(dict.fromkeys(s.trigger for s in samples))
+    without = {s.concept: trigger_losses(pipe.unet, encode, [s], [s.trigger])[s.concept]
+               for s in samples}
+    with quiet_loading():
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    with_lora = trigger_losses(pipe.unet, encode, samples, triggers)
+    return separation_table(run_dir.name, lora.name, samples, with_lora, without)
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 6)
+
+
+def write_separation(run_dir: Path, result: Separation, mode: int) -> Path:
+    """`separation.json` in the run folder, then the report rebuilt to show it."""
+    path = run_dir / SEPARATION
+    write_atomic(path, json.dumps(result.to_dict(), indent=1), mode)
+    write_report(run_dir, mode)
+    return path
+
+
+def print_table(result: Separation, console: Any) -> None:
+    """The table `loraforge eval` prints: one row per concept, one column per trigger."""
+    from rich.table import Table
+
+    table = Table(title=f"concept separation of run {result.run} ({result.lora})")
+    table.add_column("concept")
+    table.add_column("images")
+    for trigger in result.triggers:
+        table.add_column(f'"{trigger}"', justify="right")
+    table.add_column(NO_LORA, justify="right")
+    table.add_column("margin", justify="right")
+    for row in result.concepts:
+        cells = []
+        for trigger in result.triggers:
+            text = f"{row.loss[trigger]:.4f}"
+            cells.append(f"[bold]{text}[/bold]" if trigger == row.trigger else text)
+        margin = row.margin
+        shown = "—" if margin is None else f"{margin:+.2%}"
+        if row.separated is False:
+            shown = f"[red]{shown}[/red]"
+        source = "held-out" if row.held_out else "training, fresh noise"
+        table.add_row(row.name, f"{row.images} ({source})", *cells, f"{row.no_lora:.4f}", shown)
+    console.print(table)
+    for a, b, value in result.pairs():
+        console.print(f"pair {a} / {b}: separation {value:+.2%}", markup=False)
+    console.print("denoising loss at fixed noise and timesteps (lower is better); bold: the "
+                  "concept's own trigger. margin: how much lower its own trigger is than the "
+                  "best other one; negative or ~0: the LoRA does not tell the concepts apart. pair "
+                  "separation: both concepts' losses under each other's trigger minus under "
+                  "their own, relative to their own; a prompt that suits every image cancels "
+                  "out of it.")

@@ -1,0 +1,132 @@
+"""`loraforge eval`: each concept's loss with its own trigger, every other trigger and no LoRA,
+at fixed noise and timesteps; written beside the run and shown in its report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import assert_user_error, draw_character, run_cli, write_training_project
+from typer.testing import CliRunner
+
+from loraforge.cli import app
+from loraforge.config import load_settings
+from loraforge.errors import ForgeError
+from loraforge.runtime import go_offline
+from loraforge.train.separation import ConceptSeparation, Separation, measure
+from loraforge.train.trainer import train
+
+RUN = "sep"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path,
+            one_torch_thread: None) -> Path:
+    """A finished two-concept run (red_knight, blue_mage); returns its forge.toml."""
+    root = tmp_path_factory.mktemp("separation")
+    config = write_training_project(root, tiny_store, {"epochs": 4, "unet_lr": 1e-2,
+                                                       "text_encoder_lr": 2e-3})
+    saved = dict(os.environ)
+    go_offline(load_settings(config))
+    try:
+        train(load_settings(config), RUN, restart=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return config
+
+
+def test_eval_measures_every_concept_under_every_trigger(project: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", RUN, "--json", "--config", str(project)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    shown = json.loads(result.output)
+    run_dir = load_settings(project).runs_dir / RUN
+    assert json.loads((run_dir / "separation.json").read_text()) == shown
+    rows = {row["name"]: row for row in shown["concepts"]}
+    assert {name: row["trigger"] for name, row in rows.items()} == {
+        "red_knight": "red_knight", "blue_mage": "blue_mage"}
+    for row in rows.values():
+        assert set(row["loss"]) == {"red_knight", "blue_mage"}
+        assert row["images"] == 2 and row["held_out"] is False
+        assert len(row["by_timestep"]["no LoRA"]) == len(shown["timesteps"])
+        # The LoRA learned the images: below the base model under the concept's own trigger.
+        assert row["loss"][row["trigger"]] < row["no_lora"]
+    assert [p["concepts"] for p in shown["pairs"]] == [["blue_mage", "red_knight"]]
+    page = (run_dir / "report.html").read_text()
+    assert "Concept separation" in page and "“blue_mage”" in page
+    assert "blue_mage / red_knight: " in page
+    # Fixed noise and timesteps: measuring again gives the same numbers.
+    again = measure(load_settings(project), run_dir)
+    assert [c.to_dict() for c in again.concepts] == shown["concepts"]
+
+
+def test_held_out_images_are_used_where_given(project: Path, tmp_path: Path) -> None:
+    held = tmp_path / "held"
+    (held / "1_red_knight").mkdir(parents=True)
+    draw_character(held / "1_red_knight" / "new.png", (210, 40, 30), "box", offset=5)
+    result = measure(load_settings(project), load_settings(project).runs_dir / RUN, held)
+    rows = {row.name: row for row in result.concepts}
+    assert (rows["red_knight"].held_out, rows["red_knight"].images) == (True, 1)
+    assert (rows["blue_mage"].held_out, rows["blue_mage"].images) == (False, 2)
+
+    (held / "1_green_elf").mkdir()
+    draw_character(held / "1_green_elf" / "x.png", (30, 200, 30), "box", offset=0)
+    with pytest.raises(ForgeError, match="green_elf match no concept") as caught:
+        measure(load_settings(project), load_settings(project).runs_dir / RUN, held)
+    assert "blue_mage, red_knight" in str(caught.value.fix)
+
+
+def test_margin_says_whether_the_own_trigger_wins() -> None:
+    apart = ConceptSeparation("a", "ta", 2, False, {"ta": 0.5, "tb": 0.6, "tc": 0.55}, 0.9)
+    assert apart.margin == pytest.approx(0.1) and apart.separated is True
+    mixed = ConceptSeparation("a", "ta", 2, False, {"ta": 0.6, "tb": 0.5}, 0.9)
+    assert mixed.margin < 0 and mixed.separated is False
+    alone = ConceptSeparation("a", "ta", 2, False, {"ta": 0.6}, 0.9)
+    assert alone.margin is None and alone.separated is None
+
+
+def test_pair_separation_cancels_a_trigger_that_suits_every_image() -> None:
+    def result(red: dict[str, float], blue: dict[str, float]) -> Separation:
+        return Separation("r", "r.safetensors", [50], 1, [
+            ConceptSeparation("red", "zqred", 4, False, red, 1.0),
+            ConceptSeparation("blue", "zqblue", 4, False, blue, 1.0)])
+
+    # "zqred" is the better prompt for every image: red looks separated, blue does not.
+    biased = result({"zqred": 0.49, "zqblue": 0.50}, {"zqred": 0.59, "zqblue": 0.60})
+    assert [c.separated for c in biased.concepts] == [True, False]
+    assert biased.pairs() == [("red", "blue", pytest.approx(0.0))]
+    apart = result({"zqred": 0.50, "zqblue": 0.52}, {"zqred": 0.63, "zqblue": 0.60})
+    assert [c.separated for c in apart.concepts] == [True, True]
+    assert apart.pairs() == [("red", "blue", pytest.approx(0.05 / 1.10))]
+
+
+def test_eval_of_an_unfinished_run_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "Multi_Concept_Output" / "half"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"name": "half", "status": "interrupted"}))
+    result = run_cli("eval", "half", "--set", f"storage.root={tmp_path}", cwd=tmp_path)
+    assert_user_error(result, "run `half` has not finished (status: interrupted)",
+                      "loraforge train --run half")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+    nothing = CliRunner().invoke(app, ["eval", "--set", f"storage.root={tmp_path}"])
+    assert isinstance(nothing.exception, ForgeError)
+    assert "no finished training run" in str(nothing.exception)
+
+
+def test_concepts_sharing_a_trigger_are_named(tmp_path: Path) -> None:
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.train.separation import distinct_triggers
+
+    for folder in ("2_blake", "2_mira", "2_sora"):
+        (tmp_path / folder).mkdir()
+        draw_character(tmp_path / folder / "0.png", (200, 30, 30), "box", offset=0)
+    (tmp_path / "2_blake" / "0.txt").write_text("1girl, blake, red hat")
+    (tmp_path / "2_mira" / "0.txt").write_text("1girl, mira, blue robe")
+    with pytest.raises(ForgeError, match="blake and mira share the trigger `1girl`") as caught:
+        distinct_triggers(scan_dataset(tmp_path, ".txt"))
+    assert "activation tag first" in str(caught.value.fix)
+    (tmp_path / "2_mira" / "0.txt").write_text("mira, 1girl, blue robe")
+    assert distinct_triggers(scan_dataset(tmp_path, ".txt")) == {
+        "blake": "1girl", "mira": "mira", "sora": "sora"}
