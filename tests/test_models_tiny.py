@@ -15,7 +15,7 @@ from conftest import run_cli
 
 from loraforge.config import ForgeConfig, ModelsConfig, Settings, StorageConfig
 from loraforge.errors import ForgeError
-from loraforge.models import store, tiny
+from loraforge.models import folders, store, tiny
 from loraforge.models.tokenizer import build_clip_tokenizer
 
 KOHYA_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
@@ -193,7 +193,7 @@ def test_build_is_deterministic_atomic_and_reused(tiny_store: Path, tmp_path: Pa
         assert any(name.endswith(".safetensors") for name in hashes)
         assert hashes == file_hashes(ref)  # every file bit-identical, weights included
         assert all(p.stat().st_mode & 0o777 == 0o644 for p in mine.rglob("*") if p.is_file())
-    assert tiny.read_marker(base) == tiny.marker("base")
+    assert folders.read_marker(base) == tiny.marker("base")
 
     stamp = (base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert tiny.ensure_tiny_models(root) == (base, controlnet)  # reused, not rebuilt
@@ -223,7 +223,7 @@ def test_concurrent_builds_agree(tmp_path: Path) -> None:
     assert tiny.is_complete(base, "base") and tiny.is_complete(controlnet, "controlnet")
 
     # A folder from another recipe (older code, other widths) is rebuilt, not reused.
-    (base / tiny.MARKER).write_text(json.dumps(tiny.marker("base") | {"recipe": "old"}),
+    (base / folders.MARKER).write_text(json.dumps(tiny.marker("base") | {"recipe": "old"}),
                                     encoding="utf-8")
     (base / "unet" / "config.json").write_text("{}", encoding="utf-8")
     assert tiny.ensure_tiny_models(tmp_path) == (base, controlnet)
@@ -342,7 +342,7 @@ def test_store_tiny_marker_needed_for_narrow_models(tiny_store: Path, tmp_path: 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_store / tiny.BASE_NAME, copy)
     store.check_base_model(copy)
-    (copy / tiny.MARKER).unlink()
+    (copy / folders.MARKER).unlink()
     with pytest.raises(ForgeError, match="cross_attention_dim is 32"):
         store.check_base_model(copy)
     with pytest.raises(ForgeError, match="does not fit"):

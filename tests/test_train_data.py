@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_user_error, draw_character, run_cli, write_training_project
 
 from loraforge.config import load_settings
+from loraforge.report.html import write_report
 from loraforge.runtime import go_offline
 from loraforge.train.trainer import TrainResult, train
 
@@ -16,7 +17,7 @@ from loraforge.train.trainer import TrainResult, train
 def _train(config: Path, run: str, *overrides: str) -> TrainResult:
     settings = load_settings(config, list(overrides))
     go_offline(settings)
-    return train(settings, run, restart=False)
+    return train(settings, run, restart=False, report=write_report)
 
 
 def _record(result: TrainResult) -> dict:

@@ -25,7 +25,7 @@ from loraforge.train.distributed import (
     shard,
     world_from_env,
 )
-from loraforge.train.trainer import RESUMABLE_EXIT
+from loraforge.train.signals import RESUMABLE_EXIT
 
 FIXED_ENV = {"SOURCE_DATE_EPOCH": "1767225600"}
 # SGD with momentum (state to save and resume) compares the data-parallel arithmetic itself:

@@ -77,7 +77,7 @@ def test_a_state_saved_by_the_single_process_version_still_resumes(tmp_path: Pat
     from loraforge.dataset.examples import build_examples
     from loraforge.dataset.scan import scan_dataset
     from loraforge.train.distributed import World
-    from loraforge.train.trainer import _images_fingerprint, _upgraded, semantic_config
+    from loraforge.train.resume import images_fingerprint, semantic_config, upgraded
 
     settings = load_settings(write_training_project(tmp_path, tiny_store), [])
     dataset = scan_dataset(settings.dataset_dir, ".txt")
@@ -85,10 +85,10 @@ def test_a_state_saved_by_the_single_process_version_still_resumes(tmp_path: Pat
     current = semantic_config(settings, examples, World())
     old_train = {k: v for k, v in current["train"].items() if k != "global_batch_size"}
     old = {**current, "train": {**old_train, "batch_size": 2},
-           "images": {"dataset": _images_fingerprint(examples, None)}}
-    assert config_differences(_upgraded(old, settings, examples), current, set()) == []
+           "images": {"dataset": images_fingerprint(examples, None)}}
+    assert config_differences(upgraded(old, settings, examples), current, set()) == []
     doubled = {**old, "train": {**old_train, "batch_size": 4}}
-    assert config_differences(_upgraded(doubled, settings, examples), current, set()) == [
+    assert config_differences(upgraded(doubled, settings, examples), current, set()) == [
         "train.global_batch_size: 4 -> 2"]
 
 

@@ -192,7 +192,8 @@ def train(
         rerun_argv,
         world_from_env,
     )
-    from loraforge.train.trainer import RESUMABLE_EXIT, STOP_SIGNALS, Interrupted, check_inputs
+    from loraforge.train.signals import RESUMABLE_EXIT, STOP_SIGNALS, Interrupted
+    from loraforge.train.trainer import check_inputs
     from loraforge.train.trainer import train as train_lora
 
     def stop_early(_number: int, _frame: object) -> None:
@@ -211,7 +212,9 @@ def train(
             check_local_gpus(processes)
             threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
             raise typer.Exit(launch_local(processes, rerun_argv(), threads))
-        result = train_lora(settings, run, restart, world)
+        from loraforge.report.html import write_report
+
+        result = train_lora(settings, run, restart, world, write_report)
     except Interrupted as stop:
         if not world.is_main:  # rank 0 saved the state and says so
             raise typer.Exit(RESUMABLE_EXIT) from None

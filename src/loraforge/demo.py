@@ -57,9 +57,10 @@ def run_demo(directory: Path, console: Console) -> None:
     check_dataset(settings, False, console)
 
     console.rule("4. train")
+    from loraforge.report.html import write_report
     from loraforge.train.trainer import train
 
-    result = train(settings, None, restart=False)
+    result = train(settings, None, restart=False, report=write_report)
     console.print(f"LoRA: {result.final}", markup=False)
 
     console.rule("5. generate")

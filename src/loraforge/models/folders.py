@@ -6,12 +6,14 @@ for a model (the next run of the same name removes it) and never a half-written 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from loraforge.errors import ForgeError
 
@@ -20,6 +22,17 @@ OLD_SUFFIX = ".old"
 LOCK_SUFFIX = ".lock"
 STALE_SECONDS = 6 * 3600
 FILE_MODE = 0o644
+#: A model folder that loraforge built itself (the tiny models) holds this record of its recipe.
+MARKER = "loraforge.json"
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The loraforge marker of a model folder, or None when absent or unreadable."""
+    try:
+        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def make_partial(root: Path, name: str) -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 
 from loraforge.errors import ForgeError
 from loraforge.hashing import sha256_file
+from loraforge.models.folders import read_marker
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
@@ -95,8 +96,6 @@ def model_kind(folder: Path, manifest: dict[str, Any] | None = None) -> str | No
     """base, controlnet, detector or tagger; None when `folder` does not look like a model."""
     if manifest is not None and manifest.get("kind") in KINDS:
         return str(manifest["kind"])
-    from loraforge.models.tiny import read_marker
-
     marker = read_marker(folder)
     if marker is not None and marker.get("component") in ("base", "controlnet"):
         return str(marker["component"])

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.config import TINY
 from loraforge.errors import ForgeError
+from loraforge.models.folders import read_marker
 
 if TYPE_CHECKING:
     from loraforge.config import Settings
@@ -80,8 +81,6 @@ def resolve_detector(settings: Settings) -> Path:
 
 def is_tiny(path: Path) -> bool:
     """Whether `path` is a folder built by `loraforge.models.tiny`."""
-    from loraforge.models.tiny import read_marker
-
     data = read_marker(path)
     return data is not None and data.get("kind") == "tiny"
 

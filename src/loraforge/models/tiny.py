@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 BASE_NAME = "tiny-sd15"
 CONTROLNET_NAME = "tiny-controlnet"
-MARKER = "loraforge.json"
 TINY_KIND = "tiny"
 TINY_VERSION = 2  # 2: with manifest.json
 SEED = 20240601
@@ -121,18 +120,9 @@ def marker(component: str) -> dict[str, Any]:
             "recipe": recipe_hash()}
 
 
-def read_marker(folder: Path) -> dict[str, Any] | None:
-    """The loraforge marker of a model folder, or None when absent or unreadable."""
-    try:
-        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def is_complete(folder: Path, component: str) -> bool:
     """A finished tiny build of the current version (the marker is written last)."""
-    return folder.is_dir() and read_marker(folder) == marker(component)
+    return folder.is_dir() and folders.read_marker(folder) == marker(component)
 
 
 def tiny_folders(storage_root: Path) -> tuple[Path, Path]:
@@ -226,7 +216,7 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
     write_vocab_files(base_dir / "tokenizer")
     for folder, component in ((base_dir, "base"), (controlnet_dir, "controlnet")):
         _strip_volatile(folder)
-        (folder / MARKER).write_text(json.dumps(marker(component), indent=2) + "\n",
+        (folder / folders.MARKER).write_text(json.dumps(marker(component), indent=2) + "\n",
                                      encoding="utf-8")
         write_manifest(folder, {"kind": component, "files": describe_files(folder),
                                 "source": {"type": "embedded", "recipe": recipe_hash()}})

@@ -36,7 +36,6 @@ PART_WIDTHS = cpm.Widths(vgg=(4, 8, 8, 16), features=8, stage=8, wide=16)  # han
 # heatmaps of about the trained model's range (the default init flattens them to the biases);
 # biases are zero, so a flat picture gives flat maps: nobody.
 GAIN = 1.5
-MARKER = "loraforge.json"
 
 
 def recipe() -> dict[str, object]:
@@ -54,7 +53,7 @@ def tiny_detector_folder(storage_root: Path) -> Path:
 
 def is_complete(folder: Path) -> bool:
     try:
-        return json.loads((folder / MARKER).read_text(encoding="utf-8")) == recipe()
+        return json.loads((folder / folders.MARKER).read_text(encoding="utf-8")) == recipe()
     except (OSError, ValueError):
         return False
 
@@ -81,7 +80,7 @@ def build_tiny_detector(folder: Path) -> None:
             save_file(tensors, str(folder / name), metadata={"format": "pt"})
     finally:
         torch.random.set_rng_state(state)
-    (folder / MARKER).write_text(json.dumps(recipe(), indent=2) + "\n", encoding="utf-8")
+    (folder / folders.MARKER).write_text(json.dumps(recipe(), indent=2) + "\n", encoding="utf-8")
     write_manifest(folder, {"kind": "detector", "files": describe_files(folder),
                             "source": {"type": "embedded", "recipe": recipe_hash()}})
     folders.fix_modes(folder)

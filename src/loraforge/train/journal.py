@@ -1,5 +1,6 @@
-"""The record of every optimizer step: the moving average of the loss (saved with each state),
-and on rank 0 the TensorBoard scalars, one `history.jsonl` line and the progress bar or log line.
+"""The record of a run: its log (`setup_logging`), and for every optimizer step the moving
+average of the loss (saved with each state) and, on rank 0, the TensorBoard scalars, one
+`history.jsonl` line and the progress bar or log line.
 
 Losses stay on the device until they are written: reading one makes the CPU wait for the GPU to
 finish every step queued so far, which leaves the GPU idle while the next step is prepared. So
@@ -12,6 +13,8 @@ The numbers written are the same whatever the grouping.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,8 @@ from loraforge.train.state import Position
 
 if TYPE_CHECKING:
     import torch
+
+    from loraforge.train.distributed import World
 
 #: Weight of the old value in the loss's moving average.
 LOSS_SMOOTHING = 0.98
@@ -106,3 +111,23 @@ class Journal:
             self.progress.close()
             self.writer.close()
             self.history.close()
+
+
+def setup_logging(run_dir: Path, world: World) -> logging.Handler | None:
+    """Rank 0 logs to train.log and stderr; other processes only their own errors, marked
+    with their rank (the messages would otherwise repeat once per process)."""
+    root = logging.getLogger("loraforge")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in root.handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        prefix = "" if world.is_main else f"[rank {world.rank}] "
+        stream.setFormatter(logging.Formatter(prefix + "%(message)s"))
+        root.addHandler(stream)
+    if not world.is_main:
+        root.setLevel(logging.ERROR)
+        return None
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    return handler

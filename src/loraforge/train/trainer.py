@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from loraforge.hashing import env_time
 from loraforge.models.folders import exclusive
 from loraforge.train import distributed
 from loraforge.train.distributed import (
-    RESUMABLE,
     World,
     any_rank,
     from_main,
@@ -36,8 +34,11 @@ from loraforge.train.distributed import (
     shard,
     sum_gradients,
 )
-from loraforge.train.journal import HISTORY, LOSS_SMOOTHING, Journal
-from loraforge.train.state import Position, images_content
+from loraforge.train.journal import HISTORY, LOSS_SMOOTHING, Journal, setup_logging
+from loraforge.train.plan import lr_factor, make_plan
+from loraforge.train.resume import check_finished_with, check_resumable, semantic_config
+from loraforge.train.signals import Interrupted, StopRequest
+from loraforge.train.state import Position
 
 if TYPE_CHECKING:
     import torch
@@ -45,157 +46,14 @@ if TYPE_CHECKING:
     from loraforge.config import Settings
     from loraforge.dataset.scan import Dataset
 
-#: Exit code after a signal: state saved, rerun the same command to resume (EX_TEMPFAIL).
-RESUMABLE_EXIT = RESUMABLE
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
-#: Keys that may change between an interruption and its resume without changing the result.
-RESUME_SAFE = {
-    "train.run_name", "train.save_every_n_epochs", "train.keep_last_n", "train.save_precision",
-    "train.state_every_n_steps", "train.keep_states", "train.log_every_seconds",
-    "train.vae_batch_size",
-}
-#: Sections of the config that decide the trained weights.
-SEMANTIC_SECTIONS = ("models", "dataset", "train")
 #: Held by the process training the run.
 LOCK = ".train.lock"
 #: Largest difference between the processes' weights (norm of any tensor) that is not an error.
 REPLICA_TOLERANCE = 1e-6
 
 log = logging.getLogger("loraforge.train")
-
-
-class StopRequest:
-    """Turns SIGTERM/SIGINT/SIGUSR1 into a flag the loop checks between optimizer steps."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for name in STOP_SIGNALS:
-            number = getattr(signal, name)
-            self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number: int, _frame: Any) -> None:
-        self.signal_name = signal.Signals(number).name
-        log.warning("%s received: saving state at the end of this step", self.signal_name)
-
-    def __exit__(self, *_exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal; the run can be resumed. `saved`: a state of it is on disk
-    (False: stopped before its first step, so a rerun starts it)."""
-
-    def __init__(self, saved: bool = True) -> None:
-        super().__init__()
-        self.saved = saved
-
-
-@dataclass
-class Plan:
-    """How many steps, how batches group into optimizer steps. `batch_size` is the global batch:
-    the per-process batch times the number of processes."""
-
-    batch_size: int
-    accumulation: int
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    epochs: int
-
-
-def make_plan(settings: Settings, batches: int, world: World) -> Plan:
-    """`batches`: global batches per epoch (single-bucket, so more than items / batch size)."""
-    train = settings.config.train
-    steps_per_epoch = math.ceil(batches / train.gradient_accumulation_steps)
-    if train.max_steps:
-        total = train.max_steps
-        epochs = math.ceil(total / steps_per_epoch)
-    else:
-        epochs = train.epochs
-        total = epochs * steps_per_epoch
-    return Plan(train.batch_size * world.size, train.gradient_accumulation_steps, batches,
-                steps_per_epoch, total, epochs)
-
-
-def lr_factor(settings: Settings, world: World) -> float:
-    """What train.scale_lr multiplies the learning rates by in a world of this size."""
-    rule = settings.config.train.scale_lr
-    return {"none": 1.0, "linear": float(world.size), "sqrt": math.sqrt(world.size)}[rule]
-
-
-def _relative(path: Path, folder: Path) -> str:
-    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
-
-
-def _images_fingerprint(examples: list[Any], folder: Path | None) -> str:
-    """The list of images (paths inside `folder`; absolute when None), concepts and buckets."""
-    return hashlib.sha256(json.dumps([
-        (_relative(e.path, folder) if folder else str(e.path), e.concept, e.bucket)
-        for e in examples]).encode()).hexdigest()[:16]
-
-
-def _upgraded(saved: dict[str, Any], settings: Settings, examples: list[Any]) -> dict[str, Any]:
-    """A state's config as this version writes it. Versions before several processes saved
-    the (single-process) batch_size and fingerprinted the images by absolute path."""
-    train = saved.get("train", {})
-    if "batch_size" not in train:
-        return saved
-    train = {k: v for k, v in train.items() if k != "batch_size"}
-    train["global_batch_size"] = saved["train"]["batch_size"]
-    images = dict(saved.get("images", {}))
-    if images.get("dataset") == _images_fingerprint(examples, None):
-        images["dataset"] = _images_fingerprint(examples, settings.dataset_dir)
-    return {**saved, "train": train, "images": images}
-
-
-def semantic_config(settings: Settings, examples: list[Any], world: World) -> dict[str, Any]:
-    """What decides the trained weights: the config's sections, and the images themselves.
-    The number of processes does not, as long as the global batch and the learning rates the
-    optimizer uses stay the same: a run saved on 4 GPUs resumes on 2 with twice the batch."""
-    data = settings.to_dict()
-    # Paths inside the dataset folder: a project moved elsewhere still resumes.
-    images = _images_fingerprint(examples, settings.dataset_dir)
-    found = {**{section: data[section] for section in SEMANTIC_SECTIONS},
-             "images": {"dataset": images, "content": images_content(
-                 sorted({e.path for e in examples}), settings.dataset_dir)}}
-    train = dict(found["train"])
-    train["global_batch_size"] = train.pop("batch_size") * world.size
-    factor = lr_factor(settings, world)
-    for key in ("unet_lr", "text_encoder_lr"):
-        train[key] = train[key] * factor
-    for key in ("gpus", "scale_lr"):
-        train.pop(key)
-    found["train"] = train
-    return found
-
-
-def _setup_logging(run_dir: Path, world: World) -> logging.Handler | None:
-    """Rank 0 logs to train.log and stderr; other processes only their own errors, marked
-    with their rank (the messages would otherwise repeat once per process)."""
-    root = logging.getLogger("loraforge")
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in root.handlers):
-        stream = logging.StreamHandler(sys.stderr)
-        prefix = "" if world.is_main else f"[rank {world.rank}] "
-        stream.setFormatter(logging.Formatter(prefix + "%(message)s"))
-        root.addHandler(stream)
-    if not world.is_main:
-        root.setLevel(logging.ERROR)
-        return None
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    return handler
+#: Rebuilds a run's report from its folder (run_dir, file_mode): report.html.write_report.
+ReportWriter = Callable[[Path, int], object]
 
 
 def _disk_error(exc: OSError, what: Path) -> ForgeError:
@@ -223,7 +81,7 @@ class Trainer:
     """One training process. With several (`world`), rank 0 alone writes files and logs."""
 
     def __init__(self, settings: Settings, dataset: Dataset, run_dir: Path, world: World,
-                 device: torch.device) -> None:
+                 device: torch.device, report: ReportWriter | None = None) -> None:
         import torch
 
         from loraforge.dataset.examples import batches_per_epoch, build_examples, repeated_indices
@@ -264,6 +122,7 @@ class Trainer:
 
         optimizer_class(self.cfg.optimizer, self.device)  # fail before minutes of model loading
         self.mode = settings.file_mode
+        self.report = report
         self.record = runs.RunRecord(run_dir, self.mode, write=world.is_main)
 
     # --- setup -------------------------------------------------------------------------
@@ -456,7 +315,8 @@ class Trainer:
         states = [] if restart or not self.world.is_main else saved_states(self.run_dir)
         state = from_main(load_state(states[-1]) if states else None, self.world)
         if state is not None:
-            self.check_resumable(state.config, state.path)
+            check_resumable(state.config, state.path, self.settings, self.examples, self.world,
+                            self.run_dir)
         return state
 
     def run(self, base: Path, state: Any, facts_for: Any) -> Path:
@@ -637,10 +497,10 @@ class Trainer:
             models.unet.train()
 
     def write_report(self) -> None:
-        from loraforge.report.html import write_report
-
+        if self.report is None:
+            return
         try:
-            write_report(self.run_dir, self.mode)
+            self.report(self.run_dir, self.mode)
         except OSError as exc:
             log.warning("report.html not written: %s", exc)
 
@@ -740,25 +600,6 @@ class Trainer:
                           self.cfg.keep_states,
                           self.mode)
 
-    def check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        from loraforge.train.state import config_differences
-
-        diffs = config_differences(_upgraded(saved, self.settings, self.examples),
-                                   semantic_config(self.settings, self.examples, self.world),
-                                   RESUME_SAFE)
-        if diffs:
-            if any(d.startswith("train.global_batch_size") for d in diffs):
-                diffs.append(f"(the global batch is train.batch_size x the number of training "
-                             f"processes, now {self.cfg.batch_size} x {self.world.size}: with "
-                             "fewer processes raise train.batch_size to keep it)")
-            shown = "\n  ".join(diffs)
-            raise ForgeError(f"cannot resume run `{self.run_dir.name}`: its saved state was "
-                             f"written with a different config or dataset (images.dataset: "
-                             f"the list of images):\n  {shown}",
-                             path=path,
-                             fix=f"undo those changes to resume, pass --restart to start "
-                                 f"`{self.run_dir.name}` over, or train under a new --run name")
-
     def save_lora(self, path: Path, models: Models, facts: Any, position: Position,
                   epoch: int) -> None:
         from loraforge.train.export import kohya_state_dict, save_lora
@@ -819,9 +660,10 @@ def check_inputs(settings: Settings, run_name: str | None) -> tuple[str, Dataset
 
 
 def train(settings: Settings, run_name: str | None, restart: bool,
-          world: World | None = None) -> TrainResult:
+          world: World | None = None, report: ReportWriter | None = None) -> TrainResult:
     """Train (or resume) one run as one of `world`'s processes (default: the one torchrun or
-    srun describe, else a single process); returns the final LoRA file and the trainer."""
+    srun describe, else a single process); returns the final LoRA file and the trainer.
+    `report(run_dir, file_mode)` rebuilds the run's report after each epoch and at the end."""
     world = world or distributed.world_from_env()
     name, dataset, base = check_inputs(settings, run_name)
     run_dir = settings.runs_dir / name
@@ -829,17 +671,18 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     if record and record.get("status") == "finished" and not restart:
         final = runs.final_lora(run_dir)
         if final.is_file():
-            _check_finished_with(record, settings, run_dir)
+            check_finished_with(record, settings, run_dir)
             return TrainResult(final, None)
     run_dir.mkdir(parents=True, exist_ok=True)
     # One training of a run at a time (a job submitted twice, sbatch beside a local run).
     with exclusive(run_dir / LOCK, f"training run `{name}`") if world.is_main else nullcontext():
-        handler = _setup_logging(run_dir, world)
+        handler = setup_logging(run_dir, world)
         device = distributed.device_for(world, settings.config.train.gpus)
         distributed.join(world, device)
         clean = False
         try:
-            result = _train_in(settings, dataset, run_dir, base, restart, world, device)
+            result = _train_in(settings, dataset, run_dir, base, restart, world, device,
+                               report)
             clean = True
             return result
         except Interrupted:
@@ -852,25 +695,9 @@ def train(settings: Settings, run_name: str | None, restart: bool,
                 handler.close()
 
 
-def _check_finished_with(record: dict[str, Any], settings: Settings, run_dir: Path) -> None:
-    """A finished run is only handed back for the settings it was trained with: other
-    settings ask for another training, which must not be answered with the old file."""
-    from loraforge.train.state import config_differences
-
-    saved, current = record.get("config") or {}, settings.to_dict()
-    diffs = config_differences({s: saved.get(s, {}) for s in SEMANTIC_SECTIONS},
-                               {s: current[s] for s in SEMANTIC_SECTIONS}, RESUME_SAFE)
-    if diffs:
-        shown = "\n  ".join(diffs)
-        raise ForgeError(f"run `{run_dir.name}` already finished, with other settings:\n  "
-                         f"{shown}", path=run_dir,
-                         fix=f"pass --restart to train `{run_dir.name}` again with these "
-                             "settings (its files are replaced), or train under a new --run "
-                             "name")
-
-
 def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
-              restart: bool, world: World, device: torch.device) -> TrainResult:
+              restart: bool, world: World, device: torch.device,
+              report: ReportWriter | None) -> TrainResult:
     from loraforge.hashing import legacy_hash, sha256_file
     from loraforge.train.metadata import TrainingFacts
 
@@ -880,7 +707,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         for old in [run_dir / HISTORY, *run_dir.glob(f"{run_dir.name}*.safetensors")]:
             old.unlink(missing_ok=True)
     try:
-        trainer = Trainer(settings, dataset, run_dir, world, device)
+        trainer = Trainer(settings, dataset, run_dir, world, device, report)
     except ForgeError as exc:
         runs.RunRecord(run_dir, settings.file_mode, write=world.is_main).update(
             status="failed", error=str(exc))

@@ -1,0 +1,108 @@
+"""Whether a saved state (or a finished run) belongs to this config and dataset: what decides
+the trained weights is recorded with every state, and a resume onto anything else is refused
+with the list of differences."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.errors import ForgeError
+from loraforge.train.plan import lr_factor
+from loraforge.train.state import config_differences, images_content
+
+if TYPE_CHECKING:
+    from loraforge.config import Settings
+    from loraforge.train.distributed import World
+
+#: Keys that may change between an interruption and its resume without changing the result.
+RESUME_SAFE = {
+    "train.run_name", "train.save_every_n_epochs", "train.keep_last_n", "train.save_precision",
+    "train.state_every_n_steps", "train.keep_states", "train.log_every_seconds",
+    "train.vae_batch_size",
+}
+#: Sections of the config that decide the trained weights.
+SEMANTIC_SECTIONS = ("models", "dataset", "train")
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+
+
+def images_fingerprint(examples: list[Any], folder: Path | None) -> str:
+    """The list of images (paths inside `folder`; absolute when None), concepts and buckets."""
+    return hashlib.sha256(json.dumps([
+        (_relative(e.path, folder) if folder else str(e.path), e.concept, e.bucket)
+        for e in examples]).encode()).hexdigest()[:16]
+
+
+def upgraded(saved: dict[str, Any], settings: Settings, examples: list[Any]) -> dict[str, Any]:
+    """A state's config as this version writes it. Versions before several processes saved
+    the (single-process) batch_size and fingerprinted the images by absolute path."""
+    train = saved.get("train", {})
+    if "batch_size" not in train:
+        return saved
+    train = {k: v for k, v in train.items() if k != "batch_size"}
+    train["global_batch_size"] = saved["train"]["batch_size"]
+    images = dict(saved.get("images", {}))
+    if images.get("dataset") == images_fingerprint(examples, None):
+        images["dataset"] = images_fingerprint(examples, settings.dataset_dir)
+    return {**saved, "train": train, "images": images}
+
+
+def semantic_config(settings: Settings, examples: list[Any], world: World) -> dict[str, Any]:
+    """What decides the trained weights: the config's sections, and the images themselves.
+    The number of processes does not, as long as the global batch and the learning rates the
+    optimizer uses stay the same: a run saved on 4 GPUs resumes on 2 with twice the batch."""
+    data = settings.to_dict()
+    # Paths inside the dataset folder: a project moved elsewhere still resumes.
+    images = images_fingerprint(examples, settings.dataset_dir)
+    found = {**{section: data[section] for section in SEMANTIC_SECTIONS},
+             "images": {"dataset": images, "content": images_content(
+                 sorted({e.path for e in examples}), settings.dataset_dir)}}
+    train = dict(found["train"])
+    train["global_batch_size"] = train.pop("batch_size") * world.size
+    factor = lr_factor(settings, world)
+    for key in ("unet_lr", "text_encoder_lr"):
+        train[key] = train[key] * factor
+    for key in ("gpus", "scale_lr"):
+        train.pop(key)
+    found["train"] = train
+    return found
+
+
+def check_resumable(saved: dict[str, Any], path: Path, settings: Settings, examples: list[Any],
+                    world: World, run_dir: Path) -> None:
+    """Refuse (ForgeError) to resume `run_dir` from the state at `path`, saved with the
+    semantic config `saved`, when this config or dataset differs from it."""
+    diffs = config_differences(upgraded(saved, settings, examples),
+                               semantic_config(settings, examples, world), RESUME_SAFE)
+    if not diffs:
+        return
+    if any(d.startswith("train.global_batch_size") for d in diffs):
+        diffs.append(f"(the global batch is train.batch_size x the number of training "
+                     f"processes, now {settings.config.train.batch_size} x {world.size}: with "
+                     "fewer processes raise train.batch_size to keep it)")
+    shown = "\n  ".join(diffs)
+    raise ForgeError(f"cannot resume run `{run_dir.name}`: its saved state was written with a "
+                     f"different config or dataset (images.dataset: the list of images):\n  "
+                     f"{shown}", path=path,
+                     fix=f"undo those changes to resume, pass --restart to start "
+                         f"`{run_dir.name}` over, or train under a new --run name")
+
+
+def check_finished_with(record: dict[str, Any], settings: Settings, run_dir: Path) -> None:
+    """A finished run is only handed back for the settings it was trained with: other
+    settings ask for another training, which must not be answered with the old file."""
+    saved, current = record.get("config") or {}, settings.to_dict()
+    diffs = config_differences({s: saved.get(s, {}) for s in SEMANTIC_SECTIONS},
+                               {s: current[s] for s in SEMANTIC_SECTIONS}, RESUME_SAFE)
+    if diffs:
+        shown = "\n  ".join(diffs)
+        raise ForgeError(f"run `{run_dir.name}` already finished, with other settings:\n  "
+                         f"{shown}", path=run_dir,
+                         fix=f"pass --restart to train `{run_dir.name}` again with these "
+                             "settings (its files are replaced), or train under a new --run "
+                             "name")
