@@ -251,6 +251,7 @@ def eval_run(
     import json
 
     from loraforge.report.command import find_run
+    from loraforge.report.html import write_report
     from loraforge.train.separation import (
         measure,
         newest_finished_run,
@@ -263,6 +264,7 @@ def eval_run(
                else newest_finished_run(settings.runs_dir))
     result = measure(settings, run_dir, held_out)
     path = write_separation(run_dir, result, settings.file_mode)
+    write_report(run_dir, settings.file_mode)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
     else:

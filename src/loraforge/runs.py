@@ -12,6 +12,8 @@ from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
 
 RECORD = "run.json"
+#: A finished run's concept separation, written by `loraforge eval`.
+SEPARATION = "separation.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 STATUSES = ("running", "finished", "failed", "interrupted")
 

@@ -26,7 +26,6 @@ REPORT = "report.html"
 LOSS_PNG = "report-loss.png"
 HISTORY = "history.jsonl"
 DATASET = "dataset.json"
-SEPARATION = "separation.json"
 TOP_TAGS_SHOWN = 12
 THUMB = 256
 
@@ -264,7 +263,7 @@ def _loss(value: Any) -> str:
 
 def _separation_section(run_dir: Path) -> str:
     """`loraforge eval`'s table, when it has been run: loss by trigger, per concept."""
-    data = _read_json(Path(run_dir) / SEPARATION)
+    data = _read_json(Path(run_dir) / runs.SEPARATION)
     concepts = data.get("concepts") if isinstance(data, dict) else None
     if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
         return ""
@@ -293,7 +292,7 @@ def _separation_section(run_dir: Path) -> str:
             "(near 0 or negative: the LoRA does not tell the concepts apart). Pair separation: "
             "both concepts' losses under each other's trigger minus under their own, relative "
             "to their own (a prompt that suits every image cancels out of it). From "
-            f"{esc(SEPARATION)}, written by <code>loraforge eval</code>.</p>")
+            f"{esc(runs.SEPARATION)}, written by <code>loraforge eval</code>.</p>")
 
 
 def _prompts(record: dict[str, Any]) -> list[previews.SamplePrompt]:

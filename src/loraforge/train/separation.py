@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
-from loraforge.report.html import SEPARATION, write_report
 
 if TYPE_CHECKING:
     import torch
@@ -336,10 +335,9 @@ def _mean(values: list[float]) -> float:
 
 
 def write_separation(run_dir: Path, result: Separation, mode: int) -> Path:
-    """`separation.json` in the run folder, then the report rebuilt to show it."""
-    path = run_dir / SEPARATION
+    """`separation.json` in the run folder (the run's report shows it)."""
+    path = run_dir / runs.SEPARATION
     write_atomic(path, json.dumps(result.to_dict(), indent=1), mode)
-    write_report(run_dir, mode)
     return path
 
 
