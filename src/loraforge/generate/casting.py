@@ -1,0 +1,243 @@
+"""Casting inside the U-Net: each figure's prompt and LoRA act in its region only.
+
+How (all during the one denoising pass; nothing is composited afterwards):
+
+- Prompts. The background prompt and each figure's prompt are encoded separately (a figure's own
+  LoRA acting on the text encoder for its prompt only) and laid side by side along the token
+  axis: `[background | figure 1 | figure 2 ...]`, each `L` tokens. The negative prompt fills
+  every slot, so classifier-free guidance works unchanged.
+- Cross-attention. `RegionalAttnProcessor` replaces every `attn2` processor of the U-Net and the
+  ControlNet: a pixel's query attends to each slot's keys separately (one batched attention
+  call), and the slot outputs are blended per pixel by the region weights resized to the layer:
+  inside figure i, `w * background + (1 - w) * figure i` (`w`: the background weight); outside
+  every figure, the background alone. Weights sum to 1, so the output projection is shared.
+- LoRAs. The scene's LoRAs are merged into the weights as usual. A figure's own LoRA stays
+  unmerged (a peft adapter loaded by `LoraStack`) and a forward hook on each layer it adapts adds
+  `scale * B(A(x))` times the figure's region at that layer's resolution; on `attn2.to_k/to_v`
+  (which see text tokens, not pixels) the delta is added to the figure's own token slot.
+  peft applies an adapter to whole tensors only, hence the hook; the adapter's own modules do the
+  arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from loraforge.generate.regions import Regions
+
+#: One adapted layer of a figure's LoRA: (the model's module, lora_A, lora_B, scale).
+Delta = tuple[Any, Any, Any, float]
+
+
+def layer_sizes(height: int, width: int, levels: int = 5) -> list[tuple[int, int]]:
+    """The feature-map sizes of a U-Net on a `height` x `width` latent (stride-2 convolutions
+    round up)."""
+    sizes = [(height, width)]
+    for _ in range(levels - 1):
+        h, w = sizes[-1]
+        sizes.append(((h + 1) // 2, (w + 1) // 2))
+    return sizes
+
+
+class RegionWeights:
+    """The regions of a batch of images at every layer resolution, as tensors."""
+
+    def __init__(self, regions: Sequence[Regions], background_weight: float, latent_h: int,
+                 latent_w: int, device: torch.device, dtype: torch.dtype) -> None:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        figures = torch.from_numpy(np.stack([r.figures for r in regions]))  # [B, F, H, W]
+        figures = F.adaptive_avg_pool2d(figures, (latent_h, latent_w))
+        self.count = figures.shape[1]
+        self.images = figures.shape[0]
+        self.figure_maps: dict[tuple[int, int], torch.Tensor] = {}
+        self.slot_weights: dict[int, torch.Tensor] = {}  # n -> [B, R, n]
+        self.by_tokens: dict[int, tuple[int, int]] = {}
+        for h, w in layer_sizes(latent_h, latent_w):
+            pooled = F.adaptive_avg_pool2d(figures, (h, w))
+            self.figure_maps[(h, w)] = pooled.to(device, dtype)
+            inside = pooled.sum(dim=1, keepdim=True).clamp(max=1.0)
+            slots = torch.cat([1.0 - inside + background_weight * inside,
+                               (1.0 - background_weight) * pooled], dim=1)
+            self.slot_weights[h * w] = slots.flatten(2).to(device, dtype)
+            self.by_tokens[h * w] = (h, w)
+
+    def _rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
+        if batch % self.images:
+            raise ValueError(f"a batch of {batch} rows for {self.images} images")
+        return tensor.repeat(batch // self.images, *([1] * (tensor.ndim - 1)))
+
+    def slots(self, tokens: int, batch: int) -> torch.Tensor:
+        """[batch, R, tokens]: each slot's weight at each pixel of a layer of `tokens` pixels."""
+        return self._rows(self.slot_weights[tokens], batch)
+
+    def figure(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        """Figure `index`'s region shaped to multiply a layer's `output` ([B, C, h, w] or
+        [B, h*w, C])."""
+        if output.ndim == 4:
+            maps = self.figure_maps[(output.shape[2], output.shape[3])]
+            return self._rows(maps[:, index:index + 1], output.shape[0])
+        h, w = self.by_tokens[output.shape[1]]
+        flat = self.figure_maps[(h, w)][:, index].flatten(1).unsqueeze(-1)
+        return self._rows(flat, output.shape[0])
+
+
+class RegionalAttnProcessor:
+    """Cross-attention per token slot, blended by region (see the module's docstring)."""
+
+    def __init__(self, weights: RegionWeights) -> None:
+        self.weights = weights
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if encoder_hidden_states is None or hidden_states.ndim != 3 or attention_mask is not None:
+            raise ValueError("regional attention serves the cross-attention of SD 1.x "
+                             "transformer blocks only")
+        slots = 1 + self.weights.count
+        batch, pixels, _ = hidden_states.shape
+        tokens = encoder_hidden_states.shape[1]
+        if tokens % slots:
+            raise ValueError(f"{tokens} prompt tokens do not split into {slots} regions")
+        heads = attn.heads
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        dim = key.shape[-1] // heads
+        query = query.view(batch, 1, pixels, heads, dim).permute(0, 1, 3, 2, 4)
+        query = query.expand(batch, slots, heads, pixels, dim)
+        key = key.view(batch, slots, tokens // slots, heads, dim).permute(0, 1, 3, 2, 4)
+        value = value.view(batch, slots, tokens // slots, heads, dim).permute(0, 1, 3, 2, 4)
+        out = F.scaled_dot_product_attention(query, key, value)  # [B, R, heads, pixels, dim]
+        weights = self.weights.slots(pixels, batch)[:, :, None, :, None]
+        out = (out * weights).sum(dim=1)
+        out = out.transpose(1, 2).reshape(batch, pixels, heads * dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def _is_text_slot_layer(key: tuple[str, str]) -> bool:
+    return key[1].endswith(("attn2.to_k", "attn2.to_v"))
+
+
+def _masked_hook(weights: RegionWeights, deltas: list[tuple[int, Delta]], text_slots: bool,
+                 ) -> Any:
+    def hook(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for figure, (_, down, up, scale) in deltas:
+            delta = up(down(x)) * scale
+            if text_slots:
+                slot = output.shape[1] // (1 + weights.count)
+                own = delta.new_zeros((1, output.shape[1], 1))
+                own[:, (1 + figure) * slot:(2 + figure) * slot] = 1
+                output = output + delta * own
+            elif output.ndim in (3, 4):
+                output = output + delta * weights.figure(figure, output)
+        return output
+
+    return hook
+
+
+def _whole_hook(deltas: list[Delta]) -> Any:
+    def hook(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        for _, down, up, scale in deltas:
+            output = output + up(down(args[0])) * scale
+        return output
+
+    return hook
+
+
+def figure_deltas(layers: dict[tuple[str, str], Delta], weight: float, component: str,
+                  ) -> dict[tuple[str, str], Delta]:
+    """A figure's LoRA layers of one component, with its weight folded into the scale."""
+    return {key: (module, down, up, scale * weight) for key, (module, down, up, scale)
+            in layers.items() if key[0] == component}
+
+
+@contextlib.contextmanager
+def text_lora(deltas: dict[tuple[str, str], Delta]) -> Iterator[None]:
+    """A figure's LoRA acting on the whole text encoder while its prompt is encoded."""
+    handles = [delta[0].register_forward_hook(_whole_hook([delta])) for delta in deltas.values()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _attn2_processors(model: Any, processor: RegionalAttnProcessor) -> dict[str, Any]:
+    return {name: processor if name.endswith("attn2.processor") else current
+            for name, current in model.attn_processors.items()}
+
+
+@contextlib.contextmanager
+def regional(pipe: Any, regions: Sequence[Regions], background_weight: float, width: int,
+             height: int, unet_deltas: Sequence[dict[tuple[str, str], Delta]],
+             ) -> Iterator[None]:
+    """Casting on for the denoising inside the block: `regions[i]` for image i of the batch,
+    `unet_deltas[f]` figure f's own LoRA layers (empty: none)."""
+    unet = pipe.unet
+    weights = RegionWeights(regions, background_weight, height // 8, width // 8, unet.device,
+                            unet.dtype)
+    processor = RegionalAttnProcessor(weights)
+    models = [m for m in (unet, getattr(pipe, "controlnet", None)) if m is not None]
+    saved = [dict(m.attn_processors) for m in models]
+    by_layer: dict[tuple[str, str], list[tuple[int, Delta]]] = {}
+    for figure, deltas in enumerate(unet_deltas):
+        for key, delta in deltas.items():
+            by_layer.setdefault(key, []).append((figure, delta))
+    handles = []
+    try:
+        for model in models:
+            model.set_attn_processor(_attn2_processors(model, processor))
+        for key, items in by_layer.items():
+            hook = _masked_hook(weights, items, _is_text_slot_layer(key))
+            handles.append(items[0][1][0].register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for model, processors in zip(models, saved, strict=True):
+            model.set_attn_processor(processors)
+
+
+@dataclass(frozen=True)
+class CastPrompts:
+    """The prompt embeddings of a cast scene: slots side by side along the tokens."""
+
+    embeds: torch.Tensor  # [1, (1 + F) * L, C]
+    negative: torch.Tensor  # the same shape: the negative prompt in every slot
+
+
+def encode_cast(pipe: Any, background: str, negative: str, figures: Sequence[str],
+                text_deltas: Sequence[dict[tuple[str, str], Delta]], clip_skip: int,
+                max_chunks: int) -> CastPrompts:
+    """Encode the background, the negative and each figure's prompt (figure f with its own
+    text-encoder LoRA `text_deltas[f]`), all to the same number of 77-token chunks."""
+    import torch
+
+    from loraforge.generate.prompts import encode_prompts
+
+    texts = [background, negative, *figures]
+    encoded = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, clip_skip, max_chunks)
+    slots = [encoded[0]]
+    for index, deltas in enumerate(text_deltas):
+        if deltas:
+            with text_lora(deltas):
+                own = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, clip_skip,
+                                     max_chunks)
+            slots.append(own[2 + index])
+        else:
+            slots.append(encoded[2 + index])
+    return CastPrompts(torch.cat(slots, dim=1), torch.cat([encoded[1]] * len(slots), dim=1))

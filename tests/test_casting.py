@@ -1,0 +1,195 @@
+"""Casting on the tiny model: each figure wears its own LoRA and prompt in its region (the bleed
+metric, with casting on and off), masks and PNG info are written, reruns are bit-identical, and
+bad casts are refused before anything is rendered."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_cli
+from test_generate import _project, make_lora
+
+from loraforge.config import load_settings
+from loraforge.errors import ForgeError
+from loraforge.generate import casting, pnginfo
+from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lora
+from loraforge.generate.pipeline import load_pipeline, render_batch
+from loraforge.generate.poses import Person, PoseMap, draw_pose, random_pose, write_pose_json
+from loraforge.generate.prompts import encode_prompts
+from loraforge.generate.regions import figure_regions, separation
+from loraforge.generate.scenes import Options
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+WIDTH, HEIGHT = 128, 96
+
+
+@pytest.fixture(scope="module")
+def characters(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> list[Path]:
+    """Two character LoRAs that change the image strongly and differently."""
+    folder = tmp_path_factory.mktemp("characters")
+    base = tiny_store / "tiny-sd15"
+    return [make_lora(folder / "red.safetensors", base, 11, scale=0.4),
+            make_lora(folder / "blue.safetensors", base, 12, scale=0.4)]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_store: Path) -> LoraStack:
+    return LoraStack(load_pipeline(tiny_store / "tiny-sd15", tiny_store / "tiny-controlnet",
+                                   torch.device("cpu"), torch.float32))
+
+
+def _render(stack: LoraStack, scene: list[LoraUse], own: list[LoraUse | None], seeds: list[int],
+            cast: bool, background: float = 0.2) -> tuple[list[np.ndarray], Any]:
+    """The test scene: "a street" behind "a red knight" (left) and "a blue mage" (right)."""
+    pipe = stack.pipe
+    stack.activate(scene, [u.lora for u in own if u])
+    figures = ["a red knight", "a blue mage"]
+    poses = [random_pose(2, WIDTH, HEIGHT, seed) for seed in seeds]
+    regions = [figure_regions(pose, WIDTH, HEIGHT) for pose in poses]
+    if cast:
+        layers = [stack.layers(u.lora) if u else {} for u in own]
+        text = [casting.figure_deltas(lay, 1.0, "text_encoder") for lay in layers]
+        unet = [casting.figure_deltas(lay, 1.0, "unet") for lay in layers]
+        prompts = casting.encode_cast(pipe, "a street", "lowres", figures, text, 2, 3)
+        embeds, negative = prompts.embeds, prompts.negative
+        context = casting.regional(pipe, regions, background, WIDTH, HEIGHT, unet)
+    else:
+        embeds, negative = encode_prompts(pipe.tokenizer, pipe.text_encoder,
+                                          [", ".join(["a street", *figures]), "lowres"], 2, 3)
+        context = casting.contextlib.nullcontext()
+    with context:
+        images = render_batch(pipe, embeds, negative, WIDTH, HEIGHT, 4, 7.0, seeds,
+                              [draw_pose(p) for p in poses])
+    return [np.asarray(image, dtype=np.int16) for image in images], regions
+
+
+def test_casting_keeps_each_character_in_its_region_and_reruns_bit_identically(
+        stack: LoraStack, characters: list[Path], tiny_store: Path) -> None:
+    widths = BaseWidths.of(tiny_store / "tiny-sd15")
+    red, blue = (LoraUse(inspect_lora(path, widths), 1.0) for path in characters)
+    seeds = [3, 4]
+    started = time.perf_counter()
+    cast, regions = _render(stack, [], [red, blue], seeds, cast=True)
+    cast_seconds = time.perf_counter() - started
+    # references: the same cast scene with both figures wearing one character
+    all_red, _ = _render(stack, [], [red, red], seeds, cast=True)
+    all_blue, _ = _render(stack, [], [blue, blue], seeds, cast=True)
+    started = time.perf_counter()
+    plain, _ = _render(stack, [red, blue], [None, None], seeds, cast=False)
+    plain_seconds = time.perf_counter() - started
+    plain_red, _ = _render(stack, [red], [None, None], seeds, cast=False)
+    plain_blue, _ = _render(stack, [blue], [None, None], seeds, cast=False)
+
+    on = [separation(cast[i], [all_red[i], all_blue[i]], regions[i]) for i in range(2)]
+    off = [separation(plain[i], [plain_red[i], plain_blue[i]], regions[i]) for i in range(2)]
+    print(f"separation with casting {on}, without {off}; seconds for 2 images: casting "
+          f"{cast_seconds:.2f}, plain {plain_seconds:.2f}")
+    assert min(on) > 0.25, on  # each region is clearly closer to its own character
+    assert min(on) - max(off) > 0.2, (on, off)
+
+    again, _ = _render(stack, [], [red, blue], seeds, cast=True)
+    assert all(np.array_equal(a, b) for a, b in zip(cast, again, strict=True))
+    alone, _ = _render(stack, [], [red, blue], [4], cast=True)
+    assert np.abs(alone[0] - cast[1]).max() <= 2  # batch of one = the batch's image, rounding
+    stack.activate([])
+    assert not any(name.endswith("attn2.processor") and
+                   isinstance(p, casting.RegionalAttnProcessor)
+                   for name, p in stack.pipe.unet.attn_processors.items())
+
+
+def _pose_file(path: Path, boxes: list[tuple[float, float]]) -> Path:
+    """An OpenPose JSON with one standing figure per (left x, right x)."""
+    people = []
+    for left, right in boxes:
+        mid = (left + right) / 2
+        points: list[tuple[float, float] | None] = [(mid, 15.0), (mid, 25.0)] + [None] * 16
+        points[2], points[5] = (left, 27.0), (right, 27.0)
+        points[10], points[13] = (left + 2, 88.0), (right - 2, 88.0)
+        people.append(Person(tuple(points)))
+    write_pose_json(path, PoseMap(WIDTH, HEIGHT, tuple(people)))
+    return path
+
+
+def _scene(tmp_path: Path, pose: str, figures: str) -> Path:
+    scenes = tmp_path / "scenes.toml"
+    scenes.write_text(f'[[scene]]\nname = "market"\nprompt = "market street"\npose = "{pose}"\n'
+                      f'seed = 3\nbackground_weight = 0.3\n{figures}')
+    return scenes
+
+
+FIGURES = ('[[scene.figure]]\nlora = "red.safetensors:0.9"\nprompt = "smiling"\n'
+           '[[scene.figure]]\nlora = "blue.safetensors"\nprompt = "arms crossed"\n')
+
+
+def test_a_cast_scenes_file_writes_masks_png_info_and_reruns_to_the_same_file(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})
+    for path in characters:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    _pose_file(tmp_path / "two.json", [(20, 50), (80, 110)])
+    scenes = _scene(tmp_path, "two.json", FIGURES)
+    settings = load_settings(config)
+    written = generate(settings, Options(scenes=scenes), lambda line: None)
+    images = tmp_path / "store" / "Final_Images"
+    assert written == [images / "market-3.png"]
+    first = written[0].read_bytes()
+    from PIL import Image
+
+    with Image.open(images / "market-3.masks.png") as masks:
+        rgb = np.asarray(masks.convert("RGB"))
+    assert rgb.shape == (HEIGHT, WIDTH, 3)
+    assert tuple(rgb[50, 35]) == (230, 60, 60) and tuple(rgb[50, 95]) == (60, 110, 235)
+    assert rgb[50, 65].max() == 0 and rgb[2, 2].max() == 0  # between and above: background
+    info = pnginfo.parse_parameters(pnginfo.read_parameters(written[0]) or "")
+    assert info["prompt"] == "market street BREAK smiling BREAK arms crossed"
+    assert (info["RP Active"], info["RP Use Base"], info["RP Base Ratios"]) == \
+        ("True", "True", "0.3")
+    assert list(info["lora_hashes"]) == ["red", "blue"]
+    sidecar = json.loads((images / "market-3.json").read_text())
+    assert [f["lora"]["weight"] for f in sidecar["cast"]["figures"]] == [0.9, 1.0]
+    assert generate(settings, Options(scenes=scenes), lambda line: None) == written
+    assert written[0].read_bytes() == first
+
+
+@pytest.mark.parametrize(("pose", "figures", "needle"), [
+    ("three.json", FIGURES, "has 3 figures, the scene casts 2"),
+    ("overlap.json", FIGURES, "figures 1 and 2 (from the left) overlap"),
+    ("empty.json", FIGURES, "has no figures"),
+    ("random", '[[scene.figure]]\ncharacter = "nobody"\n', "unknown character `nobody`"),
+    ("drawn.png", FIGURES, "a drawn pose map has none"),
+])
+def test_bad_casts_are_refused_before_rendering(tmp_path: Path, tiny_store: Path,
+                                                characters: list[Path], pose: str,
+                                                figures: str, needle: str) -> None:
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})
+    for path in characters:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    _pose_file(tmp_path / "three.json", [(5, 30), (50, 75), (95, 120)])
+    _pose_file(tmp_path / "overlap.json", [(20, 70), (60, 110)])
+    write_pose_json(tmp_path / "empty.json", PoseMap(WIDTH, HEIGHT, ()))
+    draw_pose(random_pose(2, WIDTH, HEIGHT, 1)).save(tmp_path / "drawn.png")
+    with pytest.raises(ForgeError) as caught:
+        generate(load_settings(config), Options(scenes=_scene(tmp_path, pose, figures)),
+                 lambda line: None)
+    assert needle in str(caught.value)
+    assert not (tmp_path / "store" / "Final_Images").exists()
+
+
+def test_command_refuses_a_figure_count_the_pose_does_not_have(tmp_path: Path,
+                                                               tiny_store: Path) -> None:
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})
+    result = run_cli("generate", "--config", config, "--pose", "random", "--figures", "3",
+                     "--lora", "none", "--figure", "a knight", "--figure", "a mage",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert_user_error(result, "--figures: asks for 3 figures, the scene casts 2", "fix:")
+    assert not (tmp_path / "store" / "Final_Images").exists()
