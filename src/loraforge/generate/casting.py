@@ -7,10 +7,11 @@ How (all during the one denoising pass; nothing is composited afterwards):
   axis: `[background | figure 1 | figure 2 ...]`, each `L` tokens. The negative prompt fills
   every slot, so classifier-free guidance works unchanged.
 - Cross-attention. `RegionalAttnProcessor` replaces every `attn2` processor of the U-Net and the
-  ControlNet: a pixel's query attends to each slot's keys separately (one batched attention
-  call), and the slot outputs are blended per pixel by the region weights resized to the layer:
-  inside figure i, `w * background + (1 - w) * figure i` (`w`: the background weight); outside
-  every figure, the background alone. Weights sum to 1, so the output projection is shared.
+  ControlNet: a pixel's query attends to each slot's keys separately (one fused attention call
+  with the slots side by side in the batch), and the slot outputs are blended per pixel by the
+  region weights resized to the layer: inside figure i, `w * background + (1 - w) * figure i`
+  (`w`: the background weight); outside every figure, the background alone. Weights sum to 1,
+  so the output projection is shared.
 - LoRAs. The scene's LoRAs are merged into the weights as usual. A figure's own LoRA stays
   unmerged (a peft adapter loaded by `LoraStack`) and a forward hook on each layer it adapts adds
   `scale * B(A(x))` times the figure's region at that layer's resolution; on `attn2.to_k/to_v`
@@ -61,6 +62,7 @@ class RegionWeights:
         self.figure_maps: dict[tuple[int, int], torch.Tensor] = {}
         self.slot_weights: dict[int, torch.Tensor] = {}  # n -> [B, R, n]
         self.by_tokens: dict[int, tuple[int, int]] = {}
+        self.rows: dict[tuple[int, int], torch.Tensor] = {}
         for h, w in layer_sizes(latent_h, latent_w):
             pooled = F.adaptive_avg_pool2d(figures, (h, w))
             self.figure_maps[(h, w)] = pooled.to(device, dtype)
@@ -75,9 +77,12 @@ class RegionWeights:
             raise ValueError(f"a batch of {batch} rows for {self.images} images")
         return tensor.repeat(batch // self.images, *([1] * (tensor.ndim - 1)))
 
-    def slots(self, tokens: int, batch: int) -> torch.Tensor:
-        """[batch, R, tokens]: each slot's weight at each pixel of a layer of `tokens` pixels."""
-        return self._rows(self.slot_weights[tokens], batch)
+    def slots(self, pixels: int, batch: int) -> torch.Tensor:
+        """[batch, R, pixels, 1]: each slot's weight at each pixel of a layer."""
+        key = (pixels, batch)
+        if key not in self.rows:
+            self.rows[key] = self._rows(self.slot_weights[pixels], batch)[..., None]
+        return self.rows[key]
 
     def figure(self, index: int, output: torch.Tensor) -> torch.Tensor:
         """Figure `index`'s region shaped to multiply a layer's `output` ([B, C, h, w] or
@@ -115,14 +120,14 @@ class RegionalAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         dim = key.shape[-1] // heads
-        query = query.view(batch, 1, pixels, heads, dim).permute(0, 1, 3, 2, 4)
-        query = query.expand(batch, slots, heads, pixels, dim)
-        key = key.view(batch, slots, tokens // slots, heads, dim).permute(0, 1, 3, 2, 4)
-        value = value.view(batch, slots, tokens // slots, heads, dim).permute(0, 1, 3, 2, 4)
-        out = F.scaled_dot_product_attention(query, key, value)  # [B, R, heads, pixels, dim]
-        weights = self.weights.slots(pixels, batch)[:, :, None, :, None]
-        out = (out * weights).sum(dim=1)
-        out = out.transpose(1, 2).reshape(batch, pixels, heads * dim).to(query.dtype)
+        # the slots side by side in the batch: one fused attention call for all of them
+        query = query.view(batch, 1, pixels, heads, dim).expand(batch, slots, pixels, heads, dim)
+        query = query.reshape(batch * slots, pixels, heads, dim).transpose(1, 2)
+        key = key.view(batch * slots, tokens // slots, heads, dim).transpose(1, 2)
+        value = value.view(batch * slots, tokens // slots, heads, dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, key, value)  # [B * R, heads, pixels, dim]
+        out = out.transpose(1, 2).reshape(batch, slots, pixels, heads * dim)
+        out = (out * self.weights.slots(pixels, batch)).sum(dim=1).to(query.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
