@@ -127,7 +127,7 @@ FIGURES = ('[[scene.figure]]\nlora = "red.safetensors:0.9"\nprompt = "smiling"\n
            '[[scene.figure]]\nlora = "blue.safetensors"\nprompt = "arms crossed"\n')
 
 
-def test_a_cast_scenes_file_writes_masks_png_info_and_reruns_to_the_same_file(
+def test_a_cast_scenes_file_writes_masks_and_png_info_and_from_renders_it_again(
         tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
     from loraforge.generate.run import generate
 
@@ -155,7 +155,11 @@ def test_a_cast_scenes_file_writes_masks_png_info_and_reruns_to_the_same_file(
     assert list(info["lora_hashes"]) == ["red", "blue"]
     sidecar = json.loads((images / "market-3.json").read_text())
     assert [f["lora"]["weight"] for f in sidecar["cast"]["figures"]] == [0.9, 1.0]
-    assert generate(settings, Options(scenes=scenes), lambda line: None) == written
+    copy = tmp_path / "keep.png"
+    copy.write_bytes(first)
+    (tmp_path / "two.json").unlink()  # the image records the keypoints themselves
+    written[0].unlink()
+    assert generate(settings, Options(source=copy), lambda line: None) == written
     assert written[0].read_bytes() == first
 
 
@@ -183,6 +187,15 @@ def test_bad_casts_are_refused_before_rendering(tmp_path: Path, tiny_store: Path
                  lambda line: None)
     assert needle in str(caught.value)
     assert not (tmp_path / "store" / "Final_Images").exists()
+
+
+def test_from_an_image_without_a_scene_record_is_refused(tmp_path: Path,
+                                                         tiny_store: Path) -> None:
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
+    draw_pose(random_pose(1, WIDTH, HEIGHT, 1)).save(tmp_path / "other.png")
+    result = run_cli("generate", "--config", config, "--from", tmp_path / "other.png",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert_user_error(result, "other.png", "holds no LoRA Forge scene record", "fix:")
 
 
 def test_command_refuses_a_figure_count_the_pose_does_not_have(tmp_path: Path,

@@ -67,6 +67,9 @@ def generate_command(
     background_weight: Annotated[float | None, typer.Option(
         "--background-weight", help="Casting: how much --prompt still acts inside a figure's "
         "region (0 to 1). Default: generate.background_weight.")] = None,
+    source: Annotated[Path | None, typer.Option(
+        "--from", help="Render again the scene a generated image records (its PNG's "
+        "`loraforge` chunk): same seed, prompts, pose, LoRAs and figures.")] = None,
     precision: Annotated[str, typer.Option(
         "--precision", help="auto (fp16 on a GPU, fp32 on the CPU), fp16, bf16 or fp32."
     )] = "auto",
@@ -104,5 +107,5 @@ def generate_command(
     options = Options(prompt=prompt, negative=negative, loras=lora, pose=pose, figures=figures,
                       seed=seed, count=count, steps=steps, cfg=cfg, sampler=sampler, size=size,
                       control_scale=control_scale, clip_skip=clip_skip, name=name, scenes=scenes,
-                      cast=figure, background_weight=background_weight)
+                      cast=figure, background_weight=background_weight, source=source)
     generate(settings, options, lambda line: out.print(line, markup=False), precision)

@@ -124,6 +124,24 @@ def cast_record(job: Job) -> dict[str, Any] | None:
                         for f in job.cast.figures]}
 
 
+def scene_table(job: Job, seed: int) -> dict[str, Any]:
+    """The `[[scene]]` table that renders this image again (`loraforge generate --from`)."""
+    table: dict[str, Any] = {
+        "name": job.name, "prompt": job.prompt, "negative": job.negative, "seeds": [seed],
+        "size": f"{job.width}x{job.height}", "steps": job.steps, "cfg": job.cfg,
+        "sampler": job.sampler, "control_scale": job.control_scale, "clip_skip": job.clip_skip,
+        "loras": [{"path": str(u.lora.path), "weight": u.weight} for u in job.loras] or ["none"],
+        "pose": job.pose.record(), "figures": job.pose.figures}
+    if job.cast is not None:
+        table["background_weight"] = job.cast.background_weight
+        table["figure"] = [
+            {key: value for key, value in (
+                ("character", f.character), ("prompt", f.prompt),
+                ("lora", f"{f.lora.lora.path}:{f.lora.weight!r}" if f.lora else None))
+             if value is not None} for f in job.cast.figures]
+    return {"scene": table}
+
+
 def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, parameters: str,
             image: Path, pose: Path, seconds: float, device: str, precision: str,
             batch: int) -> dict[str, Any]:
@@ -176,7 +194,7 @@ def output_stem(folder: Path, stem: str, parameters: str) -> str:
 
 def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Image,
                    parameters: str, record: dict[str, Any], mode: int,
-                   masks: Image.Image | None = None) -> Path:
+                   masks: Image.Image | None, scene: dict[str, Any]) -> Path:
     from loraforge.fsutil import save_atomic
 
     image_path = folder / f"{stem}.png"
@@ -185,10 +203,10 @@ def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Imag
         if masks is not None:
             save_atomic(folder / f"{stem}.masks.png", lambda tmp: masks.save(tmp, format="PNG"),
                         mode)
-        pnginfo.save_png(image, image_path, parameters, mode)
+        pnginfo.save_png_with_scene(image, image_path, parameters, scene, mode)
         write_atomic(folder / f"{stem}.json", json.dumps(record, indent=2, ensure_ascii=False)
                      + "\n", mode)
-        pnginfo.save_png(image, folder / f"{FINAL_NAME}.png", parameters, mode)
+        pnginfo.save_png_with_scene(image, folder / f"{FINAL_NAME}.png", parameters, scene, mode)
     except OSError as exc:
         raise ForgeError(f"could not write {stem}.png: {exc.strerror or exc} (disk or quota "
                          "full?)", path=folder,
@@ -326,7 +344,8 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
                                  str(device), chosen.name, len(seeds))
                 path = _write_outputs(folder, stem, image, pose, parameters, record,
                                       settings.file_mode,
-                                      regions[index].image() if regions else None)
+                                      regions[index].image() if regions else None,
+                                      scene_table(job, seed))
                 written.append(path)
                 loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.all_loras) \
                     or "none"

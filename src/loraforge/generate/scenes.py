@@ -86,6 +86,7 @@ class Options:
     name: str | None = None
     scenes: Path | None = None
     cast: list[str] | None = None  # --figure "CHARACTER: prompt", one per figure
+    source: Path | None = None  # --from IMAGE.png: the scene recorded in a generated image
     background_weight: float | None = None
 
 
@@ -106,15 +107,23 @@ class PoseSource:
     figures: int
     image: Image.Image | None = None  # the file's map at the generation size
     reason: str = ""
-    keypoints: PoseMap | None = None  # the file's figures, when it is OpenPose JSON
+    keypoints: PoseMap | None = None  # the figures, when given as OpenPose JSON
 
     def pose_for(self, seed: int, width: int, height: int) -> PoseMap | None:
         """The figures' keypoints (None for a drawn pose map file)."""
         from loraforge.generate.poses import random_pose
 
-        if self.path is None:
+        if self.keypoints is not None:
+            return self.keypoints
+        if self.image is None:
             return random_pose(self.figures, width, height, seed)
-        return self.keypoints
+        return None
+
+    def record(self) -> str | dict[str, Any]:
+        """The pose as a scene's `pose` field gives it again: a file, the keypoints, random."""
+        if self.keypoints is not None:
+            return self.keypoints.to_dict()
+        return str(self.path) if self.path is not None else RANDOM
 
     def image_for(self, seed: int, width: int, height: int) -> Image.Image:
         from loraforge.generate.poses import draw_pose, random_pose
@@ -126,6 +135,8 @@ class PoseSource:
     def describe(self) -> str:
         if self.path is not None:
             return str(self.path)
+        if self.keypoints is not None:
+            return "OpenPose keypoints given in the scene"
         noun = "figure" if self.figures == 1 else "figures"
         return f"random ({self.figures} {noun}, seeded by the image seed)"
 
@@ -333,10 +344,16 @@ class PoseCache:
 
 def _pose(value: Value, figures: Value, width: int, height: int, first_seed: int,
           cache: PoseCache, optional: bool) -> PoseSource:
-    from loraforge.generate.poses import random_pose
+    from loraforge.generate.poses import PoseMap, draw_pose, fit_pose, random_pose
 
     count = _int(figures, 1, 16, "use 1 to 16 figures")
     raw = value.value
+    if isinstance(raw, dict):  # keypoints inline (an image's recorded scene)
+        try:
+            keypoints = fit_pose(PoseMap.from_dict(raw), width, height)
+        except ForgeError as exc:
+            raise _err(value, f"the pose {exc.message}", exc.fix) from None
+        return PoseSource(None, count, draw_pose(keypoints), keypoints=keypoints)
     if raw is not None and not isinstance(raw, str):
         raise _err(value, f"must be a file name or \"random\", got {raw!r}")
     path: Path | None = None
@@ -721,6 +738,25 @@ def read_scenes_file(path: Path) -> list[dict[str, Any]]:
     return scenes
 
 
+def recorded_scene(path: Path) -> dict[str, Any]:
+    """The `[[scene]]` table a generated image records (its `loraforge` PNG chunk)."""
+    from loraforge.generate.pnginfo import read_scene
+
+    if not path.is_file():
+        raise ForgeError("image not found", path=path, fix="give a PNG made by loraforge generate")
+    try:
+        scene = read_scene(path)
+    except OSError as exc:
+        raise ForgeError(f"cannot be read as a PNG ({exc})", path=path,
+                         fix="give a PNG made by loraforge generate") from None
+    if scene is None or not isinstance(scene.get("scene"), dict):
+        raise ForgeError("holds no LoRA Forge scene record (only images made by `loraforge "
+                         "generate` carry one)", path=path,
+                         fix="give an image from Final_Images/, or write its scene in a "
+                             "--scenes file")
+    return dict(scene["scene"])
+
+
 def scene_label(index: int, scene: dict[str, Any]) -> str:
     name = scene.get("name")
     shown = f'"{name}"' if isinstance(name, str) and name.strip() else "(no name)"
@@ -753,6 +789,10 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
     """Every scene to render, checked. Scenes file: all errors are gathered and reported at
     once, naming each scene and field, and nothing is rendered."""
     defaults = command_values(settings, options)
+    if options.source is not None:
+        scene = recorded_scene(Path(options.source))
+        return [resolve_job(scene_values(0, scene, defaults, Path(options.source).parent),
+                            settings, resolver, poses)]
     if options.scenes is None:
         return [resolve_job(defaults, settings, resolver, poses)]
     path = Path(options.scenes)
