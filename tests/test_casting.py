@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_user_error, run_cli
-from test_generate import _project, make_lora
+from test_generate import _project, _write_run, make_lora
 
 from loraforge.config import load_settings
 from loraforge.errors import ForgeError
@@ -23,7 +23,8 @@ from loraforge.generate.pipeline import load_pipeline, render_batch
 from loraforge.generate.poses import Person, PoseMap, draw_pose, random_pose, write_pose_json
 from loraforge.generate.prompts import encode_prompts
 from loraforge.generate.regions import figure_regions, separation
-from loraforge.generate.scenes import Options
+from loraforge.generate.samplers import SAMPLERS
+from loraforge.generate.scenes import LoraResolver, Options, PoseCache, plan_jobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WIDTH, HEIGHT = 128, 96
@@ -45,7 +46,8 @@ def stack(tiny_store: Path) -> LoraStack:
 
 
 def _render(stack: LoraStack, scene: list[LoraUse], own: list[LoraUse | None], seeds: list[int],
-            cast: bool, background: float = 0.2) -> tuple[list[np.ndarray], Any]:
+            cast: bool, background: float = 0.2, steps: int = 4, cfg: float = 7.0,
+            ) -> tuple[list[np.ndarray], Any]:
     """The test scene: "a street" behind "a red knight" (left) and "a blue mage" (right)."""
     pipe = stack.pipe
     stack.activate(scene, [u.lora for u in own if u])
@@ -64,7 +66,7 @@ def _render(stack: LoraStack, scene: list[LoraUse], own: list[LoraUse | None], s
                                           [", ".join(["a street", *figures]), "lowres"], 2, 3)
         context = casting.contextlib.nullcontext()
     with context:
-        images = render_batch(pipe, embeds, negative, WIDTH, HEIGHT, 4, 7.0, seeds,
+        images = render_batch(pipe, embeds, negative, WIDTH, HEIGHT, steps, cfg, seeds,
                               [draw_pose(p) for p in poses])
     return [np.asarray(image, dtype=np.int16) for image in images], regions
 
@@ -101,6 +103,71 @@ def test_casting_keeps_each_character_in_its_region_and_reruns_bit_identically(
     assert not any(name.endswith("attn2.processor") and
                    isinstance(p, casting.RegionalAttnProcessor)
                    for name, p in stack.pipe.unet.attn_processors.items())
+
+
+def test_casting_runs_with_every_sampler_and_without_cfg(stack: LoraStack,
+                                                         characters: list[Path],
+                                                         tiny_store: Path) -> None:
+    from loraforge.generate.pipeline import make_scheduler
+
+    widths = BaseWidths.of(tiny_store / "tiny-sd15")
+    red, blue = (LoraUse(inspect_lora(path, widths), 1.0) for path in characters)
+    config = dict(stack.pipe.scheduler.config)
+    plain = None
+    try:
+        for sampler in SAMPLERS:
+            stack.pipe.scheduler = make_scheduler(sampler, config)
+            image, _ = _render(stack, [], [red, blue], [5], cast=True, steps=2)
+            plain = plain if plain is not None else _render(stack, [], [], [5], cast=False,
+                                                            steps=2)[0][0]
+            assert np.abs(image[0] - plain).mean() > 1, sampler  # the cast is live
+        one, _ = _render(stack, [], [red, blue], [5], cast=True, steps=2, cfg=1.0)
+        assert np.abs(one[0] - image[0]).mean() > 1  # no negative rows in the batch: works too
+    finally:
+        stack.pipe.scheduler = make_scheduler("DPM++ 2M Karras", config)
+
+
+def _character_lora(source: Path, path: Path, concepts: dict[str, dict[str, int]]) -> Path:
+    """A copy of `source` whose metadata says it was trained on `concepts` (kohya's
+    ss_tag_frequency: folder -> tag counts)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = dict(handle.metadata() or {})
+    metadata["ss_tag_frequency"] = json.dumps(concepts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata)
+    return path
+
+
+def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
+    runs = tmp_path / "store" / "Multi_Concept_Output"
+    both = _character_lora(characters[0], tmp_path / "both.safetensors",
+                           {"10_blake": {"blake": 4, "scarf": 1},
+                            "10_mira_character": {"mira_c": 3, "mira": 1}})
+    _write_run(runs, "multi", "finished", "2026-01-02T10:00:00+0000", both)
+    _write_run(runs, "rook", "finished", "2026-01-01T10:00:00+0000", _character_lora(
+        characters[1], tmp_path / "rook.safetensors", {"5_rook": {"rook knight": 2}}))
+    settings = load_settings(config)
+    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
+
+    def plan(*figures: str) -> Any:
+        return plan_jobs(settings, Options(pose="random", cast=list(figures), seed=1),
+                         resolver, PoseCache(print))[0]
+
+    multi = plan("blake: smiling", "mira_character: arms crossed")
+    assert [u.lora.path.name for u in multi.loras] == ["multi.safetensors"]  # everywhere
+    assert [(f.text, f.lora) for f in multi.cast.figures] == [
+        ("blake, smiling", None), ("mira_c, arms crossed", None)]
+    own = plan("blake: smiling", "rook: (angry:1.2)")
+    assert [u.lora.path.name for u in own.loras] == ["multi.safetensors"]
+    assert own.cast.figures[1].text == "rook knight, (angry:1.2)"
+    assert own.cast.figures[1].lora.lora.path.name == "rook.safetensors"
+    assert own.pose.figures == 2
 
 
 def _pose_file(path: Path, boxes: list[tuple[float, float]]) -> Path:
