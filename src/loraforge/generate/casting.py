@@ -15,7 +15,9 @@ How (all during the one denoising pass; nothing is composited afterwards):
 - LoRAs. The scene's LoRAs are merged into the weights as usual. A figure's own LoRA stays
   unmerged (a peft adapter loaded by `LoraStack`) and a forward hook on each layer it adapts adds
   `scale * B(A(x))` times the figure's region at that layer's resolution; on `attn2.to_k/to_v`
-  (which see text tokens, not pixels) the delta is added to the figure's own token slot.
+  (which see text tokens, not pixels) the delta is added to the figure's own token slot. A
+  layer without pixels (a resnet's time-embedding projection in a LoCon file) keeps its base
+  weights for a figure's own LoRA.
   peft applies an adapter to whole tensors only, hence the hook; the adapter's own modules do the
   arithmetic.
 """
@@ -136,22 +138,54 @@ def _is_text_slot_layer(key: tuple[str, str]) -> bool:
     return key[1].endswith(("attn2.to_k", "attn2.to_v"))
 
 
-def _masked_hook(weights: RegionWeights, deltas: list[tuple[int, Delta]], text_slots: bool,
-                 ) -> Any:
-    def hook(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        for figure, (_, down, up, scale) in deltas:
-            delta = up(down(x)) * scale
-            if text_slots:
-                slot = output.shape[1] // (1 + weights.count)
-                own = delta.new_zeros((1, output.shape[1], 1))
-                own[:, (1 + figure) * slot:(2 + figure) * slot] = 1
-                output = output + delta * own
-            elif output.ndim in (3, 4):
-                output = output + delta * weights.figure(figure, output)
-        return output
+class _RegionalDelta:
+    """Every figure's own LoRA on one layer as one low-rank product: the figures' down weights
+    stacked, each figure's rows of the low-rank activation scaled by its region, then their up
+    weights side by side (an up weight is 1x1, so masking before it equals masking after)."""
 
-    return hook
+    def __init__(self, weights: RegionWeights, items: list[tuple[int, Delta]],
+                 text_slots: bool) -> None:
+        import torch
+
+        self.weights = weights
+        self.text_slots = text_slots
+        downs = [delta[1] for _, delta in items]
+        self.conv = downs[0] if isinstance(downs[0], torch.nn.Conv2d) else None
+        self.down = torch.cat([down.weight for down in downs]).detach()
+        self.up = torch.cat([delta[2].weight * delta[3] for _, delta in items], dim=1).detach()
+        self.spans: list[tuple[int, int, int]] = []  # (figure, first row, rows)
+        row = 0
+        for figure, delta in items:
+            rank = delta[1].weight.shape[0]
+            self.spans.append((figure, row, rank))
+            row += rank
+
+    def _mask(self, figure: int, output: torch.Tensor) -> torch.Tensor:
+        if not self.text_slots:
+            return self.weights.figure(figure, output)
+        slot = output.shape[1] // (1 + self.weights.count)
+        own = output.new_zeros((1, output.shape[1], 1))
+        own[:, (1 + figure) * slot:(2 + figure) * slot] = 1
+        return own
+
+    def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor,
+                 ) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        if output.ndim not in (3, 4):  # no pixels to mask (a time-embedding projection)
+            return output
+        x = args[0].to(self.down.dtype)
+        if self.conv is not None:
+            low = F.conv2d(x, self.down, None, self.conv.stride, self.conv.padding,
+                           self.conv.dilation)
+        else:
+            low = F.linear(x, self.down)
+        dim = 1 if low.ndim == 4 else -1
+        low = torch.cat([low.narrow(dim, first, rows) * self._mask(figure, output)
+                         for figure, first, rows in self.spans], dim=dim)
+        delta = F.conv2d(low, self.up) if self.conv is not None else F.linear(low, self.up)
+        return output + delta.to(output.dtype)
 
 
 def _whole_hook(deltas: list[Delta]) -> Any:
@@ -207,7 +241,7 @@ def regional(pipe: Any, regions: Sequence[Regions], background_weight: float, wi
         for model in models:
             model.set_attn_processor(_attn2_processors(model, processor))
         for key, items in by_layer.items():
-            hook = _masked_hook(weights, items, _is_text_slot_layer(key))
+            hook = _RegionalDelta(weights, items, _is_text_slot_layer(key))
             handles.append(items[0][1][0].register_forward_hook(hook))
         yield
     finally:
