@@ -22,7 +22,7 @@ from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lor
 from loraforge.generate.pipeline import load_pipeline, render_batch
 from loraforge.generate.poses import Person, PoseMap, draw_pose, random_pose, write_pose_json
 from loraforge.generate.prompts import encode_prompts
-from loraforge.generate.regions import figure_regions, separation
+from loraforge.generate.regions import Regions, figure_regions, separation
 from loraforge.generate.samplers import SAMPLERS
 from loraforge.generate.scenes import LoraResolver, Options, PoseCache, plan_jobs
 
@@ -168,6 +168,33 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
     assert own.cast.figures[1].text == "rook knight, (angry:1.2)"
     assert own.cast.figures[1].lora.lora.path.name == "rook.safetensors"
     assert own.pose.figures == 2
+
+
+def test_a_figure_lora_over_the_whole_image_renders_what_the_merged_lora_renders(
+        stack: LoraStack, characters: list[Path], tiny_store: Path) -> None:
+    red = LoraUse(inspect_lora(characters[0], BaseWidths.of(tiny_store / "tiny-sd15")), 0.7)
+    pipe = stack.pipe
+    everywhere = [Regions(((0.0, 0.0, WIDTH, HEIGHT),), np.ones((1, HEIGHT, WIDTH), np.float32))]
+    pose = draw_pose(random_pose(1, WIDTH, HEIGHT, 2))
+    stack.activate([])
+    prompts = casting.encode_cast(pipe, "a street", "lowres", ["a red knight"], [{}], 2, 3)
+
+    def render(own: list[dict[Any, Any]]) -> np.ndarray:
+        # background weight 0: only the figure's token slot is attended to, and the merged
+        # LoRA's to_k/to_v change every slot, the figure's LoRA its own slot alone
+        with casting.regional(pipe, everywhere, 0.0, WIDTH, HEIGHT, own):
+            image = render_batch(pipe, prompts.embeds, prompts.negative, WIDTH, HEIGHT, 3, 7.0,
+                                 [9], [pose])[0]
+        return np.asarray(image, dtype=np.int16)
+
+    stack.activate([], [red.lora])
+    masked = render([casting.figure_deltas(stack.layers(red.lora), 0.7, "unet")])
+    stack.activate([red])
+    merged = render([{}])
+    stack.activate([])
+    base = render([{}])
+    assert np.abs(masked - merged).max() <= 2
+    assert np.abs(base - merged).mean() > 5  # the LoRA changes the image
 
 
 def _pose_file(path: Path, boxes: list[tuple[float, float]]) -> Path:
