@@ -22,7 +22,13 @@ from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lor
 from loraforge.generate.pipeline import load_pipeline, render_batch
 from loraforge.generate.poses import Person, PoseMap, draw_pose, random_pose, write_pose_json
 from loraforge.generate.prompts import encode_prompts
-from loraforge.generate.regions import Regions, figure_regions, separation
+from loraforge.generate.regions import (
+    Regions,
+    box_regions,
+    figure_regions,
+    map_boxes,
+    separation,
+)
 from loraforge.generate.samplers import SAMPLERS
 from loraforge.generate.scenes import LoraResolver, Options, PoseCache, plan_jobs
 
@@ -197,6 +203,23 @@ def test_a_figure_lora_over_the_whole_image_renders_what_the_merged_lora_renders
     assert np.abs(base - merged).mean() > 5  # the LoRA changes the image
 
 
+def test_regions_from_keypoints_and_from_a_drawn_map_agree() -> None:
+    people = tuple(reversed(random_pose(3, WIDTH * 2, HEIGHT, 4).people))  # right to left
+    pose = PoseMap(WIDTH * 2, HEIGHT, people)
+    keypoints = figure_regions(pose, WIDTH * 2, HEIGHT, pad=0.1)
+    assert [box[0] for box in keypoints.boxes] == sorted(box[0] for box in keypoints.boxes)
+    drawn = map_boxes(draw_pose(pose))
+    assert len(drawn) == 3
+    for inked, box in zip(drawn, keypoints.boxes, strict=True):  # ink: the box plus strokes
+        assert inked[0] <= box[0] < box[2] <= inked[2] and inked[1] <= box[1]
+        assert box[0] - inked[0] < 4 and inked[2] - box[2] < 4
+    regions = box_regions(drawn, WIDTH * 2, HEIGHT, pad=0.1, soften=0.05)
+    assert regions.figures.sum(axis=0).max() <= 1.0 + 1e-6
+    assert (regions.background() > 0.99).any() and (regions.figures[1] > 0.99).any()
+    agree = (regions.figures.argmax(axis=0) == keypoints.figures.argmax(axis=0))
+    assert agree[keypoints.figures.max(axis=0) > 0.5].mean() > 0.95
+
+
 def _pose_file(path: Path, boxes: list[tuple[float, float]]) -> Path:
     """An OpenPose JSON with one standing figure per (left x, right x)."""
     people = []
@@ -262,7 +285,7 @@ def test_a_cast_scenes_file_writes_masks_and_png_info_and_from_renders_it_again(
     ("overlap.json", FIGURES, "figures 1 and 2 (from the left) overlap"),
     ("empty.json", FIGURES, "has no figures"),
     ("random", '[[scene.figure]]\ncharacter = "nobody"\n', "unknown character `nobody`"),
-    ("drawn.png", FIGURES, "a drawn pose map has none"),
+    ("drawn.png", FIGURES, "has 3 figures, the scene casts 2"),
 ])
 def test_bad_casts_are_refused_before_rendering(tmp_path: Path, tiny_store: Path,
                                                 characters: list[Path], pose: str,
@@ -275,7 +298,7 @@ def test_bad_casts_are_refused_before_rendering(tmp_path: Path, tiny_store: Path
     _pose_file(tmp_path / "three.json", [(5, 30), (50, 75), (95, 120)])
     _pose_file(tmp_path / "overlap.json", [(20, 70), (60, 110)])
     write_pose_json(tmp_path / "empty.json", PoseMap(WIDTH, HEIGHT, ()))
-    draw_pose(random_pose(2, WIDTH, HEIGHT, 1)).save(tmp_path / "drawn.png")
+    draw_pose(random_pose(3, 192, HEIGHT, 1)).save(tmp_path / "drawn.png")
     with pytest.raises(ForgeError) as caught:
         generate(load_settings(config), Options(scenes=_scene(tmp_path, pose, figures)),
                  lambda line: None)

@@ -63,7 +63,7 @@ def generate_command(
     figure: Annotated[list[str] | None, typer.Option(
         "--figure", help="Cast a posed figure, left to right (repeatable): \"CHARACTER: "
         "prompt\" (a concept of the LoRA or a run name) or a prompt alone; --prompt is then the "
-        "background's. Needs --pose random or OpenPose JSON.")] = None,
+        "background's.")] = None,
     background_weight: Annotated[float | None, typer.Option(
         "--background-weight", help="Casting: how much --prompt still acts inside a figure's "
         "region (0 to 1). Default: generate.background_weight.")] = None,

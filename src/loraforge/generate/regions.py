@@ -4,7 +4,8 @@ A figure's region is the bounding box of its keypoints grown by `pad` times the 
 side (the head and hands reach past the keypoints), optionally softened at the edges. Where two
 grown boxes meet, each pixel belongs to the figure whose keypoint box is nearer, so regions never
 share a pixel; keypoint boxes that overlap are refused (the two characters would have to share
-pixels). The background is everything else. Figures are numbered left to right (by the centre of
+pixels). The background is everything else. A drawn pose map has no keypoints: its figures'
+boxes are those of their strokes (`map_boxes`). Figures are numbered left to right (by the centre of
 their keypoint box), whatever order the pose file lists them in.
 
 Only numpy and Pillow here: regions are checked before any model is loaded.
@@ -78,12 +79,40 @@ def figure_regions(pose: PoseMap, width: int, height: int, pad: float = 0.15,
 
     if (pose.width, pose.height) != (width, height):
         pose = fit_pose(pose, width, height)
-    figures = figures_left_to_right(pose)
-    if not figures:
-        raise ForgeError(f"{where} has no figures (no keypoints): casting needs one figure per "
+    boxes = [box for _, box in figures_left_to_right(pose)]
+    return box_regions(boxes, width, height, pad, soften, where)
+
+
+#: A drawn pose map's pixels brighter than this (on any channel) are figure, not background.
+INK = 40
+#: Runs of inked columns with fewer pixels than this are specks, not figures.
+MIN_FIGURE_PIXELS = 12
+
+
+def map_boxes(image: Image.Image) -> list[Box]:
+    """The figures of a drawn pose map, left to right: inked columns split where a whole column
+    is black, each run's box around its ink. (Figures side by side, as pose maps draw them;
+    figures sharing columns count as one.)"""
+    ink = np.asarray(image.convert("RGB")).max(axis=2) > INK
+    columns = np.concatenate([[False], ink.any(axis=0), [False]])
+    edges = np.flatnonzero(np.diff(columns.astype(np.int8)))
+    boxes: list[Box] = []
+    for x0, x1 in zip(edges[::2], edges[1::2], strict=True):
+        part = ink[:, x0:x1]
+        if part.sum() < MIN_FIGURE_PIXELS:
+            continue
+        rows = np.flatnonzero(part.any(axis=1))
+        boxes.append((float(x0), float(rows[0]), float(x1), float(rows[-1] + 1)))
+    return boxes
+
+
+def box_regions(boxes: list[Box], width: int, height: int, pad: float = 0.15,
+                soften: float = 0.0, where: str = "the pose") -> Regions:
+    """The regions of figures with these boxes (left to right) on a `width` x `height` canvas."""
+    if not boxes:
+        raise ForgeError(f"{where} has no figures: casting needs one figure per "
                          "character", fix="use a pose with the figures drawn, or leave out the "
                                           "[[scene.figure]] tables")
-    boxes = [box for _, box in figures]
     for i in range(len(boxes)):
         for j in range(i + 1, len(boxes)):
             if _overlap(boxes[i], boxes[j]):

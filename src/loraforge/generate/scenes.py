@@ -192,15 +192,14 @@ class Cast:
 
     def regions(self, pose: PoseSource, seed: int, width: int, height: int,
                 where: str = "the pose") -> Regions:
-        from loraforge.generate.regions import figure_regions
+        from loraforge.generate.regions import box_regions, figure_regions, map_boxes
 
         keypoints = pose.pose_for(seed, width, height)
-        if keypoints is None:
-            raise ForgeError(f"{where}: casting needs the figures' keypoints, and a drawn pose "
-                             "map has none", path=pose.path,
-                             fix="give the pose as OpenPose JSON (pose editors export it; "
-                                 "`loraforge pose random --json`), or pose = \"random\"")
-        regions = figure_regions(keypoints, width, height, self.pad, self.soften, where)
+        if keypoints is not None:
+            regions = figure_regions(keypoints, width, height, self.pad, self.soften, where)
+        else:  # a drawn pose map: the figures' boxes from its ink
+            boxes = map_boxes(pose.image_for(seed, width, height))
+            regions = box_regions(boxes, width, height, self.pad, self.soften, where)
         if regions.count != len(self.figures):
             raise ForgeError(f"{where} has {regions.count} figure"
                              f"{'' if regions.count == 1 else 's'}, the scene casts "
