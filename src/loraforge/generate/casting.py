@@ -98,10 +98,27 @@ class RegionWeights:
 
 
 class RegionalAttnProcessor:
-    """Cross-attention per token slot, blended by region (see the module's docstring)."""
+    """Cross-attention per token slot, blended by region (see the module's docstring).
 
-    def __init__(self, weights: RegionWeights) -> None:
+    `uniform_rows`: a batch row whose slots all hold the same tokens (the negative prompt's,
+    under classifier-free guidance) attends to one slot only, which is the blend's value; only
+    allowed when no figure LoRA changes a slot's keys or values."""
+
+    def __init__(self, weights: RegionWeights, uniform_rows: bool) -> None:
         self.weights = weights
+        self.uniform_rows = uniform_rows
+        self.uniform: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
+
+    def _uniform(self, states: torch.Tensor, slots: int) -> torch.Tensor | None:
+        """Which rows of `states` hold one prompt in every slot (None: all rows differ)."""
+        if not self.uniform_rows:
+            return None
+        key = (states.data_ptr(), states._version, tuple(states.shape))
+        if key not in self.uniform:
+            split = states.view(states.shape[0], slots, -1, states.shape[-1])
+            self.uniform[key] = (split == split[:, :1]).flatten(1).all(dim=1)
+        found = self.uniform[key]
+        return found if bool(found.any()) else None
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
@@ -122,16 +139,43 @@ class RegionalAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         dim = key.shape[-1] // heads
-        # the slots side by side in the batch: one fused attention call for all of them
-        query = query.view(batch, 1, pixels, heads, dim).expand(batch, slots, pixels, heads, dim)
-        query = query.reshape(batch * slots, pixels, heads, dim).transpose(1, 2)
-        key = key.view(batch * slots, tokens // slots, heads, dim).transpose(1, 2)
-        value = value.view(batch * slots, tokens // slots, heads, dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value)  # [B * R, heads, pixels, dim]
-        out = out.transpose(1, 2).reshape(batch, slots, pixels, heads * dim)
-        out = (out * self.weights.slots(pixels, batch)).sum(dim=1).to(query.dtype)
+        weights = self.weights.slots(pixels, batch)
+        uniform = self._uniform(encoder_hidden_states, slots)
+        if uniform is None:
+            out = _blend(query, key, value, weights, heads)
+        else:
+            out = query.new_empty(batch, pixels, heads * dim)
+            one = uniform.nonzero().squeeze(1)
+            width = tokens // slots
+            q = query[one].view(len(one), pixels, heads, dim).transpose(1, 2)
+            k = key[one, :width].view(len(one), width, heads, dim).transpose(1, 2)
+            v = value[one, :width].view(len(one), width, heads, dim).transpose(1, 2)
+            out[one] = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(
+                len(one), pixels, heads * dim).to(out.dtype)
+            rest = (~uniform).nonzero().squeeze(1)
+            if len(rest):
+                out[rest] = _blend(query[rest], key[rest], value[rest], weights[rest], heads)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def _blend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weights: torch.Tensor,
+           heads: int) -> torch.Tensor:
+    """Attention of each pixel to each slot, blended by the slots' weights: the slots side by
+    side in the batch, one fused attention call for all of them."""
+    import torch.nn.functional as F
+
+    batch, pixels, inner = query.shape
+    slots = weights.shape[1]
+    tokens = key.shape[1] // slots
+    dim = inner // heads
+    query = query.view(batch, 1, pixels, heads, dim).expand(batch, slots, pixels, heads, dim)
+    query = query.reshape(batch * slots, pixels, heads, dim).transpose(1, 2)
+    key = key.reshape(batch * slots, tokens, heads, dim).transpose(1, 2)
+    value = value.reshape(batch * slots, tokens, heads, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value)  # [B * R, heads, pixels, dim]
+    out = out.transpose(1, 2).reshape(batch, slots, pixels, inner)
+    return (out * weights).sum(dim=1).to(query.dtype)
 
 
 def _is_text_slot_layer(key: tuple[str, str]) -> bool:
@@ -229,13 +273,13 @@ def regional(pipe: Any, regions: Sequence[Regions], background_weight: float, wi
     unet = pipe.unet
     weights = RegionWeights(regions, background_weight, height // 8, width // 8, unet.device,
                             unet.dtype)
-    processor = RegionalAttnProcessor(weights)
     models = [m for m in (unet, getattr(pipe, "controlnet", None)) if m is not None]
     saved = [dict(m.attn_processors) for m in models]
     by_layer: dict[tuple[str, str], list[tuple[int, Delta]]] = {}
     for figure, deltas in enumerate(unet_deltas):
         for key, delta in deltas.items():
             by_layer.setdefault(key, []).append((figure, delta))
+    processor = RegionalAttnProcessor(weights, not any(map(_is_text_slot_layer, by_layer)))
     handles = []
     try:
         for model in models:
