@@ -219,6 +219,8 @@ class _RegionalDelta:
 
         if output.ndim not in (3, 4):  # no pixels to mask (a time-embedding projection)
             return output
+        if self.down.device != args[0].device:  # model offload moves the layers at run time
+            self.down, self.up = self.down.to(args[0].device), self.up.to(args[0].device)
         x = args[0].to(self.down.dtype)
         if self.conv is not None:
             low = F.conv2d(x, self.down, None, self.conv.stride, self.conv.padding,
@@ -271,7 +273,8 @@ def regional(pipe: Any, regions: Sequence[Regions], background_weight: float, wi
     """Casting on for the denoising inside the block: `regions[i]` for image i of the batch,
     `unet_deltas[f]` figure f's own LoRA layers (empty: none)."""
     unet = pipe.unet
-    weights = RegionWeights(regions, background_weight, height // 8, width // 8, unet.device,
+    weights = RegionWeights(regions, background_weight, height // 8, width // 8,
+                            pipe._execution_device,  # the GPU, also with model offload
                             unet.dtype)
     models = [m for m in (unet, getattr(pipe, "controlnet", None)) if m is not None]
     saved = [dict(m.attn_processors) for m in models]
