@@ -254,9 +254,12 @@ def test_a_cast_scenes_file_writes_masks_and_png_info_and_from_renders_it_again(
     _pose_file(tmp_path / "two.json", [(20, 50), (80, 110)])
     scenes = _scene(tmp_path, "two.json", FIGURES)
     settings = load_settings(config)
-    written = generate(settings, Options(scenes=scenes), lambda line: None)
+    lines: list[str] = []
+    written = generate(settings, Options(scenes=scenes), lines.append)
     images = tmp_path / "store" / "Final_Images"
     assert written == [images / "market-3.png"]
+    assert any(line.startswith('market: figure 2: "arms crossed", LoRA ') and
+               "blue.safetensors (weight 1) in its region" in line for line in lines), lines
     first = written[0].read_bytes()
     from PIL import Image
 

@@ -269,7 +269,11 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
             echo(f"note: {job.name}: {note}")
         for use in job.loras:
             echo(f"{job.name}: LoRA {use.lora.path} (weight {use.weight:g})")
-        if not job.loras:
+        for number, figure in enumerate(job.cast.figures if job.cast else [], 1):
+            own = f", LoRA {figure.lora.lora.path} (weight {figure.lora.weight:g}) in its " \
+                  "region" if figure.lora else ""
+            echo(f"{job.name}: figure {number}: \"{figure.text}\"{own}")
+        if not job.all_loras:
             echo(f"{job.name}: no LoRA (base model alone)")
 
     from loraforge.generate.pipeline import quiet_libraries
