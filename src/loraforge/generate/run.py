@@ -124,10 +124,12 @@ def cast_record(job: Job) -> dict[str, Any] | None:
                         for f in job.cast.figures]}
 
 
-def scene_table(job: Job, seed: int) -> dict[str, Any]:
-    """The `[[scene]]` table that renders this image again (`loraforge generate --from`)."""
+def scene_table(job: Job, batch: list[int]) -> dict[str, Any]:
+    """The `[[scene]]` table that renders this image again (`loraforge generate --from`): with
+    the seeds of the batch it was denoised in, rendered together again, so that its bits are
+    the same (a batch of other seeds may round differently)."""
     table: dict[str, Any] = {
-        "name": job.name, "prompt": job.prompt, "negative": job.negative, "seeds": [seed],
+        "name": job.name, "prompt": job.prompt, "negative": job.negative, "seeds": batch,
         "size": f"{job.width}x{job.height}", "steps": job.steps, "cfg": job.cfg,
         "sampler": job.sampler, "control_scale": job.control_scale, "clip_skip": job.clip_skip,
         "loras": [{"path": str(u.lora.path), "weight": u.weight} for u in job.loras] or ["none"],
@@ -325,8 +327,9 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
         else:
             unet_deltas, cast_prompts = _cast_prompts(pipe, stack, job)
             embeds, negative_embeds = cast_prompts.embeds, cast_prompts.negative
-        for first in range(0, len(job.seeds), gen.batch_size):
-            seeds = job.seeds[first:first + gen.batch_size]
+        batch = len(job.seeds) if options.source is not None else gen.batch_size
+        for first in range(0, len(job.seeds), batch):
+            seeds = job.seeds[first:first + batch]
             t0 = time.monotonic()
             poses = [job.pose.image_for(seed, job.width, job.height) for seed in seeds]
             regions = [job.cast.regions(job.pose, seed, job.width, job.height)
@@ -349,7 +352,7 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
                 path = _write_outputs(folder, stem, image, pose, parameters, record,
                                       settings.file_mode,
                                       regions[index].image() if regions else None,
-                                      scene_table(job, seed))
+                                      scene_table(job, seeds))
                 written.append(path)
                 loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.all_loras) \
                     or "none"
