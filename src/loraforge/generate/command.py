@@ -69,8 +69,7 @@ def generate_command(
         "region (0 to 1). Default: generate.background_weight.")] = None,
     source: Annotated[Path | None, typer.Option(
         "--from", help="Render again the scene a generated image records (its PNG's "
-        "`loraforge` chunk): same seeds (its batch's), prompts, pose, LoRAs and figures.")]
-        = None,
+        "`loraforge` chunk): its batch's seeds, prompts, pose, LoRAs and figures.")] = None,
     precision: Annotated[str, typer.Option(
         "--precision", help="auto (fp16 on a GPU, fp32 on the CPU), fp16, bf16 or fp32."
     )] = "auto",
