@@ -434,7 +434,7 @@ def test_a_hostile_prompt_reaches_loraforge_as_one_literal_argument(tmp_path: Pa
     project = _project(tmp_path)
     nasty = NASTY.format(d=tmp_path)
     result = run_cli("slurm", "generate", "--dry-run", "--prompt", nasty, "--set",
-                     f"generate.negative={nasty}", cwd=project)
+                     f"generate.negative={nasty}", "--figure", f"blake: {nasty}", cwd=project)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     script_text = text[text.index("#!/bin/bash"):text.index("# would run")]
@@ -448,6 +448,7 @@ def test_a_hostile_prompt_reaches_loraforge_as_one_literal_argument(tmp_path: Pa
     assert done.returncode == 0, done.stdout + done.stderr
     argv = calls()[-1]
     assert argv[argv.index("--prompt") + 1] == nasty
+    assert argv[argv.index("--figure") + 1] == f"blake: {nasty}"
     assert f"generate.negative={nasty}" in argv
     assert not list(tmp_path.glob("pwned*"))
 

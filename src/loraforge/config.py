@@ -264,6 +264,12 @@ class GenerateConfig(_Section):
     control_scale: float = Field(1.0, ge=0, le=5)
     figures: int = Field(2, ge=1, le=16, description="People in a generated pose map.")
     count: int = Field(1, ge=1, le=1000, description="Images per prompt (seed, seed+1, ...).")
+    background_weight: float = Field(0.2, ge=0, le=1, description="Casting: how much the "
+                                     "scene's prompt still acts inside a figure's region.")
+    region_pad: float = Field(0.15, ge=0, le=1, description="Casting: a figure's region is its "
+                              "keypoints' box grown by this fraction of its longer side.")
+    region_soften: float = Field(0.0, ge=0, le=0.25, description="Casting: blur region edges "
+                                 "over this fraction of the image's shorter side.")
     batch_size: int = Field(4, ge=1, le=64, description="Seeds of a scene denoised together "
                             "(faster; each image matches its single render up to rounding). "
                             "Lower it when a GPU runs out of memory.")

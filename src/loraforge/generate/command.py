@@ -61,8 +61,19 @@ def generate_command(
     scenes: Annotated[Path | None, typer.Option(
         "--scenes", metavar="FILE",
         help="TOML file of \\[\\[scene]] tables (name, prompt, negative, pose, seed or "
-        "seeds, count, size, figures, loras, steps, cfg, sampler, control_scale, clip_skip), "
+        "seeds, count, size, figures, loras, steps, cfg, sampler, control_scale, clip_skip, "
+        "background_weight, and \\[\\[scene.figure]] tables), "
         "rendered with the models loaded once; the options above are their defaults.")] = None,
+    figure: Annotated[list[str] | None, typer.Option(
+        "--figure", help="Cast a posed figure, left to right (repeatable): \"CHARACTER: "
+        "prompt\" (a concept of the LoRA or a run name) or a prompt alone; --prompt is then the "
+        "background's.")] = None,
+    background_weight: Annotated[float | None, typer.Option(
+        "--background-weight", help="Casting: how much --prompt still acts inside a figure's "
+        "region (0 to 1). Default: generate.background_weight.")] = None,
+    source: Annotated[Path | None, typer.Option(
+        "--from", help="Render again the scene a generated image records (its PNG's "
+        "`loraforge` chunk): its batch's seeds, prompts, pose, LoRAs and figures.")] = None,
     precision: Annotated[str, typer.Option(
         "--precision", help="auto (fp16 on a GPU, fp32 on the CPU), fp16, bf16 or fp32."
     )] = "auto",
@@ -99,5 +110,6 @@ def generate_command(
         logger.propagate = False
     options = Options(prompt=prompt, negative=negative, loras=lora, pose=pose, figures=figures,
                       seed=seed, count=count, steps=steps, cfg=cfg, sampler=sampler, size=size,
-                      control_scale=control_scale, clip_skip=clip_skip, name=name, scenes=scenes)
+                      control_scale=control_scale, clip_skip=clip_skip, name=name, scenes=scenes,
+                      cast=figure, background_weight=background_weight, source=source)
     generate(settings, options, lambda line: out.print(line, markup=False), precision)

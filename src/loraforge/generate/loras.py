@@ -77,6 +77,24 @@ class LoraFile:
         return self.sha256[:12]
 
     @property
+    def concepts(self) -> dict[str, str]:
+        """The concepts it was trained on (kohya's `ss_tag_frequency`: `{"20_blake": {tag:
+        count}}`), each with its activation tag (its most frequent tag; the name when
+        uncaptioned)."""
+        try:
+            frequency = json.loads(self.metadata.get("ss_tag_frequency", "{}"))
+        except ValueError:
+            return {}
+        found: dict[str, str] = {}
+        for folder, tags in frequency.items() if isinstance(frequency, dict) else ():
+            repeats, _, name = str(folder).partition("_")
+            name = name if repeats.isdigit() and name else str(folder)
+            counts = {str(t): c for t, c in tags.items() if isinstance(c, int)} \
+                if isinstance(tags, dict) else {}
+            found[name] = max(counts, key=lambda t: counts[t]) if counts else name
+        return found
+
+    @property
     def clip_skip(self) -> int | None:
         """The clip skip it was trained with, when its metadata says."""
         for key in ("ss_clip_skip", "modelspec.encoder_layer"):
@@ -355,14 +373,19 @@ class LoraStack:
         self.adapters[lora.path] = name
         return name
 
-    def activate(self, uses: list[LoraUse]) -> None:
-        """Exactly these LoRAs with these weights are active from now on (none: LoRA off)."""
+    def activate(self, uses: list[LoraUse], unmerged: list[LoraFile] | None = None) -> None:
+        """Exactly these LoRAs with these weights are active from now on (none: LoRA off).
+        `unmerged` LoRAs are loaded too but not merged: casting applies them per region
+        (`layers`)."""
         wanted = tuple((str(use.lora.path), use.weight) for use in uses)
-        if wanted == self.active:
+        extra = [lora for lora in unmerged or [] if lora.path not in self.adapters]
+        if wanted == self.active and not extra:
             return
         self._put_wrappers_back()
         self._unmerge()
         self.active = None  # until the new set is in place (a load may fail)
+        for lora in extra:
+            self.load(lora)
         names = [self.load(use.lora) for use in uses]
         if uses:
             self.pipe.enable_lora()
@@ -371,6 +394,14 @@ class LoraStack:
             self.pipe.fuse_lora(components=list(self.COMPONENTS), adapter_names=names)
         self._take_wrappers_out()
         self.active = wanted
+
+    def layers(self, lora: LoraFile) -> dict[tuple[str, str], tuple[Any, Any, Any, float]]:
+        """A loaded LoRA's adapted layers, unmerged: (component, module path) -> (the model's
+        module, lora_A, lora_B, alpha / rank). Valid until the next `activate`."""
+        name = self.adapters[lora.path]
+        return {key: (wrapper.get_base_layer(), wrapper.lora_A[name], wrapper.lora_B[name],
+                      wrapper.lora_alpha[name] / wrapper.r[name])
+                for key, wrapper in self.wrappers.items() if name in wrapper.lora_A}
 
     def _adapted_layers(self) -> Iterator[tuple[tuple[str, str], Any]]:
         from peft.tuners.tuners_utils import BaseTunerLayer

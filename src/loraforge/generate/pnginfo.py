@@ -148,3 +148,33 @@ def read_parameters(path: Path) -> str | None:
         image.load()
         value = getattr(image, "text", {}).get(PARAMETERS_KEY) or image.info.get(PARAMETERS_KEY)
     return value if isinstance(value, str) else None
+
+
+#: Our own text chunk: the whole scene as JSON (what `loraforge generate --from` reads).
+SCENE_KEY = "loraforge"
+
+
+def save_png_with_scene(image: Image.Image, path: Path, parameters: str | None,
+                        scene: Mapping[str, Any], mode: int = DEFAULT_FILE_MODE) -> None:
+    """`save_png`, plus the `loraforge` chunk holding `scene` as JSON."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text(PARAMETERS_KEY, parameters)
+    info.add_text(SCENE_KEY, json.dumps(scene, ensure_ascii=False, sort_keys=True))
+    save_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), mode)
+
+
+def read_scene(path: Path) -> dict[str, Any] | None:
+    """The `loraforge` chunk of a PNG as a dict, or None when it has none (or it is not JSON)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        value = getattr(image, "text", {}).get(SCENE_KEY) or image.info.get(SCENE_KEY)
+    try:
+        scene = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return scene if isinstance(scene, dict) else None

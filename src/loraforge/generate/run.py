@@ -6,11 +6,14 @@ Outputs under `<storage>/Final_Images/` (all written atomically):
   that name made with other parameters is kept: the new one is `<scene>-<seed>-v2.png`, ...);
 - `<scene>-<seed>.pose.png`: the pose map the ControlNet saw;
 - `<scene>-<seed>.json`: the same values as the chunk, plus full paths and hashes;
+- `<scene>-<seed>.masks.png`: a cast scene's figure regions (figure 1, 2, ... in red, blue,
+  green, ... on the black background);
 - `final_command_scene.png`: a copy of the newest image (the seed project's name).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -77,7 +80,7 @@ def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInf
                f"Weight: {job.control_scale!r}, Resize Mode: Resize and Fill, "
                "Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, "
                "Control Mode: Balanced")
-    loras = pnginfo.format_lora_hashes({u.lora.name: u.lora.short_hash for u in job.loras})
+    loras = pnginfo.format_lora_hashes({u.lora.name: u.lora.short_hash for u in job.all_loras})
     sampler, schedule = infotext_sampler(job.sampler)
     return {
         "Steps": job.steps,
@@ -91,8 +94,61 @@ def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInf
         "Clip skip": job.clip_skip,
         "ControlNet 0": control,
         "Lora hashes": loras or None,
+        **(_regional_fields(job) if job.cast else {}),
         "Version": f"loraforge {__version__}",
     }
+
+
+def _regional_fields(job: Job) -> dict[str, object]:
+    """Regional Prompter's names for a cast scene (its prompt: base BREAK figure 1 BREAK ...)."""
+    assert job.cast is not None
+    return {"RP Active": True, "RP Divide mode": "Mask", "RP Calc Mode": "Attention",
+            "RP Use Base": True, "RP Base Ratios": repr(job.cast.background_weight)}
+
+
+def shown_prompt(job: Job) -> str:
+    """The prompt PNG info shows, with a `<lora:NAME:WEIGHT>` tag for each LoRA (what A1111
+    needs to apply them): a cast scene's as Regional Prompter writes it, the scene's prompt
+    then each figure's (trigger included, and its own LoRA's tag), separated by BREAK."""
+    scene_loras = [(u.lora.name, u.weight) for u in job.loras]
+    if job.cast is None:
+        return pnginfo.prompt_with_loras(job.text, scene_loras)
+    figures = [pnginfo.prompt_with_loras(f.text, [(f.lora.lora.name, f.lora.weight)]
+                                         if f.lora else []) for f in job.cast.figures]
+    return pnginfo.prompt_with_loras(" BREAK ".join([job.text, *figures]), scene_loras)
+
+
+def cast_record(job: Job) -> dict[str, Any] | None:
+    """A cast scene's figures as the sidecar and the `loraforge` PNG chunk keep them."""
+    if job.cast is None:
+        return None
+    return {"background_weight": job.cast.background_weight, "pad": job.cast.pad,
+            "soften": job.cast.soften,
+            "figures": [{"character": f.character, "prompt": f.prompt, "text": f.text,
+                         "lora": None if f.lora is None else
+                         {"name": f.lora.lora.name, "path": str(f.lora.lora.path),
+                          "weight": f.lora.weight, "sha256": f.lora.lora.sha256}}
+                        for f in job.cast.figures]}
+
+
+def scene_table(job: Job, batch: list[int]) -> dict[str, Any]:
+    """The `[[scene]]` table that renders this image again (`loraforge generate --from`): with
+    the seeds of the batch it was denoised in, rendered together again, so that its bits are
+    the same (a batch of other seeds may round differently)."""
+    table: dict[str, Any] = {
+        "name": job.name, "prompt": job.prompt, "negative": job.negative, "seeds": batch,
+        "size": f"{job.width}x{job.height}", "steps": job.steps, "cfg": job.cfg,
+        "sampler": job.sampler, "control_scale": job.control_scale, "clip_skip": job.clip_skip,
+        "loras": [{"path": str(u.lora.path), "weight": u.weight} for u in job.loras] or ["none"],
+        "pose": job.pose.record(), "figures": job.pose.figures}
+    if job.cast is not None:
+        table["background_weight"] = job.cast.background_weight
+        table["figure"] = [
+            {key: value for key, value in (
+                ("character", f.character), ("prompt", f.prompt),
+                ("lora", f"{f.lora.lora.path}:{f.lora.weight!r}" if f.lora else None))
+             if value is not None} for f in job.cast.figures]
+    return {"scene": table}
 
 
 def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, parameters: str,
@@ -119,6 +175,7 @@ def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, paramet
                        "scale": job.control_scale},
         "loras": [{"name": u.lora.name, "path": str(u.lora.path), "weight": u.weight,
                    "hash": u.lora.short_hash, "sha256": u.lora.sha256} for u in job.loras],
+        "cast": cast_record(job),
         "version": f"loraforge {__version__}",
         "parameters": parameters,
         "device": device,
@@ -145,21 +202,51 @@ def output_stem(folder: Path, stem: str, parameters: str) -> str:
 
 
 def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Image,
-                   parameters: str, record: dict[str, Any], mode: int) -> Path:
+                   parameters: str, record: dict[str, Any], mode: int,
+                   masks: Image.Image | None, scene: dict[str, Any]) -> Path:
     from loraforge.fsutil import save_atomic
 
     image_path = folder / f"{stem}.png"
     try:
         save_atomic(folder / f"{stem}.pose.png", lambda tmp: pose.save(tmp, format="PNG"), mode)
-        pnginfo.save_png(image, image_path, parameters, mode)
+        if masks is not None:
+            save_atomic(folder / f"{stem}.masks.png", lambda tmp: masks.save(tmp, format="PNG"),
+                        mode)
+        pnginfo.save_png_with_scene(image, image_path, parameters, scene, mode)
         write_atomic(folder / f"{stem}.json", json.dumps(record, indent=2, ensure_ascii=False)
                      + "\n", mode)
-        pnginfo.save_png(image, folder / f"{FINAL_NAME}.png", parameters, mode)
+        pnginfo.save_png_with_scene(image, folder / f"{FINAL_NAME}.png", parameters, scene, mode)
     except OSError as exc:
         raise ForgeError(f"could not write {stem}.png: {exc.strerror or exc} (disk or quota "
                          "full?)", path=folder,
                          fix="free space and rerun; images already written are kept") from None
     return image_path
+
+
+def _cast_prompts(pipe: Any, stack: LoraStack, job: Job) -> tuple[list[Any], Any]:
+    """A cast scene's figure LoRA layers in the U-Net, and its prompts, encoded per slot."""
+    from loraforge.generate.casting import encode_cast, figure_deltas
+
+    assert job.cast is not None
+    unet, text = [], []
+    for figure in job.cast.figures:
+        layers = stack.layers(figure.lora.lora) if figure.lora else {}
+        weight = figure.lora.weight if figure.lora else 0.0
+        unet.append(figure_deltas(layers, weight, "unet"))
+        text.append(figure_deltas(layers, weight, "text_encoder"))
+    prompts = encode_cast(pipe, job.text, job.negative_text, [f.text for f in job.cast.figures],
+                          text, job.clip_skip, MAX_CHUNKS)
+    return unet, prompts
+
+
+def _casting(pipe: Any, job: Job, regions: list[Any], unet_deltas: list[Any],
+             ) -> contextlib.AbstractContextManager[Any]:
+    if job.cast is None:
+        return contextlib.nullcontext()
+    from loraforge.generate.casting import regional
+
+    return regional(pipe, regions, job.cast.background_weight, job.width, job.height,
+                    unet_deltas)
 
 
 def _prepare_output(folder: Path) -> None:
@@ -194,7 +281,11 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
             echo(f"note: {job.name}: {note}")
         for use in job.loras:
             echo(f"{job.name}: LoRA {use.lora.path} (weight {use.weight:g})")
-        if not job.loras:
+        for number, figure in enumerate(job.cast.figures if job.cast else [], 1):
+            own = f", LoRA {figure.lora.lora.path} (weight {figure.lora.weight:g}) in its " \
+                  "region" if figure.lora else ""
+            echo(f"{job.name}: figure {number}: \"{figure.text}\"{own}")
+        if not job.all_loras:
             echo(f"{job.name}: no LoRA (base model alone)")
 
     from loraforge.generate.pipeline import quiet_libraries
@@ -233,39 +324,49 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     written: list[Path] = []
     total = sum(len(job.seeds) for job in jobs)
     for job in jobs:
-        stack.activate(job.loras)
+        stack.activate(job.loras, [f.lora.lora for f in job.cast.figures if f.lora]
+                       if job.cast else None)
         pipe.scheduler = make_scheduler(job.sampler, scheduler_config)
         tiling = gen.vae_tiling if gen.vae_tiling is not None else \
             max(job.width, job.height) > TILE_ABOVE
         set_vae_tiling(pipe, tiling)
-        embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder,
-                                                 [job.text, job.negative_text], job.clip_skip,
-                                                 MAX_CHUNKS)
-        for first in range(0, len(job.seeds), gen.batch_size):
-            seeds = job.seeds[first:first + gen.batch_size]
+        if job.cast is None:
+            embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder,
+                                                     [job.text, job.negative_text],
+                                                     job.clip_skip, MAX_CHUNKS)
+        else:
+            unet_deltas, cast_prompts = _cast_prompts(pipe, stack, job)
+            embeds, negative_embeds = cast_prompts.embeds, cast_prompts.negative
+        batch = len(job.seeds) if options.source is not None else gen.batch_size
+        for first in range(0, len(job.seeds), batch):
+            seeds = job.seeds[first:first + batch]
             t0 = time.monotonic()
             poses = [job.pose.image_for(seed, job.width, job.height) for seed in seeds]
-            images = render_batch(pipe, embeds, negative_embeds, job.width, job.height,
-                                  job.steps, job.cfg, seeds, poses, job.control_scale)
+            regions = [job.cast.regions(job.pose, seed, job.width, job.height)
+                       for seed in seeds] if job.cast else []
+            with _casting(pipe, job, regions, unet_deltas if job.cast else []):
+                images = render_batch(pipe, embeds, negative_embeds, job.width, job.height,
+                                      job.steps, job.cfg, seeds, poses, job.control_scale)
             seconds = (time.monotonic() - t0) / len(seeds)
             shape = (job.width, job.height, len(seeds))
             compiling = " (including torch.compile)" \
                 if gen.compile and shape not in compiled else ""
             compiled.add(shape)
-            for seed, image, pose in zip(seeds, images, poses, strict=True):
+            for index, (seed, image, pose) in enumerate(zip(seeds, images, poses, strict=True)):
                 fields = parameters_fields(job, seed, base, controlnet)
-                parameters = pnginfo.format_parameters(
-                    pnginfo.prompt_with_loras(job.text, [(u.lora.name, u.weight)
-                                                         for u in job.loras]),
-                    job.negative_text, fields)
+                parameters = pnginfo.format_parameters(shown_prompt(job), job.negative_text,
+                                                       fields)
                 stem = output_stem(folder, f"{job.stem}-{seed}", parameters)
                 record = sidecar(job, seed, base, controlnet, parameters,
                                  folder / f"{stem}.png", folder / f"{stem}.pose.png", seconds,
                                  str(device), chosen.name, len(seeds))
                 path = _write_outputs(folder, stem, image, pose, parameters, record,
-                                      settings.file_mode)
+                                      settings.file_mode,
+                                      regions[index].image() if regions else None,
+                                      scene_table(job, seeds))
                 written.append(path)
-                loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.loras) or "none"
+                loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.all_loras) \
+                    or "none"
                 echo(f"[{len(written)}/{total}] {path} ({job.width}x{job.height}, {job.steps} "
                      f"steps, {job.sampler}, seed {seed}, LoRA {loras}, {seconds:.1f} s)"
                      f"{compiling}")

@@ -15,6 +15,14 @@ many from a TOML file of `[[scene]]` tables, each field defaulting to the comman
     loras = ["blake_v2:0.8", { path = "style.safetensors", weight = 0.5 }]
     steps = 30                      # cfg, sampler, control_scale, clip_skip, count also allowed
 
+Casting: `[[scene.figure]]` tables, one per posed figure, left to right, each with `character`
+(a concept of the scene's LoRA, or a training run of that name), `lora` (its own LoRA file)
+and `prompt`; the scene's prompt is then the background's (see generate/casting.py):
+
+    [[scene.figure]]
+    character = "blake"
+    prompt = "smiling, red scarf"
+
 Every scene is checked (values, files, LoRA headers, poses) before the first image is rendered:
 one bad entry names the scene and field, and nothing is rendered.
 """
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
 
     from loraforge.config import Settings
     from loraforge.generate.poses import PoseMap
+    from loraforge.generate.regions import Regions
 
 log = logging.getLogger("loraforge.generate")
 
@@ -50,7 +59,10 @@ FINAL_NAME = "final_command_scene"
 MIN_SIDE, MAX_SIDE = 64, 4096
 MAX_SEED = 2**63 - 1
 SCENE_FIELDS = ("name", "prompt", "negative", "pose", "seed", "seeds", "count", "size",
-                "figures", "loras", "steps", "cfg", "sampler", "control_scale", "clip_skip")
+                "figures", "loras", "steps", "cfg", "sampler", "control_scale", "clip_skip",
+                "figure", "background_weight")
+FIGURE_FIELDS = ("character", "lora", "prompt")
+_CHARACTER_RE = re.compile(r"^\s*([A-Za-z0-9][\w.-]*)\s*:(.*)$", re.DOTALL)
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
@@ -73,6 +85,9 @@ class Options:
     clip_skip: int | None = None
     name: str | None = None
     scenes: Path | None = None
+    cast: list[str] | None = None  # --figure "CHARACTER: prompt", one per figure
+    source: Path | None = None  # --from IMAGE.png: the scene recorded in a generated image
+    background_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,23 @@ class PoseSource:
     figures: int
     image: Image.Image | None = None  # the file's map at the generation size
     reason: str = ""
+    keypoints: PoseMap | None = None  # the figures, when given as OpenPose JSON
+
+    def pose_for(self, seed: int, width: int, height: int) -> PoseMap | None:
+        """The figures' keypoints (None for a drawn pose map file)."""
+        from loraforge.generate.poses import random_pose
+
+        if self.keypoints is not None:
+            return self.keypoints
+        if self.image is None:
+            return random_pose(self.figures, width, height, seed)
+        return None
+
+    def record(self) -> str | dict[str, Any]:
+        """The pose as a scene's `pose` field gives it again: a file, the keypoints, random."""
+        if self.keypoints is not None:
+            return self.keypoints.to_dict()
+        return str(self.path) if self.path is not None else RANDOM
 
     def image_for(self, seed: int, width: int, height: int) -> Image.Image:
         from loraforge.generate.poses import draw_pose, random_pose
@@ -103,6 +135,8 @@ class PoseSource:
     def describe(self) -> str:
         if self.path is not None:
             return str(self.path)
+        if self.keypoints is not None:
+            return "OpenPose keypoints given in the scene"
         noun = "figure" if self.figures == 1 else "figures"
         return f"random ({self.figures} {noun}, seeded by the image seed)"
 
@@ -128,6 +162,51 @@ class Job:
     loras: list[lora_files.LoraUse]
     pose: PoseSource
     notes: list[str] = field(default_factory=list)
+    cast: Cast | None = None
+
+    @property
+    def all_loras(self) -> list[lora_files.LoraUse]:
+        """The scene's LoRAs, then the figures' own."""
+        own = [f.lora for f in self.cast.figures if f.lora] if self.cast else []
+        return [*self.loras, *own]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One cast figure."""
+
+    prompt: str  # as written
+    text: str  # what its slot of the text encoder sees: the character's trigger, then prompt
+    character: str | None
+    lora: lora_files.LoraUse | None  # its own LoRA, acting in its region only
+
+
+@dataclass
+class Cast:
+    """A scene's figures, left to right, and how their regions are drawn."""
+
+    figures: list[Figure]
+    background_weight: float
+    pad: float
+    soften: float
+
+    def regions(self, pose: PoseSource, seed: int, width: int, height: int,
+                where: str = "the pose") -> Regions:
+        from loraforge.generate.regions import box_regions, figure_regions, map_boxes
+
+        keypoints = pose.pose_for(seed, width, height)
+        if keypoints is not None:
+            regions = figure_regions(keypoints, width, height, self.pad, self.soften, where)
+        else:  # a drawn pose map: the figures' boxes from its ink
+            boxes = map_boxes(pose.image_for(seed, width, height))
+            regions = box_regions(boxes, width, height, self.pad, self.soften, where)
+        if regions.count != len(self.figures):
+            raise ForgeError(f"{where} has {regions.count} figure"
+                             f"{'' if regions.count == 1 else 's'}, the scene casts "
+                             f"{len(self.figures)}", path=pose.path,
+                             fix="give one [[scene.figure]] (or --figure) per posed figure, "
+                                 "left to right")
+        return regions
 
 
 def safe_stem(name: str) -> str:
@@ -235,7 +314,8 @@ class PoseCache:
         self.warn = warn
         self.from_photo = from_photo
         self.images: dict[tuple[Path, int, int], Image.Image] = {}
-        self.people: dict[Path, PoseMap] = {}
+        self.people: dict[Path, PoseMap] = {}  # extracted from a picture, at its size
+        self.keypoints: dict[tuple[Path, int, int], PoseMap] = {}  # fitted to a scene's size
 
     def load(self, path: Path, width: int, height: int) -> Image.Image:
         key = (path, width, height)
@@ -248,8 +328,9 @@ class PoseCache:
         from loraforge.generate import poses
 
         if path.suffix.lower() == ".json":
-            pose = poses.read_pose_json(path)
-            return poses.draw_pose(poses.fit_pose(pose, width, height))
+            pose = poses.fit_pose(poses.read_pose_json(path), width, height)
+            self.keypoints[(path, width, height)] = pose
+            return poses.draw_pose(pose)
         image = load_image(path)
         ok, reason = poses.looks_like_pose_map(image)
         if not ok and reason.startswith("blank"):
@@ -268,7 +349,9 @@ class PoseCache:
                 n = len(self.people[path].people)
                 self.warn(f"{path}: {reason}; extracted {n} {'person' if n == 1 else 'people'} "
                           "from it with the pose detector (models.detector)")
-            return poses.draw_pose(poses.fit_pose(self.people[path], width, height))
+            fitted = poses.fit_pose(self.people[path], width, height)
+            self.keypoints[(path, width, height)] = fitted
+            return poses.draw_pose(fitted)
         if image.size != (width, height):
             if abs(image.width / image.height - width / height) > 0.01:
                 self.warn(f"{path}: {image.width}x{image.height} letterboxed onto {width}x"
@@ -279,10 +362,16 @@ class PoseCache:
 
 def _pose(value: Value, figures: Value, size: Value, width: int, height: int, first_seed: int,
           cache: PoseCache, optional: bool) -> PoseSource:
-    from loraforge.generate.poses import max_figures, random_pose
+    from loraforge.generate.poses import PoseMap, draw_pose, fit_pose, max_figures, random_pose
 
     count = _int(figures, 1, 16, "use 1 to 16 figures")
     raw = value.value
+    if isinstance(raw, dict):  # keypoints inline (an image's recorded scene)
+        try:
+            keypoints = fit_pose(PoseMap.from_dict(raw), width, height)
+        except ForgeError as exc:
+            raise _err(value, f"the pose {exc.message}", exc.fix) from None
+        return PoseSource(None, count, draw_pose(keypoints), keypoints=keypoints)
     if raw is not None and not isinstance(raw, str):
         raise _err(value, f"must be a file name or \"random\", got {raw!r}")
     path: Path | None = None
@@ -302,7 +391,8 @@ def _pose(value: Value, figures: Value, size: Value, width: int, height: int, fi
         except ForgeError as exc:
             raise ForgeError(f"{value.origin}: {exc.message}", path=exc.path or path,
                              fix=exc.fix) from None
-        return PoseSource(path, count, image, reason)
+        return PoseSource(path, count, image, reason,
+                          cache.keypoints.get((path, width, height)))
     try:
         random_pose(count, width, height, first_seed)
     except ForgeError as exc:  # blame the size when no figure fits it at all
@@ -434,8 +524,12 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
         raise _err(sampler_value, f"must be a sampler name, got {sampler_value.value!r}")
     sampler = check_sampler(sampler_value.value, sampler_value.origin)
     seeds = _seeds(values["seed"], values.get("seeds"), values["count"])
-    pose = _pose(values["pose"], values["figures"], values["size"], width, height, seeds[0],
-                 poses, optional=values["pose"].origin.startswith("generate.pose_map"))
+    entries = _figure_entries(values.get("figure"))
+    figures = values["figures"]
+    if entries:
+        figures = _cast_count(figures, len(entries))
+    pose = _pose(values["pose"], figures, values["size"], width, height, seeds[0], poses,
+                 optional=values["pose"].origin.startswith("generate.pose_map"))
     if pose.reason:
         notes.append(pose.reason)
 
@@ -451,7 +545,9 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
             tagged.append(resolver.ref(tag.name, tag.weight, f"{values[key].origin} "
                                        f"{tag.text}", values[key].base))
     explicit = resolver.items(values["loras"])
-    if explicit is None:
+    if explicit is None and entries:
+        explicit = []  # the characters say which LoRAs act (`_cast`)
+    elif explicit is None:
         if tagged:
             try:
                 explicit = [lora_files.LoraUse(resolver.default(),
@@ -462,13 +558,20 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
             explicit = [lora_files.LoraUse(resolver.default(),
                                            settings.config.generate.lora_weight)]
     uses = _merge_tags(_unique(explicit, values["loras"].origin), tagged)
+    cast = None
+    if entries:
+        cast, uses = _cast(entries, values, settings, resolver, uses)
+        cast.regions(pose, seeds[0], width, height, f"{values['pose'].origin} "
+                                                    f"({pose.describe()})")
 
+    own = [f.lora for f in cast.figures if f.lora] if cast else []
     clip_value = values.get("clip_skip")
     if clip_value is not None and clip_value.value is not None:
         clip_skip = _int(clip_value, 1, 12, "use a clip skip from 1 to 12 (2 is usual for "
                                             "anime models)")
     else:
-        trained = [(u.lora, u.lora.clip_skip) for u in uses if u.lora.clip_skip is not None]
+        trained = [(u.lora, u.lora.clip_skip) for u in [*uses, *own]
+                   if u.lora.clip_skip is not None]
         if trained:
             clip_skip = trained[0][1] or 1
             others = {c for _, c in trained if c != clip_skip}
@@ -480,7 +583,108 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
     return Job(name=name, stem=safe_stem(name), prompt=prompt, text=texts[0], negative=negative,
                negative_text=texts[1], seeds=seeds, width=width, height=height, steps=steps,
                cfg=cfg, sampler=sampler, control_scale=control, clip_skip=clip_skip, loras=uses,
-               pose=pose, notes=notes)
+               pose=pose, notes=notes, cast=cast)
+
+
+# --- casting -----------------------------------------------------------------------------------
+
+def _figure_entries(value: Value | None) -> list[tuple[Value, dict[str, Any]]]:
+    """The `[[scene.figure]]` tables (or --figure values), checked for shape."""
+    if value is None or value.value is None:
+        return []
+    raw = value.value
+    fix = ('write one table per figure: [[scene.figure]] with character = "...", lora = '
+           '"file.safetensors:0.8" and/or prompt = "..."')
+    if not isinstance(raw, list) or not raw:
+        raise _err(value, f"must be [[scene.figure]] tables, got {raw!r}", fix)
+    entries = []
+    for index, item in enumerate(raw):
+        where = Value(item, f"{value.origin} #{index + 1}", value.base)
+        if not isinstance(item, dict):
+            raise _err(where, f"must be a table, got {item!r}", fix)
+        unknown = [key for key in item if key not in FIGURE_FIELDS]
+        if unknown:
+            raise _err(where, f"unknown field `{unknown[0]}`",
+                       "figure fields: " + ", ".join(FIGURE_FIELDS))
+        for key in FIGURE_FIELDS:
+            if key in item and not isinstance(item[key], str):
+                raise _err(where, f"`{key}` must be text, got {item[key]!r}", fix)
+        entries.append((where, item))
+    return entries
+
+
+def _cast_count(figures: Value, cast: int) -> Value:
+    """Random figures: as many as are cast (a figure count given for the scene must agree)."""
+    if not figures.origin.startswith("generate.figures") and figures.value != cast:
+        raise _err(figures, f"asks for {figures.value} figures, the scene casts {cast}",
+                   "cast one figure per posed figure (or leave the figure count out)")
+    return Value(cast, figures.origin, figures.base)
+
+
+def _character(name: str, where: Value, settings: Settings, resolver: LoraResolver,
+               uses: list[lora_files.LoraUse],
+               ) -> tuple[str, lora_files.LoraUse | None, lora_files.LoraUse | None]:
+    """(trigger, its own LoRA, a shared LoRA it needs) for a character: a concept of the
+    scene's LoRAs (else of the newest finished run's), or a training run of that name."""
+    weight = settings.config.generate.lora_weight
+    for use in uses:
+        if name in use.lora.concepts:
+            return use.lora.concepts[name], None, None
+    known: list[str] = [c for use in uses for c in use.lora.concepts]
+    try:
+        default = resolver.default()
+    except ForgeError:
+        default = None
+    if default is not None and name in default.concepts:
+        return default.concepts[name], None, lora_files.LoraUse(default, weight)
+    if default is not None:
+        known += list(default.concepts)
+    run_dir = settings.runs_dir / name
+    if run_dir.is_dir():
+        own = resolver.ref(name, None, where.origin, where.base)
+        concepts = list(own.lora.concepts.values())
+        return (concepts[0] if len(concepts) == 1 else name), own, None
+    runs = sorted(p.name for p in settings.runs_dir.glob("*") if p.is_dir()) \
+        if settings.runs_dir.is_dir() else []
+    close = difflib.get_close_matches(name, known + runs, n=1, cutoff=0.6)
+    hint = f" (did you mean `{close[0]}`?)" if close else ""
+    listed = f"concepts: {', '.join(known) or 'none'}; runs: {', '.join(runs) or 'none'}"
+    raise _err(where, f"unknown character `{name}`{hint}",
+               f"name a concept of the scene's LoRA or a training run ({listed}), or give "
+               "the figure its own lora = \"FILE.safetensors\"")
+
+
+def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
+          settings: Settings, resolver: LoraResolver, uses: list[lora_files.LoraUse],
+          ) -> tuple[Cast, list[lora_files.LoraUse]]:
+    """The figures, and the scene's LoRAs (with any a character needs). A LoRA every figure
+    wears alike (one multi-concept LoRA) acts on the whole image, as a scene LoRA."""
+    uses = list(uses)
+    figures: list[Figure] = []
+    for where, item in entries:
+        prompt = item.get("prompt", "").strip()
+        character = item.get("character", "").strip() or None
+        trigger, own = "", None
+        if character is not None:
+            trigger, own, shared = _character(character, where, settings, resolver, uses)
+            if shared is not None:
+                uses.append(shared)
+        if item.get("lora", "").strip():
+            ref, weight = lora_files.split_weight(item["lora"])
+            own = resolver.ref(ref, weight, f"{where.origin}, field `lora`", where.base,
+                               item["lora"])
+        if own is not None and any(u.lora.path == own.lora.path for u in uses):
+            own = None  # already acting everywhere
+        text = ", ".join(part for part in (trigger, prompt) if part)
+        figures.append(Figure(prompt, text, character, own))
+    first = figures[0].lora
+    if first is not None and len(figures) > 1 and all(f.lora == first for f in figures):
+        uses.append(first)
+        figures = [Figure(f.prompt, f.text, f.character, None) for f in figures]
+    weight = _float(values["background_weight"], 0, 1, "use 0 (the figures' prompts alone) "
+                    "to 1 (the scene's prompt alone)")
+    gen = settings.config.generate
+    return Cast(figures, weight, gen.region_pad, gen.region_soften), uses
 
 
 def command_values(settings: Settings, options: Options) -> dict[str, Value]:
@@ -514,8 +718,21 @@ def command_values(settings: Settings, options: Options) -> dict[str, Value]:
         "pose": pick("--pose", options.pose, "pose_map", gen.pose_map),
         "loras": Value(options.loras or None, "--lora", cwd),
         "clip_skip": Value(options.clip_skip, "--clip-skip", cwd),
+        "figure": Value([_figure_option(text) for text in options.cast] if options.cast
+                        else None, "--figure", cwd),
+        "background_weight": pick("--background-weight", options.background_weight,
+                                  "background_weight", gen.background_weight),
     }
     return values
+
+
+def _figure_option(text: str) -> dict[str, str]:
+    """`--figure "blake: smiling"` -> character blake, prompt "smiling"; no `NAME:` -> the
+    prompt alone."""
+    match = _CHARACTER_RE.match(text)
+    if match is None:
+        return {"prompt": text}
+    return {"character": match.group(1), "prompt": match.group(2).strip()}
 
 
 # --- the scenes file ---------------------------------------------------------------------------
@@ -538,6 +755,25 @@ def read_scenes_file(path: Path) -> list[dict[str, Any]]:
         raise ForgeError("holds no scenes", path=path,
                          fix='add at least one [[scene]] table with a prompt = "..."')
     return scenes
+
+
+def recorded_scene(path: Path) -> dict[str, Any]:
+    """The `[[scene]]` table a generated image records (its `loraforge` PNG chunk)."""
+    from loraforge.generate.pnginfo import read_scene
+
+    if not path.is_file():
+        raise ForgeError("image not found", path=path, fix="give a PNG made by loraforge generate")
+    try:
+        scene = read_scene(path)
+    except OSError as exc:
+        raise ForgeError(f"cannot be read as a PNG ({exc})", path=path,
+                         fix="give a PNG made by loraforge generate") from None
+    if scene is None or not isinstance(scene.get("scene"), dict):
+        raise ForgeError("holds no LoRA Forge scene record (only images made by `loraforge "
+                         "generate` carry one)", path=path,
+                         fix="give an image from Final_Images/, or write its scene in a "
+                             "--scenes file")
+    return dict(scene["scene"])
 
 
 def scene_label(index: int, scene: dict[str, Any]) -> str:
@@ -572,6 +808,10 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
     """Every scene to render, checked. Scenes file: all errors are gathered and reported at
     once, naming each scene and field, and nothing is rendered."""
     defaults = command_values(settings, options)
+    if options.source is not None:
+        scene = recorded_scene(Path(options.source))
+        return [resolve_job(scene_values(0, scene, defaults, Path(options.source).parent),
+                            settings, resolver, poses)]
     if options.scenes is None:
         return [resolve_job(defaults, settings, resolver, poses)]
     path = Path(options.scenes)

@@ -40,6 +40,9 @@ LoraOpt = Annotated[list[str] | None, typer.Option("--lora", metavar="LORA[:W]",
 PoseOpt = Annotated[str | None, typer.Option("--pose", metavar="FILE|random",
                                              help="Pose map or OpenPose JSON.")]
 ScenesOpt = Annotated[str | None, typer.Option("--scenes", metavar="FILE", help="Scenes file.")]
+FigureOpt = Annotated[list[str] | None, typer.Option(
+    "--figure", metavar="CHARACTER:PROMPT", help="Cast a posed figure, as `loraforge generate "
+    "--figure` takes it (repeatable).")]
 RunArg = Annotated[str | None, typer.Argument(help="Run name or job id (default: the newest "
                    "jobs).")]
 
@@ -53,11 +56,11 @@ def _options(config: Path | None, overrides: list[str] | None, gpus: str | None,
 
 def _generate_args(prompt: str | None, negative: str | None, seed: int | None,
                    lora: list[str] | None, pose: str | None, scenes: str | None,
-                   name: str | None) -> GenerateArgs:
+                   name: str | None, figure: list[str] | None) -> GenerateArgs:
     from loraforge.slurm.jobs import GenerateArgs
 
     return GenerateArgs(prompt=prompt, negative=negative, seed=seed, lora=list(lora or []),
-                        pose=pose, scenes=scenes, name=name)
+                        pose=pose, scenes=scenes, name=name, figure=list(figure or []))
 
 
 def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
@@ -87,20 +90,22 @@ def slurm_train(config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt 
 def slurm_generate(config: ConfigOpt = None, overrides: SetOpt = None, prompt: PromptOpt = None,
                    negative: NegativeOpt = None, seed: SeedOpt = None, lora: LoraOpt = None,
                    pose: PoseOpt = None, scenes: ScenesOpt = None, name: NameOpt = None,
-                   gpus: GpusOpt = None, dry_run: DryOpt = False) -> None:
+                   figure: FigureOpt = None, gpus: GpusOpt = None,
+                   dry_run: DryOpt = False) -> None:
     """Submit `loraforge generate` as a batch job."""
     from loraforge.slurm.jobs import submit_generate
 
     submit_generate(_options(config, overrides, gpus, dry_run),
-                    _generate_args(prompt, negative, seed, lora, pose, scenes, name), typer.echo)
+                    _generate_args(prompt, negative, seed, lora, pose, scenes, name, figure),
+                    typer.echo)
 
 
 @slurm_app.command("pipeline")
 def slurm_pipeline(config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt = None,
                    prompt: PromptOpt = None, negative: NegativeOpt = None,
                    seed: SeedOpt = None, lora: LoraOpt = None, pose: PoseOpt = None,
-                   scenes: ScenesOpt = None, name: NameOpt = None, gpus: GpusOpt = None,
-                   dry_run: DryOpt = False) -> None:
+                   scenes: ScenesOpt = None, name: NameOpt = None, figure: FigureOpt = None,
+                   gpus: GpusOpt = None, dry_run: DryOpt = False) -> None:
     """Submit training, then generation with its LoRA once training succeeded.
 
     If training fails, SLURM cancels the generation job (--kill-on-invalid-dep=yes).
@@ -108,7 +113,8 @@ def slurm_pipeline(config: ConfigOpt = None, overrides: SetOpt = None, run: RunO
     from loraforge.slurm.jobs import submit_pipeline
 
     submit_pipeline(_options(config, overrides, gpus, dry_run), run,
-                    _generate_args(prompt, negative, seed, lora, pose, scenes, name), typer.echo)
+                    _generate_args(prompt, negative, seed, lora, pose, scenes, name, figure),
+                    typer.echo)
 
 
 @slurm_app.command("tag")

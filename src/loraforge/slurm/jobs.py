@@ -59,6 +59,7 @@ class GenerateArgs:
     pose: str | None = None
     scenes: str | None = None
     name: str | None = None
+    figure: list[str] = field(default_factory=list)  # casting: "CHARACTER: prompt" each
 
     def words(self) -> list[str]:
         words: list[str] = []
@@ -76,6 +77,8 @@ class GenerateArgs:
             words += ["--scenes", _absolute_if_exists(self.scenes)]
         if self.name is not None:
             words += ["--name", self.name]
+        for figure in self.figure:
+            words += ["--figure", figure]
         return words
 
 

@@ -1,0 +1,330 @@
+"""Casting on the tiny model: each figure wears its own LoRA and prompt in its region (the bleed
+metric, with casting on and off), masks and PNG info are written, reruns are bit-identical, and
+bad casts are refused before anything is rendered."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_cli
+from test_generate import _project, _write_run, make_lora
+
+from loraforge.config import load_settings
+from loraforge.errors import ForgeError
+from loraforge.generate import casting, pnginfo
+from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lora
+from loraforge.generate.pipeline import load_pipeline, render_batch
+from loraforge.generate.poses import Person, PoseMap, draw_pose, random_pose, write_pose_json
+from loraforge.generate.prompts import encode_prompts
+from loraforge.generate.regions import (
+    Regions,
+    box_regions,
+    figure_regions,
+    map_boxes,
+    separation,
+)
+from loraforge.generate.samplers import SAMPLERS
+from loraforge.generate.scenes import LoraResolver, Options, PoseCache, plan_jobs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+WIDTH, HEIGHT = 128, 96
+
+
+@pytest.fixture(scope="module")
+def characters(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> list[Path]:
+    """Two character LoRAs that change the image strongly and differently."""
+    folder = tmp_path_factory.mktemp("characters")
+    base = tiny_store / "tiny-sd15"
+    return [make_lora(folder / "red.safetensors", base, 11, scale=0.4),
+            make_lora(folder / "blue.safetensors", base, 12, scale=0.4)]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_store: Path) -> LoraStack:
+    return LoraStack(load_pipeline(tiny_store / "tiny-sd15", tiny_store / "tiny-controlnet",
+                                   torch.device("cpu"), torch.float32))
+
+
+def _render(stack: LoraStack, scene: list[LoraUse], own: list[LoraUse | None], seeds: list[int],
+            cast: bool, background: float = 0.2, steps: int = 4, cfg: float = 7.0,
+            ) -> tuple[list[np.ndarray], Any]:
+    """The test scene: "a street" behind "a red knight" (left) and "a blue mage" (right)."""
+    pipe = stack.pipe
+    stack.activate(scene, [u.lora for u in own if u])
+    figures = ["a red knight", "a blue mage"]
+    poses = [random_pose(2, WIDTH, HEIGHT, seed) for seed in seeds]
+    regions = [figure_regions(pose, WIDTH, HEIGHT) for pose in poses]
+    if cast:
+        layers = [stack.layers(u.lora) if u else {} for u in own]
+        text = [casting.figure_deltas(lay, 1.0, "text_encoder") for lay in layers]
+        unet = [casting.figure_deltas(lay, 1.0, "unet") for lay in layers]
+        prompts = casting.encode_cast(pipe, "a street", "lowres", figures, text, 2, 3)
+        embeds, negative = prompts.embeds, prompts.negative
+        context = casting.regional(pipe, regions, background, WIDTH, HEIGHT, unet)
+    else:
+        embeds, negative = encode_prompts(pipe.tokenizer, pipe.text_encoder,
+                                          [", ".join(["a street", *figures]), "lowres"], 2, 3)
+        context = casting.contextlib.nullcontext()
+    with context:
+        images = render_batch(pipe, embeds, negative, WIDTH, HEIGHT, steps, cfg, seeds,
+                              [draw_pose(p) for p in poses])
+    return [np.asarray(image, dtype=np.int16) for image in images], regions
+
+
+def test_casting_keeps_each_character_in_its_region_and_reruns_bit_identically(
+        stack: LoraStack, characters: list[Path], tiny_store: Path) -> None:
+    widths = BaseWidths.of(tiny_store / "tiny-sd15")
+    red, blue = (LoraUse(inspect_lora(path, widths), 1.0) for path in characters)
+    seeds = [3, 4]
+    started = time.perf_counter()
+    cast, regions = _render(stack, [], [red, blue], seeds, cast=True)
+    cast_seconds = time.perf_counter() - started
+    # references: the same cast scene with both figures wearing one character
+    all_red, _ = _render(stack, [], [red, red], seeds, cast=True)
+    all_blue, _ = _render(stack, [], [blue, blue], seeds, cast=True)
+    started = time.perf_counter()
+    plain, _ = _render(stack, [red, blue], [None, None], seeds, cast=False)
+    plain_seconds = time.perf_counter() - started
+    plain_red, _ = _render(stack, [red], [None, None], seeds, cast=False)
+    plain_blue, _ = _render(stack, [blue], [None, None], seeds, cast=False)
+
+    on = [separation(cast[i], [all_red[i], all_blue[i]], regions[i]) for i in range(2)]
+    off = [separation(plain[i], [plain_red[i], plain_blue[i]], regions[i]) for i in range(2)]
+    print(f"separation with casting {on}, without {off}; seconds for 2 images: casting "
+          f"{cast_seconds:.2f}, plain {plain_seconds:.2f}")
+    assert min(on) > 0.25, on  # each region is clearly closer to its own character
+    assert min(on) - max(off) > 0.2, (on, off)
+
+    again, _ = _render(stack, [], [red, blue], seeds, cast=True)
+    assert all(np.array_equal(a, b) for a, b in zip(cast, again, strict=True))
+    alone, _ = _render(stack, [], [red, blue], [4], cast=True)
+    assert np.abs(alone[0] - cast[1]).max() <= 2  # batch of one = the batch's image, rounding
+    stack.activate([])
+    assert not any(name.endswith("attn2.processor") and
+                   isinstance(p, casting.RegionalAttnProcessor)
+                   for name, p in stack.pipe.unet.attn_processors.items())
+
+
+def test_casting_runs_with_every_sampler_and_without_cfg(stack: LoraStack,
+                                                         characters: list[Path],
+                                                         tiny_store: Path) -> None:
+    from loraforge.generate.pipeline import make_scheduler
+
+    widths = BaseWidths.of(tiny_store / "tiny-sd15")
+    red, blue = (LoraUse(inspect_lora(path, widths), 1.0) for path in characters)
+    config = dict(stack.pipe.scheduler.config)
+    plain = None
+    try:
+        for sampler in SAMPLERS:
+            stack.pipe.scheduler = make_scheduler(sampler, config)
+            image, _ = _render(stack, [], [red, blue], [5], cast=True, steps=2)
+            plain = plain if plain is not None else _render(stack, [], [], [5], cast=False,
+                                                            steps=2)[0][0]
+            assert np.abs(image[0] - plain).mean() > 1, sampler  # the cast is live
+        one, _ = _render(stack, [], [red, blue], [5], cast=True, steps=2, cfg=1.0)
+        assert np.abs(one[0] - image[0]).mean() > 1  # no negative rows in the batch: works too
+    finally:
+        stack.pipe.scheduler = make_scheduler("DPM++ 2M Karras", config)
+
+
+def _character_lora(source: Path, path: Path, concepts: dict[str, dict[str, int]]) -> Path:
+    """A copy of `source` whose metadata says it was trained on `concepts` (kohya's
+    ss_tag_frequency: folder -> tag counts)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = dict(handle.metadata() or {})
+    metadata["ss_tag_frequency"] = json.dumps(concepts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata)
+    return path
+
+
+def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
+    runs = tmp_path / "store" / "Multi_Concept_Output"
+    both = _character_lora(characters[0], tmp_path / "both.safetensors",
+                           {"10_blake": {"blake": 4, "scarf": 1},
+                            "10_mira_character": {"mira_c": 3, "mira": 1}})
+    _write_run(runs, "multi", "finished", "2026-01-02T10:00:00+0000", both)
+    _write_run(runs, "rook", "finished", "2026-01-01T10:00:00+0000", _character_lora(
+        characters[1], tmp_path / "rook.safetensors", {"5_rook": {"rook knight": 2}}))
+    settings = load_settings(config)
+    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
+
+    def plan(*figures: str) -> Any:
+        return plan_jobs(settings, Options(pose="random", cast=list(figures), seed=1),
+                         resolver, PoseCache(print))[0]
+
+    multi = plan("blake: smiling", "mira_character: arms crossed")
+    assert [u.lora.path.name for u in multi.loras] == ["multi.safetensors"]  # everywhere
+    assert [(f.text, f.lora) for f in multi.cast.figures] == [
+        ("blake, smiling", None), ("mira_c, arms crossed", None)]
+    own = plan("blake: smiling", "rook: (angry:1.2)")
+    assert [u.lora.path.name for u in own.loras] == ["multi.safetensors"]
+    assert own.cast.figures[1].text == "rook knight, (angry:1.2)"
+    assert own.cast.figures[1].lora.lora.path.name == "rook.safetensors"
+    assert own.pose.figures == 2
+
+
+def test_a_figure_lora_over_the_whole_image_renders_what_the_merged_lora_renders(
+        stack: LoraStack, characters: list[Path], tiny_store: Path) -> None:
+    red = LoraUse(inspect_lora(characters[0], BaseWidths.of(tiny_store / "tiny-sd15")), 0.7)
+    pipe = stack.pipe
+    everywhere = [Regions(((0.0, 0.0, WIDTH, HEIGHT),), np.ones((1, HEIGHT, WIDTH), np.float32))]
+    pose = draw_pose(random_pose(1, WIDTH, HEIGHT, 2))
+    stack.activate([])
+    prompts = casting.encode_cast(pipe, "a street", "lowres", ["a red knight"], [{}], 2, 3)
+
+    def render(own: list[dict[Any, Any]]) -> np.ndarray:
+        # background weight 0: only the figure's token slot is attended to, and the merged
+        # LoRA's to_k/to_v change every slot, the figure's LoRA its own slot alone
+        with casting.regional(pipe, everywhere, 0.0, WIDTH, HEIGHT, own):
+            image = render_batch(pipe, prompts.embeds, prompts.negative, WIDTH, HEIGHT, 3, 7.0,
+                                 [9], [pose])[0]
+        return np.asarray(image, dtype=np.int16)
+
+    stack.activate([], [red.lora])
+    masked = render([casting.figure_deltas(stack.layers(red.lora), 0.7, "unet")])
+    stack.activate([red])
+    merged = render([{}])
+    stack.activate([])
+    base = render([{}])
+    assert np.abs(masked - merged).max() <= 2
+    assert np.abs(base - merged).mean() > 5  # the LoRA changes the image
+
+
+def test_regions_from_keypoints_and_from_a_drawn_map_agree() -> None:
+    people = tuple(reversed(random_pose(3, WIDTH * 2, HEIGHT, 4).people))  # right to left
+    pose = PoseMap(WIDTH * 2, HEIGHT, people)
+    keypoints = figure_regions(pose, WIDTH * 2, HEIGHT, pad=0.1)
+    assert [box[0] for box in keypoints.boxes] == sorted(box[0] for box in keypoints.boxes)
+    drawn = map_boxes(draw_pose(pose))
+    assert len(drawn) == 3
+    for inked, box in zip(drawn, keypoints.boxes, strict=True):  # ink: the box plus strokes
+        assert inked[0] <= box[0] < box[2] <= inked[2] and inked[1] <= box[1]
+        assert box[0] - inked[0] < 4 and inked[2] - box[2] < 4
+    regions = box_regions(drawn, WIDTH * 2, HEIGHT, pad=0.1, soften=0.05)
+    assert regions.figures.sum(axis=0).max() <= 1.0 + 1e-6
+    assert (regions.background() > 0.99).any() and (regions.figures[1] > 0.99).any()
+    agree = (regions.figures.argmax(axis=0) == keypoints.figures.argmax(axis=0))
+    assert agree[keypoints.figures.max(axis=0) > 0.5].mean() > 0.95
+
+
+def _pose_file(path: Path, boxes: list[tuple[float, float]]) -> Path:
+    """An OpenPose JSON with one standing figure per (left x, right x)."""
+    people = []
+    for left, right in boxes:
+        mid = (left + right) / 2
+        points: list[tuple[float, float] | None] = [(mid, 15.0), (mid, 25.0)] + [None] * 16
+        points[2], points[5] = (left, 27.0), (right, 27.0)
+        points[10], points[13] = (left + 2, 88.0), (right - 2, 88.0)
+        people.append(Person(tuple(points)))
+    write_pose_json(path, PoseMap(WIDTH, HEIGHT, tuple(people)))
+    return path
+
+
+def _scene(tmp_path: Path, pose: str, figures: str) -> Path:
+    scenes = tmp_path / "scenes.toml"
+    scenes.write_text(f'[[scene]]\nname = "market"\nprompt = "market street"\npose = "{pose}"\n'
+                      f'seeds = [3, 4]\nbackground_weight = 0.3\n{figures}')
+    return scenes
+
+
+FIGURES = ('[[scene.figure]]\nlora = "red.safetensors:0.9"\nprompt = "smiling"\n'
+           '[[scene.figure]]\nlora = "blue.safetensors"\nprompt = "arms crossed"\n')
+
+
+def test_a_cast_scenes_file_writes_masks_and_png_info_and_from_renders_it_again(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})
+    for path in characters:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    _pose_file(tmp_path / "two.json", [(20, 50), (80, 110)])
+    scenes = _scene(tmp_path, "two.json", FIGURES)
+    settings = load_settings(config)
+    lines: list[str] = []
+    written = generate(settings, Options(scenes=scenes), lines.append)
+    images = tmp_path / "store" / "Final_Images"
+    assert written == [images / "market-3.png", images / "market-4.png"]
+    assert any(line.startswith('market: figure 2: "arms crossed", LoRA ') and
+               "blue.safetensors (weight 1) in its region" in line for line in lines), lines
+    first = [path.read_bytes() for path in written]
+    from PIL import Image
+
+    with Image.open(images / "market-3.masks.png") as masks:
+        rgb = np.asarray(masks.convert("RGB"))
+    assert rgb.shape == (HEIGHT, WIDTH, 3)
+    assert tuple(rgb[50, 35]) == (230, 60, 60) and tuple(rgb[50, 95]) == (60, 110, 235)
+    assert rgb[50, 65].max() == 0 and rgb[2, 2].max() == 0  # between and above: background
+    info = pnginfo.parse_parameters(pnginfo.read_parameters(written[0]) or "")
+    assert info["prompt"] == "market street BREAK smiling BREAK arms crossed"
+    assert (info["RP Active"], info["RP Use Base"], info["RP Base Ratios"]) == \
+        ("True", "True", "0.3")
+    assert list(info["lora_hashes"]) == ["red", "blue"]
+    sidecar = json.loads((images / "market-3.json").read_text())
+    assert [f["lora"]["weight"] for f in sidecar["cast"]["figures"]] == [0.9, 1.0]
+    copy = tmp_path / "keep.png"
+    copy.write_bytes(first[1])
+    (tmp_path / "two.json").unlink()  # the image records the keypoints themselves
+    for path in written:
+        path.unlink()
+    # the batch the image was denoised in, rendered again: the same bits
+    assert generate(settings, Options(source=copy), lambda line: None) == written
+    assert [path.read_bytes() for path in written] == first
+
+
+@pytest.mark.parametrize(("pose", "figures", "needle"), [
+    ("three.json", FIGURES, "has 3 figures, the scene casts 2"),
+    ("overlap.json", FIGURES, "figures 1 and 2 (from the left) overlap"),
+    ("empty.json", FIGURES, "has no figures"),
+    ("random", '[[scene.figure]]\ncharacter = "nobody"\n', "unknown character `nobody`"),
+    ("drawn.png", FIGURES, "has 3 figures, the scene casts 2"),
+])
+def test_bad_casts_are_refused_before_rendering(tmp_path: Path, tiny_store: Path,
+                                                characters: list[Path], pose: str,
+                                                figures: str, needle: str) -> None:
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})
+    for path in characters:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    _pose_file(tmp_path / "three.json", [(5, 30), (50, 75), (95, 120)])
+    _pose_file(tmp_path / "overlap.json", [(20, 70), (60, 110)])
+    write_pose_json(tmp_path / "empty.json", PoseMap(WIDTH, HEIGHT, ()))
+    draw_pose(random_pose(3, 192, HEIGHT, 1)).save(tmp_path / "drawn.png")
+    with pytest.raises(ForgeError) as caught:
+        generate(load_settings(config), Options(scenes=_scene(tmp_path, pose, figures)),
+                 lambda line: None)
+    assert needle in str(caught.value)
+    assert not (tmp_path / "store" / "Final_Images").exists()
+
+
+def test_from_an_image_without_a_scene_record_is_refused(tmp_path: Path,
+                                                         tiny_store: Path) -> None:
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
+    draw_pose(random_pose(1, WIDTH, HEIGHT, 1)).save(tmp_path / "other.png")
+    result = run_cli("generate", "--config", config, "--from", tmp_path / "other.png",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert_user_error(result, "other.png", "holds no LoRA Forge scene record", "fix:")
+
+
+def test_command_refuses_a_figure_count_the_pose_does_not_have(tmp_path: Path,
+                                                               tiny_store: Path) -> None:
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})
+    result = run_cli("generate", "--config", config, "--pose", "random", "--figures", "3",
+                     "--lora", "none", "--figure", "a knight", "--figure", "a mage",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert_user_error(result, "--figures: asks for 3 figures, the scene casts 2", "fix:")
+    assert not (tmp_path / "store" / "Final_Images").exists()
