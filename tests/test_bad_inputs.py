@@ -379,6 +379,16 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(
     assert not new, new
 
 
+def test_a_dataset_train_refuses_leaves_no_run_folder(
+        project: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Only regularisation concepts: refused before the run folder (lock, run.json) exists."""
+    REG_BOTH(project)
+    ran = run_main(["train"], project, monkeypatch, capsys)
+    assert_refused(ran, "regularisation")
+    assert not (project / "store" / "Multi_Concept_Output").exists()
+
+
 def test_the_corpus_covers_every_command_family() -> None:
     families = {args[0] for _, _, args, _ in CASES}
     assert families >= {"config", "dataset", "train", "generate", "pose", "models", "slurm"}

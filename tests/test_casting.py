@@ -163,7 +163,7 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
 
     def plan(*figures: str) -> Any:
         return plan_jobs(settings, Options(pose="random", cast=list(figures), seed=1),
-                         resolver, PoseCache(print))[0]
+                         resolver, PoseCache(print, None))[0]
 
     multi = plan("blake: smiling", "mira_character: arms crossed")
     assert [u.lora.path.name for u in multi.loras] == ["multi.safetensors"]  # everywhere
@@ -269,7 +269,9 @@ def test_a_cast_scenes_file_writes_masks_and_png_info_and_from_renders_it_again(
     assert tuple(rgb[50, 35]) == (230, 60, 60) and tuple(rgb[50, 95]) == (60, 110, 235)
     assert rgb[50, 65].max() == 0 and rgb[2, 2].max() == 0  # between and above: background
     info = pnginfo.parse_parameters(pnginfo.read_parameters(written[0]) or "")
-    assert info["prompt"] == "market street BREAK smiling BREAK arms crossed"
+    # Regional Prompter's parts, each figure's own LoRA as an A1111 tag in its part.
+    assert info["prompt"] == \
+        "market street BREAK smiling <lora:red:0.9> BREAK arms crossed <lora:blue:1>"
     assert (info["RP Active"], info["RP Use Base"], info["RP Base Ratios"]) == \
         ("True", "True", "0.3")
     assert list(info["lora_hashes"]) == ["red", "blue"]

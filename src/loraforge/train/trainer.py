@@ -646,15 +646,18 @@ class TrainResult:
 
 
 def check_inputs(settings: Settings, run_name: str | None) -> tuple[str, Dataset, Path]:
-    """The run name, the dataset and the base model's folder, checked (ForgeError names what
-    is wrong); switches the process offline. A launch of several processes calls it first, so
-    a mistake is reported once, not once per process, and the tiny model is built once."""
+    """The run name, the dataset (and what training makes of it) and the base model's folder,
+    checked (ForgeError names what is wrong) before anything is written; switches the process
+    offline. A launch of several processes calls it first, so a mistake is reported once, not
+    once per process, and the tiny model is built once."""
+    from loraforge.dataset.examples import build_examples
     from loraforge.dataset.scan import scan_dataset
     from loraforge.models.store import resolve_base_model
     from loraforge.runtime import go_offline
 
     name = runs.check_run_name(run_name or settings.config.train.run_name)
     dataset = scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
+    build_examples(dataset, settings.config.dataset, lambda _warning: None)  # the trainer warns
     go_offline(settings)
     return name, dataset, resolve_base_model(settings)
 
