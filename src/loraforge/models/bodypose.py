@@ -78,31 +78,26 @@ def layer_table(widths: Widths = FULL) -> list[tuple[str, int, int, int, bool]]:
     return layers
 
 
-# The trunk's 2x2 max-pools come after these layers.
+# The trunk's 2x2 max-pools come after these layers (body, hand and face networks alike).
 POOL_AFTER = ("conv1_2", "conv2_2", "conv3_4")
 
 
-def build_network(widths: Widths = FULL) -> torch.nn.Module:
-    """A body network with fresh (untrained) weights and the published parameter names."""
+def conv_stack(table: list[tuple[str, int, int, int, bool]]) -> type[torch.nn.Module]:
+    """What the OpenPose networks are made of: a module holding `table`'s convolutions by their
+    published names (name, in, out, kernel, ReLU after), whose `run(names, x)` applies some of
+    them in order, with the ReLUs the table asks for and the trunk's max-pools."""
     import torch
     from torch import nn
 
-    table = layer_table(widths)
     relu = {name: after for name, *_, after in table}
-    trunk = [name for name, *_ in table[:12]]
-    branches = {(stage, branch): [name for name, *_ in table
-                                  if name.endswith(f"_{branch}") and (
-                                      name.startswith("conv5_") if stage == 1
-                                      else f"_stage{stage}_" in name)]
-                for stage in range(1, STAGES + 1) for branch in ("L1", "L2")}
 
-    class BodyPoseNet(nn.Module):
+    class ConvStack(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             for name, cin, cout, kernel, _ in table:
                 self.add_module(name, nn.Conv2d(cin, cout, kernel, padding=kernel // 2))
 
-        def _run(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
+        def run(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
             for name in names:
                 x = getattr(self, name)(x)
                 if relu[name]:
@@ -111,13 +106,29 @@ def build_network(widths: Widths = FULL) -> torch.nn.Module:
                     x = torch.nn.functional.max_pool2d(x, 2, 2)
             return x
 
+    return ConvStack
+
+
+def build_network(widths: Widths = FULL) -> torch.nn.Module:
+    """A body network with fresh (untrained) weights and the published parameter names."""
+    import torch
+
+    table = layer_table(widths)
+    trunk = [name for name, *_ in table[:12]]
+    branches = {(stage, branch): [name for name, *_ in table
+                                  if name.endswith(f"_{branch}") and (
+                                      name.startswith("conv5_") if stage == 1
+                                      else f"_stage{stage}_" in name)]
+                for stage in range(1, STAGES + 1) for branch in ("L1", "L2")}
+
+    class BodyPoseNet(conv_stack(table)):  # type: ignore[misc]
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """(part affinity fields, heatmaps) of the last stage, at 1/8 of the input size."""
-            features = self._run(trunk, x)
-            fields, heatmaps = (self._run(branches[1, b], features) for b in ("L1", "L2"))
+            features = self.run(trunk, x)
+            fields, heatmaps = (self.run(branches[1, b], features) for b in ("L1", "L2"))
             for stage in range(2, STAGES + 1):
                 joined = torch.cat([fields, heatmaps, features], 1)
-                fields, heatmaps = (self._run(branches[stage, b], joined) for b in ("L1", "L2"))
+                fields, heatmaps = (self.run(branches[stage, b], joined) for b in ("L1", "L2"))
             return fields, heatmaps
 
     return BodyPoseNet()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
-from loraforge.models.bodypose import FETCH_FIX, fill, read_state
+from loraforge.models.bodypose import FETCH_FIX, conv_stack, fill, read_state
 from loraforge.models.manifest import FACE_DETECTOR_FILE, HAND_DETECTOR_FILE
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ class Widths:
 
 
 FULL = Widths()
-POOL_AFTER = ("conv1_2", "conv2_2", "conv3_4")
 
 
 def layer_table(outputs: int, widths: Widths = FULL) -> list[tuple[str, int, int, int, bool]]:
@@ -71,36 +70,20 @@ def layer_table(outputs: int, widths: Widths = FULL) -> list[tuple[str, int, int
 def build_network(outputs: int, widths: Widths = FULL) -> torch.nn.Module:
     """A hand (22 outputs) or face (71) network with fresh weights and the published names."""
     import torch
-    from torch import nn
 
     table = layer_table(outputs, widths)
-    relu = {name: after for name, *_, after in table}
     trunk = [name for name, *_ in table[:15]]
     stages = {1: ["conv6_1_CPM", "conv6_2_CPM"]}
     stages.update({stage: [name for name, *_ in table if name.endswith(f"_stage{stage}")]
                    for stage in range(2, STAGES + 1)})
 
-    class PoseMachine(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            for name, cin, cout, kernel, _ in table:
-                self.add_module(name, nn.Conv2d(cin, cout, kernel, padding=kernel // 2))
-
-        def _run(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
-            for name in names:
-                x = getattr(self, name)(x)
-                if relu[name]:
-                    x = torch.relu(x)
-                if name in POOL_AFTER:
-                    x = torch.nn.functional.max_pool2d(x, 2, 2)
-            return x
-
+    class PoseMachine(conv_stack(table)):  # type: ignore[misc]
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             """The last stage's heatmaps, at 1/8 of the input size."""
-            features = self._run(trunk, x)
-            heatmaps = self._run(stages[1], features)
+            features = self.run(trunk, x)
+            heatmaps = self.run(stages[1], features)
             for stage in range(2, STAGES + 1):
-                heatmaps = self._run(stages[stage], torch.cat([heatmaps, features], 1))
+                heatmaps = self.run(stages[stage], torch.cat([heatmaps, features], 1))
             return heatmaps
 
     return PoseMachine()
