@@ -33,7 +33,7 @@ bench train16 150 train --model sd15 --batch 16 --steps 24 \
 bench train4 110 train --model sd15 --batch 4 --steps 32 \
     --variant "train.compile_unet=blocks" --note "$note"
 scene="GPU run of bench/gpu.sh: 2 character LoRAs merged at 0.8, CFG 7, ControlNet, DPM++ 2M Karras."
-bench generate 0 generate --model sd15 --size 512x768 --batch 1 4 --steps 25 --loras 2 \
+bench generate 220 generate --model sd15 --size 512x768 --batch 1 4 --steps 25 --loras 2 \
     --variant compile=blocks --variant compile --note "$scene"
 # Pose extraction (issue 17) on the GPU: the body and hand networks per 1024x768 picture.
 left=$((budget - (SECONDS - started)))
