@@ -42,6 +42,12 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def reason(self) -> str:
+        """Why a state is saved: the signal, or another process's (which this one heard of
+        through the step's collective)."""
+        return f"signal {self.signal_name or 'to another process'}"
+
 
 class Interrupted(Exception):
     """Training stopped on a signal; the run can be resumed. `saved`: a state of it is on disk

@@ -326,27 +326,103 @@ class Trainer:
             return self._run(base, state, facts_for, stop)
 
     def _run(self, base: Path, state: Any, facts_for: Any, stop: StopRequest) -> Path:
-        import torch
-
-        from loraforge.dataset.examples import epoch_batches
-        from loraforge.train.optim import build_optimizer, build_scheduler, warmup_steps
+        """The run from loading to the final file: the loop reads top to bottom here, each
+        part in its own method below."""
+        from loraforge.train.optim import warmup_steps
 
         cfg, plan, world = self.cfg, self.plan, self.world
         models = self.models = self.load_models(base)
         self.unet_forward = self.compiled(models.unet)
+        named = self.build_optimizer(models)
+        position = self.restore(state, named)
+        self.cache(models, base)
+        facts = facts_for(self, self.optimizer, warmup_steps(cfg.lr_warmup, plan.total_steps))
+        journal = Journal(self.run_dir, position, plan.total_steps, cfg.log_every_seconds,
+                          world.is_main, self.device.type == "cuda")
+        if world.is_main:
+            self.write_dataset_summary()
+        self.record.update(status="running", step=position.step, total_steps=plan.total_steps)
+        try:
+            # A signal that came while models loaded or latents were cached (to any process).
+            if any_rank(stop.requested, world):
+                raise Interrupted(saved=position.step > 0)
+            for epoch in range(position.epoch, plan.epochs):
+                if not self.train_epoch(models, epoch, position, journal, stop, named):
+                    break  # max_steps reached inside the epoch
+                position.epoch, position.batch_in_epoch = epoch + 1, 0
+                journal.flush()
+                if world.is_main:
+                    self.end_of_epoch(models, facts, position, epoch + 1)
+                if any_rank(stop.requested, world):
+                    self.save(position, named, journal, stop.reason)
+                    raise Interrupted
+        finally:
+            journal.close()
+        return self.finish(models, facts, position)
+
+    def train_epoch(self, models: Models, epoch: int, position: Position, journal: Journal,
+                    stop: StopRequest, named: dict[str, torch.Tensor]) -> bool:
+        """The optimizer steps of `epoch` from `position` on; False when train.max_steps ended
+        the run inside it (its last previews rendered)."""
+        from loraforge.dataset.examples import epoch_batches
+
+        plan, world = self.plan, self.world
+        batches = epoch_batches(self.examples, self.indices, plan.batch_size, self.cfg.seed,
+                                epoch)
+        for first in range(position.batch_in_epoch, len(batches), plan.accumulation):
+            if position.step >= plan.total_steps:
+                break
+            group = batches[first:first + plan.accumulation]
+            loss, stopping = self.optimizer_step(models, batches, first, epoch, position.step,
+                                                 stop.requested)
+            position.step += 1
+            position.batch_in_epoch = first + len(group)
+            spread = replica_spread(self.trainable, world)
+            journal.step(epoch + 1, loss, self.scheduler.get_last_lr(),
+                         sum(len(b) for b in group),
+                         {"replica_spread": spread} if world.distributed else {})
+            if spread > REPLICA_TOLERANCE:
+                raise ForgeError(f"the {world.size} training processes hold different weights "
+                                 f"after step {position.step} (largest difference "
+                                 f"{spread:.3g})", fix="report this as a bug; rerun the same "
+                                 "command to resume from the last saved state")
+            if stopping:
+                self.save(position, named, journal, stop.reason)
+                raise Interrupted
+            if position.step % self.cfg.state_every_n_steps == 0:
+                self.save(position, named, journal, "periodic")
+        if position.batch_in_epoch < len(batches):  # max_steps reached mid-epoch:
+            if world.is_main:  # the last previews show the final weights
+                self.render_previews(models, epoch + 1)
+            return False
+        return True
+
+    def build_optimizer(self, models: Models) -> dict[str, torch.Tensor]:
+        """The optimizer, schedule and loss scaler over the LoRA weights; returns the LoRA
+        weights by their kohya names (what a state saves)."""
+        import torch
+
+        from loraforge.train.optim import build_optimizer, build_scheduler
+
+        cfg = self.cfg
         params_unet = [p for p in models.unet.parameters() if p.requires_grad]
         params_text = [p for p in models.text_encoder.parameters() if p.requires_grad]
-        factor = lr_factor(self.settings, world)
+        factor = lr_factor(self.settings, self.world)
         groups = [{"params": params_unet, "lr": cfg.unet_lr * factor}]
         if self.train_text:
             groups.append({"params": params_text, "lr": cfg.text_encoder_lr * factor})
         self.trainable = params_unet + params_text
         self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.optimizer_args, self.device)
-        self.scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer, plan.total_steps,
-                                         cfg.lr_warmup, cfg.lr_scheduler_cycles,
-                                         cfg.lr_scheduler_power)
+        self.scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer,
+                                         self.plan.total_steps, cfg.lr_warmup,
+                                         cfg.lr_scheduler_cycles, cfg.lr_scheduler_power)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        named = self.named_lora(models)
+        return self.named_lora(models)
+
+    def restore(self, state: Any, named: dict[str, torch.Tensor]) -> Position:
+        """Where training starts: the saved state's weights, optimizer, schedule and position
+        (see `saved_state`), or the beginning."""
+        import torch
 
         position = Position()
         if state is not None:
@@ -358,89 +434,49 @@ class Trainer:
             self.scaler.load_state_dict(state.trainer_state["scaler"])
             position = state.position
             log.info("resuming from %s (step %d of %d)", state.path, position.step,
-                     plan.total_steps)
+                     self.plan.total_steps)
         if self.scaler.is_enabled():
             # Set the loss scale now: a process whose share of the first batch is empty would
             # reach `unscale_` without ever having scaled a loss.
             self.scaler.scale(torch.zeros((), device=self.device))
-        if world.distributed:
+        if self.world.distributed:
             log.info("%d training processes, %d images per process and step, global batch %d",
-                     world.size, cfg.batch_size, plan.batch_size)
+                     self.world.size, self.cfg.batch_size, self.plan.batch_size)
+        return position
 
-        if cfg.cache_latents:
+    def cache(self, models: Models, base: Path) -> None:
+        """Latents and text-encoder outputs computed once, where the config allows; the VAE
+        is freed when nothing else needs it."""
+        import torch
+
+        if self.cfg.cache_latents:
             self.cache_latents(models, base)
             if not self.sample_prompts:
                 models.vae = None
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         self.cache_text(models)
-        facts = facts_for(self, self.optimizer, warmup_steps(cfg.lr_warmup, plan.total_steps))
-        journal = Journal(self.run_dir, position, plan.total_steps, cfg.log_every_seconds,
-                          world.is_main, self.device.type == "cuda")
-        if world.is_main:
-            self.write_dataset_summary()
-        self.record.update(status="running", step=position.step, total_steps=plan.total_steps)
 
-        def save(reason: str) -> None:
-            journal.flush()  # the state holds the loss's moving average
-            if not world.is_main:
-                return
-            trainer_state = {"optimizer": self.optimizer.state_dict(),
-                             "scheduler": self.scheduler.state_dict(),
-                             "scaler": self.scaler.state_dict()}
-            try:
-                path = self.save_state(position, named, trainer_state)
-            except OSError as exc:
-                raise _disk_error(exc, self.run_dir / "state") from None
-            log.info("state saved (%s): %s", reason, path)
-
+    def save(self, position: Position, named: dict[str, torch.Tensor], journal: Journal,
+             reason: str) -> None:
+        """A resumable state of the run as it is now (rank 0 writes it)."""
+        journal.flush()  # the state holds the loss's moving average
+        if not self.world.is_main:
+            return
+        trainer_state = {"optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(),
+                         "scaler": self.scaler.state_dict()}
         try:
-            # A signal that came while models loaded or latents were cached (to any process).
-            if any_rank(stop.requested, world):
-                raise Interrupted(saved=position.step > 0)
-            for epoch in range(position.epoch, plan.epochs):
-                batches = epoch_batches(self.examples, self.indices, plan.batch_size,
-                                        cfg.seed, epoch)
-                for first in range(position.batch_in_epoch, len(batches), plan.accumulation):
-                    if position.step >= plan.total_steps:
-                        break
-                    group = batches[first:first + plan.accumulation]
-                    loss, stopping = self.optimizer_step(models, batches, first, epoch,
-                                                         position.step, stop.requested)
-                    position.step += 1
-                    position.batch_in_epoch = first + len(group)
-                    spread = replica_spread(self.trainable, world)
-                    journal.step(epoch + 1, loss, self.scheduler.get_last_lr(),
-                                 sum(len(b) for b in group),
-                                 {"replica_spread": spread} if world.distributed else {})
-                    if spread > REPLICA_TOLERANCE:
-                        raise ForgeError(f"the {world.size} training processes hold different "
-                                         f"weights after step {position.step} (largest "
-                                         f"difference {spread:.3g})",
-                                         fix="report this as a bug; rerun the same command to "
-                                             "resume from the last saved state")
-                    if stopping:
-                        save(f"signal {stop.signal_name or 'to another process'}")
-                        raise Interrupted
-                    if position.step % cfg.state_every_n_steps == 0:
-                        save("periodic")
-                if position.batch_in_epoch < len(batches):  # max_steps reached mid-epoch:
-                    if world.is_main:  # the last previews show the final weights
-                        self.render_previews(models, epoch + 1)
-                    break
-                position.epoch, position.batch_in_epoch = epoch + 1, 0
-                journal.flush()
-                if world.is_main:
-                    self.end_of_epoch(models, facts, position, epoch + 1)
-                if any_rank(stop.requested, world):
-                    save(f"signal {stop.signal_name or 'to another process'}")
-                    raise Interrupted
-        finally:
-            journal.close()
+            path = self.save_state(position, named, trainer_state)
+        except OSError as exc:
+            raise _disk_error(exc, self.run_dir / "state") from None
+        log.info("state saved (%s): %s", reason, path)
 
+    def finish(self, models: Models, facts: Any, position: Position) -> Path:
+        """The final LoRA file and the run marked finished (its states are no longer needed)."""
         final = runs.final_lora(self.run_dir)
-        if world.is_main:
-            self.save_lora(final, models, facts, position, plan.epochs)
+        if self.world.is_main:
+            self.save_lora(final, models, facts, position, self.plan.epochs)
             self.record.update(status="finished", step=position.step,
                                final_loss=position.smoothed_loss(LOSS_SMOOTHING),
                                final_lora=str(final),
