@@ -294,6 +294,11 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     changed = run_cli("train", "--config", config, "--set", "train.unet_lr=0.01")
     assert_user_error(changed, "cannot resume", "train.unet_lr: 0.002 -> 0.01", "--restart")
     assert record.read_bytes() == interrupted  # still an interrupted run, with no error
+    # A speed setting that changes the arithmetic would not resume bit for bit.
+    for key, old, new in (("compile_unet", "False", '"blocks"'),
+                          ("channels_last", "None", "true")):
+        faster = run_cli("train", "--config", config, "--set", f"train.{key}={new}")
+        assert_user_error(faster, "cannot resume", f"train.{key}: {old} -> ")
     extra = tmp_path / "master_dataset" / "1_red_knight" / "extra.png"
     extra.write_bytes((tmp_path / "master_dataset" / "1_red_knight" / "0.png").read_bytes())
     grown = run_cli("train", "--config", config)
