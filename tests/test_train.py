@@ -203,6 +203,25 @@ def _interrupt_at(process: subprocess.Popen[str], step: int) -> tuple[str, str]:
     return "".join(seen) + out, err
 
 
+def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """SIGKILL (SLURM's KillWait ran out before a state could be saved): nothing is lost but
+    the steps since the last periodic state (train.state_every_n_steps), which the rerun
+    trains again."""
+    config = write_training_project(tmp_path, tiny_store, {"state_every_n_steps": 2})
+    process = _start_train(config, FIXED_ENV)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            process.kill()
+            break
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    rerun = run_cli("train", "--config", config)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stderr and "(step 2 of 6)" in rerun.stderr, rerun.stderr
+
+
 def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
                                                        tiny_store: Path) -> None:
     previews = {"sample_prompts": ["red_knight, solo --s 2 --d 3"], "sample_steps": 2}
