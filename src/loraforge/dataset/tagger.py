@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from loraforge.dataset.folders import ConceptFolder, concept_folders
 from loraforge.dataset.images import load_image
 from loraforge.dataset.scan import display_path
 from loraforge.errors import ForgeError
+from loraforge.progress import Progress, duration
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 Mode = Literal["missing", "append", "overwrite"]
 Say = Callable[[str], None]
 WHITE = (255, 255, 255)
+#: Seconds between progress lines in a log file (a terminal gets a bar).
+PROGRESS_EVERY_SECONDS = 15.0
 
 
 # --- the model card's input preparation and output reading ---------------------------------
@@ -204,8 +206,9 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
         f", {len(jobs)} image(s), batch {batch_size}, threshold {threshold}, characters "
         f"{character_threshold}")
     writer = CaptionWriter(settings.dataset_dir, "tag", settings.file_mode)
-    progress = Progress(len(jobs), stream)
+    progress = Progress("tag", len(jobs), PROGRESS_EVERY_SECONDS, stream=stream)
     started = time.monotonic()
+    done = 0
     try:
         workers = max(1, min(4, len(os.sched_getaffinity(0))))
         for batch in _batches(jobs, model.size, batch_size, workers):
@@ -226,7 +229,12 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
                     else:
                         report.unchanged += 1
                     result.images += 1
-            progress.advance(len(batch))
+            done += len(batch)
+            if progress.update(done, len(batch)):
+                rate = progress.rate
+                print(f"tagged {done}/{len(jobs)} images, "
+                      f"{'?' if rate is None else f'{rate:.1f}'} images/s, eta "
+                      f"{duration(progress.eta)}", file=progress.stream, flush=True)
     finally:
         progress.close()
     result.seconds = time.monotonic() - started
@@ -257,51 +265,3 @@ def report_lines(result: TagResult, mode: Mode) -> list[str]:
     return lines
 
 
-# --- progress -----------------------------------------------------------------------------------
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(max(0, seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-class Progress:
-    """A bar with the ETA on a terminal; in a log file one line every `every` seconds."""
-
-    def __init__(self, total: int, stream: TextIO | None = None, every: float = 15.0) -> None:
-        self.total, self.done, self.every = total, 0, every
-        self.stream = stream or sys.stdout
-        self.started = self.last = time.monotonic()
-        self._bar = None
-        if self.stream.isatty():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(TextColumn("tag"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=Console(file=self.stream))
-            self._task = self._bar.add_task("tag", total=total)
-            self._bar.start()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done)
-            return
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            elapsed = now - self.started
-            rate = self.done / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate else 0.0
-            print(f"tagged {self.done}/{self.total} images, {rate:.1f} images/s, "
-                  f"eta {_duration(eta)}", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()

@@ -68,6 +68,7 @@ class Journal:
         self.writer = SummaryWriter(str(run_dir / "events"), purge_step=position.step + 1)
         self.history = open(run_dir / HISTORY, "a", encoding="utf-8")  # noqa: SIM115
         self.progress = TrainingProgress(total, position.step, every_seconds)
+        self.started = time.monotonic()
 
     def step(self, epoch: int, loss: torch.Tensor, lrs: list[float], images: int,
              extra: dict[str, Any]) -> None:
@@ -101,7 +102,7 @@ class Journal:
             self.writer.add_scalar(f"lr/{group_name}", lr, entry.step)
         self.history.write(json.dumps({
             "step": entry.step, "epoch": entry.epoch, "loss": loss, "loss_smoothed": smoothed,
-            "lr": entry.lrs, "seconds": round(self.last_flush - self.progress.started, 4),
+            "lr": entry.lrs, "seconds": round(self.last_flush - self.started, 4),
             **entry.extra}) + "\n")
         self.progress.update(entry.step, entry.epoch, smoothed, entry.lrs[0], entry.images)
 
