@@ -76,6 +76,25 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def taught_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A storage root holding the taught tiny base (it denoises flat colours and paints the colour
+    its prompt names) and the tiny ControlNet, built once (about a minute and a half, on every
+    core: the first test to ask may run on one torch thread)."""
+    import torch
+
+    from loraforge.models.taught import ensure_taught_model
+
+    root = tmp_path_factory.mktemp("taught")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        ensure_taught_model(root)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
 def draw_character(path: Path, colour: tuple[int, int, int], shape: str, offset: int) -> None:
     """A 256x256 image: a coloured figure on a light background (a stand-in character)."""
     from PIL import Image, ImageDraw

@@ -302,6 +302,46 @@ def test_store_tiny_resolves(tiny_store: Path) -> None:
     assert store.resolve_base_model(settings_for(tiny_store, base=str(base))) == base
 
 
+@pytest.mark.slow
+def test_taught_base_denoises_and_paints_the_colour_its_prompt_names(taught_store: Path) -> None:
+    """`models.base = "tiny-taught"`: the tiny model after its lesson on flat colours. Its noise
+    prediction for a red picture is far better under "red" than under "blue", and its latents
+    have unit spread (the tiny VAE's under SD's scaling factor have 0.05: noise hides them)."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from loraforge.models.taught import COLOURS, LESSON
+    from loraforge.text import chunk_token_ids, encode_token_ids
+
+    settings = settings_for(taught_store, base="tiny-taught")
+    base = store.resolve_base_model(settings)
+    assert base == taught_store / "tiny-taught"
+    store.check_base_model(base)
+    store.check_pair(base, store.resolve_controlnet(settings))
+    assert store.resolve_base_model(settings) == base  # built once, then reused
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pixels = [np.asarray(Image.new("RGB", (64, 64), COLOURS[name]), dtype=np.float32)
+              for name in ("red", "blue")]
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.from_numpy(np.stack(pixels) / 127.5 - 1).permute(
+            0, 3, 1, 2)).latent_dist.mean * pipe.vae.config.scaling_factor
+        assert 0.5 < float(latents.std()) < 2.0
+        hidden = encode_token_ids(pipe.text_encoder, chunk_token_ids(
+            pipe.tokenizer, ["red", "blue"], 1), LESSON["clip_skip"])
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        alpha_bar = pipe.scheduler.alphas_cumprod[700]
+        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        timesteps = torch.tensor([700, 700])
+        right = pipe.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+        wrong = pipe.unet(noisy, timesteps, encoder_hidden_states=hidden.flip(0)).sample
+    right_loss, wrong_loss = ((p - noise).pow(2).mean(dim=(1, 2, 3)) for p in (right, wrong))
+    assert (right_loss < 0.7 * wrong_loss).all(), (right_loss, wrong_loss)
+    assert (right_loss < 0.2).all(), right_loss  # it denoises
+
+
 def test_store_missing_models_name_the_fetch_commands(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, base="AnyLoRA", controlnet="controlnet-model")
     with pytest.raises(ForgeError) as err:

@@ -33,6 +33,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 CONFIG_NAME = "forge.toml"
 STORAGE_ENV = "LORAFORGE_STORAGE_ROOT"
 TINY = "tiny"
+TAUGHT = "tiny-taught"
 
 
 class _Section(BaseModel):
@@ -57,7 +58,8 @@ class StorageConfig(_Section):
 
 class ModelsConfig(_Section):
     base: str = Field("AnyLoRA", description="Base model: a folder under the storage root, an "
-                      "absolute path, or 'tiny' for the embedded test model.")
+                      "absolute path, 'tiny' for the embedded test model, or 'tiny-taught' for "
+                      "it taught to paint flat colours (a LoRA can learn concepts on it).")
     controlnet: str = Field("controlnet-model", description="OpenPose ControlNet: a folder under "
                             "the storage root, an absolute path, or 'tiny'.")
     tagger: str = Field("wd-tagger", description="Image tagger for `dataset tag` (a WD14 ONNX "

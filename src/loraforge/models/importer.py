@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge.errors import ForgeError
 from loraforge.models import folders
 from loraforge.models.manifest import NOT_MODELS, describe_files, write_manifest
+from loraforge.models.tiny import strip_volatile
 from loraforge.runtime import quiet_loading
 
 if TYPE_CHECKING:
@@ -577,7 +578,7 @@ def convert_base(ckpt: Checkpoint, vae: Checkpoint | None, family: Family, out: 
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(out, safe_serialization=True)
     write_vocab_files(out / "tokenizer")
-    _strip_volatile(out)
+    strip_volatile(out)
 
 
 def convert_controlnet(ckpt: Checkpoint, family: Family, out: Path) -> None:
@@ -589,7 +590,7 @@ def convert_controlnet(ckpt: Checkpoint, family: Family, out: Path) -> None:
         model = _single_file(ControlNetModel, tensors, config_dir, "controlnet",
                              controlnet_prefix(ckpt.shapes), ckpt.path)
         model.save_pretrained(out, safe_serialization=True)
-    _strip_volatile(out)
+    strip_volatile(out)
 
 
 def controlnet_config(family: Family, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -662,12 +663,6 @@ def _config_dir(configs: dict[str, dict[str, Any]]) -> Iterator[Path]:
             (root / sub / "config.json").write_text(json.dumps(config, indent=2),
                                                     encoding="utf-8")
         yield root
-
-
-def _strip_volatile(folder: Path) -> None:
-    from loraforge.models.tiny import _strip_volatile as strip
-
-    strip(folder)
 
 
 def _check_result(folder: Path, kind: str) -> None:

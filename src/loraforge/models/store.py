@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraforge.config import TINY
+from loraforge.config import TAUGHT, TINY
 from loraforge.errors import ForgeError
 from loraforge.models.folders import read_marker
 
@@ -43,6 +43,10 @@ DETECTOR_FIX = ("run `loraforge models fetch openpose-detector` (on a login node
 
 
 def _resolve(settings: Settings, name: str, which: int, check: Callable[[Path], None]) -> Path:
+    if name == TAUGHT and which == 0:
+        from loraforge.models.taught import ensure_taught_model
+
+        return ensure_taught_model(settings.storage_root)[0]
     if name == TINY:
         from loraforge.models.tiny import ensure_tiny_models
 

@@ -153,7 +153,7 @@ def ensure_tiny_models(storage_root: Path) -> tuple[Path, Path]:
 
 def _build_and_install(root: Path, base_dir: Path, cn_dir: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(root) as locked:
+    with build_lock(root) as locked:
         if is_complete(base_dir, "base") and is_complete(cn_dir, "controlnet"):
             return  # another process built them while we waited
         _remove_partials(root, stale_only=not locked)
@@ -190,14 +190,14 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
     from loraforge.models.manifest import describe_files, write_manifest
     from loraforge.models.tokenizer import new_clip_tokenizer, write_vocab_files
 
-    with _seeded(SEED + 1):
+    with seeded(SEED + 1):
         unet = UNet2DConditionModel.from_config(tiny_config("unet"))
-    with _seeded(SEED + 2):
+    with seeded(SEED + 2):
         vae = AutoencoderKL.from_config(tiny_config("vae"))
-    with _seeded(SEED + 3):
+    with seeded(SEED + 3):
         text_encoder = CLIPTextModel(clip_text_config(tiny_config("text_encoder")))
     scheduler = PNDMScheduler.from_config(sd15_config("scheduler"))
-    with _seeded(SEED + 4):
+    with seeded(SEED + 4):
         controlnet = make_controlnet(unet)
 
     for model in (unet, vae, text_encoder, controlnet):
@@ -215,12 +215,12 @@ def build_tiny_models(base_dir: Path, controlnet_dir: Path) -> None:
         controlnet.save_pretrained(controlnet_dir, safe_serialization=True)
     write_vocab_files(base_dir / "tokenizer")
     for folder, component in ((base_dir, "base"), (controlnet_dir, "controlnet")):
-        _strip_volatile(folder)
+        strip_volatile(folder)
         (folder / folders.MARKER).write_text(json.dumps(marker(component), indent=2) + "\n",
                                      encoding="utf-8")
         write_manifest(folder, {"kind": component, "files": describe_files(folder),
                                 "source": {"type": "embedded", "recipe": recipe_hash()}})
-        _fix_modes(folder)
+        fix_modes(folder)
 
 
 def make_controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
@@ -259,7 +259,7 @@ def _normal_conv(conv: torch.nn.Conv2d, std: float, bias: float) -> None:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Seed torch's global RNG for one component and restore the caller's RNG state afterwards."""
     import torch
 
@@ -271,7 +271,7 @@ def _seeded(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
-def _strip_volatile(folder: Path) -> None:
+def strip_volatile(folder: Path) -> None:
     """Drop the `_name_or_path` keys that would record the temporary folder in saved configs."""
     for config in folder.rglob("*.json"):
         data = json.loads(config.read_text(encoding="utf-8"))
@@ -280,7 +280,7 @@ def _strip_volatile(folder: Path) -> None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _fix_modes(folder: Path) -> None:
+def fix_modes(folder: Path) -> None:
     """Group-readable files and folders (safetensors writes 0600, mkdtemp makes 0700)."""
     os.chmod(folder, DIR_MODE)
     for path in folder.rglob("*"):
@@ -292,7 +292,7 @@ def _make_partial(root: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[bool]:
+def build_lock(root: Path) -> Iterator[bool]:
     """Hold an exclusive lock on `<root>/.tiny-models.lock`; yield whether it could be taken."""
     try:
         import fcntl
