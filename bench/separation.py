@@ -1,10 +1,12 @@
 """Concept separation on the tiny model: our trainer against an independent oracle.
 
-`python -m bench.separation [--steps N] [--scaling-factor F] [--embedding-std S]
+`python -m bench.separation [--taught] [--steps N] [--scaling-factor F] [--embedding-std S]
 [--pretrain N] [--solid] [--work DIR]`
 
-The data is issue #21's: `4_zqred/` (red discs) and `4_zqblue/` (blue squares), 64 px, captions
-"zqred, disc, solo" / "zqblue, square, solo" (`--solid`: each image one flat red or blue).
+The data is issue #21's: `4_blake/` (red discs) and `4_mira/` (blue squares), 64 px, captions
+"blake, disc, solo" / "mira, square, solo" (`--solid`: each image one flat red or blue). The
+triggers are words the taught base never saw (issue #21 had `zqred`, which the tokenizer splits
+into `z q red`: a base that knows "red" would call up red for it before any LoRA).
 Two LoRAs are trained on it for the same number of steps and measured with `loraforge eval`'s
 measure (same images, noise, timesteps):
 
@@ -13,7 +15,9 @@ measure (same images, noise, timesteps):
   attention, projection and feed-forward layers and on the text encoder's attention and MLP,
   AdamW, uniform timesteps, plain MSE, the text encoder's last layer).
 
-The base model is the embedded tiny one, optionally changed first (a copy; the tiny model itself is
+The base model is the embedded tiny one, or with `--taught` the taught tiny one
+(`loraforge.models.taught`: it denoises flat colours and paints the colour its prompt names),
+optionally changed first (a copy; the tiny model itself is
 untouched): `--scaling-factor` sets the VAE's latent scale (the tiny VAE's latents have std
 ~0.25, so ~4 gives unit variance, like SD's 0.18215 does for SD's VAE), `--embedding-std` redraws
 the text encoder's token embeddings with that std (the tiny one's are 0.02: every prompt's hidden
@@ -29,31 +33,36 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-CONCEPTS = (("4_zqred", "zqred", "disc", (220, 30, 30)),
-            ("4_zqblue", "zqblue", "square", (30, 40, 220)))
+CONCEPTS = (("4_blake", "blake", "disc", (220, 30, 30)),
+            ("4_mira", "mira", "square", (30, 40, 220)))
 BATCH = 4
 UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                 "ff.net.2"]
 TEXT_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-def write_dataset(folder: Path, solid: bool) -> None:
-    """The issue's discs and squares; `solid`: each image one flat colour (the most a trigger
-    can tell apart)."""
+TRAINING = range(0, 8, 2)
+HELD_OUT = (1, 5)  # between the training images, in place and shade
+
+
+def write_dataset(folder: Path, solid: bool, numbers: Sequence[int] = TRAINING) -> None:
+    """The issue's discs and squares, image `i` for each i in `numbers` (their places and shades
+    follow i); `solid`: each image one flat colour (the most a trigger can tell apart)."""
     from PIL import Image, ImageDraw
 
     for name, trigger, shape, colour in CONCEPTS:
         concept = folder / name
         concept.mkdir(parents=True, exist_ok=True)
-        for i in range(4):
+        for i in numbers:
             image = Image.new("RGB", (64, 64), (235, 235, 225))
             draw = ImageDraw.Draw(image)
-            x, y, size = 8 + 6 * i, 10 + 4 * (i % 2), 28 + 2 * i
+            x, y, size = 8 + 3 * i, 10 + 2 * (i % 4), 28 + i
             box = (0, 0, 64, 64) if solid else (x, y, x + size, y + size)
-            shade = tuple(max(0, c - 10 * i) for c in colour) if solid else colour
+            shade = tuple(max(0, c - 5 * i) for c in colour) if solid else colour
             (draw.ellipse if shape == "disc" and not solid else draw.rectangle)(box, fill=shade)
             image.save(concept / f"{i}.png")
             (concept / f"{i}.txt").write_text(f"{trigger}, {shape}, solo")
@@ -126,8 +135,10 @@ def step_loss(unet: Any, latents: Any, hidden: Any, alphas: Any, generator: Any)
     return torch.nn.functional.mse_loss(prediction, noise)
 
 
-def ours(work: Path, base: Path, steps: int) -> Any:
-    """`loraforge train` with the `init --tiny` settings, then `loraforge eval`'s measure."""
+def ours(work: Path, base: Path, steps: int, overrides: list[str],
+         held_out: Path | None = None) -> Any:
+    """`loraforge train` with the `init --tiny` settings and `overrides` (`KEY=VALUE` of
+    `[train]`, VALUE in TOML), then `loraforge eval`'s measure."""
     from loraforge.config import load_settings
     from loraforge.project import TINY_VALUES, toml_value
     from loraforge.train.separation import measure
@@ -136,16 +147,18 @@ def ours(work: Path, base: Path, steps: int) -> Any:
     values = {**TINY_VALUES["train"], "max_steps": steps, "log_every_seconds": 30}
     lines = ["[storage]", 'root = "store"', "[models]", f'base = "{base}"',
              f'controlnet = "{base.parent / "tiny-controlnet"}"', "[dataset]",
-             "resolution = 64", "[train]", *(f"{k} = {toml_value(v)}" for k, v in values.items())]
+             "resolution = 64", "[train]", *(f"{k} = {toml_value(v)}" for k, v in values.items()
+                                              if not any(o.startswith(f"{k}=") for o in overrides)),
+             *(o.replace("=", " = ", 1) for o in overrides)]
     (work / "forge.toml").write_text("\n".join(lines) + "\n")
     settings = load_settings(work / "forge.toml")
     started = time.monotonic()
     train(settings, "ours", restart=True)
     print(f"ours: {steps} steps in {time.monotonic() - started:.0f} s")
-    return measure(settings, settings.runs_dir / "ours")
+    return measure(settings, settings.runs_dir / "ours", held_out)
 
 
-def oracle(work: Path, base: Path, steps: int) -> Any:
+def oracle(work: Path, base: Path, steps: int, held_out: Path | None = None) -> Any:
     """The plain diffusers + peft loop, measured on the same samples as ours."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -194,7 +207,8 @@ def oracle(work: Path, base: Path, steps: int) -> Any:
             return encode([prompt])
 
     dataset = scan_dataset(work / "master_dataset", ".txt")
-    samples = concept_samples(vae, alphas, dataset, DatasetConfig(resolution=64), None,
+    held = scan_dataset(held_out, ".txt") if held_out else None
+    samples = concept_samples(vae, alphas, dataset, DatasetConfig(resolution=64), held,
                               torch.device("cpu"))
     triggers = [s.trigger for s in samples]
     with_lora = trigger_losses(unet, encode_one, samples, triggers)
@@ -208,26 +222,36 @@ def main() -> None:
     import torch
     from rich.console import Console
 
+    from loraforge.models.taught import ensure_taught_model
     from loraforge.models.tiny import ensure_tiny_models
     from loraforge.runtime import quiet_loading
     from loraforge.train.separation import print_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--taught", action="store_true", help="the taught tiny base")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [train] setting for ours, e.g. text_encoder_lr=1e-4")
     parser.add_argument("--scaling-factor", type=float, default=None)
     parser.add_argument("--embedding-std", type=float, default=None)
     parser.add_argument("--pretrain", type=int, default=0)
     parser.add_argument("--solid", action="store_true", help="flat-colour images")
+    parser.add_argument("--held-out", action="store_true",
+                        help="measure on two more images per concept, not trained on")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-separation-"))
     write_dataset(work / "master_dataset", args.solid)
-    tiny, _ = ensure_tiny_models(work / "tiny")
+    held_out = work / "held_out" if args.held_out else None
+    if held_out:
+        write_dataset(held_out, args.solid, HELD_OUT)
+    tiny = (ensure_taught_model if args.taught else ensure_tiny_models)(work / "tiny")[0]
     with quiet_loading():
         base = variant_base(tiny, work / "tiny" / "variant", args, work / "master_dataset")
-        results = [ours(work, base, args.steps), oracle(work, base, args.steps)]
+        results = [ours(work, base, args.steps, args.set, held_out),
+                   oracle(work, base, args.steps, held_out)]
     console = Console(width=120)
     for result in results:
         print_table(result, console)
