@@ -1,5 +1,5 @@
-"""`python -m bench {train,generate,memory} --model tiny|sd15 [...]`: measure, print, append to
-BENCHMARKS.md with the machine, versions and date."""
+"""`python -m bench {train,generate,casting,memory} --model tiny|sd15 [...]`: measure, print,
+append to BENCHMARKS.md with the machine, versions and date."""
 
 from __future__ import annotations
 
@@ -127,6 +127,22 @@ def run_generate(args: argparse.Namespace, work: Path) -> str:
     return table(["pipeline", "size", "batch", "s / image", "warm-up (s)", "TFLOP/s"], rows)
 
 
+def run_casting(args: argparse.Namespace, work: Path) -> str:
+    from bench.casting import measure
+    from bench.generate import random_loras
+    from bench.models import model_folders
+
+    base, controlnet = model_folders(args.model, models_root(work))
+    loras = random_loras(base, work, 2)
+    rows = []
+    for size in args.size:
+        results = measure(base, controlnet, loras, work, size, args.steps, args.repeats)
+        plain = results[0].seconds_per_image
+        rows += [[r.scene, size, f"{r.seconds_per_image:.3f}",
+                  f"{r.seconds_per_image / plain - 1:+.0%}"] for r in results]
+    return table(["scene (two figures, two LoRAs)", "size", "s / image", "vs not cast"], rows)
+
+
 def run_memory(args: argparse.Namespace, work: Path) -> str:
     import torch
 
@@ -146,7 +162,7 @@ def run_memory(args: argparse.Namespace, work: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("what", choices=["train", "generate", "memory"])
+    parser.add_argument("what", choices=["train", "generate", "casting", "memory"])
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--batch", type=int, nargs="+", default=None)
     parser.add_argument("--resolution", type=int, default=None)
@@ -167,6 +183,8 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true",
                         help="leave out the reference rows (train: the reference loops; "
                              "generate: diffusers' stock pipeline)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="casting: images per scene and round (the best is kept)")
     parser.add_argument("--note", default="", help="a line written above the table")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -185,12 +203,15 @@ def main() -> None:
     elif args.what == "memory":
         args.batch = args.batch or [1]
         args.resolution = args.resolution or (64 if tiny else 512)
+    elif args.what == "casting":
+        args.size = args.size or ["512x384"]
+        args.steps = args.steps or 8
     else:
         args.batch = args.batch or ([1] if tiny else [1, 4])
         args.size = args.size or (["128x96"] if tiny else ["512x512", "512x768"])
         args.steps = args.steps or 25
     with tempfile.TemporaryDirectory(prefix="loraforge-bench-") as tmp:
-        body = {"train": run_train, "generate": run_generate,
+        body = {"train": run_train, "generate": run_generate, "casting": run_casting,
                 "memory": run_memory}[args.what](args, Path(tmp))
     title = f"### {args.what}, {args.model} model ({machine()})"
     command = "python -m bench " + shlex.join(sys.argv[1:])
