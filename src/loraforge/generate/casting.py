@@ -197,12 +197,9 @@ class _RegionalDelta:
         self.conv = downs[0] if isinstance(downs[0], torch.nn.Conv2d) else None
         self.down = torch.cat([down.weight for down in downs]).detach()
         self.up = torch.cat([delta[2].weight * delta[3] for _, delta in items], dim=1).detach()
-        self.spans: list[tuple[int, int, int]] = []  # (figure, first row, rows)
-        row = 0
-        for figure, delta in items:
-            rank = delta[1].weight.shape[0]
-            self.spans.append((figure, row, rank))
-            row += rank
+        # (figure, its rows of the low-rank activation), in the order of those rows
+        self.spans = [(figure, delta[1].weight.shape[0]) for figure, delta in items]
+        self.masks: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _mask(self, figure: int, output: torch.Tensor) -> torch.Tensor:
         if not self.text_slots:
@@ -212,24 +209,40 @@ class _RegionalDelta:
         own[:, (1 + figure) * slot:(2 + figure) * slot] = 1
         return own
 
+    def _low_rank_mask(self, output: torch.Tensor) -> torch.Tensor:
+        """Each figure's region repeated over its rows of the low-rank activation: one tensor
+        to multiply by, made once per layer shape and batch."""
+        import torch
+
+        key = (*output.shape[:-1],) if output.ndim == 3 else (output.shape[0],
+                                                                 *output.shape[2:])
+        if key not in self.masks:
+            dim = 1 if output.ndim == 4 else -1
+            parts = []
+            for figure, rows in self.spans:
+                mask = self._mask(figure, output)
+                size = list(mask.shape)
+                size[dim] = rows
+                parts.append(mask.expand(size))
+            self.masks[key] = torch.cat(parts, dim=dim).to(self.down.dtype)
+        return self.masks[key]
+
     def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor,
                  ) -> torch.Tensor:
-        import torch
         import torch.nn.functional as F
 
         if output.ndim not in (3, 4):  # no pixels to mask (a time-embedding projection)
             return output
         if self.down.device != args[0].device:  # model offload moves the layers at run time
             self.down, self.up = self.down.to(args[0].device), self.up.to(args[0].device)
+            self.masks.clear()
         x = args[0].to(self.down.dtype)
         if self.conv is not None:
             low = F.conv2d(x, self.down, None, self.conv.stride, self.conv.padding,
                            self.conv.dilation)
         else:
             low = F.linear(x, self.down)
-        dim = 1 if low.ndim == 4 else -1
-        low = torch.cat([low.narrow(dim, first, rows) * self._mask(figure, output)
-                         for figure, first, rows in self.spans], dim=dim)
+        low = low * self._low_rank_mask(output)
         delta = F.conv2d(low, self.up) if self.conv is not None else F.linear(low, self.up)
         return output + delta.to(output.dtype)
 
