@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,6 +94,27 @@ def taught_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return root
+
+
+@pytest.fixture(scope="session")
+def taught_run(tmp_path_factory: pytest.TempPathFactory, taught_store: Path,
+               ) -> tuple[Path, Any]:
+    """A finished multi-concept run `ours` on the taught tiny base: `blake` (flat red pictures)
+    and `mira` (flat blue), 200 steps with `init --tiny`'s settings (bench/separation.py).
+    Returns its project folder (forge.toml, master_dataset/, held_out/, store/) and its
+    separation table, measured on held_out/."""
+    from bench.separation import HELD_OUT, ours, write_dataset
+
+    work = tmp_path_factory.mktemp("taught_run")
+    write_dataset(work / "master_dataset", solid=True)
+    write_dataset(work / "held_out", solid=True, numbers=HELD_OUT)
+    saved = dict(os.environ)
+    try:
+        result = ours(work, taught_store / "tiny-taught", 200, [], work / "held_out")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return work, result
 
 
 def draw_character(path: Path, colour: tuple[int, int, int], shape: str, offset: int) -> None:

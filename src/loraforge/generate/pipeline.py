@@ -186,10 +186,11 @@ def render(pipe: Any, embeds: torch.Tensor, negative_embeds: torch.Tensor, width
 def render_batch(pipe: Any, embeds: torch.Tensor, negative_embeds: torch.Tensor, width: int,
                  height: int, steps: int, cfg: float, seeds: Sequence[int],
                  images: Sequence[Image.Image] | None = None, control_scale: float = 1.0,
-                 ) -> list[Image.Image]:
+                 output_type: str = "pil") -> list[Any]:
     """One image per seed, denoised together in one batch (faster on a GPU). Image i takes
     all its noise from `seeds[i]` and `images[i]` as its control image, so it is the image
-    `render` makes from that seed up to rounding (batched kernels may round differently)."""
+    `render` makes from that seed up to rounding (batched kernels may round differently).
+    `output_type="latent"`: the denoised latents ([4, h, w] each), not decoded."""
     import torch
 
     has_controlnet = getattr(pipe, "controlnet", None) is not None
@@ -213,7 +214,7 @@ def render_batch(pipe: Any, embeds: torch.Tensor, negative_embeds: torch.Tensor,
                       negative_prompt_embeds=negative_embeds.repeat(len(seeds), 1, 1),
                       width=width, height=height, num_inference_steps=steps, guidance_scale=cfg,
                       generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-                      output_type="pil", **extra)
+                      output_type=output_type, **extra)
     return list(result.images)
 
 

@@ -161,3 +161,19 @@ def separation(image: np.ndarray, references: list[np.ndarray], regions: Regions
         scores.append((np.mean([d(shot, pixels[j]) for j in others]) - d(shot, pixels[i]))
                       / max(gap, 1e-9))
     return float(np.mean(scores))
+
+
+def closeness(image: np.ndarray, looks: list[np.ndarray], regions: Regions) -> list[float]:
+    """How much each figure's region looks like its own character's look rather than the
+    others': `looks[i]` is character i's mean colour (or latent) vector, `image` is [H, W, C] at
+    the regions' size. In figure i's region (weight > 0.5), with `m` its mean vector:
+    `(mean over j != i of |m - look j| - |m - look i|) / mean |look i - look j|`. 1: the region
+    is its character's look; 0: halfway; negative: closer to another's."""
+    scores = []
+    for i in range(regions.count):
+        mean = np.asarray(image, dtype=np.float64)[regions.figures[i] > 0.5].mean(axis=0)
+        others = [j for j in range(regions.count) if j != i]
+        gap = np.mean([np.linalg.norm(looks[i] - looks[j]) for j in others])
+        scores.append(float((np.mean([np.linalg.norm(mean - looks[j]) for j in others])
+                             - np.linalg.norm(mean - looks[i])) / max(gap, 1e-9)))
+    return scores
