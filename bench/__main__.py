@@ -215,7 +215,8 @@ def main() -> None:
                 "memory": run_memory}[args.what](args, Path(tmp))
     title = f"### {args.what}, {args.model} model ({machine()})"
     command = "python -m bench " + shlex.join(sys.argv[1:])
-    text = "\n".join(filter(None, [title, "", f"`{command}`", args.note, "", body, ""]))
+    text = "\n".join([title, "", f"`{command}`", *([args.note] if args.note else []), "", body,
+                      ""])
     print(text)
     if not args.no_write:
         with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as fh:
