@@ -213,6 +213,23 @@ def test_failed_build_leaves_nothing_behind(tmp_path: Path,
     assert {p.name for p in tmp_path.iterdir()} <= {tiny.LOCK_NAME}
 
 
+def test_a_build_that_cannot_write_names_the_model_and_leaves_nothing(tmp_path: Path) -> None:
+    def full_disk(folder: Path) -> None:
+        (folder / "unet").mkdir()
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ForgeError, match=r"cannot build the taught tiny model here .*No space"
+                       ) as caught:
+        folders.build_model(tmp_path, "tiny-taught", full_disk, lambda _: False,
+                            "the taught tiny model")
+    assert "storage.root" in str(caught.value.fix)
+    assert list(tmp_path.iterdir()) == []  # no half folder, no model
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ForgeError, match="cannot build the embedded tiny detector here"):
+        folders.build_model(tmp_path / "file", "tiny-detector", lambda _: None,
+                            lambda _: False, "the embedded tiny detector")
+
+
 def test_concurrent_builds_agree(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

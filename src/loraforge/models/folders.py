@@ -74,6 +74,24 @@ def install(tmp: Path, dest: Path, keep_if: Callable[[Path], bool] | None = None
             shutil.rmtree(old, ignore_errors=True)
 
 
+def build_model(root: Path, name: str, build: Callable[[Path], None],
+                is_complete: Callable[[Path], bool], what: str) -> Path:
+    """Build model `name` with `build(folder)` into a fresh hidden folder under `root`, then
+    install it as `root/name`; ForgeError naming `what` when the storage root is not writable."""
+    try:
+        tmp = make_partial(root, name)
+        try:
+            build(tmp)
+            install(tmp, root / name, keep_if=is_complete)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        raise ForgeError(f"cannot build {what} here ({exc})", path=root,
+                         fix="make the storage root writable, or point `storage.root` (or "
+                             "LORAFORGE_STORAGE_ROOT) at a writable folder") from None
+    return root / name
+
+
 def fix_modes(folder: Path, file_mode: int = FILE_MODE) -> None:
     """Files get `storage.file_mode` (safetensors writes 0600, mkdtemp makes 0700); folders the
     same plus search permission wherever read permission is given (0644 -> 0755)."""

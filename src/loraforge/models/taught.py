@@ -29,7 +29,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loraforge.errors import ForgeError
 from loraforge.models import folders, tiny
 
 TAUGHT_NAME = "tiny-taught"
@@ -64,22 +63,16 @@ def ensure_taught_model(storage_root: Path) -> tuple[Path, Path]:
     dest = root / TAUGHT_NAME
     if is_complete(dest):
         return dest, controlnet
-    try:
-        with tiny.build_lock(root) as locked:
-            if not is_complete(dest):
-                folders.remove_leftovers(root, TAUGHT_NAME,
-                                         0.0 if locked else tiny.STALE_PARTIAL_SECONDS)
-                tmp = folders.make_partial(root, TAUGHT_NAME)
-                try:
-                    shutil.copytree(tiny_base, tmp, dirs_exist_ok=True)
-                    teach(tmp)
-                    folders.install(tmp, dest, keep_if=is_complete)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
-        raise ForgeError(f"cannot build the taught tiny model here ({exc})", path=root,
-                         fix="make the storage root writable, or point `storage.root` (or "
-                             "LORAFORGE_STORAGE_ROOT) at a writable folder") from exc
+
+    def build(folder: Path) -> None:
+        shutil.copytree(tiny_base, folder, dirs_exist_ok=True)
+        teach(folder)
+
+    with tiny.build_lock(root) as locked:
+        if not is_complete(dest):  # another process may have built it while we waited
+            folders.remove_leftovers(root, TAUGHT_NAME,
+                                     0.0 if locked else tiny.STALE_PARTIAL_SECONDS)
+            folders.build_model(root, TAUGHT_NAME, build, is_complete, "the taught tiny model")
     return dest, controlnet
 
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from loraforge.errors import ForgeError
 from loraforge.models import cpm, folders
 from loraforge.models.bodypose import Widths, build_network
 from loraforge.models.manifest import (
@@ -92,15 +90,5 @@ def ensure_tiny_detector(storage_root: Path) -> Path:
     dest = tiny_detector_folder(root)
     if is_complete(dest):
         return dest
-    try:
-        tmp = folders.make_partial(root, NAME)
-        try:
-            build_tiny_detector(tmp)
-            folders.install(tmp, dest, keep_if=is_complete)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
-        raise ForgeError(f"cannot build the embedded tiny detector here ({exc})", path=root,
-                         fix="make the storage root writable, or point `storage.root` (or "
-                             "LORAFORGE_STORAGE_ROOT) at a writable folder") from None
-    return dest
+    return folders.build_model(root, NAME, build_tiny_detector, is_complete,
+                               "the embedded tiny detector")
