@@ -337,7 +337,10 @@ def test_taught_base_denoises_and_paints_the_colour_its_prompt_names(taught_stor
     assert base == taught_store / "tiny-taught"
     store.check_base_model(base)
     store.check_pair(base, store.resolve_controlnet(settings))
-    assert store.resolve_base_model(settings) == base  # built once, then reused
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    built = weights.stat().st_mtime_ns
+    assert store.resolve_base_model(settings) == base
+    assert weights.stat().st_mtime_ns == built  # built once, then reused
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None,
                                                    requires_safety_checker=False)
     pixels = [np.asarray(Image.new("RGB", (64, 64), COLOURS[name]), dtype=np.float32)

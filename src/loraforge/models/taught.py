@@ -47,8 +47,9 @@ LESSON: dict[str, Any] = {
 
 def marker() -> dict[str, Any]:
     """The marker of a finished taught base: a tiny model (`store.is_tiny`) with its lesson."""
+    colours = {name: list(rgb) for name, rgb in COLOURS.items()}  # as JSON reads them back
     return {**tiny.marker("base"), "taught": {"version": TAUGHT_VERSION, "lesson": LESSON,
-                                              "colours": sorted(COLOURS)}}
+                                              "colours": colours}}
 
 
 def is_complete(folder: Path) -> bool:
