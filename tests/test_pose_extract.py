@@ -1,9 +1,11 @@
 """Pose maps from pictures: the body network's published layout, parsing heatmaps and part
 affinity fields into people, the tiny detector, `loraforge pose extract` and photos in generate.
 
-No real detector weights can be downloaded here, so no test runs the trained network. The parsing
-is checked on maps synthesised the way the network was trained to draw them (Gaussian peaks at
-the keypoints, unit vectors along each limb) from known people.
+No real OpenPose weights can be downloaded here, so no test runs our network with them. The
+parsing is checked on maps synthesised the way the network was trained to draw them (Gaussian
+peaks at the keypoints, unit vectors along each limb) from known people; and a real photograph
+goes through the whole body path with a real trained detector (MediaPipe's BlazePose, weights
+from its wheel, in its own environment) standing in for the weights.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -394,6 +397,112 @@ def test_generate_refuses_a_photo_when_told_to(tmp_path: Path) -> None:
         PoseCache(lambda _: None, photo_poses(settings)).load(photo, 128, 96)
     assert "loraforge pose extract" in str(refused.value)
     assert 'pose_from_photo = "extract"' in str(refused.value)
+
+
+# --- a real photograph, seen by a real detector ---------------------------------------------------
+
+REFERENCE_PYTHON = Path(__file__).resolve().parents[1] / "lora_env" / "reference" / "bin" / "python"
+HEAD_AND_SHOULDERS = (0, 1, 2, 5, 14, 15, 16, 17)  # nose, neck, shoulders, eyes, ears
+
+
+def _reference_people(count: int, picture: Path) -> list[Person]:
+    """Up to ``count`` people MediaPipe's BlazePose (trained weights from its wheel, run in its own
+    environment by tests/reference_pose.py) sees in ``picture``, left to right."""
+    result = subprocess.run([str(REFERENCE_PYTHON), str(Path(__file__).with_name(
+        "reference_pose.py")), str(count), str(picture)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    people = [Person(tuple(None if p is None else (p[0], p[1]) for p in keypoints))
+              for keypoints in json.loads(result.stdout)[0]]
+    return sorted(people, key=lambda person: (person[1] or (0.0, 0.0))[0])
+
+
+def _published_input(picture: Image.Image) -> Image.Image:
+    """The picture as the published body model takes it: fitted into 656x368 (bicubic), padded
+    right and bottom with grey to multiples of 8."""
+    scale = min(368 / picture.height, 656 / picture.width)
+    width, height = round(picture.width * scale), round(picture.height * scale)
+    canvas = Image.new("RGB", (-(-width // 8) * 8, -(-height // 8) * 8), (128, 128, 128))
+    canvas.paste(picture.resize((width, height), Image.Resampling.BICUBIC), (0, 0))
+    return canvas
+
+
+def _seeing_network(work: Path, count: int) -> object:
+    """Stands in for the body network's trained weights, which cannot be downloaded here: it reads
+    its input the way the published model does (BGR, pixel / 256 - 0.5), has the reference
+    detector see the people in it, and answers with the maps a perfect body network draws for
+    them (``_synthetic_maps``)."""
+    import torch
+
+    class Seeing(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            bgr = (x[0].permute(1, 2, 0).numpy() + 0.5) * 256
+            seen = work / "network_input.png"
+            Image.fromarray(bgr[:, :, ::-1].round().clip(0, 255).astype(np.uint8)).save(seen)
+            people = tuple(_reference_people(count, seen))
+            fields, heatmaps = _synthetic_maps(PoseMap(x.shape[3], x.shape[2], people))
+            return fields[None], heatmaps[None]
+
+    return Seeing()
+
+
+@pytest.fixture(scope="module")
+def hopper() -> Path:
+    """Grace Hopper's portrait, the photograph matplotlib ships (in the reference environment)."""
+    if not REFERENCE_PYTHON.exists():
+        pytest.skip("the reference pose detector's environment is missing: "
+                    "run tests/setup_reference.sh (make test does)")
+    result = subprocess.run([str(REFERENCE_PYTHON), "-c", "import matplotlib.cbook as c; "
+                             "print(c.get_sample_data('grace_hopper.jpg', asfileobj=False))"],
+                            capture_output=True, text=True, check=True)
+    return Path(result.stdout.strip())
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_real_photographs_people_come_out_where_a_real_detector_sees_them(
+        tmp_path: Path, hopper: Path, count: int) -> None:
+    """Grace Hopper's portrait, alone and beside its mirror image, a real photograph seen by a
+    real trained detector: BlazePose stands in for the body network's weights, seeing the
+    network's input. The photo is recognised as not a pose map; every person is found, head and
+    shoulders (the hips are out of frame) and nothing BlazePose does not see; each keypoint
+    comes back in the photo's pixels within 1.5 network-input pixels of where BlazePose sees it at
+    the network's resolution, and within 15% of the shoulder width of where it sees it in the
+    full-size photo."""
+    from loraforge.generate.extract import detect, load_picture
+
+    path = hopper
+    if count == 2:
+        photo = Image.open(hopper).convert("RGB")
+        pair = Image.new("RGB", (2 * photo.width, photo.height))
+        pair.paste(photo, (0, 0))
+        pair.paste(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (photo.width, 0))
+        path = tmp_path / "pair.jpg"
+        pair.save(path, quality=95)
+    picture = load_picture(path)
+    assert not looks_like_pose_map(picture)[0]
+
+    found = detect(_seeing_network(tmp_path, count), picture)
+    small = _published_input(picture)
+    small.save(tmp_path / "published_input.png")
+    near = _reference_people(count, tmp_path / "published_input.png")
+    full = _reference_people(count, path)
+    assert (found.width, found.height) == picture.size
+    assert len(found.people) == len(near) == len(full) == count
+
+    scale = picture.height / round(picture.height * min(368 / picture.height,
+                                                          656 / picture.width))
+    for got, seen_small, seen_full in zip(found.people, near, full, strict=True):
+        assert set(HEAD_AND_SHOULDERS) <= set(got.present())
+        assert got.present() == seen_small.present()
+        assert seen_full[2] is not None and seen_full[5] is not None
+        shoulders = math.dist(seen_full[2], seen_full[5])
+        for p, q, r in zip(got.keypoints, seen_small.keypoints, seen_full.keypoints,
+                           strict=True):
+            if p is None or q is None:
+                continue
+            assert math.dist(p, ((q[0] + 0.5) * scale - 0.5, (q[1] + 0.5) * scale - 0.5)
+                             ) <= 1.5 * scale, (p, q)
+            if r is not None:
+                assert math.dist(p, r) <= 0.15 * shoulders, (p, r)
 
 
 # --- hands and faces ------------------------------------------------------------------------------
