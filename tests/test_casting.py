@@ -19,7 +19,7 @@ from loraforge.config import load_settings
 from loraforge.errors import ForgeError
 from loraforge.generate import casting, pnginfo
 from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lora
-from loraforge.generate.pipeline import load_pipeline, render_batch
+from loraforge.generate.pipeline import compile_denoisers, load_pipeline, render_batch
 from loraforge.generate.poses import Person, PoseMap, draw_pose, random_pose, write_pose_json
 from loraforge.generate.prompts import encode_prompts
 from loraforge.generate.regions import (
@@ -213,6 +213,27 @@ def _character_lora(source: Path, path: Path, concepts: dict[str, dict[str, int]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata)
     return path
+
+
+def test_casting_renders_the_same_with_generate_compile(tiny_store: Path,
+                                                         characters: list[Path]) -> None:
+    """generate.compile = "blocks" and casting: a two-image batch of a cast scene, and a
+    one-image batch after it, come out as eager casting renders them (cast batches run the
+    compiled models eagerly)."""
+    base = tiny_store / "tiny-sd15"
+    own = [LoraUse(inspect_lora(path, BaseWidths.of(base)), 1.0) for path in characters]
+    eager = LoraStack(load_pipeline(base, tiny_store / "tiny-controlnet", torch.device("cpu"),
+                                    torch.float32))
+    expected = {seeds: _render(eager, [], own, list(seeds), cast=True)[0]
+                for seeds in ((1, 2), (3,))}
+    pipe = load_pipeline(base, tiny_store / "tiny-controlnet", torch.device("cpu"),
+                         torch.float32)
+    compile_denoisers(pipe, "blocks")
+    compiled = LoraStack(pipe)
+    for seeds in ((1, 2), (3,)):
+        images, _ = _render(compiled, [], own, list(seeds), cast=True)
+        assert [np.abs(a - b).max() for a, b in zip(images, expected[seeds], strict=True)] \
+            == [0] * len(seeds)
 
 
 def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(

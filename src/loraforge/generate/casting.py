@@ -284,7 +284,13 @@ def regional(pipe: Any, regions: Sequence[Regions], background_weight: float, wi
              height: int, unet_deltas: Sequence[dict[tuple[str, str], Delta]],
              ) -> Iterator[None]:
     """Casting on for the denoising inside the block: `regions[i]` for image i of the batch,
-    `unet_deltas[f]` figure f's own LoRA layers (empty: none)."""
+    `unet_deltas[f]` figure f's own LoRA layers (empty: none).
+
+    Models compiled by generate.compile run eagerly inside the block: compiled, with the
+    processors and hooks put in place around each batch, a two-image cast batch came out
+    wrong (up to 163 levels off the eager images on the tiny model)."""
+    import torch
+
     unet = pipe.unet
     weights = RegionWeights(regions, background_weight, height // 8, width // 8,
                             pipe._execution_device,  # the GPU, also with model offload
@@ -297,18 +303,19 @@ def regional(pipe: Any, regions: Sequence[Regions], background_weight: float, wi
             by_layer.setdefault(key, []).append((figure, delta))
     processor = RegionalAttnProcessor(weights, not any(map(_is_text_slot_layer, by_layer)))
     handles = []
-    try:
-        for model in models:
-            model.set_attn_processor(_attn2_processors(model, processor))
-        for key, items in by_layer.items():
-            hook = _RegionalDelta(weights, items, _is_text_slot_layer(key))
-            handles.append(items[0][1][0].register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for model, processors in zip(models, saved, strict=True):
-            model.set_attn_processor(processors)
+    with torch.compiler.set_stance("force_eager"):
+        try:
+            for model in models:
+                model.set_attn_processor(_attn2_processors(model, processor))
+            for key, items in by_layer.items():
+                hook = _RegionalDelta(weights, items, _is_text_slot_layer(key))
+                handles.append(items[0][1][0].register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for model, processors in zip(models, saved, strict=True):
+                model.set_attn_processor(processors)
 
 
 @dataclass(frozen=True)
