@@ -163,6 +163,21 @@ def test_merged_loras_render_what_diffusers_adapters_render(
     assert np.abs(_render(reference) - merged).max() <= 2
 
 
+def test_loading_loras_prints_nothing(tiny_store: Path, base: Path, tmp_path: Path,
+                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """A scene's LoRAs load without transformers' "Loading weights" bar or its "LOAD REPORT"
+    table of missing adapter keys (which the bench's random LoRAs printed), also outside the
+    command line."""
+    stack = LoraStack(load_pipeline(base, tiny_store / "tiny-controlnet", torch.device("cpu"),
+                                    torch.float32))
+    files = [make_lora(tmp_path / f"{seed}.safetensors", base, seed) for seed in (1, 2)]
+    capfd.readouterr()
+    for path in files:
+        stack.load(inspect_lora(path, BaseWidths.of(base)))
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+
+
 def test_compiled_blocks_render_what_eager_models_render_as_loras_change(
         clean: LoraStack, tiny_store: Path, base: Path, lora_files: dict[str, Path]) -> None:
     """generate.compile = "blocks": the transformer blocks of the U-Net and the ControlNet are

@@ -28,6 +28,7 @@ from typing import Any
 from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.hashing import digest_file
+from loraforge.runtime import quiet_loading
 
 log = logging.getLogger("loraforge.generate")
 
@@ -361,7 +362,8 @@ class LoraStack:
         started = time.monotonic()
         try:
             tensors = load_file(str(lora.path))
-            self.pipe.load_lora_weights(tensors, adapter_name=name)
+            with quiet_loading():  # no "Loading weights" bar, no "LOAD REPORT" table
+                self.pipe.load_lora_weights(tensors, adapter_name=name)
         except Exception as exc:  # a file diffusers cannot map onto this model, whatever way
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ForgeError(f"could not be applied to the base model: {first[:300]}",
