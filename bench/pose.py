@@ -1,6 +1,6 @@
 """`python -m bench.pose [--pictures N] [--threads T ...] [--device cpu|cuda]`: time
 `pose extract` per 1024x768 picture with the full-size OpenPose body network, and per hand
-(`--hands`) with the full-size hand network.
+with the full-size hand network.
 
 The weights are random (no trained ones can be downloaded here), but the network's work is the
 trained one's: the same 52 M parameters and input size (491x368 for a 4:3 picture). Parsing
