@@ -383,6 +383,25 @@ def test_generate_extracts_the_people_of_a_photo_given_as_pose(tmp_path: Path, t
     assert np.array_equal(np.asarray(image), np.asarray(draw_pose(fit_pose(expected, 128, 96))))
 
 
+def test_generate_decodes_a_huge_photo_small(tmp_path: Path, tiny_root: Path) -> None:
+    """A 4096x3072 JPEG given as a pose is decoded at 1/4 scale for its colour check and its
+    people (1024x768, 2.4 MB instead of 38 MB), as `pose extract` decodes it."""
+    from loraforge.generate.extract import Detector
+    from loraforge.generate.scenes import PoseCache
+
+    photo = _figures(tmp_path / "huge.jpg", (4096, 3072))
+    detector = Detector(_tiny_settings(tiny_root))
+    sizes: list[tuple[int, int]] = []
+
+    def people(path: Path, picture: Image.Image) -> PoseMap:
+        sizes.append(picture.size)
+        return detector.people(picture, path)
+
+    image = PoseCache(lambda _: None, people).load(photo, 128, 96)
+    assert sizes == [(1024, 768)]
+    assert image.size == (128, 96) and looks_like_pose_map(image)[0]
+
+
 def test_generate_refuses_a_photo_when_told_to(tmp_path: Path) -> None:
     from loraforge.generate.extract import photo_poses
     from loraforge.generate.scenes import PoseCache

@@ -40,6 +40,9 @@ INPUT_HEIGHT = 368
 INPUT_MAX_WIDTH = 656
 PAD_VALUE = 128
 OUTPUT_SUFFIX = ".pose"
+#: A picture is decoded at no less than this box (JPEG: at 1/2 to 1/8 scale where it still
+#: fills it): twice the network's input, so a huge photo never needs its full-size pixels.
+DECODE_BOX = (2 * INPUT_MAX_WIDTH, 2 * INPUT_HEIGHT)
 
 
 def input_size(width: int, height: int) -> tuple[int, int]:
@@ -49,11 +52,11 @@ def input_size(width: int, height: int) -> tuple[int, int]:
 
 
 def load_picture(path: Path) -> Image.Image:
-    """The picture as RGB, decoded at no more than about twice the network's input size where
-    the format can skip detail (JPEG), so a huge photo never needs its full-size pixels."""
+    """The picture as RGB, decoded at no more than about `DECODE_BOX` where the format can skip
+    detail (JPEG)."""
     from loraforge.dataset.images import load_image
 
-    return load_image(path, fit=(2 * INPUT_MAX_WIDTH, 2 * INPUT_HEIGHT))
+    return load_image(path, fit=DECODE_BOX)
 
 
 def network_input(picture: Image.Image) -> torch.Tensor:

@@ -326,12 +326,15 @@ class PoseCache:
     def _load(self, path: Path, width: int, height: int) -> Image.Image:
         from loraforge.dataset.images import load_image
         from loraforge.generate import poses
+        from loraforge.generate.extract import DECODE_BOX
 
         if path.suffix.lower() == ".json":
             pose = poses.fit_pose(poses.read_pose_json(path), width, height)
             self.keypoints[(path, width, height)] = pose
             return poses.draw_pose(pose)
-        image = load_image(path)
+        # Only ever scaled down, onto the scene or into the detector's input: a huge JPEG
+        # photo is decoded at a fraction of its size.
+        image = load_image(path, fit=(max(width, DECODE_BOX[0]), max(height, DECODE_BOX[1])))
         ok, reason = poses.looks_like_pose_map(image)
         if not ok and reason.startswith("blank"):
             raise ForgeError(f"is not usable as a pose map: {reason}", path=path,
