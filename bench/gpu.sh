@@ -33,9 +33,13 @@ bench train16 150 train --model sd15 --batch 16 --steps 24 \
 bench train4 110 train --model sd15 --batch 4 --steps 32 \
     --variant "train.compile_unet=blocks" --note "$note"
 scene="GPU run of bench/gpu.sh: 2 character LoRAs merged at 0.8, CFG 7, ControlNet, DPM++ 2M Karras."
-bench generate 220 generate --model sd15 --size 512x768 --batch 1 4 --steps 25 --loras 2 \
+bench generate 200 generate --model sd15 --size 512x768 --batch 1 4 --steps 25 --loras 2 \
     --variant compile=blocks --variant compile --note "$scene"
+# Casting's cost (issue 16): the same two-figure scene not cast, cast with one shared LoRA, and
+# with a LoRA per figure, through `loraforge generate`.
+bench casting 80 casting --model sd15 --size 512x768 --steps 25 --repeats 2 \
+    --note "GPU run of bench/gpu.sh: casting's cost per image (issue 16), generate's defaults, CFG 7, ControlNet."
 # Pose extraction (issue 17) on the GPU: the body and hand networks per 1024x768 picture.
 left=$((budget - (SECONDS - started)))
-[ "$left" -gt 20 ] && timeout "$left" python3 -m bench.pose --device cuda --threads 8 --hands \
+[ "$left" -gt 20 ] && timeout "$left" python3 -m bench.pose --device cuda --threads 8 \
     >"$out/pose.log" 2>&1
