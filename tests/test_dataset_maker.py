@@ -269,6 +269,8 @@ def test_tags_replace_needs_old_equals_new(tmp_path: Path) -> None:
 # --- dataset dedupe and check --------------------------------------------------------------
 
 def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> None:
+    """Groups are per concept folder: the same picture in another concept teaches that
+    concept's trigger, so the mage keeps its copy (its only picture but one)."""
     dataset = tmp_path / "master_dataset"
     knight, mage = dataset / "10_knight", dataset / "10_mage"
     knight.mkdir(parents=True)
@@ -287,18 +289,78 @@ def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> N
     groups = near_duplicate_groups(pictures, 6)
     assert warnings == [] and len(pictures) == 5
     assert [[p.path.relative_to(dataset).as_posix() for p in g] for g in groups] == [
-        ["10_knight/a.png", "10_knight/a_small.jpg", "10_mage/a_copy.png"]]
+        ["10_knight/a.png", "10_knight/a_small.jpg"]]
 
     result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "group 1: keep master_dataset/10_knight/a.png (256x256)" in result.stdout
-    assert "2 near-duplicate(s) in 1 group(s)" in result.stdout
+    assert "1 near-duplicate(s) in 1 group(s)" in result.stdout
     moved = dataset / ".duplicates"
     assert sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*") if p.is_file()) \
-        == ["10_knight/a_small.jpg", "10_knight/a_small.txt", "10_mage/a_copy.png"]
+        == ["10_knight/a_small.jpg", "10_knight/a_small.txt"]
     assert (moved / "10_knight" / "a_small.txt").read_text() == "knight, small copy"
     assert sorted(p.name for p in knight.iterdir()) == ["a.png", "b.png"]
-    assert len(list(dataset.rglob("*.png"))) + len(list(dataset.rglob("*.jpg"))) == 5
+    assert sorted(p.name for p in mage.iterdir()) == ["a_copy.png", "c.png"]
+
+
+def test_dedupe_move_that_fails_names_the_file_and_keeps_what_moved(tmp_path: Path) -> None:
+    """A `.duplicates/<concept>` that is a file, not a folder: one error naming the picture
+    and the fix, exit 1, no traceback; the picture stays where it was."""
+    dataset = tmp_path / "master_dataset"
+    knight = dataset / "10_knight"
+    knight.mkdir(parents=True)
+    draw_character(knight / "a.png", RED, "box", -20)
+    Image.open(knight / "a.png").save(knight / "a_copy.png")
+    (dataset / ".duplicates").mkdir()
+    (dataset / ".duplicates" / "10_knight").write_text("in the way")
+    result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert_user_error(result, "master_dataset/10_knight/a_copy.png: cannot be moved to",
+                      "dataset dedupe --move")
+    assert sorted(p.name for p in knight.iterdir()) == ["a.png", "a_copy.png"]
+
+
+def test_pictures_that_would_share_a_caption_are_left_out_and_nothing_is_lost(
+        tmp_path: Path) -> None:
+    """`x.png` and `x.jpg` share `x.txt`: tag, tags and dedupe leave both out with a warning
+    naming them, so the hand-written caption (and its backup) stays as it was."""
+    _project(tmp_path)
+    folder = tmp_path / "master_dataset" / "10_mira"
+    folder.mkdir(parents=True)
+    draw_character(folder / "x.png", RED, "box", -20)
+    Image.open(folder / "x.png").save(folder / "x.jpg", quality=95)
+    draw_character(folder / "y.png", BLUE, "circle", 30)
+    (folder / "x.txt").write_text("mira, hand written caption, solo")
+    for args in (["tag", "--overwrite"], ["tags", "--remove", "solo"], ["dedupe", "--move"]):
+        result = run_cli("dataset", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "x.jpg and x.png would share one caption file; left out" in \
+            result.stdout + result.stderr, args
+        assert (folder / "x.txt").read_text() == "mira, hand written caption, solo"
+    assert sorted(p.name for p in folder.iterdir()) == ["x.jpg", "x.png", "x.txt", "y.png",
+                                                        "y.txt"]
+
+
+@pytest.mark.parametrize(("caption", "replace", "expected"), [
+    ("blake, 1girl, solo", {"1girl": "solo", "solo": "1girl"}, "blake, solo, 1girl"),
+    ("blake, a, b", {"a": "b", "b": "c"}, "blake, b, c"),
+    ("blake, a, b", {"a": "b"}, "blake, b"),
+    ("blake, a, a, b", {"b": "c"}, "blake, a, a, c"),
+])
+def test_replacements_apply_at_once(caption: str, replace: dict[str, str],
+                                    expected: str) -> None:
+    """Swaps and chains keep every tag; a renamed tag that repeats one left as it was goes;
+    repeats the user wrote stay."""
+    from loraforge.dataset.caption_edit import replace_tags
+
+    assert replace_tags(caption, replace, keep="blake") == expected
+
+
+def test_removing_a_tag_keeps_the_spacing_of_the_rest() -> None:
+    from loraforge.dataset.caption_edit import remove_tags
+
+    assert remove_tags("blake, 1girl\r\nsolo", ["1girl"]) == "blake, solo"
+    assert remove_tags("blake, 1girl, solo\n", ["1girl"]) == "blake, solo\n"
+    assert remove_tags("a ||| b, c", ["b"]) == "a ||| c"
 
 
 def test_check_reports_missing_triggers_absorbed_tags_and_near_duplicates(tmp_path: Path,
@@ -317,3 +379,14 @@ def test_check_reports_missing_triggers_absorbed_tags_and_near_duplicates(tmp_pa
            "'blake'" in advice
     assert "1 near-duplicate picture(s) in 1 group(s)" in advice
     assert summary["totals"]["near_duplicates"] == 1
+
+
+def test_check_advice_quotes_a_concept_name_with_a_space(tmp_path: Path) -> None:
+    folder = tmp_path / "master_dataset" / "10_blake character"
+    folder.mkdir(parents=True)
+    draw_character(folder / "0.png", RED, "box", -20)
+    (folder / "0.txt").write_text("smile, red hat")
+    result = run_cli("dataset", "check", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "loraforge dataset tags --add-trigger 'blake character'" in \
+        "\n".join(json.loads(result.stdout)["advice"])

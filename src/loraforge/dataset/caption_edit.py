@@ -50,25 +50,34 @@ def _split(text: str) -> tuple[str, list[list[str]], str]:
 
 
 def edit_tags(text: str, change: Callable[[str], str | None]) -> str:
-    """Apply `change` to every tag: it returns the tag's new text, or None to remove the tag.
-    A change that would repeat a tag already in the caption removes it instead."""
+    """Apply `change` to every tag at once: it returns the tag's new text, or None to remove the
+    tag. A changed tag that would repeat a tag of the result (one left as it was, or an earlier
+    changed one) is removed instead; so swaps (`a=b,b=a`) and chains (`a=b,b=c`) keep every
+    tag."""
     head, items, tail = _split(text)
-    seen = {tag_key(t) for t in caption_tags(text)}
+    wanted = [change(raw.strip()) if raw.strip() else raw.strip() for raw, _ in items]
+    taken = {tag_key(raw) for (raw, _), new in zip(items, wanted, strict=True)
+             if new is not None and tag_key(new) == tag_key(raw)}
+    for i, ((raw, _), new) in enumerate(zip(items, wanted, strict=True)):
+        if new is not None and tag_key(new) != tag_key(raw):
+            if tag_key(new) in taken:
+                wanted[i] = None
+            else:
+                taken.add(tag_key(new))
     i = 0
     while i < len(items):
-        raw = items[i][0]
-        tag = raw.strip()
-        new = change(tag) if tag else tag
-        if new is not None and tag_key(new) != tag_key(tag) and tag_key(new) in seen:
-            new = None
+        new = wanted[i]
         if new is None:
-            seen.discard(tag_key(tag))
+            count = len(items)
             _remove(items, i)
+            if len(items) < count:
+                del wanted[i]
+            else:
+                wanted[i] = ""
             continue
+        tag = items[i][0].strip()
         if new != tag:
-            seen.discard(tag_key(tag))
-            seen.add(tag_key(new))
-            items[i][0] = raw.replace(tag, new, 1)
+            items[i][0] = items[i][0].replace(tag, new, 1)
         i += 1
     if items:
         items[0][0] = items[0][0].lstrip()
@@ -79,6 +88,10 @@ def edit_tags(text: str, change: Callable[[str], str | None]) -> str:
 def _remove(items: list[list[str]], i: int) -> None:
     sep = items[i][1]
     if sep in _SOFT:
+        raw = items[i][0]
+        lead = raw[: len(raw) - len(raw.lstrip())]
+        if lead and i + 1 < len(items) and not items[i + 1][0][:1].isspace():
+            items[i + 1][0] = lead + items[i + 1][0]  # "a, b\nc" without b: "a, c"
         del items[i]
     elif i > 0 and items[i - 1][1] in _SOFT:
         items[i - 1][0] = items[i - 1][0].rstrip() + (" " if sep else "")

@@ -189,6 +189,5 @@ def dedupe_command(
             _say(f"to move the extras into {display_path(settings.dataset_dir / DUPLICATES_DIR)}"
                  "/: loraforge dataset dedupe --move")
         return
-    moved = move_extras(settings.dataset_dir, groups, extension)
-    for src, dest in moved:
+    for src, dest in move_extras(settings.dataset_dir, groups, extension):
         _say(f"moved {display_path(src)} -> {display_path(dest)}")

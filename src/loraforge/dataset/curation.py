@@ -3,6 +3,7 @@ in every caption of a concept (the trigger absorbs them), and near-duplicate pic
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 
 from loraforge.dataset.caption_edit import tag_key
@@ -29,7 +30,8 @@ def _trigger_advice(concept: Concept) -> str | None:
         return None
     return (f"{concept.name}: {len(lacking)} of {len(captioned)} captions lack the trigger "
             f"'{concept.name}' (e.g. {lacking[0].path.with_suffix('').name}), so those "
-            f"pictures do not teach it: loraforge dataset tags --add-trigger {concept.name}")
+            f"pictures do not teach it: loraforge dataset tags --add-trigger "
+            f"{shlex.quote(concept.name)}")
 
 
 def _absorbed_advice(concept: Concept) -> str | None:

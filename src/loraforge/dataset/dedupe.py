@@ -9,17 +9,21 @@ coefficients, each a sum over the 32 x 32 pixels: about a millisecond) rather th
 imagehash, whose scipy import alone would add a third of a second to every `dataset check`; the
 bits are the same as imagehash's `phash`.
 
-Pictures within `distance` bits of each other (transitively) form a group. The kept picture of
-a group is the largest one (then one with a caption, then the first by name); `--move` puts the
-others, with their captions, into `<dataset>/.duplicates/<concept folder>/` (never deleted; a
-hidden folder no scan reads).
+Pictures of one concept folder within `distance` bits of each other (transitively) form a
+group: the same picture in two concept folders teaches two triggers (a group picture, or the
+`5_blake` / `10_blake` subset that is repeated more often), so it is no duplicate. The kept
+picture of a group is the largest one (then one with a caption, then the first by name);
+`--move` puts the others, with their captions, into `<dataset>/.duplicates/<concept folder>/`
+(never deleted; a hidden folder no scan reads; across file systems a copy, then a delete).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +104,9 @@ def hash_distance(a: int, b: int) -> int:
 
 def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTANCE,
                           ) -> list[list[Picture]]:
-    """Groups of pictures within `distance` bits of each other (transitively), each with the
-    picture to keep first, the others by name; groups in order of their kept picture's path."""
+    """Groups of pictures of one concept folder within `distance` bits of each other
+    (transitively), each with the picture to keep first, the others by name; groups in order
+    of their kept picture's path."""
     import numpy as np
 
     n = len(pictures)
@@ -114,9 +119,13 @@ def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTA
         return i
 
     hashes = np.array([p.hash for p in pictures], dtype=np.uint64)
+    folder_ids: dict[Path, int] = {}
+    folders = np.array([folder_ids.setdefault(p.concept.folder, len(folder_ids))
+                        for p in pictures], dtype=np.int64)
     for start in range(0, n, 512):
         block = hashes[start:start + 512, None] ^ hashes[None, :]
-        close = np.argwhere(np.bitwise_count(block) <= distance)
+        same = folders[start:start + 512, None] == folders[None, :]
+        close = np.argwhere((np.bitwise_count(block) <= distance) & same)
         for i, j in close:
             a, b = root(start + int(i)), root(int(j))
             if a != b:
@@ -144,21 +153,29 @@ def _free(folder: Path, image: Path, extension: str) -> Path:
 
 
 def move_extras(dataset_dir: Path, groups: list[list[Picture]], extension: str,
-                ) -> list[tuple[Path, Path]]:
+                ) -> Iterator[tuple[Path, Path]]:
     """Move every picture but the kept one of each group, with its caption, into
-    `<dataset>/.duplicates/<concept folder>/` (renamed `name~2.png` where a name is taken).
-    Returns (from, to) pairs."""
-    moved = []
+    `<dataset>/.duplicates/<concept folder>/` (renamed `name~2.png` where a name is taken),
+    yielding each (from, to) as it is done. ForgeError naming the file when one cannot be
+    moved (what was moved before stays moved)."""
     for group in groups:
         for picture in group[1:]:
             folder = Path(dataset_dir) / DUPLICATES_DIR / picture.concept.folder.name
-            folder.mkdir(parents=True, exist_ok=True)
             dest = _free(folder, picture.path, extension)
             caption = picture.concept.caption_path(picture.path, extension)
-            os.replace(picture.path, dest)
-            moved.append((picture.path, dest))
+            yield _move(picture.path, dest)
             if caption.is_file():
-                caption_dest = dest.with_name(dest.stem + extension)
-                os.replace(caption, caption_dest)
-                moved.append((caption, caption_dest))
-    return moved
+                yield _move(caption, dest.with_name(dest.stem + extension))
+
+
+def _move(source: Path, dest: Path) -> tuple[Path, Path]:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(source, dest)
+    except OSError as exc:
+        raise ForgeError(f"cannot be moved to {display_path(dest)}: {exc.strerror or exc}",
+                         path=display_path(source),
+                         fix="make the dataset folder (and its .duplicates/ folder) writable, "
+                             "then run `loraforge dataset dedupe --move` again: what was moved "
+                             "stays moved") from None
+    return source, dest

@@ -6,6 +6,7 @@ reports what it cannot use as a warning and goes on with the rest.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,22 @@ class ConceptFolder:
 
     def caption_path(self, image: Path, extension: str) -> Path:
         return image.with_name(image.stem + extension)
+
+
+def _one_per_caption(images: list[Path], warn: list[str] | None) -> list[Path]:
+    """`images` without those that share their name's stem with another (`x.png` and `x.jpg`
+    would share one caption file, so editing it for one would overwrite the other's): both
+    are left out, with a warning."""
+    by_stem: dict[str, list[Path]] = {}
+    for image in images:
+        by_stem.setdefault(image.stem, []).append(image)
+    for same in by_stem.values():
+        if len(same) > 1 and warn is not None:
+            names = " and ".join(image.name for image in same)
+            warn.append(f"{display_path(same[0].parent)}: {names} would share one caption file;"
+                        f" left out (rename one: `loraforge dataset check` lists every such "
+                        "pair)")
+    return [image for image in images if len(by_stem[image.stem]) == 1]
 
 
 def concept_folders(dataset_dir: Path, only: list[str] | None = None,
@@ -50,7 +67,7 @@ def concept_folders(dataset_dir: Path, only: list[str] | None = None,
         images = [folder / entry for entry in sorted(os.listdir(folder))
                   if not is_clutter(entry) and Path(entry).suffix.lower() in IMAGE_EXTENSIONS
                   and (folder / entry).is_file()]
-        concepts.append(ConceptFolder(parsed[1], folder, images))
+        concepts.append(ConceptFolder(parsed[1], folder, _one_per_caption(images, warn)))
     if only:
         chosen = [c for c in concepts if c.name in only or c.folder.name in only]
         known = {c.name for c in concepts} | {c.folder.name for c in concepts}
@@ -59,8 +76,10 @@ def concept_folders(dataset_dir: Path, only: list[str] | None = None,
             names = ", ".join(c.name for c in concepts) or "none"
             raise ForgeError(f"no concept named {', '.join(map(repr, unknown))} in "
                              f"{display_path(root)} (concepts: {names})",
-                             fix="name a concept (e.g. blake_character) or its folder (e.g. "
-                                 "20_blake_character), or leave it out for every concept")
+                             fix=(f"name a concept (e.g. {shlex.quote(concepts[0].name)}) or "
+                                  f"its folder (e.g. {shlex.quote(concepts[0].folder.name)}), "
+                                  "or leave it out for every concept") if concepts else
+                             "add a <repeats>_<concept> folder first")
         concepts = chosen
     if not concepts:
         raise ForgeError("has no concept folders", path=display_path(root),
