@@ -305,6 +305,36 @@ def test_pose_extract_a_folder_goes_on_past_bad_pictures(tmp_path: Path, tiny_ro
     assert sorted(p.name for p in out.iterdir()) == ["a.pose.json", "a.pose.png"]
 
 
+def test_pose_extract_skips_its_own_outputs_and_files_that_are_not_pictures(
+        tmp_path: Path, tiny_root: Path) -> None:
+    """`pose extract pics/*` after a first run: the earlier NAME.pose.png/.json and a text
+    file are skipped with a line each, not extracted or refused; a lone non-picture is one
+    error; `-o` naming a folder (no extension) takes the pose map of one picture."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    _figures(pics / "a.png")
+    (pics / "notes.txt").write_text("not a picture")
+    store = ("--set", f"storage.root={tiny_root}", "--set", "models.detector=tiny")
+    first = run_cli("pose", "extract", pics / "a.png", *store, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    written = {p.name: p.read_bytes() for p in pics.iterdir()}
+    every = sorted(pics.iterdir())
+    result = run_cli("pose", "extract", *every, *store, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for needle in ("a.pose.json: skipped (a pose map or JSON that pose extract wrote)",
+                   "a.pose.png: skipped (a pose map or JSON that pose extract wrote)",
+                   "notes.txt: skipped (not a picture", "1 pictures: 1 extracted"):
+        assert needle in result.stdout, (needle, result.stdout)
+    assert {p.name: p.read_bytes() for p in pics.iterdir()} == written
+    assert_user_error(run_cli("pose", "extract", pics / "notes.txt", *store, cwd=tmp_path),
+                      "notes.txt: not a picture")
+    into = run_cli("pose", "extract", pics / "a.png", "-o", tmp_path / "poses", *store,
+                   cwd=tmp_path)
+    assert into.returncode == 0, into.stderr
+    assert sorted(p.name for p in (tmp_path / "poses").iterdir()) == ["a.pose.json",
+                                                                      "a.pose.png"]
+
+
 def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> None:
     from loraforge.generate.extract import extract_command
 

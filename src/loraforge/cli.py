@@ -146,7 +146,8 @@ def pose_extract(
                                                    "folders of them.")],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="PNG pose map to write (default: PICTURE.pose.png beside the "
-        "picture); with several pictures, a folder.")] = None,
+        "picture), or a folder to write NAME.pose.png into (with several pictures, a folder)."
+        )] = None,
     json_out: Annotated[Path | None, typer.Option(
         "--pose-json", metavar="FILE",
         help="OpenPose JSON to write (default: beside the PNG, .json).")] = None,

@@ -163,36 +163,59 @@ def photo_poses(settings: Settings) -> Callable[[Path, Image.Image], PoseMap] | 
 
 # --- `loraforge pose extract` ------------------------------------------------------------------
 
-def _pictures(inputs: list[Path]) -> tuple[list[Path], bool]:
-    """The pictures named (folders expanded to their images, sorted), and whether it is a batch."""
+def _is_output(path: Path) -> bool:
+    """An earlier output of `pose extract` (NAME.pose.png, NAME.pose.json)."""
+    return path.stem.endswith(OUTPUT_SUFFIX) and path.suffix.lower() in (".png", ".json")
+
+
+def _pictures(inputs: list[Path]) -> tuple[list[Path], bool, list[str]]:
+    """The pictures named (folders expanded to their images, sorted), whether it is a batch,
+    and a note for each named file left out: an earlier output, or not a picture (in a batch;
+    named alone, that is an error)."""
     from loraforge.dataset.images import IMAGE_EXTENSIONS
 
     pictures: list[Path] = []
+    left_out: list[tuple[Path, str]] = []
     batch = len(inputs) > 1
     for item in inputs:
         item = Path(item)
         if item.is_dir():
             batch = True
             found = sorted(p for p in item.iterdir() if p.is_file()
-                           and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not p.stem.endswith(OUTPUT_SUFFIX))
+                           and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_output(p))
             if not found:
-                raise ForgeError("holds no pictures (png, jpg, jpeg, webp, bmp)", path=item,
+                raise ForgeError("holds no pictures (png, jpg, jpeg, webp, bmp; NAME.pose.png "
+                                 "files are earlier pose maps and are skipped)", path=item,
                                  fix="name the pictures, or a folder that holds some")
             pictures += found
         elif not item.exists():
             raise ForgeError("no such file", path=item, fix="check the path to the picture")
+        elif _is_output(item):
+            left_out.append((item, "a pose map or JSON that pose extract wrote"))
+        elif item.suffix.lower() not in IMAGE_EXTENSIONS:
+            left_out.append((item, "not a picture: png, jpg, jpeg, webp, bmp"))
         else:
             pictures.append(item)
-    return pictures, batch
+    if not pictures:
+        item, why = left_out[0] if len(left_out) == 1 else (
+            Path(inputs[0]), "no pictures among the files named")
+        raise ForgeError(why, path=item,
+                         fix="name pictures (png, jpg, jpeg, webp, bmp) or folders of them")
+    return pictures, batch, [f"{item}: skipped ({why})" for item, why in left_out]
+
+
+def _into_folder(output: Path | None, batch: bool) -> bool:
+    """Whether the pose maps go into the folder `output` (several pictures, or -o naming an
+    existing folder or a name without an extension)."""
+    return batch or (output is not None and (output.is_dir() or not output.suffix))
 
 
 def _outputs(picture: Path, output: Path | None, json_out: Path | None, batch: bool,
              ) -> tuple[Path, Path]:
     stem = picture.stem + OUTPUT_SUFFIX
-    if batch:
+    if _into_folder(output, batch):
         folder = output if output is not None else picture.parent
-        return folder / f"{stem}.png", folder / f"{stem}.json"
+        return folder / f"{stem}.png", json_out or folder / f"{stem}.json"
     png = output if output is not None else picture.with_name(f"{stem}.png")
     return png, json_out if json_out is not None else png.with_suffix(".json")
 
@@ -222,7 +245,7 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
     png, json_path = _outputs(pictures[0], output, json_out, batch)
     if png.is_dir():
         raise ForgeError("is a folder; expected the pose map's file name", path=png,
-                         fix="pass a file path, e.g. -o pose_map.png")
+                         fix="pass another -o, e.g. -o pose_map.png")
     if png.suffix.lower() != ".png":
         raise ForgeError("pose maps are written as PNG (a lossy format would change the "
                          "colours the ControlNet reads)", path=png,
@@ -244,8 +267,10 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     (exit 1) when any picture gave no pose."""
     gen = settings.config.generate
     width, height = parse_size(size) if size else (gen.width, gen.height)
-    pictures, batch = _pictures(inputs)
+    pictures, batch, notes = _pictures(inputs)
     _check_outputs(pictures, output, json_out, batch)
+    for note in notes:
+        say(note)
     detector = Detector(settings, hands, face)
     detector.net()  # a missing or damaged detector stops the batch before the first picture
     people = 0
