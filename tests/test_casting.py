@@ -375,6 +375,36 @@ def test_a_cast_scenes_file_writes_masks_and_png_info_and_from_renders_it_again(
     assert [path.read_bytes() for path in written] == first
 
 
+def test_other_regions_or_an_edited_pose_keep_the_earlier_image_and_from_honours_them(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    """A cast scene rendered with region_pad 0.6, then with the default padding, then after
+    its pose file was edited: each earlier image is kept (`-v2`, `-v3`), and `--from` the
+    first renders it bit for bit though the config now says otherwise."""
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})
+    for path in characters:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    _pose_file(tmp_path / "two.json", [(20, 50), (80, 110)])
+    scenes = _scene(tmp_path, "two.json", FIGURES)
+    padded = generate(load_settings(config, ["generate.region_pad=0.6"]),
+                      Options(scenes=scenes), lambda line: None)
+    first = padded[0].read_bytes()
+    plain = generate(load_settings(config), Options(scenes=scenes), lambda line: None)
+    _pose_file(tmp_path / "two.json", [(10, 45), (85, 115)])
+    edited = generate(load_settings(config), Options(scenes=scenes), lambda line: None)
+    images = tmp_path / "store" / "Final_Images"
+    assert [p.name for p in padded + plain + edited] == [
+        "market-3.png", "market-4.png", "market-3-v2.png", "market-4-v2.png",
+        "market-3-v3.png", "market-4-v3.png"]
+    assert padded[0].read_bytes() == first
+    assert json.loads((images / "market-3.json").read_text())["cast"]["pad"] == 0.6
+    copy = tmp_path / "keep.png"
+    copy.write_bytes(first)
+    again = generate(load_settings(config), Options(source=copy), lambda line: None)
+    assert again == padded and padded[0].read_bytes() == first
+
+
 @pytest.mark.parametrize(("pose", "figures", "needle"), [
     ("three.json", FIGURES, "has 3 figures, the scene casts 2"),
     ("overlap.json", FIGURES, "figures 1 and 2 (from the left) overlap"),

@@ -3,7 +3,8 @@
 Outputs under `<storage>/Final_Images/` (all written atomically):
 
 - `<scene>-<seed>.png`: the image, with A1111's `parameters` text chunk (an earlier image of
-  that name made with other parameters is kept: the new one is `<scene>-<seed>-v2.png`, ...);
+  that name made otherwise, with other parameters, scene record or pose map, is kept: the new
+  one is `<scene>-<seed>-v2.png`, ...);
 - `<scene>-<seed>.pose.png`: the pose map the ControlNet saw;
 - `<scene>-<seed>.json`: the same values as the chunk, plus full paths and hashes;
 - `<scene>-<seed>.masks.png`: a cast scene's figure regions (figure 1, 2, ... in red, blue,
@@ -143,6 +144,8 @@ def scene_table(job: Job, batch: list[int]) -> dict[str, Any]:
         "pose": job.pose.record(), "figures": job.pose.figures}
     if job.cast is not None:
         table["background_weight"] = job.cast.background_weight
+        table["region_pad"] = job.cast.pad
+        table["region_soften"] = job.cast.soften
         table["figure"] = [
             {key: value for key, value in (
                 ("character", f.character), ("prompt", f.prompt),
@@ -185,20 +188,43 @@ def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, paramet
     }
 
 
-def output_stem(folder: Path, stem: str, parameters: str) -> str:
-    """`stem` (`<scene>-<seed>`), unless an image of that name made with other parameters is
-    there: it is kept, and the new one takes the first free `<stem>-v2`, `-v3`, ... The same
+def output_stem(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
+                pose: Image.Image) -> str:
+    """`stem` (`<scene>-<seed>`), unless an image of that name made otherwise is there (other
+    parameters, another scene record, or another pose map: a region's padding, an edited pose
+    file): it is kept, and the new one takes the first free `<stem>-v2`, `-v3`, ... The same
     image made again replaces its own file, so a rerun adds nothing."""
     candidate, number = stem, 1
     while (folder / f"{candidate}.png").exists():
-        try:
-            if pnginfo.read_parameters(folder / f"{candidate}.png") == parameters:
-                break
-        except OSError:  # unreadable or not a PNG: someone's file, kept as it is
-            pass
+        if _made_alike(folder, candidate, parameters, scene, pose):
+            break
         number += 1
         candidate = f"{stem}-v{number}"
     return candidate
+
+
+def _made_alike(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
+                pose: Image.Image) -> bool:
+    """Whether `<stem>.png` was made with these parameters, this scene record (its batch of
+    seeds aside) and this pose map."""
+    import numpy as np
+    from PIL import Image
+
+    def without_batch(record: dict[str, Any] | None) -> Any:
+        table = dict(json.loads(json.dumps((record or {}).get("scene") or {})))
+        table.pop("seeds", None)
+        return table
+
+    try:
+        if pnginfo.read_parameters(folder / f"{stem}.png") != parameters:
+            return False
+        if without_batch(pnginfo.read_scene(folder / f"{stem}.png")) != without_batch(scene):
+            return False
+        with Image.open(folder / f"{stem}.pose.png") as old_pose:
+            return bool(np.array_equal(np.asarray(old_pose.convert("RGB")),
+                                       np.asarray(pose.convert("RGB"))))
+    except OSError:  # unreadable, not a PNG, or no pose map beside it: someone's file, kept
+        return False
 
 
 def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Image,
@@ -356,14 +382,14 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
                 fields = parameters_fields(job, seed, base, controlnet)
                 parameters = pnginfo.format_parameters(shown_prompt(job), job.negative_text,
                                                        fields)
-                stem = output_stem(folder, f"{job.stem}-{seed}", parameters)
+                scene = scene_table(job, seeds)
+                stem = output_stem(folder, f"{job.stem}-{seed}", parameters, scene, pose)
                 record = sidecar(job, seed, base, controlnet, parameters,
                                  folder / f"{stem}.png", folder / f"{stem}.pose.png", seconds,
                                  str(device), chosen.name, len(seeds))
                 path = _write_outputs(folder, stem, image, pose, parameters, record,
                                       settings.file_mode,
-                                      regions[index].image() if regions else None,
-                                      scene_table(job, seeds))
+                                      regions[index].image() if regions else None, scene)
                 written.append(path)
                 loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.all_loras) \
                     or "none"

@@ -60,7 +60,7 @@ MIN_SIDE, MAX_SIDE = 64, 4096
 MAX_SEED = 2**63 - 1
 SCENE_FIELDS = ("name", "prompt", "negative", "pose", "seed", "seeds", "count", "size",
                 "figures", "loras", "steps", "cfg", "sampler", "control_scale", "clip_skip",
-                "figure", "background_weight")
+                "figure", "background_weight", "region_pad", "region_soften")
 FIGURE_FIELDS = ("character", "lora", "prompt")
 _CHARACTER_RE = re.compile(r"^\s*([A-Za-z0-9][\w.-]*)\s*:(.*)$", re.DOTALL)
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -686,8 +686,9 @@ def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
         figures = [Figure(f.prompt, f.text, f.character, None) for f in figures]
     weight = _float(values["background_weight"], 0, 1, "use 0 (the figures' prompts alone) "
                     "to 1 (the scene's prompt alone)")
-    gen = settings.config.generate
-    return Cast(figures, weight, gen.region_pad, gen.region_soften), uses
+    pad = _float(values["region_pad"], 0, 1, "use 0 (the skeleton's box) to 1")
+    soften = _float(values["region_soften"], 0, 0.25, "use 0 (sharp edges) to 0.25")
+    return Cast(figures, weight, pad, soften), uses
 
 
 def command_values(settings: Settings, options: Options) -> dict[str, Value]:
@@ -725,6 +726,9 @@ def command_values(settings: Settings, options: Options) -> dict[str, Value]:
                         else None, "--figure", cwd),
         "background_weight": pick("--background-weight", options.background_weight,
                                   "background_weight", gen.background_weight),
+        "region_pad": pick("--set generate.region_pad", None, "region_pad", gen.region_pad),
+        "region_soften": pick("--set generate.region_soften", None, "region_soften",
+                              gen.region_soften),
     }
     return values
 
