@@ -5,6 +5,7 @@ bad casts are refused before anything is rendered."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,23 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
     assert own.cast.figures[1].text == "rook knight, (angry:1.2)"
     assert own.cast.figures[1].lora.lora.path.name == "rook.safetensors"
     assert own.pose.figures == 2
+    # The run named as one figure and a concept of it as the other: the LoRA acts once.
+    once = plan("multi: smiling", "mira_character: arms crossed")
+    assert [u.lora.path.name for u in once.loras] == ["multi.safetensors"]
+    assert [f.lora for f in once.cast.figures] == [None, None]
+    # A <lora:...> tag in a figure's prompt is that figure's own LoRA, not words.
+    tagged = plan("blake: smiling <lora:rook:0.5>", "mira_character: arms crossed")
+    assert tagged.cast.figures[0].text == "blake, smiling"
+    assert (tagged.cast.figures[0].lora.lora.path.name, tagged.cast.figures[0].lora.weight) \
+        == ("rook.safetensors", 0.5)
+    for figures, needle in (
+            (("blake: a", "mira_character: b <lora:nowhere:0.5>"), "nowhere"),
+            (("blake: a <lora:rook> <lora:multi>", "mira_character: b"),
+             "gives more than one LoRA"),
+            (("blake: a", "mira_character: b <lora:multi:0.3>"),
+             "its LoRA multi (weight 0.3) already acts on the whole image with weight 1")):
+        with pytest.raises(ForgeError, match=re.escape(needle)):
+            plan(*figures)
 
 
 def test_a_figure_lora_over_the_whole_image_renders_what_the_merged_lora_renders(

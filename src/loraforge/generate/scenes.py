@@ -665,7 +665,15 @@ def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
     uses = list(uses)
     figures: list[Figure] = []
     for where, item in entries:
-        prompt = item.get("prompt", "").strip()
+        try:
+            prompt, tags = extract_lora_tags(item.get("prompt", ""))
+        except ValueError as exc:
+            raise _err(where, str(exc), "write tags like <lora:name:0.8>") from None
+        prompt = prompt.strip()
+        if len(tags) > 1 or (tags and item.get("lora", "").strip()):
+            raise _err(where, "gives more than one LoRA (a figure wears one: its `lora` or "
+                       "one <lora:...> tag in its prompt)", "keep one; a LoRA for the whole "
+                       "image goes in the scene's `loras` or prompt")
         character = item.get("character", "").strip() or None
         trigger, own = "", None
         if character is not None:
@@ -676,14 +684,28 @@ def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
             ref, weight = lora_files.split_weight(item["lora"])
             own = resolver.ref(ref, weight, f"{where.origin}, field `lora`", where.base,
                                item["lora"])
-        if own is not None and any(u.lora.path == own.lora.path for u in uses):
-            own = None  # already acting everywhere
+        elif tags:
+            own = resolver.ref(tags[0].name, tags[0].weight, f"{where.origin} {tags[0].text}",
+                               where.base)
         text = ", ".join(part for part in (trigger, prompt) if part)
         figures.append(Figure(prompt, text, character, own))
     first = figures[0].lora
     if first is not None and len(figures) > 1 and all(f.lora == first for f in figures):
         uses.append(first)
         figures = [Figure(f.prompt, f.text, f.character, None) for f in figures]
+    everywhere = {u.lora.path: u for u in uses}
+    for index, ((where, _), figure) in enumerate(zip(entries, figures, strict=True)):
+        own = figure.lora
+        if own is None or own.lora.path not in everywhere:
+            continue
+        acting = everywhere[own.lora.path]
+        if own.weight != acting.weight:
+            raise _err(where, f"its LoRA {own.lora.name} (weight {own.weight:g}) already acts "
+                       f"on the whole image with weight {acting.weight:g} (as the scene's "
+                       "LoRA, or for another figure's character)",
+                       "give that LoRA one weight: leave the figure's own out, or give both "
+                       "the same weight")
+        figures[index] = Figure(figure.prompt, figure.text, figure.character, None)
     weight = _float(values["background_weight"], 0, 1, "use 0 (the figures' prompts alone) "
                     "to 1 (the scene's prompt alone)")
     pad = _float(values["region_pad"], 0, 1, "use 0 (the skeleton's box) to 1")
