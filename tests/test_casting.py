@@ -456,6 +456,10 @@ def test_from_an_image_without_a_scene_record_is_refused(tmp_path: Path,
     result = run_cli("generate", "--config", config, "--from", tmp_path / "other.png",
                      env={"OMP_NUM_THREADS": "1"})
     assert_user_error(result, "other.png", "holds no LoRA Forge scene record", "fix:")
+    ignored = run_cli("generate", "--config", config, "--from", tmp_path / "other.png",
+                      "--steps", "4", "--seed", "3", "--figure", "x", env={"OMP_NUM_THREADS": "1"})
+    assert_user_error(ignored, "--from renders the image's recorded scene as it was, so it "
+                      "takes no --seed, --steps, --figure", "scenes file")
 
 
 def test_command_refuses_a_figure_count_the_pose_does_not_have(tmp_path: Path,

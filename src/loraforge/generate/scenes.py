@@ -832,12 +832,30 @@ def scene_values(index: int, scene: dict[str, Any], defaults: dict[str, Value],
     return values
 
 
+_FLAGS = {"loras": "--lora", "cast": "--figure", "scenes": "--scenes", "pose": "--pose"}
+
+
+def _from_alone(options: Options) -> None:
+    """`--from` renders the recorded scene as it was: a scene option beside it is refused
+    (it would be ignored)."""
+    from dataclasses import fields
+
+    given = [_FLAGS.get(f.name, "--" + f.name.replace("_", "-")) for f in fields(options)
+             if f.name != "source" and getattr(options, f.name) is not None]
+    if given:
+        raise ForgeError(f"--from renders the image's recorded scene as it was, so it takes no "
+                         f"{', '.join(given)}",
+                         fix="drop them; to change the scene, copy the image's record into a "
+                             "scenes file ([[scene]]) and edit it there")
+
+
 def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, poses: PoseCache,
               ) -> list[Job]:
     """Every scene to render, checked. Scenes file: all errors are gathered and reported at
     once, naming each scene and field, and nothing is rendered."""
     defaults = command_values(settings, options)
     if options.source is not None:
+        _from_alone(options)
         scene = recorded_scene(Path(options.source))
         return [resolve_job(scene_values(0, scene, defaults, Path(options.source).parent),
                             settings, resolver, poses)]
