@@ -309,6 +309,20 @@ def test_a_figure_lora_over_the_whole_image_renders_what_the_merged_lora_renders
     assert np.abs(base - merged).mean() > 5  # the LoRA changes the image
 
 
+def test_a_figure_too_small_to_cast_is_refused_and_soft_edges_keep_the_figures() -> None:
+    """A figure given only its neck would get no region (its character would never act):
+    refused, naming it. The widest softening keeps every figure's own weight above one half
+    somewhere inside it."""
+    neck_only = Person(tuple([None, (90.0, 40.0)] + [None] * 16))
+    standing = random_pose(1, 60, HEIGHT, 3).people[0]
+    with pytest.raises(ForgeError, match=re.escape("figure 2 (from the left) is too small "
+                                                   "to cast")):
+        figure_regions(PoseMap(WIDTH, HEIGHT, (standing, neck_only)), WIDTH, HEIGHT)
+    boxes = [(10.0, 10.0, 40.0, 90.0), (50.0, 10.0, 80.0, 90.0), (90.0, 10.0, 120.0, 90.0)]
+    soft = box_regions(boxes, WIDTH, HEIGHT, pad=0.0, soften=0.25)
+    assert all(float(mask.max()) > 0.5 for mask in soft.figures)
+
+
 def test_regions_from_keypoints_and_from_a_drawn_map_agree() -> None:
     people = tuple(reversed(random_pose(3, WIDTH * 2, HEIGHT, 4).people))  # right to left
     pose = PoseMap(WIDTH * 2, HEIGHT, people)

@@ -106,6 +106,14 @@ def map_boxes(image: Image.Image) -> list[Box]:
     return boxes
 
 
+#: A figure region smaller than one latent cell (8x8 pixels) would cast nothing.
+MIN_REGION_PIXELS = 64
+
+
+def _box_size(box: Box) -> str:
+    return f"{box[2] - box[0]:.0f}x{box[3] - box[1]:.0f} px"
+
+
 def box_regions(boxes: list[Box], width: int, height: int, pad: float = 0.15,
                 soften: float = 0.0, where: str = "the pose") -> Regions:
     """The regions of figures with these boxes (left to right) on a `width` x `height` canvas."""
@@ -131,8 +139,17 @@ def box_regions(boxes: list[Box], width: int, height: int, pad: float = 0.15,
     nearest = np.argmin(stacked, axis=0)
     inside = np.isfinite(stacked.min(axis=0))
     masks = np.stack([((nearest == i) & inside).astype(np.float32) for i in range(len(boxes))])
+    for i, mask in enumerate(masks):
+        if mask.sum() < MIN_REGION_PIXELS:
+            raise ForgeError(
+                f"{where}: figure {i + 1} (from the left) is too small to cast: its region "
+                f"covers {int(mask.sum())} pixels (its keypoints span "
+                f"{_box_size(boxes[i])}), less than one latent cell of 8x8",
+                fix="give that figure its keypoints (head, shoulders and hips at least), or "
+                    "cast one character fewer")
     if soften > 0:
-        radius = soften * min(width, height)
+        # a Gaussian's edge rises from 2% to 98% over 4 sigma: that width is `soften`
+        radius = soften * min(width, height) / 4
         masks = np.stack([np.asarray(Image.fromarray(m * 255).convert("L").filter(
             ImageFilter.GaussianBlur(radius)), dtype=np.float32) / 255 for m in masks])
         total = masks.sum(axis=0)
