@@ -267,6 +267,9 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
     once = plan("multi: smiling", "mira_character: arms crossed")
     assert [u.lora.path.name for u in once.loras] == ["multi.safetensors"]
     assert [f.lora for f in once.cast.figures] == [None, None]
+    # Figures with prompts alone: the newest run's LoRA acts, as without figures.
+    prompts_only = plan("smiling", "arms crossed")
+    assert [u.lora.path.name for u in prompts_only.loras] == ["multi.safetensors"]
     # A <lora:...> tag in a figure's prompt is that figure's own LoRA, not words.
     tagged = plan("blake: smiling <lora:rook:0.5>", "mira_character: arms crossed")
     assert tagged.cast.figures[0].text == "blake, smiling"
@@ -277,7 +280,9 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
             (("blake: a <lora:rook> <lora:multi>", "mira_character: b"),
              "gives more than one LoRA"),
             (("blake: a", "mira_character: b <lora:multi:0.3>"),
-             "its LoRA multi (weight 0.3) already acts on the whole image with weight 1")):
+             "its LoRA multi (weight 0.3) already acts on the whole image with weight 1"),
+            (("blake: a", "nobody: b"), "(concepts: blake, mira_character; runs: multi, "
+                                        "rook)")):
         with pytest.raises(ForgeError, match=re.escape(needle)):
             plan(*figures)
 

@@ -530,7 +530,7 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
     entries = _figure_entries(values.get("figure"))
     figures = values["figures"]
     if entries:
-        figures = _cast_count(figures, len(entries))
+        figures = _cast_count(figures, len(entries), values["figure"])
     pose = _pose(values["pose"], figures, values["size"], width, height, seeds[0], poses,
                  optional=values["pose"].origin.startswith("generate.pose_map"))
     if pose.reason:
@@ -548,7 +548,9 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
             tagged.append(resolver.ref(tag.name, tag.weight, f"{values[key].origin} "
                                        f"{tag.text}", values[key].base))
     explicit = resolver.items(values["loras"])
-    if explicit is None and entries:
+    wearing = any(item.get("character", "").strip() or item.get("lora", "").strip()
+                  or "<lora:" in item.get("prompt", "") for _, item in entries)
+    if explicit is None and wearing:
         explicit = []  # the characters say which LoRAs act (`_cast`)
     elif explicit is None:
         if tagged:
@@ -616,12 +618,13 @@ def _figure_entries(value: Value | None) -> list[tuple[Value, dict[str, Any]]]:
     return entries
 
 
-def _cast_count(figures: Value, cast: int) -> Value:
-    """Random figures: as many as are cast (a figure count given for the scene must agree)."""
+def _cast_count(figures: Value, cast: int, figure: Value) -> Value:
+    """Random figures: as many as are cast (a figure count given for the scene must agree),
+    named after the figures cast."""
     if not figures.origin.startswith("generate.figures") and figures.value != cast:
         raise _err(figures, f"asks for {figures.value} figures, the scene casts {cast}",
                    "cast one figure per posed figure (or leave the figure count out)")
-    return Value(cast, figures.origin, figures.base)
+    return Value(cast, f"{figure.origin} ({cast} figures cast)", figure.base)
 
 
 def _character(name: str, where: Value, settings: Settings, resolver: LoraResolver,
@@ -641,7 +644,7 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
     if default is not None and name in default.concepts:
         return default.concepts[name], None, lora_files.LoraUse(default, weight)
     if default is not None:
-        known += list(default.concepts)
+        known += [c for c in default.concepts if c not in known]
     run_dir = settings.runs_dir / name
     if run_dir.is_dir():
         own = resolver.ref(name, None, where.origin, where.base)
