@@ -205,3 +205,18 @@ def test_gif_is_an_image_even_named_png(tmp_path: Path) -> None:
     Image.new("P", (9, 7), 3).save(tmp_path / "g.png", format="GIF")
     assert probe_image(tmp_path / "g.png") == (9, 7)
     assert load_image(tmp_path / "g.png").mode == "RGB"
+
+
+def test_a_picture_of_over_89_megapixels_raises_no_anonymous_library_warning(
+        tmp_path: Path) -> None:
+    """Pillow warns about 89-179 MP pictures without naming the file: that warning stays out
+    of our output (a 10000 x 9000 picture, 90 MP, as one flat colour)."""
+    import warnings
+
+    path = tmp_path / "big.png"
+    Image.new("L", (10000, 9000), 128).save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        picture = load_image(path, fit=(100, 100))
+    assert picture.size == (10000, 9000)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -12,6 +12,7 @@ the file and the fix.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -170,7 +171,11 @@ def _open(path: Path) -> Image.Image:
     if path.is_dir():
         raise ForgeError("is a folder, not an image", path=path, fix="give the image file")
     try:
-        im = Image.open(path, formats=_FORMATS)
+        with warnings.catch_warnings():
+            # 89-179 megapixels: Pillow warns without naming the file; such a picture is
+            # decoded like any other (the error above that size is reported below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=_FORMATS)
     except UnidentifiedImageError:
         raise _not_readable(path) from None
     except Image.DecompressionBombError as exc:
