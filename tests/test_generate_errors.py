@@ -201,6 +201,24 @@ def test_bad_scene_entries_are_named_and_nothing_is_rendered(project: Path) -> N
     _untouched(project)
 
 
+def test_scene_mistakes_are_named_where_they_are(project: Path) -> None:
+    """A duplicate name is numbered by its place in the file (a bad scene before it counts); a
+    figure count written as text says so; a background weight out of range is refused with
+    or without figures."""
+    (project / "scenes.toml").write_text(
+        '[[scene]]\nname = "bad"\nsize = "abc"\n\n'
+        '[[scene]]\nname = "hero"\n\n'
+        '[[scene]]\nname = "Hero"\n\n'
+        '[[scene]]\nname = "cast"\npose = "random"\nfigures = "2"\n'
+        '[[scene.figure]]\nprompt = "a"\n[[scene.figure]]\nprompt = "b"\n\n'
+        '[[scene]]\nname = "heavy"\nbackground_weight = 7\n')
+    result = _generate(project, "--scenes", "scenes.toml", "--lora", "none")
+    assert_user_error(result, "4 bad scene entries", 'scenes "hero" and "Hero" (#3)',
+                      'scene "cast" (#4), field `figures`: must be a whole number',
+                      'scene "heavy" (#5), field `background_weight`: must be from 0 to 1')
+    _untouched(project)
+
+
 def test_no_finished_run_lists_the_runs(project: Path) -> None:
     runs = project / "store" / "Multi_Concept_Output"
     for name, status in (("blake", "interrupted"), ("mira", "running")):

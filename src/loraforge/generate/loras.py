@@ -125,7 +125,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     complete safetensors file; a pickle is recognised and refused without being opened as one."""
     if not path.exists():
         raise ForgeError("LoRA file not found", path=path,
-                         fix="check the path; leave --lora out to use the newest finished run")
+                         fix="check the path (a relative one starts at the folder of the "
+                             "scenes file or forge.toml that names it, or at the current "
+                             "folder for --lora)")
     if path.is_dir():
         raise ForgeError("is a folder, not a LoRA file", path=path,
                          fix="give the .safetensors file inside it")
@@ -280,7 +282,7 @@ def resolve_lora(ref: str, runs_dir: Path, relative_to: Path) -> Path:
     names = f" (runs: {', '.join(known)})" if known else ""
     raise ForgeError("LoRA file not found", path=path,
                      fix=f"check the path; give a .safetensors file or a run name under "
-                         f"{runs_dir}{names}; leave --lora out to use the newest finished run")
+                         f"{runs_dir}{names}")
 
 
 def _finished_time(record: dict[str, Any], final: Path) -> float:

@@ -564,6 +564,8 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
                                            settings.config.generate.lora_weight)]
     uses = _merge_tags(_unique(explicit, values["loras"].origin), tagged)
     cast = None
+    if not entries:  # checked all the same: a wrong value is a mistake with or without figures
+        _cast_settings(values)
     if entries:
         cast, uses = _cast(entries, values, settings, resolver, uses)
         cast.regions(pose, seeds[0], width, height, f"{values['pose'].origin} "
@@ -621,7 +623,8 @@ def _figure_entries(value: Value | None) -> list[tuple[Value, dict[str, Any]]]:
 def _cast_count(figures: Value, cast: int, figure: Value) -> Value:
     """Random figures: as many as are cast (a figure count given for the scene must agree),
     named after the figures cast."""
-    if not figures.origin.startswith("generate.figures") and figures.value != cast:
+    if not figures.origin.startswith("generate.figures") and \
+            _int(figures, 1, 16, "use 1 to 16 figures") != cast:
         raise _err(figures, f"asks for {figures.value} figures, the scene casts {cast}",
                    "cast one figure per posed figure (or leave the figure count out)")
     return Value(cast, f"{figure.origin} ({cast} figures cast)", figure.base)
@@ -709,11 +712,15 @@ def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
                        "give that LoRA one weight: leave the figure's own out, or give both "
                        "the same weight")
         figures[index] = Figure(figure.prompt, figure.text, figure.character, None)
-    weight = _float(values["background_weight"], 0, 1, "use 0 (the figures' prompts alone) "
-                    "to 1 (the scene's prompt alone)")
-    pad = _float(values["region_pad"], 0, 1, "use 0 (the skeleton's box) to 1")
-    soften = _float(values["region_soften"], 0, 0.25, "use 0 (sharp edges) to 0.25")
-    return Cast(figures, weight, pad, soften), uses
+    return Cast(figures, *_cast_settings(values)), uses
+
+
+def _cast_settings(values: dict[str, Value]) -> tuple[float, float, float]:
+    """(background weight, region pad, region soften), each checked."""
+    return (_float(values["background_weight"], 0, 1, "use 0 (the figures' prompts alone) "
+                   "to 1 (the scene's prompt alone)"),
+            _float(values["region_pad"], 0, 1, "use 0 (the skeleton's box) to 1"),
+            _float(values["region_soften"], 0, 0.25, "use 0 (sharp edges) to 0.25"))
 
 
 def command_values(settings: Settings, options: Options) -> dict[str, Value]:
@@ -868,15 +875,17 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
     scenes = read_scenes_file(path)
     base = path.resolve().parent
     jobs: list[Job] = []
+    numbers: list[int] = []  # each job's place in the file (bad scenes have none)
     problems: list[str] = []
     for index, scene in enumerate(scenes):
         try:
             jobs.append(resolve_job(scene_values(index, scene, defaults, base), settings,
                                     resolver, poses))
+            numbers.append(index)
         except ForgeError as exc:
             problems.append(str(exc).replace("\n", "\n    "))
     stems: dict[str, str] = {}
-    for index, job in enumerate(jobs):
+    for index, job in zip(numbers, jobs, strict=True):
         other = stems.get(job.stem.lower())
         if other is not None:
             problems.append(f"scenes \"{other}\" and \"{job.name}\" (#{index + 1}) would write "
