@@ -98,6 +98,15 @@ def test_input_preparation_follows_the_model_card(tmp_path: Path) -> None:
     assert model.size == 448 and len(model.tags) == model.predict(wide[None]).shape[1]
 
 
+def test_a_long_strip_is_prepared_without_its_huge_white_square() -> None:
+    """60000 x 4 blue pixels: its padded square would take 10 GB; it is scaled down first
+    and comes out as a faint blue line across the middle of white, as the full square would."""
+    strip = prepare_image(Image.new("RGB", (60000, 4), (0, 0, 255)), 448)
+    assert strip.shape == (448, 448, 3)
+    assert (strip[:220] == 255.0).all() and (strip[228:] == 255.0).all()
+    assert (strip[224, :, 0] == 255.0).all() and (strip[224, :, 2] < 250.0).all()  # BGR
+
+
 def test_tags_are_read_as_the_model_card_says() -> None:
     tags = [Tag("general", RATING), Tag("long_hair", GENERAL), Tag("^_^", GENERAL),
             Tag("solo", GENERAL), Tag("tiny_mage_(forge)", CHARACTER), Tag(">_<", GENERAL)]

@@ -59,6 +59,10 @@ PROGRESS_EVERY_SECONDS = 15.0
 
 # --- the model card's input preparation and output reading ---------------------------------
 
+#: Pictures longer than this are scaled down before padding (the model sees 448 px anyway).
+MAX_PAD_SIDE = 4096
+
+
 def prepare_image(image: Image.Image, size: int) -> np.ndarray:
     """An RGB image as the tagger's input: padded to a white square (centred; an odd margin
     puts the extra pixel right/bottom), resized to `size` x `size` (bicubic) and returned as
@@ -66,6 +70,10 @@ def prepare_image(image: Image.Image, size: int) -> np.ndarray:
     import numpy as np
 
     rgb = image if image.mode == "RGB" else image.convert("RGB")
+    if max(rgb.size) > MAX_PAD_SIDE:  # a long strip: its white square alone would take GBs
+        scale = MAX_PAD_SIDE / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))),
+                         Image.Resampling.BICUBIC)
     side = max(rgb.size)
     square = Image.new("RGB", (side, side), WHITE)
     square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
