@@ -399,3 +399,14 @@ def test_check_advice_quotes_a_concept_name_with_a_space(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     assert "loraforge dataset tags --add-trigger 'blake character'" in \
         "\n".join(json.loads(result.stdout)["advice"])
+
+
+def test_check_warns_of_a_concept_name_with_a_comma(tmp_path: Path) -> None:
+    folder = tmp_path / "master_dataset" / "10_blake, red"
+    folder.mkdir(parents=True)
+    draw_character(folder / "0.png", RED, "box", -20)
+    result = run_cli("dataset", "check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout + result.stderr
+    assert "the concept name `blake, red` holds a comma" in text
+    assert "10_blake_red" in text

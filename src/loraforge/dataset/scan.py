@@ -18,7 +18,7 @@ Rules (the community pre-flight, made explicit):
   image there is an error (it belongs in a concept folder and would silently not be trained); any
   other file is ignored with a warning.
 - Warnings (training still works): a caption without an image, an image under 256 px on its short
-  side, an empty caption.
+  side, an empty caption, a concept name with a comma (its trigger would be several tags).
 
 Every problem is collected before anything is raised, so one run shows the user all of them.
 Nothing on disk is ever changed by a scan.
@@ -371,6 +371,13 @@ class _Scanner:
                              f"rename it with fewer repeats, e.g. mv {shell_path(folder)} "
                              f"{shell_path(folder.with_name(f'{DEFAULT_REPEATS}_{concept}'))}")
                 repeats = DEFAULT_REPEATS
+            if "," in concept:
+                plain = "_".join(part.strip() for part in concept.split(",") if part.strip())
+                self.warn(folder, f"the concept name `{concept}` holds a comma, so its "
+                          "trigger is several caption tags (shuffling can part them, and "
+                          "`dataset tag --append` adds it again on every run); rename it "
+                          f"without commas: mv {shell_path(folder)} "
+                          f"{shell_path(folder.with_name(f'{repeats}_{plain}'))}")
         result = _Folder(folder, concept, repeats)
         self.list_concept(result)
         return result
