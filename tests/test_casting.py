@@ -267,6 +267,15 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
     once = plan("multi: smiling", "mira_character: arms crossed")
     assert [u.lora.path.name for u in once.loras] == ["multi.safetensors"]
     assert [f.lora for f in once.cast.figures] == [None, None]
+    # `--lora none`: no LoRA but the figures' own; a concept of the newest run is unknown.
+    bare = plan_jobs(settings, Options(pose="random", cast=["rook: a", "multi: b"], seed=1,
+                                       loras=["none"]), resolver, PoseCache(print, None))[0]
+    assert bare.loras == []
+    assert [f.lora.lora.path.name for f in bare.cast.figures] == ["rook.safetensors",
+                                                                 "multi.safetensors"]
+    with pytest.raises(ForgeError, match="unknown character `blake`"):
+        plan_jobs(settings, Options(pose="random", cast=["blake: a", "rook: b"], seed=1,
+                                    loras=["none"]), resolver, PoseCache(print, None))
     # Figures with prompts alone: the newest run's LoRA acts, as without figures.
     prompts_only = plan("smiling", "arms crossed")
     assert [u.lora.path.name for u in prompts_only.loras] == ["multi.safetensors"]

@@ -29,6 +29,7 @@ one bad entry names the scene and field, and nothing is rendered.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -548,6 +549,7 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
             tagged.append(resolver.ref(tag.name, tag.weight, f"{values[key].origin} "
                                        f"{tag.text}", values[key].base))
     explicit = resolver.items(values["loras"])
+    said_none = explicit == []  # `--lora none`: no LoRA unless a figure names its own
     wearing = any(item.get("character", "").strip() or item.get("lora", "").strip()
                   or "<lora:" in item.get("prompt", "") for _, item in entries)
     if explicit is None and wearing:
@@ -567,7 +569,7 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
     if not entries:  # checked all the same: a wrong value is a mistake with or without figures
         _cast_settings(values)
     if entries:
-        cast, uses = _cast(entries, values, settings, resolver, uses)
+        cast, uses = _cast(entries, values, settings, resolver, uses, not said_none)
         cast.regions(pose, seeds[0], width, height, f"{values['pose'].origin} "
                                                     f"({pose.describe()})")
 
@@ -631,19 +633,20 @@ def _cast_count(figures: Value, cast: int, figure: Value) -> Value:
 
 
 def _character(name: str, where: Value, settings: Settings, resolver: LoraResolver,
-               uses: list[lora_files.LoraUse],
+               uses: list[lora_files.LoraUse], use_default: bool,
                ) -> tuple[str, lora_files.LoraUse | None, lora_files.LoraUse | None]:
     """(trigger, its own LoRA, a shared LoRA it needs) for a character: a concept of the
-    scene's LoRAs (else of the newest finished run's), or a training run of that name."""
+    scene's LoRAs (else, unless the scene said `none`, of the newest finished run's), or a
+    training run of that name."""
     weight = settings.config.generate.lora_weight
     for use in uses:
         if name in use.lora.concepts:
             return use.lora.concepts[name], None, None
     known: list[str] = [c for use in uses for c in use.lora.concepts]
-    try:
-        default = resolver.default()
-    except ForgeError:
-        default = None
+    default = None
+    if use_default:
+        with contextlib.suppress(ForgeError):
+            default = resolver.default()
     if default is not None and name in default.concepts:
         return default.concepts[name], None, lora_files.LoraUse(default, weight)
     if default is not None:
@@ -665,7 +668,7 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
 
 def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
           settings: Settings, resolver: LoraResolver, uses: list[lora_files.LoraUse],
-          ) -> tuple[Cast, list[lora_files.LoraUse]]:
+          use_default: bool) -> tuple[Cast, list[lora_files.LoraUse]]:
     """The figures, and the scene's LoRAs (with any a character needs). A LoRA every figure
     wears alike (one multi-concept LoRA) acts on the whole image, as a scene LoRA."""
     uses = list(uses)
@@ -683,7 +686,8 @@ def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
         character = item.get("character", "").strip() or None
         trigger, own = "", None
         if character is not None:
-            trigger, own, shared = _character(character, where, settings, resolver, uses)
+            trigger, own, shared = _character(character, where, settings, resolver, uses,
+                                              use_default)
             if shared is not None:
                 uses.append(shared)
         if item.get("lora", "").strip():
