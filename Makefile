@@ -2,7 +2,8 @@
 #             the embedded tiny model.
 # make test:  the same environment, the SLURM packages the cluster tests need (as root, with apt:
 #             tests/setup_slurm.sh), the reference pose detector's own environment
-#             (tests/setup_reference.sh), then ruff and the whole test suite.
+#             (tests/setup_reference.sh), the GPU onnxruntime wheel the tagger-gpu test installs
+#             offline (tests/setup_wheels.sh), then ruff and the whole test suite.
 # make check: the same environments, then ruff and the fast tests (no `slow` marker): the inner loop.
 ENV := lora_env
 BIN := $(ENV)/bin
@@ -22,11 +23,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	./tests/setup_slurm.sh
 	./tests/setup_reference.sh
+	./tests/setup_wheels.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 check: $(STAMP)
 	./tests/setup_reference.sh
+	./tests/setup_wheels.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q -m "not slow and not slurm"
 

@@ -3,14 +3,17 @@
 Images per second through `loraforge dataset tag`'s own code (decode, the model card's input
 preparation, the model, caption writing) on N drawn 512 x 768 PNGs, and for the model alone on
 ready batches. With the embedded tiny tagger this measures our overhead; with a real tagger
-folder (`models fetch tagger`) the real cost, on a GPU when onnxruntime has CUDA. Prints a
-markdown table, and the compute a real WD14 ViT tagger needs per image for comparison.
+folder (`models fetch tagger`) the real cost, on a GPU with `--device cuda` (after `models fetch
+tagger-gpu`). Tagger folders and the GPU runtime are looked up in the storage root of the
+folder it runs in. Prints a markdown table, and the compute a real WD14 ViT tagger needs per
+image for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import platform
 import sys
 import tempfile
@@ -39,26 +42,33 @@ def write_pictures(folder: Path, count: int) -> None:
         image.save(folder / f"{i:04d}.png")
 
 
-def measure(tagger: str, images: int, batches: list[int]) -> list[list[str]]:
+def measure(tagger: str, images: int, batches: list[int], device: str) -> list[list[str]]:
     import numpy as np
 
     from loraforge.config import load_settings
     from loraforge.dataset.tagger import tag_dataset
+    from loraforge.models import gpu_runtime
     from loraforge.models.tagger import TaggerModel, resolve_tagger
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_pictures(work / "master_dataset" / "1_bench", images)
-        (work / "forge.toml").write_text(f'[storage]\nroot = "store"\n[models]\n'
-                                         f'tagger = "{tagger}"\n')
+        # the storage root of where the bench runs (forge.toml, LORAFORGE_STORAGE_ROOT): its
+        # tagger folders and GPU runtime
+        root = load_settings(None).storage_root
+        (work / "forge.toml").write_text(f'[storage]\nroot = {json.dumps(str(root))}\n'
+                                         f'[models]\ntagger = {json.dumps(tagger)}\n')
         settings = load_settings(work / "forge.toml")
-        model = TaggerModel(resolve_tagger(settings))
+        choice = gpu_runtime.choose(settings.storage_root, device)  # type: ignore[arg-type]
+        model = TaggerModel(resolve_tagger(settings), cuda=choice.cuda)
+        if model.cuda_problem or choice.note:
+            print(f"note: on the CPU: {model.cuda_problem or choice.note}", file=sys.stderr)
         for batch in batches:
             for _ in range(2):  # the first run warms up; the second is timed
                 started = time.perf_counter()
                 tag_dataset(settings, None, 0.35, 0.85, "overwrite", batch, lambda _: None,
-                            io.StringIO())
+                            io.StringIO(), device=device)  # type: ignore[arg-type]
             whole = images / (time.perf_counter() - started)
             ready = np.full((batch, model.size, model.size, 3), 127.0, np.float32)
             model.predict(ready)
@@ -77,8 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tagger", default="tiny", help="tiny, or a tagger folder")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="as `dataset tag --device` (the GPU needs `models fetch tagger-gpu`)")
     args = parser.parse_args(argv)
-    rows = measure(args.tagger, args.images, args.batch)
+    rows = measure(args.tagger, args.images, args.batch, args.device)
     print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
           f"{args.images} pictures of 512 x 768")
     print("| tagger | device | batch | images/s (dataset tag) | images/s (model alone) |")

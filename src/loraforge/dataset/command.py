@@ -5,6 +5,7 @@ command (onnxruntime and numpy only where a model runs or pictures are hashed)."
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -24,6 +25,12 @@ ConceptsArg = Annotated[list[str] | None, typer.Argument(
     help="Concepts (name or folder name; default: every concept).", show_default=False)]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the diff of every caption "
                                          "that would change; write nothing.")]
+
+
+class TagDevice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def _say(line: str) -> None:
@@ -55,6 +62,11 @@ def tag_command(
                       "lack, at their end.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=256, help="Images per "
                           "model call.")] = 8,
+    device: Annotated[TagDevice, typer.Option(
+        "--device", help="auto: the GPU when one is visible and `models fetch tagger-gpu` "
+        "installed the GPU build of onnxruntime, else the CPU (with a note); cuda: the GPU or "
+        "an error; cpu.")
+        ] = TagDevice.auto,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -71,7 +83,7 @@ def tag_command(
     mode = "overwrite" if overwrite else "append" if append else "missing"
     settings = _settings(config, overrides)
     result = tag_dataset(settings, concepts, threshold, character_threshold, mode, batch_size,
-                         _say)
+                         _say, device=device.value)
     _warn(result.warnings)
     for line in report_lines(result, mode):
         _say(line)

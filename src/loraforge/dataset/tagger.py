@@ -16,6 +16,10 @@ white, any colour mode as RGB, see `images.load_image`) is padded to a square wi
 centred, resized to the model's input size with a bicubic filter, and handed over as BGR float32
 values 0-255. A picture that cannot be read is skipped with a warning naming it; its caption is
 left as it was.
+
+Where: `--device auto` (the default) tags on a GPU when one is visible and the GPU build of
+onnxruntime is installed (`models.gpu_runtime`), else on the CPU with a note saying why;
+`--device cuda` refuses to fall back (a GPU job); `--device cpu` never tries CUDA.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     from loraforge.models.tagger import Tag, TaggerModel
 
 Mode = Literal["missing", "append", "overwrite"]
+Device = Literal["auto", "cpu", "cuda"]
 Say = Callable[[str], None]
 WHITE = (255, 255, 255)
 #: Seconds between progress lines in a log file (a terminal gets a bar).
@@ -197,10 +202,12 @@ def _batches(jobs: list[Job], size: int, batch_size: int, workers: int,
 
 def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
                 character_threshold: float, mode: Mode, batch_size: int, say: Say,
-                stream: TextIO | None = None) -> TagResult:
-    """Tag the images of the chosen concepts (all by default); see the module's docstring."""
+                stream: TextIO | None = None, device: Device = "auto") -> TagResult:
+    """Tag the images of the chosen concepts (all by default) on `device`; see the module's
+    docstring."""
     import numpy as np
 
+    from loraforge.models import gpu_runtime
     from loraforge.models.tagger import TaggerModel, resolve_tagger
 
     result = TagResult()
@@ -209,7 +216,19 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
     jobs = plan_jobs(concepts, extension, mode, result)
     if not jobs:
         return result
-    model: TaggerModel = TaggerModel(resolve_tagger(settings))
+    choice = gpu_runtime.choose(settings.storage_root, device)
+    model: TaggerModel = TaggerModel(resolve_tagger(settings), cuda=choice.cuda)
+    if model.cuda_problem and device == "cuda":
+        raise ForgeError(f"--device cuda: onnxruntime could not use CUDA ({model.cuda_problem})",
+                         fix=f"the GPU build needs {gpu_runtime.NEEDS} libraries: a CUDA 13 "
+                             "torch brings them as nvidia-* pip packages, or load the cluster's "
+                             "(e.g. `module load cuda cudnn`); or tag on the CPU: --device cpu "
+                             "(`slurm tag --gpus 0`)")
+    if model.cuda_problem:
+        say(f"note: tagging on the CPU: onnxruntime could not use CUDA ({model.cuda_problem}; "
+            f"it needs {gpu_runtime.NEEDS} libraries)")
+    elif choice.note:
+        say(f"note: {choice.note}")
     say(f"tagger: {display_path(model.folder)} on {model.provider.replace('ExecutionProvider', '')}"
         f", {len(jobs)} image(s), batch {batch_size}, threshold {threshold}, characters "
         f"{character_threshold}")

@@ -37,8 +37,9 @@ def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
 def fetch_command(
     which: Annotated[str, typer.Argument(
         help="anylora (base model -> AnyLoRA/), controlnet-openpose (-> controlnet-model/), "
-             "openpose-detector (-> controlnet-detector/), all (these three), or tagger "
-             "(-> wd-tagger/, for `dataset tag`).")] = "all",
+             "openpose-detector (-> controlnet-detector/), all (these three), tagger "
+             "(-> wd-tagger/, for `dataset tag`), or tagger-gpu (the GPU build of onnxruntime "
+             "-> runtimes/onnxruntime-gpu/, so that `dataset tag` runs on a GPU).")] = "all",
     revision: Annotated[str | None, typer.Option(
         "--revision", help="Branch, tag or commit of the model's Hub repository (default: "
         "main); the commit it resolves to is recorded in manifest.json.")] = None,
@@ -86,6 +87,7 @@ def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
                  as_json: JsonOpt = False) -> None:
     """The model folders under the storage root: name, kind, size, A1111 hash, source."""
     from loraforge.config import outside_project_note
+    from loraforge.models import gpu_runtime
     from loraforge.models.fetch import human_size
     from loraforge.models.manifest import scan_models
 
@@ -97,6 +99,9 @@ def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
     if as_json:
         out.print_json(json.dumps([e.to_dict() for e in entries]))
         return
+    runtime = gpu_runtime.describe(settings.storage_root)
+    if runtime:
+        _say(runtime)
     if not entries:
         _say(f"no models under {settings.storage_root}; get one with `loraforge models fetch` "
              "(online) or `loraforge models import FILE --as base` (offline)")

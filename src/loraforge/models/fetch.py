@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from loraforge.errors import ForgeError
-from loraforge.models import folders
+from loraforge.models import folders, gpu_runtime
 from loraforge.models.catalog import (
     ALL,
     DETECTOR_FILES,
@@ -99,7 +99,15 @@ class FetchResult:
 
 def fetch_models(storage_root: Path, which: str, revision: str | None, full_precision: bool,
                  say: Say, file_mode: int = folders.FILE_MODE) -> list[FetchResult]:
-    """Fetch `which` (a catalog key or `all`) into `storage_root`; report through `say`."""
+    """Fetch `which` (a catalog key, `all`, or the tagger's GPU runtime) into `storage_root`;
+    report through `say`."""
+    if which.lower() == gpu_runtime.KEY:
+        if revision or full_precision:
+            raise ForgeError(f"--revision and --full-precision choose Hub files; {which} is "
+                             f"the pip package {gpu_runtime.PACKAGE}, pinned to "
+                             f"{gpu_runtime.VERSION}", fix=f"loraforge models fetch {which}")
+        gpu_runtime.install(storage_root, say, file_mode)
+        return []
     if which.lower() == ALL:
         targets = [model for model in HUB_MODELS if model.in_all]
         if revision:
@@ -109,7 +117,7 @@ def fetch_models(storage_root: Path, which: str, revision: str | None, full_prec
         model = by_key(which)
         if model is None:
             raise ForgeError(f"unknown model `{which}`",
-                             fix=f"choose one of {', '.join([*keys(), ALL])}")
+                             fix=f"choose one of {', '.join([*keys(), gpu_runtime.KEY, ALL])}")
         targets = [model]
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE_VALUES:
         raise ForgeError("HF_HUB_OFFLINE is set, and `models fetch` needs the network",

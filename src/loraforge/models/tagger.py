@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.config import TINY
 from loraforge.errors import ForgeError
-from loraforge.models import folders
+from loraforge.models import folders, gpu_runtime
 from loraforge.models.manifest import describe_files, write_manifest
 
 if TYPE_CHECKING:
@@ -113,9 +113,12 @@ def _threads() -> int:
 
 
 class TaggerModel:
-    """An onnxruntime session of a tagger folder: `size` (input side) and `predict`."""
+    """An onnxruntime session of a tagger folder: `size` (input side) and `predict`.
 
-    def __init__(self, folder: Path) -> None:
+    With `cuda` it tries onnxruntime's CUDA provider first; `provider` says where it runs, and
+    `cuda_problem` why not on CUDA when that was tried."""
+
+    def __init__(self, folder: Path, cuda: bool = False) -> None:
         import onnxruntime as ort
 
         self.folder = folder
@@ -123,9 +126,11 @@ class TaggerModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = _threads()
         options.log_severity_level = 3
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in available]
+        ort.set_default_logger_severity(4)  # a CUDA that fails to load is reported by us, once
+        providers = ["CPUExecutionProvider"]
+        if cuda and gpu_runtime.CUDA in ort.get_available_providers():
+            gpu_runtime.preload(ort)
+            providers.insert(0, gpu_runtime.CUDA)
         try:
             self.session = ort.InferenceSession(str(folder / MODEL_FILE), options,
                                                 providers=providers)
@@ -136,6 +141,8 @@ class TaggerModel:
                              fix="fetch the tagger again: loraforge models fetch tagger"
                              ) from None
         self.provider = self.session.get_providers()[0]
+        self.cuda_problem = (gpu_runtime.cuda_problem(ort)
+                             if cuda and self.provider != gpu_runtime.CUDA else None)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
         if len(inputs) != 1 or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:

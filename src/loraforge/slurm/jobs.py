@@ -19,6 +19,7 @@ from typing import Any
 from loraforge.config import load_settings, parse_override
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
+from loraforge.models import gpu_runtime
 from loraforge.runs import check_run_name, final_lora
 from loraforge.slurm import scheduler
 from loraforge.slurm.script import (
@@ -136,10 +137,12 @@ class Submitter:
                          notes=self._notes())
 
     def tag_job(self, words: list[str]) -> JobScript:
+        device = "cuda" if self.res.gpus.count else "cpu"
         return self._job(kind="tag", job_name="tag",
                          title="caption the dataset with the image tagger (rendered by "
                                "`loraforge slurm tag`); a rerun continues where it stopped.",
-                         command=["loraforge", "dataset", "tag", *self.base_words(), *words],
+                         command=["loraforge", "dataset", "tag", *self.base_words(), "--device",
+                                  device, *words],
                          notes=self._notes())
 
     def sweep_job(self, base_run: str, tasks: list[ArrayTask], max_parallel: int | None,
@@ -245,8 +248,16 @@ def submit_generate(options: Options, args: GenerateArgs, echo: Any) -> list[dic
 
 
 def submit_tag(options: Options, words: list[str], echo: Any) -> list[dict[str, Any]]:
-    """`loraforge dataset tag WORDS` as a job (one process; a GPU when slurm.gpus asks)."""
+    """`loraforge dataset tag WORDS` as a job (one process; a GPU when slurm.gpus asks, which
+    needs the GPU build of onnxruntime: refused without it, a note in a dry run)."""
     sub = Submitter(options)
+    problem = gpu_runtime.why_unusable(sub.settings.storage_root)
+    if sub.res.gpus.count and problem and not gpu_runtime.environment_has_cuda():
+        message = f"the job asks for a GPU but could only tag on the CPU: {problem}"
+        fix = f"{gpu_runtime.FETCH_FIX}; or submit it without a GPU: --gpus 0"
+        if not options.dry_run:
+            raise ForgeError(message, fix=fix)
+        echo(f"# note: {message}; {fix}")
     return sub.submit([Planned(sub.tag_job(words), [None])], echo)
 
 

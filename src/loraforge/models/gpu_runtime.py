@@ -1,0 +1,238 @@
+"""The GPU build of onnxruntime, so that `dataset tag` runs the tagger on a GPU.
+
+The `onnxruntime` loraforge installs runs on the CPU only. `onnxruntime-gpu` adds CUDA, but it
+installs into the same `onnxruntime` module folder and its newest release trails the CPU one,
+so the two cannot share one environment. `loraforge models fetch tagger-gpu` therefore installs
+it with pip (no dependencies: the CPU build brought them) into `<storage>/runtimes/
+onnxruntime-gpu/`, once, on a login node, with a `runtime.json` record of the release and the
+Python it was built for. `dataset tag` puts that folder first on the import path when it tags
+on a GPU. The runtime needs CUDA 13 and cuDNN 9 libraries: it loads them from the nvidia-* pip
+packages a CUDA 13 torch brings, else from the system (e.g. the cluster's `module load`).
+
+onnxruntime is imported inside the functions that need it, after `activate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+from loraforge.errors import ForgeError
+from loraforge.models import folders
+
+KEY = "tagger-gpu"  # what `models fetch` takes
+PACKAGE = "onnxruntime-gpu"
+VERSION = "1.31.1"  # the newest onnxruntime-gpu on PyPI (the CPU build is at 1.32.0)
+NEEDS = "CUDA 13 and cuDNN 9"
+RUNTIMES = "runtimes"
+NAME = "onnxruntime-gpu"
+RECORD = "runtime.json"
+CUDA = "CUDAExecutionProvider"
+FETCH_FIX = (f"run `loraforge models fetch {KEY}` once on a login node with internet "
+             "(it installs the GPU build of onnxruntime under the storage root)")
+Device = Literal["auto", "cpu", "cuda"]
+Say = Callable[[str], None]
+
+# Run by a fresh interpreter with the new folder first on its path: what it imports, from where.
+_CHECK = ("import json, onnxruntime as o; print(json.dumps({'file': o.__file__, "
+          "'version': o.__version__, 'providers': o.get_available_providers()}))")
+
+
+def folder(storage_root: Path) -> Path:
+    return storage_root / RUNTIMES / NAME
+
+
+def _python() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _platform() -> str:
+    return sysconfig.get_platform()
+
+
+def why_unusable(storage_root: Path) -> str | None:
+    """None when the runtime folder holds this release for this Python, else what is wrong."""
+    try:
+        record = json.loads((folder(storage_root) / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        return "the GPU build of onnxruntime is not installed"
+    if record.get("version") != VERSION:
+        return (f"{folder(storage_root)} holds onnxruntime-gpu {record.get('version')}, and this "
+                f"loraforge uses {VERSION}")
+    if record.get("python") != _python() or record.get("platform") != _platform():
+        return (f"{folder(storage_root)} was installed for Python {record.get('python')} on "
+                f"{record.get('platform')}, and this is Python {_python()} on {_platform()}")
+    return None
+
+
+def describe(storage_root: Path) -> str | None:
+    """One line for `models list`: the runtime and whether this Python can use it; None when
+    none was installed."""
+    path = folder(storage_root)
+    if not path.exists():
+        return None
+    problem = why_unusable(storage_root)
+    return (f"tagger GPU runtime: {PACKAGE} {VERSION} in {path}" if problem is None
+            else f"tagger GPU runtime: not usable: {problem} (fix: loraforge models fetch {KEY})")
+
+
+def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE) -> Path:
+    """Install onnxruntime-gpu VERSION under the storage root with pip, atomically; checked by
+    importing it in a fresh interpreter. Nothing is done when it is already there."""
+    dest = folder(storage_root)
+    if why_unusable(storage_root) is None:
+        say(f"{PACKAGE} {VERSION} is already installed in {dest}")
+        return dest
+    root = dest.parent
+    try:
+        with folders.exclusive(root / f".{NAME}{folders.LOCK_SUFFIX}", f"installing {PACKAGE}"):
+            folders.remove_leftovers(root, NAME)
+            tmp = folders.make_partial(root, NAME)
+            try:
+                say(f"installing {PACKAGE}=={VERSION} with pip (about 260 MB) ...")
+                _pip_install(tmp)
+                found = _imported_from(tmp)
+                (tmp / RECORD).write_text(json.dumps({
+                    "package": PACKAGE, "version": found["version"], "python": _python(),
+                    "platform": _platform(), "providers": found["providers"]}, indent=2) + "\n",
+                    encoding="utf-8")
+                os.chmod(tmp, file_mode | ((file_mode & 0o444) >> 2))
+                folders.install(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        raise ForgeError(f"cannot install {PACKAGE} here ({exc})", path=root,
+                         fix="make the storage root writable, or point `storage.root` (or "
+                             "LORAFORGE_STORAGE_ROOT) at a writable folder") from None
+    say(f"installed {PACKAGE} {VERSION} in {dest}: `dataset tag` now tags on a GPU where one "
+        f"is visible (it needs {NEEDS} libraries there)")
+    return dest
+
+
+def _pip_install(target: Path) -> None:
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
+               "--disable-pip-version-check", "--no-warn-script-location", "--target",
+               str(target), f"{PACKAGE}=={VERSION}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines()
+                 if line.strip()]
+        errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
+        reason = errors[-1].removeprefix("ERROR: ") if errors else f"exit {done.returncode}"
+        raise ForgeError(f"pip could not install {PACKAGE}=={VERSION}: {reason}",
+                         fix="run it on a login node that reaches PyPI (or your own index: pip "
+                             "honours PIP_INDEX_URL, PIP_FIND_LINKS and pip.conf)")
+
+
+def _imported_from(target: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(target), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-c", _CHECK], capture_output=True, text=True,
+                          env=env)
+    try:
+        found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise ForgeError(f"the installed {PACKAGE} does not import ({reason})", path=target,
+                         fix="check that this Python can use pip's manylinux wheels, then run "
+                             f"`loraforge models fetch {KEY}` again") from None
+    if Path(found["file"]).resolve().parent.parent != target.resolve() or CUDA not in \
+            found["providers"]:
+        raise ForgeError(f"the installed {PACKAGE} was not the onnxruntime that imported ("
+                         f"{found['file']}, providers {', '.join(found['providers'])})",
+                         path=target, fix=f"run `loraforge models fetch {KEY}` again")
+    return found
+
+
+def gpu_visible(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
+    """Whether this process is given a GPU: CUDA_VISIBLE_DEVICES names one (SLURM sets it for a
+    job with GPUs), or, where it is unset, an NVIDIA device file exists."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return visible.strip() not in ("", "-1", "NoDevFiles")
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Whether the tagger tries CUDA, and a note for the user when it will not."""
+
+    cuda: bool
+    note: str | None = None
+
+
+def choose(storage_root: Path, device: Device) -> Choice:
+    """Decide where `dataset tag` runs, and put the GPU runtime first on the import path when it
+    runs on the GPU. `cuda` without a usable runtime raises ForgeError."""
+    if device == "cpu" or (device == "auto" and not gpu_visible()):
+        return Choice(False)
+    problem = why_unusable(storage_root)
+    if problem is None:
+        activate(storage_root)
+        return Choice(True)
+    if environment_has_cuda():
+        return Choice(True)
+    if device == "cuda":
+        raise ForgeError(f"--device cuda needs the GPU build of onnxruntime: {problem}",
+                         fix=f"{FETCH_FIX}; or tag on the CPU: --device cpu")
+    return Choice(False, f"a GPU is visible, but tagging runs on the CPU: {problem} ("
+                         f"`loraforge models fetch {KEY}` once, on a login node)")
+
+
+def environment_has_cuda() -> bool:
+    """Whether the environment's own onnxruntime is a GPU build (installed by hand)."""
+    from importlib import metadata
+
+    try:
+        metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def activate(storage_root: Path) -> None:
+    """Put the runtime folder first on the import path; ForgeError if another onnxruntime was
+    imported already (it cannot be swapped inside a running process)."""
+    path = folder(storage_root)
+    loaded = sys.modules.get("onnxruntime")
+    if loaded is not None:
+        if Path(loaded.__file__ or "").resolve().is_relative_to(path.resolve()):
+            return
+        raise ForgeError(f"onnxruntime was imported from {loaded.__file__} before the GPU "
+                         "build could be put first", fix="tag in a process of its own "
+                         "(`loraforge dataset tag`), or with --device cpu")
+    sys.path.insert(0, str(path))
+
+
+def preload(ort: ModuleType) -> None:
+    """Load the CUDA and cuDNN libraries onnxruntime needs from the nvidia-* pip packages where
+    they are (onnxruntime's own search), without its printed complaints."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+        ort.preload_dlls()
+
+
+def cuda_problem(ort: ModuleType) -> str:
+    """Why onnxruntime's CUDA provider did not start: the library its loader could not open."""
+    import ctypes
+
+    library = Path(ort.__file__ or "").parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():
+        return "this onnxruntime has no CUDA provider"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return str(exc).strip().splitlines()[0]
+    return "onnxruntime could not start CUDA on this GPU"

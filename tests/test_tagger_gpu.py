@@ -1,0 +1,176 @@
+"""Tagging on a GPU: `models fetch tagger-gpu` installs the real onnxruntime-gpu wheel with the
+real pip (from lora_env/wheels/, a local stand-in for PyPI that tests/setup_wheels.sh fills),
+`dataset tag` imports it and tries CUDA, and `slurm tag` renders a job that uses it. This machine
+has no GPU and no CUDA libraries: a GPU is made "visible" with CUDA_VISIBLE_DEVICES, and the
+real runtime then fails to load CUDA, which is what a GPU node without matching CUDA libraries
+does. That the tagger then runs on a real GPU cannot be tested here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_user_error, draw_character, run_cli
+
+from loraforge.models import gpu_runtime
+
+WHEELS = Path(__file__).resolve().parents[1] / "lora_env" / "wheels"
+HAS_WHEEL = any(WHEELS.glob(f"onnxruntime_gpu-{gpu_runtime.VERSION}-*.whl"))
+needs_wheel = pytest.mark.skipif(not HAS_WHEEL, reason="no onnxruntime-gpu wheel for this "
+                                 "machine (tests/setup_wheels.sh says why)")
+ACTIVATE = str(Path(sys.prefix) / "bin" / "activate")
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
+A_GPU = {"CUDA_VISIBLE_DEVICES": "0"}  # what SLURM sets for a job given one GPU
+
+
+def _project(root: Path) -> Path:
+    """A tiny-tagger project with one concept of two uncaptioned pictures."""
+    root.mkdir(parents=True)
+    (root / "forge.toml").write_text(f'[storage]\nroot = "store"\n[models]\ntagger = "tiny"\n'
+                                     f'[slurm]\nenv_activate = "{ACTIVATE}"\n')
+    concept = root / "master_dataset" / "10_red_knight"
+    concept.mkdir(parents=True)
+    draw_character(concept / "0.png", (200, 30, 30), "box", 0)
+    draw_character(concept / "1.png", (30, 40, 200), "circle", 20)
+    return root
+
+
+def _offline_index(folder: Path) -> dict[str, str]:
+    """pip's own settings for a local package index: only the wheels in `folder`."""
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(folder), "PIP_CONFIG_FILE": "/dev/null"}
+
+
+def _captions(project: Path) -> list[str]:
+    return sorted(p.name for p in (project / "master_dataset").rglob("*.txt"))
+
+
+@pytest.fixture(scope="module")
+def gpu_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose storage root holds the GPU runtime, installed once by the real command."""
+    if not HAS_WHEEL:
+        pytest.skip("no onnxruntime-gpu wheel for this machine")
+    project = _project(tmp_path_factory.mktemp("gpu") / "proj")
+    result = run_cli("models", "fetch", "tagger-gpu", cwd=project, env=_offline_index(WHEELS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return project
+
+
+@needs_wheel
+def test_fetch_installs_the_gpu_runtime_once_for_this_python(gpu_project: Path) -> None:
+    runtime = gpu_project / "store" / "runtimes" / "onnxruntime-gpu"
+    record = json.loads((runtime / "runtime.json").read_text())
+    assert record["version"] == gpu_runtime.VERSION
+    assert record["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert "CUDAExecutionProvider" in record["providers"]
+    assert (runtime / "onnxruntime" / "capi" / "libonnxruntime_providers_cuda.so").is_file()
+    assert not list(runtime.parent.glob(".*.partial"))
+    stamp = (runtime / "runtime.json").stat().st_mtime_ns
+
+    again = run_cli("models", "fetch", "tagger-gpu", cwd=gpu_project, env=_offline_index(WHEELS))
+    assert again.returncode == 0, again.stderr
+    assert "already installed" in again.stdout
+    assert (runtime / "runtime.json").stat().st_mtime_ns == stamp
+
+    listed = run_cli("models", "list", cwd=gpu_project)
+    assert listed.returncode == 0, listed.stderr
+    assert f"tagger GPU runtime: onnxruntime-gpu {gpu_runtime.VERSION} in {runtime}" in \
+        listed.stdout
+
+
+@needs_wheel
+def test_tagging_with_a_visible_gpu_imports_the_gpu_runtime_and_says_why_cuda_failed(
+        gpu_project: Path) -> None:
+    # --device cuda refuses the CPU: the library the GPU build could not load is named, with
+    # the fix, and no caption is written
+    forced = run_cli("dataset", "tag", "--device", "cuda", cwd=gpu_project, env=A_GPU)
+    assert_user_error(forced, "onnxruntime could not use CUDA", ".so", "CUDA 13",
+                      "--device cpu")
+    assert _captions(gpu_project) == []
+
+    # auto with a GPU visible: the GPU build is imported (only it has a CUDA provider library
+    # to fail on), CUDA fails here, and the pictures are tagged on the CPU with one note
+    auto = run_cli("dataset", "tag", cwd=gpu_project, env=A_GPU)
+    assert auto.returncode == 0, auto.stderr
+    assert "note: tagging on the CPU: onnxruntime could not use CUDA (lib" in auto.stdout
+    assert "tagger:" in auto.stdout and " on CPU," in auto.stdout
+    assert "Traceback" not in auto.stderr and "[E:onnxruntime" not in auto.stderr
+    assert _captions(gpu_project) == ["0.txt", "1.txt"]
+
+
+@needs_wheel
+def test_a_runtime_for_another_python_is_not_used(gpu_project: Path, tmp_path: Path) -> None:
+    project = _project(tmp_path / "proj")
+    runtime = project / "store" / "runtimes" / "onnxruntime-gpu"
+    runtime.mkdir(parents=True)
+    record = json.loads((gpu_project / "store" / "runtimes" / "onnxruntime-gpu" /
+                         "runtime.json").read_text())
+    (runtime / "runtime.json").write_text(json.dumps({**record, "python": "3.99"}))
+    result = run_cli("dataset", "tag", "--device", "cuda", cwd=project, env=A_GPU)
+    assert_user_error(result, "installed for Python 3.99", "models fetch tagger-gpu")
+    assert _captions(project) == []
+    listed = run_cli("models", "list", cwd=project)
+    assert "tagger GPU runtime: not usable:" in listed.stdout
+    assert "installed for Python 3.99" in listed.stdout
+
+
+def test_without_the_gpu_runtime_tagging_names_the_fetch(tmp_path: Path) -> None:
+    project = _project(tmp_path / "proj")
+    forced = run_cli("dataset", "tag", "--device", "cuda", cwd=project, env=A_GPU)
+    assert_user_error(forced, "--device cuda needs the GPU build of onnxruntime",
+                      "loraforge models fetch tagger-gpu")
+    assert _captions(project) == []
+
+    auto = run_cli("dataset", "tag", cwd=project, env=A_GPU)
+    assert auto.returncode == 0, auto.stderr
+    assert ("note: a GPU is visible, but tagging runs on the CPU: the GPU build of onnxruntime "
+            "is not installed") in auto.stdout
+    assert _captions(project) == ["0.txt", "1.txt"]
+
+    (project / "master_dataset" / "10_red_knight" / "2.png").write_bytes(
+        (project / "master_dataset" / "10_red_knight" / "0.png").read_bytes())
+    quiet = run_cli("dataset", "tag", cwd=project, env=NO_GPU)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "note:" not in quiet.stdout and " on CPU," in quiet.stdout
+
+
+def test_fetch_says_when_pip_cannot_get_the_runtime(tmp_path: Path) -> None:
+    project = _project(tmp_path / "proj")
+    (tmp_path / "empty-index").mkdir()
+    result = run_cli("models", "fetch", "tagger-gpu", cwd=project,
+                     env=_offline_index(tmp_path / "empty-index"))
+    assert_user_error(result, f"pip could not install onnxruntime-gpu=={gpu_runtime.VERSION}",
+                      "No matching distribution", "PIP_INDEX_URL")
+    runtimes = project / "store" / "runtimes"
+    assert not (runtimes / "onnxruntime-gpu").exists()
+    assert not [p for p in runtimes.iterdir() if p.name.endswith(".partial")]
+
+    pinned = run_cli("models", "fetch", "tagger-gpu", "--revision", "main", cwd=project)
+    assert_user_error(pinned, "pinned to", gpu_runtime.VERSION)
+
+
+def test_slurm_tag_uses_the_gpu_only_with_its_runtime(tmp_path: Path) -> None:
+    project = _project(tmp_path / "proj")
+    refused = run_cli("slurm", "tag", "--gpus", "1", cwd=project)
+    assert_user_error(refused, "asks for a GPU but could only tag on the CPU",
+                      "models fetch tagger-gpu", "--gpus 0")
+    assert not (project / "store" / "jobs").exists()
+
+    shown = run_cli("slurm", "tag", "--gpus", "1", "--dry-run", cwd=project)
+    assert shown.returncode == 0, shown.stderr
+    assert "# note: the job asks for a GPU" in shown.stdout
+    assert "loraforge dataset tag" in shown.stdout and "--device cuda" in shown.stdout
+
+    cpu = run_cli("slurm", "tag", "--gpus", "0", "--dry-run", cwd=project)
+    assert cpu.returncode == 0, cpu.stderr
+    assert "--device cpu" in cpu.stdout and "note" not in cpu.stdout
+    assert "--gres" not in cpu.stdout
+
+
+@needs_wheel
+def test_slurm_tag_with_the_runtime_renders_a_gpu_job_without_a_note(gpu_project: Path) -> None:
+    shown = run_cli("slurm", "tag", "--gpus", "1", "--dry-run", cwd=gpu_project)
+    assert shown.returncode == 0, shown.stderr
+    assert "--device cuda" in shown.stdout and "# note" not in shown.stdout
+    assert "#SBATCH --gres=gpu:1" in shown.stdout
