@@ -61,7 +61,7 @@ def gpu_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fetch_installs_the_gpu_runtime_once_for_this_python(gpu_project: Path) -> None:
     runtime = gpu_project / "store" / "runtimes" / "onnxruntime-gpu"
     record = json.loads((runtime / "runtime.json").read_text())
-    assert record["version"] == gpu_runtime.VERSION
+    assert record["version"] == gpu_runtime.VERSION and record["cuda"] == "13"
     assert record["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert "CUDAExecutionProvider" in record["providers"]
     assert (runtime / "onnxruntime" / "capi" / "libonnxruntime_providers_cuda.so").is_file()
@@ -75,8 +75,8 @@ def test_fetch_installs_the_gpu_runtime_once_for_this_python(gpu_project: Path) 
 
     listed = run_cli("models", "list", cwd=gpu_project)
     assert listed.returncode == 0, listed.stderr
-    assert f"tagger GPU runtime: onnxruntime-gpu {gpu_runtime.VERSION} in {runtime}" in \
-        listed.stdout
+    assert (f"tagger GPU runtime: onnxruntime-gpu {gpu_runtime.VERSION} (CUDA 13) in {runtime}"
+            in listed.stdout)
 
 
 @needs_wheel
@@ -148,6 +148,34 @@ def test_fetch_says_when_pip_cannot_get_the_runtime(tmp_path: Path) -> None:
 
     pinned = run_cli("models", "fetch", "tagger-gpu", "--revision", "main", cwd=project)
     assert_user_error(pinned, "pinned to", gpu_runtime.VERSION)
+
+
+def test_fetch_takes_the_build_for_the_cuda_of_the_gpu_nodes(tmp_path: Path) -> None:
+    project = _project(tmp_path / "proj")
+    (tmp_path / "empty-index").mkdir()
+    index = _offline_index(tmp_path / "empty-index")
+    # this environment's torch is a CPU build: the default, CUDA 13's release, is asked for
+    default = run_cli("models", "fetch", "tagger-gpu", cwd=project, env=index)
+    assert "for CUDA 13 (no CUDA torch here" in default.stdout
+    assert f"onnxruntime-gpu=={gpu_runtime.RELEASES['13']}:" in default.stderr
+    # CUDA 12 drivers take the last release built for CUDA 12
+    older = run_cli("models", "fetch", "tagger-gpu", "--cuda", "12", cwd=project, env=index)
+    assert_user_error(older, f"onnxruntime-gpu=={gpu_runtime.RELEASES['12']}:",
+                      "No matching distribution")
+    assert "for CUDA 12 (--cuda)" in older.stdout
+    # a CUDA 12 torch brings nvidia-cuda-runtime-cu12 (its metadata stands in for it here)
+    site = tmp_path / "site" / "nvidia_cuda_runtime_cu12-12.8.90.dist-info"
+    site.mkdir(parents=True)
+    (site / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-cuda-runtime-cu12\n"
+                                   "Version: 12.8.90\n")
+    found = run_cli("models", "fetch", "tagger-gpu", cwd=project,
+                    env={**index, "PYTHONPATH": str(site.parent)})
+    assert "for CUDA 12 (this environment's nvidia-cuda-runtime-cu12 12.8.90)" in found.stdout
+    assert f"onnxruntime-gpu=={gpu_runtime.RELEASES['12']}:" in found.stderr
+    assert_user_error(run_cli("models", "fetch", "tagger-gpu", "--cuda", "11", cwd=project),
+                      "built for CUDA 13 and 12 only")
+    assert_user_error(run_cli("models", "fetch", "tagger", "--cuda", "12", cwd=project),
+                      "models fetch tagger-gpu --cuda 12")
 
 
 def test_slurm_tag_uses_the_gpu_only_with_its_runtime(tmp_path: Path) -> None:

@@ -220,13 +220,14 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
     model: TaggerModel = TaggerModel(resolve_tagger(settings), cuda=choice.cuda)
     if model.cuda_problem and device == "cuda":
         raise ForgeError(f"--device cuda: onnxruntime could not use CUDA ({model.cuda_problem})",
-                         fix=f"the GPU build needs {gpu_runtime.NEEDS} libraries: a CUDA 13 "
-                             "torch brings them as nvidia-* pip packages, or load the cluster's "
-                             "(e.g. `module load cuda cudnn`); or tag on the CPU: --device cpu "
-                             "(`slurm tag --gpus 0`)")
+                         fix=f"the GPU build needs {gpu_runtime.needs(settings.storage_root)} "
+                             "libraries: a torch of that CUDA brings them as nvidia-* pip "
+                             "packages, or load the cluster's (e.g. `module load cuda cudnn`); "
+                             "`models fetch tagger-gpu --cuda 12` installs the build for CUDA "
+                             "12; or tag on the CPU: --device cpu (`slurm tag --gpus 0`)")
     if model.cuda_problem:
         say(f"note: tagging on the CPU: onnxruntime could not use CUDA ({model.cuda_problem}; "
-            f"it needs {gpu_runtime.NEEDS} libraries)")
+            f"it needs {gpu_runtime.needs(settings.storage_root)} libraries)")
     elif choice.note:
         say(f"note: {choice.note}")
     say(f"tagger: {display_path(model.folder)} on {model.provider.replace('ExecutionProvider', '')}"

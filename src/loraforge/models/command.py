@@ -46,6 +46,9 @@ def fetch_command(
     full_precision: Annotated[bool, typer.Option(
         "--full-precision", help="Download the fp32 weights instead of the fp16 variant "
         "(twice the size; training and rendering cast to their own precision anyway).")] = False,
+    cuda: Annotated[str | None, typer.Option(
+        "--cuda", metavar="12|13", help="tagger-gpu only: the CUDA major version of the GPU "
+        "nodes (default: that of this environment's torch, else 13).")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -57,7 +60,8 @@ def fetch_command(
     from loraforge.models.fetch import fetch_models
 
     settings = _settings(config, overrides)
-    fetch_models(settings.storage_root, which, revision, full_precision, _say, settings.file_mode)
+    fetch_models(settings.storage_root, which, revision, full_precision, _say, settings.file_mode,
+                 cuda)
 
 
 @models_app.command("import")

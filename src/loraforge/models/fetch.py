@@ -98,16 +98,21 @@ class FetchResult:
 
 
 def fetch_models(storage_root: Path, which: str, revision: str | None, full_precision: bool,
-                 say: Say, file_mode: int = folders.FILE_MODE) -> list[FetchResult]:
+                 say: Say, file_mode: int = folders.FILE_MODE, cuda: str | None = None,
+                 ) -> list[FetchResult]:
     """Fetch `which` (a catalog key, `all`, or the tagger's GPU runtime) into `storage_root`;
     report through `say`."""
     if which.lower() == gpu_runtime.KEY:
         if revision or full_precision:
             raise ForgeError(f"--revision and --full-precision choose Hub files; {which} is "
                              f"the pip package {gpu_runtime.PACKAGE}, pinned to "
-                             f"{gpu_runtime.VERSION}", fix=f"loraforge models fetch {which}")
-        gpu_runtime.install(storage_root, say, file_mode)
+                             f"{gpu_runtime.releases()}",
+                             fix=f"loraforge models fetch {which} [--cuda 12|13]")
+        gpu_runtime.install(storage_root, say, file_mode, cuda)
         return []
+    if cuda is not None:
+        raise ForgeError("--cuda chooses the build of the tagger's GPU runtime",
+                         fix=f"loraforge models fetch {gpu_runtime.KEY} --cuda {cuda}")
     if which.lower() == ALL:
         targets = [model for model in HUB_MODELS if model.in_all]
         if revision:

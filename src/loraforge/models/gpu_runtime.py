@@ -4,10 +4,12 @@ The `onnxruntime` loraforge installs runs on the CPU only. `onnxruntime-gpu` add
 installs into the same `onnxruntime` module folder and its newest release trails the CPU one,
 so the two cannot share one environment. `loraforge models fetch tagger-gpu` therefore installs
 it with pip (no dependencies: the CPU build brought them) into `<storage>/runtimes/
-onnxruntime-gpu/`, once, on a login node, with a `runtime.json` record of the release and the
-Python it was built for. `dataset tag` puts that folder first on the import path when it tags
-on a GPU. The runtime needs CUDA 13 and cuDNN 9 libraries: it loads them from the nvidia-* pip
-packages a CUDA 13 torch brings, else from the system (e.g. the cluster's `module load`).
+onnxruntime-gpu/`, once, on a login node, with a `runtime.json` record of the release, its CUDA
+and the Python it was built for. `dataset tag` puts that folder first on the import path when it
+tags on a GPU. PyPI's builds need CUDA 13 (1.27 on) or CUDA 12 (up to 1.26) and cuDNN 9
+libraries: the release is chosen for the CUDA of the environment's torch (`--cuda` overrides),
+and loads them from the nvidia-* pip packages that torch brings, else from the system (e.g.
+the cluster's `module load`).
 
 onnxruntime is imported inside the functions that need it, after `activate`.
 """
@@ -33,8 +35,10 @@ from loraforge.models import folders
 
 KEY = "tagger-gpu"  # what `models fetch` takes
 PACKAGE = "onnxruntime-gpu"
-VERSION = "1.31.1"  # the newest onnxruntime-gpu on PyPI (the CPU build is at 1.32.0)
-NEEDS = "CUDA 13 and cuDNN 9"
+#: The newest onnxruntime-gpu on PyPI for each CUDA major version (the CPU build is at 1.32.0).
+RELEASES = {"13": "1.31.1", "12": "1.26.0"}
+DEFAULT_CUDA = "13"
+VERSION = RELEASES[DEFAULT_CUDA]
 RUNTIMES = "runtimes"
 NAME = "onnxruntime-gpu"
 RECORD = "runtime.json"
@@ -61,17 +65,27 @@ def _platform() -> str:
     return sysconfig.get_platform()
 
 
-def why_unusable(storage_root: Path) -> str | None:
-    """None when the runtime folder holds this release for this Python, else what is wrong."""
+def _record(storage_root: Path) -> dict[str, Any] | None:
     try:
         record = json.loads((folder(storage_root) / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        record = None
-    if not isinstance(record, dict):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def releases() -> str:
+    return " or ".join(f"{version} (CUDA {cuda})" for cuda, version in RELEASES.items())
+
+
+def why_unusable(storage_root: Path) -> str | None:
+    """None when the runtime folder holds one of our releases for this Python, else what is
+    wrong."""
+    record = _record(storage_root)
+    if record is None:
         return "the GPU build of onnxruntime is not installed"
-    if record.get("version") != VERSION:
+    if RELEASES.get(str(record.get("cuda"))) != record.get("version"):
         return (f"{folder(storage_root)} holds onnxruntime-gpu {record.get('version')}, and this "
-                f"loraforge uses {VERSION}")
+                f"loraforge uses {releases()}")
     if record.get("python") != _python() or record.get("platform") != _platform():
         return (f"{folder(storage_root)} was installed for Python {record.get('python')} on "
                 f"{record.get('platform')}, and this is Python {_python()} on {_platform()}")
@@ -85,16 +99,55 @@ def describe(storage_root: Path) -> str | None:
     if not path.exists():
         return None
     problem = why_unusable(storage_root)
-    return (f"tagger GPU runtime: {PACKAGE} {VERSION} in {path}" if problem is None
+    record = _record(storage_root) or {}
+    return (f"tagger GPU runtime: {PACKAGE} {record.get('version')} (CUDA {record.get('cuda')}) "
+            f"in {path}" if problem is None
             else f"tagger GPU runtime: not usable: {problem} (fix: loraforge models fetch {KEY})")
 
 
-def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE) -> Path:
-    """Install onnxruntime-gpu VERSION under the storage root with pip, atomically; checked by
-    importing it in a fresh interpreter. Nothing is done when it is already there."""
+def needs(storage_root: Path) -> str:
+    """The libraries the installed runtime loads."""
+    cuda = (_record(storage_root) or {}).get("cuda")
+    return f"CUDA {cuda} and cuDNN 9" if cuda else "CUDA and cuDNN 9"
+
+
+def detect_cuda() -> tuple[str, str]:
+    """The CUDA major version to install for, and why: that of the environment's torch build
+    (its version's `+cuXYZ`, or its nvidia-cuda-runtime package), else DEFAULT_CUDA."""
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    torch = version("torch") or ""
+    if "+cu" in torch and torch.split("+cu")[1][:2] in RELEASES:
+        return torch.split("+cu")[1][:2], f"the CUDA of this environment's torch {torch}"
+    for dist in ("nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime"):
+        found = version(dist)
+        if found and found.split(".")[0] in RELEASES:
+            return found.split(".")[0], f"this environment's {dist} {found}"
+    return DEFAULT_CUDA, f"no CUDA torch here; --cuda {'/'.join(RELEASES)} chooses"
+
+
+def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE,
+            cuda: str | None = None) -> Path:
+    """Install the onnxruntime-gpu release for `cuda` (default: `detect_cuda`) under the storage
+    root with pip, atomically; checked by importing it in a fresh interpreter. Nothing is done
+    when it is already there."""
     dest = folder(storage_root)
-    if why_unusable(storage_root) is None:
-        say(f"{PACKAGE} {VERSION} is already installed in {dest}")
+    if cuda is None:
+        cuda, why = detect_cuda()
+    elif cuda not in RELEASES:
+        raise ForgeError(f"--cuda {cuda}: onnxruntime-gpu is built for CUDA "
+                         f"{' and '.join(RELEASES)} only", fix=f"--cuda {DEFAULT_CUDA}")
+    else:
+        why = "--cuda"
+    version = RELEASES[cuda]
+    if why_unusable(storage_root) is None and (_record(storage_root) or {}).get("cuda") == cuda:
+        say(f"{PACKAGE} {version} (CUDA {cuda}) is already installed in {dest}")
         return dest
     root = dest.parent
     try:
@@ -102,11 +155,13 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE) ->
             folders.remove_leftovers(root, NAME)
             tmp = folders.make_partial(root, NAME)
             try:
-                say(f"installing {PACKAGE}=={VERSION} with pip (about 260 MB) ...")
-                _pip_install(tmp)
+                say(f"installing {PACKAGE}=={version} for CUDA {cuda} ({why}) with pip "
+                    "(about 260 MB) ...")
+                _pip_install(tmp, version)
                 found = _imported_from(tmp)
                 (tmp / RECORD).write_text(json.dumps({
-                    "package": PACKAGE, "version": found["version"], "python": _python(),
+                    "package": PACKAGE, "version": found["version"], "cuda": cuda,
+                    "python": _python(),
                     "platform": _platform(), "providers": found["providers"]}, indent=2) + "\n",
                     encoding="utf-8")
                 os.chmod(tmp, file_mode | ((file_mode & 0o444) >> 2))
@@ -117,22 +172,22 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE) ->
         raise ForgeError(f"cannot install {PACKAGE} here ({exc})", path=root,
                          fix="make the storage root writable, or point `storage.root` (or "
                              "LORAFORGE_STORAGE_ROOT) at a writable folder") from None
-    say(f"installed {PACKAGE} {VERSION} in {dest}: `dataset tag` now tags on a GPU where one "
-        f"is visible (it needs {NEEDS} libraries there)")
+    say(f"installed {PACKAGE} {version} in {dest}: `dataset tag` now tags on a GPU where one "
+        f"is visible (it needs CUDA {cuda} and cuDNN 9 libraries there)")
     return dest
 
 
-def _pip_install(target: Path) -> None:
+def _pip_install(target: Path, version: str) -> None:
     command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
                "--disable-pip-version-check", "--no-warn-script-location", "--target",
-               str(target), f"{PACKAGE}=={VERSION}"]
+               str(target), f"{PACKAGE}=={version}"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines()
                  if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
         reason = errors[-1].removeprefix("ERROR: ") if errors else f"exit {done.returncode}"
-        raise ForgeError(f"pip could not install {PACKAGE}=={VERSION}: {reason}",
+        raise ForgeError(f"pip could not install {PACKAGE}=={version}: {reason}",
                          fix="run it on a login node that reaches PyPI (or your own index: pip "
                              "honours PIP_INDEX_URL, PIP_FIND_LINKS and pip.conf)")
 
