@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_training_project
+from conftest import draw_character, run_cli, write_training_project
 from slurm_cluster import Cluster, missing_requirements, slurm_cluster  # noqa: F401
 
 pytestmark = pytest.mark.slurm
@@ -124,6 +124,16 @@ def scenarios(slurm_cluster: Cluster, tiny_store: Path,  # noqa: F811
                     {"nodes": 2, "gpus": 0, "extra": ["--hold"]})
     s.projects["wide"] = wide
     s.ids["wide"] = _submitted_ids(run_cli("slurm", "train", "--run", "wide", cwd=wide))
+
+    # Tagging as a CPU job: the job script runs `dataset tag --device cpu` on a node.
+    tagged = _project(root / "tagged", tiny_store, {"max_steps": 1}, dataset=False)
+    concept = tagged / "master_dataset" / "5_red_knight"
+    concept.mkdir()
+    draw_character(concept / "0.png", (200, 30, 30), "box", 0)
+    draw_character(concept / "1.png", (200, 30, 30), "circle", 20)
+    s.projects["tagged"] = tagged
+    s.ids["tagged"] = _submitted_ids(run_cli("slurm", "tag", "--set", "models.tagger=tiny",
+                                             cwd=tagged))
 
     for name, ids in s.ids.items():
         assert ids, name
@@ -260,6 +270,19 @@ def test_sweep_runs_every_combination_and_runs_lists_them(scenarios: Scenarios,
         assert run["params"] == {"train.unet_lr": float(lr), "train.network_dim": int(dim)}
     table = run_cli("runs", cwd=project)
     assert all(name in table.stdout for name in runs) and "finished" in table.stdout
+
+
+def test_tag_job_captions_the_dataset_on_a_node(scenarios: Scenarios,
+                                               slurm_cluster: Cluster) -> None:  # noqa: F811
+    project = scenarios.projects["tagged"]
+    (job_id,) = scenarios.ids["tagged"]
+    log = _log(project, "tag", job_id)
+    assert slurm_cluster.wait(job_id, timeout=300)["JobState"] == "COMPLETED", log
+    log = _log(project, "tag", job_id)
+    assert "tagger:" in log and " on CPU," in log, log
+    concept = project / "master_dataset" / "5_red_knight"
+    for name in ("0.txt", "1.txt"):
+        assert (concept / name).read_text().startswith("red_knight"), log
 
 
 def test_cancel_stops_a_pending_job(scenarios: Scenarios, slurm_cluster: Cluster,  # noqa: F811
