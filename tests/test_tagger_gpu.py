@@ -73,6 +73,13 @@ def test_fetch_installs_the_gpu_runtime_once_for_this_python(gpu_project: Path) 
     assert "already installed" in again.stdout
     assert (runtime / "runtime.json").stat().st_mtime_ns == stamp
 
+    # another build that cannot be had leaves the installed one as it was
+    other = run_cli("models", "fetch", "tagger-gpu", "--cuda", "12", cwd=gpu_project,
+                    env=_offline_index(WHEELS))
+    assert_user_error(other, f"onnxruntime-gpu=={gpu_runtime.RELEASES['12']}:")
+    assert (runtime / "runtime.json").stat().st_mtime_ns == stamp
+    assert not [p for p in runtime.parent.iterdir() if p.suffix in (".partial", ".old")]
+
     listed = run_cli("models", "list", cwd=gpu_project)
     assert listed.returncode == 0, listed.stderr
     assert (f"tagger GPU runtime: onnxruntime-gpu {gpu_runtime.VERSION} (CUDA 13) in {runtime}"

@@ -138,6 +138,11 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE,
     root with pip, atomically; checked by importing it in a fresh interpreter. Nothing is done
     when it is already there."""
     dest = folder(storage_root)
+    record = _record(storage_root) or {}
+    if cuda is None and why_unusable(storage_root) is None:
+        say(f"{PACKAGE} {record.get('version')} (CUDA {record.get('cuda')}) is already installed "
+            f"in {dest} (--cuda {'/'.join(RELEASES)} installs another build)")
+        return dest
     if cuda is None:
         cuda, why = detect_cuda()
     elif cuda not in RELEASES:
@@ -146,7 +151,7 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE,
     else:
         why = "--cuda"
     version = RELEASES[cuda]
-    if why_unusable(storage_root) is None and (_record(storage_root) or {}).get("cuda") == cuda:
+    if why_unusable(storage_root) is None and record.get("cuda") == cuda:
         say(f"{PACKAGE} {version} (CUDA {cuda}) is already installed in {dest}")
         return dest
     root = dest.parent
