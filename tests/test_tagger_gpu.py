@@ -153,6 +153,11 @@ def test_fetch_says_when_pip_cannot_get_the_runtime(tmp_path: Path) -> None:
     assert not (runtimes / "onnxruntime-gpu").exists()
     assert not [p for p in runtimes.iterdir() if p.name.endswith(".partial")]
 
+    # a storage root that cannot be written (here: under /proc, which even root cannot)
+    unwritable = run_cli("models", "fetch", "tagger-gpu", "--set",
+                         'storage.root="/proc/forge-store"', cwd=project)
+    assert_user_error(unwritable, "cannot install onnxruntime-gpu here", "storage.root")
+
     pinned = run_cli("models", "fetch", "tagger-gpu", "--revision", "main", cwd=project)
     assert_user_error(pinned, "pinned to", gpu_runtime.VERSION)
 

@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -155,28 +154,26 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE,
         say(f"{PACKAGE} {version} (CUDA {cuda}) is already installed in {dest}")
         return dest
     root = dest.parent
+
+    def build(tmp: Path) -> None:
+        say(f"installing {PACKAGE}=={version} for CUDA {cuda} ({why}) with pip (about 260 MB) "
+            "...")
+        _pip_install(tmp, version)
+        found = _imported_from(tmp)
+        record = {"package": PACKAGE, "version": found["version"], "cuda": cuda,
+                  "python": _python(), "platform": _platform(), "providers": found["providers"]}
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.chmod(tmp, file_mode | ((file_mode & 0o444) >> 2))
+
     try:
-        with folders.exclusive(root / f".{NAME}{folders.LOCK_SUFFIX}", f"installing {PACKAGE}"):
-            folders.remove_leftovers(root, NAME)
-            tmp = folders.make_partial(root, NAME)
-            try:
-                say(f"installing {PACKAGE}=={version} for CUDA {cuda} ({why}) with pip "
-                    "(about 260 MB) ...")
-                _pip_install(tmp, version)
-                found = _imported_from(tmp)
-                (tmp / RECORD).write_text(json.dumps({
-                    "package": PACKAGE, "version": found["version"], "cuda": cuda,
-                    "python": _python(),
-                    "platform": _platform(), "providers": found["providers"]}, indent=2) + "\n",
-                    encoding="utf-8")
-                os.chmod(tmp, file_mode | ((file_mode & 0o444) >> 2))
-                folders.install(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ForgeError(f"cannot install {PACKAGE} here ({exc})", path=root,
                          fix="make the storage root writable, or point `storage.root` (or "
                              "LORAFORGE_STORAGE_ROOT) at a writable folder") from None
+    with folders.exclusive(root / f".{NAME}{folders.LOCK_SUFFIX}", f"installing {PACKAGE}"):
+        folders.remove_leftovers(root, NAME)
+        folders.build_model(root, NAME, build, lambda _: False, f"the {PACKAGE} runtime")
     say(f"installed {PACKAGE} {version} in {dest}: `dataset tag` now tags on a GPU where one "
         f"is visible (it needs CUDA {cuda} and cuDNN 9 libraries there)")
     return dest
