@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_user_error, draw_character, run_cli, write_training_project
+from PIL import Image
 from typer.testing import CliRunner
 
 from loraforge.cli import app
@@ -96,6 +97,46 @@ def test_held_out_images_are_used_where_given(project: Path, tmp_path: Path) -> 
     with pytest.raises(ForgeError, match="green_elf match no concept") as caught:
         measure(load_settings(project), load_settings(project).runs_dir / RUN, held)
     assert "blue_mage, red_knight" in str(caught.value.fix)
+
+
+def test_pictures_of_every_bucket_are_measured(tiny_store: Path, tmp_path: Path,
+                                              one_torch_thread: None) -> None:
+    """A concept with a square and a wide picture (two buckets at 128 px) is measured on both:
+    the loss is the mean over every picture, and as each bucket draws its own fixed noise,
+    each picture counts as it measures alone."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from loraforge.config import DatasetConfig
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.train.separation import concept_samples, trigger_losses
+
+    base = tiny_store / "tiny-sd15"
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    alphas = DDPMScheduler.from_pretrained(base, subfolder="scheduler").alphas_cumprod
+    hidden = torch.randn((1, 77, unet.config.cross_attention_dim),
+                         generator=torch.Generator().manual_seed(0))
+    config = DatasetConfig(resolution=128, min_bucket=64, max_bucket=256, bucket_step=32)
+
+    def measured(*names: str) -> tuple[int, list[float]]:
+        root = tmp_path / "-".join(names) / "1_red_knight"
+        root.mkdir(parents=True)
+        for name, size in (("square", (256, 256)), ("wide", (512, 128))):
+            if name in names:
+                draw_character(root / f"{name}.png", (210, 40, 30), "box", offset=5)
+                Image.open(root / f"{name}.png").resize(size).save(root / f"{name}.png")
+        (sample,) = concept_samples(vae, alphas, scan_dataset(root.parent, ".txt"), config,
+                                    None, torch.device("cpu"))
+        losses = trigger_losses(unet, lambda _prompt: hidden, [sample], [sample.trigger])
+        return sample.images, losses["red_knight"][sample.trigger]
+
+    (one, square), (_, wide), (both, losses) = (measured("square"), measured("wide"),
+                                                measured("square", "wide"))
+    assert (one, both) == (1, 2)
+    assert losses == pytest.approx([(a + b) / 2 for a, b in zip(square, wide, strict=True)],
+                                   abs=2e-6)
+    assert square != pytest.approx(wide, abs=1e-4)
 
 
 def test_margin_says_whether_the_own_trigger_wins() -> None:

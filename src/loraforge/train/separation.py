@@ -189,9 +189,9 @@ def _held_out(folder: Path | None, dataset: Dataset, config: DatasetConfig) -> D
 
 
 def _latents(vae: Any, concept: Concept, dataset: Dataset, config: DatasetConfig,
-             device: torch.device) -> torch.Tensor:
-    """VAE latents of a concept's images, each fitted to its bucket; images of the most common
-    bucket only (one batch shape)."""
+             device: torch.device) -> list[torch.Tensor]:
+    """VAE latents of a concept's images, each fitted to its bucket: one tensor per bucket (one
+    batch shape each), the most common bucket first."""
     import torch
 
     from loraforge.dataset.examples import build_examples, pixel_tensor
@@ -199,55 +199,71 @@ def _latents(vae: Any, concept: Concept, dataset: Dataset, config: DatasetConfig
     single = type(dataset)(dataset.root, [concept])
     examples = build_examples(single, config.model_copy(update={"concepts": {}}),
                               lambda _message: None)
-    bucket = Counter(e.bucket for e in examples).most_common(1)[0][0]
-    pixels = torch.stack([pixel_tensor(e, False) for e in examples if e.bucket == bucket])
-    with torch.no_grad():
-        encoded = vae.encode(pixels.to(device)).latent_dist.mean
-    return encoded * vae.config.scaling_factor
+    groups = []
+    for bucket, _count in Counter(e.bucket for e in examples).most_common():
+        pixels = torch.stack([pixel_tensor(e, False) for e in examples if e.bucket == bucket])
+        with torch.no_grad():
+            encoded = vae.encode(pixels.to(device)).latent_dist.mean
+        groups.append(encoded * vae.config.scaling_factor)
+    return groups
 
 
-def _noised(latents: torch.Tensor, alphas_cumprod: torch.Tensor,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every image at every timestep of TIMESTEPS, with noise from NOISE_SEED: (noisy latents,
-    timesteps, noise), images x timesteps rows, timestep-major."""
+def _noised(latents: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int) -> Noised:
+    """Every image at every timestep of TIMESTEPS, with noise from `seed`: images x timesteps
+    rows, timestep-major."""
     import torch
 
     count = latents.shape[0]
-    generator = torch.Generator().manual_seed(NOISE_SEED)
+    generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(TIMESTEPS), *latents.shape), generator=generator)
     noise = noise.to(latents.device).flatten(0, 1)
     timesteps = torch.tensor(TIMESTEPS, device=latents.device).repeat_interleave(count)
     alpha_bar = alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
     clean = latents.repeat(len(TIMESTEPS), 1, 1, 1)
-    return alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise, timesteps, noise
+    return Noised(count, alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise, timesteps,
+                  noise)
 
 
-def _loss_by_timestep(unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor,
-                      noise: torch.Tensor, hidden: torch.Tensor) -> list[float]:
+def _loss_by_timestep(unet: Any, groups: list[Noised], hidden: torch.Tensor) -> list[float]:
+    """The mean loss over every image at each timestep (all groups together)."""
     import torch
 
-    errors = []
+    totals = torch.zeros(len(TIMESTEPS), dtype=torch.float64)
     with torch.no_grad():
-        for start in range(0, noisy.shape[0], BATCH):
-            rows = slice(start, start + BATCH)
-            states = hidden.expand(noisy[rows].shape[0], -1, -1)
-            prediction = unet(noisy[rows], timesteps[rows], encoder_hidden_states=states).sample
-            errors.append((prediction.float() - noise[rows].float()).pow(2).mean(dim=(1, 2, 3)))
-    per_row = torch.cat(errors).view(len(TIMESTEPS), -1)
-    return [round(float(v), 6) for v in per_row.mean(dim=1)]
+        for group in groups:
+            errors = []
+            for start in range(0, group.noisy.shape[0], BATCH):
+                rows = slice(start, start + BATCH)
+                states = hidden.expand(group.noisy[rows].shape[0], -1, -1)
+                prediction = unet(group.noisy[rows], group.timesteps[rows],
+                                  encoder_hidden_states=states).sample
+                errors.append((prediction.float() - group.noise[rows].float()).pow(2)
+                              .mean(dim=(1, 2, 3)))
+            totals += torch.cat(errors).view(len(TIMESTEPS), -1).double().sum(dim=1).cpu()
+    per_timestep = totals / sum(group.images for group in groups)
+    return [round(float(v), 6) for v in per_timestep]
+
+
+@dataclass
+class Noised:
+    """`images` images of one batch shape, each noised at every timestep of TIMESTEPS."""
+
+    images: int
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
 
 
 @dataclass
 class Sample:
-    """A concept's images, noised at every timestep of TIMESTEPS with fixed noise."""
+    """A concept's images, noised at every timestep of TIMESTEPS with fixed noise: one group
+    per bucket (batch shape)."""
 
     concept: str
     trigger: str
     held_out: bool
     images: int
-    noisy: torch.Tensor
-    timesteps: torch.Tensor
-    noise: torch.Tensor
+    groups: list[Noised]
 
 
 def concept_samples(vae: Any, alphas_cumprod: torch.Tensor, dataset: Dataset,
@@ -259,9 +275,12 @@ def concept_samples(vae: Any, alphas_cumprod: torch.Tensor, dataset: Dataset,
     for concept in dataset.concepts:
         own = next((c for c in held.concepts if c.name == concept.name), None) if held else None
         source, images = (held, own) if own is not None else (dataset, concept)
-        latents = _latents(vae, images, source, config, device)
+        # each bucket's noise is drawn from its own seed, whatever other buckets there are
+        groups = [_noised(latents, alphas_cumprod,
+                          NOISE_SEED + 1000 * latents.shape[-2] + latents.shape[-1])
+                  for latents in _latents(vae, images, source, config, device)]
         samples.append(Sample(concept.name, trigger_of(concept), own is not None,
-                              latents.shape[0], *_noised(latents, alphas_cumprod)))
+                              sum(group.images for group in groups), groups))
     return samples
 
 
@@ -269,7 +288,7 @@ def trigger_losses(unet: Any, encode: Any, samples: list[Sample], triggers: list
                    ) -> dict[str, dict[str, list[float]]]:
     """Concept -> trigger -> loss at each timestep; `encode(prompt)` gives hidden states."""
     hidden = {trigger: encode(trigger) for trigger in triggers}
-    return {s.concept: {t: _loss_by_timestep(unet, s.noisy, s.timesteps, s.noise, hidden[t])
+    return {s.concept: {t: _loss_by_timestep(unet, s.groups, hidden[t])
                         for t in triggers} for s in samples}
 
 
