@@ -13,7 +13,8 @@ dest=${WHEELS_DIR:-$here/lora_env/wheels}
 requirement=$("$python" -c 'from loraforge.models import gpu_runtime as g; print(f"{g.PACKAGE}=={g.VERSION}")')
 name=${requirement%%==*}
 version=${requirement##*==}
-if compgen -G "$dest/${name//-/_}-$version-*.whl" >/dev/null; then
+tag=$("$python" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
+if compgen -G "$dest/${name//-/_}-$version-$tag-*.whl" >/dev/null; then
     exit 0
 fi
 mkdir -p "$dest"

@@ -8,7 +8,10 @@ does. That the tagger then runs on a real GPU cannot be tested here."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,8 @@ from conftest import assert_user_error, draw_character, run_cli
 from loraforge.models import gpu_runtime
 
 WHEELS = Path(__file__).resolve().parents[1] / "lora_env" / "wheels"
-HAS_WHEEL = any(WHEELS.glob(f"onnxruntime_gpu-{gpu_runtime.VERSION}-*.whl"))
+PYTHON_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
+HAS_WHEEL = any(WHEELS.glob(f"onnxruntime_gpu-{gpu_runtime.VERSION}-{PYTHON_TAG}-*.whl"))
 needs_wheel = pytest.mark.skipif(not HAS_WHEEL, reason="no onnxruntime-gpu wheel for this "
                                  "machine (tests/setup_wheels.sh says why)")
 ACTIVATE = str(Path(sys.prefix) / "bin" / "activate")
@@ -52,7 +56,10 @@ def gpu_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not HAS_WHEEL:
         pytest.skip("no onnxruntime-gpu wheel for this machine")
     project = _project(tmp_path_factory.mktemp("gpu") / "proj")
-    result = run_cli("models", "fetch", "tagger-gpu", cwd=project, env=_offline_index(WHEELS))
+    # a group-shared storage root (file_mode 0664), and pip set to install for the user (as
+    # many clusters' pip.conf is), which --target must win over
+    result = run_cli("models", "fetch", "tagger-gpu", "--set", 'storage.file_mode="0664"',
+                     cwd=project, env={**_offline_index(WHEELS), "PIP_USER": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     return project
 
@@ -66,6 +73,8 @@ def test_fetch_installs_the_gpu_runtime_once_for_this_python(gpu_project: Path) 
     assert "CUDAExecutionProvider" in record["providers"]
     assert (runtime / "onnxruntime" / "capi" / "libonnxruntime_providers_cuda.so").is_file()
     assert not list(runtime.parent.glob(".*.partial"))
+    assert (runtime / "onnxruntime" / "__init__.py").stat().st_mode & 0o777 == 0o664
+    assert (runtime / "onnxruntime").stat().st_mode & 0o777 == 0o775
     stamp = (runtime / "runtime.json").stat().st_mtime_ns
 
     again = run_cli("models", "fetch", "tagger-gpu", cwd=gpu_project, env=_offline_index(WHEELS))
@@ -87,6 +96,7 @@ def test_fetch_installs_the_gpu_runtime_once_for_this_python(gpu_project: Path) 
 
 
 @needs_wheel
+@pytest.mark.skipif(any(Path("/dev").glob("nvidia[0-9]*")), reason="a real GPU: CUDA may load")
 def test_tagging_with_a_visible_gpu_imports_the_gpu_runtime_and_says_why_cuda_failed(
         gpu_project: Path) -> None:
     # --device cuda refuses the CPU: the library the GPU build could not load is named, with
@@ -104,6 +114,33 @@ def test_tagging_with_a_visible_gpu_imports_the_gpu_runtime_and_says_why_cuda_fa
     assert "tagger:" in auto.stdout and " on CPU," in auto.stdout
     assert "Traceback" not in auto.stderr and "[E:onnxruntime" not in auto.stderr
     assert _captions(gpu_project) == ["0.txt", "1.txt"]
+
+
+@needs_wheel
+def test_cuda_libraries_are_loaded_from_the_environments_nvidia_packages(
+        gpu_project: Path, tmp_path: Path) -> None:
+    """A CUDA torch brings CUDA and cuDNN as nvidia-* pip packages in its site-packages, which
+    onnxruntime's own preload never searches from the runtime folder. Stand-ins (copies of this
+    machine's libm, real shared libraries) sit where the CUDA 13 and cuDNN wheels put theirs."""
+    libm = next(line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if "/libm.so" in line or "/libm-" in line)
+    site = tmp_path / "site-packages"
+    stand_ins = [site / "nvidia" / "cu13" / "lib" / "libcublasLt.so.13",
+                 site / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9"]
+    for path in stand_ins:
+        path.parent.mkdir(parents=True)
+        shutil.copyfile(libm, path)
+    runtime = gpu_project / "store" / "runtimes" / "onnxruntime-gpu"
+    code = ("import sys; sys.path[:0] = sys.argv[1:3]; import onnxruntime as ort; "
+            "from loraforge.models.gpu_runtime import preload; loaded = preload(ort); "
+            "maps = open('/proc/self/maps').read(); "
+            "print(ort.__file__); print(*[p for p in loaded if str(p) in maps], sep='\\n')")
+    done = subprocess.run([sys.executable, "-c", code, str(runtime), str(site)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(str(runtime))
+    assert lines[1:] == [str(path) for path in stand_ins]
 
 
 @needs_wheel
@@ -166,28 +203,41 @@ def test_fetch_takes_the_build_for_the_cuda_of_the_gpu_nodes(tmp_path: Path) -> 
     project = _project(tmp_path / "proj")
     (tmp_path / "empty-index").mkdir()
     index = _offline_index(tmp_path / "empty-index")
-    # this environment's torch is a CPU build: the default, CUDA 13's release, is asked for
+    # the build for the CUDA of this environment's torch (a CPU torch: the default, CUDA 13)
+    cuda, why = gpu_runtime.detect_cuda()
     default = run_cli("models", "fetch", "tagger-gpu", cwd=project, env=index)
-    assert "for CUDA 13 (no CUDA torch here" in default.stdout
-    assert f"onnxruntime-gpu=={gpu_runtime.RELEASES['13']}:" in default.stderr
+    assert f"for CUDA {cuda} ({why})" in default.stdout
+    assert f"onnxruntime-gpu=={gpu_runtime.RELEASES[cuda]}:" in default.stderr
     # CUDA 12 drivers take the last release built for CUDA 12
     older = run_cli("models", "fetch", "tagger-gpu", "--cuda", "12", cwd=project, env=index)
     assert_user_error(older, f"onnxruntime-gpu=={gpu_runtime.RELEASES['12']}:",
                       "No matching distribution")
     assert "for CUDA 12 (--cuda)" in older.stdout
-    # a CUDA 12 torch brings nvidia-cuda-runtime-cu12 (its metadata stands in for it here)
-    site = tmp_path / "site" / "nvidia_cuda_runtime_cu12-12.8.90.dist-info"
-    site.mkdir(parents=True)
-    (site / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-cuda-runtime-cu12\n"
-                                   "Version: 12.8.90\n")
-    found = run_cli("models", "fetch", "tagger-gpu", cwd=project,
-                    env={**index, "PYTHONPATH": str(site.parent)})
-    assert "for CUDA 12 (this environment's nvidia-cuda-runtime-cu12 12.8.90)" in found.stdout
-    assert f"onnxruntime-gpu=={gpu_runtime.RELEASES['12']}:" in found.stderr
+    # a CUDA 12 torch without `+cu` in its version brings nvidia-cuda-runtime-cu12 (its
+    # metadata stands in for it here; a `+cu` torch decides before it is looked at)
+    if "+cu" not in metadata.version("torch"):
+        site = tmp_path / "site" / "nvidia_cuda_runtime_cu12-12.8.90.dist-info"
+        site.mkdir(parents=True)
+        (site / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-cuda-runtime-cu12"
+                                       "\nVersion: 12.8.90\n")
+        found = run_cli("models", "fetch", "tagger-gpu", cwd=project,
+                        env={**index, "PYTHONPATH": str(site.parent)})
+        assert "for CUDA 12 (this environment's nvidia-cuda-runtime-cu12 12.8.90)" in \
+            found.stdout
+        assert f"onnxruntime-gpu=={gpu_runtime.RELEASES['12']}:" in found.stderr
     assert_user_error(run_cli("models", "fetch", "tagger-gpu", "--cuda", "11", cwd=project),
                       "built for CUDA 13 and 12 only")
     assert_user_error(run_cli("models", "fetch", "tagger", "--cuda", "12", cwd=project),
                       "models fetch tagger-gpu --cuda 12")
+
+
+def test_a_gpu_is_visible_where_slurm_or_the_machine_gives_one() -> None:
+    assert gpu_runtime.gpu_visible({"CUDA_VISIBLE_DEVICES": "0", "SLURM_JOB_ID": "7"})
+    assert gpu_runtime.gpu_visible({"CUDA_VISIBLE_DEVICES": "GPU-5e1f"})
+    for hidden in ("", "-1", "NoDevFiles"):
+        assert not gpu_runtime.gpu_visible({"CUDA_VISIBLE_DEVICES": hidden})
+    # a job without GPUs on a GPU node still sees /dev/nvidia*, but was given none
+    assert not gpu_runtime.gpu_visible({"SLURM_JOB_ID": "7"})
 
 
 def test_slurm_tag_uses_the_gpu_only_with_its_runtime(tmp_path: Path) -> None:

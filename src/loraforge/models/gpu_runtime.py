@@ -17,7 +17,6 @@ onnxruntime is imported inside the functions that need it, after `activate`.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -122,8 +121,13 @@ def detect_cuda() -> tuple[str, str]:
             return None
 
     torch = version("torch") or ""
-    if "+cu" in torch and torch.split("+cu")[1][:2] in RELEASES:
-        return torch.split("+cu")[1][:2], f"the CUDA of this environment's torch {torch}"
+    if "+cu" in torch:
+        major = torch.split("+cu")[1][:2]
+        if major in RELEASES:
+            return major, f"the CUDA of this environment's torch {torch}"
+        return DEFAULT_CUDA, (f"this environment's torch {torch} is built for CUDA {major}, "
+                              f"which no onnxruntime-gpu of ours is; --cuda "
+                              f"{'/'.join(RELEASES)} chooses")
     for dist in ("nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime"):
         found = version(dist)
         if found and found.split(".")[0] in RELEASES:
@@ -163,7 +167,7 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE,
         record = {"package": PACKAGE, "version": found["version"], "cuda": cuda,
                   "python": _python(), "platform": _platform(), "providers": found["providers"]}
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, file_mode | ((file_mode & 0o444) >> 2))
+        folders.fix_modes(tmp, file_mode)  # a storage root shared with a group
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -181,9 +185,17 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE,
 
 def _pip_install(target: Path, version: str) -> None:
     command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
-               "--disable-pip-version-check", "--no-warn-script-location", "--target",
-               str(target), f"{PACKAGE}=={version}"]
-    done = subprocess.run(command, capture_output=True, text=True)
+               "--disable-pip-version-check", "--no-warn-script-location", "--no-cache-dir",
+               "--target", str(target), f"{PACKAGE}=={version}"]
+    # --target alone decides where: a user install (PIP_USER, `user = true` in pip.conf) or
+    # another prefix would clash with it; no cache: 260 MB in a small home quota
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PIP_TARGET", "PIP_PREFIX", "PIP_ROOT")}
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, "PIP_USER": "0"})
+    if "No module named pip" in done.stderr:
+        raise ForgeError(f"this environment ({sys.prefix}) has no pip to install {PACKAGE} "
+                         "with", fix=f"add it (`{sys.executable} -m ensurepip`), then run "
+                         f"`loraforge models fetch {KEY}` again")
     if done.returncode != 0:
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines()
                  if line.strip()]
@@ -216,10 +228,13 @@ def _imported_from(target: Path) -> dict[str, Any]:
 
 def gpu_visible(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
     """Whether this process is given a GPU: CUDA_VISIBLE_DEVICES names one (SLURM sets it for a
-    job with GPUs), or, where it is unset, an NVIDIA device file exists."""
+    job with GPUs); where it is unset, none inside a SLURM job (a job without GPUs on a GPU
+    node still sees the device files), else an NVIDIA device file exists."""
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return visible.strip() not in ("", "-1", "NoDevFiles")
+    if environ.get("SLURM_JOB_ID"):
+        return False
     return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
@@ -274,22 +289,56 @@ def activate(storage_root: Path) -> None:
     sys.path.insert(0, str(path))
 
 
-def preload(ort: ModuleType) -> None:
-    """Load the CUDA and cuDNN libraries onnxruntime needs from the nvidia-* pip packages where
-    they are (onnxruntime's own search), without its printed complaints."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
-        ort.preload_dlls()
+def nvidia_roots() -> list[Path]:
+    """The folders on the import path that hold an `nvidia/` package tree (the nvidia-* pip
+    packages a CUDA torch installs into its environment's site-packages)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    locations = spec.submodule_search_locations if spec is not None else None
+    return [Path(location).parent for location in locations or []]
 
 
-def cuda_problem(ort: ModuleType) -> str:
-    """Why onnxruntime's CUDA provider did not start: the library its loader could not open."""
+def preload(ort: ModuleType) -> list[Path]:
+    """Load the CUDA and cuDNN libraries this onnxruntime build needs, in its order, from the
+    nvidia-* pip packages of the environment: onnxruntime's own `preload_dlls` looks for them
+    only beside itself, in the runtime folder. What is not found there is left to the system's
+    library path (`module load`). Returns the files loaded."""
+    import ctypes
+
+    wanted = getattr(ort, "_get_nvidia_dll_paths", None)  # (nvidia, ..., lib, file) in order
+    if wanted is None:
+        return []
+    relative: list[tuple[str, ...]] = []
+    with contextlib.suppress(Exception):
+        relative = list(wanted(False, True, True))
+    loaded = []
+    roots = nvidia_roots()
+    for parts in relative:
+        for root in roots:
+            path = root.joinpath(*parts)
+            if path.is_file():
+                with contextlib.suppress(OSError):
+                    ctypes.CDLL(str(path))
+                    loaded.append(path)
+                    break
+    return loaded
+
+
+def cuda_problem(ort: ModuleType, reported: str | None = None) -> str:
+    """Why onnxruntime's CUDA provider did not start: the library the loader could not open
+    (the provider's own, then cuDNN, which it opens later), else what onnxruntime reported."""
     import ctypes
 
     library = Path(ort.__file__ or "").parent / "capi" / "libonnxruntime_providers_cuda.so"
     if not library.is_file():
         return "this onnxruntime has no CUDA provider"
-    try:
-        ctypes.CDLL(str(library))
-    except OSError as exc:
-        return str(exc).strip().splitlines()[0]
-    return "onnxruntime could not start CUDA on this GPU"
+    for name in (str(library), "libcudnn.so.9"):
+        try:
+            ctypes.CDLL(name)
+        except OSError as exc:
+            return str(exc).strip().splitlines()[0]
+    return reported or "onnxruntime could not start CUDA on this GPU"

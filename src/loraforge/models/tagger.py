@@ -13,6 +13,7 @@ onnxruntime and numpy are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -131,9 +132,11 @@ class TaggerModel:
         if cuda and gpu_runtime.CUDA in ort.get_available_providers():
             gpu_runtime.preload(ort)
             providers.insert(0, gpu_runtime.CUDA)
+        printed = io.StringIO()  # where onnxruntime prints a provider's failure ("EP Error")
         try:
-            self.session = ort.InferenceSession(str(folder / MODEL_FILE), options,
-                                                providers=providers)
+            with contextlib.redirect_stdout(printed):
+                self.session = ort.InferenceSession(str(folder / MODEL_FILE), options,
+                                                    providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ForgeError(f"is not a model onnxruntime can load ({reason})",
@@ -141,7 +144,12 @@ class TaggerModel:
                              fix="fetch the tagger again: loraforge models fetch tagger"
                              ) from None
         self.provider = self.session.get_providers()[0]
-        self.cuda_problem = (gpu_runtime.cuda_problem(ort)
+        if self.provider == gpu_runtime.CUDA:
+            self.session.disable_fallback()  # a CUDA failure while tagging is an error, not a
+            # silent switch to the CPU that keeps holding the GPU
+        reported = next((line.removeprefix("EP Error").strip() for line in
+                         printed.getvalue().splitlines() if line.startswith("EP Error")), None)
+        self.cuda_problem = (gpu_runtime.cuda_problem(ort, reported)
                              if cuda and self.provider != gpu_runtime.CUDA else None)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
@@ -160,7 +168,15 @@ class TaggerModel:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, size, size, 3) float32 BGR 0-255 -> (N, tags) probabilities."""
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        try:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        except Exception as exc:  # onnxruntime's untyped errors, e.g. CUDA out of memory
+            if self.provider != gpu_runtime.CUDA:
+                raise
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ForgeError(f"the tagger failed on the GPU ({reason})", path=self.folder,
+                             fix="a smaller --batch-size, or tag on the CPU: --device cpu; the "
+                                 "captions written so far are kept, a rerun continues") from None
 
 
 # --- the embedded tiny tagger -----------------------------------------------------------------
