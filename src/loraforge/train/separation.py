@@ -79,7 +79,7 @@ class Separation:
     run: str
     lora: str
     timesteps: list[int]
-    noise_seed: int
+    noise_seed: int  # a bucket of h x w latents draws from noise_seed + 1000 h + w
     concepts: list[ConceptSeparation]
 
     @property
@@ -208,6 +208,11 @@ def _latents(vae: Any, concept: Concept, dataset: Dataset, config: DatasetConfig
     return groups
 
 
+def bucket_seed(latents: torch.Tensor) -> int:
+    """The noise seed of a bucket of latents: NOISE_SEED + 1000 x height + width (latent px)."""
+    return NOISE_SEED + 1000 * latents.shape[-2] + latents.shape[-1]
+
+
 def _noised(latents: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int) -> Noised:
     """Every image at every timestep of TIMESTEPS, with noise from `seed`: images x timesteps
     rows, timestep-major."""
@@ -276,8 +281,7 @@ def concept_samples(vae: Any, alphas_cumprod: torch.Tensor, dataset: Dataset,
         own = next((c for c in held.concepts if c.name == concept.name), None) if held else None
         source, images = (held, own) if own is not None else (dataset, concept)
         # each bucket's noise is drawn from its own seed, whatever other buckets there are
-        groups = [_noised(latents, alphas_cumprod,
-                          NOISE_SEED + 1000 * latents.shape[-2] + latents.shape[-1])
+        groups = [_noised(latents, alphas_cumprod, bucket_seed(latents))
                   for latents in _latents(vae, images, source, config, device)]
         samples.append(Sample(concept.name, trigger_of(concept), own is not None,
                               sum(group.images for group in groups), groups))
