@@ -61,7 +61,7 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
     import torch
 
     from bench.models import model_folders
-    from bench.train import ours, ours_processes, reference
+    from bench.train import KOHYA_UNET, ours, ours_processes, reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _ = model_folders(args.model, models_root(work))
@@ -77,6 +77,10 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
                 base, b, args.resolution, args.steps, device))]
             runs += [(f"reference cached b{batch}", lambda b=batch: reference(
                 base, b, args.resolution, args.steps, device, cached=True))]
+            if args.same_modules:
+                runs += [(f"reference kohya cached b{batch}", lambda b=batch: reference(
+                    base, b, args.resolution, args.steps, device, cached=True,
+                    modules=KOHYA_UNET))]
         runs += [(f"loraforge ({extra}) b{batch}", lambda b=batch, e=extra: ours(
             work, base, b, args.resolution, args.steps, device, e.split()))
             for extra in args.variant]
@@ -183,6 +187,10 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true",
                         help="leave out the reference rows (train: the reference loops; "
                              "generate: diffusers' stock pipeline)")
+    parser.add_argument("--same-modules", action="store_true",
+                        help="train: add the cached reference loop adapting kohya's U-Net "
+                             "modules, the ones ours trains (compare with ours at "
+                             "train.text_encoder_lr=0)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="casting: images per scene and round (the best is kept)")
     parser.add_argument("--note", default="", help="a line written above the table")

@@ -132,11 +132,18 @@ def ours_processes(work: Path, base: Path, batch: int, resolution: int, steps: i
                        resolution, rate, first, 0.0)
 
 
+#: The U-Net layers the diffusers example adapts, and kohya's set (every Linear and 1x1 conv of
+#: each transformer block), which ours trains so that its files are kohya's.
+ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
+KOHYA_UNET = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
 def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
-              cached: bool = False) -> TrainResult:
+              cached: bool = False, modules: tuple[str, ...] = ATTENTION) -> TrainResult:
     """The diffusers-example loop: encode images and captions every step. `cached`: both
     encoded once before the loop, which leaves only the U-Net's forward and backward and the
-    optimizer, the work every trainer of this LoRA must do: the most caching can gain."""
+    optimizer, the work every trainer of this LoRA must do: the most caching can gain.
+    `modules`: the U-Net layers it adapts (KOHYA_UNET: the same as ours)."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -155,7 +162,7 @@ def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=16, lora_alpha=8, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                target_modules=list(modules)))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -192,6 +199,7 @@ def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
         times.append(time.perf_counter())
     warm = max(1, steps // 4)
     rate = (steps - warm) * batch / (times[-1] - times[warm - 1])
-    name = "reference loop" + (", VAE and text encoder cached" if cached else "")
+    name = "reference loop" + (", kohya's U-Net modules" if modules == KOHYA_UNET else "") + (
+        ", VAE and text encoder cached" if cached else "")
     return TrainResult(name, batch, resolution, rate, times[0] - started,
                        peak_memory_gb(device))
