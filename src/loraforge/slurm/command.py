@@ -132,7 +132,11 @@ def slurm_tag(
     config: ConfigOpt = None, overrides: SetOpt = None, gpus: GpusOpt = None,
     dry_run: DryOpt = False,
 ) -> None:
-    """Submit `loraforge dataset tag` as a batch job (fast on a GPU; a CPU works too)."""
+    """Submit `loraforge dataset tag` as a batch job (fast on a GPU; a CPU works too).
+
+    With a GPU (slurm.gpus or --gpus) the job tags with `--device cuda`, which needs the GPU
+    build of onnxruntime: `loraforge models fetch tagger-gpu` once, on the login node.
+    """
     from loraforge.errors import ForgeError
     from loraforge.slurm.jobs import submit_tag
 
