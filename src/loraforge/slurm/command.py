@@ -134,8 +134,8 @@ def slurm_tag(
 ) -> None:
     """Submit `loraforge dataset tag` as a batch job (fast on a GPU; a CPU works too).
 
-    With a GPU (slurm.gpus or --gpus) the job tags with `--device cuda`, which needs the GPU
-    build of onnxruntime: `loraforge models fetch tagger-gpu` once, on the login node.
+    A GPU job (slurm.gpus or --gpus) tags with `--device cuda`: run
+    `loraforge models fetch tagger-gpu` once first, on the login node.
     """
     from loraforge.errors import ForgeError
     from loraforge.slurm.jobs import submit_tag
