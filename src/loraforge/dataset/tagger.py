@@ -52,10 +52,10 @@ if TYPE_CHECKING:
     import numpy as np
 
     from loraforge.config import Settings
+    from loraforge.models.gpu_runtime import Device
     from loraforge.models.tagger import Tag, TaggerModel
 
 Mode = Literal["missing", "append", "overwrite"]
-Device = Literal["auto", "cpu", "cuda"]
 Say = Callable[[str], None]
 WHITE = (255, 255, 255)
 #: Seconds between progress lines in a log file (a terminal gets a bar).
@@ -218,16 +218,17 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
         return result
     choice = gpu_runtime.choose(settings.storage_root, device)
     model: TaggerModel = TaggerModel(resolve_tagger(settings), cuda=choice.cuda)
+    needs = gpu_runtime.needs(settings.storage_root)
     if model.cuda_problem and device == "cuda":
         raise ForgeError(f"--device cuda: onnxruntime could not use CUDA ({model.cuda_problem})",
-                         fix=f"the GPU build needs {gpu_runtime.needs(settings.storage_root)} "
+                         fix=f"the GPU build needs {needs} "
                              "libraries: a torch of that CUDA brings them as nvidia-* pip "
                              "packages, or load the cluster's (e.g. `module load cuda cudnn`); "
                              "`models fetch tagger-gpu --cuda 12` installs the build for CUDA "
                              "12; or tag on the CPU: --device cpu (`slurm tag --gpus 0`)")
     if model.cuda_problem:
         say(f"note: tagging on the CPU: onnxruntime could not use CUDA ({model.cuda_problem}; "
-            f"it needs {gpu_runtime.needs(settings.storage_root)} libraries)")
+            f"it needs {needs} libraries)")
     elif choice.note:
         say(f"note: {choice.note}")
     say(f"tagger: {display_path(model.folder)} on {model.provider.replace('ExecutionProvider', '')}"

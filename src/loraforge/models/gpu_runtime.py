@@ -142,7 +142,8 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE,
     when it is already there."""
     dest = folder(storage_root)
     record = _record(storage_root) or {}
-    if cuda is None and why_unusable(storage_root) is None:
+    usable = why_unusable(storage_root) is None
+    if cuda is None and usable:
         say(f"{PACKAGE} {record.get('version')} (CUDA {record.get('cuda')}) is already installed "
             f"in {dest} (--cuda {'/'.join(RELEASES)} installs another build)")
         return dest
@@ -154,7 +155,7 @@ def install(storage_root: Path, say: Say, file_mode: int = folders.FILE_MODE,
     else:
         why = "--cuda"
     version = RELEASES[cuda]
-    if why_unusable(storage_root) is None and record.get("cuda") == cuda:
+    if usable and record.get("cuda") == cuda:
         say(f"{PACKAGE} {version} (CUDA {cuda}) is already installed in {dest}")
         return dest
     root = dest.parent

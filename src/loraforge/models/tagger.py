@@ -113,6 +113,12 @@ def _threads() -> int:
         return len(os.sched_getaffinity(0))
 
 
+def _first_line(exc: Exception) -> str:
+    """The first line of an onnxruntime error (they run to pages), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class TaggerModel:
     """An onnxruntime session of a tagger folder: `size` (input side) and `predict`.
 
@@ -138,8 +144,7 @@ class TaggerModel:
                 self.session = ort.InferenceSession(str(folder / MODEL_FILE), options,
                                                     providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ForgeError(f"is not a model onnxruntime can load ({reason})",
+            raise ForgeError(f"is not a model onnxruntime can load ({_first_line(exc)})",
                              path=folder / MODEL_FILE,
                              fix="fetch the tagger again: loraforge models fetch tagger"
                              ) from None
@@ -173,8 +178,8 @@ class TaggerModel:
         except Exception as exc:  # onnxruntime's untyped errors, e.g. CUDA out of memory
             if self.provider != gpu_runtime.CUDA:
                 raise
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ForgeError(f"the tagger failed on the GPU ({reason})", path=self.folder,
+            raise ForgeError(f"the tagger failed on the GPU ({_first_line(exc)})",
+                             path=self.folder,
                              fix="a smaller --batch-size, or tag on the CPU: --device cpu; the "
                                  "captions written so far are kept, a rerun continues") from None
 

@@ -251,8 +251,8 @@ def submit_tag(options: Options, words: list[str], echo: Any) -> list[dict[str, 
     """`loraforge dataset tag WORDS` as a job (one process; a GPU when slurm.gpus asks, which
     needs the GPU build of onnxruntime: refused without it, a note in a dry run)."""
     sub = Submitter(options)
-    problem = gpu_runtime.why_unusable(sub.settings.storage_root)
-    if sub.res.gpus.count and problem and not gpu_runtime.environment_has_cuda():
+    problem = gpu_runtime.why_unusable(sub.settings.storage_root) if sub.res.gpus.count else None
+    if problem and not gpu_runtime.environment_has_cuda():
         message = f"the job asks for a GPU but could only tag on the CPU: {problem}"
         fix = f"{gpu_runtime.FETCH_FIX}; or submit it without a GPU: --gpus 0"
         if not options.dry_run:

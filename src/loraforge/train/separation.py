@@ -225,8 +225,7 @@ def _noised(latents: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int) -> N
     timesteps = torch.tensor(TIMESTEPS, device=latents.device).repeat_interleave(count)
     alpha_bar = alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
     clean = latents.repeat(len(TIMESTEPS), 1, 1, 1)
-    return Noised(count, alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise, timesteps,
-                  noise)
+    return Noised(alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise, timesteps, noise)
 
 
 def _loss_by_timestep(unet: Any, groups: list[Noised], hidden: torch.Tensor) -> list[float]:
@@ -251,12 +250,15 @@ def _loss_by_timestep(unet: Any, groups: list[Noised], hidden: torch.Tensor) -> 
 
 @dataclass
 class Noised:
-    """`images` images of one batch shape, each noised at every timestep of TIMESTEPS."""
+    """Images of one batch shape, each noised at every timestep of TIMESTEPS."""
 
-    images: int
     noisy: torch.Tensor
     timesteps: torch.Tensor
     noise: torch.Tensor
+
+    @property
+    def images(self) -> int:
+        return self.noisy.shape[0] // len(TIMESTEPS)
 
 
 @dataclass
