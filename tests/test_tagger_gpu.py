@@ -225,6 +225,18 @@ def test_fetch_takes_the_build_for_the_cuda_of_the_gpu_nodes(tmp_path: Path) -> 
         assert "for CUDA 12 (this environment's nvidia-cuda-runtime-cu12 12.8.90)" in \
             found.stdout
         assert f"onnxruntime-gpu=={gpu_runtime.RELEASES['12']}:" in found.stderr
+    # a torch whose version names its CUDA decides (its metadata stands in for it, found first)
+    for version, expected in (("2.13.0+cu128", "for CUDA 12 (the CUDA of this environment's "
+                                               "torch 2.13.0+cu128)"),
+                              ("2.13.0+cu118", "for CUDA 13 (this environment's torch "
+                                               "2.13.0+cu118 is built for CUDA 11")):
+        info = tmp_path / version / f"torch-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: "
+                                       f"{version}\n")
+        told = run_cli("models", "fetch", "tagger-gpu", cwd=project,
+                       env={**index, "PYTHONPATH": str(info.parent)})
+        assert expected in told.stdout, told.stdout
     assert_user_error(run_cli("models", "fetch", "tagger-gpu", "--cuda", "11", cwd=project),
                       "built for CUDA 13 and 12 only")
     assert_user_error(run_cli("models", "fetch", "tagger", "--cuda", "12", cwd=project),
