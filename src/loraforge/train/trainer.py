@@ -132,6 +132,7 @@ class Trainer:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from loraforge.train import network
+        from loraforge.train.lora_product import fuse_adapters
 
         log.info("loading base model %s", base)
         if not (self.world.is_main and sys.stderr.isatty()):  # bars for a person, not in logs
@@ -161,6 +162,8 @@ class Trainer:
             network.inject(text_encoder, text)
             targets += text
         vae.requires_grad_(False)
+        for model in (unet, text_encoder):
+            fuse_adapters(model)
         if self.precision != "no":  # every adapted forward runs under autocast
             network.keep_input_dtype(unet)
             network.keep_input_dtype(text_encoder)
