@@ -99,15 +99,17 @@ def lora_step(base: Path, batch: int, resolution: int, device: str, keep_input_d
     from diffusers import UNet2DConditionModel
 
     from loraforge.train import network
+    from loraforge.train.lora_product import fuse_adapters
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
                                                 torch_dtype=torch.float32)
     network.inject(unet, network.unet_targets(unet, 16, 8))
     network.cast_base_weights(unet, torch.bfloat16)
-    if keep_input_dtype:
+    if keep_input_dtype:  # and each adapted layer one LoRA product, as the trainer runs them
         network.keep_input_dtype(unet)
-    unet.to(device)
+        fuse_adapters(unet)
+    unet.train().to(device)
     side = resolution // 8
     latents = torch.randn(batch, 4, side, side, device=device, dtype=torch.bfloat16)
     hidden = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device,
