@@ -5,10 +5,11 @@ peft runs an adapted layer as five autograd nodes (the frozen layer, down, up, t
 the sum, with their views and transposes) and a 1x1 convolution's LoRA as two more
 convolutions. A training step is bound by how many operations it dispatches, not by their
 arithmetic (BENCHMARKS.md), so each adapted Linear and 1x1 Conv2d runs here as one node: three
-products forward (the up product adds itself, scaled, into the output) and five backward. A 1x1
-convolution is the same product over the channels of every pixel. The weights stay peft's
-modules: files, optimizer and resume see the same parameters. Numbers differ from peft's only
-by rounding (the scaled sum is one fused product here).
+products forward (the up product adds itself, scaled, into the output) and five backward (the
+scale rides in the products: no multiplication of its own). A 1x1 convolution is the same
+product over the channels of every pixel. The weights stay peft's modules: files, optimizer
+and resume see the same parameters. Numbers differ from peft's only by rounding (the scaled sum
+is one fused product here).
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def _lora_function() -> Any:
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
             rows, hidden, weight, down, up = ctx.saved_tensors
             grad = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
-            grad_hidden = torch.mm(grad, up).mul_(ctx.scale)
-            grad_up = torch.mm(grad.t(), hidden).mul_(ctx.scale)
+            # beta=0: the first operand only gives the shape (it is not read); the scale rides
+            # in the product instead of a multiplication of its own
+            grad_hidden = torch.addmm(hidden, grad, up, beta=0, alpha=ctx.scale)
+            grad_up = torch.addmm(up, grad.t(), hidden, beta=0, alpha=ctx.scale)
             grad_down = torch.mm(grad_hidden.t(), rows)
             grad_x = None
             if ctx.needs_input_grad[0]:  # not for a first layer fed by frozen embeddings
