@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from taught_work import RESULTS
 
 from loraforge.project import toml_value
 
@@ -20,10 +22,17 @@ SLOW_MODULES = frozenset({"test_demo", "test_generate", "test_models_import", "t
                           "test_train_state"})
 
 
+# The session fixture behind the taught tiny base (tests/taught_work.py, in the background).
+TAUGHT = "taught_work"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.stem in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+    # The tests on the taught tiny base go last: it is made in the background meanwhile.
+    taught = [item for item in items if TAUGHT in getattr(item, "fixturenames", ())]
+    items[:] = [item for item in items if item not in taught] + taught
 
 
 def run_cli(*args: str | os.PathLike[str], cwd: Path | None = None,
@@ -77,44 +86,69 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+class TaughtWork:
+    """tests/taught_work.py in the background: the taught tiny base and the runs on it."""
+
+    def __init__(self, store: Path, work: Path, run: bool, oracle: bool) -> None:
+        self.store, self.work = store, work
+        self.log = work / "taught_work.log"
+        flags = [flag for flag, wanted in (("--run", run), ("--oracle", oracle)) if wanted]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                ["nice", "-n", "19", sys.executable, str(Path(__file__).with_name(
+                    "taught_work.py")), str(store), str(work), *flags],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def results(self) -> dict[str, Any]:
+        """Wait for it to finish; its measurements (empty when only the base was asked for)."""
+        if self.process.wait() != 0:
+            pytest.fail(f"tests/taught_work.py failed:\n{self.log.read_text()[-4000:]}")
+        return pickle.loads((self.work / RESULTS).read_bytes())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
 @pytest.fixture(scope="session")
-def taught_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def taught_work(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                ) -> Iterator[TaughtWork]:
+    """Started before the suite's first test where any test needs it (`_taught_early`)."""
+    wanted = set().union(*(item.fixturenames for item in request.session.items))
+    work = TaughtWork(tmp_path_factory.mktemp("taught"), tmp_path_factory.mktemp("taught_run"),
+                      run="taught_run" in wanted, oracle="taught_oracle" in wanted)
+    yield work
+    work.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _taught_early(request: pytest.FixtureRequest) -> None:
+    if any(TAUGHT in item.fixturenames for item in request.session.items):
+        request.getfixturevalue(TAUGHT)
+
+
+@pytest.fixture(scope="session")
+def taught_store(taught_work: TaughtWork) -> Path:
     """A storage root holding the taught tiny base (it denoises flat colours and paints the colour
-    its prompt names) and the tiny ControlNet, built once (about a minute and a half, on every
-    core: the first test to ask may run on one torch thread)."""
-    import torch
-
-    from loraforge.models.taught import ensure_taught_model
-
-    root = tmp_path_factory.mktemp("taught")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        ensure_taught_model(root)
-    finally:
-        torch.set_num_threads(threads)
-    return root
+    its prompt names) and the tiny ControlNet."""
+    taught_work.results()
+    return taught_work.store
 
 
 @pytest.fixture(scope="session")
-def taught_run(tmp_path_factory: pytest.TempPathFactory, taught_store: Path,
-               ) -> tuple[Path, Any]:
+def taught_run(taught_work: TaughtWork) -> tuple[Path, Any]:
     """A finished multi-concept run `ours` on the taught tiny base: `blake` (flat red pictures)
     and `mira` (flat blue), 200 steps with `init --tiny`'s settings (bench/separation.py).
     Returns its project folder (forge.toml, master_dataset/, held_out/, store/) and its
     separation table, measured on held_out/."""
-    from bench.separation import HELD_OUT, ours, write_dataset
+    return taught_work.work, taught_work.results()["ours"]
 
-    work = tmp_path_factory.mktemp("taught_run")
-    write_dataset(work / "master_dataset", solid=True)
-    write_dataset(work / "held_out", solid=True, numbers=HELD_OUT)
-    saved = dict(os.environ)
-    try:
-        result = ours(work, taught_store / "tiny-taught", 200, [], work / "held_out")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return work, result
+
+@pytest.fixture(scope="session")
+def taught_oracle(taught_work: TaughtWork) -> Any:
+    """The independent diffusers + peft loop on `taught_run`'s data, measured the same way."""
+    return taught_work.results()["oracle"]
 
 
 def draw_character(path: Path, colour: tuple[int, int, int], shape: str, offset: int) -> None:
