@@ -81,13 +81,20 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
                 runs += [(f"reference kohya cached b{batch}", lambda b=batch: reference(
                     base, b, args.resolution, args.steps, device, cached=True,
                     modules=KOHYA_UNET))]
+                runs += [(f"reference kohya with text encoder b{batch}", lambda b=batch:
+                          reference(base, b, args.resolution, args.steps, device,
+                                    modules=KOHYA_UNET, train_text=True))]
         runs += [(f"loraforge ({extra}) b{batch}", lambda b=batch, e=extra: ours(
             work, base, b, args.resolution, args.steps, device, e.split()))
             for extra in args.variant]
         runs += [(f"loraforge, {count} processes b{batch}", lambda b=batch, c=count:
                   ours_processes(work, base, b, args.resolution, args.steps, c))
                  for count in args.processes]
-        results = [(name, measured(name, run)) for name, run in runs]
+        # Rounds interleave the rows, so that a drift of the machine's speed hits each alike.
+        rounds = [[measured(f"{name} (round {i + 1})", run) for name, run in runs]
+                  for i in range(args.rounds)]
+        results = [(name, _median([done[j] for done in rounds]))
+                   for j, (name, _) in enumerate(runs)]
         ref = next((r for name, r in results if name == f"reference b{batch}" and r), None)
         for name, result in results:
             if result is None:
@@ -99,6 +106,12 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
                          f"{result.first_step_s:.1f}", f"{result.peak_memory_gb:.2f}",
                          f"{result.tflops():.1f}" if args.model == "sd15" else "-"])
     return table(header, rows)
+
+
+def _median(results: list[Any]) -> Any:
+    """The run of median throughput among those that did not fail (None: all failed)."""
+    done = sorted((r for r in results if r is not None), key=lambda r: r.images_per_s)
+    return done[(len(done) - 1) // 2] if done else None
 
 
 def run_generate(args: argparse.Namespace, work: Path) -> str:
@@ -190,7 +203,11 @@ def main() -> None:
     parser.add_argument("--same-modules", action="store_true",
                         help="train: add the cached reference loop adapting kohya's U-Net "
                              "modules, the ones ours trains (compare with ours at "
-                             "train.text_encoder_lr=0)")
+                             "train.text_encoder_lr=0), and the plain loop adapting those and "
+                             "training a text encoder LoRA too (compare with ours' defaults)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="train: measure every row this many times, the rows interleaved, "
+                             "and keep each row's median (a shared CPU's speed drifts)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="casting: images per scene and round (the best is kept)")
     parser.add_argument("--note", default="", help="a line written above the table")

@@ -37,12 +37,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.train import KOHYA_TEXT, KOHYA_UNET
+
 CONCEPTS = (("4_blake", "blake", "disc", (220, 30, 30)),
             ("4_mira", "mira", "square", (30, 40, 220)))
 BATCH = 4
-UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                "ff.net.2"]
-TEXT_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 TRAINING = range(0, 8, 2)
@@ -178,10 +177,10 @@ def oracle(work: Path, base: Path, steps: int, held_out: Path | None = None) -> 
     latents = encode_images(vae, paths)
     captions = [p.with_suffix(".txt").read_text() for p in paths]
     torch.manual_seed(0)
-    for model, modules in ((unet, UNET_MODULES), (text_encoder, TEXT_MODULES)):
+    for model, modules in ((unet, KOHYA_UNET), (text_encoder, KOHYA_TEXT)):
         model.requires_grad_(False)
         model.add_adapter(LoraConfig(r=16, lora_alpha=8, init_lora_weights="gaussian",
-                                     target_modules=modules))
+                                     target_modules=list(modules)))
     optimizer = torch.optim.AdamW([
         {"params": [p for p in unet.parameters() if p.requires_grad], "lr": 1e-3},
         {"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": 5e-4}])

@@ -136,14 +136,19 @@ def ours_processes(work: Path, base: Path, batch: int, resolution: int, steps: i
 #: each transformer block), which ours trains so that its files are kohya's.
 ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
 KOHYA_UNET = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+#: The text encoder's layers kohya adapts (and ours, by default): attention and MLP.
+KOHYA_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
-              cached: bool = False, modules: tuple[str, ...] = ATTENTION) -> TrainResult:
+              cached: bool = False, modules: tuple[str, ...] = ATTENTION,
+              train_text: bool = False) -> TrainResult:
     """The diffusers-example loop: encode images and captions every step. `cached`: both
     encoded once before the loop, which leaves only the U-Net's forward and backward and the
     optimizer, the work every trainer of this LoRA must do: the most caching can gain.
-    `modules`: the U-Net layers it adapts (KOHYA_UNET: the same as ours)."""
+    `modules`: the U-Net layers it adapts (KOHYA_UNET: the same as ours). `train_text`: a LoRA
+    on the text encoder's KOHYA_TEXT layers too, trained (as diffusers' DreamBooth LoRA script
+    does with --train_text_encoder): what ours does with its defaults."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -163,7 +168,11 @@ def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
         model.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=16, lora_alpha=8, init_lora_weights="gaussian",
                                 target_modules=list(modules)))
-    params = [p for p in unet.parameters() if p.requires_grad]
+    if train_text:
+        text_encoder.add_adapter(LoraConfig(r=16, lora_alpha=8, init_lora_weights="gaussian",
+                                            target_modules=list(KOHYA_TEXT)))
+    params = [p for model in (unet, text_encoder) for p in model.parameters()
+              if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -179,6 +188,7 @@ def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
         return latents * vae.config.scaling_factor, text_encoder(ids)[0]
 
     if cached:
+        assert not train_text, "a trained text encoder cannot be cached"
         with autocast, torch.no_grad():
             encoded = encode()
     times = []
@@ -200,6 +210,7 @@ def reference(base: Path, batch: int, resolution: int, steps: int, device: str,
     warm = max(1, steps // 4)
     rate = (steps - warm) * batch / (times[-1] - times[warm - 1])
     name = "reference loop" + (", kohya's U-Net modules" if modules == KOHYA_UNET else "") + (
+        " and text encoder LoRA" if train_text else "") + (
         ", VAE and text encoder cached" if cached else "")
     return TrainResult(name, batch, resolution, rate, times[0] - started,
                        peak_memory_gb(device))
