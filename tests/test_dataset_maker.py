@@ -206,6 +206,9 @@ def test_tag_writes_captions_trigger_first_and_keeps_hand_captions(tmp_path: Pat
     (["nobody"], "", ["no concept named 'nobody'", "concepts: knight"]),
     ([], "[models]\ntagger = \"wd-tagger\"\n", ["wd-tagger: tagger model not found",
                                                  "loraforge models fetch tagger"]),
+    (["--threshold", "nan"], "", ["'--threshold': must be a number from 0 to 1, got nan"]),
+    (["--character-threshold", "1.5"], "", ["'--character-threshold': must be a number from 0 "
+                                             "to 1, got 1.5"]),
 ])
 def test_tag_user_errors(tmp_path: Path, args: list[str], toml: str, needles: list[str]) -> None:
     (tmp_path / "forge.toml").write_text(toml or '[models]\ntagger = "tiny"\n')

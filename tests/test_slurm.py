@@ -241,6 +241,9 @@ def test_tag_dry_run_renders_one_tagging_process_with_its_options(tmp_path: Path
                    "--threshold 0.5", "--append", "-- blake 20_mira", "sbatch --parsable"):
         assert needle in out, (needle, out)
     assert "srun" not in out and not (project / "store").exists()
+    # A threshold that is no probability is refused before a job is written, not in the job.
+    nan = run_cli("slurm", "tag", "--dry-run", "--threshold", "nan", cwd=project)
+    assert_user_error(nan, "'--threshold': must be a number from 0 to 1, got nan")
 
 
 def test_sweep_names_one_run_per_combination() -> None:

@@ -14,3 +14,10 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE", help="Override a value: section.key=value (repeatable), e.g. "
     "--set train.epochs=5.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def probability(value: float | None) -> float | None:
+    """Callback of an option that is a probability: a number from 0 to 1 (not nan)."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise typer.BadParameter(f"must be a number from 0 to 1, got {value}")
+    return value

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loraforge.errors import ForgeError
-from loraforge.options import ConfigOpt, JsonOpt, SetOpt
+from loraforge.options import ConfigOpt, JsonOpt, SetOpt, probability
 
 if TYPE_CHECKING:
     from loraforge.config import Settings
@@ -51,11 +51,11 @@ def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
 
 def tag_command(
     concepts: ConceptsArg = None,
-    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Lowest "
-                         "probability for a general tag.")] = 0.35,
+    threshold: Annotated[float, typer.Option("--threshold", callback=probability, help="Lowest "
+                         "probability for a general tag (0 to 1).")] = 0.35,
     character_threshold: Annotated[float, typer.Option(
-        "--character-threshold", min=0.0, max=1.0, help="Lowest probability for a character "
-        "tag.")] = 0.85,
+        "--character-threshold", callback=probability, help="Lowest probability for a "
+        "character tag (0 to 1).")] = 0.85,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing captions "
                          "(the old ones are backed up first).")] = False,
     append: Annotated[bool, typer.Option("--append", help="Add the tags existing captions "

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from loraforge.options import ConfigOpt, JsonOpt, SetOpt
+from loraforge.options import ConfigOpt, JsonOpt, SetOpt, probability
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -122,9 +122,9 @@ def slurm_tag(
     concepts: Annotated[list[str] | None, typer.Argument(
         help="Concepts (default: every concept).", show_default=False)] = None,
     threshold: Annotated[float | None, typer.Option(
-        "--threshold", min=0.0, max=1.0, help="As `dataset tag --threshold`.")] = None,
+        "--threshold", callback=probability, help="As `dataset tag --threshold`.")] = None,
     character_threshold: Annotated[float | None, typer.Option(
-        "--character-threshold", min=0.0, max=1.0, help="As `dataset tag`.")] = None,
+        "--character-threshold", callback=probability, help="As `dataset tag`.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="As `dataset tag`.")] = False,
     append: Annotated[bool, typer.Option("--append", help="As `dataset tag`.")] = False,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, max=256,
