@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import subprocess
@@ -32,8 +33,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.path.stem in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
     # The tests on the taught tiny base go last: it is made in the background meanwhile.
-    taught = [item for item in items if TAUGHT in getattr(item, "fixturenames", ())]
+    taught = [item for item in items if TAUGHT in _fixtures(item)]
     items[:] = [item for item in items if item not in taught] + taught
+
+
+def _fixtures(item: pytest.Item) -> list[str]:
+    """The fixtures a collected test uses, its dependencies' included."""
+    return getattr(item, "fixturenames", [])
 
 
 def run_cli(*args: str | os.PathLike[str], cwd: Path | None = None,
@@ -100,8 +106,10 @@ class TaughtWork:
                     "taught_work.py")), str(store), str(work), *flags],
                 stdout=log, stderr=subprocess.STDOUT)
 
+    @functools.cache  # noqa: B019 (one per session, alive as long as the session)
     def results(self) -> dict[str, Any]:
-        """Wait for it to finish; its measurements (empty when only the base was asked for)."""
+        """Wait for it to finish; its measurements (empty when only the base was asked for),
+        read once."""
         if self.process.wait() != 0:
             pytest.fail(f"tests/taught_work.py failed:\n{self.log.read_text()[-4000:]}")
         return pickle.loads((self.work / RESULTS).read_bytes())
@@ -116,7 +124,7 @@ class TaughtWork:
 def taught_work(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                 ) -> Iterator[TaughtWork]:
     """Started before the suite's first test where any test needs it (`_taught_early`)."""
-    wanted = set().union(*(item.fixturenames for item in request.session.items))
+    wanted = set().union(*(_fixtures(item) for item in request.session.items))
     work = TaughtWork(tmp_path_factory.mktemp("taught"), tmp_path_factory.mktemp("taught_run"),
                       run="taught_run" in wanted, oracle="taught_oracle" in wanted)
     yield work
@@ -125,7 +133,7 @@ def taught_work(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="session", autouse=True)
 def _taught_early(request: pytest.FixtureRequest) -> None:
-    if any(TAUGHT in item.fixturenames for item in request.session.items):
+    if any(TAUGHT in _fixtures(item) for item in request.session.items):
         request.getfixturevalue(TAUGHT)
 
 
