@@ -87,7 +87,7 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(trained: Trai
     trainer = trained.trainer
     assert trainer is not None
     base = tiny_store / "tiny-sd15"
-    latents = trainer.encode_pixels(_vae_holder(base), [pixel_tensor(e, flip=False)
+    latents = trainer.inputs.encode_pixels(_vae(base), [pixel_tensor(e, flip=False)
                                                         for e in trainer.examples])
     captions = [", ".join(e.tags) for e in trainer.examples]
     before = _fixed_loss(_pipeline(base, None), latents, captions, 2)
@@ -95,13 +95,10 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(trained: Trai
     assert after < 0.8 * before, (before, after)
 
 
-def _vae_holder(base: Path):
+def _vae(base: Path):
     from diffusers import AutoencoderKL
 
-    class Holder:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
-
-    return Holder()
+    return AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
 
 
 def test_final_file_has_kohya_keys_trained_alpha_and_metadata(trained: TrainResult) -> None:

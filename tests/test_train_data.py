@@ -217,10 +217,10 @@ def test_latents_are_encoded_in_batches_of_vae_batch_size(project: Path) -> None
     assert ones == [1] * 8
     assert sorted(seen) == [2, 3, 3]
     assert one.trainer is not None and three.trainer is not None
-    assert one.trainer.latents is not None and three.trainer.latents is not None
-    assert one.trainer.latents.keys() == three.trainer.latents.keys()
-    for key, latent in one.trainer.latents.items():
-        torch.testing.assert_close(three.trainer.latents[key], latent, rtol=1e-4, atol=1e-5)
+    assert one.trainer.inputs.latents is not None and three.trainer.inputs.latents is not None
+    assert one.trainer.inputs.latents.keys() == three.trainer.inputs.latents.keys()
+    for key, latent in one.trainer.inputs.latents.items():
+        torch.testing.assert_close(three.trainer.inputs.latents[key], latent, rtol=1e-4, atol=1e-5)
 
 
 def test_results_take_storage_file_mode_and_the_logs_follow_the_umask(project: Path) -> None:

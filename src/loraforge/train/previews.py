@@ -1,6 +1,7 @@
-"""Preview images during training: the sample prompts' file names, and a grid of every prompt
-(rows) at every sampled epoch (columns). The prompt lines themselves (kohya's flags) are parsed by
-`loraforge.sample_prompts`, whose names are re-exported here for the trainer and the report.
+"""Preview images during training: the sample prompts rendered with the LoRA as it is, their
+file names, and a grid of every prompt (rows) at every sampled epoch (columns). The prompt lines
+themselves (kohya's flags) are parsed by `loraforge.sample_prompts`, whose names are re-exported
+here for the trainer and the report.
 
 Files: `samples/epoch-NNN/<index>-<slug>.png`, and `samples/grid-epoch-NNN.png` (all epochs up to
 NNN side by side).
@@ -8,10 +9,12 @@ NNN side by side).
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loraforge.fsutil import DEFAULT_FILE_MODE, save_atomic
 from loraforge.sample_prompts import SamplePrompt as SamplePrompt
@@ -22,6 +25,10 @@ from loraforge.sample_prompts import parse_sample_prompts as parse_sample_prompt
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from loraforge.config import TrainConfig
+
+log = logging.getLogger("loraforge.train")
 
 SAMPLES_DIR = "samples"
 SLUG_MAX = 40
@@ -158,3 +165,38 @@ def write_grid(run_dir: Path, prompts: list[SamplePrompt], epoch: int,
     dest = grid_path(run_dir, epoch)
     save_atomic(dest, lambda tmp: image.save(tmp, format="PNG"), mode)
     return dest
+
+
+def render_previews(run_dir: Path, epoch: int, prompts: list[SamplePrompt], models: Any,
+                    cfg: TrainConfig, autocast: AbstractContextManager[Any],
+                    mode: int = DEFAULT_FILE_MODE) -> None:
+    """The sample prompts rendered with the training's `models` (tokenizer, text encoder, VAE,
+    U-Net, scheduler config) as they are now, each from its own fixed seed: the training's
+    random stream is untouched (every draw there is seeded per step). A preview is a courtesy:
+    a failure is logged and training goes on."""
+    import torch
+
+    from loraforge.generate.pipeline import build_pipeline, render
+    from loraforge.generate.prompts import encode_prompt_pair
+    from loraforge.generate.samplers import make_scheduler
+
+    scheduler = make_scheduler(cfg.sample_sampler, models.scheduler_config)
+    pipe = build_pipeline(models.tokenizer, models.text_encoder, models.vae, models.unet,
+                          scheduler)
+    models.unet.eval()
+    try:
+        with torch.no_grad(), autocast:
+            for index, sample in enumerate(prompts):
+                embeds, negative = encode_prompt_pair(
+                    models.tokenizer, models.text_encoder, sample.prompt, sample.negative,
+                    cfg.clip_skip, cfg.max_token_length // 75)
+                image = render(pipe, embeds, negative, sample.width, sample.height,
+                               sample.steps, sample.cfg, sample.seed)
+                save_atomic(preview_path(run_dir, epoch, index, sample),
+                            lambda tmp, im=image: im.save(tmp, format="PNG"), mode)
+        write_grid(run_dir, prompts, epoch, mode)
+        log.info("previews of epoch %d: %s", epoch, Path(run_dir) / SAMPLES_DIR)
+    except Exception as exc:
+        log.warning("previews of epoch %d not made: %s", epoch, exc)
+    finally:
+        models.unet.train()

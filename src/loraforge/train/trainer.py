@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ from loraforge.train.distributed import (
     shard,
     sum_gradients,
 )
+from loraforge.train.inputs import StepInputs
 from loraforge.train.journal import HISTORY, LOSS_SMOOTHING, Journal, setup_logging
 from loraforge.train.plan import lr_factor, make_plan
 from loraforge.train.resume import check_finished_with, check_resumable, semantic_config
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
     from loraforge.config import Settings
     from loraforge.dataset.scan import Dataset
+    from loraforge.train.loading import Models
 
 #: Held by the process training the run.
 LOCK = ".train.lock"
@@ -61,20 +63,6 @@ def _disk_error(exc: OSError, what: Path) -> ForgeError:
                       "quota is full?)", path=what,
                       fix="free space (or raise the quota) and rerun the same command: training "
                           "resumes from the last state that was saved completely")
-
-
-@dataclass
-class Models:
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    alphas_cumprod: Any
-    num_timesteps: int
-    scheduler_config: Any
-    latent_channels: int
-    vae_scale: int
-    targets: list[Any] = field(default_factory=list)
 
 
 class Trainer:
@@ -108,8 +96,6 @@ class Trainer:
 
         self.sample_prompts = parse_sample_prompts(self.cfg.sample_prompts,
                                                    defaults_from_config(settings.to_dict()))
-        self.latents: dict[tuple[int, bool], torch.Tensor] | None = None
-        self.text_cache: dict[int, torch.Tensor] | None = None
         self.device = device
         on_gpu = self.device.type == "cuda"
         precision = self.cfg.mixed_precision if on_gpu else "no"
@@ -124,65 +110,18 @@ class Trainer:
         self.mode = settings.file_mode
         self.report = report
         self.record = runs.RunRecord(run_dir, self.mode, write=world.is_main)
+        self.inputs = StepInputs(settings, self.examples, world, device, self.dtype,
+                                 self.train_text, self.record)
 
     # --- setup -------------------------------------------------------------------------
     def load_models(self, base: Path) -> Models:
-        import torch
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        from loraforge.train import network
-        from loraforge.train.lora_product import fuse_adapters
+        from loraforge.train.loading import load_for_training
 
         log.info("loading base model %s", base)
-        if not (self.world.is_main and sys.stderr.isatty()):  # bars for a person, not in logs
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer",
-                                                  local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder",
-                                                     local_files_only=True,
-                                                     torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True,
-                                            torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
-                                                    local_files_only=True,
-                                                    torch_dtype=torch.float32)
-        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler",
-                                                  local_files_only=True)
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        targets = network.unet_targets(unet, cfg.network_dim, cfg.network_alpha, cfg.conv_dim,
-                                       cfg.conv_alpha)
-        network.inject(unet, targets)
-        text_encoder.requires_grad_(False)
-        if self.train_text:
-            text = network.text_targets(text_encoder, cfg.network_dim, cfg.network_alpha)
-            network.inject(text_encoder, text)
-            targets += text
-        vae.requires_grad_(False)
-        for model in (unet, text_encoder):
-            fuse_adapters(model)
-        if self.precision != "no":  # every adapted forward runs under autocast
-            network.keep_input_dtype(unet)
-            network.keep_input_dtype(text_encoder)
-        for model in (unet, text_encoder):
-            network.cast_base_weights(model, self.dtype)
-            model.to(self.device)
-        if self.channels_last:  # the latents follow in add_noise
-            unet.to(memory_format=torch.channels_last)
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if self.train_text:
-                text_encoder.gradient_checkpointing_enable()
-        unet.train()
-        text_encoder.train(self.train_text)
-        vae.to(self.device).eval()
-        return Models(tokenizer, text_encoder, vae, unet, scheduler.alphas_cumprod.to(self.device),
-                      scheduler.config.num_train_timesteps, scheduler.config,
-                      unet.config.in_channels, 2 ** (len(vae.config.block_out_channels) - 1),
-                      targets)
+        return load_for_training(base, self.cfg, self.device, self.dtype,
+                                 autocast=self.precision != "no", train_text=self.train_text,
+                                 channels_last=self.channels_last,
+                                 progress_bars=self.world.is_main and sys.stderr.isatty())
 
     def compiled(self, unet: Any) -> Any:
         """What the training step calls for the U-Net, as train.compile_unet asks."""
@@ -195,14 +134,6 @@ class Trainer:
             # One graph per bucket shape: fewer kernel launches, which bound small batches.
             return torch.compile(unet)
         return unet
-
-    def encode_pixels(self, models: Models, pixels: list[torch.Tensor]) -> torch.Tensor:
-        import torch
-
-        with torch.no_grad():
-            batch = torch.stack(pixels).to(self.device, torch.float32)
-            dist = models.vae.encode(batch).latent_dist
-        return dist.mean * models.vae.config.scaling_factor
 
     def bucket_counts(self) -> dict[tuple[int, int], int]:
         from loraforge.dataset.buckets import bucket_counts
@@ -224,88 +155,6 @@ class Trainer:
         summary = summarize(self.dataset, self.plan.batch_size, self.plan.epochs,
                             self.cfg.max_steps, self.examples, self.world.size)
         write_atomic(self.run_dir / "dataset.json", json.dumps(summary, indent=1), self.mode)
-
-    def vae_identity(self, base: Path) -> str:
-        """The latent cache's VAE key; rank 0 hashes the weights, once for every process."""
-        from loraforge.hashing import sha256_file
-
-        weights = sorted((base / "vae").glob("*.safetensors"))
-        digest = None
-        if self.world.is_main:
-            digest = sha256_file(weights[0], self.settings.cache_dir) if weights else str(base)
-        return f"{from_main(digest, self.world)}|fp32|mean"
-
-    def cache_latents(self, models: Models, base: Path) -> None:
-        """Every (image, flip) latent, from the disk cache or encoded once in batches. With
-        several processes each encodes its share, then all exchange them: no process waits
-        for one encoding everything (a collective would time out on a large dataset)."""
-        from loraforge.dataset.examples import pixel_tensor
-        from loraforge.train.latent_cache import LatentCache, file_sha256
-
-        disk = self.settings.cache_dir if self.cfg.cache_latents_to_disk else None
-        cache = LatentCache(disk, self.vae_identity(base))
-        requests = []
-        for example in self.examples:
-            digest = file_sha256(example.path)
-            for flip in (False, True) if example.policy.flip_aug else (False,):
-                requests.append(cache.request(digest, example.bucket, flip,
-                                              (example.index, flip)))
-        keys = list(dict.fromkeys(r.key for r in requests))
-        mine = set(keys[self.world.rank::self.world.size])
-        found = cache.fill([r for r in requests if r.key in mine], lambda reqs: self.encode_pixels(
-            models, [pixel_tensor(self.examples[r.data[0]], r.data[1]) for r in reqs]),
-            self.cfg.vae_batch_size)
-        if self.world.distributed:
-            found = {k: v.cpu() for k, v in found.items()}
-        shares = gather_objects((found, cache.encoded, cache.warnings), self.world)
-        everything = {k: v for share, _, _ in shares for k, v in share.items()}
-        encoded = sum(count for _, count, _ in shares)
-        for _, _, warnings in shares:
-            for warning in warnings:
-                log.warning(warning)
-        log.info("latents: %d encoded, %d from the cache", encoded, len(requests) - encoded)
-        self.record.update(latent_cache={"encoded": encoded, "reused": len(requests) - encoded,
-                                         "disk": str(cache.directory) if disk else None})
-        self.latents = {r.data: everything[r.key].to(self.device, self.dtype) for r in requests}
-
-    def cache_text(self, models: Models) -> None:
-        """Text-encoder outputs of every caption, computed once, when they cannot change (no
-        text-encoder training, no shuffle or dropout); the text encoder is then freed."""
-        import torch
-
-        from loraforge.dataset.examples import draw_example
-        from loraforge.dataset.tags import caption_can_change
-        from loraforge.text import chunk_token_ids, encode_token_ids
-
-        if (not self.cfg.cache_text_encoder_outputs or self.train_text
-                or any(caption_can_change(e.policy) for e in self.examples)):
-            return
-        max_chunks = self.cfg.max_token_length // 75
-        with torch.no_grad():
-            self.text_cache = {
-                e.index: encode_token_ids(models.text_encoder, chunk_token_ids(
-                    models.tokenizer, [draw_example(e, 0, 0, 0).caption], max_chunks),
-                    self.cfg.clip_skip)[0] for e in self.examples}
-            self.empty_chunk = encode_token_ids(models.text_encoder, chunk_token_ids(
-                models.tokenizer, [""], 1), self.cfg.clip_skip)[0]
-        if not self.sample_prompts:
-            models.text_encoder = None
-        log.info("text encoder outputs cached for %d captions", len(self.text_cache))
-        self.record.update(text_cache=True)
-
-    def text_states(self, models: Models, captions: list[str], indices: list[int],
-                    ) -> torch.Tensor:
-        import torch
-
-        from loraforge.text import chunk_token_ids, encode_token_ids
-
-        if self.text_cache is not None:
-            rows = [self.text_cache[i] for i in indices]
-            longest = max(row.shape[0] for row in rows)
-            return torch.stack([torch.cat([row, *[self.empty_chunk] * (
-                (longest - row.shape[0]) // self.empty_chunk.shape[0])]) for row in rows])
-        ids = chunk_token_ids(models.tokenizer, captions, self.cfg.max_token_length // 75)
-        return encode_token_ids(models.text_encoder, ids, self.cfg.clip_skip)
 
     # --- the loop ----------------------------------------------------------------------
     def saved_state(self, restart: bool) -> Any:
@@ -453,12 +302,14 @@ class Trainer:
         import torch
 
         if self.cfg.cache_latents:
-            self.cache_latents(models, base)
+            self.inputs.cache_latents(models.vae, base)
             if not self.sample_prompts:
                 models.vae = None
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-        self.cache_text(models)
+        cached_text = self.inputs.cache_text(models.tokenizer, models.text_encoder)
+        if cached_text and not self.sample_prompts:  # the step no longer needs the encoder
+            models.text_encoder = None
 
     def save(self, position: Position, named: dict[str, torch.Tensor], journal: Journal,
              reason: str) -> None:
@@ -500,40 +351,18 @@ class Trainer:
         self.write_report()
 
     def render_previews(self, models: Models, epoch: int) -> None:
-        """Sample prompts rendered with the LoRA as it is now, each from its own fixed seed:
-        the training's random stream is untouched (every draw there is seeded per step)."""
+        from loraforge.train.previews import render_previews
+
+        if self.sample_prompts:
+            render_previews(self.run_dir, epoch, self.sample_prompts, models, self.cfg,
+                            self.autocast(), self.mode)
+
+    def autocast(self) -> Any:
+        """The mixed precision every forward runs under (none on the CPU)."""
         import torch
 
-        from loraforge.fsutil import save_atomic
-        from loraforge.generate.pipeline import build_pipeline, render
-        from loraforge.generate.prompts import encode_prompt_pair
-        from loraforge.generate.samplers import make_scheduler
-        from loraforge.train.previews import preview_path, write_grid
-
-        if not self.sample_prompts:
-            return
-        scheduler = make_scheduler(self.cfg.sample_sampler, models.scheduler_config)
-        pipe = build_pipeline(models.tokenizer, models.text_encoder, models.vae, models.unet,
-                              scheduler)
-        autocast = (torch.autocast("cuda", dtype=self.dtype) if self.precision != "no"
-                    else nullcontext())
-        models.unet.eval()
-        try:
-            with torch.no_grad(), autocast:
-                for index, sample in enumerate(self.sample_prompts):
-                    embeds, negative = encode_prompt_pair(
-                        models.tokenizer, models.text_encoder, sample.prompt, sample.negative,
-                        self.cfg.clip_skip, self.cfg.max_token_length // 75)
-                    image = render(pipe, embeds, negative, sample.width, sample.height,
-                                   sample.steps, sample.cfg, sample.seed)
-                    save_atomic(preview_path(self.run_dir, epoch, index, sample),
-                                lambda tmp, im=image: im.save(tmp, format="PNG"), self.mode)
-            write_grid(self.run_dir, self.sample_prompts, epoch, self.mode)
-            log.info("previews of epoch %d: %s", epoch, self.run_dir / "samples")
-        except Exception as exc:  # a preview is a courtesy: training goes on without it
-            log.warning("previews of epoch %d not made: %s", epoch, exc)
-        finally:
-            models.unet.train()
+        return (torch.autocast("cuda", dtype=self.dtype) if self.precision != "no"
+                else nullcontext())
 
     def write_report(self) -> None:
         if self.report is None:
@@ -551,14 +380,13 @@ class Trainer:
         whether any process was asked to stop."""
         import torch
 
-        from loraforge.dataset.examples import draw_example, pixel_tensor
+        from loraforge.dataset.examples import draw_example
         from loraforge.train import objective
 
         cfg = self.cfg
         group = batches[first:first + self.plan.accumulation]
         generator = objective.step_generator(cfg.seed, step, self.device)
-        autocast = (torch.autocast("cuda", dtype=self.dtype) if self.precision != "no"
-                    else nullcontext())
+        autocast = self.autocast()
         text_grad = nullcontext() if self.train_text else torch.no_grad()
         total = torch.zeros((), device=self.device)
         for number, whole in enumerate(group, start=first):
@@ -575,17 +403,11 @@ class Trainer:
                          for slot in range(len(batch))]
             draws = [draw_example(self.examples[i], cfg.seed, epoch, p)
                      for i, p in zip(batch, positions, strict=True)]
-            if self.latents is not None:
-                latents = torch.stack([self.latents[(i, d.flip)]
-                                       for i, d in zip(batch, draws, strict=True)])
-            else:
-                latents = self.encode_pixels(models, [
-                    pixel_tensor(self.examples[i], d.flip, self.data_cfg.random_crop,
-                                 self.data_cfg.color_aug, (cfg.seed, epoch, p))
-                    for i, d, p in zip(batch, draws, positions, strict=True)]).to(self.dtype)
+            latents = self.inputs.batch_latents(models.vae, batch, draws, epoch, positions)
             with autocast:
                 with text_grad:
-                    hidden = self.text_states(models, [d.caption for d in draws], batch)
+                    hidden = self.inputs.text_states(models.tokenizer, models.text_encoder,
+                                                     [d.caption for d in draws], batch)
                 noisy = self.add_noise(models, latents, noise_draw)
                 prediction = self.unet_forward(noisy, noise_draw.timesteps,
                                          encoder_hidden_states=hidden).sample
