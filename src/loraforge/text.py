@@ -3,8 +3,8 @@
 A prompt of up to `max_chunks * 75` tokens is split into chunks of 75; each chunk is wrapped in
 <BOS> ... <EOS> and padded to 77 with <EOS>, encoded by the text encoder on its own, and the
 chunks' hidden states are concatenated (77 per chunk). Clip skip N takes the hidden states N layers
-from the end and applies the final layer norm (clip skip 1 = the last layer). Training and
-generation share this, so a LoRA sees the same conditioning in both.
+from the end and applies the final layer norm (clip skip 1 = the last layer); the layers after it
+are not run. Training and generation share this, so a LoRA sees the same conditioning in both.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ def encode_token_ids(text_encoder: CLIPTextModel, ids: torch.Tensor, clip_skip: 
     """Hidden states [batch, chunks * 77, width] for ids from `chunk_token_ids`."""
     batch, length = ids.shape
     flat = ids.reshape(batch * (length // (CHUNK + 2)), CHUNK + 2).to(text_encoder.device)
-    output = text_encoder(flat, output_hidden_states=True)
-    hidden = text_encoder.final_layer_norm(output.hidden_states[-clip_skip])
+    encoder = text_encoder.encoder
+    layers = encoder.layers
+    encoder.layers = layers[:len(layers) + 1 - clip_skip]  # the layers after change nothing used
+    try:
+        hidden = text_encoder(flat).last_hidden_state  # with the final layer norm
+    finally:
+        encoder.layers = layers
     return hidden.reshape(batch, length, hidden.shape[-1])
