@@ -251,6 +251,29 @@ def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
         assert list((run_dir / "samples" / f"epoch-{epoch:03d}").glob("0-*.png"))
 
 
+def test_resume_with_the_speed_options_on_gives_a_bit_identical_lora(tmp_path: Path,
+                                                                    tiny_store: Path) -> None:
+    """Channels-last order (a GPU's default) and gradient checkpointing (the memory saver)
+    change how the arithmetic runs; a run interrupted and resumed with both on still ends on
+    the uninterrupted run's file, byte for byte."""
+    speed = {"channels_last": True, "gradient_checkpointing": True}
+    straight = write_training_project(tmp_path / "straight", tiny_store, speed)
+    resumed = write_training_project(tmp_path / "resumed", tiny_store, speed)
+    first = run_cli("train", "--config", straight, env=FIXED_ENV)
+    assert first.returncode == 0, first.stderr
+    process = _start_train(resumed, FIXED_ENV)
+    _, err = _interrupt_at(process, step=4)
+    assert process.returncode == RESUMABLE_EXIT, err
+    again = run_cli("train", "--config", resumed, env=FIXED_ENV)
+    assert again.returncode == 0, again.stderr
+    assert "(step 4 of 6)" in again.stderr, again.stderr
+    files = [root / "store" / "Multi_Concept_Output" / "multi_concept" / "multi_concept.safetensors"
+             for root in (tmp_path / "straight", tmp_path / "resumed")]
+    record = json.loads((files[1].parent / "run.json").read_text())
+    assert {k: record["config"]["train"][k] for k in speed} == speed
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
 def test_a_signal_before_the_first_step_says_nothing_was_saved(tmp_path: Path,
                                                                tiny_store: Path) -> None:
     config = write_training_project(tmp_path, tiny_store)
