@@ -253,10 +253,11 @@ def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
 
 def test_resume_with_the_speed_options_on_gives_a_bit_identical_lora(tmp_path: Path,
                                                                     tiny_store: Path) -> None:
-    """Channels-last order (a GPU's default) and gradient checkpointing (the memory saver)
-    change how the arithmetic runs; a run interrupted and resumed with both on still ends on
-    the uninterrupted run's file, byte for byte."""
-    speed = {"channels_last": True, "gradient_checkpointing": True}
+    """Channels-last order (a GPU's default), gradient checkpointing (the memory saver) and
+    compiled transformer blocks change how the arithmetic runs; a run interrupted and resumed
+    with all three on still ends on the uninterrupted run's file, byte for byte (the resumed
+    process compiles again)."""
+    speed = {"channels_last": True, "gradient_checkpointing": True, "compile_unet": "blocks"}
     straight = write_training_project(tmp_path / "straight", tiny_store, speed)
     resumed = write_training_project(tmp_path / "resumed", tiny_store, speed)
     first = run_cli("train", "--config", straight, env=FIXED_ENV)
