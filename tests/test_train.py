@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -262,6 +263,11 @@ def test_resume_with_the_speed_options_on_gives_a_bit_identical_lora(tmp_path: P
     resumed = write_training_project(tmp_path / "resumed", tiny_store, speed)
     first = run_cli("train", "--config", straight, env=FIXED_ENV)
     assert first.returncode == 0, first.stderr
+    # The long first step is announced, then timed, in the log (not only on the terminal).
+    log = (straight.parent / "store" / "Multi_Concept_Output" / "multi_concept" / "train.log"
+           ).read_text()
+    assert 'train.compile_unet = "blocks": the first step compiles the U-Net' in log
+    assert re.search(r"first step: \d+\.\d s \(compiling included\)", log), log
     process = _start_train(resumed, FIXED_ENV)
     _, err = _interrupt_at(process, step=4)
     assert process.returncode == RESUMABLE_EXIT, err

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from loraforge.train.distributed import World
 
+log = logging.getLogger("loraforge.train")
 #: Weight of the old value in the loss's moving average.
 LOSS_SMOOTHING = 0.98
 #: One JSON line per optimizer step; after a resume the last line for a step wins.
@@ -53,11 +54,13 @@ class Journal:
     finished."""
 
     def __init__(self, run_dir: Path, position: Position, total: int, every_seconds: float,
-                 write: bool, on_gpu: bool) -> None:
+                 write: bool, on_gpu: bool, warm_up: str = "") -> None:
         from loraforge.train.progress import TrainingProgress
 
         self.position = position
         self.write = write
+        #: What the first step does beside training (e.g. "compiling"); its time is logged.
+        self.warm_up = warm_up
         self.group = GPU_GROUP if on_gpu else 1
         self.pending: list[_Pending] = []
         self.last_flush = -float("inf")  # the first step is read at once: it shows the warm-up
@@ -87,6 +90,10 @@ class Journal:
         if not self.pending:
             return
         losses = torch.stack([p.loss.float() for p in self.pending]).tolist()
+        if self.warm_up and self.write:
+            log.info("first step: %.1f s (%s included)", self.last_flush - self.started,
+                     self.warm_up)
+            self.warm_up = ""
         for entry, loss in zip(self.pending, losses, strict=True):
             self.position.loss_ema = (LOSS_SMOOTHING * self.position.loss_ema
                                       + (1 - LOSS_SMOOTHING) * loss)

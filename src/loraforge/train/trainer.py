@@ -189,8 +189,13 @@ class Trainer:
         position = self.restore(state, named)
         self.cache(models, base)
         facts = facts_for(self, self.optimizer, warmup_steps(cfg.lr_warmup, plan.total_steps))
+        warm_up = "compiling" if cfg.compile_unet else ""
+        if warm_up:
+            log.info("train.compile_unet = %s: the first step compiles the U-Net (minutes with "
+                     "an empty compile cache; later steps are faster)",
+                     json.dumps(cfg.compile_unet))
         journal = Journal(self.run_dir, position, plan.total_steps, cfg.log_every_seconds,
-                          world.is_main, self.device.type == "cuda")
+                          world.is_main, self.device.type == "cuda", warm_up)
         if world.is_main:
             self.write_dataset_summary()
         self.record.update(status="running", step=position.step, total_steps=plan.total_steps)
