@@ -1,5 +1,5 @@
-"""`python -m bench {train,generate,casting,memory} --model tiny|sd15 [...]`: measure, print,
-append to BENCHMARKS.md with the machine, versions and date."""
+"""`python -m bench {train,generate,casting,memory,job} --model tiny|sd15 [...]`: measure,
+print, append to BENCHMARKS.md with the machine, versions and date."""
 
 from __future__ import annotations
 
@@ -177,12 +177,33 @@ def run_memory(args: argparse.Namespace, work: Path) -> str:
                   for r in results])
 
 
+def run_job(args: argparse.Namespace, work: Path) -> str:
+    from bench.job import TARGET_WALL_S, prepare
+    from bench.job import run_job as timed_job
+
+    config = prepare(work)
+    rows = []
+    for resolution in args.resolution:
+        r = measured(f"job {resolution} px", lambda res=resolution: timed_job(
+            config, res, args.steps, args.timeout))
+        if r is None:
+            rows.append([f"{resolution} px: failed (see the log)", *["-"] * 5])
+            continue
+        steps = str(r.steps) if r.finished else f"{r.steps} of {args.steps} (stopped)"
+        rows.append([str(r.resolution), steps, f"{r.wall_s:.1f}", f"{r.overhead_s:.1f}",
+                     f"{r.steps_per_s:.1f}",
+                     f"{r.wall_s / TARGET_WALL_S:.2f}x" if r.finished else "-"])
+    return table(["resolution", "steps", "wall (s)", "outside the steps (s)", "steps/s",
+                  f"vs {TARGET_WALL_S:.0f} s"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("what", choices=["train", "generate", "casting", "memory"])
+    parser.add_argument("what", choices=["train", "generate", "casting", "memory", "job"])
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--batch", type=int, nargs="+", default=None)
-    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--resolution", type=int, nargs="+", default=None,
+                        help="training resolution (job: each one in turn)")
     parser.add_argument("--size", nargs="+", default=None, help="WxH (generate)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--variant", action="append", default=[],
@@ -210,6 +231,9 @@ def main() -> None:
                              "and keep each row's median (a shared CPU's speed drifts)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="casting: images per scene and round (the best is kept)")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="job: stop a job after this many seconds (its row says how far "
+                             "it got)")
     parser.add_argument("--note", default="", help="a line written above the table")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -221,13 +245,20 @@ def main() -> None:
                 parser.error(f"unknown generate variant {variant!r}: one of "
                              f"{', '.join(VARIANTS)}")
     tiny = args.model == "tiny"
+    if args.what != "job" and args.resolution and len(args.resolution) > 1:
+        parser.error("--resolution takes one value, except for job")
     if args.what == "train":
         args.batch = args.batch or ([8] if tiny else [1, 2, 4, 8])
-        args.resolution = args.resolution or (64 if tiny else 512)
+        args.resolution = args.resolution[0] if args.resolution else (64 if tiny else 512)
         args.steps = args.steps or (40 if tiny else 60)
     elif args.what == "memory":
         args.batch = args.batch or [1]
-        args.resolution = args.resolution or (64 if tiny else 512)
+        args.resolution = args.resolution[0] if args.resolution else (64 if tiny else 512)
+    elif args.what == "job":
+        if not tiny:
+            parser.error("job trains the demo's project, on the tiny model (--model tiny)")
+        args.resolution = args.resolution or [512]
+        args.steps = args.steps or 1500
     elif args.what == "casting":
         args.size = args.size or ["512x384"]
         args.steps = args.steps or 8
@@ -237,7 +268,7 @@ def main() -> None:
         args.steps = args.steps or 25
     with tempfile.TemporaryDirectory(prefix="loraforge-bench-") as tmp:
         body = {"train": run_train, "generate": run_generate, "casting": run_casting,
-                "memory": run_memory}[args.what](args, Path(tmp))
+                "memory": run_memory, "job": run_job}[args.what](args, Path(tmp))
     title = f"### {args.what}, {args.model} model ({machine()})"
     command = "python -m bench " + shlex.join(sys.argv[1:])
     text = "\n".join([title, "", f"`{command}`", *([args.note] if args.note else []), "", body,

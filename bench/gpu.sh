@@ -26,20 +26,24 @@ bench() {  # name, seconds (0: what is left of the budget), arguments...
     cp BENCHMARKS.md "$out/BENCHMARKS-gpu.md"
 }
 note="GPU run of bench/gpu.sh: bf16 autocast, fused AdamW, latents cached, random SD 1.5 weights, LoRA dim 16 on kohya's 192 U-Net and 72 text-encoder modules; channels-last (the GPU default)."
+# The demo-sized job (#20: under 60 s wall, loading and caching included): the demo's project
+# on the tiny model at 512 px, 1,500 steps, through `loraforge train`.
+bench job 90 job --model tiny --resolution 512 --steps 1500 --timeout 80 \
+    --note "GPU run of bench/gpu.sh: the demo's project as init --tiny writes it for this machine."
 # Batch 16 and 4: the trainer, the two reference loops, then compiled transformer blocks on top
 # of channels-last (the first builds the random SD 1.5 models, on the GPU: seconds). At batch 16
 # also like for like: the cached reference adapting kohya's U-Net modules against ours U-Net
 # only, and the plain reference training those and a text-encoder LoRA against ours' defaults.
-bench train16 200 train --model sd15 --batch 16 --steps 24 --same-modules \
+bench train16 190 train --model sd15 --batch 16 --steps 24 --same-modules \
     --variant "train.compile_unet=blocks" --variant "train.text_encoder_lr=0" --note "$note"
-bench train4 110 train --model sd15 --batch 4 --steps 32 \
+bench train4 100 train --model sd15 --batch 4 --steps 32 \
     --variant "train.compile_unet=blocks" --note "$note"
 scene="GPU run of bench/gpu.sh: 2 character LoRAs merged at 0.8, CFG 7, ControlNet, DPM++ 2M Karras."
-bench generate 200 generate --model sd15 --size 512x768 --batch 1 4 --steps 25 --loras 2 \
+bench generate 160 generate --model sd15 --size 512x768 --batch 1 4 --steps 25 --loras 2 \
     --variant compile=blocks --variant compile --note "$scene"
 # Casting's cost (issue 16): the same two-figure scene not cast, cast with one shared LoRA, and
 # with a LoRA per figure, through `loraforge generate`.
-bench casting 80 casting --model sd15 --size 512x768 --steps 25 --repeats 2 \
+bench casting 50 casting --model sd15 --size 512x768 --steps 25 --repeats 2 \
     --note "GPU run of bench/gpu.sh: casting's cost per image (issue 16), generate's defaults, CFG 7, ControlNet."
 # Pose extraction (issue 17) on the GPU: the body and hand networks per 1024x768 picture.
 left=$((budget - (SECONDS - started)))
