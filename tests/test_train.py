@@ -218,6 +218,12 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     rerun = run_cli("train", "--config", config)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr and "(step 2 of 6)" in rerun.stderr, rerun.stderr
+    # The loss history of the steps the state holds survived the kill: the curve in the
+    # report and TensorBoard has no hole.
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    steps = [json.loads(line)["step"] for line in (run_dir / "history.jsonl").read_text(
+        ).splitlines()]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6], steps
 
 
 def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,

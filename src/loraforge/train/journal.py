@@ -4,8 +4,9 @@ average of the loss (saved with each state) and, on rank 0, the TensorBoard scal
 
 Losses stay on the device until they are written: reading one makes the CPU wait for the GPU to
 finish every step queued so far, which leaves the GPU idle while the next step is prepared. So
-on a GPU they are read in groups: the first step alone (its time shows the warm-up: loading,
-compiling), then every `GPU_GROUP` steps, at least once a second, and whenever
+on a GPU they are read in groups: the first step alone (its time shows the warm-up:
+compiling, the first kernel launches), then every `GPU_GROUP` steps, at least once a second,
+and whenever
 the trainer needs the numbers (`flush`: before a state is saved, at an epoch's end, at the end).
 The numbers written are the same whatever the grouping.
 """
@@ -69,7 +70,8 @@ class Journal:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "events"), purge_step=position.step + 1)
-        self.history = open(run_dir / HISTORY, "a", encoding="utf-8")  # noqa: SIM115
+        # Line-buffered: a process killed without warning keeps every line written so far.
+        self.history = open(run_dir / HISTORY, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self.progress = TrainingProgress(total, position.step, every_seconds)
         self.started = time.monotonic()
 
@@ -82,13 +84,19 @@ class Journal:
                 or time.monotonic() - self.last_flush >= MAX_WAIT_SECONDS):
             self.flush()
 
-    def flush(self) -> None:
-        """Read the pending losses (one wait for the device) and record them in order."""
+    def flush(self, durable: bool = False) -> None:
+        """Read the pending losses (one wait for the device) and record them in order; each
+        history line reaches the file at once. `durable`: the TensorBoard events too (before
+        a state is saved: a process killed after it must not leave a hole in the curves)."""
+        self.last_flush = time.monotonic()
+        if self.pending:
+            self._record_pending()
+        if durable and self.write:
+            self.writer.flush()
+
+    def _record_pending(self) -> None:
         import torch
 
-        self.last_flush = time.monotonic()
-        if not self.pending:
-            return
         losses = torch.stack([p.loss.float() for p in self.pending]).tolist()
         if self.warm_up and self.write:
             log.info("first step: %.1f s (%s included)", self.last_flush - self.started,

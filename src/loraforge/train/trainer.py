@@ -189,16 +189,16 @@ class Trainer:
         position = self.restore(state, named)
         self.cache(models, base)
         facts = facts_for(self, self.optimizer, warmup_steps(cfg.lr_warmup, plan.total_steps))
-        warm_up = "compiling" if cfg.compile_unet else ""
-        if warm_up:
-            log.info("train.compile_unet = %s: the first step compiles the U-Net (minutes with "
-                     "an empty compile cache; later steps are faster)",
-                     json.dumps(cfg.compile_unet))
-        journal = Journal(self.run_dir, position, plan.total_steps, cfg.log_every_seconds,
-                          world.is_main, self.device.type == "cuda", warm_up)
         if world.is_main:
             self.write_dataset_summary()
         self.record.update(status="running", step=position.step, total_steps=plan.total_steps)
+        warm_up = "compiling" if cfg.compile_unet and position.step < plan.total_steps else ""
+        if warm_up:
+            log.info("train.compile_unet = %s: the first step compiles the U-Net (minutes with "
+                     "an empty compile cache; later steps of the same shape are faster)",
+                     json.dumps(cfg.compile_unet))
+        journal = Journal(self.run_dir, position, plan.total_steps, cfg.log_every_seconds,
+                          world.is_main, self.device.type == "cuda", warm_up)
         try:
             # A signal that came while models loaded or latents were cached (to any process).
             if any_rank(stop.requested, world):
@@ -303,7 +303,7 @@ class Trainer:
 
     def cache(self, models: Models, base: Path) -> None:
         """Latents and text-encoder outputs computed once, where the config allows; the VAE
-        is freed when nothing else needs it."""
+        and the text encoder are freed when nothing else needs them."""
         import torch
 
         if self.cfg.cache_latents:
@@ -319,7 +319,7 @@ class Trainer:
     def save(self, position: Position, named: dict[str, torch.Tensor], journal: Journal,
              reason: str) -> None:
         """A resumable state of the run as it is now (rank 0 writes it)."""
-        journal.flush()  # the state holds the loss's moving average
+        journal.flush(durable=True)  # the state holds the loss's moving average
         if not self.world.is_main:
             return
         trainer_state = {"optimizer": self.optimizer.state_dict(),
