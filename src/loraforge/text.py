@@ -46,6 +46,9 @@ def encode_token_ids(text_encoder: CLIPTextModel, ids: torch.Tensor, clip_skip: 
     flat = ids.reshape(batch * (length // (CHUNK + 2)), CHUNK + 2).to(text_encoder.device)
     encoder = text_encoder.encoder
     layers = encoder.layers
+    if not 1 <= clip_skip <= len(layers):
+        raise ValueError(f"clip skip {clip_skip} is outside 1..{len(layers)} for this text "
+                         "encoder")
     encoder.layers = layers[:len(layers) + 1 - clip_skip]  # the layers after change nothing used
     try:
         hidden = text_encoder(flat).last_hidden_state  # with the final layer norm

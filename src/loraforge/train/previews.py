@@ -180,11 +180,11 @@ def render_previews(run_dir: Path, epoch: int, prompts: list[SamplePrompt], mode
     from loraforge.generate.prompts import encode_prompt_pair
     from loraforge.generate.samplers import make_scheduler
 
-    scheduler = make_scheduler(cfg.sample_sampler, models.scheduler_config)
-    pipe = build_pipeline(models.tokenizer, models.text_encoder, models.vae, models.unet,
-                          scheduler)
-    models.unet.eval()
     try:
+        scheduler = make_scheduler(cfg.sample_sampler, models.scheduler_config)
+        pipe = build_pipeline(models.tokenizer, models.text_encoder, models.vae, models.unet,
+                              scheduler)
+        models.unet.eval()
         with torch.no_grad(), autocast:
             for index, sample in enumerate(prompts):
                 embeds, negative = encode_prompt_pair(
