@@ -28,7 +28,7 @@ bench() {  # name, seconds (0: what is left of the budget), arguments...
 note="GPU run of bench/gpu.sh: bf16 autocast, fused AdamW, latents cached, random SD 1.5 weights, LoRA dim 16 on kohya's 192 U-Net and 72 text-encoder modules; channels-last (the GPU default)."
 # The demo-sized job (#20: under 60 s wall, loading and caching included): the demo's project
 # on the tiny model at 512 px, 1,500 steps, through `loraforge train`.
-bench job 90 job --model tiny --resolution 512 --steps 1500 --timeout 80 \
+bench job 90 job --model tiny --resolution 512 --steps 1500 --timeout 65 \
     --note "GPU run of bench/gpu.sh: the demo's project as init --tiny writes it for this machine."
 # Batch 16 and 4: the trainer, the two reference loops, then compiled transformer blocks on top
 # of channels-last (the first builds the random SD 1.5 models, on the GPU: seconds). At batch 16

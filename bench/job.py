@@ -23,7 +23,8 @@ class JobResult:
     steps: int
     wall_s: float
     #: The wall time outside the steady steps: imports, loading, caching, the first step,
-    #: saving the files at the end.
+    #: saving the final file. (Each epoch's file and report fall between steps: they count in
+    #: `steps_per_s`, as in the job a user runs.)
     overhead_s: float
     steps_per_s: float
     #: False when the job was stopped at its time limit (`steps` is how far it got).
@@ -48,25 +49,40 @@ def prepare(work: Path) -> Path:
 
 def run_job(config: Path, resolution: int, steps: int, timeout: float) -> JobResult:
     """`loraforge train` on `config` at `resolution` for `steps` steps (a fresh run), timed;
-    stopped after `timeout` seconds (the result says how far it got)."""
+    stopped after `timeout` seconds as SLURM stops a job (SIGTERM: the trainer saves its state
+    and exits), and then the result says how far it got."""
+    from loraforge.config import load_settings
+    from loraforge.train.journal import HISTORY
+    from loraforge.train.signals import RESUMABLE_EXIT
+
     run = f"job-{resolution}-{steps}"
     command = [sys.executable, "-m", "loraforge", "train", "--config", str(config), "--run",
                run, "--restart", "--set", f"dataset.resolution={resolution}",
                "--set", f"train.max_steps={steps}"]
     started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        _, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        done = None
+        process.terminate()
+        try:
+            _, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
     wall = time.perf_counter() - started
-    if done is not None and done.returncode:
-        raise RuntimeError(f"`{' '.join(command)}` failed:\n{done.stderr[-3000:]}")
-    history = config.parent / "Multi_Concept_Output" / run / "history.jsonl"
+    finished = process.returncode == 0
+    if not finished and process.returncode != RESUMABLE_EXIT:
+        raise RuntimeError(f"`{' '.join(command)}` failed:\n{err[-3000:]}")
+    history = load_settings(config).runs_dir / run / HISTORY
     lines = history.read_text().splitlines() if history.is_file() else []
+    if finished and len(lines) < steps:
+        raise RuntimeError(f"the job finished but {history} holds {len(lines)} steps")
     seconds = [json.loads(line)["seconds"] for line in lines] or [0.0]
     # `seconds` counts from the journal's start (after loading and caching); the first entry
     # is the first step, read alone.
     steady = len(seconds) - 1
     rate = steady / (seconds[-1] - seconds[0]) if steady and seconds[-1] > seconds[0] else 0.0
     return JobResult(resolution, len(lines), wall, wall - (seconds[-1] - seconds[0]), rate,
-                     finished=done is not None)
+                     finished)
