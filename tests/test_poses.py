@@ -473,3 +473,39 @@ def test_hands_and_faces_in_the_exchange_json() -> None:
     with pytest.raises(ForgeError, match=r"people\[0\].hand_left_keypoints_2d must be 63"):
         PoseMap.from_dict({"canvas_width": 8, "canvas_height": 8, "people": [
             {"pose_keypoints_2d": body, "hand_left_keypoints_2d": [1, 2, 3]}]})
+
+
+def test_pose_outputs_replace_pose_maps_but_never_a_photo_a_config_or_other_json(
+        tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+                    ).save(photo)
+    config, other = tmp_path / "forge.toml", tmp_path / "notes.json"
+    config.write_text("[storage]\n")
+    other.write_text('{"mine": 1}')
+    originals = {p: p.read_bytes() for p in (photo, config, other)}
+
+    # Given by mistake as an output, each is refused before anything is written.
+    refused = run_cli("pose", "random", "-o", tmp_path / "new.png", "--pose-json", config)
+    assert_user_error(refused, "forge.toml", "needs its own .json name")
+    for call, needle in [
+        (lambda: random_pose_command(photo, 1, "256x256", 0, None), "photo.png"),
+        (lambda: random_pose_command(tmp_path / "new.png", 1, "256x256", 0, other),
+         "notes.json"),
+    ]:
+        with pytest.raises(ForgeError, match="exists and is not") as error:
+            call()
+        assert needle in str(error.value.path)
+    assert not (tmp_path / "new.png").exists()
+
+    # A pose map is replaced: one written here (marked), and one from a pose editor.
+    pose_json = tmp_path / "pose.json"
+    random_pose_command(tmp_path / "new.png", 1, "256x256", 0, pose_json)
+    random_pose_command(tmp_path / "new.png", 2, "256x256", 1, pose_json)
+    assert len(read_pose_json(pose_json).people) == 2
+    editor = tmp_path / "editor.png"
+    draw_pose(random_pose(1, 256, 256, 5)).save(editor)  # no mark: another tool's map
+    render_pose_command(pose_json, editor)
+    with pytest.raises(ForgeError, match="exists and is not a pose map"):
+        render_pose_command(pose_json, photo)
+    assert {p: p.read_bytes() for p in originals} == originals

@@ -324,8 +324,51 @@ def read_pose_json(path: Path) -> PoseMap:
 
 
 def write_pose_json(path: Path, pose: PoseMap) -> None:
-    """Write ``pose`` as OpenPose exchange JSON, atomically."""
+    """Write ``pose`` as OpenPose exchange JSON, atomically (never over another kind of file:
+    see `refuse_foreign`)."""
+    refuse_foreign(Path(path))
     write_atomic(Path(path), pose.to_json())
+
+
+#: The PNG text chunk that marks a pose map written here: it may be replaced by the next one.
+POSE_MARK = ("loraforge", "pose map")
+
+
+def _is_pose_map(path: Path) -> bool:
+    """A PNG this tool wrote as a pose map, or one that looks like any pose map (mostly black:
+    maps from before the mark, or from pose editors)."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return False
+            if getattr(image, "text", {}).get(POSE_MARK[0]) == POSE_MARK[1]:
+                return True
+            small = np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.NEAREST))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+    return float((small.max(axis=2) == 0).mean()) > 0.6
+
+
+def _is_pose_json(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "people" in data
+
+
+def refuse_foreign(path: Path) -> None:
+    """Refuse (ForgeError) to write a pose map or OpenPose JSON over an existing file of
+    another kind: replacing one's earlier pose map is the normal case, but a photo or a config
+    given as the output by mistake is the user's, and would be lost."""
+    if not path.exists() or path.is_dir():
+        return
+    json_out = path.suffix.lower() == ".json"
+    if _is_pose_json(path) if json_out else _is_pose_map(path):
+        return
+    kind = "an OpenPose JSON file" if json_out else "a pose map"
+    raise ForgeError(f"exists and is not {kind}: writing here would replace it", path=path,
+                     fix="pass another output name, or delete that file first if it may go")
 
 
 # --- drawing ----------------------------------------------------------------------------------
@@ -849,12 +892,21 @@ def _check_output(output: Path, *, png: bool = True) -> None:
         raise ForgeError("pose maps are written as PNG (a lossy format would change the "
                          "colours the ControlNet reads)", path=output,
                          fix=f"name the output {output.with_suffix('.png').name}")
+    if not png and output.suffix.lower() != ".json":
+        raise ForgeError("the OpenPose JSON needs its own .json name", path=output,
+                         fix="pass --pose-json with a .json name, e.g. pose_map.json")
 
 
 def save_png(image: Image.Image, output: Path) -> None:
-    """Write a pose map as PNG, atomically; ForgeError naming the file if it cannot be."""
+    """Write a pose map as PNG, atomically, marked as one (never over another kind of file:
+    see `refuse_foreign`); ForgeError naming the file if it cannot be."""
+    from PIL.PngImagePlugin import PngInfo
+
+    refuse_foreign(output)
+    info = PngInfo()
+    info.add_text(*POSE_MARK)
     try:
-        save_atomic(output, lambda tmp: image.save(tmp, format="PNG"))
+        save_atomic(output, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     except OSError as exc:
         raise ForgeError(f"cannot be written: {exc.strerror or exc}", path=output,
                          fix="check the folder exists and is writable") from None
@@ -868,12 +920,15 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
     _check_output(output)
     if json_out is not None:
         json_out = Path(json_out)
-        _check_output(json_out, png=False)
         if json_out.resolve() == output.resolve():
             raise ForgeError("the PNG and the JSON would be the same file", path=output,
                              fix="give --pose-json a different name, e.g. pose_map.json")
+        _check_output(json_out, png=False)
     pose = random_pose(figures, width, height, seed)
     image = draw_pose(pose)
+    for written in (output, json_out):  # both checked before either is written
+        if written is not None:
+            refuse_foreign(written)
     save_png(image, output)
     noun = "figure" if figures == 1 else "figures"
     lines = [f"wrote {output} ({figures} {noun}, {width}x{height}, seed {seed})"]
