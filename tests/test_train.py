@@ -245,6 +245,8 @@ def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
     assert "state saved" in err and "rerun the same command" in err
     states = sorted((run_dir / "state").iterdir())
     assert [s.name for s in states][-1].startswith("step-")
+    # `loraforge runs` shows the step the saved state holds, where the rerun resumes.
+    assert record["step"] == int(states[-1].name.removeprefix("step-")) >= 3, record
     assert not (run_dir / "multi_concept.safetensors").exists()
 
     again = run_cli("train", "--config", resumed, env=FIXED_ENV)

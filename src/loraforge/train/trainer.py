@@ -210,6 +210,7 @@ class Trainer:
                 journal.flush()
                 if world.is_main:
                     self.end_of_epoch(models, facts, position, epoch + 1)
+                    self.record.update(step=position.step)
                 if any_rank(stop.requested, world):
                     self.save(position, named, journal, stop.reason)
                     raise Interrupted
@@ -329,6 +330,7 @@ class Trainer:
             path = self.save_state(position, named, trainer_state)
         except OSError as exc:
             raise _disk_error(exc, self.run_dir / "state") from None
+        self.record.update(step=position.step)  # what `runs` shows: where a rerun resumes
         log.info("state saved (%s): %s", reason, path)
 
     def finish(self, models: Models, facts: Any, position: Position) -> Path:
