@@ -493,6 +493,23 @@ def test_runs_lists_status_loss_and_the_swept_values(tmp_path: Path) -> None:
     assert data[0]["job_id"] == "77"
 
 
+def test_runs_and_report_skip_a_run_json_that_is_not_a_run_record(tmp_path: Path) -> None:
+    """A hand-edited or foreign run.json (a list; a config that is not a table) is no run:
+    the other runs are still listed, and `report` still finds them, without a traceback."""
+    project = _project(tmp_path)
+    runs = project / "store" / "Multi_Concept_Output"
+    for name, text in (("good", json.dumps({"name": "good", "status": "finished", "config": {
+            "train": {"unet_lr": 1e-4}}})), ("listed", "[]"),
+            ("odd", json.dumps({"name": "odd", "status": "failed", "config": "zz"}))):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "run.json").write_text(text)
+    table = run_cli("runs", "--json", cwd=project)
+    assert table.returncode == 0, table.stderr
+    assert sorted(r["name"] for r in json.loads(table.stdout)) == ["good", "odd"]
+    report = run_cli("report", "nosuch", cwd=project)
+    assert_user_error(report, "nosuch", "good")
+
+
 def test_slurm_status_without_submissions_says_how_to_submit(tmp_path: Path) -> None:
     """No jobs is an answer (exit 0), as `slurm cancel` with nothing to cancel is."""
     result = run_cli("slurm", "status", cwd=_project(tmp_path))

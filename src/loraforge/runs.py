@@ -36,10 +36,17 @@ def epoch_lora(run_dir: Path, epoch: int) -> Path:
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's `run.json`; None when it is missing or unreadable (or not a JSON object, and
+    a `config` that is not an object counts as none: a hand-edited or foreign file)."""
     try:
-        return json.loads((run_dir / RECORD).read_text())
+        record = json.loads((run_dir / RECORD).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(record, dict):
+        return None
+    if not isinstance(record.get("config", {}), dict):
+        record["config"] = {}
+    return record
 
 
 class RunRecord:
