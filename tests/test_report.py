@@ -73,7 +73,8 @@ def make_run(storage: Path, *, epochs: int = 3, dataset_json: bool = True,
     if dataset_json:
         (run_dir / "dataset.json").write_text(json.dumps({"concepts": [
             {"name": "blake", "folder": "20_blake", "images": 4, "captioned": 4, "repeats": 20,
-             "images_x_repeats": 80, "top_tags": [["blake", 4], ["<script>", 2]],
+             "images_x_repeats": 80,
+             "top_tags": [{"tag": "blake", "count": 4}, {"tag": "<script>", "count": 2}],
              "buckets": {"512x512": 3, "448x576": 1}},
             {"name": "mage", "folder": "10_mage", "images": 2, "captioned": 1, "repeats": 10,
              "images_x_repeats": 20, "top_tags": [], "buckets": {"512x512": 2}}]}))
@@ -169,6 +170,8 @@ def test_user_text_is_escaped(tmp_path: Path) -> None:
     assert "<script>" not in text
     assert "&lt;script&gt;" in text
     assert "&lt;b&gt;mage&lt;/b&gt; &amp; knight" in text
+    # The top tags as dataset.json holds them, shown as tag and count.
+    assert 'blake&nbsp;<span class="muted">4</span>' in text and "&#x27;tag&#x27;" not in text
 
 
 def test_report_without_history_samples_or_dataset_json(tmp_path: Path) -> None:

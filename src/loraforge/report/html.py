@@ -197,9 +197,10 @@ def _tags(value: Any) -> str:
     if not isinstance(value, list) or not value:
         return '<span class="muted">—</span>'
     shown = []
-    for item in value[:TOP_TAGS_SHOWN]:
-        if isinstance(item, (list, tuple)) and len(item) == 2:
-            shown.append(f"{esc(item[0])}&nbsp;<span class=\"muted\">{esc(item[1])}</span>")
+    for item in value[:TOP_TAGS_SHOWN]:  # {"tag", "count"}, as dataset.json holds them
+        if isinstance(item, dict) and "tag" in item:
+            shown.append(f"{esc(item['tag'])}&nbsp;<span class=\"muted\">"
+                         f"{esc(item.get('count', ''))}</span>")
         else:
             shown.append(esc(item))
     more = len(value) - TOP_TAGS_SHOWN
