@@ -245,12 +245,18 @@ def _not_safetensors(path: Path) -> ForgeError | None:
                           path=path, fix="use the model's real .safetensors file, or rename "
                           "this one to .ckpt so that it is read with torch.load(weights_only="
                           "True), which never runs code from it")
+    return _text_file(path, head, "a safetensors model")
+
+
+def _text_file(path: Path, head: bytes, expected: str) -> ForgeError | None:
+    """The error for a model file whose first bytes `head` are text (a saved error page, a
+    note); None when they are not."""
     text = head.decode("utf-8", errors="ignore")  # a character cut at byte 512 is dropped
     if head and len(text.encode()) >= len(head) - 3 and all(
             c.isprintable() or c in "\r\n\t" for c in text):
         first = text.strip().splitlines()[0][:60] if text.strip() else ""
         shown = f" (it starts: {first!r})" if first else ""
-        return ForgeError(f"is a text file, not a safetensors model{shown}", path=path,
+        return ForgeError(f"is a text file, not {expected}{shown}", path=path,
                           fix="a download that failed often saves an error page: download the "
                               "model again and check the file is gigabytes, not bytes")
     return None
@@ -293,9 +299,22 @@ def _first_weight(keys: list[str]) -> str | None:
 
 def _open_pickled(path: Path) -> Checkpoint:
     import pickle
+    import struct
 
     import torch
 
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        head = b""  # torch.load names the problem below
+    text = _text_file(path, head, "a checkpoint")
+    if text is not None:
+        raise text
+    if head and not (head.startswith(b"PK\x03\x04") or head[0] == 0x80):
+        raise ForgeError("is not a checkpoint: it starts with neither torch's zip nor a pickle",
+                         path=path, fix="download it again; the file may be damaged or not a "
+                         "model")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -304,7 +323,8 @@ def _open_pickled(path: Path) -> Checkpoint:
                          "runs code from a model file", path=path,
                          fix="use the model's .safetensors version (Civitai and the Hub offer "
                              "one for most models)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError,
+            IndexError, TypeError, struct.error) as exc:  # junk fails anywhere in the unpickler
         raise ForgeError(f"is not a readable checkpoint ({_first_line(exc)})", path=path,
                          fix="download it again; the file may be truncated or not a model"
                          ) from None
