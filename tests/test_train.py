@@ -7,6 +7,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -377,6 +378,28 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     history = (tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
                / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == [1, 2]  # the old run's are gone
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_before_any_file_is_saved(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """A base model with a NaN weight (a damaged file) makes every loss NaN: the run stops at
+    once, saying so, instead of training on and writing LoRA files of NaN."""
+    from safetensors.torch import load_file, save_file
+
+    store = tmp_path / "models"
+    shutil.copytree(tiny_store / "tiny-sd15", store / "tiny-sd15")
+    (store / "tiny-controlnet").symlink_to(tiny_store / "tiny-controlnet")
+    weights = store / "tiny-sd15" / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, weights)
+    config = write_training_project(tmp_path / "project", store, {"state_every_n_steps": 1})
+    result = run_cli("train", "--config", config)
+    assert_user_error(result, "the loss became nan at step 1", "training diverged",
+                      "--restart")
+    run_dir = tmp_path / "project" / "store" / "Multi_Concept_Output" / "multi_concept"
+    assert not list(run_dir.glob("*.safetensors")) and not (run_dir / "state").exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
 
 
 def test_run_name_with_a_path_separator_is_refused(tmp_path: Path, tiny_store: Path) -> None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loraforge.errors import ForgeError
 from loraforge.train.state import Position
 
 if TYPE_CHECKING:
@@ -98,6 +100,14 @@ class Journal:
         import torch
 
         losses = torch.stack([p.loss.float() for p in self.pending]).tolist()
+        for entry, loss in zip(self.pending, losses, strict=True):
+            if not math.isfinite(loss):  # raised before a state or a file can save the weights
+                raise ForgeError(
+                    f"the loss became {loss} at step {entry.step}: training diverged, and "
+                    "every later weight would be broken", fix="lower train.unet_lr and "
+                    "train.text_encoder_lr (or use mixed_precision = \"bf16\" instead of "
+                    "fp16) and train again with --restart; if the loss is not finite from the "
+                    "first step, check the base model's files")
         if self.warm_up and self.write:
             log.info("first step: %.1f s (%s included)", self.last_flush - self.started,
                      self.warm_up)
