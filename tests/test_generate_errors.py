@@ -117,6 +117,19 @@ def test_lora_for_a_wider_model_is_refused(project: Path) -> None:
     _untouched(project)
 
 
+def test_lora_with_nan_weights_is_refused(project: Path) -> None:
+    """A diverged training's LoRA would render black images (exit 0 before)."""
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    path = project / "diverged.safetensors"
+    save_file({f"{name}.lora_down.weight": np.full((4, 32), np.nan, dtype=np.float32),
+               f"{name}.lora_up.weight": np.zeros((32, 4), dtype=np.float32)}, str(path),
+              metadata={"ss_base_model_version": "sd_v1"})
+    result = _generate(project, "--lora", "diverged.safetensors")
+    assert_user_error(result, "diverged.safetensors", "NaN or infinite weights (1 of 2",
+                      "earlier epoch")
+    _untouched(project)
+
+
 def test_unreadable_pose_map(project: Path) -> None:
     (project / "pose.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     result = _generate(project, "--pose", "pose.png", "--lora", "none")

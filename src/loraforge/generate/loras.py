@@ -222,6 +222,7 @@ def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
         raise ForgeError(problem, path=path,
                          fix="use a LoRA trained for SD 1.x (the base model's family), e.g. "
                              "one made by `loraforge train`")
+    _refuse_non_finite(path, keys)
     has_text = any(k.startswith(("lora_te_", "text_encoder.")) for k in keys)
     try:
         sha = digest_file(path, offset)
@@ -231,6 +232,28 @@ def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
 
 
 # --- naming a LoRA --------------------------------------------------------------------------
+
+def _refuse_non_finite(path: Path, keys: list[str]) -> None:
+    """A LoRA holding NaN or infinite weights renders black images: refuse it by name."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    bad = []
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in keys:
+                tensor = fh.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad.append(key)
+    except (SafetensorError, OSError) as exc:
+        raise ForgeError(f"cannot be read ({exc})", path=path,
+                         fix="copy or download the file again") from None
+    if bad:
+        raise ForgeError(f"holds NaN or infinite weights ({len(bad)} of {len(keys)} tensors, "
+                         f"e.g. {bad[0]}): every image would come out black", path=path,
+                         fix="use an earlier epoch's file of that run, or train it again with "
+                             "lower learning rates (a diverged training writes such weights)")
+
 
 def split_weight(text: str) -> tuple[str, float | None]:
     """`path/to/x.safetensors:0.8` -> (`path/to/x.safetensors`, 0.8); no weight -> None."""
