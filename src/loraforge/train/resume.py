@@ -86,9 +86,10 @@ def check_resumable(saved: dict[str, Any], path: Path, settings: Settings, examp
                      f"processes, now {settings.config.train.batch_size} x {world.size}: with "
                      "fewer processes raise train.batch_size to keep it)")
     shown = "\n  ".join(diffs)
+    what = " (images.dataset: the list of images)" if any(
+        d.startswith("images.dataset") for d in diffs) else ""
     raise ForgeError(f"cannot resume run `{run_dir.name}`: its saved state was written with a "
-                     f"different config or dataset (images.dataset: the list of images):\n  "
-                     f"{shown}", path=path,
+                     f"different config or dataset{what}:\n  {shown}", path=path,
                      fix=f"undo those changes to resume, pass --restart to start "
                          f"`{run_dir.name}` over, or train under a new --run name")
 
