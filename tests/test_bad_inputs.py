@@ -324,6 +324,9 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
      ("slurm.time", "soon")),
     ("slurm-mem-bad", key("slurm", 'mem = "lots"'), ["slurm", "train", "--dry-run"],
      ("slurm.mem", "lots")),
+    ("slurm-time-bad-set", nothing, ["slurm", "train", "--dry-run", "--set",
+                                     "slurm.time=forever"],
+     ("error: --set slurm.time=forever: `slurm.time` = 'forever' is not a SLURM time limit",)),
     ("report-unknown-run", nothing, ["report", "ghost"], ("no training run `ghost`",)),
     # more of each family
     ("caption-cp1252", write(f"{KNIGHT}/0.txt", "caf\xe9, knight".encode("cp1252")),

@@ -85,7 +85,7 @@ def _project(tmp_path: Path, slurm: str = "") -> Path:
 
 
 @pytest.mark.parametrize(("setting", "needles"), [
-    ("slurm.time=4h", ["slurm.time", "'4h'", "MM:SS", "forge.toml"]),
+    ("slurm.time=4h", ["slurm.time", "'4h'", "MM:SS", "--set slurm.time=4h"]),
     ("slurm.time=\"5\"", ["slurm.time", "slurm.grace_seconds"]),
     ("slurm.mem=lots", ["slurm.mem", "32G"]),
     ("slurm.partition=gpu;ls", ["slurm.partition", "sinfo"]),

@@ -321,10 +321,20 @@ class ForgeConfig(_Section):
 class Settings:
     """A validated config plus where it came from, with every path resolved."""
 
-    def __init__(self, config: ForgeConfig, base_dir: Path, source: Path | None) -> None:
+    def __init__(self, config: ForgeConfig, base_dir: Path, source: Path | None,
+                 given: dict[str, str] | None = None) -> None:
         self.config = config
         self.base_dir = base_dir
         self.source = source
+        #: The keys set on the command line, each with its `--set` text.
+        self.given = given or {}
+
+    def origin(self, key: str) -> str | None:
+        """Where `key`'s value came from, for a message about it: its `--set`, else the
+        config file (None: neither, a default)."""
+        if key in self.given:
+            return f"--set {self.given[key]}"
+        return str(self.source) if self.source is not None else None
 
     def _resolve(self, value: str, against: Path) -> Path:
         path = Path(os.path.expandvars(value)).expanduser()
@@ -491,11 +501,11 @@ def load_settings(path: Path | None = None, overrides: list[str] | None = None) 
     source = find_config(path)
     data = read_toml(source) if source is not None else {}
     data = apply_overrides(data, overrides or [])
+    given = {".".join(parse_override(item)[0]): item.strip() for item in overrides or []}
     try:
         config = ForgeConfig.model_validate(data)
     except ValidationError as exc:
         where = str(source) if source is not None else "--set"
-        given = {".".join(parse_override(item)[0]): item.strip() for item in overrides or []}
         raise _explain(exc, where, given) from None
     base_dir = source.resolve().parent if source is not None else Path.cwd()
-    return Settings(config, base_dir, source.resolve() if source is not None else None)
+    return Settings(config, base_dir, source.resolve() if source is not None else None, given)

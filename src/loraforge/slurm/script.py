@@ -62,25 +62,26 @@ class Resources:
 def resources(settings: Settings, gpus: str | None = None) -> Resources:
     """Check every `[slurm]` value that becomes an #SBATCH line; ForgeError names the key."""
     cfg = settings.config.slurm
-    where = str(settings.source) if settings.source else None
-    seconds = parse_time(cfg.time, where=where)
+    where = settings.origin  # a value's --set, else the config file
+    seconds = parse_time(cfg.time, where=where("slurm.time"))
     if seconds <= cfg.grace_seconds:
         from loraforge.errors import ForgeError
 
         raise ForgeError(f"`slurm.time` = {cfg.time!r} ({seconds} s) is not longer than "
                          f"`slurm.grace_seconds` = {cfg.grace_seconds}: the save-and-requeue "
-                         "warning would come at once", path=where,
+                         "warning would come at once", path=where("slurm.time"),
                          fix="raise slurm.time or lower slurm.grace_seconds (at least 30)")
     per_node = cfg.gpus_per_node if cfg.gpus_per_node is not None else cfg.gpus
     key = "slurm.gpus_per_node" if cfg.gpus_per_node is not None else "slurm.gpus"
-    gpu = parse_gpus(gpus) if gpus is not None else parse_gpus(per_node, key, where)
+    gpu = parse_gpus(gpus) if gpus is not None else parse_gpus(per_node, key, where(key))
     return Resources(
-        partition=check_partition(cfg.partition, where=where),
-        nodes=cfg.nodes, cpus=cfg.cpus, mem=check_mem(cfg.mem, where=where),
+        partition=check_partition(cfg.partition, where=where("slurm.partition")),
+        nodes=cfg.nodes, cpus=cfg.cpus, mem=check_mem(cfg.mem, where=where("slurm.mem")),
         time=cfg.time.strip(), time_seconds=seconds, gpus=gpu,
-        account=check_name(cfg.account, "slurm.account", where) if cfg.account else None,
-        qos=check_name(cfg.qos, "slurm.qos", where) if cfg.qos else None,
-        extra=check_extra(cfg.extra, where=where),
+        account=check_name(cfg.account, "slurm.account", where("slurm.account"))
+        if cfg.account else None,
+        qos=check_name(cfg.qos, "slurm.qos", where("slurm.qos")) if cfg.qos else None,
+        extra=check_extra(cfg.extra, where=where("slurm.extra")),
         grace_seconds=cfg.grace_seconds, max_requeues=cfg.max_requeues)
 
 
