@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -105,3 +106,14 @@ def test_a_command_group_alone_shows_its_help_and_exit_1(
     code, out, err = _main(monkeypatch, capsys, *args)
     assert code == 1 and err == ""
     assert f"Usage: {' '.join(['loraforge', *args])} [OPTIONS] COMMAND [ARGS]..." in out
+
+
+def test_a_deleted_current_folder_is_one_message(tmp_path: Path) -> None:
+    """A shell left in a folder that was deleted: a project command says so, no traceback."""
+    import subprocess
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    script = f'cd "{folder}" && rmdir "{folder}" && exec "{sys.executable}" -m loraforge runs'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
+    assert_user_error(result, "the current folder no longer exists", "cd to your project")

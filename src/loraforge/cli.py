@@ -295,7 +295,10 @@ def _project_note(args: list[str]) -> str | None:
         return None
     if any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
         return None
-    if (Path.cwd() / CONFIG_NAME).is_file():
+    try:
+        if (Path.cwd() / CONFIG_NAME).is_file():
+            return None
+    except FileNotFoundError:  # the folder is gone: the error said so
         return None
     return outside_project_note()
 

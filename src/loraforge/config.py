@@ -493,7 +493,11 @@ def find_config(explicit: Path | None) -> Path | None:
             raise ForgeError("config file not found", path=explicit,
                              fix="check the path, or create one with `loraforge init`")
         return explicit
-    local = Path.cwd() / CONFIG_NAME
+    try:
+        local = Path.cwd() / CONFIG_NAME
+    except FileNotFoundError:  # the shell's folder was deleted (or moved) under it
+        raise ForgeError("the current folder no longer exists (deleted or moved while this "
+                         "shell was in it)", fix="cd to your project folder again") from None
     return local if local.is_file() else None
 
 
