@@ -149,7 +149,7 @@ def test_pdf_with_an_image_extension(project: Path) -> None:
     folder = good_concept(project)
     (folder / "scan.png").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n")
     fails(project, f"{DS}/10_blake/scan.png: is not an image (it is a PDF document)",
-          "fix: delete it or move it out of the dataset folder")
+          "delete it or move it out of the dataset folder")
 
 
 def test_html_saved_as_jpg(project: Path) -> None:

@@ -37,7 +37,8 @@ _WHITE = (255, 255, 255, 255)
 
 _FIX_CORRUPT = ("copy it again from the original (an interrupted copy or download leaves a "
                 "truncated file), re-export it, or delete it")
-_FIX_NOT_IMAGE = "delete it or move it out of the dataset folder"
+_FIX_NOT_IMAGE = ("give a picture file here (PNG, JPEG or WebP); in a dataset folder, delete it or "
+                  "move it out of the dataset folder")
 _FIX_CONVERT = "convert it to PNG or JPEG (any image editor: Export/Save As), or delete it"
 
 
