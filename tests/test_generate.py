@@ -178,6 +178,29 @@ def test_loading_loras_prints_nothing(tiny_store: Path, base: Path, tmp_path: Pa
     assert (out, err) == ("", "")
 
 
+def test_a_lora_that_does_not_fit_is_one_message_naming_the_mismatch(
+        tiny_store: Path, base: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A LoRA whose ranks disagree within a layer passes the header's checks and fails in
+    diffusers: one message with the first mismatch, and not diffusers' own log of it too."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_lora(tmp_path / "odd.safetensors", base, 3)
+    tensors = load_file(path)
+    down = next(k for k in tensors if k.startswith("lora_unet") and "lora_down" in k)
+    tensors[down] = torch.zeros(tensors[down].shape[0] + 4, *tensors[down].shape[1:])
+    save_file(tensors, path, metadata={"ss_base_model_version": "sd_v1"})
+    stack = LoraStack(load_pipeline(base, tiny_store / "tiny-controlnet", torch.device("cpu"),
+                                    torch.float32))  # its own: a failed load is not undone
+    capfd.readouterr()
+    with pytest.raises(ForgeError) as error:
+        stack.load(inspect_lora(path, BaseWidths.of(base)))
+    message = str(error.value)
+    assert "could not be applied to the base model" in message
+    assert "size mismatch for" in message and not message.rstrip().endswith(":"), message
+    assert capfd.readouterr() == ("", "")
+
+
 def test_compiled_blocks_render_what_eager_models_render_as_loras_change(
         clean: LoraStack, tiny_store: Path, base: Path, lora_files: dict[str, Path]) -> None:
     """generate.compile = "blocks": the transformer blocks of the U-Net and the ControlNet are

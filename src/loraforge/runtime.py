@@ -40,10 +40,11 @@ def pick_device() -> torch.device:
 
 
 @contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
+def quiet_loading(errors: bool = True) -> Iterator[None]:
     """While models are imported, loaded, built or converted: no progress bars and no
-    diffusers/transformers warnings (carriage-return noise and chatter in job logs); errors
-    still show. Everything is as it was afterwards."""
+    diffusers/transformers warnings (carriage-return noise and chatter in job logs); their
+    errors still show unless `errors` is False (for a step whose failure we report in our own
+    words). Everything is as it was afterwards."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -51,7 +52,7 @@ def quiet_loading() -> Iterator[None]:
     levels = [library.get_verbosity() for library in libraries]
     bars = [library.is_progress_bar_enabled() for library in libraries]
     for library in libraries:
-        library.set_verbosity_error()
+        library.set_verbosity(library.ERROR if errors else library.CRITICAL)
         library.disable_progress_bar()
     try:
         yield

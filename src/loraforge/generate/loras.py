@@ -387,10 +387,14 @@ class LoraStack:
         started = time.monotonic()
         try:
             tensors = load_file(str(lora.path))
-            with quiet_loading():  # no "Loading weights" bar, no "LOAD REPORT" table
+            # No "Loading weights" bar, no "LOAD REPORT" table, no log of the error below.
+            with quiet_loading(errors=False):
                 self.pipe.load_lora_weights(tensors, adapter_name=name)
         except Exception as exc:  # a file diffusers cannot map onto this model, whatever way
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            # "Error(s) in loading state_dict for X:" says little; the first mismatch says it
+            first = " ".join(lines[:2]) if lines and lines[0].endswith(":") else \
+                (lines[0] if lines else type(exc).__name__)
             raise ForgeError(f"could not be applied to the base model: {first[:300]}",
                              path=lora.path,
                              fix="use a LoRA trained for this base model's family (SD 1.x)"
