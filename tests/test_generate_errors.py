@@ -173,7 +173,8 @@ def test_a_photo_as_pose_needs_the_detector_or_is_refused(project: Path) -> None
 @pytest.mark.parametrize(("size", "needle"), [("12x", "is not WIDTHxHEIGHT"),
                                               ("0x96", "must be positive"),
                                               ("-5x96", "is not WIDTHxHEIGHT"),
-                                              ("8x8", "out of range")])
+                                              ("8x8", "out of range"),
+                                              ("100000x100000", "at most 4096 px a side")])
 def test_bad_size(project: Path, size: str, needle: str) -> None:
     result = _generate(project, "--size", size, "--lora", "none")
     assert_user_error(result, "--size", needle, "768x576")

@@ -464,8 +464,9 @@ def fit_pose(pose: PoseMap, width: int, height: int) -> PoseMap:
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"1024x768"`` -> ``(1024, 768)``; ForgeError for anything else or non-positive sides."""
+def parse_size(text: str, max_side: int = MAX_CANVAS_SIDE) -> tuple[int, int]:
+    """``"1024x768"`` -> ``(1024, 768)``; ForgeError for anything else, non-positive sides or
+    a side above `max_side`."""
     match = _SIZE_RE.match(text)
     if match is None:
         raise ForgeError(f"size {text!r} is not WIDTHxHEIGHT", fix="write it like 1024x768")
@@ -473,8 +474,8 @@ def parse_size(text: str) -> tuple[int, int]:
     if width < 1 or height < 1:
         raise ForgeError(f"size {text!r}: width and height must be positive",
                          fix="write it like 1024x768")
-    if width > MAX_CANVAS_SIDE or height > MAX_CANVAS_SIDE:
-        raise ForgeError(f"size {text!r} is too large (at most {MAX_CANVAS_SIDE} px a side)",
+    if width > max_side or height > max_side:
+        raise ForgeError(f"size {text!r} is too large (at most {max_side} px a side)",
                          fix="use a smaller size; the pipeline resizes the map anyway")
     return width, height
 

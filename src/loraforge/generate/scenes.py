@@ -261,7 +261,7 @@ def _size(value: Value, notes: list[str]) -> tuple[int, int]:
         width, height = v
     elif isinstance(v, str):
         try:
-            width, height = parse_size(v)
+            width, height = parse_size(v, MAX_SIDE)
         except ForgeError as exc:
             raise _err(value, exc.message, fix) from None
     else:
