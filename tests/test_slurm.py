@@ -510,6 +510,14 @@ def test_runs_and_report_skip_a_run_json_that_is_not_a_run_record(tmp_path: Path
     assert_user_error(report, "nosuch", "good")
 
 
+def test_runs_under_a_storage_root_variable_that_points_nowhere_says_so(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    empty = run_cli("runs", cwd=project)  # a new project: its storage root comes with training
+    assert empty.returncode == 0 and "no runs yet" in empty.stdout, empty.stderr
+    result = run_cli("runs", cwd=project, env={"LORAFORGE_STORAGE_ROOT": str(tmp_path / "nope")})
+    assert_user_error(result, "nope", "is not a folder", "LORAFORGE_STORAGE_ROOT")
+
+
 def test_slurm_status_without_submissions_says_how_to_submit(tmp_path: Path) -> None:
     """No jobs is an answer (exit 0), as `slurm cancel` with nothing to cancel is."""
     result = run_cli("slurm", "status", cwd=_project(tmp_path))
