@@ -28,6 +28,7 @@ from typing import Any
 from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.hashing import digest_file
+from loraforge.models.importer import looks_pickled
 from loraforge.runtime import quiet_loading
 
 log = logging.getLogger("loraforge.generate")
@@ -115,9 +116,26 @@ class LoraUse:
 
 # --- reading a file safely ------------------------------------------------------------------
 
-def _looks_pickled(head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
-                                               and head[1] in (2, 3, 4, 5))
+def _refuse_non_finite(path: Path, keys: list[str]) -> None:
+    """A LoRA holding NaN or infinite weights renders black images: refuse it by name."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    bad = []
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in keys:
+                tensor = fh.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad.append(key)
+    except (SafetensorError, OSError) as exc:
+        raise ForgeError(f"cannot be read ({exc})", path=path,
+                         fix="copy or download the file again") from None
+    if bad:
+        raise ForgeError(f"holds NaN or infinite weights ({len(bad)} of {len(keys)} tensors, "
+                         f"e.g. {bad[0]}): every image would come out black", path=path,
+                         fix="use an earlier epoch's file of that run, or train it again with "
+                             "lower learning rates (a diverged training writes such weights)")
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -136,7 +154,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(8)
-            pickled = _looks_pickled(head)
+            pickled = looks_pickled(head)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             plausible = 2 <= length <= MAX_HEADER and not pickled
             raw = fh.read(length) if plausible else b""
@@ -232,28 +250,6 @@ def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
 
 
 # --- naming a LoRA --------------------------------------------------------------------------
-
-def _refuse_non_finite(path: Path, keys: list[str]) -> None:
-    """A LoRA holding NaN or infinite weights renders black images: refuse it by name."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
-    bad = []
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in keys:
-                tensor = fh.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    bad.append(key)
-    except (SafetensorError, OSError) as exc:
-        raise ForgeError(f"cannot be read ({exc})", path=path,
-                         fix="copy or download the file again") from None
-    if bad:
-        raise ForgeError(f"holds NaN or infinite weights ({len(bad)} of {len(keys)} tensors, "
-                         f"e.g. {bad[0]}): every image would come out black", path=path,
-                         fix="use an earlier epoch's file of that run, or train it again with "
-                             "lower learning rates (a diverged training writes such weights)")
-
 
 def split_weight(text: str) -> tuple[str, float | None]:
     """`path/to/x.safetensors:0.8` -> (`path/to/x.safetensors`, 0.8); no weight -> None."""

@@ -927,9 +927,8 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
         _check_output(json_out, png=False)
     pose = random_pose(figures, width, height, seed)
     image = draw_pose(pose)
-    for written in (output, json_out):  # both checked before either is written
-        if written is not None:
-            refuse_foreign(written)
+    if json_out is not None:  # checked before the PNG is written (save_png checks the PNG)
+        refuse_foreign(json_out)
     save_png(image, output)
     noun = "figure" if figures == 1 else "figures"
     lines = [f"wrote {output} ({figures} {noun}, {width}x{height}, seed {seed})"]

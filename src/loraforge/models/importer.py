@@ -230,6 +230,12 @@ def _offline(root: Path) -> None:
 # --- reading ----------------------------------------------------------------------------------
 
 
+def looks_pickled(head: bytes) -> bool:
+    """Whether a file's first bytes are torch's zip or a pickle (protocol 2 to 5)."""
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
+                                               and head[1] in (2, 3, 4, 5))
+
+
 def _not_safetensors(path: Path) -> ForgeError | None:
     """What a `.safetensors`-named file is instead, from its first bytes: a pickle (torch's zip
     or a bare pickle) or text. None when it may be one (safetensors then has its say)."""
@@ -238,8 +244,7 @@ def _not_safetensors(path: Path) -> ForgeError | None:
             head = fh.read(512)
     except OSError:
         return None
-    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
-                                           and head[1] in (2, 3, 4, 5)):
+    if looks_pickled(head):
         return ForgeError("is a pickled checkpoint (torch.save / .ckpt format) named "
                           ".safetensors; LoRA Forge does not open pickles as safetensors",
                           path=path, fix="use the model's real .safetensors file, or rename "
@@ -311,7 +316,7 @@ def _open_pickled(path: Path) -> Checkpoint:
     text = _text_file(path, head, "a checkpoint")
     if text is not None:
         raise text
-    if head and not (head.startswith(b"PK\x03\x04") or head[0] == 0x80):
+    if head and not looks_pickled(head):
         raise ForgeError("is not a checkpoint: it starts with neither torch's zip nor a pickle",
                          path=path, fix="download it again; the file may be damaged or not a "
                          "model")
