@@ -137,6 +137,13 @@ def test_unreadable_pose_map(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_text_file_as_pose_map_is_not_sent_to_the_dataset(project: Path) -> None:
+    (project / "pose.png").write_text("not a picture\n")
+    result = _generate(project, "--pose", "pose.png", "--lora", "none")
+    assert_user_error(result, "pose.png", "is not an image", "give a picture file")
+    _untouched(project)
+
+
 def test_a_folder_as_pose_map(project: Path) -> None:
     (project / "poses").mkdir()
     result = _generate(project, "--pose", "poses", "--lora", "none")

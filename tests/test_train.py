@@ -225,6 +225,11 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     steps = [json.loads(line)["step"] for line in (run_dir / "history.jsonl").read_text(
         ).splitlines()]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6], steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "events"))
+    events.Reload()
+    assert {e.step for e in events.Scalars("loss/step")} >= {1, 2}  # flushed with the state
 
 
 def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
@@ -348,6 +353,7 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
 
     changed = run_cli("train", "--config", config, "--set", "train.unet_lr=0.01")
     assert_user_error(changed, "cannot resume", "train.unet_lr: 0.002 -> 0.01", "--restart")
+    assert "the list of images" not in changed.stderr  # said only when the images changed
     assert record.read_bytes() == interrupted  # still an interrupted run, with no error
     # A speed setting that changes the arithmetic would not resume bit for bit.
     for key, old, new in (("compile_unet", "False", '"blocks"'),
