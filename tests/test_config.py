@@ -145,6 +145,15 @@ def test_out_of_range_value_names_the_key_and_limit(tmp_path: Path) -> None:
                       "`dataset.resolution`", "multiple of 8")
 
 
+def test_a_seed_beyond_what_torch_takes_is_refused_when_read(tmp_path: Path) -> None:
+    too_big = "generate.seed=9223372036854775808"  # 2**63: a torch generator takes up to 2**63-1
+    result = run_cli("config", "show", "--set", too_big)
+    assert_user_error(result, f"`--set {too_big}`", "less than or equal to 9223372036854775807")
+    (tmp_path / "forge.toml").write_text("[train]\nseed = 9223372036854775808\n")
+    result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "`train.seed`", "less than or equal to 9223372036854775807")
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("config", "show", "--config", tmp_path / "nope.toml")
     assert_user_error(result, "nope.toml", "not found", "loraforge init")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from PIL import Image
 
 from loraforge.config import load_settings
 from loraforge.errors import ForgeError
+from loraforge.sample_prompts import MAX_SEED
 from loraforge.train.previews import (
     GAP,
     LABEL_LEFT,
@@ -53,6 +55,12 @@ def test_defaults_and_a_fixed_seed_per_prompt_index() -> None:
     assert parse_sample_prompt("a dog --d 5", DEFAULTS, index=2).seed == 5
     assert parse_sample_prompt("a dog", DEFAULTS, width=768).width == 768
     assert parse_sample_prompt("a dog").width == SamplePromptDefaults().width
+
+
+def test_the_default_seed_of_a_later_prompt_wraps_past_the_largest_seed() -> None:
+    last = dataclasses.replace(DEFAULTS, seed=MAX_SEED)
+    assert parse_sample_prompt("a cat", last, index=0).seed == MAX_SEED
+    assert parse_sample_prompt("a dog", last, index=2).seed == 1
 
 
 def test_sizes_round_to_multiples_of_8_with_a_minimum() -> None:

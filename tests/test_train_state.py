@@ -100,3 +100,21 @@ def test_an_image_replaced_under_its_name_is_named_and_older_states_skip_the_che
         "images.content: 1_x/b.png is another image now (sha256 2222... -> 3333...)"]
     # a state written before image contents were recorded resumes as it did
     assert config_differences({"images": {"dataset": "abc"}}, current, set()) == []
+
+
+def test_every_allowed_seed_draws_and_small_seeds_draw_what_they_always_did() -> None:
+    """The (seed, step) generator takes the config's largest seed (it overflowed torch's seed
+    range, a traceback at the first step), and the seeds that trained before draw the same
+    noise, so their saved states still resume exactly."""
+    import torch
+
+    from loraforge.sample_prompts import MAX_SEED
+    from loraforge.train.objective import step_generator
+
+    cpu = torch.device("cpu")
+    largest = torch.randn(4, generator=step_generator(MAX_SEED, 7, cpu))
+    assert torch.equal(largest, torch.randn(4, generator=step_generator(MAX_SEED, 7, cpu)))
+    assert not torch.equal(largest, torch.randn(4, generator=step_generator(MAX_SEED, 8, cpu)))
+    as_before = torch.Generator().manual_seed(42 * 1_000_003 + 7919 * 3 + 1)
+    assert torch.equal(torch.randn(4, generator=step_generator(42, 3, cpu)),
+                       torch.randn(4, generator=as_before))

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from loraforge.errors import ForgeError
-from loraforge.sample_prompts import parse_sample_prompts
+from loraforge.sample_prompts import MAX_SEED, parse_sample_prompts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -214,7 +214,7 @@ class TrainConfig(_Section):
     sample_every_n_epochs: int = Field(1, ge=1)
     sample_steps: int = Field(20, ge=1, le=200)
     sample_sampler: str = "DPM++ 2M Karras"
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     save_every_n_epochs: int = Field(1, ge=1)
     keep_last_n: int = Field(10, ge=1)
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
@@ -261,7 +261,7 @@ class GenerateConfig(_Section):
     steps: int = Field(25, ge=1, le=500)
     cfg: float = Field(7.0, ge=0, le=50)
     sampler: str = "DPM++ 2M Karras"
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     lora_weight: float = Field(1.0, ge=-5, le=5)
     control_scale: float = Field(1.0, ge=0, le=5)
     figures: int = Field(2, ge=1, le=16, description="People in a generated pose map.")

@@ -103,7 +103,8 @@ def _number(flag: str, raw: str, line: str, *, integer: bool, low: float, high: 
 
 def parse_sample_prompt(line: str, defaults: SamplePromptDefaults | None = None, *,
                         index: int = 0, **overrides: Any) -> SamplePrompt:
-    """Parse one `train.sample_prompts` line. `index` (its position) picks the default seed;
+    """Parse one `train.sample_prompts` line. `index` (its position) picks the default seed
+    (the base seed + index, wrapping past MAX_SEED);
     keyword `overrides` replace fields of `defaults` (e.g. `width=768`)."""
     base = dataclasses.replace(defaults or SamplePromptDefaults(), **overrides)
     matches = list(_FLAG.finditer(line))
@@ -139,7 +140,8 @@ def parse_sample_prompt(line: str, defaults: SamplePromptDefaults | None = None,
         negative=values.get("n", base.negative),
         width=_size(number("w", base.width, integer=True, low=1, high=MAX_SIZE)),
         height=_size(number("h", base.height, integer=True, low=1, high=MAX_SIZE)),
-        seed=int(number("d", base.seed + index, integer=True, low=0, high=MAX_SEED)),
+        seed=int(number("d", (base.seed + index) % (MAX_SEED + 1), integer=True, low=0,
+                        high=MAX_SEED)),
         steps=int(number("s", base.steps, integer=True, low=1, high=MAX_STEPS)),
         cfg=float(number("l", base.cfg, integer=False, low=0, high=MAX_CFG)),
     )

@@ -44,6 +44,7 @@ from loraforge.errors import ForgeError
 from loraforge.generate import loras as lora_files
 from loraforge.generate.prompts import extract_lora_tags
 from loraforge.generate.samplers import check_sampler
+from loraforge.sample_prompts import MAX_SEED
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,7 +59,6 @@ RANDOM = "random"
 DEFAULT_SCENE = "scene"
 FINAL_NAME = "final_command_scene"
 MIN_SIDE, MAX_SIDE = 64, 4096
-MAX_SEED = 2**63 - 1
 SCENE_FIELDS = ("name", "prompt", "negative", "pose", "seed", "seeds", "count", "size",
                 "figures", "loras", "steps", "cfg", "sampler", "control_scale", "clip_skip",
                 "figure", "background_weight", "region_pad", "region_soften")

@@ -23,11 +23,14 @@ class Draw:
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator seeded by (seed, step): a resumed run draws exactly what the original would."""
+    """A generator seeded by (seed, step): a resumed run draws exactly what the original would.
+    The mix is taken modulo 2**63, the range a generator's seed has (any seed from 0 to MAX_SEED
+    trains; for seeds below about 9e12 the modulo changes nothing)."""
     import torch
 
     kind = "cuda" if device.type == "cuda" else "cpu"
-    return torch.Generator(device=kind).manual_seed(seed * 1_000_003 + 7919 * step + 1)
+    return torch.Generator(device=kind).manual_seed(
+        (seed * 1_000_003 + 7919 * step + 1) % 2**63)
 
 
 def draw(shape: tuple[int, ...], num_timesteps: int, noise_offset: float,
