@@ -173,7 +173,7 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
     ("set-bad-value", nothing, ["config", "show", "--set", "train.epochs=0"],
      ("--set train.epochs=0", "greater than or equal to 1")),
     ("set-section-is-a-value", nothing, ["config", "show", "--set", "seed.x=1"],
-     ("error: --set: unknown key `seed` (--set seed.x=1)", "valid keys: storage")),
+     ("error: unknown key `seed` (--set seed.x=1)", "valid keys: storage")),
     ("resolution-above-max-bucket", key("dataset", "resolution = 2048"), ["config", "show"],
      ("dataset", "resolution (2048) is above max_bucket (1024)",
       "raise dataset.max_bucket to at least 2048")),

@@ -260,6 +260,9 @@ def test_sweep_names_one_run_per_combination() -> None:
     (["unet_lr=1,2"], "section.key"),
     (["train.unet_lr=1e-4,,2"], "empty value"),
     (["train.unet_lr=1,1"], "repeats"),
+    (["train.unet_lr"], "--param `train.unet_lr` is not key=value"),
+    (["train.run_name=a,b"], "run_name` cannot be swept"),
+    (["train.epochs=1,2", "train.epochs=3"], "`train.epochs` is given twice"),
     (["train.caption_prefix=a b,c"], "not allowed"),
 ])
 def test_bad_sweeps_are_refused(params: list[str], needle: str) -> None:
@@ -277,7 +280,12 @@ def test_sweep_dry_run_is_one_array_and_checks_every_value(tmp_path: Path) -> No
     assert "RUN=multi_concept-unet_lr5e-4-network_dim16" in result.stdout
     bad = run_cli("slurm", "sweep", "--dry-run", "--param", "train.network_dim=8,-1",
                   cwd=project)
-    assert_user_error(bad, "train.network_dim")
+    assert_user_error(bad, "`--param train.network_dim=-1`", "greater than or equal to 1")
+    assert "--set" not in bad.stderr
+    unknown = run_cli("slurm", "sweep", "--dry-run", "--param", "train.network_dims=8,16",
+                      cwd=project)
+    assert_user_error(unknown, "unknown key `train.network_dims` (--param train.network_dims=8)",
+                      "did you mean `train.network_dim`?")
 
 
 def test_no_sbatch_is_a_clear_error_that_keeps_the_script(tmp_path: Path) -> None:

@@ -326,14 +326,15 @@ class Settings:
         self.config = config
         self.base_dir = base_dir
         self.source = source
-        #: The keys set on the command line, each with its `--set` text.
+        #: The keys set on the command line, each with the option that set it
+        #: (`--set train.epochs=5`, or a sweep's `--param train.epochs=5`).
         self.given = given or {}
 
     def origin(self, key: str) -> str | None:
-        """Where `key`'s value came from, for a message about it: its `--set`, else the
-        config file (None: neither, a default)."""
+        """Where `key`'s value came from, for a message about it: its `--set` (or `--param`),
+        else the config file (None: neither, a default)."""
         if key in self.given:
-            return f"--set {self.given[key]}"
+            return self.given[key]
         return str(self.source) if self.source is not None else None
 
     def _resolve(self, value: str, against: Path) -> Path:
@@ -408,7 +409,8 @@ def _suggest(key: str, choices: list[str], prefix: str) -> str:
 
 def _explain(error: ValidationError, where: str, given: dict[str, str]) -> ForgeError:
     """Turn pydantic's report into one message naming the key and the fix. `given`: the
-    `--set` overrides by key, named instead of the file for the keys they set."""
+    command-line options by the key they set (`--set k=v`), named instead of the file for
+    those keys."""
     problems = []
     from_file = False
     for item in error.errors():
@@ -417,9 +419,9 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
         override = given.get(".".join(loc[:2]))
         if override is None and len(loc) == 1:  # a whole section: what --set put into it
             into = [text for name, text in given.items() if name.split(".")[0] == loc[0]]
-            override = " --set ".join(into) or None
+            override = " ".join(into) or None
         from_file = from_file or override is None
-        origin = f" (--set {override})" if override is not None else ""
+        origin = f" ({override})" if override is not None else ""
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             parent = _parent_model(loc)
@@ -428,27 +430,29 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
             problems.append(f"unknown key `{key}`{origin}: "
                             f"{_suggest(loc[-1], choices, prefix)}")
         elif override is not None:
-            problems.append(f"`--set {override}`: {message}")
+            problems.append(f"`{override}`: {message}")
         else:
             got = item.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict) else ""
             problems.append(f"`{key}`: {message}{shown}")
     message = problems[0] if len(problems) == 1 else "\n  - ".join(["invalid:", *problems])
-    return ForgeError(message, path=where if from_file else "--set",
+    return ForgeError(message, path=where if from_file else None,
                       fix="edit the value(s) named above; `loraforge config show` prints "
                           "every key with its current value")
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`train.unet_lr=1e-4` -> (["train", "unet_lr"], 0.0001). Values read as TOML, else text."""
+def parse_override(item: str, option: str = "--set") -> tuple[list[str], Any]:
+    """`train.unet_lr=1e-4` -> (["train", "unet_lr"], 0.0001). Values read as TOML, else text.
+    `option`: the command-line option that gave `item`, for the messages."""
     if "=" not in item:
-        raise ForgeError(f"override `{item}` is not key=value",
-                         fix="write it as --set section.key=value, e.g. --set train.epochs=5")
+        raise ForgeError(f"{option} `{item}` is not key=value",
+                         fix=f"write it as {option} section.key=value, e.g. "
+                             f"{option} train.epochs=5")
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) != 2:
-        raise ForgeError(f"override key `{key}` must be section.key",
-                         fix="e.g. --set train.unet_lr=1e-4")
+        raise ForgeError(f"{option} key `{key}` must be section.key",
+                         fix=f"e.g. {option} train.unet_lr=1e-4")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -456,11 +460,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        (section, key), value = parse_override(item)
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, str]]) -> dict[str, Any]:
+    """Set each (option, "section.key=value") into `data`."""
+    for option, item in overrides:
+        (section, key), value = parse_override(item, option)
         if not isinstance(data.get(section, {}), dict):
-            raise ForgeError(f"`{section}` is not a section")
+            raise ForgeError(f"{option} {item}: `{section}` is not a section of the config",
+                             fix="`loraforge config show` lists the sections")
         data.setdefault(section, {})[key] = value
     return data
 
@@ -501,11 +507,17 @@ def find_config(explicit: Path | None) -> Path | None:
     return local if local.is_file() else None
 
 
-def load_settings(path: Path | None = None, overrides: list[str] | None = None) -> Settings:
+def load_settings(path: Path | None = None, overrides: list[str] | None = None,
+                  params: list[str] | None = None) -> Settings:
+    """The config at `path` (else ./forge.toml, else the defaults), with the `--set`
+    `overrides`, then a sweep's `--param` values (one value per key) applied."""
     source = find_config(path)
     data = read_toml(source) if source is not None else {}
-    data = apply_overrides(data, overrides or [])
-    given = {".".join(parse_override(item)[0]): item.strip() for item in overrides or []}
+    options = [*(("--set", item) for item in overrides or []),
+               *(("--param", item) for item in params or [])]
+    data = apply_overrides(data, options)
+    given = {".".join(parse_override(item)[0]): f"{option} {item.strip()}"
+             for option, item in options}
     try:
         config = ForgeConfig.model_validate(data)
     except ValidationError as exc:

@@ -276,17 +276,22 @@ def parse_params(params: list[str]) -> list[tuple[str, list[str]]]:
     """`train.unet_lr=1e-4,5e-4` -> ("train.unet_lr", ["1e-4", "5e-4"])."""
     parsed: list[tuple[str, list[str]]] = []
     for item in params:
-        (section, key), _ = parse_override(item)
+        (section, key), _ = parse_override(item, "--param")
         raw = item.split("=", 1)[1]
         values = [v.strip() for v in raw.split(",")]
         if not all(values):
             raise ForgeError(f"--param `{item}` has an empty value",
                              fix="write --param section.key=value1,value2,...")
         if len(set(values)) != len(values):
-            raise ForgeError(f"--param `{item}` repeats a value")
+            raise ForgeError(f"--param `{item}` repeats a value",
+                             fix="list each value once")
         full = f"{section}.{key}"
-        if full in {"train.run_name"} or any(full == k for k, _ in parsed):
-            raise ForgeError(f"--param `{full}` cannot be swept (or is given twice)")
+        if full == "train.run_name":
+            raise ForgeError("--param `train.run_name` cannot be swept: each run is named from "
+                             "its values", fix="set the names' common start with --run")
+        if any(full == k for k, _ in parsed):
+            raise ForgeError(f"--param `{full}` is given twice",
+                             fix="give each key one --param, listing all its values")
         parsed.append((full, values))
     if not parsed:
         raise ForgeError("a sweep needs at least one --param",
@@ -316,7 +321,7 @@ def submit_sweep(options: Options, run: str | None, params: list[str],
     base = check_run_name(run or sub.settings.config.train.run_name)
     tasks = sweep_tasks(base, parse_params(params))
     for task in tasks:  # every combination must be a valid config before anything is submitted
-        load_settings(options.config, [*options.overrides, *task.sets])
+        load_settings(options.config, options.overrides, task.sets)
     entries = sub.submit([Planned(sub.sweep_job(base, tasks, max_parallel),
                                   [t.run for t in tasks])], echo)
     if not options.dry_run:
