@@ -465,8 +465,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, str]]) -> d
     for option, item in overrides:
         (section, key), value = parse_override(item, option)
         if not isinstance(data.get(section, {}), dict):
-            raise ForgeError(f"{option} {item}: `{section}` is not a section of the config",
-                             fix="`loraforge config show` lists the sections")
+            raise ForgeError(f"{option} {item}: the config file sets `{section}` to a value, "
+                             f"not a [{section}] section",
+                             fix=f"write its keys under a `[{section}]` line instead")
         data.setdefault(section, {})[key] = value
     return data
 
