@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import draw_character, run_cli, write_training_project
-from slurm_cluster import Cluster, missing_requirements, slurm_cluster  # noqa: F401
+from conftest import assert_user_error, draw_character, run_cli, write_training_project
+from slurm_cluster import (  # noqa: F401
+    Cluster,
+    _free_ports,
+    missing_requirements,
+    slurm_cluster,
+)
 
 pytestmark = pytest.mark.slurm
 if missing_requirements():  # one line in the summary, not one per test
@@ -320,3 +325,19 @@ def test_two_node_job_trains_with_one_process_per_node_through_a_requeue(
     assert max(h["step"] for h in history) == 20  # 4 images / global batch 2, 10 epochs
     assert all(h["replica_spread"] == 0.0 for h in history)
     assert (run_dir / "wide.safetensors").is_file()
+
+
+def test_a_controller_that_does_not_answer_is_named_and_the_script_kept(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """Not a refusal of the job (no advice to edit [slurm]): SLURM is not reachable here."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(f"ClusterName=nowhere\nSlurmctldHost=localhost\n"
+                    f"SlurmctldPort={_free_ports(1)[0]}\n")
+    project = _project(tmp_path / "p", tiny_store, {"max_steps": 1})
+    result = run_cli("slurm", "train", cwd=project, env={"SLURM_CONF": str(conf)})
+    assert_user_error(result, "sbatch could not reach the SLURM controller",
+                      "Unable to contact slurm controller", "`sinfo`", "is kept")
+    assert "[slurm] section" not in result.stderr
+    scripts = list(project.rglob("jobs/train-multi_concept-*.ssub"))
+    assert len(scripts) == 1 and str(scripts[0]) in result.stderr.replace("\n", "")
+    assert "no jobs yet" in run_cli("slurm", "status", cwd=project).stdout

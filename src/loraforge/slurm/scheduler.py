@@ -17,6 +17,11 @@ ACTIVE_STATES = frozenset({
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
     "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"})
 
+#: What SLURM's clients print when they cannot reach (or find) the controller.
+UNREACHABLE = ("Unable to contact slurm controller", "Could not establish a configuration source",
+               "Unable to process configuration file", "Socket timed out",
+               "Zero Bytes were transmitted or received")
+
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=")
 
 
@@ -62,12 +67,20 @@ def sbatch(script: Path, options: list[str], cwd: Path) -> str:
     result = _call([program, "--parsable", *options, str(script)], cwd=cwd)
     if result.returncode:
         message = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+        if any(sign in message for sign in UNREACHABLE):
+            raise ForgeError(f"sbatch could not reach the SLURM controller, so nothing was "
+                             f"submitted: {message}", path=script,
+                             fix="check that SLURM answers on this machine (`sinfo`; on a "
+                                 "cluster, run this on its login node), then run the command "
+                                 "again; the script named above is kept")
         raise ForgeError(f"sbatch refused the job: {message}", path=script,
                          fix="check the [slurm] section of forge.toml (partition, account, qos, "
                              "gpus, mem, time); the script named above is what was submitted")
     job_id = result.stdout.strip().split(";")[0]
     if not job_id.isdigit():
-        raise ForgeError(f"sbatch answered {result.stdout.strip()!r}, not a job id", path=script)
+        raise ForgeError(f"sbatch answered {result.stdout.strip()!r}, not a job id", path=script,
+                         fix="check with `squeue --me` whether it was queued; a wrapper around "
+                             "sbatch must pass `--parsable` through")
     return job_id
 
 
@@ -89,4 +102,5 @@ def cancel(job_ids: list[str]) -> None:
     program = require("scancel")
     result = _call([program, *job_ids])
     if result.returncode:
-        raise ForgeError(f"scancel failed: {(result.stderr or result.stdout).strip()}")
+        raise ForgeError(f"scancel failed: {(result.stderr or result.stdout).strip()}",
+                         fix="check the jobs with `squeue --me`; `scancel JOBID` cancels one")
