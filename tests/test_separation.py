@@ -97,6 +97,29 @@ def test_held_out_images_are_used_where_given(project: Path, tmp_path: Path) -> 
     assert "blue_mage, red_knight" in str(caught.value.fix)
 
 
+def test_a_bad_held_out_folder_gets_the_eval_fix_not_the_datasets(project: Path,
+                                                                   tmp_path: Path) -> None:
+    """The held-out folder is not dataset.path: its fixes must not send the user to edit
+    forge.toml or to rerun `dataset check`; a refusal leaves the run's last result alone."""
+    written = load_settings(project).runs_dir / RUN / "separation.json"
+    before = written.read_bytes() if written.exists() else None
+
+    def refused(held: Path, *needles: str) -> str:
+        result = run_cli("eval", RUN, "--config", project, "--held-out", held)
+        assert_user_error(result, str(held), *needles)
+        assert "dataset.path" not in result.stderr and "dataset check" not in result.stderr
+        return result.stderr
+
+    refused(tmp_path / "nowhere", "held-out folder not found", "--held-out")
+    refused(project, "is not a folder", "--held-out")
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", "has no concept folders", "loraforge eval --held-out` again")
+    (tmp_path / "bare" / "red_knight").mkdir(parents=True)
+    refused(tmp_path / "bare", "does not start with a repeat count",
+            "loraforge eval --held-out` again")
+    assert (written.read_bytes() if written.exists() else None) == before
+
+
 def test_pictures_of_every_bucket_are_measured(tiny_store: Path, tmp_path: Path,
                                               one_torch_thread: None) -> None:
     """A concept with a square and a wide picture (two buckets at 128 px) is measured on both:

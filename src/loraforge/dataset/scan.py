@@ -153,13 +153,14 @@ class Problem:
 class DatasetError(ForgeError):
     """Every problem a scan found, as one user-facing error (warnings kept for the caller)."""
 
-    def __init__(self, root: Path, problems: list[Problem], warnings: list[str]) -> None:
+    def __init__(self, root: Path, problems: list[Problem], warnings: list[str],
+                 rerun: str = _RERUN) -> None:
         self.problems = problems
         self.warnings = warnings
         if len(problems) == 1:
             only = problems[0]
             super().__init__(only.message, path=display_path(only.path),
-                             fix=f"{only.fix}; {_RERUN}" if only.fix else None)
+                             fix=f"{only.fix}; {rerun}" if only.fix else None)
             return
         lines = [f"{len(problems)} problems (nothing was changed):"]
         for problem in problems:
@@ -167,7 +168,7 @@ class DatasetError(ForgeError):
             if problem.fix:
                 lines.append(f"    fix: {problem.fix}")
         super().__init__("\n".join(lines), path=display_path(root),
-                         fix=f"correct each problem as its fix says, {_RERUN}")
+                         fix=f"correct each problem as its fix says, {rerun}")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -275,9 +276,10 @@ class _Folder:
 
 
 class _Scanner:
-    def __init__(self, root: Path, caption_extension: str) -> None:
+    def __init__(self, root: Path, caption_extension: str, rerun: str) -> None:
         self.root = root
         self.ext = caption_extension
+        self.rerun = rerun
         self.problems: list[Problem] = []
         self.warnings: list[tuple[Path, str]] = []
 
@@ -314,7 +316,7 @@ class _Scanner:
         warnings = [text for _, text in sorted(self.warnings, key=lambda w: w[0].parts)]
         if self.problems:
             problems = sorted(self.problems, key=lambda p: p.path.parts)
-            raise DatasetError(self.root, problems, warnings)
+            raise DatasetError(self.root, problems, warnings, self.rerun)
         return Dataset(self.root, concepts, warnings)
 
     def root_file(self, path: Path) -> None:
@@ -513,8 +515,10 @@ class _Scanner:
                       f"is not used{hint}")
 
 
-def scan_dataset(dataset_dir: Path, caption_extension: str = ".txt") -> Dataset:
-    """Scan and validate the dataset; raise one ForgeError listing every problem found."""
+def scan_dataset(dataset_dir: Path, caption_extension: str = ".txt",
+                 rerun: str = _RERUN) -> Dataset:
+    """Scan and validate the dataset; raise one ForgeError listing every problem found, each
+    fix ending in `rerun` (the command to run once they are mended)."""
     root = Path(dataset_dir)
     if not root.exists():
         raise ForgeError("dataset folder not found", path=display_path(root),
@@ -525,5 +529,5 @@ def scan_dataset(dataset_dir: Path, caption_extension: str = ".txt") -> Dataset:
         raise ForgeError("is not a folder", path=display_path(root),
                          fix="set dataset.path in forge.toml to the folder holding your "
                              "<repeats>_<concept>/ folders")
-    return _Scanner(root, caption_extension).run()
+    return _Scanner(root, caption_extension, rerun).run()
 

@@ -177,7 +177,13 @@ def _held_out(folder: Path | None, dataset: Dataset, config: DatasetConfig) -> D
         return None
     from loraforge.dataset.scan import scan_dataset
 
-    held = scan_dataset(folder, config.caption_extension)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "held-out folder not found"
+        raise ForgeError(what, path=folder,
+                         fix="give --held-out a folder of <repeats>_<concept>/ folders of "
+                             "images kept out of training, or leave --held-out out")
+    held = scan_dataset(folder, config.caption_extension,
+                        rerun="then run `loraforge eval --held-out` again")
     known = {c.name for c in dataset.concepts}
     unknown = sorted(c.name for c in held.concepts if c.name not in known)
     if unknown:
