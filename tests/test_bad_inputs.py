@@ -209,6 +209,8 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
      ("train.optimizer", "did you mean AdamW?")),
     ("file-mode-not-octal", key("storage", 'file_mode = "0999"'), ["config", "show"],
      ("storage.file_mode", "octal")),
+    ("file-mode-bare-number", key("storage", "file_mode = 644"), ["config", "show"],
+     ("storage.file_mode", 'in quotes, such as "0644"', "644 would be read as decimal")),
     ("caption-extension-without-dot", key("dataset", 'caption_extension = "txt"'),
      ["dataset", "check"], ("dataset.caption_extension", "must look like '.txt'")),
     ("mixed-precision-unknown", train_key('mixed_precision = "fp8"'), ["train"],

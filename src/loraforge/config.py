@@ -44,6 +44,16 @@ class StorageConfig(_Section):
     root: str = Field(".", description="Lab storage root: models, runs, images, caches live here.")
     file_mode: str = Field("0644", description="Permissions of written files (octal).")
 
+    @field_validator("file_mode", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        """A bare TOML number (644, or 0o644 which TOML reads as 420) cannot be told from a
+        decimal one: ask for the quotes instead of guessing."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"must be an octal string in quotes, such as \"0644\" (the bare "
+                             f"number {value} would be read as decimal)")
+        return value
+
     @field_validator("file_mode")
     @classmethod
     def _octal(cls, value: str) -> str:
