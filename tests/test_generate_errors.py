@@ -130,6 +130,19 @@ def test_lora_with_nan_weights_is_refused(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_lora_missing_half_of_a_module_is_named_with_the_module(project: Path) -> None:
+    """It ended in a bare key name from deep in the loader ("could not be applied: 'lora_...'")."""
+    kept = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    cut = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
+    _lora(project / "cut.safetensors", {f"{kept}.lora_down.weight": (4, 32),
+                                        f"{kept}.lora_up.weight": (32, 4),
+                                        f"{cut}.lora_down.weight": (4, 32)})
+    result = _generate(project, "--lora", "cut.safetensors")
+    assert_user_error(result, "cut.safetensors", f"is incomplete: module {cut} has its "
+                      "lora_down.weight but no lora_up.weight", "cut short")
+    _untouched(project)
+
+
 def test_unreadable_pose_map(project: Path) -> None:
     (project / "pose.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     result = _generate(project, "--pose", "pose.png", "--lora", "none")

@@ -226,6 +226,28 @@ def _architecture_problem(keys: list[str], header: dict[str, Any], metadata: dic
     return None
 
 
+#: The two halves of a LoRA module's product, in each key format read (kohya, peft, diffusers).
+_HALVES = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+           (".lora.down.weight", ".lora.up.weight"))
+
+
+def _missing_half(keys: list[str]) -> str | None:
+    """A module holding one half of its product without the other (a cut or edited file)."""
+    present = set(keys)
+    missing = []
+    for down, up in _HALVES:
+        for key in keys:
+            for have, lack in ((down, up), (up, down)):
+                if key.endswith(have) and key[:-len(have)] + lack not in present:
+                    missing.append((key[:-len(have)], have, lack))
+    if not missing:
+        return None
+    module, have, lack = sorted(missing)[0]
+    more = f" (and {len(missing) - 1} more module(s))" if len(missing) > 1 else ""
+    return (f"is incomplete: module {module} has its {have.strip('.')} but no "
+            f"{lack.strip('.')}{more}")
+
+
 def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
     """Check a LoRA file from its header (ForgeError naming it when it cannot be used)."""
     path = Path(path)
@@ -240,6 +262,11 @@ def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
         raise ForgeError(problem, path=path,
                          fix="use a LoRA trained for SD 1.x (the base model's family), e.g. "
                              "one made by `loraforge train`")
+    incomplete = _missing_half(keys)
+    if incomplete:
+        raise ForgeError(incomplete, path=path,
+                         fix="the file was cut short or edited: use it as its trainer saved it "
+                             "(a run of ours keeps it in its run folder)")
     _refuse_non_finite(path, keys)
     has_text = any(k.startswith(("lora_te_", "text_encoder.")) for k in keys)
     try:
