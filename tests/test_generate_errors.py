@@ -59,10 +59,22 @@ def test_missing_lora(project: Path) -> None:
                                                 (":nan", "weight `nan`"),
                                                 (":-7", "from -5 to 5")])
 def test_bad_lora_weight_is_named_not_the_file(project: Path, suffix: str, needle: str) -> None:
-    lora = _lora(project / "mine.safetensors", {"lora_unet_x.lora_down.weight": (4, 8)})
+    lora = _lora(project / "mine.safetensors", {"lora_unet_x.lora_down.weight": (4, 8),
+                                                "lora_unet_x.lora_up.weight": (8, 4)})
     result = _generate(project, "--lora", f"{lora}{suffix}")
     assert_user_error(result, "--lora", needle, "0.8")
     assert "not found" not in result.stdout + result.stderr
+    _untouched(project)
+
+
+def test_none_beside_a_lora_is_a_contradiction_not_ignored(project: Path) -> None:
+    """`--lora none --lora FILE` rendered with the LoRA, as if `none` had not been said."""
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    _lora(project / "mine.safetensors", {f"{name}.lora_down.weight": (4, 32),
+                                         f"{name}.lora_up.weight": (32, 4)})
+    result = _generate(project, "--lora", "none", "--lora", "mine.safetensors")
+    assert_user_error(result, "--lora", "names `none` (the base model alone) and LoRAs too",
+                      "give it alone")
     _untouched(project)
 
 
@@ -104,6 +116,9 @@ def test_sdxl_lora_is_refused(project: Path) -> None:
     }, {"ss_base_model_version": "sdxl_base_v1-0"})
     result = _generate(project, "--lora", "xl.safetensors")
     assert_user_error(result, "xl.safetensors", "SDXL")
+    weighted = _generate(project, "--lora", "xl.safetensors:0.8")  # not "0.8 is not a number"
+    assert_user_error(weighted, "xl.safetensors", "SDXL")
+    assert "not a number" not in weighted.stderr
     _untouched(project)
 
 

@@ -435,9 +435,12 @@ class LoraResolver:
         default_weight = self.settings.config.generate.lora_weight
         try:
             path = lora_files.resolve_lora(ref, self.settings.runs_dir, base)
-            lora = self.file(path)
         except ForgeError as exc:
             self._check_weight_text(text or ref, origin, base)
+            raise ForgeError(f"{origin}: {exc.message}", path=exc.path, fix=exc.fix) from None
+        try:
+            lora = self.file(path)
+        except ForgeError as exc:
             raise ForgeError(f"{origin}: {exc.message}", path=exc.path, fix=exc.fix) from None
         weight = default_weight if weight is None else lora_files.check_weight(weight, origin)
         return lora_files.LoraUse(lora, weight)
@@ -465,6 +468,7 @@ class LoraResolver:
             raise _err(value, f"must be a list of LoRAs, got {raw!r}",
                        'write it like loras = ["run_name:0.8", "file.safetensors"]')
         uses: list[lora_files.LoraUse] = []
+        said_none = False
         for item in raw:
             if isinstance(item, str):
                 ref, weight = lora_files.split_weight(item)
@@ -481,9 +485,14 @@ class LoraResolver:
                 raise _err(value, f"bad LoRA entry {item!r}",
                            'write "file.safetensors:0.8" or { path = "...", weight = 0.8 }')
             if ref.strip().lower() == lora_files.NO_LORA:
+                said_none = True
                 continue
             uses.append(self.ref(ref, None if weight is None else float(weight), value.origin,
                                  value.base, item if isinstance(item, str) else None))
+        if said_none and uses:
+            raise _err(value, f"names `{lora_files.NO_LORA}` (the base model alone) and LoRAs "
+                              "too", f"leave out `{lora_files.NO_LORA}` to apply the LoRAs, or "
+                                     "give it alone for none")
         return uses
 
 
