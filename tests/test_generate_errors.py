@@ -158,6 +158,14 @@ def test_a_lora_missing_half_of_a_module_is_named_with_the_module(project: Path)
     _untouched(project)
 
 
+def test_a_scene_name_that_is_a_path_is_refused(project: Path) -> None:
+    """`--name ../x` quietly wrote Final_Images/x-<seed>.png."""
+    result = _generate(project, "--name", "../elsewhere/x", "--lora", "none")
+    assert_user_error(result, "--name", "'../elsewhere/x' is a path", "Final_Images",
+                      "without /")
+    _untouched(project)
+
+
 def test_unreadable_pose_map(project: Path) -> None:
     (project / "pose.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     result = _generate(project, "--pose", "pose.png", "--lora", "none")

@@ -526,6 +526,10 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
     """Check every field of one scene; ForgeError naming the field's origin when one is bad."""
     notes: list[str] = []
     name = _text(values["name"]) or DEFAULT_SCENE
+    if "/" in name or "\\" in name:
+        raise _err(values["name"], f"{name!r} is a path; a scene's name only names its files, "
+                                   f"which are written to {settings.images_dir}",
+                   "give a plain name without / (such as beach)")
     prompt = _text(values["prompt"])
     negative = _text(values["negative"])
     width, height = _size(values["size"], notes)
