@@ -278,6 +278,18 @@ def test_tags_replace_needs_old_equals_new(tmp_path: Path) -> None:
     assert _captions(folder) == before
 
 
+@pytest.mark.parametrize(("option", "value"), [("--remove", ","), ("--remove", " "),
+                                               ("--replace", ", ,")])
+def test_an_edit_naming_no_tag_is_refused_not_a_silent_listing(tmp_path: Path, option: str,
+                                                               value: str) -> None:
+    """It printed the tag table with exit 0, as if the captions had been edited."""
+    folder = _captioned_concept(tmp_path)
+    before = _captions(folder)
+    assert_user_error(run_cli("dataset", "tags", option, value, cwd=tmp_path),
+                      f"{option} {value!r} names no tag")
+    assert _captions(folder) == before
+
+
 # --- dataset dedupe and check --------------------------------------------------------------
 
 def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> None:

@@ -58,8 +58,17 @@ def parse_edits(remove: list[str] | None, replace: list[str] | None, add_trigger
     a comma-separated list) as Edits; a replacement without `=` is one clear error."""
     edits = Edits(add_trigger=add_trigger)
     for item in remove or []:
-        edits.remove += [t.strip() for t in item.split(",") if t.strip()]
+        tags = [t.strip() for t in item.split(",") if t.strip()]
+        if not tags:
+            raise ForgeError(f"--remove {item!r} names no tag",
+                             fix='give the tags to remove, comma-separated, e.g. '
+                                 '--remove "solo,simple background"')
+        edits.remove += tags
     for item in replace or []:
+        if not item.replace(",", "").strip():
+            raise ForgeError(f"--replace {item!r} names no tag",
+                             fix='write each replacement as old tag=new tag, e.g. '
+                                 '--replace "1girl=1woman,solo=alone"')
         for pair in (p for p in item.split(",") if p.strip()):
             old, sep, new = pair.partition("=")
             if not sep or not old.strip() or not new.strip():
