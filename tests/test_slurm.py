@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -499,6 +500,20 @@ def test_runs_lists_status_loss_and_the_swept_values(tmp_path: Path) -> None:
     assert [r["name"] for r in data] == ["a", "b", "c"]
     assert data[0]["params"] == {"train.unet_lr": 1e-4}
     assert data[0]["job_id"] == "77"
+
+
+def test_a_copied_run_folder_is_listed_by_its_own_name(tmp_path: Path) -> None:
+    """Both rows read "a" before, though `--run a-backup` is what reaches the copy."""
+    project = _project(tmp_path)
+    runs = project / "store" / "Multi_Concept_Output"
+    (runs / "a").mkdir(parents=True)
+    (runs / "a" / "run.json").write_text(json.dumps({"name": "a", "status": "finished",
+                                                    "updated_at": "2026-01-01"}))
+    shutil.copytree(runs / "a", runs / "a-backup")
+    data = json.loads(run_cli("runs", "--json", cwd=project).stdout)
+    assert sorted((r["name"], r["moved"]) for r in data) == [
+        ("a", None), ("a-backup", "copied or renamed from a")]
+    assert "copied or renamed from a" in run_cli("runs", cwd=project).stdout
 
 
 def test_runs_and_report_skip_a_run_json_that_is_not_a_run_record(tmp_path: Path) -> None:

@@ -397,6 +397,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_any_file_is_saved(
     (store / "tiny-controlnet").symlink_to(tiny_store / "tiny-controlnet")
     weights = store / "tiny-sd15" / "unet" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
+    good = tensors["conv_in.weight"][0, 0, 0, 0].item()
     tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
     save_file(tensors, weights)
     config = write_training_project(tmp_path / "project", store, {"state_every_n_steps": 1})
@@ -406,6 +407,16 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_any_file_is_saved(
     run_dir = tmp_path / "project" / "store" / "Multi_Concept_Output" / "multi_concept"
     assert not list(run_dir.glob("*.safetensors")) and not (run_dir / "state").exists()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+    # the base mended, the same command trains the run; its record no longer shows the error
+    tensors["conv_in.weight"][0, 0, 0, 0] = good
+    save_file(tensors, weights)
+    again = run_cli("train", "--config", config, "--set", "train.max_steps=1")
+    assert again.returncode == 0, again.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["error"]) == ("finished", None)
+    listed = json.loads(run_cli("runs", "--json", "--config", config).stdout)
+    assert [(r["status"], r["error"]) for r in listed] == [("finished", None)]
 
 
 def test_run_name_with_a_path_separator_is_refused(tmp_path: Path, tiny_store: Path) -> None:

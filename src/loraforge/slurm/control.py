@@ -158,12 +158,15 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
     rows = []
     for record, values in zip(runs, flat, strict=True):
         slurm = record.get("slurm") or {}
+        folder = Path(record["dir"]).name  # what --run takes; a copied run's record names the
+        recorded = record.get("name")     # original until the copy is trained
+        moved = f"copied or renamed from {recorded}" if recorded not in (None, folder) else None
         rows.append({
-            "name": record.get("name"), "status": record.get("status"),
+            "name": folder, "status": record.get("status"),
             "final_loss": record.get("final_loss"), "step": record.get("step"),
             "total_steps": record.get("total_steps"), "epochs": record.get("epochs"),
             "job_id": slurm.get("job_id"), "node": slurm.get("node"),
-            "error": record.get("error"), "lora": record.get("final_lora"),
+            "error": record.get("error"), "moved": moved, "lora": record.get("final_lora"),
             "updated_at": record.get("updated_at"), "dir": record.get("dir"),
             "params": {k: values.get(k) for k in differ}})
     return rows
@@ -192,7 +195,7 @@ def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
     for row in rows:
         loss = row["final_loss"]
         steps = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
-        note = row["error"] or ""
+        note = "; ".join(text for text in (row["moved"], row["error"]) if text)
         table.add_row(row["name"], row["status"] or "?",
                       f"{loss:.4f}" if isinstance(loss, int | float) else "-", steps,
                       *[str(row["params"][p]) for p in params], row["job_id"] or "-", note)

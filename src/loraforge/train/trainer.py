@@ -594,8 +594,9 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     hashed = weights_file.is_file() and world.is_main  # only rank 0 writes the metadata
     model_sha = sha256_file(weights_file, settings.cache_dir) if hashed else ""
     model_legacy = legacy_hash(weights_file) if hashed else ""
-    trainer.record.update(
-        name=run_dir.name, status="running", config=settings.to_dict(),
+    trainer.record.update(  # an earlier attempt's failure is not this attempt's
+        name=run_dir.name, status="running", error=None, failed_at=None,
+        config=settings.to_dict(),
         dataset={"concepts": dataset.dataset_dirs(), "images": dataset.num_images,
                  "images_x_repeats": dataset.images_x_repeats},
         started_at_unix=started, base_model=str(base), device=str(trainer.device),
