@@ -12,7 +12,7 @@ from loraforge.config import load_settings
 from loraforge.dataset.scan import scan_dataset
 from loraforge.generate import pnginfo
 from loraforge.generate.prompts import extract_lora_tags
-from loraforge.generate.samplers import SAMPLERS, infotext_sampler
+from loraforge.samplers import SAMPLERS, infotext_sampler
 from loraforge.train.metadata import TrainingFacts, lora_metadata
 
 

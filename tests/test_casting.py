@@ -31,8 +31,8 @@ from loraforge.generate.regions import (
     map_boxes,
     separation,
 )
-from loraforge.generate.samplers import SAMPLERS
 from loraforge.generate.scenes import LoraResolver, Options, PoseCache, plan_jobs
+from loraforge.samplers import SAMPLERS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WIDTH, HEIGHT = 128, 96

@@ -31,9 +31,9 @@ from loraforge.generate.pipeline import (
     render_batch,
 )
 from loraforge.generate.poses import draw_pose, random_pose
-from loraforge.generate.samplers import SAMPLERS
 from loraforge.generate.scenes import Options
 from loraforge.hashing import sha256_file
+from loraforge.samplers import SAMPLERS
 from loraforge.text import chunk_token_ids, encode_token_ids
 
 # This machine's two cores are shared: one torch thread per process is several times faster.

@@ -10,8 +10,8 @@ from loraforge.errors import ForgeError
 from loraforge.generate import pnginfo
 from loraforge.generate.loras import split_weight
 from loraforge.generate.prompts import BREAK_WEIGHT, extract_lora_tags, parse_attention
-from loraforge.generate.samplers import SAMPLERS, check_sampler
 from loraforge.generate.scenes import round_size, safe_stem
+from loraforge.samplers import SAMPLERS, check_sampler
 
 
 def _weights(text: str) -> list[tuple[str, float]]:

@@ -24,6 +24,7 @@ from pydantic import (
 
 from loraforge.errors import ForgeError
 from loraforge.sample_prompts import MAX_SEED, parse_sample_prompts
+from loraforge.samplers import DEFAULT_SAMPLER, check_sampler
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -223,7 +224,8 @@ class TrainConfig(_Section):
                                       "kohya flags --n --w --h --d --s --l allowed in a line.")
     sample_every_n_epochs: int = Field(1, ge=1)
     sample_steps: int = Field(20, ge=1, le=200)
-    sample_sampler: str = "DPM++ 2M Karras"
+    sample_sampler: str = Field(DEFAULT_SAMPLER, description="Sampler of the previews (A1111 "
+                                "names, as generate.sampler).")
     seed: int = Field(42, ge=0, le=MAX_SEED)
     save_every_n_epochs: int = Field(1, ge=1)
     keep_last_n: int = Field(10, ge=1)
@@ -231,6 +233,12 @@ class TrainConfig(_Section):
     state_every_n_steps: int = Field(200, ge=1, description="Resumable state saved this often.")
     keep_states: int = Field(2, ge=1)
     log_every_seconds: float = Field(30.0, gt=0, description="Progress line interval in log files.")
+
+    @field_validator("sample_sampler")
+    @classmethod
+    def _known_sample_sampler(cls, value: str) -> str:
+        """A typo is caught when the config is read, not as previews missing from every epoch."""
+        return _known_sampler(value)
 
     @field_validator("sample_prompts")
     @classmethod
@@ -257,6 +265,16 @@ class TrainConfig(_Section):
                          "torch.optim.SGD")
 
 
+def _known_sampler(value: str) -> str:
+    """`value` as written when check_sampler knows it (case and spaces free), else a ValueError
+    saying why."""
+    try:
+        check_sampler(value)
+    except ForgeError as exc:
+        raise ValueError(f"{exc.message} ({exc.fix})") from None
+    return value
+
+
 class GenerateConfig(_Section):
     prompt: str = Field("masterpiece, best quality, 2 characters standing side by side",
                         description="Default prompt (A1111 syntax).")
@@ -270,7 +288,7 @@ class GenerateConfig(_Section):
     height: int = Field(576, ge=64, le=4096)
     steps: int = Field(25, ge=1, le=500)
     cfg: float = Field(7.0, ge=0, le=50)
-    sampler: str = "DPM++ 2M Karras"
+    sampler: str = DEFAULT_SAMPLER
     seed: int = Field(42, ge=0, le=MAX_SEED)
     lora_weight: float = Field(1.0, ge=-5, le=5)
     control_scale: float = Field(1.0, ge=0, le=5)
@@ -292,6 +310,12 @@ class GenerateConfig(_Section):
     vae_tiling: bool | None = Field(None, description="Decode in tiles (default: above 1024 "
                                     "px on a side).")
     offload: bool = Field(False, description="Keep idle models in CPU memory (small GPUs).")
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_default_sampler(cls, value: str) -> str:
+        """Caught when the config is read: before a job is queued, not when it runs."""
+        return _known_sampler(value)
 
 
 class SlurmConfig(_Section):

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.generate.prompts import encode_prompt_pair
-from loraforge.generate.samplers import make_scheduler, seed_scheduler
 from loraforge.runtime import quiet_loading
+from loraforge.samplers import make_scheduler, seed_scheduler
 
 if TYPE_CHECKING:
     import torch

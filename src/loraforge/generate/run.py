@@ -28,8 +28,8 @@ from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
 from loraforge.generate import pnginfo
 from loraforge.generate.loras import BaseWidths, LoraStack
-from loraforge.generate.samplers import infotext_sampler
 from loraforge.generate.scenes import FINAL_NAME, Job, LoraResolver, Options, PoseCache, plan_jobs
+from loraforge.samplers import infotext_sampler
 
 if TYPE_CHECKING:
     from PIL import Image

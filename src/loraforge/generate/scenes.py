@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 from loraforge.errors import ForgeError
 from loraforge.generate import loras as lora_files
 from loraforge.generate.prompts import extract_lora_tags
-from loraforge.generate.samplers import check_sampler
 from loraforge.sample_prompts import MAX_SEED
+from loraforge.samplers import check_sampler
 
 if TYPE_CHECKING:
     from PIL import Image

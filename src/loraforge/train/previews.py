@@ -178,7 +178,7 @@ def render_previews(run_dir: Path, epoch: int, prompts: list[SamplePrompt], mode
 
     from loraforge.generate.pipeline import build_pipeline, render
     from loraforge.generate.prompts import encode_prompt_pair
-    from loraforge.generate.samplers import make_scheduler
+    from loraforge.samplers import make_scheduler
 
     try:
         scheduler = make_scheduler(cfg.sample_sampler, models.scheduler_config)
