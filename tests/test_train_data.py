@@ -165,6 +165,20 @@ def test_max_steps_inside_an_epoch_still_previews_the_final_weights(project: Pat
     assert (samples / "grid-epoch-002.png").is_file()
 
 
+def test_a_preview_that_cannot_be_saved_is_a_warning_and_training_goes_on(
+        project: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Previews are a courtesy: a full or unwritable samples folder must not cost the run."""
+    run_dir = load_settings(project).runs_dir / "blocked"
+    run_dir.mkdir(parents=True)
+    (run_dir / "samples").write_text("a file where the previews' folder would go\n")
+    with caplog.at_level("WARNING", logger="loraforge"):
+        result = _train(project, "blocked", "train.max_steps=1", "train.sample_steps=2",
+                        'train.sample_prompts=["red_knight, solo"]')
+    assert result.final.is_file() and _record(result)["status"] == "finished"
+    assert "previews of epoch 1 not made" in caplog.text
+    assert (run_dir / "samples").read_text().startswith("a file")
+
+
 def test_unknown_preview_flag_is_named(project: Path) -> None:
     result = run_cli("train", "--config", project, "--set",
                      'train.sample_prompts=["red_knight --q 3"]')
