@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import assert_user_error, run_cli
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from loraforge.errors import ForgeError
 from loraforge.generate.poses import (
@@ -475,15 +475,31 @@ def test_hands_and_faces_in_the_exchange_json() -> None:
             {"pose_keypoints_2d": body, "hand_left_keypoints_2d": [1, 2, 3]}]})
 
 
+def test_a_pose_map_written_here_is_replaced_whatever_its_size(tmp_path: Path) -> None:
+    """A map too large for Pillow's decompression guard (`pose random --size 16384x16384`)
+    was refused as "not a pose map" when written again: the mark is read from its chunks."""
+    big = tmp_path / "big.png"
+    random_pose_command(big, 1, "256x256", 0, None)
+    data = big.read_bytes()
+    start = data.index(b"IHDR") + 4  # claim 16384 x 16384 (the chunk's CRC is not checked)
+    big.write_bytes(data[:start] + (16384).to_bytes(4, "big") * 2 + data[start + 8:])
+    random_pose_command(big, 2, "256x256", 1, None)
+    assert Image.open(big).size == (256, 256)
+
+
 def test_pose_outputs_replace_pose_maps_but_never_a_photo_a_config_or_other_json(
         tmp_path: Path) -> None:
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
                     ).save(photo)
+    night = tmp_path / "night.png"  # mostly black, like a map, but not in OpenPose colours
+    moon = Image.new("RGB", (400, 300))
+    ImageDraw.Draw(moon).ellipse((150, 100, 300, 250), fill=(240, 240, 200))
+    moon.save(night)
     config, other = tmp_path / "forge.toml", tmp_path / "notes.json"
     config.write_text("[storage]\n")
     other.write_text('{"mine": 1}')
-    originals = {p: p.read_bytes() for p in (photo, config, other)}
+    originals = {p: p.read_bytes() for p in (photo, night, config, other)}
 
     # Given by mistake as an output, each is refused before anything is written.
     refused = run_cli("pose", "random", "-o", tmp_path / "new.png", "--pose-json", config)
@@ -506,6 +522,7 @@ def test_pose_outputs_replace_pose_maps_but_never_a_photo_a_config_or_other_json
     editor = tmp_path / "editor.png"
     draw_pose(random_pose(1, 256, 256, 5)).save(editor)  # no mark: another tool's map
     render_pose_command(pose_json, editor)
-    with pytest.raises(ForgeError, match="exists and is not a pose map"):
-        render_pose_command(pose_json, photo)
+    for picture in (photo, night):
+        with pytest.raises(ForgeError, match="exists and is not a pose map"):
+            render_pose_command(pose_json, picture)
     assert {p: p.read_bytes() for p in originals} == originals

@@ -334,19 +334,38 @@ def write_pose_json(path: Path, pose: PoseMap) -> None:
 POSE_MARK = ("loraforge", "pose map")
 
 
+def _has_pose_mark(path: Path) -> bool:
+    """Whether the PNG at `path` carries POSE_MARK in a text chunk before its image data (read
+    from the chunks, so a map too large for Pillow's guard is still recognised)."""
+    wanted = f"{POSE_MARK[0]}\0{POSE_MARK[1]}".encode("latin-1")
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while len(head := fh.read(8)) == 8:
+                size, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or size > 1 << 20:
+                    return False
+                data = fh.read(size)
+                fh.seek(4, 1)  # the chunk's CRC
+                if kind == b"tEXt" and data == wanted:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 def _is_pose_map(path: Path) -> bool:
-    """A PNG this tool wrote as a pose map, or one that looks like any pose map (mostly black:
-    maps from before the mark, or from pose editors)."""
+    """A PNG this tool wrote as a pose map, or one that looks like an OpenPose map (mostly
+    black, its figures in OpenPose colours: maps from before the mark, or from pose editors).
+    A dark photo or line art on black is not one."""
+    if _has_pose_mark(path):
+        return True
     try:
         with Image.open(path) as image:
-            if image.format != "PNG":
-                return False
-            if getattr(image, "text", {}).get(POSE_MARK[0]) == POSE_MARK[1]:
-                return True
-            small = np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.NEAREST))
+            return image.format == "PNG" and looks_like_pose_map(image)[0]
     except (OSError, ValueError, Image.DecompressionBombError):
         return False
-    return float((small.max(axis=2) == 0).mean()) > 0.6
 
 
 def _is_pose_json(path: Path) -> bool:
