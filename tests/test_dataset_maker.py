@@ -221,6 +221,26 @@ def test_tag_user_errors(tmp_path: Path, args: list[str], toml: str, needles: li
 
 # --- dataset tags -----------------------------------------------------------------------------
 
+def test_a_caption_with_an_upper_case_extension_is_the_images_caption(tmp_path: Path) -> None:
+    """`check` and training read `0.TXT` as 0.png's caption; `tag` wrote a new 0.txt beside it
+    (a second caption, which then won) and `tags` did not see it."""
+    project = _project(tmp_path / "proj")
+    knight = project / "master_dataset" / "10_red_knight"
+    knight.mkdir(parents=True)
+    draw_character(knight / "0.png", RED, "box", 0)
+    (knight / "0.TXT").write_text("red_knight, my own words, solo\n")
+    tagged = run_cli("dataset", "tag", cwd=project)
+    assert tagged.returncode == 0, tagged.stderr
+    assert "1 hand-written kept" in tagged.stdout
+    assert sorted(p.name for p in knight.iterdir()) == ["0.TXT", "0.png"]
+    edited = run_cli("dataset", "tags", "--remove", "solo", cwd=project)
+    assert edited.returncode == 0, edited.stderr
+    assert (knight / "0.TXT").read_text() == "red_knight, my own words\n"
+    (knight / "0.txt").write_text("red_knight, other words\n")
+    assert_user_error(run_cli("dataset", "check", cwd=project),
+                      "0.txt: is a second caption of 0, beside 0.TXT", "keep one")
+
+
 def _captioned_concept(root: Path) -> Path:
     folder = root / "master_dataset" / "10_blake"
     folder.mkdir(parents=True)

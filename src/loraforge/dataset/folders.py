@@ -22,9 +22,22 @@ class ConceptFolder:
     name: str
     folder: Path
     images: list[Path] = field(default_factory=list)
+    _captions: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
 
     def caption_path(self, image: Path, extension: str) -> Path:
-        return image.with_name(image.stem + extension)
+        """The caption file of `image`: its stem + `extension`, the extension in any case (as
+        `dataset check` and training read captions: `a.TXT` is a.png's), else the name a new
+        caption gets."""
+        if extension not in self._captions:
+            ext = extension.lower()
+            try:
+                names = sorted(os.listdir(self.folder), key=lambda n: n.endswith(extension))
+            except OSError:
+                names = []
+            self._captions[extension] = {n[:-len(ext)]: n for n in names
+                                         if n.lower().endswith(ext) and len(n) > len(ext)}
+        found = self._captions[extension].get(image.stem)
+        return image.with_name(found or image.stem + extension)
 
 
 def _one_per_caption(images: list[Path], warn: list[str] | None) -> list[Path]:

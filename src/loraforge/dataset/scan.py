@@ -412,7 +412,13 @@ class _Scanner:
                 what = "a broken link" if entry.is_symlink() else "not a regular file"
                 self.problem(entry, f"is {what}", "delete it or replace it with the real file")
             elif lowered.endswith(ext) and len(lowered) > len(ext):
-                folder.captions[entry.name[: -len(ext)]] = entry
+                stem = entry.name[: -len(ext)]
+                other = folder.captions.get(stem)
+                if other is not None:  # a.TXT and a.txt: which one describes a.png?
+                    self.problem(entry, f"is a second caption of {stem}, beside {other.name}",
+                                 f"keep one: merge what you want into one of them and delete "
+                                 f"the other (e.g. rm {shell_path(other)})")
+                folder.captions[stem] = entry
             elif entry.suffix.lower() in IMAGE_EXTENSIONS:
                 folder.images.setdefault(entry.stem, []).append(entry)
             else:
