@@ -347,6 +347,22 @@ def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> N
     assert sorted(p.name for p in mage.iterdir()) == ["a_copy.png", "c.png"]
 
 
+def test_dedupe_keeps_the_file_a_link_points_to_not_the_link(tmp_path: Path) -> None:
+    """A captioned link to a picture in the same folder: moving the picture away left the
+    kept link broken, and `dataset check` then failed on it."""
+    folder = tmp_path / "master_dataset" / "10_knight"
+    folder.mkdir(parents=True)
+    draw_character(folder / "real.png", RED, "box", -20)
+    (folder / "link.png").symlink_to("real.png")
+    (folder / "link.txt").write_text("knight, via a link")
+    result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (folder / "real.png").is_file() and not (folder / "link.png").is_symlink()
+    moved = tmp_path / "master_dataset" / ".duplicates" / "10_knight"
+    assert sorted(p.name for p in moved.iterdir()) == ["link.png", "link.txt"]
+    assert run_cli("dataset", "check", cwd=tmp_path).returncode == 0
+
+
 def test_dedupe_move_that_fails_names_the_file_and_keeps_what_moved(tmp_path: Path) -> None:
     """A `.duplicates/<concept>` that is a file, not a folder: one error naming the picture
     and the fix, exit 1, no traceback; the picture stays where it was."""

@@ -105,8 +105,8 @@ def hash_distance(a: int, b: int) -> int:
 def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTANCE,
                           ) -> list[list[Picture]]:
     """Groups of pictures of one concept folder within `distance` bits of each other
-    (transitively), each with the picture to keep first, the others by name; groups in order
-    of their kept picture's path."""
+    (transitively), each with the picture to keep first (the largest; a file before a link;
+    a captioned one), the others by name; groups in order of their kept picture's path."""
     import numpy as np
 
     n = len(pictures)
@@ -137,7 +137,10 @@ def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTA
     for group in members.values():
         if len(group) < 2:
             continue
-        keep = min(group, key=lambda p: (-p.width * p.height, not p.captioned, p.path))
+        # the largest, a file rather than a link to one (keeping a link to a moved file would
+        # break it), captioned, then by name
+        keep = min(group, key=lambda p: (-p.width * p.height, p.path.is_symlink(),
+                                         not p.captioned, p.path))
         groups.append([keep, *sorted((p for p in group if p is not keep),
                                      key=lambda p: p.path)])
     return sorted(groups, key=lambda g: g[0].path)
