@@ -241,6 +241,46 @@ def test_a_caption_with_an_upper_case_extension_is_the_images_caption(tmp_path: 
                       "0.txt: is a second caption of 0, beside 0.TXT", "keep one")
 
 
+def test_a_tagging_stopped_by_sigterm_names_its_backups_and_leaves_no_half_file(
+        tmp_path: Path) -> None:
+    """A job's time limit (SIGTERM) during `tag --overwrite`: the captions replaced so far
+    have their old text in the backup folder, which the message names (it named none, and
+    the rerun's message named only its own folder)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    project = _project(tmp_path / "proj")
+    folder = project / "master_dataset" / "10_knight"
+    folder.mkdir(parents=True)
+    draw_character(folder / "0.png", RED, "box", 0)
+    for i in range(400):
+        if i:
+            (folder / f"{i}.png").write_bytes((folder / "0.png").read_bytes())
+        (folder / f"{i}.txt").write_text(f"knight, mine {i}\n")
+    before = _captions(folder)
+    tagging = subprocess.Popen([sys.executable, "-m", "loraforge", "dataset", "tag",
+                                "--overwrite", "--batch-size", "1"], cwd=project, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    backups = project / "master_dataset" / BACKUP_DIR
+    deadline = time.monotonic() + 120
+    while len(list(backups.rglob("*.txt"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(tagging.pid, signal.SIGTERM)
+    out, err = tagging.communicate(timeout=60)
+    assert tagging.returncode == 143, (out, err)
+    assert "Traceback" not in err and "terminated (SIGTERM)" in err
+    (folder_backup,) = backups.iterdir()
+    assert f"the old ones are in master_dataset/{BACKUP_DIR}/{folder_backup.name}/" in err
+    after = _captions(folder)
+    changed = {name for name in before if after[name] != before[name]}
+    assert changed and len(changed) < 400
+    kept = {p.name: p.read_text() for p in (folder_backup / "10_knight").iterdir()}
+    assert {name: kept[name] for name in changed} == {name: before[name] for name in changed}
+
+
 def _captioned_concept(root: Path) -> Path:
     folder = root / "master_dataset" / "10_blake"
     folder.mkdir(parents=True)

@@ -303,11 +303,23 @@ def _project_note(args: list[str]) -> str | None:
     return outside_project_note()
 
 
+class _Terminated(BaseException):
+    """SIGTERM (`kill`, `scancel`, a job's time limit) outside training, which saves its state on
+    its own: raised where the program is, so half-written files are removed on the way out."""
+
+
+def _terminated(_number: int, _frame: object) -> None:
+    raise _Terminated
+
+
 def main() -> None:
     """Entry point: user errors become one message and a non-zero exit, never a traceback."""
+    import signal
+
     err = Console(stderr=True)
     command = typer.main.get_command(app)
     conventional(command)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = command.main(prog_name="loraforge", standalone_mode=False)
     except typer.TyperException as exc:
@@ -321,6 +333,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except _Terminated:
+        err.print("terminated (SIGTERM)")
+        sys.exit(143)  # what a shell reports for a process that SIGTERM ended
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -150,7 +151,9 @@ def caption_diff(label: str, old: str | None, new: str) -> list[str]:
 
 class CaptionWriter:
     """Writes captions atomically; a change to a file that held any text first copies its old
-    bytes to the backup folder of this action (created only when something is backed up)."""
+    bytes to the backup folder of this action (created only when something is backed up).
+    Used as a context manager, it names that folder on stderr when the action stops early (an
+    error, Ctrl-C, SIGTERM), so the captions changed before the stop can be restored."""
 
     def __init__(self, dataset_dir: Path, action: str, file_mode: int = DEFAULT_FILE_MODE,
                  ) -> None:
@@ -164,6 +167,17 @@ class CaptionWriter:
         self.file_mode = file_mode
         self.written = 0
         self.backed_up = 0
+
+    def __enter__(self) -> CaptionWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None and self.backed_up:
+            from loraforge.dataset.scan import display_path
+
+            print(f"stopped after {self.written} caption(s) written; the old ones are in "
+                  f"{display_path(self.backup_dir)}/ (copy them back to undo)", file=sys.stderr,
+                  flush=True)
 
     def write(self, path: Path, old: str | None, new: str) -> bool:
         """Write `new` to the caption `path` (whose current text is `old`, None when it does

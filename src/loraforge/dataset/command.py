@@ -87,6 +87,11 @@ def tag_command(
     _warn(result.warnings)
     for line in report_lines(result, mode):
         _say(line)
+    skipped = sum(r.skipped for r in result.reports.values())
+    if skipped and not result.images:
+        raise ForgeError(f"none of the {skipped} picture(s) to tag could be read: no caption "
+                         "was written", fix="replace or remove the files the warnings above "
+                                            "name, then run `loraforge dataset tag` again")
 
 
 def tags_command(

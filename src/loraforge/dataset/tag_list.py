@@ -142,9 +142,9 @@ def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_
     result = EditResult(changed, diff)
     if dry_run or not changed:
         return result
-    writer = CaptionWriter(dataset_dir, "tags", file_mode)
-    for caption, new in changed:
-        writer.write(caption.path, caption.text, new)
+    with CaptionWriter(dataset_dir, "tags", file_mode) as writer:
+        for caption, new in changed:
+            writer.write(caption.path, caption.text, new)
     result.backup_dir = writer.backup_dir if writer.backed_up else None
     return result
 

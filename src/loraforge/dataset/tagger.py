@@ -24,6 +24,7 @@ onnxruntime is installed (`models.gpu_runtime`), else on the CPU with a note say
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -238,7 +239,7 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
     progress = Progress("tag", len(jobs), PROGRESS_EVERY_SECONDS, stream=stream)
     started = time.monotonic()
     done = 0
-    try:
+    with writer, contextlib.closing(progress):
         workers = max(1, min(4, len(os.sched_getaffinity(0))))
         for batch in _batches(jobs, model.size, batch_size, workers):
             ready = [(job, x) for job, x in batch if not isinstance(x, ForgeError)]
@@ -264,8 +265,6 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
                 print(f"tagged {done}/{len(jobs)} images, "
                       f"{'?' if rate is None else f'{rate:.1f}'} images/s, eta "
                       f"{duration(progress.eta)}", file=progress.stream, flush=True)
-    finally:
-        progress.close()
     result.seconds = time.monotonic() - started
     result.backup_dir = writer.backup_dir if writer.backed_up else None
     return result
