@@ -281,6 +281,19 @@ def test_a_tagging_stopped_by_sigterm_names_its_backups_and_leaves_no_half_file(
     assert {name: kept[name] for name in changed} == {name: before[name] for name in changed}
 
 
+def test_tagging_where_no_picture_can_be_read_is_a_failure(tmp_path: Path) -> None:
+    """It exited 0 (its progress line even said "tagged 2/2 images")."""
+    project = _project(tmp_path / "proj")
+    folder = project / "master_dataset" / "5_broken"
+    folder.mkdir(parents=True)
+    (folder / "notes.png").write_text("not a picture\n")
+    (folder / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    result = run_cli("dataset", "tag", cwd=project)
+    assert_user_error(result, "none of the 2 picture(s) to tag could be read",
+                      "warning: master_dataset/5_broken/cut.png")
+    assert not list(folder.glob("*.txt"))
+
+
 def _captioned_concept(root: Path) -> Path:
     folder = root / "master_dataset" / "10_blake"
     folder.mkdir(parents=True)
