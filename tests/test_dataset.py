@@ -179,6 +179,10 @@ def test_same_stem_images(project: Path) -> None:
     caption(folder / "a.txt", "blake, smile")
     fails(project, f"{DS}/10_blake/a.jpg: has the same name as a.png", "caption a.txt",
           "mv master_dataset/10_blake/a.png master_dataset/10_blake/a_2.png")
+    image(folder / "a_2.png")  # the rename the fix suggests must not land on a file
+    caption(folder / "a_3.txt", "blake, a caption of a picture to come")
+    fails(project, f"{DS}/10_blake/a.jpg: has the same name as a.png",
+          "mv master_dataset/10_blake/a.png master_dataset/10_blake/a_4.png")
 
 
 def test_caption_not_utf8(project: Path) -> None:

@@ -93,6 +93,10 @@ class ConceptOverrides(_Section):
     is_reg: bool = Field(False, description="A regularisation concept (prior preservation).")
 
 
+#: Extensions of pictures, which a caption file must never take.
+_PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
 class DatasetConfig(_Section):
     path: str = Field("master_dataset", description="Folder of <repeats>_<concept>/ folders.")
     resolution: int = Field(512, ge=64, le=2048, description="Training resolution (pixels).")
@@ -156,6 +160,9 @@ class DatasetConfig(_Section):
     def _dot(cls, value: str) -> str:
         if not value.startswith(".") or "/" in value:
             raise ValueError("must look like '.txt'")
+        if value.lower() in _PICTURE_SUFFIXES:  # captions would be written over the images
+            raise ValueError(f"{value!r} is a picture's extension: captions are text files "
+                             "beside the images, such as '.txt' or '.caption'")
         return value
 
 

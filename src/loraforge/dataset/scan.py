@@ -470,7 +470,7 @@ class _Scanner:
                     self.problem(same[0], f"has the same name as {others}, so a caption "
                                  f"{caption} could not tell which image it describes",
                                  f"rename all but one, e.g. mv {shell_path(same[1])} "
-                                 f"{shell_path(same[1].with_name(f'{stem}_2{same[1].suffix}'))} "
+                                 f"{shell_path(_free_name(same[1], self.ext))} "
                                  "(and give it its own caption)")
                 for path in same:
                     size = sizes[path]
@@ -519,6 +519,17 @@ class _Scanner:
                 hint = f"; for {folder.images[image][0].name} it should be named {image}{self.ext}"
             self.warn(caption, f"is a caption without an image (no {stem}.png/.jpg/...), so it "
                       f"is not used{hint}")
+
+
+def _free_name(image: Path, caption_extension: str) -> Path:
+    """`image` renamed `<stem>_N<suffix>` for the first N >= 2 whose name (and caption's) no
+    file has: a rename the fix line suggests must not overwrite anything."""
+    n = 2
+    while True:
+        other = image.with_name(f"{image.stem}_{n}{image.suffix}")
+        if not other.exists() and not other.with_suffix(caption_extension).exists():
+            return other
+        n += 1
 
 
 def scan_dataset(dataset_dir: Path, caption_extension: str = ".txt",
