@@ -127,6 +127,14 @@ def rename(rel: str, new: str) -> Setup:
     return apply
 
 
+def link_loop(rel: str) -> Setup:
+    """`rel` and `rel`-back: two symbolic links pointing at each other."""
+    def apply(root: Path) -> None:
+        (root / rel).symlink_to(f"{rel}-back")
+        (root / f"{rel}-back").symlink_to(rel)
+    return apply
+
+
 def both(*setups: Setup) -> Setup:
     def apply(root: Path) -> None:
         for setup in setups:
@@ -213,6 +221,10 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
      ("train.sample_sampler", "unknown sampler `Euler ax`", "did you mean `Euler a`?")),
     ("default-sampler-typo-queued", key("generate", 'sampler = "DPM++ 3M"'),
      ["slurm", "generate", "--dry-run"], ("generate.sampler", "unknown sampler `DPM++ 3M`")),
+    ("dataset-path-a-link-loop", link_loop("loop"),
+     ["dataset", "check", "--set", "dataset.path=loop"], ("loop", "is a loop of symbolic links")),
+    ("storage-root-a-link-loop", link_loop("loop"),
+     ["models", "list", "--set", "storage.root=loop"], ("loop", "is a loop of symbolic links")),
     ("caption-extension-of-a-picture", nothing,
      ["dataset", "tag", "--set", "dataset.caption_extension=.png"],
      ("dataset.caption_extension", "'.png' is a picture's extension", "'.txt'")),

@@ -172,6 +172,14 @@ def test_gif_file_must_be_converted(project: Path) -> None:
           "convert it to PNG or JPEG")
 
 
+def test_a_fifo_in_the_dataset_folder_does_not_hang_the_check(project: Path) -> None:
+    """Opening a named pipe to sniff it waited for a writer forever, with no output."""
+    good_concept(project)
+    os.mkfifo(project / DS / "upload.fifo")
+    result = run_cli("dataset", "check", cwd=project, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_same_stem_images(project: Path) -> None:
     folder = good_concept(project)
     image(folder / "a.png")

@@ -380,7 +380,14 @@ class Settings:
 
     def _resolve(self, value: str, against: Path) -> Path:
         path = Path(os.path.expandvars(value)).expanduser()
-        return path if path.is_absolute() else (against / path).resolve()
+        if path.is_absolute():
+            return path
+        try:
+            return (against / path).resolve()
+        except (RuntimeError, OSError):  # a loop of symbolic links (RuntimeError before 3.13)
+            raise ForgeError("is a loop of symbolic links", path=against / path,
+                             fix="point the link at a real folder, or name another path in "
+                                 "the config") from None
 
     @property
     def storage_root(self) -> Path:

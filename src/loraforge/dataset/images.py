@@ -130,8 +130,11 @@ def _sniff_text(head: bytes) -> str | None:
 
 
 def sniff_file(path: Path) -> str | None:
-    """What a file's content says it is (see `sniff_bytes`); None when unknown or unreadable."""
+    """What a file's content says it is (see `sniff_bytes`); None when unknown or unreadable,
+    or not a regular file (opening a FIFO would wait for a writer forever)."""
     try:
+        if not path.is_file():
+            return None
         with open(path, "rb") as fh:
             return sniff_bytes(fh.read(_HEAD_BYTES))
     except OSError:

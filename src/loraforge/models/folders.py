@@ -117,7 +117,12 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
 
     Where the file system cannot lock (some network mounts), runs unlocked.
     """
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ForgeError(f"cannot be created ({exc.strerror or exc})", path=lock_file.parent,
+                         fix="check that the storage root is a folder you can write to "
+                             "(storage.root, or LORAFORGE_STORAGE_ROOT)") from None
     try:
         import fcntl
 
