@@ -454,6 +454,24 @@ def test_an_optimizer_that_cannot_run_here_is_a_clear_error(tmp_path: Path,
     assert_user_error(result, "nosuch.Optim", "cannot be imported")
 
 
+def test_a_restart_refused_for_its_settings_keeps_the_finished_run(tmp_path: Path,
+                                                                   tiny_store: Path) -> None:
+    """`train --restart` removed the run's LoRAs, history and states, then refused the
+    settings (an optimizer that needs a GPU, arguments it rejects): the work was lost."""
+    config = write_training_project(tmp_path, tiny_store, {"max_steps": 1})
+    assert run_cli("train", "--config", config).returncode == 0
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "lock"}
+    assert any(p.suffix == ".safetensors" for p in before)
+    for setting, needle in (("train.optimizer=AdamW8bit", "CUDA"),
+                            ("train.optimizer_args={bogus=1}", "rejected its arguments")):
+        refused = run_cli("train", "--config", config, "--restart", "--set", setting)
+        assert_user_error(refused, needle)
+        after = {p: p.read_bytes() for p in run_dir.rglob("*")
+                 if p.is_file() and p.name != "lock"}
+        assert after == before
+
+
 def test_full_disk_while_saving_is_clear_and_keeps_the_previous_checkpoint(
         tmp_path: Path, tiny_store: Path) -> None:
     # Epoch files (fp16, dim 4) are ~0.3 MB; the fp32 state with its optimizer is over 1 MB.

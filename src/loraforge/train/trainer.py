@@ -104,9 +104,13 @@ class Trainer:
                       "bf16": torch.bfloat16}[precision]
         self.train_text = self.cfg.text_encoder_lr > 0
         self.channels_last = on_gpu if self.cfg.channels_last is None else self.cfg.channels_last
-        from loraforge.train.optim import optimizer_class
+        from loraforge.train.optim import build_optimizer
 
-        optimizer_class(self.cfg.optimizer, self.device)  # fail before minutes of model loading
+        # the optimizer, its arguments and rates checked on a stand-in weight: a mistake is
+        # said before minutes of model loading (and before --restart removes anything)
+        trial = [{"params": [torch.nn.Parameter(torch.zeros(1, device=device))], "lr": lr}
+                 for lr in (self.cfg.unet_lr, self.cfg.text_encoder_lr)[:1 + self.train_text]]
+        build_optimizer(self.cfg.optimizer, trial, self.cfg.optimizer_args, device)
         self.mode = settings.file_mode
         self.report = report
         self.record = runs.RunRecord(run_dir, self.mode, write=world.is_main)
@@ -572,17 +576,18 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     from loraforge.hashing import legacy_hash, sha256_file
     from loraforge.train.metadata import TrainingFacts
 
-    if restart and world.is_main:  # what the old attempt made must not mix with the new one
-        for folder in ("state", "events", "samples"):
-            shutil.rmtree(run_dir / folder, ignore_errors=True)
-        for old in [run_dir / HISTORY, *run_dir.glob(f"{run_dir.name}*.safetensors")]:
-            old.unlink(missing_ok=True)
     try:
         trainer = Trainer(settings, dataset, run_dir, world, device, report)
     except ForgeError as exc:
-        runs.RunRecord(run_dir, settings.file_mode, write=world.is_main).update(
-            status="failed", error=str(exc))
+        if not restart:  # a refused restart leaves the old run, and its record, as they were
+            runs.RunRecord(run_dir, settings.file_mode, write=world.is_main).update(
+                status="failed", error=str(exc))
         raise
+    if restart and world.is_main:  # what the old attempt made must not mix with the new one;
+        for folder in ("state", "events", "samples"):  # only now that the settings are checked
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+        for old in [run_dir / HISTORY, *run_dir.glob(f"{run_dir.name}*.safetensors")]:
+            old.unlink(missing_ok=True)
     state = trainer.saved_state(restart)  # a refused resume leaves run.json as it was
     hosts = gather_objects(os.environ.get("SLURMD_NODENAME") or socket.gethostname(), world)
     previous = trainer.record.data
