@@ -472,6 +472,25 @@ def test_a_restart_refused_for_its_settings_keeps_the_finished_run(tmp_path: Pat
         assert after == before
 
 
+def test_a_run_with_earlier_lora_files_and_no_state_is_not_trained_over(tmp_path: Path,
+                                                                        tiny_store: Path) -> None:
+    """Its final file deleted, or its run.json unreadable, a finished run was trained again
+    from the start without a word: its epoch files were overwritten or mixed with new ones."""
+    config = write_training_project(tmp_path, tiny_store, {"epochs": 2})
+    assert run_cli("train", "--config", config).returncode == 0
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    (run_dir / "multi_concept.safetensors").unlink()
+    kept = {p: p.read_bytes() for p in run_dir.glob("*.safetensors")}
+    assert [p.name for p in kept] == ["multi_concept-000001.safetensors"]
+    refused = run_cli("train", "--config", config, "--set", "train.epochs=3")
+    assert_user_error(refused, "holds LoRA files of an earlier training "
+                      "(multi_concept-000001.safetensors)", "--restart")
+    (run_dir / "run.json").write_text("{not json")
+    refused = run_cli("train", "--config", config)
+    assert_user_error(refused, "no state to resume it from")
+    assert {p: p.read_bytes() for p in run_dir.glob("*.safetensors")} == kept
+
+
 def test_full_disk_while_saving_is_clear_and_keeps_the_previous_checkpoint(
         tmp_path: Path, tiny_store: Path) -> None:
     # Epoch files (fp16, dim 4) are ~0.3 MB; the fp32 state with its optimizer is over 1 MB.

@@ -589,6 +589,13 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         for old in [run_dir / HISTORY, *run_dir.glob(f"{run_dir.name}*.safetensors")]:
             old.unlink(missing_ok=True)
     state = trainer.saved_state(restart)  # a refused resume leaves run.json as it was
+    earlier = sorted(p.name for p in run_dir.glob(f"{run_dir.name}*.safetensors"))
+    if state is None and earlier:  # starting over would overwrite (or mix with) an earlier LoRA
+        raise ForgeError(f"run `{run_dir.name}` holds LoRA files of an earlier training "
+                         f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}) "
+                         "but no state to resume it from", path=run_dir,
+                         fix="pass --restart to train it again from the start (those files are "
+                             "replaced), or name a new run with --run")
     hosts = gather_objects(os.environ.get("SLURMD_NODENAME") or socket.gethostname(), world)
     previous = trainer.record.data
     started = (previous.get("started_at_unix") if not restart else None) or env_time() \
