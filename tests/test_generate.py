@@ -496,6 +496,12 @@ def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
     assert sorted(p.name for p in images.glob("scene-5*.png")) == [
         "scene-5-v2.png", "scene-5-v2.pose.png", "scene-5.png", "scene-5.pose.png"]
 
+    # a file of the user's under an image's name, beside no image of ours, is not replaced
+    notes = images / "scene-6.json"
+    notes.write_text('{"my": "notes"}')
+    beside = generate(settings, Options(loras=["none"], seed=6), lambda line: None)
+    assert beside == [images / "scene-6-v2.png"] and notes.read_text() == '{"my": "notes"}'
+
 
 def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Path,
                                                    lora_files: dict[str, Path]) -> None:

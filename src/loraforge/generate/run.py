@@ -188,6 +188,10 @@ def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, paramet
     }
 
 
+#: The files one image writes: the image, its pose map, its regions, its record.
+OUTPUT_SUFFIXES = (".png", ".pose.png", ".masks.png", ".json")
+
+
 def output_stem(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
                 pose: Image.Image) -> str:
     """`stem` (`<scene>-<seed>`), unless an image of that name made otherwise is there (other
@@ -195,9 +199,10 @@ def output_stem(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
     file): it is kept, and the new one takes the first free `<stem>-v2`, `-v3`, ... The same
     image made again replaces its own file, so a rerun adds nothing."""
     candidate, number = stem, 1
-    while (folder / f"{candidate}.png").exists():
-        if _made_alike(folder, candidate, parameters, scene, pose):
-            break
+    while any((folder / f"{candidate}{suffix}").exists() for suffix in OUTPUT_SUFFIXES):
+        if (folder / f"{candidate}.png").exists() and _made_alike(folder, candidate, parameters,
+                                                                  scene, pose):
+            break  # a file beside no image of ours (`x.json` of the user's) is not replaced
         number += 1
         candidate = f"{stem}-v{number}"
     return candidate
