@@ -118,3 +118,33 @@ def test_every_allowed_seed_draws_and_small_seeds_draw_what_they_always_did() ->
     as_before = torch.Generator().manual_seed(42 * 1_000_003 + 7919 * 3 + 1)
     assert torch.equal(torch.randn(4, generator=step_generator(42, 3, cpu)),
                        torch.randn(4, generator=as_before))
+
+
+@pytest.mark.parametrize("meta", [
+    {"position": {"step": 3}},                                 # no config
+    {"position": {"step": 3}, "config": None},
+    {"position": {"step": "3"}, "config": {}},
+    {"position": {"step": -5}, "config": {}},
+    {"position": {"step": 3, "loss_ema": "low"}, "config": {}},
+    {"position": {"steps": 3}, "config": {}},                  # a field it does not have
+    [],
+])
+def test_a_hand_edited_position_file_is_a_damaged_state_not_a_traceback(
+        tmp_path: Path, meta: object) -> None:
+    """Each of these crashed a resume (KeyError, AttributeError, TypeError, ZeroDivisionError)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from loraforge.errors import ForgeError
+    from loraforge.train.state import OPTIMIZER, POSITION, WEIGHTS, load_state
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(tmp_path / WEIGHTS))
+    torch.save({"optimizer": {}}, tmp_path / OPTIMIZER)  # the rest of the state is sound
+    (tmp_path / POSITION).write_text(json.dumps({"position": {"step": 3}, "config": {}}))
+    assert load_state(tmp_path).position.step == 3
+    (tmp_path / POSITION).write_text(json.dumps(meta))
+    with pytest.raises(ForgeError, match="training state cannot be read") as refused:
+        load_state(tmp_path)
+    assert refused.value.path == tmp_path and "--restart" in str(refused.value.fix)

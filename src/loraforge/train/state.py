@@ -122,6 +122,11 @@ def load_state(path: Path) -> LoadedState:
     try:
         meta = json.loads((path / POSITION).read_text())
         position = Position(**meta["position"])
+        counts = (position.step, position.epoch, position.batch_in_epoch)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts) \
+                or not isinstance(position.loss_ema, int | float) \
+                or not isinstance(meta["config"], dict):
+            raise ValueError(f"{POSITION} holds values of the wrong kind")
         weights = load_file(str(path / WEIGHTS))
         trainer_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
     except Exception as exc:  # any damage (truncation, a foreign file) means the same to a user
