@@ -533,6 +533,28 @@ def test_runs_and_report_skip_a_run_json_that_is_not_a_run_record(tmp_path: Path
     assert_user_error(report, "nosuch", "good")
 
 
+def test_values_of_the_wrong_kind_in_a_run_json_count_as_absent(tmp_path: Path) -> None:
+    """One hand-edited run.json (a time as a number, a status as a number, a section that is
+    not a table) made `runs`, `report`, and a plain `generate` or `eval` crash for every run."""
+    project = _project(tmp_path)
+    runs = project / "store" / "Multi_Concept_Output"
+    (runs / "odd").mkdir(parents=True)
+    (runs / "odd" / "run.json").write_text(json.dumps({
+        "name": "odd", "status": 5, "finished_at": 20260101, "slurm": "x", "error": 5,
+        "final_loss": "low", "step": "3", "config": {"train": 5, "dataset": {"resolution": 64}}}))
+    (runs / "good").mkdir()
+    (runs / "good" / "run.json").write_text(json.dumps({
+        "name": "good", "status": "finished", "finished_at": "2026-01-02T00:00:00+0000"}))
+    listed = run_cli("runs", "--json", cwd=project)
+    assert listed.returncode == 0, listed.stderr
+    assert {r["name"]: r["status"] for r in json.loads(listed.stdout)} == {
+        "odd": None, "good": "finished"}
+    table = run_cli("runs", cwd=project)
+    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    report = run_cli("report", "odd", cwd=project)
+    assert report.returncode == 0, report.stderr
+
+
 def test_runs_under_a_storage_root_variable_that_points_nowhere_says_so(tmp_path: Path) -> None:
     project = _project(tmp_path)
     empty = run_cli("runs", cwd=project)  # a new project: its storage root comes with training

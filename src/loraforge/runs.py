@@ -36,17 +36,32 @@ def epoch_lora(run_dir: Path, epoch: int) -> Path:
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
-    """The run's `run.json`; None when it is missing or unreadable (or not a JSON object, and
-    a `config` that is not an object counts as none: a hand-edited or foreign file)."""
+    """The run's `run.json`; None when it is missing or unreadable, or not a JSON object. In a
+    hand-edited or foreign file, a value of the wrong kind (see `_KINDS`) counts as absent,
+    and so does a config section that is not a table."""
     try:
         record = json.loads((run_dir / RECORD).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict):
         return None
-    if not isinstance(record.get("config", {}), dict):
-        record["config"] = {}
+    for key, kinds in _KINDS.items():  # a value of the wrong kind counts as absent
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            record[key] = None
+    record["config"] = {section: values for section, values in (record.get("config") or {}).items()
+                        if isinstance(values, dict)}
     return record
+
+
+#: The kinds of the values of run.json that the commands read (`runs`, `report`, `generate`).
+_KINDS: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(("name", "status", "error", "finished_at", "updated_at", "started_at",
+                     "failed_at", "final_lora", "base_model", "device"), str),
+    **dict.fromkeys(("final_loss", "started_at_unix"), (int, float)),
+    **dict.fromkeys(("step", "total_steps", "epochs", "steps_per_epoch"), int),
+    **dict.fromkeys(("config", "slurm", "dataset"), dict),
+}
 
 
 class RunRecord:
