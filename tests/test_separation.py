@@ -120,6 +120,38 @@ def test_a_bad_held_out_folder_gets_the_eval_fix_not_the_datasets(project: Path,
     assert (written.read_bytes() if written.exists() else None) == before
 
 
+def test_a_cut_lora_or_a_dataset_of_other_concepts_is_refused_before_measuring(
+        project: Path, tmp_path: Path) -> None:
+    """A truncated final LoRA ended in diffusers' OSError traceback after the models had
+    loaded; a dataset folder replaced by other characters was measured with triggers the
+    LoRA never learnt, and its separation.json overwritten."""
+    import shutil
+
+    run_dir = load_settings(project).runs_dir / RUN
+    copy = tmp_path / "cut"
+    shutil.copytree(run_dir, copy)
+    final = copy / f"{RUN}.safetensors"
+    final.write_bytes(final.read_bytes()[:5000])
+    (copy / f"{RUN}.safetensors").rename(copy / "cut.safetensors")
+    runs = load_settings(project).runs_dir
+    shutil.move(copy, runs / "cut")
+    try:
+        assert_user_error(run_cli("eval", "cut", "--config", project), "cut.safetensors",
+                          "is incomplete")
+    finally:
+        shutil.rmtree(runs / "cut")
+    other = tmp_path / "other" / "10_green_elf"
+    other.mkdir(parents=True)
+    draw_character(other / "0.png", (30, 200, 30), "box", offset=0)
+    written = run_dir / "separation.json"
+    before = written.read_bytes() if written.exists() else None
+    refused = run_cli("eval", RUN, "--config", project, "--set",
+                      f"dataset.path={other.parent}")
+    assert_user_error(refused, f"run `{RUN}` was not trained on the concept(s) green_elf",
+                      "blue_mage, red_knight", "dataset.path")
+    assert (written.read_bytes() if written.exists() else None) == before
+
+
 def test_pictures_of_every_bucket_are_measured(tiny_store: Path, tmp_path: Path,
                                               one_torch_thread: None) -> None:
     """A concept with a square and a wide picture (two buckets at 128 px) is measured on both:

@@ -144,6 +144,24 @@ def finished_lora(run_dir: Path) -> Path:
     return final
 
 
+def _refuse_untrained(dataset: Dataset, record: dict[str, Any], run: str) -> None:
+    """A concept of the dataset that the run was not trained on would be measured with a
+    trigger the LoRA never learnt (the dataset folder changed, or is another project's)."""
+    from loraforge.dataset.scan import parse_folder_name
+
+    folders = (record.get("dataset") or {}).get("concepts")
+    if not isinstance(folders, dict):
+        return  # a record from before the dataset summary: nothing to compare with
+    trained = {parsed[1] for parsed in map(parse_folder_name, folders) if parsed is not None}
+    unknown = sorted(c.name for c in dataset.concepts if c.name not in trained)
+    if unknown:
+        raise ForgeError(f"run `{run}` was not trained on the concept(s) {', '.join(unknown)} "
+                         f"of {dataset.root} (it learnt: {', '.join(sorted(trained))})",
+                         path=dataset.root,
+                         fix="measure it with the dataset it was trained on: point "
+                             "dataset.path (or --set dataset.path=...) at that folder")
+
+
 def newest_finished_run(runs_dir: Path) -> Path:
     """The folder of the newest run that finished with its final LoRA, or a ForgeError."""
     for record in reversed(runs.list_runs(runs_dir)):
@@ -324,14 +342,17 @@ def measure(settings: Settings, run_dir: Path, held_out: Path | None = None) -> 
     import torch
 
     from loraforge.dataset.scan import scan_dataset
+    from loraforge.generate.loras import read_header
     from loraforge.models.store import resolve_base_model
     from loraforge.runtime import go_offline, pick_device, quiet_loading
     from loraforge.text import chunk_token_ids, encode_token_ids
 
     lora = finished_lora(run_dir)
+    read_header(lora)  # a cut or damaged file is named before the models load
     record = runs.read_record(run_dir) or {}
     config, clip_skip, chunks = _recorded(record, settings)
     dataset = scan_dataset(settings.dataset_dir, config.caption_extension)
+    _refuse_untrained(dataset, record, run_dir.name)
     distinct_triggers(dataset)
     held = _held_out(held_out, dataset, config)
     go_offline(settings)
