@@ -570,6 +570,31 @@ def test_slurm_status_without_submissions_says_how_to_submit(tmp_path: Path) -> 
     assert "no jobs yet" in result.stdout and "loraforge slurm train" in result.stdout
 
 
+@pytest.mark.parametrize("ledger", ["[]", '{"jobs": 5}', '{"jobs": [5]}',
+                                    '{"jobs": [{"job_id": 5}]}', "{bad"])
+def test_a_damaged_job_record_is_named_and_nothing_is_queued(tmp_path: Path,
+                                                             ledger: str) -> None:
+    """A record of the wrong shape crashed status, logs and cancel; a damaged one stopped a
+    submission only after sbatch had queued the job, so a user who resubmitted ran it twice."""
+    project = _project(tmp_path)
+    record = project / "store" / "jobs" / "jobs.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(ledger)
+    for command in (["status"], ["logs"], ["cancel"]):
+        assert_user_error(run_cli("slurm", *command, cwd=project), "jobs.json", "cannot be read",
+                          "move it away")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 42\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    result = run_cli("slurm", "train", cwd=project,
+                     env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert_user_error(result, "jobs.json", "cannot be read")
+    assert not calls.exists()
+    assert record.read_text() == ledger
+
+
 def test_help_is_fast_and_lists_the_commands() -> None:
     started = time.monotonic()
     result = run_cli("slurm", "--help")

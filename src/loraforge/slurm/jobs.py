@@ -179,6 +179,7 @@ class Submitter:
                              "exist", path=self.settings.source,
                              fix="build it with ./setup_forge.sh, or point slurm.env_activate at "
                                  "the activate script of the environment that has loraforge")
+        load_jobs(self.settings.storage_root)  # a damaged record is said before a job is queued
         (self.project / LOG_DIR).mkdir(parents=True, exist_ok=True)
         submission = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
         scripts = [self._write(plan.job) for plan in plans]
@@ -354,10 +355,20 @@ def load_jobs(storage_root: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as exc:
-        raise ForgeError(f"cannot be read ({exc})", path=path,
-                         fix="it is only a record of submitted jobs: move it away to start a "
-                             "new one") from None
-    return list(data.get("jobs", []))
+        raise _damaged(path, str(exc)) from None
+    jobs = data.get("jobs", []) if isinstance(data, dict) else None
+    if not isinstance(jobs, list) or not all(
+            isinstance(job, dict) and isinstance(job.get("job_id"), str)
+            and all(isinstance(job.get(key, ""), str | None) for key in ("run", "log", "name"))
+            for job in jobs):
+        raise _damaged(path, 'not {"jobs": [...]} with a job_id, run and log in each entry')
+    return list(jobs)
+
+
+def _damaged(path: Path, why: str) -> ForgeError:
+    return ForgeError(f"cannot be read ({why})", path=path,
+                      fix="it is only a record of submitted jobs: move it away to start a new "
+                          "one")
 
 
 def record_jobs(storage_root: Path, entries: list[dict[str, Any]]) -> None:
