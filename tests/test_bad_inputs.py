@@ -225,6 +225,8 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
      ["dataset", "check", "--set", "dataset.path=loop"], ("loop", "is a loop of symbolic links")),
     ("storage-root-a-link-loop", link_loop("loop"),
      ["models", "list", "--set", "storage.root=loop"], ("loop", "is a loop of symbolic links")),
+    ("run-folder-is-a-file", write("store/Multi_Concept_Output/rx", "mine\n"),
+     ["train", "--run", "rx"], ("Multi_Concept_Output/rx", "is a file where the run's folder")),
     ("caption-extension-of-a-picture", nothing,
      ["dataset", "tag", "--set", "dataset.caption_extension=.png"],
      ("dataset.caption_extension", "'.png' is a picture's extension", "'.txt'")),

@@ -533,6 +533,18 @@ def test_runs_and_report_skip_a_run_json_that_is_not_a_run_record(tmp_path: Path
     assert_user_error(report, "nosuch", "good")
 
 
+def test_a_file_system_refusal_no_check_foresaw_is_one_message(tmp_path: Path) -> None:
+    """A folder where the report goes: an IsADirectoryError traceback before."""
+    project = _project(tmp_path)
+    run = project / "store" / "Multi_Concept_Output" / "r"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"name": "r", "status": "finished"}))
+    (run / "report.html").mkdir()
+    result = run_cli("report", "r", cwd=project)
+    assert_user_error(result, "report.html", "that you may write there")
+    assert (run / "report.html").is_dir()
+
+
 def test_values_of_the_wrong_kind_in_a_run_json_count_as_absent(tmp_path: Path) -> None:
     """One hand-edited run.json (a time as a number, a status as a number, a section that is
     not a table) made `runs`, `report`, and a plain `generate` or `eval` crash for every run."""

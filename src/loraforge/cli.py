@@ -321,7 +321,14 @@ def main() -> None:
     conventional(command)
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        code = command.main(prog_name="loraforge", standalone_mode=False)
+        try:
+            code = command.main(prog_name="loraforge", standalone_mode=False)
+        except OSError as exc:  # a refusal of the file system that no check foresaw
+            # a rename names its target second: that is the path the user knows
+            raise ForgeError(exc.strerror or str(exc), path=exc.filename2 or exc.filename,
+                             fix="check that this path is what it should be (a folder or a "
+                                 "file), that its folder exists and that you may write there; "
+                                 "then run the command again") from None
     except typer.TyperException as exc:
         sys.exit(report_usage_error(exc, err))
     except ForgeError as exc:

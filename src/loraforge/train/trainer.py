@@ -548,6 +548,9 @@ def train(settings: Settings, run_name: str | None, restart: bool,
         if final.is_file():
             check_finished_with(record, settings, run_dir)
             return TrainResult(final, None)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ForgeError("is a file where the run's folder goes", path=run_dir,
+                         fix="move that file away, or name another run with --run")
     run_dir.mkdir(parents=True, exist_ok=True)
     # One training of a run at a time (a job submitted twice, sbatch beside a local run).
     with exclusive(run_dir / LOCK, f"training run `{name}`") if world.is_main else nullcontext():
