@@ -159,6 +159,13 @@ def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainR
     assert "keep_last_n" not in changed.stderr  # it does not change the weights
     assert trained.final.read_bytes() == before
     assert json.loads((trained.final.parent / "run.json").read_text())["status"] == "finished"
+    trained.final.write_bytes(before[:5000])  # cut short (a full quota while copying it back)
+    try:
+        cut = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
+        assert_user_error(cut, "fmt.safetensors", "the run finished, but its LoRA is "
+                          "incomplete", "--restart")
+    finally:
+        trained.final.write_bytes(before)
 
 
 def test_diffusers_load_reproduces_the_trained_model(trained: TrainResult,

@@ -534,6 +534,18 @@ def check_inputs(settings: Settings, run_name: str | None) -> tuple[str, Dataset
     return name, dataset, resolve_base_model(settings)
 
 
+def _check_final(final: Path) -> None:
+    """A finished run's LoRA, before it is handed back: a cut or damaged file is named."""
+    from loraforge.generate.loras import read_header
+
+    try:
+        read_header(final)
+    except ForgeError as exc:
+        raise ForgeError(f"the run finished, but its LoRA {exc.message}", path=final,
+                         fix="pass --restart to train it again (or copy the file back from "
+                             "where you keep a copy)") from None
+
+
 def train(settings: Settings, run_name: str | None, restart: bool,
           world: World | None = None, report: ReportWriter | None = None) -> TrainResult:
     """Train (or resume) one run as one of `world`'s processes (default: the one torchrun or
@@ -547,6 +559,7 @@ def train(settings: Settings, run_name: str | None, restart: bool,
         final = runs.final_lora(run_dir)
         if final.is_file():
             check_finished_with(record, settings, run_dir)
+            _check_final(final)
             return TrainResult(final, None)
     if run_dir.exists() and not run_dir.is_dir():
         raise ForgeError("is a file where the run's folder goes", path=run_dir,
