@@ -264,6 +264,9 @@ def test_sweep_names_one_run_per_combination() -> None:
     (["train.unet_lr"], "--param `train.unet_lr` is not key=value"),
     (["train.run_name=a,b"], "run_name` cannot be swept"),
     (["train.epochs=1,2", "train.epochs=3"], "`train.epochs` is given twice"),
+    (["train.unet_lr=0.0001,1e-4"], "repeats a value"),
+    (["slurm.mem=16G,32G"], "one job array"),
+    (["models.base=tiny,/x/y"], "the sweep names each run from its values"),
     (["train.caption_prefix=a b,c"], "not allowed"),
 ])
 def test_bad_sweeps_are_refused(params: list[str], needle: str) -> None:

@@ -278,12 +278,18 @@ def parse_params(params: list[str]) -> list[tuple[str, list[str]]]:
     parsed: list[tuple[str, list[str]]] = []
     for item in params:
         (section, key), _ = parse_override(item, "--param")
+        if section == "slurm":
+            raise ForgeError(f"--param `{item}`: the runs of a sweep are one job array, which "
+                             "asks SLURM for one set of resources",
+                             fix=f"set it once with --set {section}.{key}=..., or submit one "
+                                 "sweep per value")
         raw = item.split("=", 1)[1]
         values = [v.strip() for v in raw.split(",")]
         if not all(values):
             raise ForgeError(f"--param `{item}` has an empty value",
                              fix="write --param section.key=value1,value2,...")
-        if len(set(values)) != len(values):
+        parsed_values = [json.dumps(parse_override(f"{section}.{key}={v}")[1]) for v in values]
+        if len(set(parsed_values)) != len(parsed_values):  # 1e-4 and 0.0001 are one value
             raise ForgeError(f"--param `{item}` repeats a value",
                              fix="list each value once")
         full = f"{section}.{key}"
@@ -308,7 +314,12 @@ def sweep_tasks(base_run: str, params: list[tuple[str, list[str]]]) -> list[Arra
         keys = [key for key, _ in params]
         name = "-".join([base_run, *(f"{k.split('.')[-1]}{v}" for k, v in zip(keys, combo,
                                                                               strict=True))])
-        check_run_name(name)
+        try:
+            check_run_name(name)
+        except ForgeError as exc:
+            raise ForgeError(f"the sweep names each run from its values, and {exc.message}",
+                             fix="sweep values that fit in a file name (letters, digits, . _ "
+                                 "+ -); a path or a time does not") from None
         tasks.append(ArrayTask(name, [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]))
     if len(tasks) > MAX_ARRAY:
         raise ForgeError(f"the sweep has {len(tasks)} runs; at most {MAX_ARRAY} fit in one job "
