@@ -230,6 +230,11 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
     ("caption-extension-of-a-picture", nothing,
      ["dataset", "tag", "--set", "dataset.caption_extension=.png"],
      ("dataset.caption_extension", "'.png' is a picture's extension", "'.txt'")),
+    ("config-option-is-a-folder", nothing, ["config", "show", "--config", "master_dataset"],
+     ("master_dataset", "is a folder, not a config file")),
+    ("file-mode-locks-the-owner-out", nothing,
+     ["dataset", "tags", "--remove", "solo", "--set", "storage.file_mode=0000"],
+     ("storage.file_mode", "owner needs read and write")),
     ("file-mode-bare-number", key("storage", "file_mode = 644"), ["config", "show"],
      ("storage.file_mode", 'in quotes, such as "0644"', "644 would be read as decimal")),
     ("caption-extension-without-dot", key("dataset", 'caption_extension = "txt"'),
@@ -439,6 +444,16 @@ def test_the_corpus_covers_every_command_family() -> None:
 
 
 # --- outside a project, and what is only a warning ---------------------------------------------
+
+def test_a_folder_named_forge_toml_is_not_taken_for_no_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The built-in defaults were used in silence, as if there were no config here."""
+    (tmp_path / "forge.toml").mkdir()
+    ran = run_main(["config", "show"], tmp_path, monkeypatch, capsys)
+    assert_refused(ran, "forge.toml: is a folder, so it cannot be this project's forge.toml")
+    assert "no forge.toml" not in ran.text
+
 
 def test_an_error_outside_a_project_says_there_is_no_forge_toml(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

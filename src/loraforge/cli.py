@@ -296,7 +296,7 @@ def _project_note(args: list[str]) -> str | None:
     if any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
         return None
     try:
-        if (Path.cwd() / CONFIG_NAME).is_file():
+        if (Path.cwd() / CONFIG_NAME).exists():  # a file, or a folder the error named
             return None
     except FileNotFoundError:  # the folder is gone: the error said so
         return None

@@ -64,6 +64,10 @@ class StorageConfig(_Section):
             raise ValueError("must be an octal string such as '0644'") from None
         if not 0 <= mode <= 0o777:
             raise ValueError("must be between 0000 and 0777")
+        if mode & 0o600 != 0o600:  # the tool rereads what it writes (captions, records, caches)
+            raise ValueError(f"{value!r} would leave the files it writes unreadable or "
+                             "unwritable to you: the owner needs read and write (6 as the "
+                             "first digit, e.g. '0644' or '0640')")
         return value
 
 
@@ -544,6 +548,11 @@ def outside_project_note() -> str:
 def find_config(explicit: Path | None) -> Path | None:
     """The config to use: the one given, else ./forge.toml if present, else none (defaults)."""
     if explicit is not None:
+        if explicit.is_dir():
+            inside = explicit / CONFIG_NAME
+            raise ForgeError("is a folder, not a config file", path=explicit,
+                             fix=f"pass the config inside it: --config {inside}" if
+                             inside.is_file() else "pass the path of a forge.toml file")
         if not explicit.is_file():
             raise ForgeError("config file not found", path=explicit,
                              fix="check the path, or create one with `loraforge init`")
@@ -553,6 +562,10 @@ def find_config(explicit: Path | None) -> Path | None:
     except FileNotFoundError:  # the shell's folder was deleted (or moved) under it
         raise ForgeError("the current folder no longer exists (deleted or moved while this "
                          "shell was in it)", fix="cd to your project folder again") from None
+    if local.is_dir():  # not "no config here": the user's settings would be silently unused
+        raise ForgeError(f"is a folder, so it cannot be this project's {CONFIG_NAME}", path=local,
+                         fix="move the folder away and put the config file there (`loraforge "
+                             "init` writes one)")
     return local if local.is_file() else None
 
 

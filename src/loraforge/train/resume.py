@@ -18,10 +18,12 @@ if TYPE_CHECKING:
     from loraforge.train.distributed import World
 
 #: Keys that may change between an interruption and its resume without changing the result.
+#: dataset.path among them: the images themselves are compared (`images`), so the same folder
+#: named another way (`./master_dataset/`, an absolute path, a moved project) still resumes.
 RESUME_SAFE = {
     "train.run_name", "train.save_every_n_epochs", "train.keep_last_n", "train.save_precision",
     "train.state_every_n_steps", "train.keep_states", "train.log_every_seconds",
-    "train.vae_batch_size",
+    "train.vae_batch_size", "dataset.path",
 }
 #: Sections of the config that decide the trained weights.
 SEMANTIC_SECTIONS = ("models", "dataset", "train")
