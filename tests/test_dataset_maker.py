@@ -351,6 +351,29 @@ def test_tags_replace_needs_old_equals_new(tmp_path: Path) -> None:
     assert _captions(folder) == before
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--remove", "solo", "--replace", "solo=duo"], "solo: both removed (--remove) and replaced"),
+    (["--replace", "solo=x", "--replace", "solo=y"], "two new names ('x' and 'y')"),
+])
+def test_contradictory_tag_edits_are_refused(tmp_path: Path, args: list[str],
+                                             needle: str) -> None:
+    """One of the two silently won."""
+    folder = _captioned_concept(tmp_path)
+    before = _captions(folder)
+    assert_user_error(run_cli("dataset", "tags", *args, cwd=tmp_path), needle)
+    assert _captions(folder) == before
+
+
+def test_editing_a_trigger_away_says_why_nothing_changed(tmp_path: Path) -> None:
+    folder = _captioned_concept(tmp_path)
+    before = _captions(folder)
+    result = run_cli("dataset", "tags", "--remove", "blake", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "'blake' is a concept's trigger, which its captions keep" in result.stdout + \
+        result.stderr
+    assert _captions(folder) == before
+
+
 @pytest.mark.parametrize(("option", "value"), [("--remove", ","), ("--remove", " "),
                                                ("--replace", ", ,")])
 def test_an_edit_naming_no_tag_is_refused_not_a_silent_listing(tmp_path: Path, option: str,

@@ -120,6 +120,9 @@ def tags_command(
     chosen, captions, warnings = tag_list.load(settings.dataset_dir, concepts,
                                                settings.config.dataset.caption_extension)
     _warn(warnings)
+    for trigger in tag_list.trigger_edits(edits, chosen):
+        _say(f"note: {trigger!r} is a concept's trigger, which its captions keep: not removed "
+             "or replaced (rename the concept folder to change a trigger)")
     if not edits:
         table = tag_list.frequencies(chosen, captions)
         if as_json:

@@ -75,8 +75,24 @@ def parse_edits(remove: list[str] | None, replace: list[str] | None, add_trigger
                 raise ForgeError(f"--replace {pair.strip()!r} is not OLD=NEW",
                                  fix='write each replacement as old tag=new tag, e.g. '
                                      '--replace "1girl=1woman,solo=alone"')
-            edits.replace[old.strip()] = new.strip()
+            old, new = old.strip(), new.strip()
+            earlier = {tag_key(k): v for k, v in edits.replace.items()}.get(tag_key(old))
+            if earlier is not None and tag_key(earlier) != tag_key(new):
+                raise ForgeError(f"--replace gives {old!r} two new names ({earlier!r} and "
+                                 f"{new!r})", fix="keep one of them")
+            edits.replace[old] = new
+    both = sorted({tag_key(t) for t in edits.remove} & {tag_key(t) for t in edits.replace})
+    if both:
+        raise ForgeError(f"{', '.join(both)}: both removed (--remove) and replaced (--replace)",
+                         fix="keep one of the two edits for each tag")
     return edits
+
+
+def trigger_edits(edits: Edits, concepts: list[ConceptFolder]) -> list[str]:
+    """The tags `edits` would remove or replace that are a concept's trigger: captions keep
+    their trigger, so those edits do nothing there (a note for the user, not an error)."""
+    triggers = {tag_key(c.name) for c in concepts}
+    return sorted({t for t in [*edits.remove, *edits.replace] if tag_key(t) in triggers})
 
 
 def read_captions(concepts: list[ConceptFolder], extension: str, warnings: list[str],
