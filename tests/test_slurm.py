@@ -574,8 +574,13 @@ def test_runs_under_a_storage_root_variable_that_points_nowhere_says_so(tmp_path
     project = _project(tmp_path)
     empty = run_cli("runs", cwd=project)  # a new project: its storage root comes with training
     assert empty.returncode == 0 and "no runs yet" in empty.stdout, empty.stderr
-    result = run_cli("runs", cwd=project, env={"LORAFORGE_STORAGE_ROOT": str(tmp_path / "nope")})
+    nowhere = {"LORAFORGE_STORAGE_ROOT": str(tmp_path / "nope")}
+    result = run_cli("runs", cwd=project, env=nowhere)
     assert_user_error(result, "nope", "is not a folder", "LORAFORGE_STORAGE_ROOT")
+    for command in (["models", "list"], ["models", "verify"]):  # "no models under" before
+        result = run_cli(*command, cwd=project, env=nowhere)
+        assert_user_error(result, "nope", "no models to list", "LORAFORGE_STORAGE_ROOT")
+    assert not (tmp_path / "nope").exists()
 
 
 def test_slurm_status_without_submissions_says_how_to_submit(tmp_path: Path) -> None:

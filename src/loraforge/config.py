@@ -400,6 +400,17 @@ class Settings:
             return self._resolve(env, Path.cwd())
         return self._resolve(self.config.storage.root, self.base_dir)
 
+    def listed_storage_root(self, what: str) -> Path:
+        """The storage root for a command that lists `what` in it: a root that is not a folder
+        means none yet in a new project, but a mistake when LORAFORGE_STORAGE_ROOT names it."""
+        root = self.storage_root
+        if os.environ.get(STORAGE_ENV) and not root.is_dir():
+            raise ForgeError(f"is not a folder, so there are no {what} to list ({STORAGE_ENV} "
+                             "points there)", path=root,
+                             fix=f"set {STORAGE_ENV} to your storage root, or unset it to use "
+                                 "storage.root of forge.toml")
+        return root
+
     @property
     def dataset_dir(self) -> Path:
         return self._resolve(self.config.dataset.path, self.base_dir)

@@ -96,7 +96,7 @@ def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
     from loraforge.models.manifest import scan_models
 
     settings = _settings(config, overrides)
-    entries = scan_models(settings.storage_root, settings.cache_dir)
+    entries = scan_models(settings.listed_storage_root("models"), settings.cache_dir)
     for entry in entries:
         if entry.warning:
             typer.echo(f"warning: {entry.warning}", err=True)
@@ -140,7 +140,7 @@ def verify_command(
                              fix="`loraforge models list` shows the models there are")
         targets = [folder]
     else:
-        targets = list(model_folders(settings.storage_root))
+        targets = list(model_folders(settings.listed_storage_root("models")))
         if not targets:
             _say(f"no models under {settings.storage_root}")
             return

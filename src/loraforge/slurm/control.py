@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loraforge.config import STORAGE_ENV, Settings, outside_project_note
+from loraforge.config import Settings, outside_project_note
 from loraforge.errors import ForgeError
 from loraforge.runs import RunRecord, check_run_name, list_runs, read_record
 from loraforge.slurm import scheduler
@@ -173,12 +172,7 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
 
 
 def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
-    root = settings.storage_root
-    if os.environ.get(STORAGE_ENV) and not root.is_dir():  # pointed there, so not a new project
-        raise ForgeError(f"is not a folder, so there are no runs to list ({STORAGE_ENV} points "
-                         "there)", path=root,
-                         fix=f"set {STORAGE_ENV} to your storage root, or unset it to use "
-                             "storage.root of forge.toml")
+    settings.listed_storage_root("runs")
     rows = runs_table(settings)
     if as_json:
         console.print_json(json.dumps(rows))
