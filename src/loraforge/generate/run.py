@@ -196,16 +196,30 @@ def output_stem(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
                 pose: Image.Image) -> str:
     """`stem` (`<scene>-<seed>`), unless an image of that name made otherwise is there (other
     parameters, another scene record, or another pose map: a region's padding, an edited pose
-    file): it is kept, and the new one takes the first free `<stem>-v2`, `-v3`, ... The same
-    image made again replaces its own file, so a rerun adds nothing."""
+    file), or a file of the user's under one of its names: it is kept, and the new one takes
+    the first free `<stem>-v2`, `-v3`, ... The same image made again replaces its own files,
+    so a rerun adds nothing."""
     candidate, number = stem, 1
     while any((folder / f"{candidate}{suffix}").exists() for suffix in OUTPUT_SUFFIXES):
-        if (folder / f"{candidate}.png").exists() and _made_alike(folder, candidate, parameters,
-                                                                  scene, pose):
-            break  # a file beside no image of ours (`x.json` of the user's) is not replaced
-        number += 1
+        if (folder / f"{candidate}.png").exists():
+            if _made_alike(folder, candidate, parameters, scene, pose):
+                break
+        elif _our_record(folder, candidate):
+            break  # the image was deleted and its files of ours left: made again in place
+        number += 1  # files of the user's under that name (`x.json`) are not replaced
         candidate = f"{stem}-v{number}"
     return candidate
+
+
+def _our_record(folder: Path, stem: str) -> bool:
+    """Whether `<stem>.json` is the record this tool wrote for `<stem>.png` (the files beside
+    an image are written together, so they are ours too)."""
+    try:
+        record = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    image = record.get("image") if isinstance(record, dict) else None
+    return isinstance(image, str) and Path(image).name == f"{stem}.png"
 
 
 def _made_alike(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
