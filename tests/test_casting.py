@@ -488,6 +488,8 @@ def test_from_an_image_without_a_scene_record_is_refused(tmp_path: Path,
                       "--steps", "4", "--seed", "3", "--figure", "x", env={"OMP_NUM_THREADS": "1"})
     assert_user_error(ignored, "--from renders the image's recorded scene as it was, so it "
                       "takes no --seed, --steps, --figure", "scenes file")
+    folder = run_cli("generate", "--config", config, "--from", tmp_path)  # "image not found"
+    assert_user_error(folder, "is a folder; --from takes one image", "scene-42.png")
 
 
 def test_command_refuses_a_figure_count_the_pose_does_not_have(tmp_path: Path,

@@ -817,6 +817,10 @@ def recorded_scene(path: Path) -> dict[str, Any]:
     """The `[[scene]]` table a generated image records (its `loraforge` PNG chunk)."""
     from loraforge.generate.pnginfo import read_scene
 
+    if path.is_dir():
+        raise ForgeError("is a folder; --from takes one image", path=path,
+                         fix="give one PNG of it made by loraforge generate, e.g. "
+                             f"{path / 'scene-42.png'}")
     if not path.is_file():
         raise ForgeError("image not found", path=path, fix="give a PNG made by loraforge generate")
     try:
