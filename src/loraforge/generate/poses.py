@@ -681,10 +681,14 @@ def _check_canvas(figures: int, width: int, height: int) -> None:
         slot = min_slot_width(height)
         at_most = "no figure fits" if fit == 0 else f"at most {fit} fit"
         fewer = f"--figures {fit} or fewer, or " if fit else ""
+        widest = max_figures(MAX_CANVAS_SIDE, height)
+        fix = (f"use {fewer}a wider --size, e.g. {figures * slot}x{height}"
+               if figures * slot <= MAX_CANVAS_SIDE else
+               f"use {fewer}a wider --size; even the widest canvas, {MAX_CANVAS_SIDE}x{height}, "
+               f"holds at most {widest} figures")
         raise ForgeError(
             f"{figures} figures do not fit side by side on a {width}x{height} canvas: {at_most} "
-            f"at this size (each figure needs a slot at least {slot} px wide)",
-            fix=f"use {fewer}a wider --size, e.g. {figures * slot}x{height}")
+            f"at this size (each figure needs a slot at least {slot} px wide)", fix=fix)
 
 
 def random_pose(figures: int, width: int, height: int, seed: int) -> PoseMap:
