@@ -912,6 +912,10 @@ def _check_output(output: Path, *, png: bool = True) -> None:
     if output.is_dir():
         raise ForgeError("is a folder; expected a file name", path=output,
                          fix="pass a file path, e.g. pose_map.png")
+    existing = next((folder for folder in output.parents if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ForgeError(f"cannot be written: {existing} is a file, not a folder", path=output,
+                         fix="pass a path inside a folder")
     if png and output.suffix.lower() != ".png":
         raise ForgeError("pose maps are written as PNG (a lossy format would change the "
                          "colours the ControlNet reads)", path=output,
