@@ -351,6 +351,17 @@ def test_tags_replace_needs_old_equals_new(tmp_path: Path) -> None:
     assert _captions(folder) == before
 
 
+def test_a_backup_folder_that_cannot_be_made_is_named_not_the_caption(tmp_path: Path) -> None:
+    """A file named .caption_backups was blamed on the caption, with chmod and disk advice."""
+    folder = _captioned_concept(tmp_path)
+    before = _captions(folder)
+    (tmp_path / "master_dataset" / BACKUP_DIR).write_text("mine\n")
+    result = run_cli("dataset", "tags", "--remove", "solo", cwd=tmp_path)
+    assert_user_error(result, BACKUP_DIR, "cannot keep a backup of 0.txt there",
+                      "move away a file of that name")
+    assert _captions(folder) == before
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--remove", "solo", "--replace", "solo=duo"], "solo: both removed (--remove) and replaced"),
     (["--replace", "solo=x", "--replace", "solo=y"], "two new names ('x' and 'y')"),

@@ -184,12 +184,20 @@ class CaptionWriter:
         not exist); False when nothing changes."""
         if old == new:
             return False
-        try:
-            if old is not None and old.strip():
-                backup = self.backup_dir / path.parent.name / path.name
+        if old is not None and old.strip():
+            backup = self.backup_dir / path.parent.name / path.name
+            try:
                 backup.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, backup)
-                self.backed_up += 1
+            except OSError as exc:
+                raise ForgeError(f"cannot keep a backup of {path.name} there "
+                                 f"({exc.strerror or exc}), so the caption was left as it is",
+                                 path=backup.parent,
+                                 fix=f"make {self.backup_dir.parent} a folder you can write to "
+                                     "(move away a file of that name), then run the same "
+                                     "command again") from None
+            self.backed_up += 1
+        try:
             write_atomic(path, new, self.file_mode)
         except OSError as exc:
             raise ForgeError(f"cannot be written ({exc.strerror or exc}); it is unchanged, and "
