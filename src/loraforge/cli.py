@@ -319,7 +319,8 @@ def main() -> None:
     err = Console(stderr=True)
     command = typer.main.get_command(app)
     conventional(command)
-    signal.signal(signal.SIGTERM, _terminated)
+    if sys.argv[1:2] != ["train"]:  # train catches it itself, as a resumable stop (exit 75)
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         try:
             code = command.main(prog_name="loraforge", standalone_mode=False)
