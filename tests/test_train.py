@@ -421,8 +421,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_any_file_is_saved(
     # the base mended, the same command trains the run; its record no longer shows the error
     tensors["conv_in.weight"][0, 0, 0, 0] = good
     save_file(tensors, weights)
-    again = run_cli("train", "--config", config, "--set", "train.max_steps=1")
-    assert again.returncode == 0, again.stderr
+    train(load_settings(config, ["train.max_steps=1"]), None, restart=False)
     record = json.loads((run_dir / "run.json").read_text())
     assert (record["status"], record["error"]) == ("finished", None)
     listed = json.loads(run_cli("runs", "--json", "--config", config).stdout)
@@ -464,40 +463,40 @@ def test_an_optimizer_that_cannot_run_here_is_a_clear_error(tmp_path: Path,
     assert_user_error(result, "nosuch.Optim", "cannot be imported")
 
 
-def test_a_restart_refused_for_its_settings_keeps_the_finished_run(tmp_path: Path,
-                                                                   tiny_store: Path) -> None:
-    """`train --restart` removed the run's LoRAs, history and states, then refused the
-    settings (an optimizer that needs a GPU, arguments it rejects): the work was lost."""
-    config = write_training_project(tmp_path, tiny_store, {"max_steps": 1})
-    assert run_cli("train", "--config", config).returncode == 0
-    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "lock"}
-    assert any(p.suffix == ".safetensors" for p in before)
-    for setting, needle in (("train.optimizer=AdamW8bit", "CUDA"),
-                            ("train.optimizer_args={bogus=1}", "rejected its arguments")):
-        refused = run_cli("train", "--config", config, "--restart", "--set", setting)
-        assert_user_error(refused, needle)
-        after = {p: p.read_bytes() for p in run_dir.rglob("*")
-                 if p.is_file() and p.name != "lock"}
-        assert after == before
+def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """`train --restart` removed the run's LoRAs, history and states, then refused the settings
+    (an optimizer that needs a GPU, arguments it rejects): the work was lost. And with its final
+    file deleted, or its run.json unreadable, a finished run was trained again from the start
+    without a word: its epoch files were overwritten or mixed with new ones."""
+    from loraforge.errors import ForgeError
 
-
-def test_a_run_with_earlier_lora_files_and_no_state_is_not_trained_over(tmp_path: Path,
-                                                                        tiny_store: Path) -> None:
-    """Its final file deleted, or its run.json unreadable, a finished run was trained again
-    from the start without a word: its epoch files were overwritten or mixed with new ones."""
     config = write_training_project(tmp_path, tiny_store, {"epochs": 2})
     assert run_cli("train", "--config", config).returncode == 0
     run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "lock"}
+
+    def refused(restart: bool, *overrides: str) -> ForgeError:
+        with pytest.raises(ForgeError) as caught:
+            train(load_settings(config, list(overrides)), None, restart=restart)
+        return caught.value
+
+    before = files()
+    assert any(p.suffix == ".safetensors" for p in before)
+    assert "CUDA" in refused(True, "train.optimizer=AdamW8bit").message
+    assert "rejected its arguments" in refused(True, "train.optimizer_args={bogus=1}").message
+    assert files() == before
+
     (run_dir / "multi_concept.safetensors").unlink()
     kept = {p: p.read_bytes() for p in run_dir.glob("*.safetensors")}
     assert [p.name for p in kept] == ["multi_concept-000001.safetensors"]
-    refused = run_cli("train", "--config", config, "--set", "train.epochs=3")
-    assert_user_error(refused, "holds LoRA files of an earlier training "
+    cli = run_cli("train", "--config", config, "--set", "train.epochs=3")
+    assert_user_error(cli, "holds LoRA files of an earlier training "
                       "(multi_concept-000001.safetensors)", "--restart")
     (run_dir / "run.json").write_text("{not json")
-    refused = run_cli("train", "--config", config)
-    assert_user_error(refused, "no state to resume it from")
+    assert "no state to resume it from" in refused(False).message
     assert {p: p.read_bytes() for p in run_dir.glob("*.safetensors")} == kept
 
 
