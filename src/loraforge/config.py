@@ -523,8 +523,10 @@ def parse_override(item: str, option: str = "--set") -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, str]]) -> dict[str, Any]:
-    """Set each (option, "section.key=value") into `data`."""
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, str]]) -> dict[str, str]:
+    """Set each (option, "section.key=value") into `data`; returns each key set with the
+    option that set it (`--set train.epochs=5`), for messages about it."""
+    given = {}
     for option, item in overrides:
         (section, key), value = parse_override(item, option)
         if not isinstance(data.get(section, {}), dict):
@@ -532,7 +534,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, str]]) -> d
                              f"not a [{section}] section",
                              fix=f"write its keys under a `[{section}]` line instead")
         data.setdefault(section, {})[key] = value
-    return data
+        given[f"{section}.{key}"] = f"{option} {item.strip()}"
+    return given
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -588,9 +591,7 @@ def load_settings(path: Path | None = None, overrides: list[str] | None = None,
     data = read_toml(source) if source is not None else {}
     options = [*(("--set", item) for item in overrides or []),
                *(("--param", item) for item in params or [])]
-    data = apply_overrides(data, options)
-    given = {".".join(parse_override(item)[0]): f"{option} {item.strip()}"
-             for option, item in options}
+    given = apply_overrides(data, options)
     try:
         config = ForgeConfig.model_validate(data)
     except ValidationError as exc:

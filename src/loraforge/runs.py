@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import time
@@ -33,6 +34,11 @@ def final_lora(run_dir: Path) -> Path:
 
 def epoch_lora(run_dir: Path, epoch: int) -> Path:
     return run_dir / f"{run_dir.name}-{epoch:06d}.safetensors"
+
+
+def lora_files(run_dir: Path) -> list[Path]:
+    """The run's LoRA files, final and per epoch, by name."""
+    return sorted(run_dir.glob(f"{glob.escape(run_dir.name)}*.safetensors"))
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:

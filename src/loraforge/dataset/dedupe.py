@@ -32,7 +32,7 @@ from PIL import Image
 
 from loraforge.dataset.folders import ConceptFolder
 from loraforge.dataset.images import load_image
-from loraforge.dataset.scan import display_path
+from loraforge.dataset.scan import display_path, free_name
 from loraforge.errors import ForgeError
 
 DEFAULT_DISTANCE = 6
@@ -146,15 +146,6 @@ def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTA
     return sorted(groups, key=lambda g: g[0].path)
 
 
-def _free(folder: Path, image: Path, extension: str) -> Path:
-    """`folder / image.name`, or `stem~N.ext` when it (or its caption's name) is taken."""
-    dest, n = folder / image.name, 1
-    while dest.exists() or dest.with_name(dest.stem + extension).exists():
-        n += 1
-        dest = folder / f"{image.stem}~{n}{image.suffix}"
-    return dest
-
-
 def move_extras(dataset_dir: Path, groups: list[list[Picture]], extension: str,
                 ) -> Iterator[tuple[Path, Path]]:
     """Move every picture but the kept one of each group, with its caption, into
@@ -164,7 +155,7 @@ def move_extras(dataset_dir: Path, groups: list[list[Picture]], extension: str,
     for group in groups:
         for picture in group[1:]:
             folder = Path(dataset_dir) / DUPLICATES_DIR / picture.concept.folder.name
-            dest = _free(folder, picture.path, extension)
+            dest = free_name(folder / picture.path.name, extension, "~")
             caption = picture.concept.caption_path(picture.path, extension)
             yield _move(picture.path, dest)
             if caption.is_file():

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.dataset.images import IMAGE_EXTENSIONS
-from loraforge.dataset.scan import display_path, is_clutter, parse_folder_name, shell_path
+from loraforge.dataset.scan import (
+    caption_stem,
+    display_path,
+    is_clutter,
+    parse_folder_name,
+    shell_path,
+)
 from loraforge.errors import ForgeError
 
 
@@ -29,13 +35,12 @@ class ConceptFolder:
         `dataset check` and training read captions: `a.TXT` is a.png's), else the name a new
         caption gets."""
         if extension not in self._captions:
-            ext = extension.lower()
-            try:
+            try:  # the exact spelling last, so that it wins
                 names = sorted(os.listdir(self.folder), key=lambda n: n.endswith(extension))
             except OSError:
                 names = []
-            self._captions[extension] = {n[:-len(ext)]: n for n in names
-                                         if n.lower().endswith(ext) and len(n) > len(ext)}
+            self._captions[extension] = {stem: n for n in names
+                                         if (stem := caption_stem(n, extension)) is not None}
         found = self._captions[extension].get(image.stem)
         return image.with_name(found or image.stem + extension)
 

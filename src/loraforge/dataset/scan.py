@@ -192,6 +192,13 @@ def is_clutter(name: str) -> bool:
     return name.startswith(".") or name.lower() in _CLUTTER
 
 
+def caption_stem(name: str, extension: str) -> str | None:
+    """The stem of the image whose caption the file `name` is (`a.TXT` is a.png's: the
+    extension in any case), or None when it is no caption."""
+    ext = extension.lower()
+    return name[:-len(ext)] if name.lower().endswith(ext) and len(name) > len(ext) else None
+
+
 def parse_folder_name(name: str) -> tuple[int, str] | None:
     """`20_blake_character` -> (20, "blake_character"); None without a numeric prefix."""
     match = _FOLDER_RE.match(name)
@@ -399,9 +406,8 @@ class _Scanner:
                           "rename one folder")
 
     def list_concept(self, folder: _Folder) -> None:
-        ext = self.ext.lower()
         for entry in self.entries(folder.path):
-            lowered = entry.name.lower()
+            stem = caption_stem(entry.name, self.ext)
             if entry.is_dir():
                 own = self.root / f"{DEFAULT_REPEATS}_{entry.name}"
                 self.problem(entry, "is a folder inside a concept folder; its files would not "
@@ -411,8 +417,7 @@ class _Scanner:
             elif not entry.is_file():
                 what = "a broken link" if entry.is_symlink() else "not a regular file"
                 self.problem(entry, f"is {what}", "delete it or replace it with the real file")
-            elif lowered.endswith(ext) and len(lowered) > len(ext):
-                stem = entry.name[: -len(ext)]
+            elif stem is not None:
                 other = folder.captions.get(stem)
                 if other is not None:  # a.TXT and a.txt: which one describes a.png?
                     self.problem(entry, f"is a second caption of {stem}, beside {other.name}",
@@ -470,7 +475,7 @@ class _Scanner:
                     self.problem(same[0], f"has the same name as {others}, so a caption "
                                  f"{caption} could not tell which image it describes",
                                  f"rename all but one, e.g. mv {shell_path(same[1])} "
-                                 f"{shell_path(_free_name(same[1], self.ext))} "
+                                 f"{shell_path(free_name(same[1], self.ext, '_'))} "
                                  "(and give it its own caption)")
                 for path in same:
                     size = sizes[path]
@@ -521,15 +526,14 @@ class _Scanner:
                       f"is not used{hint}")
 
 
-def _free_name(image: Path, caption_extension: str) -> Path:
-    """`image` renamed `<stem>_N<suffix>` for the first N >= 2 whose name (and caption's) no
-    file has: a rename the fix line suggests must not overwrite anything."""
-    n = 2
-    while True:
-        other = image.with_name(f"{image.stem}_{n}{image.suffix}")
-        if not other.exists() and not other.with_suffix(caption_extension).exists():
-            return other
+def free_name(image: Path, caption_extension: str, mark: str) -> Path:
+    """`image`, else `<stem><mark>N<suffix>` for the first N >= 2, whichever no file has, nor
+    its caption's name: a rename or a move there overwrites nothing."""
+    candidate, n = image, 1
+    while candidate.exists() or candidate.with_suffix(caption_extension).exists():
         n += 1
+        candidate = image.with_name(f"{image.stem}{mark}{n}{image.suffix}")
+    return candidate
 
 
 def scan_dataset(dataset_dir: Path, caption_extension: str = ".txt",

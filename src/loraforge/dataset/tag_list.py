@@ -76,7 +76,8 @@ def parse_edits(remove: list[str] | None, replace: list[str] | None, add_trigger
                                  fix='write each replacement as old tag=new tag, e.g. '
                                      '--replace "1girl=1woman,solo=alone"')
             old, new = old.strip(), new.strip()
-            earlier = {tag_key(k): v for k, v in edits.replace.items()}.get(tag_key(old))
+            earlier = next((v for k, v in edits.replace.items() if tag_key(k) == tag_key(old)),
+                           None)
             if earlier is not None and tag_key(earlier) != tag_key(new):
                 raise ForgeError(f"--replace gives {old!r} two new names ({earlier!r} and "
                                  f"{new!r})", fix="keep one of them")

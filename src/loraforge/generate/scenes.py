@@ -433,14 +433,13 @@ class LoraResolver:
             text: str | None = None) -> lora_files.LoraUse:
         """The LoRA `ref` names (`text`: as written, weight included)."""
         default_weight = self.settings.config.generate.lora_weight
+        path = None
         try:
             path = lora_files.resolve_lora(ref, self.settings.runs_dir, base)
-        except ForgeError as exc:
-            self._check_weight_text(text or ref, origin, base)
-            raise ForgeError(f"{origin}: {exc.message}", path=exc.path, fix=exc.fix) from None
-        try:
             lora = self.file(path)
         except ForgeError as exc:
+            if path is None:  # no such file: perhaps FILE:abc, a weight that is not a number
+                self._check_weight_text(text or ref, origin, base)
             raise ForgeError(f"{origin}: {exc.message}", path=exc.path, fix=exc.fix) from None
         weight = default_weight if weight is None else lora_files.check_weight(weight, origin)
         return lora_files.LoraUse(lora, weight)

@@ -602,10 +602,10 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     if restart and world.is_main:  # what the old attempt made must not mix with the new one;
         for folder in ("state", "events", "samples"):  # only now that the settings are checked
             shutil.rmtree(run_dir / folder, ignore_errors=True)
-        for old in [run_dir / HISTORY, *run_dir.glob(f"{run_dir.name}*.safetensors")]:
+        for old in [run_dir / HISTORY, *runs.lora_files(run_dir)]:
             old.unlink(missing_ok=True)
     state = trainer.saved_state(restart)  # a refused resume leaves run.json as it was
-    earlier = sorted(p.name for p in run_dir.glob(f"{run_dir.name}*.safetensors"))
+    earlier = [p.name for p in runs.lora_files(run_dir)]
     if state is None and earlier:  # starting over would overwrite (or mix with) an earlier LoRA
         raise ForgeError(f"run `{run_dir.name}` holds LoRA files of an earlier training "
                          f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}) "
