@@ -350,6 +350,15 @@ def test_controlnet_import_gives_back_every_tensor(
         assert config[key] == reference[key], key
 
 
+def test_a_storage_root_that_is_a_file_is_named_not_a_traceback(
+        store: Path, files: dict[str, Path]) -> None:
+    """Its lock folder could not be made: a FileExistsError traceback after reading the file."""
+    store.write_text("not a folder\n")
+    message = refused("import", files["controlnet"], "--as", "controlnet", "--name", "pose")
+    assert "cannot be created" in message and "storage root is a folder" in message
+    assert store.read_text() == "not a folder\n"
+
+
 SITECUSTOMIZE = '''
 import os, socket
 _log = os.environ["NET_ATTEMPTS_LOG"]
