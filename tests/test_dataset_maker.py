@@ -433,6 +433,14 @@ def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> N
     assert sorted(p.name for p in knight.iterdir()) == ["a.png", "b.png"]
     assert sorted(p.name for p in mage.iterdir()) == ["a_copy.png", "c.png"]
 
+    # a copy moved again under a name .duplicates/ already holds is renamed, not written over
+    Image.open(knight / "a.png").resize((200, 200)).save(knight / "a_small.jpg", quality=80)
+    (knight / "a_small.txt").write_text("knight, second copy")
+    assert run_cli("dataset", "dedupe", "--move", cwd=tmp_path).returncode == 0
+    assert (moved / "10_knight" / "a_small.txt").read_text() == "knight, small copy"
+    assert (moved / "10_knight" / "a_small~2.txt").read_text() == "knight, second copy"
+    assert (moved / "10_knight" / "a_small~2.jpg").is_file()
+
 
 def test_dedupe_keeps_the_file_a_link_points_to_not_the_link(tmp_path: Path) -> None:
     """A captioned link to a picture in the same folder: moving the picture away left the
