@@ -43,15 +43,35 @@ def encode_token_ids(text_encoder: CLIPTextModel, ids: torch.Tensor, clip_skip: 
                      ) -> torch.Tensor:
     """Hidden states [batch, chunks * 77, width] for ids from `chunk_token_ids`."""
     batch, length = ids.shape
-    flat = ids.reshape(batch * (length // (CHUNK + 2)), CHUNK + 2).to(text_encoder.device)
+    flat = ids.reshape(batch * (length // (CHUNK + 2)), CHUNK + 2)
     encoder = text_encoder.encoder
     layers = encoder.layers
     if not 1 <= clip_skip <= len(layers):
         raise ValueError(f"clip skip {clip_skip} is outside 1..{len(layers)} for this text "
                          "encoder")
+    distinct, rows = _distinct_rows(flat)
     encoder.layers = layers[:len(layers) + 1 - clip_skip]  # the layers after change nothing used
     try:
-        hidden = text_encoder(flat).last_hidden_state  # with the final layer norm
+        hidden = text_encoder(distinct.to(text_encoder.device)).last_hidden_state  # final norm
     finally:
         encoder.layers = layers
+    if rows is not None:
+        import torch
+
+        parts = hidden.unbind(0)
+        hidden = torch.stack([parts[row] for row in rows])
     return hidden.reshape(batch, length, hidden.shape[-1])
+
+
+def _distinct_rows(flat: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+    """Each distinct chunk of `flat` once, and for each chunk the row it became (None: all were
+    distinct). A batch often repeats a chunk (one caption drawn twice, the empty chunks that pad
+    short prompts beside a long one): the text encoder runs it once. Its copies are stacked back
+    from one tensor, so their gradients sum in a fixed order (index_select's backward would sum
+    them with atomics on a GPU, in no fixed order, and resume would no longer be exact)."""
+    seen: dict[tuple[int, ...], int] = {}
+    rows = [seen.setdefault(tuple(chunk), len(seen)) for chunk in flat.tolist()]
+    if len(seen) == len(rows):
+        return flat, None
+    first = [rows.index(row) for row in range(len(seen))]
+    return flat[first], rows
