@@ -105,6 +105,27 @@ def test_folder_without_repeat_prefix(project: Path) -> None:
           "mv master_dataset/blake master_dataset/10_blake")
 
 
+def test_a_rename_onto_an_existing_folder_moves_the_files_and_mends_the_dataset(
+        project: Path) -> None:
+    """`mv blake 10_blake` beside a `10_blake` would put blake/ inside it, where nothing
+    trains: the advice moves the files in instead, and running it gives a dataset that checks.
+    A file of the same name is kept, not overwritten."""
+    good_concept(project)
+    image(project / DS / "blake" / "new.png")
+    image(project / DS / "blake" / "img0.png", color=(9, 9, 9))
+    err = fails(project, f"{DS}/blake: the folder name does not start with a repeat count")
+    command = "mv -n master_dataset/blake/* master_dataset/10_blake/ && rmdir master_dataset/blake"
+    assert command in err and "a folder 10_blake is there already" in err, err
+    ran = subprocess.run(command, shell=True, cwd=project, capture_output=True, text=True)
+    assert ran.returncode != 0  # img0.png is in both: it stays, and so does its folder
+    assert (project / DS / "blake" / "img0.png").is_file()
+    assert sorted(p.name for p in (project / DS / "10_blake").iterdir()) == [
+        "img0.png", "img1.png", "new.png"]
+    (project / DS / "blake" / "img0.png").rename(project / DS / "10_blake" / "img2.png")
+    (project / DS / "blake").rmdir()
+    assert check(project).returncode == 0
+
+
 def test_zero_repeats(project: Path) -> None:
     image(project / DS / "0_blake" / "a.png")
     fails(project, f"{DS}/0_blake: has 0 repeats",

@@ -207,6 +207,26 @@ def test_gif_is_an_image_even_named_png(tmp_path: Path) -> None:
     assert load_image(tmp_path / "g.png").mode == "RGB"
 
 
+def test_an_animation_is_refused_whatever_its_name_but_a_camera_mpo_is_a_picture(
+        tmp_path: Path) -> None:
+    """Training would see an animation's first frame only: the user is told, not surprised.
+    A camera's JPEG that carries a second picture (MPO: stereo or preview) is one picture."""
+    frames = [Image.new("RGB", (16, 12), (40 * i, 0, 0)) for i in range(3)]
+    for name, fmt in (("moving.gif", "GIF"), ("moving.png", "GIF"), ("moving.webp", "WEBP"),
+                      ("apng.png", "PNG"), ("pages.png", "TIFF")):
+        frames[0].save(tmp_path / name, format=fmt, save_all=True, append_images=frames[1:])
+        with pytest.raises(ForgeError, match="holds 3 frames") as refused:
+            probe_image(tmp_path / name)
+        assert refused.value.path == tmp_path / name
+        assert "save the frame you want as a PNG" in (refused.value.fix or "")
+    frames[0].save(tmp_path / "camera.jpg", format="MPO", save_all=True,
+                   append_images=frames[1:2])
+    assert Image.open(tmp_path / "camera.jpg").n_frames == 2
+    assert probe_image(tmp_path / "camera.jpg") == (16, 12)
+    frames[0].save(tmp_path / "still.png", format="GIF")  # one frame: a picture
+    assert probe_image(tmp_path / "still.png") == (16, 12)
+
+
 def test_a_picture_of_over_89_megapixels_raises_no_anonymous_library_warning(
         tmp_path: Path) -> None:
     """Pillow warns about 89-179 MP pictures without naming the file: that warning stays out

@@ -28,8 +28,8 @@ from loraforge.dataset.scan import (
     Dataset,
     DatasetError,
     display_path,
+    move_command,
     scan_dataset,
-    shell_path,
 )
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def _repeats_advice(concept: Concept, is_reg: bool) -> str | None:
     renamed = concept.folder.with_name(f"{best}_{concept.name}")
     span = f"only {first} lands" if first == last else f"any of {first} to {last} lands"
     return (f"{head}; {best} repeats would give {best * n} ({span} in range): "
-            f"mv {shell_path(concept.folder)} {shell_path(renamed)}")
+            f"{move_command(concept.folder, renamed)}")
 
 
 def _caption_advice(concept: Concept) -> str | None:

@@ -234,6 +234,12 @@ def probe_image(path: Path) -> tuple[int, int]:
     path = Path(path)
     im = _open(path)
     try:
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1 and im.format != "MPO":  # MPO: a camera's JPEG with its preview inside
+            raise ForgeError(f"holds {frames} frames (an animation, or pages): training would "
+                             "see the first one only", path=path,
+                             fix="save the frame you want as a PNG or JPEG in its place, or "
+                                 "delete it")
         width, height = im.size
         if im.format in ("JPEG", "MPO"):
             im.draft(None, (1, 1))  # DCT scaling: decodes the whole stream, 64x less work

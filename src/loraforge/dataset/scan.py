@@ -10,8 +10,9 @@ Rules (the community pre-flight, made explicit):
 - An image without a caption trains on the concept name. So does an image whose caption file is
   empty (with a warning: an empty caption is usually an accident).
 - Any other file in a concept folder is an error (a PDF, a GIF, a kohya `.npz` cache, ...), as is
-  a sub-folder, a corrupt/truncated/empty image, two images with the same stem (which one would the
-  caption belong to?) and a caption that is not UTF-8.
+  a sub-folder, a corrupt/truncated/empty image, an animation (several frames, whatever its
+  name), two images with the same stem (which one would the caption belong to?) and a caption
+  that is not UTF-8.
 - Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`), `Thumbs.db`, `desktop.ini` and
   `__MACOSX/` are operating-system clutter and are skipped silently, wherever they are.
 - Files directly in the dataset folder: a `README*` (which `loraforge init` writes) is allowed; an
@@ -353,40 +354,40 @@ class _Scanner:
             if name.isdigit():
                 fixed = f"{name}_my_concept"
                 self.problem(folder, "the folder name has a repeat count but no concept name",
-                             f"rename it to <repeats>_<concept>: mv {shell_path(folder)} "
-                             f"{shell_path(folder.with_name(fixed))}")
+                             "rename it to <repeats>_<concept>: "
+                             f"{move_command(folder, folder.with_name(fixed))}")
             else:
                 self.problem(folder, "the folder name does not start with a repeat count "
                              "(<repeats>_<concept>)",
                              f"rename it, e.g. for {DEFAULT_REPEATS} repeats: "
-                             f"mv {shell_path(folder)} {shell_path(folder.with_name(fixed))}")
+                             f"{move_command(folder, folder.with_name(fixed))}")
             repeats, concept = DEFAULT_REPEATS, name
         else:
             repeats, concept = parsed
             if not concept.strip():
                 self.problem(folder, "the folder name has no concept name after the repeat count",
-                             f"rename it: mv {shell_path(folder)} "
-                             f"{shell_path(folder.with_name(f'{repeats}_my_concept'))}")
+                             "rename it: "
+                             f"{move_command(folder, folder.with_name(f'{repeats}_my_concept'))}")
                 concept = name
             if repeats == 0:
                 self.problem(folder, "has 0 repeats, so its images would never be trained",
-                             f"rename it with at least 1 repeat, e.g. mv {shell_path(folder)} "
-                             f"{shell_path(folder.with_name(f'{DEFAULT_REPEATS}_{concept}'))}")
+                             "rename it with at least 1 repeat, e.g. " + move_command(
+                                 folder, folder.with_name(f"{DEFAULT_REPEATS}_{concept}")))
             elif repeats > MAX_REPEATS:
                 shown = str(repeats) if len(str(repeats)) <= 12 else f"{str(repeats)[:12]}..."
                 self.problem(folder, f"has {shown} repeats; at most {MAX_REPEATS} are allowed "
                              "(the community uses 1 to about 100, aiming at 200-400 images x "
                              "repeats per concept)",
-                             f"rename it with fewer repeats, e.g. mv {shell_path(folder)} "
-                             f"{shell_path(folder.with_name(f'{DEFAULT_REPEATS}_{concept}'))}")
+                             "rename it with fewer repeats, e.g. " + move_command(
+                                 folder, folder.with_name(f"{DEFAULT_REPEATS}_{concept}")))
                 repeats = DEFAULT_REPEATS
             if "," in concept:
                 plain = "_".join(part.strip() for part in concept.split(",") if part.strip())
                 self.warn(folder, f"the concept name `{concept}` holds a comma, so its "
                           "trigger is several caption tags (shuffling can part them, and "
                           "`dataset tag --append` adds it again on every run); rename it "
-                          f"without commas: mv {shell_path(folder)} "
-                          f"{shell_path(folder.with_name(f'{repeats}_{plain}'))}")
+                          "without commas: "
+                          f"{move_command(folder, folder.with_name(f'{repeats}_{plain}'))}")
         result = _Folder(folder, concept, repeats)
         self.list_concept(result)
         return result
@@ -412,8 +413,7 @@ class _Scanner:
                 own = self.root / f"{DEFAULT_REPEATS}_{entry.name}"
                 self.problem(entry, "is a folder inside a concept folder; its files would not "
                              "be trained", f"move its files up into {shell_path(folder.path)}/, "
-                             f"or make it a concept of its own: mv {shell_path(entry)} "
-                             f"{shell_path(own)}")
+                             f"or make it a concept of its own: {move_command(entry, own)}")
             elif not entry.is_file():
                 what = "a broken link" if entry.is_symlink() else "not a regular file"
                 self.problem(entry, f"is {what}", "delete it or replace it with the real file")
@@ -442,7 +442,7 @@ class _Scanner:
                          f"rename it to {path.stem}{self.ext}, or set dataset.caption_extension "
                          f"= \"{suffix}\" in forge.toml")
         elif kind in SUPPORTED_KIND_EXTENSION:
-            right = path.with_name(path.stem + SUPPORTED_KIND_EXTENSION[kind])
+            right = free_name(path.with_suffix(SUPPORTED_KIND_EXTENSION[kind]), self.ext, "_")
             self.problem(path, f"is {kind}, but its extension is not one of {_IMAGE_LIST}",
                          f"rename it: mv {shell_path(path)} {shell_path(right)}")
         elif is_image_kind(kind):
@@ -524,6 +524,17 @@ class _Scanner:
                 hint = f"; for {folder.images[image][0].name} it should be named {image}{self.ext}"
             self.warn(caption, f"is a caption without an image (no {stem}.png/.jpg/...), so it "
                       f"is not used{hint}")
+
+
+def move_command(folder: Path, target: Path) -> str:
+    """The shell command that renames `folder` to `target`. Where `target` is a folder already,
+    `mv` would put `folder` inside it (where nothing trains): its files join `target` instead,
+    none overwritten (`-n`; `rmdir` then fails on any file left behind, which stays)."""
+    if target.is_dir():
+        return (f"mv -n {shell_path(folder)}/* {shell_path(target)}/ && "
+                f"rmdir {shell_path(folder)} (a folder {target.name} is there already: this "
+                "moves the files into it)")
+    return f"mv {shell_path(folder)} {shell_path(target)}"
 
 
 def free_name(image: Path, caption_extension: str, mark: str) -> Path:
