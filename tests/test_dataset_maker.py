@@ -6,6 +6,7 @@ at the command line; the rest in-process."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -459,8 +460,9 @@ def test_dedupe_keeps_the_file_a_link_points_to_not_the_link(tmp_path: Path) -> 
 
 
 def test_dedupe_move_that_fails_names_the_file_and_keeps_what_moved(tmp_path: Path) -> None:
-    """A `.duplicates/<concept>` that is a file, not a folder: one error naming the picture
-    and the fix, exit 1, no traceback; the picture stays where it was."""
+    """A `.duplicates/<concept>` (or `.duplicates`) that is a file, not a folder: one error
+    naming the picture, the file in the way and the fix, exit 1, no traceback; the picture
+    stays where it was."""
     dataset = tmp_path / "master_dataset"
     knight = dataset / "10_knight"
     knight.mkdir(parents=True)
@@ -470,8 +472,15 @@ def test_dedupe_move_that_fails_names_the_file_and_keeps_what_moved(tmp_path: Pa
     (dataset / ".duplicates" / "10_knight").write_text("in the way")
     result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
     assert_user_error(result, "master_dataset/10_knight/a_copy.png: cannot be moved to",
-                      "dataset dedupe --move")
+                      ".duplicates/10_knight is a file, not a folder",
+                      "rename or move that file away", "dataset dedupe --move")
     assert sorted(p.name for p in knight.iterdir()) == ["a.png", "a_copy.png"]
+    shutil.rmtree(dataset / ".duplicates")
+    (dataset / ".duplicates").write_text("in the way too")  # the folder of all concepts
+    result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert_user_error(result, "master_dataset/.duplicates is a file, not a folder")
+    assert sorted(p.name for p in knight.iterdir()) == ["a.png", "a_copy.png"]
+    assert (dataset / ".duplicates").read_text() == "in the way too"
 
 
 def test_pictures_that_would_share_a_caption_are_left_out_and_nothing_is_lost(

@@ -167,9 +167,16 @@ def _move(source: Path, dest: Path) -> tuple[Path, Path]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(source, dest)
     except OSError as exc:
+        again = "then run `loraforge dataset dedupe --move` again: what was moved stays moved"
+        blocker = next((p for p in (dest.parent.parent, dest.parent)
+                        if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ForgeError(f"cannot be moved to {display_path(dest)}: "
+                             f"{display_path(blocker)} is a file, not a folder",
+                             path=display_path(source),
+                             fix=f"rename or move that file away, {again}") from None
         raise ForgeError(f"cannot be moved to {display_path(dest)}: {exc.strerror or exc}",
                          path=display_path(source),
                          fix="make the dataset folder (and its .duplicates/ folder) writable, "
-                             "then run `loraforge dataset dedupe --move` again: what was moved "
-                             "stays moved") from None
+                             f"{again}") from None
     return source, dest
