@@ -90,6 +90,17 @@ def test_storage_root_environment_variable_wins(tmp_path: Path) -> None:
     assert paths["storage_root"] == str(other.resolve())
 
 
+def test_a_storage_root_variable_of_blanks_is_refused_not_made_a_folder(tmp_path: Path,
+                                                                        ) -> None:
+    (tmp_path / "forge.toml").write_text("")
+    for command in (("config", "show"), ("runs",), ("models", "list")):
+        result = run_cli(*command, "--config", tmp_path / "forge.toml", cwd=tmp_path,
+                         env={"LORAFORGE_STORAGE_ROOT": "   "})
+        assert_user_error(result, "LORAFORGE_STORAGE_ROOT is set to blanks",
+                          "unset it to use storage.root")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forge.toml"]
+
+
 def test_set_overrides_the_file(tmp_path: Path) -> None:
     (tmp_path / "forge.toml").write_text("[train]\nepochs = 3\n")
     shown = _show(tmp_path / "forge.toml", "--set", "train.epochs=7",
@@ -136,6 +147,19 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "forge.toml").write_text('[train]\nepochs = "ten"\n')
     result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
     assert_user_error(result, "`train.epochs`", "'ten'")
+
+
+def test_true_or_false_for_a_number_is_refused_not_read_as_one_or_zero(tmp_path: Path,
+                                                                       ) -> None:
+    (tmp_path / "forge.toml").write_text("[train]\nunet_lr = true\nmax_steps = false\n")
+    result = run_cli("config", "show", "--config", tmp_path / "forge.toml")
+    assert_user_error(result, "forge.toml", "`train.unet_lr`: takes a number, not true",
+                      "`train.max_steps`: takes a number, not false")
+    result = run_cli("config", "show", "--set", "generate.steps=true")
+    assert_user_error(result, "`--set generate.steps=true`: takes a number, not true")
+    (tmp_path / "forge.toml").write_text("[train]\ncompile_unet = true\nunet_lr = 1\n")
+    shown = _show(tmp_path / "forge.toml")["config"]["train"]  # true where a key takes it
+    assert (shown["compile_unet"], shown["unet_lr"]) == (True, 1.0)
 
 
 def test_out_of_range_value_names_the_key_and_limit(tmp_path: Path) -> None:

@@ -11,13 +11,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,6 +41,16 @@ TAUGHT = "tiny-taught"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_truth_for_a_number(cls, value: object, info: ValidationInfo) -> object:
+        """pydantic reads `true` as 1 for a number: `unet_lr = true` would train at a rate of
+        1.0, `max_steps = true` for one step. A number key takes a number."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _counts(field.annotation):
+            raise ValueError(f"takes a number, not {str(value).lower()}")
+        return value
 
 
 class StorageConfig(_Section):
@@ -396,6 +408,10 @@ class Settings:
     @property
     def storage_root(self) -> Path:
         env = os.environ.get(STORAGE_ENV)
+        if env and not env.strip():  # would make (and fill) a folder named with spaces
+            raise ForgeError(f"{STORAGE_ENV} is set to blanks ({env!r}), not a folder",
+                             fix=f"set {STORAGE_ENV} to your storage root, or unset it to use "
+                                 "storage.root of forge.toml")
         if env:
             return self._resolve(env, Path.cwd())
         return self._resolve(self.config.storage.root, self.base_dir)
@@ -468,6 +484,13 @@ def _suggest(key: str, choices: list[str], prefix: str) -> str:
     if close:
         return f"did you mean `{prefix}{close[0]}`?"
     return f"valid keys: {', '.join(prefix + c for c in choices)}"
+
+
+def _counts(annotation: object) -> bool:
+    """Whether a key of this type takes a number but not true/false (`compile_unet` takes
+    true, false or text)."""
+    parts = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return any(part in (int, float) for part in parts) and bool not in parts
 
 
 def _explain(error: ValidationError, where: str, given: dict[str, str]) -> ForgeError:
