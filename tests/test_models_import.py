@@ -330,6 +330,9 @@ def test_other_families_and_files_are_refused(store: Path, tmp_path: Path,
     assert "not a readable .safetensors" in refused("import", broken, "--as", "base")
     assert "not a usable model name" in refused("import", files["full"], "--as", "base",
                                                 "--name", "../x")
+    for taken in ("runtimes", "cache", "Final_Images", "Tiny"):  # folders of the root's own
+        assert f"`{taken}` is a reserved name" in refused("import", files["full"], "--as",
+                                                          "base", "--name", taken)
     assert not store.exists() or not any(store.iterdir())
 
 

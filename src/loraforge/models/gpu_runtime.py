@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from loraforge.errors import ForgeError
 from loraforge.models import folders
+from loraforge.models.manifest import RUNTIMES
 
 KEY = "tagger-gpu"  # what `models fetch` takes
 PACKAGE = "onnxruntime-gpu"
@@ -37,7 +38,6 @@ PACKAGE = "onnxruntime-gpu"
 RELEASES = {"13": "1.31.1", "12": "1.26.0"}
 DEFAULT_CUDA = "13"
 VERSION = RELEASES[DEFAULT_CUDA]
-RUNTIMES = "runtimes"
 NAME = "onnxruntime-gpu"
 RECORD = "runtime.json"
 CUDA = "CUDAExecutionProvider"

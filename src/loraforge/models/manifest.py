@@ -30,7 +30,10 @@ DETECTOR_FILE = "body_pose_model.safetensors"
 HAND_DETECTOR_FILE = "hand_pose_model.safetensors"
 FACE_DETECTOR_FILE = "facenet.safetensors"
 # Folders under the storage root that are never models.
-NOT_MODELS = frozenset({"Multi_Concept_Output", "Final_Images", "cache", "master_dataset"})
+#: The storage root's folder of extra runtimes (`models fetch tagger-gpu`).
+RUNTIMES = "runtimes"
+NOT_MODELS = frozenset({"Multi_Concept_Output", "Final_Images", "cache", "master_dataset",
+                        RUNTIMES})
 # The file whose sha256 identifies a model of each kind (A1111's model hash).
 IDENTITY_FILES = {
     "base": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
