@@ -219,10 +219,16 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     assert process.stdout is not None
     for line in process.stdout:
         if line.startswith("step 3/"):
+            alive = json.loads(run_cli("runs", "--json", "--config", config).stdout)
             process.kill()
             break
     process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL
+    # `runs` tells the killed run (its process gone from this machine) from a live one
+    assert [(r["status"], r["error"]) for r in alive] == [("running", None)]
+    (killed,) = json.loads(run_cli("runs", "--json", "--config", config).stdout)
+    assert killed["status"] == "stopped", killed
+    assert "ended without a word" in killed["error"] and "--run multi_concept" in killed["error"]
     rerun = run_cli("train", "--config", config)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr and "(step 2 of 6)" in rerun.stderr, rerun.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -65,9 +67,31 @@ _KINDS: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("name", "status", "error", "finished_at", "updated_at", "started_at",
                      "failed_at", "final_lora", "base_model", "device"), str),
     **dict.fromkeys(("final_loss", "started_at_unix"), (int, float)),
-    **dict.fromkeys(("step", "total_steps", "epochs", "steps_per_epoch"), int),
+    **dict.fromkeys(("step", "total_steps", "epochs", "steps_per_epoch", "pid"), int),
     **dict.fromkeys(("config", "slurm", "dataset"), dict),
+    "process_hosts": list,
 }
+
+
+def this_host() -> str:
+    """The machine's name as SLURM knows it (a compute node), else its host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def vanished(record: dict[str, Any]) -> bool:
+    """A run recorded as running whose training process is gone from this machine without a
+    word (SIGKILL, the out-of-memory killer): it will never update its record again. A run on
+    another machine cannot be told apart from a live one here, and counts as running."""
+    hosts, pid = record.get("process_hosts"), record.get("pid")
+    if record.get("status") != "running" or pid is None or not hosts or hosts[0] != this_host():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # someone else's process: alive
+        return False
+    return False
 
 
 class RunRecord:

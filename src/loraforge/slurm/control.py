@@ -14,7 +14,7 @@ from rich.table import Table
 
 from loraforge.config import Settings, outside_project_note
 from loraforge.errors import ForgeError
-from loraforge.runs import RunRecord, check_run_name, list_runs, read_record
+from loraforge.runs import RunRecord, check_run_name, list_runs, read_record, vanished
 from loraforge.slurm import scheduler
 from loraforge.slurm.jobs import jobs_path, load_jobs
 
@@ -160,12 +160,17 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
         folder = Path(record["dir"]).name  # what --run takes; a copied run's record names the
         recorded = record.get("name")     # original until the copy is trained
         moved = f"copied or renamed from {recorded}" if recorded not in (None, folder) else None
+        stopped = vanished(record)
         rows.append({
-            "name": folder, "status": record.get("status"),
+            "name": folder, "status": "stopped" if stopped else record.get("status"),
             "final_loss": record.get("final_loss"), "step": record.get("step"),
             "total_steps": record.get("total_steps"), "epochs": record.get("epochs"),
             "job_id": slurm.get("job_id"), "node": slurm.get("node"),
-            "error": record.get("error"), "moved": moved, "lora": record.get("final_lora"),
+            "error": (f"its training process ended without a word (killed, e.g. out of "
+                      f"memory); `loraforge train --run {folder}` (or its job, submitted "
+                      "again) resumes it from its last state" if stopped
+                      else record.get("error")),
+            "moved": moved, "lora": record.get("final_lora"),
             "updated_at": record.get("updated_at"), "dir": record.get("dir"),
             "params": {k: values.get(k) for k in differ}})
     return rows

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -612,7 +611,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
                          "but no state to resume it from", path=run_dir,
                          fix="pass --restart to train it again from the start (those files are "
                              "replaced), or name a new run with --run")
-    hosts = gather_objects(os.environ.get("SLURMD_NODENAME") or socket.gethostname(), world)
+    hosts = gather_objects(runs.this_host(), world)
     previous = trainer.record.data
     started = (previous.get("started_at_unix") if not restart else None) or env_time() \
         or time.time()
@@ -628,7 +627,8 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         dataset={"concepts": dataset.dataset_dirs(), "images": dataset.num_images,
                  "images_x_repeats": dataset.images_x_repeats},
         started_at_unix=started, base_model=str(base), device=str(trainer.device),
-        processes=world.size, process_hosts=hosts, global_batch_size=trainer.plan.batch_size,
+        processes=world.size, process_hosts=hosts, pid=os.getpid(),
+        global_batch_size=trainer.plan.batch_size,
         steps_per_epoch=trainer.plan.steps_per_epoch, epochs=trainer.plan.epochs,
         slurm=slurm_job())
 
