@@ -631,3 +631,29 @@ def test_script_words_are_quoted_for_bash() -> None:
     assert quote("a b") == "'a b'"
     assert quote("$(x)") == "'$(x)'"
     assert quote(Raw('"$RUN"')) == '"$RUN"'
+
+
+def test_a_site_wrapper_that_hides_the_job_id_or_a_refused_scancel_is_named(
+        tmp_path: Path) -> None:
+    """Sites wrap sbatch and scancel. A wrapper that drops --parsable answers prose: the user
+    is told it may have queued the job and how to look. A scancel refused (another user's
+    job) is named with its own words, exit 1."""
+    project = _project(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {"sbatch": 'echo "Submitted batch job 42"',
+             "scontrol": 'echo "JobId=$4 JobName=lf JobState=RUNNING"',
+             "scancel": 'echo "scancel: error: Kill job error on job id $1: Access/permission '
+                        'denied" >&2; exit 1'}
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = run_cli("slurm", "train", cwd=project, env=env)
+    assert_user_error(result, "sbatch answered 'Submitted batch job 42', not a job id",
+                      "squeue --me", "must pass `--parsable` through")
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 42\n")
+    assert run_cli("slurm", "train", cwd=project, env=env).returncode == 0
+    result = run_cli("slurm", "cancel", cwd=project, env=env)
+    assert_user_error(result, "scancel failed", "job id 42: Access/permission denied",
+                      "squeue --me")
