@@ -90,7 +90,7 @@ def vanished(record: dict[str, Any]) -> bool:
     except ProcessLookupError:
         return True
     except OSError:  # someone else's process: alive
-        return False
+        pass
     return False
 
 
