@@ -84,6 +84,9 @@ def run_train(args: argparse.Namespace, work: Path) -> str:
                 runs += [(f"reference kohya with text encoder b{batch}", lambda b=batch:
                           reference(base, b, args.resolution, args.steps, device,
                                     modules=KOHYA_UNET, train_text=True))]
+        if args.distinct_captions:
+            runs += [(f"loraforge, distinct captions b{batch}", lambda b=batch: ours(
+                work, base, b, args.resolution, args.steps, device, [], distinct=True))]
         runs += [(f"loraforge ({extra}) b{batch}", lambda b=batch, e=extra: ours(
             work, base, b, args.resolution, args.steps, device, e.split()))
             for extra in args.variant]
@@ -226,6 +229,9 @@ def main() -> None:
                              "modules, the ones ours trains (compare with ours at "
                              "train.text_encoder_lr=0), and the plain loop adapting those and "
                              "training a text encoder LoRA too (compare with ours' defaults)")
+    parser.add_argument("--distinct-captions", action="store_true",
+                        help="train: add ours on a dataset whose captions all differ (the "
+                             "plain rows' captions share their tags)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="train: measure every row this many times, the rows interleaved, "
                              "and keep each row's median (a shared CPU's speed drifts)")

@@ -26,8 +26,10 @@ class TrainResult:
         return TRAIN_TFLOP_PER_IMAGE_512 * (self.resolution / 512) ** 2 * self.images_per_s
 
 
-def write_dataset(folder: Path, images: int, resolution: int) -> None:
-    """`images` distinct pictures in one concept folder, each captioned."""
+def write_dataset(folder: Path, images: int, resolution: int, distinct: bool = False) -> None:
+    """`images` distinct pictures in one concept folder, each captioned with the same tags (a
+    trigger and class tags, as many character datasets are), or with `distinct` a tag of its
+    own too (as a tagger's captions are): no two captions of a batch alike."""
     import numpy as np
     from PIL import Image
 
@@ -37,7 +39,8 @@ def write_dataset(folder: Path, images: int, resolution: int) -> None:
     for i in range(images):
         pixels = rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(concept / f"{i:03d}.png")
-        (concept / f"{i:03d}.txt").write_text("bench_character, 1girl, solo, standing")
+        own = f", pose_{i}" if distinct else ""
+        (concept / f"{i:03d}.txt").write_text(f"bench_character, 1girl, solo, standing{own}")
 
 
 def peak_memory_gb(device: str) -> float:
@@ -59,10 +62,10 @@ def reset_peak(device: str) -> None:
 
 
 def _project(project: Path, base: Path, batch: int, resolution: int, steps: int,
-             global_batch: int) -> tuple[Path, list[str]]:
+             global_batch: int, distinct: bool = False) -> tuple[Path, list[str]]:
     """A benchmark project (dataset and empty forge.toml) and the `--set` values it trains
     with: `batch` images per process, `steps` steps, caches in memory, no saving on the way."""
-    write_dataset(project / "master_dataset", max(global_batch * 2, 8), resolution)
+    write_dataset(project / "master_dataset", max(global_batch * 2, 8), resolution, distinct)
     config = project / "forge.toml"
     config.write_text("")
     return config, [f"storage.root={json.dumps(str(project / 'store'))}",
@@ -74,13 +77,15 @@ def _project(project: Path, base: Path, batch: int, resolution: int, steps: int,
 
 
 def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device: str,
-         extra: list[str]) -> TrainResult:
+         extra: list[str], distinct: bool = False) -> TrainResult:
+    """`loraforge train` in this process; `distinct`: no two captions alike (see
+    write_dataset)."""
     from loraforge.config import load_settings
     from loraforge.runtime import go_offline
     from loraforge.train.trainer import train
 
     project = work / f"ours-b{batch}-{len(list(work.glob(f'ours-b{batch}-*')))}"
-    config, overrides = _project(project, base, batch, resolution, steps, batch)
+    config, overrides = _project(project, base, batch, resolution, steps, batch, distinct)
     settings = load_settings(config, [*overrides, *extra])
     go_offline(settings)
     reset_peak(device)
@@ -88,7 +93,8 @@ def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device
     result = train(settings, "bench", restart=True)
     total = time.perf_counter() - started
     rate, first = _rates(result.final.parent, batch, total)
-    name = "loraforge" + (f" ({' '.join(extra)})" if extra else "")
+    name = "loraforge" + (f" ({' '.join(extra)})" if extra else "") + (
+        ", every caption different" if distinct else "")
     return TrainResult(name, batch, resolution, rate, first, peak_memory_gb(device))
 
 
