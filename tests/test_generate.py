@@ -390,6 +390,13 @@ def test_newest_finished_lora_skips_unfinished_runs_and_half_written_files(
     message = str(info.value)
     for part in ("newer (interrupted)", "busy (running)", "cut (finished, but is incomplete"):
         assert part in message, message
+    lost = _write_run(runs_dir, "lost", "finished", None, lora_files["a"])
+    (lost / "run.json").write_text('{"status": "fini')  # cut short: the LoRA is still usable
+    with pytest.raises(ForgeError) as info:
+        newest_lora(runs_dir)
+    assert "lost (damaged)" in str(info.value)
+    assert f"a damaged run's LoRA is still usable: pass --lora {lost / 'lost.safetensors'}" in (
+        info.value.fix or "")
 
 
 def _project(root: Path, tiny_store: Path, generate: dict[str, object]) -> Path:

@@ -505,6 +505,21 @@ def test_runs_lists_status_loss_and_the_swept_values(tmp_path: Path) -> None:
     assert data[0]["job_id"] == "77"
 
 
+def test_a_run_whose_record_cannot_be_read_is_listed_as_damaged_not_hidden(
+        tmp_path: Path) -> None:
+    """Such a run vanished from `runs` ("no runs yet"), though its LoRA was on disk."""
+    project = _project(tmp_path)
+    run_dir = project / "store" / "Multi_Concept_Output" / "lost"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text('{"name": ')
+    (run_dir / "lost.safetensors").write_bytes(b"kept")
+    (data,) = json.loads(run_cli("runs", "--json", cwd=project).stdout)
+    assert (data["name"], data["status"]) == ("lost", "damaged")
+    assert data["error"].startswith("run.json cannot be read (not JSON: "), data
+    table = run_cli("runs", cwd=project).stdout
+    assert "damaged" in table and "run.json cannot be read" in table
+
+
 def test_a_copied_run_folder_is_listed_by_its_own_name(tmp_path: Path) -> None:
     """Both rows read "a" before, though `--run a-backup` is what reaches the copy."""
     project = _project(tmp_path)

@@ -43,10 +43,23 @@ def lora_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(f"{glob.escape(run_dir.name)}*.safetensors"))
 
 
+def damage(run_dir: Path) -> str | None:
+    """Why the run's `run.json` cannot be read, when there is one (None: readable, or none)."""
+    try:
+        record = json.loads((run_dir / RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    return None if isinstance(record, dict) else "not a JSON object"
+
+
 def read_record(run_dir: Path) -> dict[str, Any] | None:
-    """The run's `run.json`; None when it is missing or unreadable, or not a JSON object. In a
-    hand-edited or foreign file, a value of the wrong kind (see `_KINDS`) counts as absent,
-    and so does a config section that is not a table."""
+    """The run's `run.json`; None when it is missing or unreadable, or not a JSON object (see
+    `damage`). In a hand-edited or foreign file, a value of the wrong kind (see `_KINDS`)
+    counts as absent, and so does a config section that is not a table."""
     try:
         record = json.loads((run_dir / RECORD).read_text())
     except (OSError, ValueError):
@@ -112,7 +125,9 @@ class RunRecord:
 
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    """Every run with a readable record, oldest update first."""
+    """Every run with a record, oldest update first. A run whose run.json cannot be read is
+    listed too, with the status "damaged" and why as its error: its LoRA files are still
+    there, and a run that vanished from the lists would look like none at all."""
     if not runs_dir.is_dir():
         return []
     runs = []
@@ -120,4 +135,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         record = read_record(run_dir)
         if record is not None:
             runs.append({**record, "dir": str(run_dir)})
+        elif (why := damage(run_dir)) is not None:
+            runs.append({"name": run_dir.name, "status": "damaged", "dir": str(run_dir),
+                         "error": f"{RECORD} cannot be read ({why})", "config": {}})
     return sorted(runs, key=lambda r: r.get("finished_at") or r.get("updated_at") or "")

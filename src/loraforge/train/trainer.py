@@ -545,6 +545,23 @@ def _check_final(final: Path) -> None:
                              "where you keep a copy)") from None
 
 
+def _refuse_damaged(run_dir: Path, why: str) -> None:
+    """A run whose record cannot be read may have finished: guessing would train over its
+    LoRA, or mix a new training into its files."""
+    from loraforge.dataset.scan import shell_path
+
+    record = run_dir / runs.RECORD
+    final = runs.final_lora(run_dir)
+    kept = (f"its LoRA {final.name} is untouched (`loraforge generate --lora "
+            f"{shell_path(final)}` uses it); " if final.is_file() else "")
+    raise ForgeError(f"the run's record cannot be read ({why}), so whether and how far it "
+                     "trained is unknown", path=record,
+                     fix=f"{kept}restore {runs.RECORD} from a copy and rerun, or move it away "
+                         f"(mv {shell_path(record)} {shell_path(record)}.damaged) and rerun: a "
+                         "run with a saved state resumes from it; one without asks for "
+                         "--restart, which replaces its LoRA files")
+
+
 def train(settings: Settings, run_name: str | None, restart: bool,
           world: World | None = None, report: ReportWriter | None = None) -> TrainResult:
     """Train (or resume) one run as one of `world`'s processes (default: the one torchrun or
@@ -554,6 +571,8 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     name, dataset, base = check_inputs(settings, run_name)
     run_dir = settings.runs_dir / name
     record = runs.read_record(run_dir)
+    if record is None and not restart and (why := runs.damage(run_dir)) is not None:
+        _refuse_damaged(run_dir, why)
     if record and record.get("status") == "finished" and not restart:
         final = runs.final_lora(run_dir)
         if final.is_file():
