@@ -282,19 +282,22 @@ def test_pipeline_renders_offline_and_pose_matters(tiny_store: Path, no_network:
 # --- store -----------------------------------------------------------------------------------
 
 
+NO_TENSORS = "\x02\x00\x00\x00\x00\x00\x00\x00{}"  # a safetensors file: an empty header
+
+
 def _skeleton(folder: Path, unet_config: dict[str, Any] | None = None,
               skip: tuple[str, ...] = ()) -> Path:
-    """A diffusers-layout folder with configs and empty weight files."""
+    """A diffusers-layout folder with configs and weight files of no tensors."""
     (folder).mkdir(parents=True)
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}',
                                              encoding="utf-8")
     files = {
         "unet/config.json": json.dumps(unet_config or tiny.sd15_config("unet")),
-        "unet/diffusion_pytorch_model.safetensors": "",
+        "unet/diffusion_pytorch_model.safetensors": NO_TENSORS,
         "vae/config.json": "{}",
-        "vae/diffusion_pytorch_model.safetensors": "",
+        "vae/diffusion_pytorch_model.safetensors": NO_TENSORS,
         "text_encoder/config.json": "{}",
-        "text_encoder/model.safetensors": "",
+        "text_encoder/model.safetensors": NO_TENSORS,
         "tokenizer/tokenizer.json": "{}",
         "scheduler/scheduler_config.json": "{}",
     }

@@ -472,7 +472,8 @@ def test_an_optimizer_that_cannot_run_here_is_a_clear_error(tmp_path: Path,
 def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(
         tmp_path: Path, tiny_store: Path) -> None:
     """`train --restart` removed the run's LoRAs, history and states, then refused the settings
-    (an optimizer that needs a GPU, arguments it rejects): the work was lost. And with its final
+    (an optimizer that needs a GPU, arguments it rejects, a base model cut short): the work was
+    lost. And with its final
     file deleted, or its run.json unreadable, a finished run was trained again from the start
     without a word: its epoch files were overwritten or mixed with new ones."""
     from loraforge.errors import ForgeError
@@ -493,6 +494,13 @@ def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(
     assert any(p.suffix == ".safetensors" for p in before)
     assert "CUDA" in refused(True, "train.optimizer=AdamW8bit").message
     assert "rejected its arguments" in refused(True, "train.optimizer_args={bogus=1}").message
+    bad_base = tmp_path / "cut-base"  # a download or copy that stopped short
+    shutil.copytree(tiny_store / "tiny-sd15", bad_base)
+    weights = bad_base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    cut = refused(True, f"models.base={json.dumps(str(bad_base))}")
+    assert cut.message == "is an incomplete or damaged weights file" and cut.path == weights
+    assert "loraforge models verify" in (cut.fix or "")
     assert files() == before
 
     (run_dir / "multi_concept.safetensors").unlink()
@@ -502,7 +510,7 @@ def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(
     assert_user_error(cli, "holds LoRA files of an earlier training "
                       "(multi_concept-000001.safetensors)", "--restart")
     (run_dir / "run.json").write_text("{not json")
-    assert "no state to resume it from" in refused(False).message
+    assert "the run's record cannot be read" in refused(False).message
     assert {p: p.read_bytes() for p in run_dir.glob("*.safetensors")} == kept
 
 

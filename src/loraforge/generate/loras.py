@@ -29,11 +29,11 @@ from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.hashing import digest_file
 from loraforge.models.importer import looks_pickled
+from loraforge.models.store import MAX_HEADER
 from loraforge.runtime import quiet_loading
 
 log = logging.getLogger("loraforge.generate")
 
-MAX_HEADER = 100 * 1024 * 1024
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 NO_LORA = "none"
 SAFE_FIX = ("use the .safetensors version of this LoRA (Civitai and Hugging Face offer one), or "

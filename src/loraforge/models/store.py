@@ -8,6 +8,7 @@ model costs milliseconds and never loads weights.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ COMPONENT_CONFIGS = {
     "scheduler": "scheduler_config.json",
 }
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own bound on a header's length
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 FETCH_BASE = "`loraforge models fetch anylora` (on a login node with internet)"
@@ -119,6 +121,11 @@ def check_base_model(path: Path, *, require_sd1: bool = True) -> None:
         if not _has_weights(path / component):
             raise ForgeError(f"is an incomplete diffusers model: {component}/ holds no weights",
                              path=path, fix=f"fetch or import it again: {BASE_FIX}")
+        cut = _cut_weights(path / component)
+        if cut is not None:
+            raise ForgeError("is an incomplete or damaged weights file", path=cut,
+                             fix="`loraforge models verify` checks the whole model; fetch or "
+                                 f"import it again: {BASE_FIX}")
     unet = _read_json(path / "unet" / "config.json", BASE_FIX)
     if require_sd1:
         _require_sd1(path, unet, index.get("_class_name"), "base model", BASE_FIX)
@@ -186,6 +193,26 @@ def _require_sd1(path: Path, unet: dict[str, Any], class_name: object, what: str
         family = {1024: " (SD 2.x)", 2048: " (SDXL)"}.get(dim, "") if isinstance(dim, int) else ""
         raise ForgeError(f"is not an SD 1.x {what}: its U-Net's cross_attention_dim is {dim}"
                          f"{family}, SD 1.x has {SD1_CROSS_ATTENTION_DIM}", path=path, fix=fix)
+
+
+def _cut_weights(folder: Path) -> Path | None:
+    """The first .safetensors file of `folder` that is shorter than its header says, or has no
+    readable header (a download or copy that stopped): found from the header alone, before
+    minutes of loading, and before a restart removes anything."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as fh:
+                head = fh.read(8)
+                length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                header = json.loads(fh.read(length)) if 2 <= length <= MAX_HEADER else None
+            end = max((int(info["data_offsets"][1]) for key, info in header.items()
+                       if key != "__metadata__"), default=0)
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return file
+        if 8 + length + end > size:
+            return file
+    return None
 
 
 def _has_weights(folder: Path) -> bool:
