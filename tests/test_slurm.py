@@ -535,8 +535,9 @@ def test_a_copied_run_folder_is_listed_by_its_own_name(tmp_path: Path) -> None:
 
 
 def test_runs_and_report_skip_a_run_json_that_is_not_a_run_record(tmp_path: Path) -> None:
-    """A hand-edited or foreign run.json (a list; a config that is not a table) is no run:
-    the other runs are still listed, and `report` still finds them, without a traceback."""
+    """A hand-edited or foreign run.json (a list; a config that is not a table): the other
+    runs are still listed, and `report` still finds them, without a traceback; the list is a
+    damaged run."""
     project = _project(tmp_path)
     runs = project / "store" / "Multi_Concept_Output"
     for name, text in (("good", json.dumps({"name": "good", "status": "finished", "config": {
@@ -546,7 +547,8 @@ def test_runs_and_report_skip_a_run_json_that_is_not_a_run_record(tmp_path: Path
         (runs / name / "run.json").write_text(text)
     table = run_cli("runs", "--json", cwd=project)
     assert table.returncode == 0, table.stderr
-    assert sorted(r["name"] for r in json.loads(table.stdout)) == ["good", "odd"]
+    assert sorted((r["name"], r["status"]) for r in json.loads(table.stdout)) == [
+        ("good", "finished"), ("listed", "damaged"), ("odd", "failed")]
     report = run_cli("report", "nosuch", cwd=project)
     assert_user_error(report, "nosuch", "good")
 
@@ -652,7 +654,7 @@ def test_a_site_wrapper_that_hides_the_job_id_or_a_refused_scancel_is_named(
         tmp_path: Path) -> None:
     """Sites wrap sbatch and scancel. A wrapper that drops --parsable answers prose: the user
     is told it may have queued the job and how to look. A scancel refused (another user's
-    job) is named with its own words, exit 1."""
+    job), or a controller scontrol cannot reach, is named with its own words, exit 1."""
     project = _project(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -672,3 +674,12 @@ def test_a_site_wrapper_that_hides_the_job_id_or_a_refused_scancel_is_named(
     result = run_cli("slurm", "cancel", cwd=project, env=env)
     assert_user_error(result, "scancel failed", "job id 42: Access/permission denied",
                       "squeue --me")
+    # A controller that does not answer: the job may still run, so neither "nothing to cancel"
+    # nor "gone from SLURM" may be said.
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller (connect "
+        "failure)' >&2\nexit 1\n")
+    for command in ("cancel", "status"):
+        result = run_cli("slurm", command, cwd=project, env=env)
+        assert_user_error(result, "scontrol could not reach the SLURM controller",
+                          "state of job 42 is unknown", "sinfo")

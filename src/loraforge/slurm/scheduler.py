@@ -21,6 +21,8 @@ ACTIVE_STATES = frozenset({
 UNREACHABLE = ("Unable to contact slurm controller", "Could not establish a configuration source",
                "Unable to process configuration file", "Socket timed out",
                "Zero Bytes were transmitted or received")
+REACH_FIX = ("check that SLURM answers on this machine (`sinfo`; on a cluster, run this on its "
+             "login node), then run the command again")
 
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=")
 
@@ -70,9 +72,7 @@ def sbatch(script: Path, options: list[str], cwd: Path) -> str:
         if any(sign in message for sign in UNREACHABLE):
             raise ForgeError(f"sbatch could not reach the SLURM controller, so nothing was "
                              f"submitted: {message}", path=script,
-                             fix="check that SLURM answers on this machine (`sinfo`; on a "
-                                 "cluster, run this on its login node), then run the command "
-                                 "again; the script named above is kept")
+                             fix=f"{REACH_FIX}; the script named above is kept")
         raise ForgeError(f"sbatch refused the job: {message}", path=script,
                          fix="check the [slurm] section of forge.toml (partition, account, qos, "
                              "gpus, mem, time); the script named above is what was submitted")
@@ -91,6 +91,11 @@ def show_jobs(job_ids: list[str]) -> list[dict[str, str]]:
     records: list[dict[str, str]] = []
     for job_id in job_ids:
         result = _call([program, "show", "job", "-o", job_id])
+        message = (result.stderr or result.stdout).strip()
+        if result.returncode and any(sign in message for sign in UNREACHABLE):
+            raise ForgeError(f"scontrol could not reach the SLURM controller, so the state of "
+                             f"job {job_id} is unknown: {message}",
+                             fix=REACH_FIX)
         if result.returncode == 0:
             records += parse_records(result.stdout)
     return records
