@@ -47,7 +47,7 @@ def damage(run_dir: Path) -> str | None:
     """Why the run's `run.json` cannot be read, when there is one (None: readable, or none)."""
     try:
         record = json.loads((run_dir / RECORD).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no record (or no run folder)
         return None
     except OSError as exc:
         return exc.strerror or str(exc)

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraforge.config import CONFIG_NAME
 from loraforge.dataset.images import (
     IMAGE_EXTENSIONS,
     SUPPORTED_KIND_EXTENSION,
@@ -547,6 +548,10 @@ def free_name(image: Path, caption_extension: str, mark: str) -> Path:
     return candidate
 
 
+#: What a project or storage folder holds and a dataset folder never does.
+_PROJECT_FILES = (CONFIG_NAME, "master_dataset", "Multi_Concept_Output", "Final_Images")
+
+
 def scan_dataset(dataset_dir: Path, caption_extension: str = ".txt",
                  rerun: str = _RERUN) -> Dataset:
     """Scan and validate the dataset; raise one ForgeError listing every problem found, each
@@ -561,5 +566,12 @@ def scan_dataset(dataset_dir: Path, caption_extension: str = ".txt",
         raise ForgeError("is not a folder", path=display_path(root),
                          fix="set dataset.path in forge.toml to the folder holding your "
                              "<repeats>_<concept>/ folders")
+    project = [name for name in _PROJECT_FILES if (root / name).exists()]
+    if project:  # its advice would rename the project's own folders into concepts
+        raise ForgeError(f"is a project or storage folder (it holds {', '.join(project)}), not "
+                         "a dataset folder", path=display_path(root),
+                         fix="set dataset.path in forge.toml to the folder of your "
+                             "<repeats>_<concept>/ folders (master_dataset, beside forge.toml, "
+                             "by default)")
     return _Scanner(root, caption_extension, rerun).run()
 
