@@ -197,6 +197,16 @@ def test_blank_pose_map(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_pose_json_with_no_figure_on_its_canvas(project: Path) -> None:
+    """It rendered with an all-black pose map, exit 0: an unposed scene passed as posed."""
+    (project / "empty.json").write_text(
+        '{"canvas_width": 128, "canvas_height": 96, "people": []}')
+    result = _generate(project, "--pose", "empty.json", "--lora", "none")
+    assert_user_error(result, "empty.json", "draws no figure on its 128x96 canvas (no people",
+                      "--pose random")
+    _untouched(project)
+
+
 def test_a_photo_as_pose_needs_the_detector_or_is_refused(project: Path) -> None:
     """A photo is extracted (generate.pose_from_photo = "extract", the default): without a
     fetched detector that says how to get one; with "refuse" it says how to extract it."""

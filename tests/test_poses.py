@@ -439,10 +439,28 @@ def test_render_command_defaults_to_png_beside_json(tmp_path: Path) -> None:
     assert lines == [f"wrote {tmp_path / 'scene.png'} (1 person, 640x480)"]
     with Image.open(tmp_path / "scene.png") as im:
         assert im.tobytes() == draw_pose(pose).tobytes()
-    off = PoseMap(640, 480, (Person(((700.0, 10.0),) + (None,) * 17),))
+    (person,) = pose.people
+    off = PoseMap(640, 480, (Person(((700.0, 10.0), *person.keypoints[1:])),))
     write_pose_json(tmp_path / "off.json", off)
     lines = render_pose_command(tmp_path / "off.json", tmp_path / "off.png")
     assert lines[1] == "warning: person 1: outside the canvas: nose"
+
+
+@pytest.mark.parametrize(("people", "listed"), [
+    ([], "no people"),
+    ([{"pose_keypoints_2d": [0] * 54}], "1 person"),  # every keypoint missing
+    ([{"pose_keypoints_2d": [-500, 10, 1] * 18}] * 2, "2 people")])  # off the canvas
+def test_a_pose_json_that_draws_no_figure_is_refused_as_a_blank_map_is(
+        tmp_path: Path, people: list[Any], listed: str) -> None:
+    """It rendered an all-black pose map, and `generate --pose` an unposed scene, exit 0."""
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"canvas_width": 128, "canvas_height": 96, "people": people}))
+    with pytest.raises(ForgeError) as refused:
+        render_pose_command(path, None)
+    assert refused.value.message == (f"draws no figure on its 128x96 canvas ({listed}; no "
+                                     "keypoint with a confidence above 0 inside it)")
+    assert refused.value.path == path and "loraforge pose random" in (refused.value.fix or "")
+    assert not (tmp_path / "empty.png").exists()
 
 
 def test_narrowest_pose_fits_the_capacity_bound() -> None:

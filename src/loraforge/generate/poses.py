@@ -968,6 +968,20 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
     return lines
 
 
+def draw_figures(pose: PoseMap, path: Path, fix: str) -> Image.Image:
+    """`draw_pose(pose)`, or ForgeError naming `path` when that map would be blank (no people,
+    or every keypoint missing or off the canvas), as a blank pose map image is refused: it
+    steers no figure, and the render would silently be an unposed one."""
+    image = draw_pose(pose)
+    ok, reason = looks_like_pose_map(image)
+    if not ok and reason.startswith("blank"):
+        n = len(pose.people)
+        listed = f"{n} {'person' if n == 1 else 'people'}" if n else "no people"
+        raise ForgeError(f"draws no figure on its {pose.width}x{pose.height} canvas ({listed}; "
+                         "no keypoint with a confidence above 0 inside it)", path=path, fix=fix)
+    return image
+
+
 def render_pose_command(pose_json: Path, output: Path | None) -> list[str]:
     """``loraforge pose render``: draw an OpenPose JSON as a pose map; lines to print."""
     from loraforge.dataset.images import is_image_kind, sniff_file
@@ -985,7 +999,9 @@ def render_pose_command(pose_json: Path, output: Path | None) -> list[str]:
         raise ForgeError("the output would overwrite the pose JSON", path=output,
                          fix="pass -o with another name")
     pose = read_pose_json(pose_json)
-    save_png(draw_pose(pose), output)
+    save_png(draw_figures(pose, pose_json, "add the figures' keypoints (export the pose again "
+                          "from the editor), or draw random ones: `loraforge pose random`"),
+             output)
     n = len(pose.people)
     lines = [f"wrote {output} ({n} {'person' if n == 1 else 'people'}, "
              f"{pose.width}x{pose.height})"]

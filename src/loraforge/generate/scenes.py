@@ -331,8 +331,10 @@ class PoseCache:
 
         if path.suffix.lower() == ".json":
             pose = poses.fit_pose(poses.read_pose_json(path), width, height)
+            image = poses.draw_figures(pose, path, "add the figures' keypoints (export the pose "
+                                       "again from the editor), or use --pose random")
             self.keypoints[(path, width, height)] = pose
-            return poses.draw_pose(pose)
+            return image
         # Only ever scaled down, onto the scene or into the detector's input: a huge JPEG
         # photo is decoded at a fraction of its size.
         image = load_image(path, fit=(max(width, DECODE_BOX[0]), max(height, DECODE_BOX[1])))
