@@ -122,6 +122,25 @@ def test_sdxl_lora_is_refused(project: Path) -> None:
     _untouched(project)
 
 
+def test_lycoris_and_ldm_named_files_are_named_for_their_format(project: Path) -> None:
+    """A LoHa (Civitai has many) failed after the models loaded, as an internal error of the
+    loader with the advice to use an SD 1.x LoRA, which it was."""
+    module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    _lora(project / "loha.safetensors", {f"{module}.hada_w1_a": (320, 4),
+                                         f"{module}.hada_w1_b": (4, 768),
+                                         f"{module}.hada_w2_a": (320, 4),
+                                         f"{module}.hada_w2_b": (4, 768), f"{module}.alpha": ()})
+    result = _generate(project, "--lora", "loha.safetensors:0.7")
+    assert_user_error(result, "loha.safetensors", "is a LoHa (LyCORIS) file, not a LoRA",
+                      "kohya's or diffusers' LoRA format")
+    ldm = "lora_unet_input_blocks_1_1_proj_in"
+    _lora(project / "ldm.safetensors", {f"{ldm}.lora_down.weight": (4, 320),
+                                        f"{ldm}.lora_up.weight": (320, 4)})
+    result = _generate(project, "--lora", "ldm.safetensors")
+    assert_user_error(result, "ldm.safetensors", "the original (LDM) way", "down_blocks_")
+    _untouched(project)
+
+
 def test_lora_for_a_wider_model_is_refused(project: Path) -> None:
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     _lora(project / "sd15.safetensors", {f"{name}.lora_down.weight": (4, 768),

@@ -226,6 +226,27 @@ def _architecture_problem(keys: list[str], header: dict[str, Any], metadata: dic
     return None
 
 
+#: LyCORIS formats by a mark in their keys: other products than LoRA's, which are not read.
+_LYCORIS = ((".hada_", "LoHa"), (".lokr_", "LoKr"), (".oft_", "OFT"), (".diff", "full-weight"))
+#: kohya's keys with the original (LDM) U-Net layer names, not diffusers' (down_blocks, ...).
+_LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+def _unread_format(keys: list[str]) -> str | None:
+    """A LyCORIS file or one with layer names the loader does not map: named before minutes
+    of loading, not as an internal error of the loader."""
+    for mark, name in _LYCORIS:
+        key = next((k for k in keys if mark in k), None)
+        if key is not None:
+            return (f"is a {name} (LyCORIS) file, not a LoRA (e.g. {key}): LoRA Forge reads "
+                    "LoRA and LoCon weights only")
+    key = next((k for k in keys if k.startswith(_LDM_UNET)), None)
+    if key is not None:
+        return (f"names the U-Net's layers the original (LDM) way (e.g. {key}), which LoRA "
+                "Forge does not read: it reads kohya's and diffusers' names (down_blocks_...)")
+    return None
+
+
 #: The two halves of a LoRA module's product, in each key format read (kohya, peft, diffusers).
 _HALVES = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
            (".lora.down.weight", ".lora.up.weight"))
@@ -262,6 +283,12 @@ def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
         raise ForgeError(problem, path=path,
                          fix="use a LoRA trained for SD 1.x (the base model's family), e.g. "
                              "one made by `loraforge train`")
+    unread = _unread_format(keys)
+    if unread:
+        raise ForgeError(unread, path=path,
+                         fix="use a LoRA in kohya's or diffusers' LoRA format (lora_down/lora_up "
+                             "weights, as `loraforge train` writes), e.g. the LoRA version of "
+                             "this character if its author offers one")
     incomplete = _missing_half(keys)
     if incomplete:
         raise ForgeError(incomplete, path=path,
