@@ -157,6 +157,22 @@ def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainR
     assert_user_error(changed, "`fmt` already finished, with other settings",
                       "train.epochs: 12 -> 13", "--restart")
     assert "keep_last_n" not in changed.stderr  # it does not change the weights
+    # Other pictures ask for another training as other settings do (the old LoRA lacks them).
+    picture = config.parent / "master_dataset" / "1_red_knight" / "1.png"
+    original = picture.read_bytes()
+    draw_character(picture, (20, 160, 20), "circle", offset=0)
+    extra = picture.with_name("extra.png")
+    try:
+        swapped = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
+        assert_user_error(swapped, "`fmt` already finished, with other settings or images",
+                          "images.content: 1_red_knight/1.png is another image now", "--restart")
+        picture.write_bytes(original)
+        extra.write_bytes(original)
+        grown = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
+        assert_user_error(grown, "images.dataset: the list of images", "--restart")
+    finally:
+        picture.write_bytes(original)
+        extra.unlink(missing_ok=True)
     assert trained.final.read_bytes() == before
     assert json.loads((trained.final.parent / "run.json").read_text())["status"] == "finished"
     trained.final.write_bytes(before[:5000])  # cut short (a full quota while copying it back)

@@ -81,7 +81,7 @@ _KINDS: dict[str, type | tuple[type, ...]] = {
                      "failed_at", "final_lora", "base_model", "device"), str),
     **dict.fromkeys(("final_loss", "started_at_unix"), (int, float)),
     **dict.fromkeys(("step", "total_steps", "epochs", "steps_per_epoch", "pid"), int),
-    **dict.fromkeys(("config", "slurm", "dataset"), dict),
+    **dict.fromkeys(("config", "slurm", "dataset", "images"), dict),
     "process_hosts": list,
 }
 

@@ -54,16 +54,20 @@ def upgraded(saved: dict[str, Any], settings: Settings, examples: list[Any]) -> 
     return {**saved, "train": train, "images": images}
 
 
+def trained_images(settings: Settings, examples: list[Any]) -> dict[str, Any]:
+    """The list of images (with their concepts and buckets) and each image's content. Paths
+    inside the dataset folder: a project moved elsewhere still resumes."""
+    return {"dataset": images_fingerprint(examples, settings.dataset_dir),
+            "content": images_content(sorted({e.path for e in examples}), settings.dataset_dir)}
+
+
 def semantic_config(settings: Settings, examples: list[Any], world: World) -> dict[str, Any]:
     """What decides the trained weights: the config's sections, and the images themselves.
     The number of processes does not, as long as the global batch and the learning rates the
     optimizer uses stay the same: a run saved on 4 GPUs resumes on 2 with twice the batch."""
     data = settings.to_dict()
-    # Paths inside the dataset folder: a project moved elsewhere still resumes.
-    images = images_fingerprint(examples, settings.dataset_dir)
     found = {**{section: data[section] for section in SEMANTIC_SECTIONS},
-             "images": {"dataset": images, "content": images_content(
-                 sorted({e.path for e in examples}), settings.dataset_dir)}}
+             "images": trained_images(settings, examples)}
     train = dict(found["train"])
     train["global_batch_size"] = train.pop("batch_size") * world.size
     factor = lr_factor(settings, world)
@@ -96,16 +100,24 @@ def check_resumable(saved: dict[str, Any], path: Path, settings: Settings, examp
                          f"`{run_dir.name}` over, or train under a new --run name")
 
 
-def check_finished_with(record: dict[str, Any], settings: Settings, run_dir: Path) -> None:
-    """A finished run is only handed back for the settings it was trained with: other
-    settings ask for another training, which must not be answered with the old file."""
+def check_finished_with(record: dict[str, Any], settings: Settings, run_dir: Path,
+                        examples: list[Any]) -> None:
+    """A finished run is only handed back for the settings and images it was trained with
+    (the images where its record has them: runs finished before it are compared by settings
+    only): others ask for another training, which must not be answered with the old file."""
     saved, current = record.get("config") or {}, settings.to_dict()
     diffs = config_differences({s: saved.get(s, {}) for s in SEMANTIC_SECTIONS},
                                {s: current[s] for s in SEMANTIC_SECTIONS}, RESUME_SAFE)
+    images = record.get("images")
+    if isinstance(images, dict):
+        diffs += config_differences({"images": images},
+                                    {"images": trained_images(settings, examples)}, set())
     if diffs:
         shown = "\n  ".join(diffs)
-        raise ForgeError(f"run `{run_dir.name}` already finished, with other settings:\n  "
-                         f"{shown}", path=run_dir,
+        what = " (images.dataset: the list of images)" if any(
+            d.startswith("images.dataset") for d in diffs) else ""
+        raise ForgeError(f"run `{run_dir.name}` already finished, with other settings or "
+                         f"images{what}:\n  {shown}", path=run_dir,
                          fix=f"pass --restart to train `{run_dir.name}` again with these "
                              "settings (its files are replaced), or train under a new --run "
                              "name")

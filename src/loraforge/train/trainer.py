@@ -36,7 +36,12 @@ from loraforge.train.distributed import (
 from loraforge.train.inputs import StepInputs
 from loraforge.train.journal import HISTORY, LOSS_SMOOTHING, Journal, setup_logging
 from loraforge.train.plan import lr_factor, make_plan
-from loraforge.train.resume import check_finished_with, check_resumable, semantic_config
+from loraforge.train.resume import (
+    check_finished_with,
+    check_resumable,
+    semantic_config,
+    trained_images,
+)
 from loraforge.train.signals import Interrupted, StopRequest
 from loraforge.train.state import Position
 
@@ -344,6 +349,7 @@ class Trainer:
             self.record.update(status="finished", step=position.step,
                                final_loss=position.smoothed_loss(LOSS_SMOOTHING),
                                final_lora=str(final),
+                               images=trained_images(self.settings, self.examples),
                                finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             shutil.rmtree(self.run_dir / "state", ignore_errors=True)
             self.write_report()
@@ -576,7 +582,10 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     if record and record.get("status") == "finished" and not restart:
         final = runs.final_lora(run_dir)
         if final.is_file():
-            check_finished_with(record, settings, run_dir)
+            from loraforge.dataset.examples import build_examples
+
+            examples = build_examples(dataset, settings.config.dataset, lambda _warning: None)
+            check_finished_with(record, settings, run_dir, examples)
             _check_final(final)
             return TrainResult(final, None)
     if run_dir.exists() and not run_dir.is_dir():
