@@ -216,6 +216,19 @@ def test_blank_pose_map(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_folder_where_the_newest_image_is_copied_is_named_before_rendering(
+        project: Path) -> None:
+    """It was blamed on a full disk, after the scene's own files had been written."""
+    newest = project / "store" / "Final_Images" / "final_command_scene.png"
+    newest.mkdir()
+    result = _generate(project, "--lora", "none")
+    assert_user_error(result, "Final_Images/final_command_scene.png: is a folder",
+                      "copy of the newest image", "move it away")
+    assert "disk" not in result.stderr
+    newest.rmdir()
+    _untouched(project)  # nothing rendered, nothing written
+
+
 def test_a_pose_json_with_no_figure_on_its_canvas(project: Path) -> None:
     """It rendered with an all-black pose map, exit 0: an unposed scene passed as posed."""
     (project / "empty.json").write_text(

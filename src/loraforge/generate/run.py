@@ -302,6 +302,10 @@ def _prepare_output(folder: Path) -> None:
                          fix="check storage.root in forge.toml and its permissions") from None
     if not folder.is_dir():
         raise ForgeError("is not a folder", path=folder, fix="move the file out of the way")
+    newest = folder / f"{FINAL_NAME}.png"
+    if newest.exists() and not newest.is_file():  # each image is copied there: say so now
+        raise ForgeError("is a folder (or other non-file) where the copy of the newest image "
+                         "goes", path=newest, fix="move it away or rename it, then rerun")
 
 
 def generate(settings: Settings, options: Options, echo: Callable[[str], None],
