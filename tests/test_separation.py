@@ -117,6 +117,14 @@ def test_a_bad_held_out_folder_gets_the_eval_fix_not_the_datasets(project: Path,
     (tmp_path / "bare" / "red_knight").mkdir(parents=True)
     refused(tmp_path / "bare", "does not start with a repeat count",
             "loraforge eval --held-out` again")
+    # the training pictures themselves, or one copied under another name, are not held out
+    dataset = load_settings(project).dataset_dir
+    refused(dataset, "of the training pictures (e.g.", "would not be a held-out one",
+            "kept out of training")
+    (tmp_path / "copied" / "1_red_knight").mkdir(parents=True)
+    trained = next((dataset / "1_red_knight").glob("*.png"))
+    (tmp_path / "copied" / "1_red_knight" / "fresh.png").write_bytes(trained.read_bytes())
+    refused(tmp_path / "copied", "holds 1 of the training pictures (e.g. ", "fresh.png is ")
     assert (written.read_bytes() if written.exists() else None) == before
 
 

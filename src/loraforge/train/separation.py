@@ -209,7 +209,28 @@ def _held_out(folder: Path | None, dataset: Dataset, config: DatasetConfig) -> D
                          "the run", path=folder,
                          fix=f"name them like the training folders (<repeats>_<name>, the "
                              f"names are: {', '.join(sorted(known))})")
+    _refuse_trained_pictures(folder, held, dataset)
     return held
+
+
+def _refuse_trained_pictures(folder: Path, held: Dataset, dataset: Dataset) -> None:
+    """Held-out pictures that are training pictures (same bytes, whatever their names) would
+    label a measure on training pictures held-out."""
+    from loraforge.dataset.scan import display_path
+    from loraforge.train.latent_cache import file_sha256
+
+    trained = {file_sha256(image.path): image.path
+               for concept in dataset.concepts for image in concept.images}
+    same = [(image.path, trained[digest]) for concept in held.concepts
+            for image in concept.images if (digest := file_sha256(image.path)) in trained]
+    if same:
+        picture, original = same[0]
+        raise ForgeError(f"holds {len(same)} of the training pictures (e.g. "
+                         f"{display_path(picture)} is {display_path(original)}): measured on "
+                         "them, the separation would not be a held-out one", path=folder,
+                         fix="give --held-out pictures kept out of training (move those out of "
+                             "it), or leave --held-out out to measure on the training pictures "
+                             "with fresh noise")
 
 
 def _latents(vae: Any, concept: Concept, dataset: Dataset, config: DatasetConfig,
