@@ -563,3 +563,14 @@ def test_a_malformed_manifest_is_named_by_list_and_verify(
     assert "copied: DAMAGED" in verified.out
     assert "manifest.json is malformed" in verified.out
     assert "no manifest.json" not in verified.out
+    # A manifest that lists no weights (hand-edited) cannot call the weights "ok".
+    (model / "manifest.json").write_text('{"files": {}}')
+    verified = run_main(["models", "verify", "copied"], project, monkeypatch, capsys)
+    assert verified.code == 1, verified.text
+    assert "manifest.json does not list diffusion_pytorch_model.safetensors" in verified.out
+    # A folder that is no model is named as such, not "DAMAGED" with advice to move it aside.
+    (project / "store" / "notes").mkdir()
+    (project / "store" / "notes" / "todo.txt").write_text("x")
+    verified = run_main(["models", "verify", "notes"], project, monkeypatch, capsys)
+    assert verified.code == 1 and "is not a model folder" in verified.err, verified.text
+    assert "DAMAGED" not in verified.out

@@ -128,7 +128,7 @@ def verify_command(
 ) -> None:
     """Re-hash model files against their manifest.json; exit 1 if any is missing or changed."""
     from loraforge.errors import ForgeError
-    from loraforge.models.manifest import model_folders, verify_folder
+    from loraforge.models.manifest import model_folders, model_kind, read_manifest, verify_folder
     from loraforge.models.tiny import tiny_folders
     from loraforge.models.tiny_detector import tiny_detector_folder
 
@@ -138,6 +138,11 @@ def verify_command(
         if not folder.is_dir():
             raise ForgeError("model not found", path=folder,
                              fix="`loraforge models list` shows the models there are")
+        if read_manifest(folder) is None and model_kind(folder, None) is None:
+            raise ForgeError("is not a model folder (no diffusers model, ControlNet, pose "
+                             "detector or tagger in it, and no manifest.json)", path=folder,
+                             fix="name a model folder; `loraforge models list` shows the models "
+                                 "there are")
         targets = [folder]
     else:
         targets = list(model_folders(settings.listed_storage_root("models")))

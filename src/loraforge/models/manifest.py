@@ -233,6 +233,10 @@ class Verification:
         return not (self.missing or self.changed or self.problems)
 
 
+#: Files that hold a model's weights: never "extra" to its manifest.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".ckpt", ".pt", ".pth")
+
+
 def verify_folder(folder: Path) -> Verification:
     """Re-hash every file against the manifest (no hash cache); check the folder's structure."""
     result = Verification(folder.name, folder)
@@ -260,6 +264,12 @@ def verify_folder(folder: Path) -> Verification:
                 result.changed.append(f"{rel} (sha256 differs)")
         present = describe_names(folder)
         result.extra = sorted(present - set(listed))
+        unlisted = [name for name in result.extra if name.endswith(_WEIGHT_SUFFIXES)]
+        if unlisted:  # a manifest that lists no weights would call any of them "ok"
+            result.problems.append(f"manifest.json does not list {', '.join(unlisted[:3])}"
+                                   f"{' ...' if len(unlisted) > 3 else ''}: their contents "
+                                   "cannot be checked; fetch or import the model again to "
+                                   "write a new one")
     try:
         if kind == "base":
             from loraforge.models.store import check_base_model
