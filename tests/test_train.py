@@ -235,6 +235,7 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     assert process.stdout is not None
     for line in process.stdout:
         if line.startswith("step 3/"):
+            process.send_signal(signal.SIGSTOP)  # held at this step while `runs` looks
             alive = json.loads(run_cli("runs", "--json", "--config", config).stdout)
             process.kill()
             break

@@ -127,6 +127,8 @@ def test_every_allowed_seed_draws_and_small_seeds_draw_what_they_always_did() ->
     {"position": {"step": -5}, "config": {}},
     {"position": {"step": 3, "loss_ema": "low"}, "config": {}},
     {"position": {"steps": 3}, "config": {}},                  # a field it does not have
+    {"position": {"step": 3, "loss_ema": float("nan")}, "config": {}},
+    {"position": {"step": 9999}, "config": {}},                # not its folder's step
     [],
 ])
 def test_a_hand_edited_position_file_is_a_damaged_state_not_a_traceback(
@@ -140,11 +142,35 @@ def test_a_hand_edited_position_file_is_a_damaged_state_not_a_traceback(
     from loraforge.errors import ForgeError
     from loraforge.train.state import OPTIMIZER, POSITION, WEIGHTS, load_state
 
-    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(tmp_path / WEIGHTS))
-    torch.save({"optimizer": {}}, tmp_path / OPTIMIZER)  # the rest of the state is sound
-    (tmp_path / POSITION).write_text(json.dumps({"position": {"step": 3}, "config": {}}))
-    assert load_state(tmp_path).position.step == 3
-    (tmp_path / POSITION).write_text(json.dumps(meta))
+    state = tmp_path / "step-00000003"
+    state.mkdir()
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(state / WEIGHTS))
+    torch.save({"optimizer": {}}, state / OPTIMIZER)  # the rest of the state is sound
+    (state / POSITION).write_text(json.dumps({"position": {"step": 3}, "config": {}}))
+    assert load_state(state).position.step == 3
+    (state / POSITION).write_text(json.dumps(meta))
     with pytest.raises(ForgeError, match="training state cannot be read") as refused:
-        load_state(tmp_path)
+        load_state(state)
+    assert refused.value.path == state and "--restart" in str(refused.value.fix)
+
+
+@pytest.mark.parametrize(("step", "epoch", "batch"), [
+    (60, 99, 0),  # an epoch past the run's: it "finished" at once, 6 steps called final
+    (9999, 5, 0),  # beyond the run's steps
+    (7, 0, 1),  # a step beyond its epoch
+    (12, 2, 50),  # a batch beyond an epoch's
+])
+def test_a_position_that_is_no_place_in_the_run_is_a_damaged_state(
+        tmp_path: Path, step: int, epoch: int, batch: int) -> None:
+    from loraforge.errors import ForgeError
+    from loraforge.train.plan import Plan
+    from loraforge.train.state import LoadedState, Position, check_position
+
+    plan = Plan(batch_size=1, accumulation=1, batches_per_epoch=6, steps_per_epoch=6,
+                total_steps=60, epochs=10)
+    for fine in (Position(0, 0, 0), Position(6, 1, 0), Position(9, 1, 3), Position(60, 10, 0)):
+        check_position(LoadedState(tmp_path, fine, {}, {}, {}), plan)
+    with pytest.raises(ForgeError, match=r"position.json: step \d+, epoch \d+, batch \d+ is "
+                       r"no place in this run of 60 steps, 10 epochs of 6") as refused:
+        check_position(LoadedState(tmp_path, Position(step, epoch, batch), {}, {}, {}), plan)
     assert refused.value.path == tmp_path and "--restart" in str(refused.value.fix)

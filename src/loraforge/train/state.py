@@ -22,6 +22,8 @@ from loraforge.errors import ForgeError
 if TYPE_CHECKING:
     import torch
 
+    from loraforge.train.plan import Plan
+
 STATE_DIR = "state"
 PREFIX = "step-"
 WEIGHTS = "lora.safetensors"
@@ -115,6 +117,9 @@ class LoadedState:
     trainer_state: dict[str, Any]
 
 
+_DAMAGED_FIX = "delete this state folder to resume from the one before it, or pass --restart"
+
+
 def load_state(path: Path) -> LoadedState:
     import torch
     from safetensors.torch import load_file
@@ -125,16 +130,30 @@ def load_state(path: Path) -> LoadedState:
         counts = (position.step, position.epoch, position.batch_in_epoch)
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts) \
                 or not isinstance(position.loss_ema, int | float) \
+                or not math.isfinite(position.loss_ema) \
                 or not isinstance(meta["config"], dict):
             raise ValueError(f"{POSITION} holds values of the wrong kind")
+        if f"{PREFIX}{position.step:08d}" != path.name:
+            raise ValueError(f"{POSITION} says step {position.step}, its folder another")
         weights = load_file(str(path / WEIGHTS))
         trainer_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
     except Exception as exc:  # any damage (truncation, a foreign file) means the same to a user
         raise ForgeError(f"training state cannot be read ({type(exc).__name__}: {exc})",
-                         path=path,
-                         fix="delete this state folder to resume from the one before it, or "
-                             "pass --restart") from None
+                         path=path, fix=_DAMAGED_FIX) from None
     return LoadedState(path, position, meta["config"], weights, trainer_state)
+
+
+def check_position(state: LoadedState, plan: Plan) -> None:
+    """A state's position inside the run it resumes (same config, so the same plan): a
+    hand-edited one beyond it finished the run at once, and called a few steps final."""
+    p = state.position
+    if not (p.step <= plan.total_steps and p.epoch <= plan.epochs
+            and p.batch_in_epoch <= plan.batches_per_epoch
+            and p.epoch * plan.steps_per_epoch <= p.step <= (p.epoch + 1) * plan.steps_per_epoch):
+        raise ForgeError(f"training state cannot be read ({POSITION}: step {p.step}, epoch "
+                         f"{p.epoch}, batch {p.batch_in_epoch} is no place in this run of "
+                         f"{plan.total_steps} steps, {plan.epochs} epochs of "
+                         f"{plan.steps_per_epoch})", path=state.path, fix=_DAMAGED_FIX)
 
 
 def images_content(paths: list[Path], folder: Path) -> dict[str, str]:

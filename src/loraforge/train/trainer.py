@@ -170,13 +170,14 @@ class Trainer:
         config and dataset: a state from another one is refused (ForgeError) before minutes of
         model loading. Rank 0 reads it and sends it: on shared storage another node may still
         see an older listing. Every process must call it."""
-        from loraforge.train.state import load_state, saved_states
+        from loraforge.train.state import check_position, load_state, saved_states
 
         states = [] if restart or not self.world.is_main else saved_states(self.run_dir)
         state = from_main(load_state(states[-1]) if states else None, self.world)
         if state is not None:
             check_resumable(state.config, state.path, self.settings, self.examples, self.world,
                             self.run_dir)
+            check_position(state, self.plan)
         return state
 
     def run(self, base: Path, state: Any, facts_for: Any) -> Path:
