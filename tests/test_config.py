@@ -42,6 +42,24 @@ def test_init_where_no_folder_can_be_made_is_a_clear_error(tmp_path: Path) -> No
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+def test_init_checks_before_writing_and_names_a_broken_link(tmp_path: Path) -> None:
+    """A file where master_dataset/ goes left a half-made project (forge.toml written, then
+    "File exists"); a broken link was "cannot create the project folder (File exists)"."""
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "master_dataset").write_text("mine")
+    result = run_cli("init", project)
+    assert_user_error(result, "p/master_dataset: is a file where the project's master_dataset/",
+                      "move that file away")
+    assert sorted(p.name for p in project.iterdir()) == ["master_dataset"]
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone" / "deeper")
+    result = run_cli("init", link)
+    assert_user_error(result, "is a broken symbolic link", "gone/deeper",
+                      "create the folder it points to")
+    assert not (tmp_path / "gone").exists()
+
+
 def test_written_config_holds_the_community_defaults(tmp_path: Path) -> None:
     run_cli("init", tmp_path)
     shown = _show(tmp_path / "forge.toml")["config"]

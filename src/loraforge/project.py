@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,21 @@ def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
 def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
     """Write forge.toml, master_dataset/README.md and the two SLURM job scripts into `directory`
     (plus logs/ for their output); never overwrite a file."""
+    from loraforge.slurm.script import LOG_DIR
+
     if directory.exists() and not directory.is_dir():
         raise ForgeError("exists and is not a folder", path=directory,
                          fix="choose another project folder")
+    if directory.is_symlink() and not directory.exists():
+        raise ForgeError(f"is a broken symbolic link (to {os.readlink(directory)}, which does "
+                         "not exist)", path=directory,
+                         fix="create the folder it points to, or remove the link and run "
+                             "`loraforge init` again")
+    for name in ("master_dataset", LOG_DIR):  # checked before anything is written
+        if (directory / name).exists() and not (directory / name).is_dir():
+            raise ForgeError(f"is a file where the project's {name}/ folder goes",
+                             path=directory / name,
+                             fix="move that file away, then run `loraforge init` again")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
