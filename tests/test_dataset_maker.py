@@ -525,6 +525,16 @@ def test_removing_a_tag_keeps_the_spacing_of_the_rest() -> None:
     assert remove_tags("blake, 1girl\r\nsolo", ["1girl"]) == "blake, solo"
     assert remove_tags("blake, 1girl, solo\n", ["1girl"]) == "blake, solo\n"
     assert remove_tags("a ||| b, c", ["b"]) == "a ||| c"
+    assert remove_tags("blake\rsmile\rsolo", ["smile"]) == "blake\rsolo"  # old Mac breaks
+
+
+def test_an_edit_that_changes_no_tag_leaves_the_caption_as_it_was() -> None:
+    """Stray commas were stripped, and the file counted as changed, with no tag removed."""
+    from loraforge.dataset.caption_edit import caption_tags, remove_tags
+
+    odd = "(solo:1.2), red_knight,,  , smile,"
+    assert remove_tags(odd, ["solo"]) == odd
+    assert caption_tags("red_knight\rsolo\rsmile") == ["red_knight", "solo", "smile"]
 
 
 def test_check_reports_missing_triggers_absorbed_tags_and_near_duplicates(tmp_path: Path,

@@ -25,8 +25,8 @@ from loraforge.errors import ForgeError
 from loraforge.fsutil import DEFAULT_FILE_MODE, write_atomic
 
 BACKUP_DIR = ".caption_backups"
-_SEPARATOR = re.compile(r"(,|\r?\n|\|\|\|)")
-_SOFT = (",", "\n", "\r\n")  # separators that only separate (unlike |||, which means "kept")
+_SEPARATOR = re.compile(r"(,|\r\n|\r|\n|\|\|\|)")  # line breaks: Unix, Windows, old Mac
+_SOFT = (",", "\n", "\r\n", "\r")  # separators that only separate (unlike |||: "kept")
 
 
 def tag_key(tag: str) -> str:
@@ -57,6 +57,8 @@ def edit_tags(text: str, change: Callable[[str], str | None]) -> str:
     tag."""
     head, items, tail = _split(text)
     wanted = [change(raw.strip()) if raw.strip() else raw.strip() for raw, _ in items]
+    if all(new == raw.strip() for (raw, _), new in zip(items, wanted, strict=True)):
+        return text  # no tag changes: nor does the file (its stray commas stay)
     taken = {tag_key(raw) for (raw, _), new in zip(items, wanted, strict=True)
              if new is not None and tag_key(new) == tag_key(raw)}
     for i, ((raw, _), new) in enumerate(zip(items, wanted, strict=True)):
