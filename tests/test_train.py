@@ -162,6 +162,8 @@ def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainR
     original = picture.read_bytes()
     draw_character(picture, (20, 160, 20), "circle", offset=0)
     extra = picture.with_name("extra.png")
+    caption = picture.with_suffix(".txt")
+    said = caption.read_text()
     try:
         swapped = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
         assert_user_error(swapped, "`fmt` already finished, with other settings or images",
@@ -170,8 +172,13 @@ def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainR
         extra.write_bytes(original)
         grown = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
         assert_user_error(grown, "images.dataset: the list of images", "--restart")
+        extra.unlink()
+        caption.write_text("red_knight, retagged")
+        retagged = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
+        assert_user_error(retagged, "images.captions: 1_red_knight/1.png's caption changed")
     finally:
         picture.write_bytes(original)
+        caption.write_text(said)
         extra.unlink(missing_ok=True)
     assert trained.final.read_bytes() == before
     assert json.loads((trained.final.parent / "run.json").read_text())["status"] == "finished"
@@ -406,6 +413,13 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
                       "image now", "undo those changes to resume", "--restart")
     assert record.read_bytes() == interrupted
     replaced.write_bytes(original)
+    caption = replaced.with_suffix(".txt")  # retagged mid-run: two trainings mixed
+    said = caption.read_text()
+    caption.write_text(said.replace("standing", "sitting"))
+    retagged = run_cli("train", "--config", config)
+    assert_user_error(retagged, "cannot resume", "images.captions: 1_red_knight/1.png's caption "
+                      "changed", "--restart")
+    caption.write_text(said)
 
     run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
     stale = run_dir / "multi_concept-000007.safetensors"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
 from loraforge.train.plan import lr_factor
-from loraforge.train.state import config_differences, images_content
+from loraforge.train.state import config_differences, images_captions, images_content
 
 if TYPE_CHECKING:
     from loraforge.config import Settings
@@ -55,10 +55,11 @@ def upgraded(saved: dict[str, Any], settings: Settings, examples: list[Any]) -> 
 
 
 def trained_images(settings: Settings, examples: list[Any]) -> dict[str, Any]:
-    """The list of images (with their concepts and buckets) and each image's content. Paths
-    inside the dataset folder: a project moved elsewhere still resumes."""
+    """The list of images (with their concepts and buckets), each image's content and its
+    caption's tags. Paths inside the dataset folder: a project moved elsewhere still resumes."""
     return {"dataset": images_fingerprint(examples, settings.dataset_dir),
-            "content": images_content(sorted({e.path for e in examples}), settings.dataset_dir)}
+            "content": images_content(sorted({e.path for e in examples}), settings.dataset_dir),
+            "captions": images_captions(examples, settings.dataset_dir)}
 
 
 def semantic_config(settings: Settings, examples: list[Any], world: World) -> dict[str, Any]:

@@ -7,6 +7,7 @@ derive from (seed, step) and (seed, epoch), so no RNG state needs saving.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -31,6 +32,9 @@ OPTIMIZER = "optimizer.pt"
 POSITION = "position.json"
 #: Which file each image of the run is (sha256 of its bytes), in the config a state is saved with.
 CONTENT_KEY = "images.content"
+#: What each image trains on (its caption's tags, or the concept name), by the same names.
+CAPTIONS_KEY = "images.captions"
+_PER_IMAGE = {CONTENT_KEY: " is another image now", CAPTIONS_KEY: "'s caption changed"}
 #: Image content changes shown one by one; the rest are counted.
 SHOWN_IMAGES = 5
 
@@ -156,6 +160,17 @@ def check_position(state: LoadedState, plan: Plan) -> None:
                          f"{plan.steps_per_epoch})", path=state.path, fix=_DAMAGED_FIX)
 
 
+def images_captions(examples: list[Any], folder: Path) -> dict[str, str]:
+    """{image path inside `folder`: the first 16 hex digits of the sha256 of its tags}: a
+    caption edited between an interruption and its resume would mix two trainings."""
+    found = {}
+    for example in examples:
+        path = example.path
+        name = path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
+        found[name] = hashlib.sha256("\n".join(example.tags).encode()).hexdigest()[:16]
+    return dict(sorted(found.items()))
+
+
 def images_content(paths: list[Path], folder: Path) -> dict[str, str]:
     """{image path inside `folder`: the first 16 hex digits of its bytes' sha256}: an image
     replaced by another of the same name changes it (the list of names does not). Hashes are
@@ -169,31 +184,32 @@ def images_content(paths: list[Path], folder: Path) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def _content_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """One line per image whose content changed (added or removed images show in
+def _per_image_differences(key: str, old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """One line per image whose content (or caption) changed (added or removed images show in
     images.dataset, the list of images)."""
     changed = sorted(name for name in set(old) & set(new) if old[name] != new[name])
-    lines = [f"{CONTENT_KEY}: {name} is another image now (sha256 {old[name]}... -> "
-             f"{new[name]}...)" for name in changed[:SHOWN_IMAGES]]
+    what = _PER_IMAGE[key]
+    lines = [f"{key}: {name}{what} (sha256 {old[name]}... -> {new[name]}...)"
+             for name in changed[:SHOWN_IMAGES]]
     if len(changed) > SHOWN_IMAGES:
-        lines.append(f"{CONTENT_KEY}: and {len(changed) - SHOWN_IMAGES} more images changed")
+        lines.append(f"{key}: and {len(changed) - SHOWN_IMAGES} more changed")
     return lines
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any],
                        ignored: set[str]) -> list[str]:
     """`section.key: saved -> current` for every value that differs, except `ignored` keys.
-    `images.content` is compared image by image, and only when the saved side has it (states
-    written before it existed resume as they did)."""
+    `images.content` and `images.captions` are compared image by image, and only when the
+    saved side has them (states written before them resume as they did)."""
     lines = []
     for section in sorted(set(saved) | set(current)):
         before, after = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(before) | set(after)):
             name = f"{section}.{key}"
             old, new = before.get(key), after.get(key)
-            if name == CONTENT_KEY:
+            if name in _PER_IMAGE:
                 if isinstance(old, dict) and isinstance(new, dict):
-                    lines += _content_differences(old, new)
+                    lines += _per_image_differences(name, old, new)
                 continue
             if name in ignored or old == new or (
                     isinstance(old, float) and isinstance(new, float)
