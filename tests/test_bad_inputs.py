@@ -228,6 +228,11 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
     ("dataset-path-is-the-project", nothing, ["dataset", "check", "--set", 'dataset.path=""'],
      ("is a project or storage folder (it holds forge.toml, master_dataset", "not a dataset",
       "set dataset.path")),
+    ("finished-run-record-without-settings", both(
+        write("store/Multi_Concept_Output/rx/run.json", '{"status": "finished", "config": 5}'),
+        write("store/Multi_Concept_Output/rx/rx.safetensors", b"kept")),
+     ["train", "--run", "rx"], ("rx/run.json", "cannot be read (it records no settings)",
+                                "its LoRA rx.safetensors is untouched")),
     ("run-record-damaged", write("store/Multi_Concept_Output/rx/run.json", '{"status": "fin'),
      ["train", "--run", "rx"], ("rx/run.json", "the run's record cannot be read (not JSON",
                                 "move it away", "run.json.damaged", "--restart")),

@@ -582,6 +582,8 @@ def train(settings: Settings, run_name: str | None, restart: bool,
         _refuse_damaged(run_dir, why)
     if record and record.get("status") == "finished" and not restart:
         final = runs.final_lora(run_dir)
+        if final.is_file() and not record["config"]:  # hand-edited: nothing to compare with
+            _refuse_damaged(run_dir, "it records no settings")
         if final.is_file():
             from loraforge.dataset.examples import build_examples
 
