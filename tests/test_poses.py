@@ -517,7 +517,9 @@ def test_pose_outputs_replace_pose_maps_but_never_a_photo_a_config_or_other_json
     config, other = tmp_path / "forge.toml", tmp_path / "notes.json"
     config.write_text("[storage]\n")
     other.write_text('{"mine": 1}')
-    originals = {p: p.read_bytes() for p in (photo, night, config, other)}
+    roster = tmp_path / "roster.json"  # the user's, with a "people" key of its own
+    roster.write_text('{"people": "mine"}')
+    originals = {p: p.read_bytes() for p in (photo, night, config, other, roster)}
 
     # Given by mistake as an output, each is refused before anything is written.
     refused = run_cli("pose", "random", "-o", tmp_path / "new.png", "--pose-json", config)
@@ -526,6 +528,8 @@ def test_pose_outputs_replace_pose_maps_but_never_a_photo_a_config_or_other_json
         (lambda: random_pose_command(photo, 1, "256x256", 0, None), "photo.png"),
         (lambda: random_pose_command(tmp_path / "new.png", 1, "256x256", 0, other),
          "notes.json"),
+        (lambda: random_pose_command(tmp_path / "new.png", 1, "256x256", 0, roster),
+         "roster.json"),
     ]:
         with pytest.raises(ForgeError, match="exists and is not") as error:
             call()

@@ -373,7 +373,10 @@ def _is_pose_json(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and "people" in data
+    # ours and pose editors' carry a canvas size, OpenPose's own a version: not just any
+    # JSON of the user's with a "people" key
+    return (isinstance(data, dict) and isinstance(data.get("people"), list)
+            and ("canvas_width" in data or "version" in data))
 
 
 def refuse_foreign(path: Path) -> None:
