@@ -454,7 +454,7 @@ def test_other_regions_or_an_edited_pose_keep_the_earlier_image_and_from_honours
 @pytest.mark.parametrize(("pose", "figures", "needle"), [
     ("three.json", FIGURES, "has 3 figures, the scene casts 2"),
     ("overlap.json", FIGURES, "figures 1 and 2 (from the left) overlap"),
-    ("empty.json", FIGURES, "has no figures"),
+    ("empty.json", FIGURES, "draws no figure on its 128x96 canvas (no people"),
     ("random", '[[scene.figure]]\ncharacter = "nobody"\n', "unknown character `nobody`"),
     ("drawn.png", FIGURES, "has 3 figures, the scene casts 2"),
 ])
@@ -490,6 +490,21 @@ def test_from_an_image_without_a_scene_record_is_refused(tmp_path: Path,
                       "takes no --seed, --steps, --figure", "scenes file")
     folder = run_cli("generate", "--config", config, "--from", tmp_path)  # "image not found"
     assert_user_error(folder, "is a folder; --from takes one image", "scene-42.png")
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from loraforge.generate.pnginfo import SCENE_KEY
+
+    for name, record, needles in (
+            ("cut.png", '{"scene": {"prompt": "a kn', ("scene record that is damaged",
+                                                      "the .json beside the image")),
+            ("edited.png", json.dumps({"scene": {"prompt": "a knight", "steps": 0}}),
+             ("the scene it records is not usable", "`steps`", "record was edited"))):
+        info = PngInfo()
+        info.add_text(SCENE_KEY, record)
+        Image.open(tmp_path / "other.png").save(tmp_path / name, pnginfo=info)
+        result = run_cli("generate", "--config", config, "--from", tmp_path / name)
+        assert_user_error(result, f"{name}: ", *needles)
 
 
 def test_command_refuses_a_figure_count_the_pose_does_not_have(tmp_path: Path,

@@ -166,13 +166,19 @@ def save_png_with_scene(image: Image.Image, path: Path, parameters: str | None,
     save_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), mode)
 
 
-def read_scene(path: Path) -> dict[str, Any] | None:
-    """The `loraforge` chunk of a PNG as a dict, or None when it has none (or it is not JSON)."""
+def scene_chunk(path: Path) -> str | None:
+    """The text of a PNG's `loraforge` chunk, or None when it has none."""
     from PIL import Image
 
     with Image.open(path) as image:
         image.load()
         value = getattr(image, "text", {}).get(SCENE_KEY) or image.info.get(SCENE_KEY)
+    return value if isinstance(value, str) else None
+
+
+def read_scene(path: Path) -> dict[str, Any] | None:
+    """The `loraforge` chunk of a PNG as a dict, or None when it has none (or it is not JSON)."""
+    value = scene_chunk(path)
     try:
         scene = json.loads(value) if isinstance(value, str) else None
     except ValueError:

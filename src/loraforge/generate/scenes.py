@@ -816,7 +816,7 @@ def read_scenes_file(path: Path) -> list[dict[str, Any]]:
 
 def recorded_scene(path: Path) -> dict[str, Any]:
     """The `[[scene]]` table a generated image records (its `loraforge` PNG chunk)."""
-    from loraforge.generate.pnginfo import read_scene
+    from loraforge.generate.pnginfo import read_scene, scene_chunk
 
     if path.is_dir():
         raise ForgeError("is a folder; --from takes one image", path=path,
@@ -825,10 +825,16 @@ def recorded_scene(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ForgeError("image not found", path=path, fix="give a PNG made by loraforge generate")
     try:
-        scene = read_scene(path)
+        raw = scene_chunk(path)
     except OSError as exc:
         raise ForgeError(f"cannot be read as a PNG ({exc})", path=path,
                          fix="give a PNG made by loraforge generate") from None
+    scene = read_scene(path) if raw is not None else None
+    if raw is not None and (scene is None or not isinstance(scene.get("scene"), dict)):
+        raise ForgeError("holds a LoRA Forge scene record that is damaged (not JSON, or no "
+                         "scene table in it)", path=path,
+                         fix="render from an image whose record is intact; the .json beside "
+                             "the image holds the same scene, to copy into a --scenes file")
     if scene is None or not isinstance(scene.get("scene"), dict):
         raise ForgeError("holds no LoRA Forge scene record (only images made by `loraforge "
                          "generate` carry one)", path=path,
@@ -888,9 +894,18 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
     defaults = command_values(settings, options)
     if options.source is not None:
         _from_alone(options)
-        scene = recorded_scene(Path(options.source))
-        return [resolve_job(scene_values(0, scene, defaults, Path(options.source).parent),
-                            settings, resolver, poses)]
+        source = Path(options.source)
+        scene = recorded_scene(source)
+        try:
+            return [resolve_job(scene_values(0, scene, defaults, source.parent), settings,
+                                resolver, poses)]
+        except ForgeError as exc:
+            if exc.path is not None:  # a file it names (a LoRA, a pose): named already
+                raise
+            raise ForgeError(f"the scene it records is not usable: {exc.message}", path=source,
+                             fix="its record was edited or damaged: render from an image "
+                                 "whose record is intact, or copy the record into a scenes "
+                                 "file ([[scene]]) and mend it there") from None
     if options.scenes is None:
         return [resolve_job(defaults, settings, resolver, poses)]
     path = Path(options.scenes)
