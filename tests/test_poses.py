@@ -173,6 +173,7 @@ def _people(values: object) -> str:
     (_people([1.0] * 30 + [float("nan")] + [1.0] * 23), "[30] (right_ankle x)"),
     (_people([1.0] * 5 + [float("inf")] + [1.0] * 48), "must be a finite number"),
     (_people([1.0] * 53 + [10**400]), "must be a finite number"),
+    (_people([1.0] * 3 + [1e300] + [1.0] * 50), "(neck x) is 1e+300 px, beyond any canvas"),
     ('{"canvas_width": 1' + "0" * 400 + ', "canvas_height": 64, "people": []}', "canvas_width"),
 ])
 def test_malformed_json_names_file_and_problem(text: str, needle: str) -> None:

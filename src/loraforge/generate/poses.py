@@ -62,6 +62,8 @@ LIMB_COLORS: tuple[tuple[int, int, int], ...] = tuple(
 REFERENCE_SIZE = 512
 REFERENCE_RADIUS = 4.0   # limb half-width and keypoint radius at 512 px
 MAX_CANVAS_SIDE = 16384
+#: A keypoint may lie off its canvas (a limb cut by the frame), but not this far.
+MAX_COORDINATE = 1_000_000
 
 # Hands (OpenPose's 21 hand keypoints: 0 wrist, then 4 per finger from thumb to little finger,
 # base to tip), drawn as the OpenPose ControlNet's hand maps are: the 20 bones as lines 2 px wide
@@ -256,15 +258,21 @@ class PoseMap:
                     raise ForgeError(f"{where}.pose_keypoints_2d[{j}] ({KEYPOINT_NAMES[j // 3]} "
                                      f"{'xyc'[j % 3]}) must be a finite number, got {v!r}",
                                      path=path, fix=fix)
+                if j % 3 < 2 and abs(v) > MAX_COORDINATE:  # past any canvas: not a pixel
+                    raise ForgeError(f"{where}.pose_keypoints_2d[{j}] ({KEYPOINT_NAMES[j // 3]} "
+                                     f"{'xyc'[j % 3]}) is {v:g} px, beyond any canvas (at most "
+                                     f"{MAX_COORDINATE:,} px either way)", path=path, fix=fix)
             parts: list[tuple[Point | None, ...] | None] = []
             for key, count in ((HAND_KEYS[0], NUM_HAND_KEYPOINTS),
                                (HAND_KEYS[1], NUM_HAND_KEYPOINTS), (FACE_KEY, NUM_FACE_KEYPOINTS)):
                 part = entry.get(key) or None  # OpenPose writes [] for what it did not detect
                 if part is not None and (
                         not isinstance(part, list) or len(part) != 3 * count
-                        or not all(_is_finite_number(v) for v in part)):
+                        or not all(_is_finite_number(v) for v in part)
+                        or any(abs(v) > MAX_COORDINATE for i, v in enumerate(part) if i % 3 < 2)):
                     raise ForgeError(f"{where}.{key} must be {3 * count} finite numbers ({count}"
-                                     " keypoints x, y, confidence) or empty", path=path, fix=fix)
+                                     " keypoints x, y, confidence; x and y within "
+                                     f"{MAX_COORDINATE:,} px) or empty", path=path, fix=fix)
                 parts.append(None if part is None else _unflat(part))
             people.append(Person(_unflat(values), (parts[0], parts[1]), parts[2]))
         return cls(size[0], size[1], tuple(people))
