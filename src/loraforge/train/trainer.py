@@ -569,6 +569,26 @@ def _refuse_damaged(run_dir: Path, why: str) -> None:
                          "--restart, which replaces its LoRA files")
 
 
+def _finished(settings: Settings, dataset: Dataset, run_dir: Path) -> TrainResult | None:
+    """The run's final LoRA when it finished with these settings, images and captions (None:
+    it did not finish, and trains). ForgeError for a damaged record, for other settings or
+    pictures (they ask for another training), and for a final file cut short."""
+    from loraforge.dataset.examples import build_examples
+
+    record = runs.read_record(run_dir)
+    if record is None and (why := runs.damage(run_dir)) is not None:
+        _refuse_damaged(run_dir, why)
+    final = runs.final_lora(run_dir)
+    if not record or record.get("status") != "finished" or not final.is_file():
+        return None
+    if not record["config"]:  # hand-edited: nothing to compare with
+        _refuse_damaged(run_dir, "it records no settings")
+    examples = build_examples(dataset, settings.config.dataset, lambda _warning: None)
+    check_finished_with(record, settings, run_dir, examples)
+    _check_final(final)
+    return TrainResult(final, None)
+
+
 def train(settings: Settings, run_name: str | None, restart: bool,
           world: World | None = None, report: ReportWriter | None = None) -> TrainResult:
     """Train (or resume) one run as one of `world`'s processes (default: the one torchrun or
@@ -577,20 +597,10 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     world = world or distributed.world_from_env()
     name, dataset, base = check_inputs(settings, run_name)
     run_dir = settings.runs_dir / name
-    record = runs.read_record(run_dir)
-    if record is None and not restart and (why := runs.damage(run_dir)) is not None:
-        _refuse_damaged(run_dir, why)
-    if record and record.get("status") == "finished" and not restart:
-        final = runs.final_lora(run_dir)
-        if final.is_file() and not record["config"]:  # hand-edited: nothing to compare with
-            _refuse_damaged(run_dir, "it records no settings")
-        if final.is_file():
-            from loraforge.dataset.examples import build_examples
-
-            examples = build_examples(dataset, settings.config.dataset, lambda _warning: None)
-            check_finished_with(record, settings, run_dir, examples)
-            _check_final(final)
-            return TrainResult(final, None)
+    if not restart:
+        finished = _finished(settings, dataset, run_dir)
+        if finished is not None:
+            return finished
     if run_dir.exists() and not run_dir.is_dir():
         raise ForgeError("is a file where the run's folder goes", path=run_dir,
                          fix="move that file away, or name another run with --run")
