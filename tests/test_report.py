@@ -189,6 +189,10 @@ def test_report_without_history_samples_or_dataset_json(tmp_path: Path) -> None:
 def test_report_of_a_bare_folder(tmp_path: Path) -> None:
     report = write_report(tmp_path)
     assert report.is_file() and tmp_path.name in report.read_text(encoding="utf-8")
+    (tmp_path / "run.json").write_text('{"status": "fin')  # cut short
+    text = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "damaged" in text and "run.json cannot be read (not JSON" in text
+    assert "unknown" not in text
 
 
 # --- command -------------------------------------------------------------------------------
