@@ -418,6 +418,21 @@ def test_scan_other_files(tmp_path: Path, name: str, content: bytes | None, need
     assert needle in str(info.value)
 
 
+def test_a_wrong_extension_is_renamed_beside_its_own_caption(tmp_path: Path) -> None:
+    """`cat.txt` is the caption of `cat.jfif`: the rename keeps the stem, so the caption still
+    belongs to it; only another picture already called cat.jpg sends it to a free name."""
+    root = tmp_path / DS
+    image(root / "10_cat" / "cat.jfif", fmt="JPEG")
+    caption(root / "10_cat" / "cat.txt", "cat, sitting")
+    with pytest.raises(DatasetError) as info:
+        scan_dataset(root)
+    assert f"mv {root}/10_cat/cat.jfif {root}/10_cat/cat.jpg" in str(info.value)
+    image(root / "10_cat" / "cat.jpg")
+    with pytest.raises(DatasetError) as info:
+        scan_dataset(root)
+    assert f"mv {root}/10_cat/cat.jfif {root}/10_cat/cat_2.jpg" in str(info.value)
+
+
 def test_scan_broken_link_and_orphan_hint(tmp_path: Path) -> None:
     root = tmp_path / DS
     image(root / "10_a" / "x.png")

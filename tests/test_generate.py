@@ -395,6 +395,10 @@ def test_newest_finished_lora_skips_unfinished_runs_and_half_written_files(
     with pytest.raises(ForgeError) as info:
         newest_lora(runs_dir)
     assert "lost (damaged)" in str(info.value)
+    (runs_dir / "bare").mkdir()  # a record without a status: listed as unknown, no KeyError
+    (runs_dir / "bare" / "run.json").write_text('{"name": "bare", "step": 3}')
+    with pytest.raises(ForgeError, match=r"bare \(unknown\)"):
+        newest_lora(runs_dir)
     assert f"a damaged run's LoRA is still usable: pass --lora {lost / 'lost.safetensors'}" in (
         info.value.fix or "")
 

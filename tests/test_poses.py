@@ -462,6 +462,11 @@ def test_a_pose_json_that_draws_no_figure_is_refused_as_a_blank_map_is(
                                      "keypoint with a confidence above 0 inside it)")
     assert refused.value.path == path and "loraforge pose random" in (refused.value.fix or "")
     assert not (tmp_path / "empty.png").exists()
+    lone = [0.0] * 54  # one keypoint inside is a figure, however small its dot
+    lone[:3] = [256, 200, 0.9]
+    path.write_text(json.dumps({"canvas_width": 512, "canvas_height": 512,
+                                "people": [{"pose_keypoints_2d": lone}]}))
+    assert render_pose_command(path, None)[0].startswith("wrote ")
 
 
 def test_narrowest_pose_fits_the_capacity_bound() -> None:

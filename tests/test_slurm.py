@@ -18,6 +18,7 @@ from conftest import assert_user_error, run_cli
 
 from loraforge.config import load_settings
 from loraforge.errors import ForgeError
+from loraforge.runs import this_host
 from loraforge.slurm.jobs import parse_params, sweep_tasks
 from loraforge.slurm.script import JobScript, render, resources, umask_for
 from loraforge.slurm.validate import check_extra, check_mem, parse_gpus, parse_time
@@ -518,6 +519,17 @@ def test_a_run_whose_record_cannot_be_read_is_listed_as_damaged_not_hidden(
     assert data["error"].startswith("run.json cannot be read (not JSON: "), data
     table = run_cli("runs", cwd=project).stdout
     assert "damaged" in table and "run.json cannot be read" in table
+    # Beside it, the runs' settings that differ are the ones that differ between readable runs
+    # (the damaged one records none), and a record's impossible pid is no crash.
+    for name, lr in (("a", 1e-4), ("b", 5e-4)):
+        (run_dir.parent / name).mkdir()
+        (run_dir.parent / name / "run.json").write_text(json.dumps({
+            "name": name, "status": "running", "pid": 2**63, "process_hosts": [this_host()],
+            "config": {"train": {"unet_lr": lr, "seed": 1}, "dataset": {"resolution": 512}}}))
+    data = json.loads(run_cli("runs", "--json", cwd=project).stdout)
+    assert {r["name"]: (r["status"], r["params"]) for r in data} == {
+        "a": ("running", {"train.unet_lr": 1e-4}), "b": ("running", {"train.unet_lr": 5e-4}),
+        "lost": ("damaged", {"train.unet_lr": None})}
 
 
 def test_a_copied_run_folder_is_listed_by_its_own_name(tmp_path: Path) -> None:

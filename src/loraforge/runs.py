@@ -102,7 +102,7 @@ def vanished(record: dict[str, Any]) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:  # someone else's process: alive
+    except (OSError, OverflowError):  # someone else's process (alive), or no pid at all
         pass
     return False
 

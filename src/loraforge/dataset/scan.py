@@ -443,7 +443,9 @@ class _Scanner:
                          f"rename it to {path.stem}{self.ext}, or set dataset.caption_extension "
                          f"= \"{suffix}\" in forge.toml")
         elif kind in SUPPORTED_KIND_EXTENSION:
-            right = free_name(path.with_suffix(SUPPORTED_KIND_EXTENSION[kind]), self.ext, "_")
+            right = path.with_suffix(SUPPORTED_KIND_EXTENSION[kind])  # keeps its own caption
+            if right.exists():
+                right = free_name(right, self.ext, "_")
             self.problem(path, f"is {kind}, but its extension is not one of {_IMAGE_LIST}",
                          f"rename it: mv {shell_path(path)} {shell_path(right)}")
         elif is_image_kind(kind):

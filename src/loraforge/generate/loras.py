@@ -399,7 +399,8 @@ def newest_finished_lora(runs_dir: Path) -> Path:
                              "(--lora none renders the base model alone)")
     listed = [f"{Path(r['dir']).name} ({r.get('status', 'unknown')})" for r in records
               if r.get("status") != "finished"] + skipped
-    damaged = [runs.final_lora(Path(r["dir"])) for r in records if r["status"] == "damaged"]
+    damaged = [runs.final_lora(Path(r["dir"])) for r in records
+               if r.get("status") == "damaged"]
     kept = [f"--lora {final}" for final in damaged if final.is_file()]
     raise ForgeError(f"no LoRA given and no finished training run with a usable LoRA under "
                      f"{runs_dir}: " + ", ".join(listed),

@@ -982,15 +982,17 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
 def draw_figures(pose: PoseMap, path: Path, fix: str) -> Image.Image:
     """`draw_pose(pose)`, or ForgeError naming `path` when that map would be blank (no people,
     or every keypoint missing or off the canvas), as a blank pose map image is refused: it
-    steers no figure, and the render would silently be an unposed one."""
-    image = draw_pose(pose)
-    ok, reason = looks_like_pose_map(image)
-    if not ok and reason.startswith("blank"):
+    steers no figure, and the render would silently be an unposed one. One keypoint inside is
+    a figure (the map's pixels are not judged: a lone dot is too small for that)."""
+    points = [point for person in pose.people
+              for part in (person.keypoints, *person.hands, person.face or ())
+              for point in part or () if point is not None]
+    if not any(0 <= x < pose.width and 0 <= y < pose.height for x, y in points):
         n = len(pose.people)
         listed = f"{n} {'person' if n == 1 else 'people'}" if n else "no people"
         raise ForgeError(f"draws no figure on its {pose.width}x{pose.height} canvas ({listed}; "
                          "no keypoint with a confidence above 0 inside it)", path=path, fix=fix)
-    return image
+    return draw_pose(pose)
 
 
 def render_pose_command(pose_json: Path, output: Path | None) -> list[str]:

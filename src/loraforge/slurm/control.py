@@ -152,8 +152,9 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
     """Every run under Multi_Concept_Output/ with status, loss, and the settings that differ."""
     runs = list_runs(settings.runs_dir)
     flat = [_flatten(r.get("config") or {}) for r in runs]
-    keys = sorted({k for f in flat for k in f} - {"train.run_name"})
-    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    known = [f for f, r in zip(flat, runs, strict=True) if r.get("status") != "damaged"]
+    keys = sorted({k for f in known for k in f} - {"train.run_name"})
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in known}) > 1]
     rows = []
     for record, values in zip(runs, flat, strict=True):
         slurm = record.get("slurm") or {}
