@@ -253,6 +253,7 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     (killed,) = json.loads(run_cli("runs", "--json", "--config", config).stdout)
     assert killed["status"] == "stopped", killed
     assert "ended without a word" in killed["error"] and "--run multi_concept" in killed["error"]
+    assert "resumes it from its last state (step 2)" in killed["error"]  # not step 3, logged
     rerun = run_cli("train", "--config", config)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr and "(step 2 of 6)" in rerun.stderr, rerun.stderr

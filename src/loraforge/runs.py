@@ -15,6 +15,10 @@ from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
 
 RECORD = "run.json"
+#: Resumable states: `state/step-NNNNNNNN/` folders, each with its position.json.
+STATE_DIR = "state"
+STATE_PREFIX = "step-"
+POSITION = "position.json"
 #: A finished run's concept separation, written by `loraforge eval`.
 SEPARATION = "separation.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
@@ -54,6 +58,21 @@ def damage(run_dir: Path) -> str | None:
     except ValueError as exc:
         return f"not JSON: {exc}"
     return None if isinstance(record, dict) else "not a JSON object"
+
+
+def saved_states(run_dir: Path) -> list[Path]:
+    """Complete states, oldest first."""
+    root = run_dir / STATE_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX)
+             and p.name[len(STATE_PREFIX):].isdigit() and (p / POSITION).is_file()]
+    return sorted(found, key=state_step)
+
+
+def state_step(state: Path) -> int:
+    """The step a state folder (`step-NNNNNNNN`) was saved at."""
+    return int(state.name[len(STATE_PREFIX):])
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:

@@ -14,7 +14,15 @@ from rich.table import Table
 
 from loraforge.config import Settings, outside_project_note
 from loraforge.errors import ForgeError
-from loraforge.runs import RunRecord, check_run_name, list_runs, read_record, vanished
+from loraforge.runs import (
+    RunRecord,
+    check_run_name,
+    list_runs,
+    read_record,
+    saved_states,
+    state_step,
+    vanished,
+)
 from loraforge.slurm import scheduler
 from loraforge.slurm.jobs import jobs_path, load_jobs
 
@@ -148,6 +156,14 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
             if section in ("models", "dataset", "train")}
 
 
+def _resumes(run_dir: Path) -> str:
+    """Where a rerun of a stopped run starts: its newest state, not the last step it logged."""
+    states = saved_states(run_dir)
+    if not states:
+        return "trains it from the start (no state was saved yet)"
+    return f"resumes it from its last state (step {state_step(states[-1])})"
+
+
 def runs_table(settings: Settings) -> list[dict[str, Any]]:
     """Every run under Multi_Concept_Output/ with status, loss, and the settings that differ."""
     runs = list_runs(settings.runs_dir)
@@ -169,7 +185,7 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
             "job_id": slurm.get("job_id"), "node": slurm.get("node"),
             "error": (f"its training process ended without a word (killed, e.g. out of "
                       f"memory); `loraforge train --run {folder}` (or its job, submitted "
-                      "again) resumes it from its last state" if stopped
+                      f"again) {_resumes(Path(record['dir']))}" if stopped
                       else record.get("error")),
             "moved": moved, "lora": record.get("final_lora"),
             "updated_at": record.get("updated_at"), "dir": record.get("dir"),

@@ -19,17 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
+from loraforge.runs import POSITION, STATE_DIR, saved_states
+from loraforge.runs import STATE_PREFIX as PREFIX
 
 if TYPE_CHECKING:
     import torch
 
     from loraforge.train.plan import Plan
 
-STATE_DIR = "state"
-PREFIX = "step-"
 WEIGHTS = "lora.safetensors"
 OPTIMIZER = "optimizer.pt"
-POSITION = "position.json"
 #: Which file each image of the run is (sha256 of its bytes), in the config a state is saved with.
 CONTENT_KEY = "images.content"
 #: What each image trains on (its caption's tags, or the concept name), by the same names.
@@ -56,16 +55,6 @@ class Position:
 
 def state_root(run_dir: Path) -> Path:
     return run_dir / STATE_DIR
-
-
-def saved_states(run_dir: Path) -> list[Path]:
-    """Complete states, oldest first."""
-    root = state_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit() and (p / POSITION).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def save_state(run_dir: Path, position: Position, weights: dict[str, torch.Tensor],
