@@ -35,6 +35,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 CONFIG_NAME = "forge.toml"
 STORAGE_ENV = "LORAFORGE_STORAGE_ROOT"
+_STORAGE_ENV_FIX = (f"set {STORAGE_ENV} to your storage root, or unset it to use storage.root "
+                    "of forge.toml")
 TINY = "tiny"
 TAUGHT = "tiny-taught"
 
@@ -410,8 +412,7 @@ class Settings:
         env = os.environ.get(STORAGE_ENV)
         if env and not env.strip():  # would make (and fill) a folder named with spaces
             raise ForgeError(f"{STORAGE_ENV} is set to blanks ({env!r}), not a folder",
-                             fix=f"set {STORAGE_ENV} to your storage root, or unset it to use "
-                                 "storage.root of forge.toml")
+                             fix=_STORAGE_ENV_FIX)
         if env:
             return self._resolve(env, Path.cwd())
         return self._resolve(self.config.storage.root, self.base_dir)
@@ -422,9 +423,7 @@ class Settings:
         root = self.storage_root
         if os.environ.get(STORAGE_ENV) and not root.is_dir():
             raise ForgeError(f"is not a folder, so there are no {what} to list ({STORAGE_ENV} "
-                             "points there)", path=root,
-                             fix=f"set {STORAGE_ENV} to your storage root, or unset it to use "
-                                 "storage.root of forge.toml")
+                             "points there)", path=root, fix=_STORAGE_ENV_FIX)
         return root
 
     @property

@@ -47,17 +47,34 @@ def lora_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(f"{glob.escape(run_dir.name)}*.safetensors"))
 
 
-def damage(run_dir: Path) -> str | None:
-    """Why the run's `run.json` cannot be read, when there is one (None: readable, or none)."""
+def _load(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the run's `run.json` as read, None when it is missing or cannot be read; why it cannot
+    be read, None when it is missing or fine)."""
     try:
         record = json.loads((run_dir / RECORD).read_text())
     except (FileNotFoundError, NotADirectoryError):  # no record (or no run folder)
-        return None
+        return None, None
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return None, exc.strerror or str(exc)
     except ValueError as exc:
-        return f"not JSON: {exc}"
-    return None if isinstance(record, dict) else "not a JSON object"
+        return None, f"not JSON: {exc}"
+    return (record, None) if isinstance(record, dict) else (None, "not a JSON object")
+
+
+def damage(run_dir: Path) -> str | None:
+    """Why the run's `run.json` cannot be read, when there is one (None: readable, or none)."""
+    return _load(run_dir)[1]
+
+
+def shown_record(run_dir: Path) -> dict[str, Any] | None:
+    """The record to show for a run (`runs`, `report`): `read_record`'s, or for a run.json that
+    cannot be read a stand-in with the status "damaged" and why as its error; None: none."""
+    record = read_record(run_dir)
+    if record is not None:
+        return record
+    why = damage(run_dir)
+    return None if why is None else {"name": run_dir.name, "status": "damaged",
+                                     "error": f"{RECORD} cannot be read ({why})", "config": {}}
 
 
 def saved_states(run_dir: Path) -> list[Path]:
@@ -79,11 +96,8 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
     """The run's `run.json`; None when it is missing or unreadable, or not a JSON object (see
     `damage`). In a hand-edited or foreign file, a value of the wrong kind (see `_KINDS`)
     counts as absent, and so does a config section that is not a table."""
-    try:
-        record = json.loads((run_dir / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict):
+    record = _load(run_dir)[0]
+    if record is None:
         return None
     for key, kinds in _KINDS.items():  # a value of the wrong kind counts as absent
         value = record.get(key)
@@ -151,10 +165,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         return []
     runs = []
     for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        record = read_record(run_dir)
+        record = shown_record(run_dir)
         if record is not None:
             runs.append({**record, "dir": str(run_dir)})
-        elif (why := damage(run_dir)) is not None:
-            runs.append({"name": run_dir.name, "status": "damaged", "dir": str(run_dir),
-                         "error": f"{RECORD} cannot be read ({why})", "config": {}})
     return sorted(runs, key=lambda r: r.get("finished_at") or r.get("updated_at") or "")

@@ -29,7 +29,7 @@ from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.hashing import digest_file
 from loraforge.models.importer import looks_pickled
-from loraforge.models.store import MAX_HEADER
+from loraforge.models.store import MAX_HEADER, payload_end
 from loraforge.runtime import quiet_loading
 
 log = logging.getLogger("loraforge.generate")
@@ -176,15 +176,11 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise ForgeError("is not a safetensors file (no valid safetensors header)", path=path,
                          fix="give a LoRA in .safetensors format")
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise ForgeError(f"is a damaged safetensors file (tensor {key!r})", path=path,
-                             fix="copy or download it again") from None
+    try:
+        end = payload_end(header)
+    except ValueError as exc:
+        raise ForgeError(f"is a damaged safetensors file (tensor {exc.args[0]!r})", path=path,
+                         fix="copy or download it again") from None
     if 8 + length + end > size:
         raise ForgeError(f"is incomplete: {size} bytes, its header needs {8 + length + end} "
                          "(a copy or a save that did not finish)", path=path,

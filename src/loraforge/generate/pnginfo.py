@@ -178,7 +178,11 @@ def scene_chunk(path: Path) -> str | None:
 
 def read_scene(path: Path) -> dict[str, Any] | None:
     """The `loraforge` chunk of a PNG as a dict, or None when it has none (or it is not JSON)."""
-    value = scene_chunk(path)
+    return parse_scene(scene_chunk(path))
+
+
+def parse_scene(value: str | None) -> dict[str, Any] | None:
+    """A `loraforge` chunk's text as a dict, or None when there is none or it is not JSON."""
     try:
         scene = json.loads(value) if isinstance(value, str) else None
     except ValueError:

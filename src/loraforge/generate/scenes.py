@@ -816,7 +816,7 @@ def read_scenes_file(path: Path) -> list[dict[str, Any]]:
 
 def recorded_scene(path: Path) -> dict[str, Any]:
     """The `[[scene]]` table a generated image records (its `loraforge` PNG chunk)."""
-    from loraforge.generate.pnginfo import read_scene, scene_chunk
+    from loraforge.generate.pnginfo import parse_scene, scene_chunk
 
     if path.is_dir():
         raise ForgeError("is a folder; --from takes one image", path=path,
@@ -829,7 +829,7 @@ def recorded_scene(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ForgeError(f"cannot be read as a PNG ({exc})", path=path,
                          fix="give a PNG made by loraforge generate") from None
-    scene = read_scene(path) if raw is not None else None
+    scene = parse_scene(raw)
     if raw is not None and (scene is None or not isinstance(scene.get("scene"), dict)):
         raise ForgeError("holds a LoRA Forge scene record that is damaged (not JSON, or no "
                          "scene table in it)", path=path,

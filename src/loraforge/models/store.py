@@ -206,13 +206,26 @@ def _cut_weights(folder: Path) -> Path | None:
                 head = fh.read(8)
                 length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
                 header = json.loads(fh.read(length)) if 2 <= length <= MAX_HEADER else None
-            end = max((int(info["data_offsets"][1]) for key, info in header.items()
-                       if key != "__metadata__"), default=0)
-        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            end = payload_end(header)
+        except (OSError, ValueError, AttributeError):
             return file
         if 8 + length + end > size:
             return file
     return None
+
+
+def payload_end(header: dict[str, Any]) -> int:
+    """Where a safetensors header says its tensors' bytes end (after the header): a file
+    shorter than 8 + header + this is cut. ValueError naming the tensor of a damaged entry."""
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ValueError(key) from None
+    return end
 
 
 def _has_weights(folder: Path) -> bool:

@@ -399,9 +399,7 @@ def _epochs_section(run_dir: Path, record: dict[str, Any]) -> str:
 def render_report(run_dir: Path, mode: int = DEFAULT_FILE_MODE) -> str:
     """The page's HTML (writes the loss PNG it links to, when there is a history)."""
     run_dir = Path(run_dir)
-    record = runs.read_record(run_dir) or {}
-    if not record and (why := runs.damage(run_dir)) is not None:  # said, not "unknown"
-        record = {"status": "damaged", "error": f"{runs.RECORD} cannot be read ({why})"}
+    record = runs.shown_record(run_dir) or {}  # a damaged run.json said, not "unknown"
     name = record.get("name") or run_dir.name
     body = [_header(run_dir, record), _config_section(record),
             _dataset_section(run_dir, record), _loss_section(run_dir, read_history(run_dir), mode),

@@ -24,6 +24,12 @@ UNREACHABLE = ("Unable to contact slurm controller", "Could not establish a conf
 REACH_FIX = ("check that SLURM answers on this machine (`sinfo`; on a cluster, run this on its "
              "login node), then run the command again")
 
+
+def _unreachable(message: str) -> bool:
+    """Whether a SLURM client's error says the controller did not answer."""
+    return any(sign in message for sign in UNREACHABLE)
+
+
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=")
 
 
@@ -69,7 +75,7 @@ def sbatch(script: Path, options: list[str], cwd: Path) -> str:
     result = _call([program, "--parsable", *options, str(script)], cwd=cwd)
     if result.returncode:
         message = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
-        if any(sign in message for sign in UNREACHABLE):
+        if _unreachable(message):
             raise ForgeError(f"sbatch could not reach the SLURM controller, so nothing was "
                              f"submitted: {message}", path=script,
                              fix=f"{REACH_FIX}; the script named above is kept")
@@ -92,7 +98,7 @@ def show_jobs(job_ids: list[str]) -> list[dict[str, str]]:
     for job_id in job_ids:
         result = _call([program, "show", "job", "-o", job_id])
         message = (result.stderr or result.stdout).strip()
-        if result.returncode and any(sign in message for sign in UNREACHABLE):
+        if result.returncode and _unreachable(message):
             raise ForgeError(f"scontrol could not reach the SLURM controller, so the state of "
                              f"job {job_id} is unknown: {message}",
                              fix=REACH_FIX)

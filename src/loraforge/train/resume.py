@@ -80,6 +80,12 @@ def semantic_config(settings: Settings, examples: list[Any], world: World) -> di
     return found
 
 
+def _list_note(diffs: list[str]) -> str:
+    """What `images.dataset` means, when it is among the differences (a hash says nothing)."""
+    return (" (images.dataset: the list of images)"
+            if any(d.startswith("images.dataset") for d in diffs) else "")
+
+
 def check_resumable(saved: dict[str, Any], path: Path, settings: Settings, examples: list[Any],
                     world: World, run_dir: Path) -> None:
     """Refuse (ForgeError) to resume `run_dir` from the state at `path`, saved with the
@@ -93,10 +99,8 @@ def check_resumable(saved: dict[str, Any], path: Path, settings: Settings, examp
                      f"processes, now {settings.config.train.batch_size} x {world.size}: with "
                      "fewer processes raise train.batch_size to keep it)")
     shown = "\n  ".join(diffs)
-    what = " (images.dataset: the list of images)" if any(
-        d.startswith("images.dataset") for d in diffs) else ""
     raise ForgeError(f"cannot resume run `{run_dir.name}`: its saved state was written with a "
-                     f"different config or dataset{what}:\n  {shown}", path=path,
+                     f"different config or dataset{_list_note(diffs)}:\n  {shown}", path=path,
                      fix=f"undo those changes to resume, pass --restart to start "
                          f"`{run_dir.name}` over, or train under a new --run name")
 
@@ -115,10 +119,8 @@ def check_finished_with(record: dict[str, Any], settings: Settings, run_dir: Pat
                                     {"images": trained_images(settings, examples)}, set())
     if diffs:
         shown = "\n  ".join(diffs)
-        what = " (images.dataset: the list of images)" if any(
-            d.startswith("images.dataset") for d in diffs) else ""
         raise ForgeError(f"run `{run_dir.name}` already finished, with other settings or "
-                         f"images{what}:\n  {shown}", path=run_dir,
+                         f"images{_list_note(diffs)}:\n  {shown}", path=run_dir,
                          fix=f"pass --restart to train `{run_dir.name}` again with these "
                              "settings (its files are replaced), or train under a new --run "
                              "name")

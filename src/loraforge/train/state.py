@@ -152,12 +152,14 @@ def check_position(state: LoadedState, plan: Plan) -> None:
 def images_captions(examples: list[Any], folder: Path) -> dict[str, str]:
     """{image path inside `folder`: the first 16 hex digits of the sha256 of its tags}: a
     caption edited between an interruption and its resume would mix two trainings."""
-    found = {}
-    for example in examples:
-        path = example.path
-        name = path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
-        found[name] = hashlib.sha256("\n".join(example.tags).encode()).hexdigest()[:16]
-    return dict(sorted(found.items()))
+    return dict(sorted((_image_name(example.path, folder),
+                        hashlib.sha256("\n".join(example.tags).encode()).hexdigest()[:16])
+                       for example in examples))
+
+
+def _image_name(path: Path, folder: Path) -> str:
+    """How the records name an image: its path inside `folder`, else its whole path."""
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
 def images_content(paths: list[Path], folder: Path) -> dict[str, str]:
@@ -166,11 +168,7 @@ def images_content(paths: list[Path], folder: Path) -> dict[str, str]:
     remembered per file as the latent cache's are, so a run hashes each image once."""
     from loraforge.train.latent_cache import file_sha256
 
-    found = {}
-    for path in paths:
-        name = path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
-        found[name] = file_sha256(path)[:16]
-    return dict(sorted(found.items()))
+    return dict(sorted((_image_name(path, folder), file_sha256(path)[:16]) for path in paths))
 
 
 def _per_image_differences(key: str, old: dict[str, str], new: dict[str, str]) -> list[str]:
