@@ -8,7 +8,9 @@ test then waits for its own jobs (polling `scontrol show job -o`).
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -341,3 +343,33 @@ def test_a_controller_that_does_not_answer_is_named_and_the_script_kept(
     scripts = list(project.rglob("jobs/train-multi_concept-*.ssub"))
     assert len(scripts) == 1 and str(scripts[0]) in result.stderr.replace("\n", "")
     assert "no jobs yet" in run_cli("slurm", "status", cwd=project).stdout
+
+
+def test_a_training_killed_on_its_node_shows_stopped_with_where_it_resumes(
+        slurm_cluster: Cluster, tiny_store: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The out-of-memory killer's SIGKILL gives the trainer no chance to update run.json: seen
+    from the login node (another machine than the job's node n1), the run said `running`
+    forever. SLURM knows its job has ended."""
+    project = _project(tmp_path / "oom", tiny_store,
+                       {"epochs": 1000, "batch_size": 1, "state_every_n_steps": 2})
+    (job_id,) = _submitted_ids(run_cli("slurm", "train", "--run", "oom", cwd=project))
+    _wait_for_line(slurm_cluster, project, "train-oom", job_id, r"^step [3-9]/")
+    run_dir = project / "store" / "Multi_Concept_Output" / "oom"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "running" and record["process_hosts"] == ["n1"], record
+    listed = json.loads(run_cli("runs", "--json", cwd=project).stdout)
+    assert listed[0]["status"] == "running", listed  # its job is running: not judged stopped
+
+    os.kill(record["pid"], signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    job = slurm_cluster.wait(job_id, timeout=60)
+    assert job["JobState"] == "FAILED", _log(project, "train-oom", job_id)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    (run,) = json.loads(run_cli("runs", "--json", cwd=project).stdout)
+    assert run["status"] == "stopped", run
+    newest = max(int(p.parent.name.split("-")[1])
+                 for p in (run_dir / "state").glob("step-*/position.json"))
+    assert f"its SLURM job {job_id} ended (FAILED)" in run["error"], run
+    assert "`loraforge train --run oom`" in run["error"], run
+    assert f"from its last state (step {newest})" in run["error"], run
+    status = json.loads(run_cli("slurm", "status", "oom", "--json", cwd=project).stdout)
+    assert status[0]["state"] == "FAILED" and status[0]["run_status"] == "stopped", status

@@ -65,6 +65,10 @@ def job_status(settings: Settings, run: str | None) -> list[dict[str, Any]]:
         if entry.get("run") and entry.get("kind") == "train":
             record = read_record(settings.runs_dir / entry["run"]) or {}
             row["run_status"] = record.get("status", "not started")
+            ours = str((record.get("slurm") or {}).get("job_id")) == str(entry["job_id"])
+            if (ours and row["run_status"] == "running"
+                    and live.get("JobState") not in scheduler.RUNNING_STATES):
+                row["run_status"] = "stopped"  # its job is no longer running it
         else:
             row["run_status"] = ""
         rows.append(row)
@@ -164,6 +168,44 @@ def _resumes(run_dir: Path) -> str:
     return f"resumes it from its last state (step {state_step(states[-1])})"
 
 
+def _job_ended(record: dict[str, Any]) -> tuple[str, bool] | None:
+    """Why a run recorded as running is not, when its trainer ran in a SLURM job on another
+    machine and SLURM says that job is no longer running it (killed without a word: out of
+    memory, a node failure, `scancel --signal=KILL`), and whether the job goes on with it by
+    itself (requeued). None: running, or not known from here (no job recorded, no SLURM on
+    this machine, or its controller does not answer)."""
+    job_id = (record.get("slurm") or {}).get("job_id")
+    if record.get("status") != "running" or not job_id:
+        return None
+    try:
+        found = scheduler.show_jobs([str(job_id)])
+    except ForgeError:
+        return None
+    state = found[0].get("JobState", "?") if found else None
+    if state in scheduler.RUNNING_STATES:
+        return None
+    if state is not None and state in scheduler.ACTIVE_STATES:  # requeued, waiting to start
+        return f"its SLURM job {job_id} is {state} (requeued): it resumes the run when it " \
+            "starts", True
+    ended = f"ended ({state})" if state else "is gone from SLURM"
+    return f"its SLURM job {job_id} {ended} without the run saying so", False
+
+
+def _stopped(record: dict[str, Any], run: str) -> str | None:
+    """Why a run recorded as running has stopped, and how it goes on (None: it is running, as
+    far as is known here)."""
+    found = (("its training process ended without a word (killed, e.g. out of memory)", False)
+             if vanished(record) else _job_ended(record))
+    if found is None:
+        return None
+    why, requeued = found
+    run_dir = Path(record["dir"])
+    if requeued:
+        return f"{why}, from its last state" if saved_states(run_dir) else why
+    return f"{why}; `loraforge train --run {run}` (or its job, submitted again) " \
+        f"{_resumes(run_dir)}"
+
+
 def runs_table(settings: Settings) -> list[dict[str, Any]]:
     """Every run under Multi_Concept_Output/ with status, loss, and the settings that differ."""
     runs = list_runs(settings.runs_dir)
@@ -177,16 +219,13 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
         folder = Path(record["dir"]).name  # what --run takes; a copied run's record names the
         recorded = record.get("name")     # original until the copy is trained
         moved = f"copied or renamed from {recorded}" if recorded not in (None, folder) else None
-        stopped = vanished(record)
+        stopped = _stopped(record, folder)
         rows.append({
             "name": folder, "status": "stopped" if stopped else record.get("status"),
             "final_loss": record.get("final_loss"), "step": record.get("step"),
             "total_steps": record.get("total_steps"), "epochs": record.get("epochs"),
             "job_id": slurm.get("job_id"), "node": slurm.get("node"),
-            "error": (f"its training process ended without a word (killed, e.g. out of "
-                      f"memory); `loraforge train --run {folder}` (or its job, submitted "
-                      f"again) {_resumes(Path(record['dir']))}" if stopped
-                      else record.get("error")),
+            "error": stopped or record.get("error"),
             "moved": moved, "lora": record.get("final_lora"),
             "updated_at": record.get("updated_at"), "dir": record.get("dir"),
             "params": {k: values.get(k) for k in differ}})

@@ -16,6 +16,11 @@ TERMINAL_STATES = frozenset({
 ACTIVE_STATES = frozenset({
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
     "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"})
+#: Active states in which the job's processes are (or may still be) alive; the others wait to
+#: start (pending, requeued, held).
+RUNNING_STATES = frozenset({
+    "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "RESIZING",
+    "STOPPED"})
 
 #: What SLURM's clients print when they cannot reach (or find) the controller.
 UNREACHABLE = ("Unable to contact slurm controller", "Could not establish a configuration source",
