@@ -140,8 +140,8 @@ def ours(work: Path, base: Path, steps: int, overrides: list[str],
     `[train]`, VALUE in TOML), then `loraforge eval`'s measure."""
     from loraforge.config import load_settings
     from loraforge.project import TINY_VALUES, toml_value
+    from loraforge.train.run import train
     from loraforge.train.separation import measure
-    from loraforge.train.trainer import train
 
     values = {**TINY_VALUES["train"], "max_steps": steps, "log_every_seconds": 30}
     lines = ["[storage]", 'root = "store"', "[models]", f'base = "{base}"',

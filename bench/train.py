@@ -82,7 +82,7 @@ def ours(work: Path, base: Path, batch: int, resolution: int, steps: int, device
     write_dataset)."""
     from loraforge.config import load_settings
     from loraforge.runtime import go_offline
-    from loraforge.train.trainer import train
+    from loraforge.train.run import train
 
     project = work / f"ours-b{batch}-{len(list(work.glob(f'ours-b{batch}-*')))}"
     config, overrides = _project(project, base, batch, resolution, steps, batch, distinct)

@@ -16,8 +16,8 @@ from loraforge.cli import app
 from loraforge.config import load_settings
 from loraforge.errors import ForgeError
 from loraforge.runtime import go_offline
+from loraforge.train.run import train
 from loraforge.train.separation import ConceptSeparation, Separation, measure
-from loraforge.train.trainer import train
 
 RUN = "sep"
 

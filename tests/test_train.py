@@ -23,8 +23,8 @@ from loraforge.config import load_settings
 from loraforge.dataset.examples import pixel_tensor
 from loraforge.runtime import go_offline
 from loraforge.text import chunk_token_ids, encode_token_ids
+from loraforge.train.run import TrainResult, train
 from loraforge.train.signals import RESUMABLE_EXIT
-from loraforge.train.trainer import TrainResult, train
 
 FIXED_ENV = {"SOURCE_DATE_EPOCH": "1767225600"}
 

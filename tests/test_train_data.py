@@ -11,7 +11,7 @@ from conftest import assert_user_error, draw_character, run_cli, write_training_
 from loraforge.config import load_settings
 from loraforge.report.html import write_report
 from loraforge.runtime import go_offline
-from loraforge.train.trainer import TrainResult, train
+from loraforge.train.run import TrainResult, train
 
 
 def _train(config: Path, run: str, *overrides: str) -> TrainResult:

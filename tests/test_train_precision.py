@@ -14,7 +14,8 @@ from loraforge.config import load_settings
 from loraforge.models.tiny import ensure_tiny_models
 from loraforge.train import network, objective
 from loraforge.train.distributed import World
-from loraforge.train.trainer import Trainer, check_inputs
+from loraforge.train.run import check_inputs
+from loraforge.train.trainer import Trainer
 
 
 def _adapted_unet(base: Path, keep_input_dtype: bool) -> UNet2DConditionModel:

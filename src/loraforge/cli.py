@@ -193,9 +193,9 @@ def train(
         rerun_argv,
         world_from_env,
     )
+    from loraforge.train.run import check_inputs
+    from loraforge.train.run import train as train_lora
     from loraforge.train.signals import RESUMABLE_EXIT, STOP_SIGNALS, Interrupted
-    from loraforge.train.trainer import check_inputs
-    from loraforge.train.trainer import train as train_lora
 
     def stop_early(_number: int, _frame: object) -> None:
         """A stop signal before the trainer catches its own (while the libraries load and the

@@ -58,7 +58,7 @@ def run_demo(directory: Path, console: Console) -> None:
 
     console.rule("4. train")
     from loraforge.report.html import write_report
-    from loraforge.train.trainer import train
+    from loraforge.train.run import train
 
     result = train(settings, None, restart=False, report=write_report)
     console.print(f"LoRA: {result.final}", markup=False)

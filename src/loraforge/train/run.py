@@ -1,0 +1,242 @@
+"""One training run, from the command's checks to its record: the inputs checked before
+anything is written, a finished run handed back (only for the same settings and pictures), one
+training of a run at a time, `--restart`, and run.json's account of the attempt (started,
+interrupted, failed and why). The training itself is `trainer.Trainer`'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge import runs
+from loraforge.errors import ForgeError
+from loraforge.hashing import env_time
+from loraforge.models.folders import exclusive
+from loraforge.train import distributed
+from loraforge.train.distributed import World, gather_objects
+from loraforge.train.journal import HISTORY, setup_logging
+from loraforge.train.plan import lr_factor
+from loraforge.train.resume import check_finished_with
+from loraforge.train.signals import Interrupted
+from loraforge.train.trainer import ReportWriter, Trainer
+
+if TYPE_CHECKING:
+    import torch
+
+    from loraforge.config import Settings
+    from loraforge.dataset.scan import Dataset
+
+#: Held by the process training the run.
+LOCK = ".train.lock"
+
+
+SLURM_FIELDS = {"job_id": "SLURM_JOB_ID", "node": "SLURMD_NODENAME",
+                "restart_count": "SLURM_RESTART_COUNT", "array_job_id": "SLURM_ARRAY_JOB_ID",
+                "array_task_id": "SLURM_ARRAY_TASK_ID", "job_name": "SLURM_JOB_NAME"}
+
+
+def slurm_job() -> dict[str, str] | None:
+    """The SLURM job this process runs in, as recorded in run.json (None outside SLURM)."""
+    found = {key: os.environ[var] for key, var in SLURM_FIELDS.items() if var in os.environ}
+    return found or None
+
+
+def _optimizer_description(optimizer: Any, args: dict[str, Any]) -> str:
+    cls = type(optimizer)
+    shown = ",".join(f"{k}={v}" for k, v in sorted(args.items()))
+    return f"{cls.__module__}.{cls.__name__}({shown})"
+
+
+@dataclass
+class TrainResult:
+    final: Path
+    trainer: Trainer | None  # None when the run had already finished
+
+
+def check_inputs(settings: Settings, run_name: str | None) -> tuple[str, Dataset, Path]:
+    """The run name, the dataset (and what training makes of it) and the base model's folder,
+    checked (ForgeError names what is wrong) before anything is written; switches the process
+    offline. A launch of several processes calls it first, so a mistake is reported once, not
+    once per process, and the tiny model is built once."""
+    from loraforge.dataset.examples import build_examples
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.models.store import resolve_base_model
+    from loraforge.runtime import go_offline
+
+    name = runs.check_run_name(run_name or settings.config.train.run_name)
+    dataset = scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
+    build_examples(dataset, settings.config.dataset, lambda _warning: None)  # the trainer warns
+    go_offline(settings)
+    return name, dataset, resolve_base_model(settings)
+
+
+def _check_final(final: Path) -> None:
+    """A finished run's LoRA, before it is handed back: a cut or damaged file is named."""
+    from loraforge.generate.loras import read_header
+
+    try:
+        read_header(final)
+    except ForgeError as exc:
+        raise ForgeError(f"the run finished, but its LoRA {exc.message}", path=final,
+                         fix="pass --restart to train it again (or copy the file back from "
+                             "where you keep a copy)") from None
+
+
+def _refuse_damaged(run_dir: Path, why: str) -> None:
+    """A run whose record cannot be read may have finished: guessing would train over its
+    LoRA, or mix a new training into its files."""
+    from loraforge.dataset.scan import shell_path
+
+    record = run_dir / runs.RECORD
+    final = runs.final_lora(run_dir)
+    kept = (f"its LoRA {final.name} is untouched (`loraforge generate --lora "
+            f"{shell_path(final)}` uses it); " if final.is_file() else "")
+    raise ForgeError(f"the run's record cannot be read ({why}), so whether and how far it "
+                     "trained is unknown", path=record,
+                     fix=f"{kept}restore {runs.RECORD} from a copy and rerun, or move it away "
+                         f"(mv {shell_path(record)} {shell_path(record)}.damaged) and rerun: a "
+                         "run with a saved state resumes from it; one without asks for "
+                         "--restart, which replaces its LoRA files")
+
+
+def _finished(settings: Settings, dataset: Dataset, run_dir: Path) -> TrainResult | None:
+    """The run's final LoRA when it finished with these settings, images and captions (None:
+    it did not finish, and trains). ForgeError for a damaged record, for other settings or
+    pictures (they ask for another training), and for a final file cut short."""
+    from loraforge.dataset.examples import build_examples
+
+    record = runs.read_record(run_dir)
+    if record is None and (why := runs.damage(run_dir)) is not None:
+        _refuse_damaged(run_dir, why)
+    final = runs.final_lora(run_dir)
+    if not record or record.get("status") != "finished" or not final.is_file():
+        return None
+    if not record["config"]:  # hand-edited: nothing to compare with
+        _refuse_damaged(run_dir, "it records no settings")
+    examples = build_examples(dataset, settings.config.dataset, lambda _warning: None)
+    check_finished_with(record, settings, run_dir, examples)
+    _check_final(final)
+    return TrainResult(final, None)
+
+
+def train(settings: Settings, run_name: str | None, restart: bool,
+          world: World | None = None, report: ReportWriter | None = None) -> TrainResult:
+    """Train (or resume) one run as one of `world`'s processes (default: the one torchrun or
+    srun describe, else a single process); returns the final LoRA file and the trainer.
+    `report(run_dir, file_mode)` rebuilds the run's report after each epoch and at the end."""
+    world = world or distributed.world_from_env()
+    name, dataset, base = check_inputs(settings, run_name)
+    run_dir = settings.runs_dir / name
+    if not restart:
+        finished = _finished(settings, dataset, run_dir)
+        if finished is not None:
+            return finished
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ForgeError("is a file where the run's folder goes", path=run_dir,
+                         fix="move that file away, or name another run with --run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One training of a run at a time (a job submitted twice, sbatch beside a local run).
+    with exclusive(run_dir / LOCK, f"training run `{name}`") if world.is_main else nullcontext():
+        handler = setup_logging(run_dir, world)
+        device = distributed.device_for(world, settings.config.train.gpus)
+        distributed.join(world, device)
+        clean = False
+        try:
+            result = _train_in(settings, dataset, run_dir, base, restart, world, device,
+                               report)
+            clean = True
+            return result
+        except Interrupted:
+            clean = True
+            raise
+        finally:
+            distributed.leave(world, clean)
+            if handler is not None:
+                logging.getLogger("loraforge").removeHandler(handler)
+                handler.close()
+
+
+def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
+              restart: bool, world: World, device: torch.device,
+              report: ReportWriter | None) -> TrainResult:
+    from loraforge.hashing import legacy_hash, sha256_file
+    from loraforge.train.metadata import TrainingFacts
+
+    try:
+        trainer = Trainer(settings, dataset, run_dir, world, device, report)
+    except ForgeError as exc:
+        if not restart:  # a refused restart leaves the old run, and its record, as they were
+            runs.RunRecord(run_dir, settings.file_mode, write=world.is_main).update(
+                status="failed", error=str(exc))
+        raise
+    if restart and world.is_main:  # what the old attempt made must not mix with the new one;
+        for folder in ("state", "events", "samples"):  # only now that the settings are checked
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+        for old in [run_dir / HISTORY, *runs.lora_files(run_dir)]:
+            old.unlink(missing_ok=True)
+    state = trainer.saved_state(restart)  # a refused resume leaves run.json as it was
+    earlier = [p.name for p in runs.lora_files(run_dir)]
+    if state is None and earlier:  # starting over would overwrite (or mix with) an earlier LoRA
+        raise ForgeError(f"run `{run_dir.name}` holds LoRA files of an earlier training "
+                         f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}) "
+                         "but no state to resume it from", path=run_dir,
+                         fix="pass --restart to train it again from the start (those files are "
+                             "replaced), or name a new run with --run")
+    hosts = gather_objects(runs.this_host(), world)
+    previous = trainer.record.data
+    started = (previous.get("started_at_unix") if not restart else None) or env_time() \
+        or time.time()
+    session = hashlib.sha256(f"{run_dir.name}|{started}|{settings.config.train.seed}".encode()
+                             ).hexdigest()[:16]
+    weights_file = base / "unet" / "diffusion_pytorch_model.safetensors"
+    hashed = weights_file.is_file() and world.is_main  # only rank 0 writes the metadata
+    model_sha = sha256_file(weights_file, settings.cache_dir) if hashed else ""
+    model_legacy = legacy_hash(weights_file) if hashed else ""
+    trainer.record.update(  # an earlier attempt's failure is not this attempt's
+        name=run_dir.name, status="running", error=None, failed_at=None,
+        config=settings.to_dict(),
+        dataset={"concepts": dataset.dataset_dirs(), "images": dataset.num_images,
+                 "images_x_repeats": dataset.images_x_repeats},
+        started_at_unix=started, base_model=str(base), device=str(trainer.device),
+        processes=world.size, process_hosts=hosts, pid=os.getpid(),
+        global_batch_size=trainer.plan.batch_size,
+        steps_per_epoch=trainer.plan.steps_per_epoch, epochs=trainer.plan.epochs,
+        slurm=slurm_job())
+
+    def facts_for(t: Trainer, optimizer: Any, warmup: int) -> TrainingFacts:
+        return TrainingFacts(
+            run_name=run_dir.name, session_id=session, started_at=started,
+            base_model_name=base.name, base_model_sha256=model_sha,
+            base_model_legacy_hash=model_legacy,
+            optimizer=_optimizer_description(optimizer, settings.config.train.optimizer_args),
+            total_steps=t.plan.total_steps, num_epochs=t.plan.epochs,
+            batches_per_epoch=t.plan.batches_per_epoch, total_batch_size=t.plan.batch_size,
+            lr_factor=lr_factor(settings, t.world), warmup_steps=warmup,
+            mixed_precision=t.precision, train_text_encoder=t.train_text,
+            bucket_info=t.bucket_info())
+
+    try:
+        return TrainResult(trainer.run(base, state, facts_for), trainer)
+    except Interrupted:
+        trainer.record.update(status="interrupted")
+        raise
+    except ForgeError as exc:
+        trainer.record.update(status="failed", error=str(exc))
+        raise
+    except OSError as exc:  # an image removed mid-run, a folder made read-only, a full disk
+        error = ForgeError(f"{exc.strerror or exc} while training", path=exc.filename or run_dir,
+                           fix="fix the file or free the space, then rerun the same command: "
+                               "training resumes from the last state saved completely")
+        trainer.record.update(status="failed", error=str(error))
+        raise error from None
+    except BaseException as exc:
+        trainer.record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
