@@ -201,6 +201,83 @@ def test_a_lora_that_does_not_fit_is_one_message_naming_the_mismatch(
     assert capfd.readouterr() == ("", "")
 
 
+def _diffusers_lora(folder: Path, base: Path, alpha: float) -> dict[str, Path]:
+    """A rank-4 LoRA as diffusers' training scripts save it (peft keys, `unet.`/`text_encoder.`
+    prefixes), once with its peft config (where its alpha lives) and once without."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder",
+                                                 local_files_only=True)
+    torch.manual_seed(5)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian",
+                                        target_modules=["q_proj", "k_proj", "v_proj"]))
+    with torch.no_grad():
+        for model in (unet, text_encoder):
+            for key, param in model.named_parameters():
+                if "lora_B" in key:
+                    param.normal_(0, 0.3)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet),
+              "text_encoder_lora_layers": get_peft_model_state_dict(text_encoder)}
+    configs = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+               "text_encoder_lora_adapter_metadata":
+                   text_encoder.peft_config["default"].to_dict()}
+    for config in configs.values():
+        config["target_modules"] = sorted(config["target_modules"])
+    StableDiffusionPipeline.save_lora_weights(folder, weight_name="config.safetensors",
+                                              **layers, **configs)
+    StableDiffusionPipeline.save_lora_weights(folder, weight_name="bare.safetensors", **layers)
+    return {"config": folder / "config.safetensors", "bare": folder / "bare.safetensors"}
+
+
+def test_a_diffusers_lora_renders_at_the_strength_its_alpha_gives(
+        clean: LoraStack, base: Path, tiny_store: Path, tmp_path: Path) -> None:
+    """Its alpha is in the file's metadata, not in a tensor: loaded from its tensors alone it
+    was applied at alpha = rank, twice its strength here, without a word."""
+    files = _diffusers_lora(tmp_path, base, alpha=2)
+    widths = BaseWidths.of(base)
+    clean.activate([LoraUse(inspect_lora(files["config"], widths), 1.0)])
+    ours = _render(clean.pipe)
+    clean.activate([LoraUse(inspect_lora(files["bare"], widths), 1.0)])
+    full_strength = _render(clean.pipe)
+    reference = load_pipeline(base, tiny_store / "tiny-controlnet", torch.device("cpu"),
+                              torch.float32)
+    reference.load_lora_weights(str(files["config"]))  # diffusers, from the file
+    scale = {m.scaling["default_0"] for m in reference.unet.modules() if hasattr(m, "scaling")
+             and "default_0" in m.scaling}
+    assert scale == {0.5}
+    assert np.abs(_render(reference) - ours).max() <= 2
+    assert np.abs(full_strength - ours).max() > 8
+
+
+def test_modules_of_a_lora_that_match_no_layer_are_named(
+        clean: LoraStack, base: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The loader leaves them out and says so only in a log we silence: a LoRA applied in part
+    looked like one applied in full."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_lora(tmp_path / "edited.safetensors", base, 4)
+    tensors = load_file(path)
+    module = next(k for k in tensors if k.endswith("attn1_to_q.lora_down.weight"))[
+        :-len(".lora_down.weight")]
+    for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+        tensors[module.replace("to_q", "to_qq") + suffix] = tensors[module + suffix].clone()
+    save_file(tensors, path, metadata={"ss_base_model_version": "sd_v1"})
+    widths = BaseWidths.of(base)
+    with caplog.at_level("WARNING", logger="loraforge"):
+        clean.activate([LoraUse(inspect_lora(path, widths), 1.0)])
+    modules = sum(k.endswith(".lora_down.weight") for k in tensors)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"edited.safetensors: 1 of its {modules} modules match no layer of the base model and "
+        f"are left out (e.g. {module.replace('to_q', 'to_qq')}): it was made for another "
+        "model, or edited"]
+
+
 def test_compiled_blocks_render_what_eager_models_render_as_loras_change(
         clean: LoraStack, tiny_store: Path, base: Path, lora_files: dict[str, Path]) -> None:
     """generate.compile = "blocks": the transformer blocks of the U-Net and the ControlNet are

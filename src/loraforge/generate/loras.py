@@ -265,6 +265,16 @@ def _missing_half(keys: list[str]) -> str | None:
             f"{lack.strip('.')}{more}")
 
 
+def _module_names(component: str, path: str) -> tuple[str, ...]:
+    """The names a LoRA file may give the module at `path` of `component` ("unet",
+    "text_encoder"): kohya's (with or without CLIP's `text_model.`), diffusers' and peft's."""
+    if component == "unet":
+        return f"lora_unet_{path.replace('.', '_')}", f"unet.{path}"
+    bare = path.removeprefix("text_model.")
+    return (f"lora_te_text_model_{bare.replace('.', '_')}", f"lora_te_{bare.replace('.', '_')}",
+            f"text_encoder.{path}", f"text_encoder.text_model.{bare}", f"text_encoder.{bare}")
+
+
 def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
     """Check a LoRA file from its header (ForgeError naming it when it cannot be used)."""
     path = Path(path)
@@ -432,15 +442,16 @@ class LoraStack:
     def load(self, lora: LoraFile) -> str:
         if lora.path in self.adapters:
             return self.adapters[lora.path]
-        from safetensors.torch import load_file
-
         name = f"lora{len(self.adapters)}"
         started = time.monotonic()
         try:
-            tensors = load_file(str(lora.path))
-            # No "Loading weights" bar, no "LOAD REPORT" table, no log of the error below.
+            # No "Loading weights" bar, no "LOAD REPORT" table, no log of the error below. The
+            # file, not its tensors: a diffusers/peft LoRA keeps its alpha in the file's
+            # metadata, which a state dict leaves behind (its strength would be alpha = rank).
+            # Only safetensors: nothing is unpickled, whatever the file is.
             with quiet_loading(errors=False):
-                self.pipe.load_lora_weights(tensors, adapter_name=name)
+                self.pipe.load_lora_weights(str(lora.path), adapter_name=name,
+                                            use_safetensors=True)
         except Exception as exc:  # a file diffusers cannot map onto this model, whatever way
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             # "Error(s) in loading state_dict for X:" says little; the first mismatch says it
@@ -452,8 +463,27 @@ class LoraStack:
                              ) from None
         log.info("loaded LoRA %s as %s (%.1f s)", lora.path.name, name,
                  time.monotonic() - started)
+        self._warn_left_out(lora, name)
         self.adapters[lora.path] = name
         return name
+
+    def _warn_left_out(self, lora: LoraFile, name: str) -> None:
+        """Modules of the file that match no layer of the base model are left out by the loader
+        without a word (it logs them only at a level we silence): a LoRA applied in part looks
+        like one applied in full. Said once, naming some of them."""
+        header, _ = read_header(lora.path)
+        modules = {key[:-len(down)] for key in header for down, _ in _HALVES
+                   if key.endswith(down)}
+        applied = [key for key, wrapper in self._adapted_layers() if name in wrapper.lora_A]
+        if len(applied) >= len(modules):
+            return
+        known = {spelling for component, path in applied
+                 for spelling in _module_names(component, path)}
+        unknown = sorted(modules - known)
+        named = f" (e.g. {', '.join(unknown[:3])})" if unknown else ""
+        log.warning("%s: %d of its %d modules match no layer of the base model and are left "
+                    "out%s: it was made for another model, or edited", lora.path.name,
+                    len(modules) - len(applied), len(modules), named)
 
     def activate(self, uses: list[LoraUse], unmerged: list[LoraFile] | None = None) -> None:
         """Exactly these LoRAs with these weights are active from now on (none: LoRA off).
