@@ -124,7 +124,7 @@ def test_strokes_scale_with_image_size() -> None:
 def test_json_round_trip_is_exact(tmp_path: Path) -> None:
     poses = [random_pose(n, 1024, 768, seed) for seed in range(10) for n in (1, 2, 3)]
     poses += [_known(missing=R_ELBOW), PoseMap(640, 480, ()),
-              PoseMap(300, 200, (Person(((0.1 + 0.2, 1 / 3),) + (None,) * 17),))]
+              PoseMap(300, 200, (Person(((100 + 0.1 + 0.2, 100 / 3),) + (None,) * 17),))]
     for k, pose in enumerate(poses):
         path = tmp_path / f"p{k}.json"
         write_pose_json(path, pose)
@@ -148,6 +148,19 @@ def test_json_from_editors_is_accepted() -> None:
     pose = PoseMap.from_json(text)
     assert pose == _known(missing=R_ELBOW)
     assert PoseMap.from_json(f"[{text}]") == pose  # ComfyUI's list of frames, one frame
+
+
+def test_json_with_normalised_keypoints_is_scaled_to_its_canvas() -> None:
+    """A1111's ControlNet extension and ComfyUI's pose nodes write keypoints in 0..1 beside a
+    canvas in pixels (and null for hands they did not detect). Drawn as pixels, the pose was a
+    dot in the corner: `generate --pose` rendered an unposed scene without a word."""
+    flat = [v for x, y in KNOWN for v in (x / 1024, y / 1024, 1.0)]
+    text = json.dumps({"canvas_width": 1024, "canvas_height": 1024, "people": [
+        {"pose_keypoints_2d": flat, "hand_left_keypoints_2d": None, "face_keypoints_2d": None}]})
+    assert PoseMap.from_json(text) == _known()
+    assert PoseMap.from_json(f"[{text}]") == _known()
+    wide = PoseMap.from_json(text.replace('"canvas_width": 1024', '"canvas_width": 2048'))
+    assert wide.people[0].keypoints[0] == (KNOWN[0][0] * 2, KNOWN[0][1])
 
 
 def _people(values: object) -> str:

@@ -275,7 +275,7 @@ class PoseMap:
                                      f"{MAX_COORDINATE:,} px) or empty", path=path, fix=fix)
                 parts.append(None if part is None else _unflat(part))
             people.append(Person(_unflat(values), (parts[0], parts[1]), parts[2]))
-        return cls(size[0], size[1], tuple(people))
+        return cls(size[0], size[1], _in_pixels(people, size[0], size[1]))
 
     @classmethod
     def from_json(cls, text: str, path: Path | str | None = None) -> PoseMap:
@@ -287,6 +287,18 @@ class PoseMap:
                              f"{exc.colno})", path=path,
                              fix="fix the JSON, or export the pose again from the editor") from None
         return cls.from_dict(data, path)
+
+
+def _in_pixels(people: list[Person], width: int, height: int) -> tuple[Person, ...]:
+    """The people with pixel coordinates. A1111's ControlNet extension and ComfyUI's pose nodes
+    write keypoints normalised to 0..1 beside a canvas size in pixels: such a pose is scaled to
+    its canvas (drawn as it stands, it would be a dot in the corner)."""
+    coords = [c for person in people
+              for part in (person.keypoints, *person.hands, person.face) if part is not None
+              for point in part if point is not None for c in point]
+    if not coords or not all(0 <= c <= 1 for c in coords) or min(width, height) <= 8:
+        return tuple(people)
+    return tuple(person.moved(lambda p: (p[0] * width, p[1] * height)) for person in people)
 
 
 def _unflat(values: list[Any]) -> tuple[Point | None, ...]:
