@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import write_training_project
+from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -419,5 +421,16 @@ def test_imported_model_trains_and_renders_without_network(
                            "--pose", "random", "--figures", "1", guard=guard, cwd=project)
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
     assert (store / "Final_Images" / "final_command_scene.png").is_file()
+    # Named by the checkpoint's own hashes, as A1111 and Civitai name it; they named the U-Net
+    # file of its conversion, which no one else has
+    checkpoint = files["full"].read_bytes()
+    sha = hashlib.sha256(checkpoint).hexdigest()
+    legacy = hashlib.sha256(checkpoint[0x100000:0x110000]).hexdigest()[:8] \
+        if len(checkpoint) > 0x110000 else ""
+    with safe_open(lora, "pt") as fh:
+        meta = fh.metadata()
+    assert (meta["ss_new_sd_model_hash"], meta["ss_sd_model_hash"]) == (sha, legacy)
+    with Image.open(store / "Final_Images" / "final_command_scene.png") as image:
+        assert f"Model hash: {sha[:10]}, Model: imported," in image.text["parameters"]
     attempts = guard / "attempts.log"
     assert not attempts.exists(), attempts.read_text()

@@ -56,22 +56,12 @@ class ModelInfo:
         return self.sha256[:10]
 
 
-def weights_file(folder: Path) -> Path | None:
-    """The weights file that identifies a diffusers model folder (hashed for PNG info)."""
-    for pattern in ("diffusion_pytorch_model.safetensors", "*.safetensors",
-                    "diffusion_pytorch_model.bin", "*.bin"):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found[0]
-    return None
+def model_info(folder: Path, cache_dir: Path) -> ModelInfo:
+    """The model folder's name and the hash A1111 would show for it (an imported checkpoint's
+    own file's, not its converted U-Net's: Civitai and A1111 match images by it)."""
+    from loraforge.models.manifest import model_sha256
 
-
-def model_info(folder: Path, weights_in: Path, cache_dir: Path) -> ModelInfo:
-    from loraforge.hashing import sha256_file
-
-    file = weights_file(weights_in)
-    digest = sha256_file(file, cache_dir) if file is not None else ""
-    return ModelInfo(folder.name, folder, digest)
+    return ModelInfo(folder.name, folder, model_sha256(folder, cache_dir) or "")
 
 
 def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo,
@@ -361,8 +351,8 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     if gen.offload and not offload:
         echo("note: generate.offload only applies on a GPU; ignored on the CPU")
     started = time.monotonic()
-    base = model_info(base_dir, base_dir / "unet", settings.cache_dir)
-    controlnet = model_info(controlnet_dir, controlnet_dir, settings.cache_dir)
+    base = model_info(base_dir, settings.cache_dir)
+    controlnet = model_info(controlnet_dir, settings.cache_dir)
     pipe = load_pipeline(base_dir, controlnet_dir, device, chosen.dtype, offload)
     echo(f"models: {base_dir.name} + {controlnet_dir.name} on {device.type} ({chosen.name}), "
          f"loaded in {time.monotonic() - started:.1f} s")

@@ -148,6 +148,19 @@ def model_sha256(folder: Path, cache_dir: Path | None = None) -> str | None:
     return sha256_file(path, cache_dir) if path is not None else None
 
 
+def model_legacy_hash(folder: Path) -> str:
+    """A1111's old short hash of the model (kohya's ss_sd_model_hash), from the same file as
+    `model_sha256`: an imported checkpoint's own, else its U-Net's weights ("": none)."""
+    from loraforge.hashing import legacy_hash
+
+    manifest = read_manifest(folder)
+    source = (manifest or {}).get("source") or {}
+    if source.get("type") == "file":
+        return str(source.get("legacy_hash") or "")
+    path = identity_file(folder, model_kind(folder, manifest))
+    return legacy_hash(path) if path is not None else ""
+
+
 def describe_source(manifest: dict[str, Any] | None) -> str:
     """One line: where a model folder came from."""
     if manifest is None:

@@ -167,7 +167,7 @@ def train(settings: Settings, run_name: str | None, restart: bool,
 def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
               restart: bool, world: World, device: torch.device,
               report: ReportWriter | None) -> TrainResult:
-    from loraforge.hashing import legacy_hash, sha256_file
+    from loraforge.models.manifest import model_legacy_hash, model_sha256
     from loraforge.train.metadata import TrainingFacts
 
     try:
@@ -196,10 +196,10 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         or time.time()
     session = hashlib.sha256(f"{run_dir.name}|{started}|{settings.config.train.seed}".encode()
                              ).hexdigest()[:16]
-    weights_file = base / "unet" / "diffusion_pytorch_model.safetensors"
-    hashed = weights_file.is_file() and world.is_main  # only rank 0 writes the metadata
-    model_sha = sha256_file(weights_file, settings.cache_dir) if hashed else ""
-    model_legacy = legacy_hash(weights_file) if hashed else ""
+    # The base model as A1111 names it (an imported checkpoint by its own file's hashes);
+    # only rank 0 writes the metadata
+    model_sha = (model_sha256(base, settings.cache_dir) or "") if world.is_main else ""
+    model_legacy = model_legacy_hash(base) if world.is_main else ""
     trainer.record.update(  # an earlier attempt's failure is not this attempt's
         name=run_dir.name, status="running", error=None, failed_at=None,
         config=settings.to_dict(),
