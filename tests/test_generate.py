@@ -579,8 +579,13 @@ def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
     assert first[0].read_bytes() == kept
     assert json.loads((images / "scene-5-v2.json").read_text())["image"] == str(other[0])
     assert (images / "scene-5-v2.pose.png").is_file()
-    again = generate(settings, Options(loras=["none"], cfg=3.0), lambda line: None)
+    made = other[0].stat().st_mtime_ns
+    lines: list[str] = []
+    again = generate(settings, Options(loras=["none"], cfg=3.0), lines.append)
     assert again == other
+    assert f"[1/1] {other[0]} (made before with the same settings: kept)" in lines
+    assert other[0].stat().st_mtime_ns == made  # not made again
+    assert (images / "final_command_scene.png").read_bytes() == other[0].read_bytes()
     assert sorted(p.name for p in images.glob("scene-5*.png")) == [
         "scene-5-v2.png", "scene-5-v2.pose.png", "scene-5.png", "scene-5.pose.png"]
 
@@ -589,6 +594,47 @@ def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
     notes.write_text('{"my": "notes"}')
     beside = generate(settings, Options(loras=["none"], seed=6), lambda line: None)
     assert beside == [images / "scene-6-v2.png"] and notes.read_text() == '{"my": "notes"}'
+
+
+def test_a_time_limit_warning_stops_between_images_and_the_rerun_goes_on(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """SLURM's SIGUSR1 ended `generate` on the spot, and its job script requeued the job, which
+    made every image again from the first: a long job never finished. It now stops after the
+    image in hand (exit 75, which the script requeues) and the rerun keeps what was made."""
+    import signal
+    import subprocess
+    import sys
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 6,
+                                             "figures": 1, "seed": 10, "count": 6,
+                                             "batch_size": 1})
+    env = {k: v for k, v in os.environ.items() if k != "LORAFORGE_STORAGE_ROOT"}
+    command = [sys.executable, "-m", "loraforge", "generate", "--config", str(config),
+               "--lora", "none"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**env, **ONE_THREAD})
+    assert process.stdout is not None
+    first = ""
+    for line in process.stdout:
+        if line.startswith("[1/6]"):
+            first = line
+            process.send_signal(signal.SIGUSR1)
+            break
+    rest, err = process.communicate(timeout=300)
+    assert first and process.returncode == 75, (first, rest, err)
+    done = [line.split()[1] for line in (first + rest).splitlines() if line.startswith("[")]
+    assert 1 <= len(done) < 6, rest
+    assert f"stopped by SIGUSR1 (a time limit is near): {len(done)} of 6 images written" in err
+    times = {path: Path(path).stat().st_mtime_ns for path in done}
+
+    again = run_cli("generate", "--config", config, "--lora", "none", env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr
+    lines = [line for line in again.stdout.splitlines() if line.startswith("[")]
+    assert len(lines) == 6
+    assert [line.split()[1] for line in lines if line.endswith("kept)")] == done
+    assert all(Path(path).stat().st_mtime_ns == made for path, made in times.items())
+    images = tmp_path / "store" / "Final_Images"
+    assert len(list(images.glob("scene-*.pose.png"))) == 6
 
 
 def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Path,

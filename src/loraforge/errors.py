@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: Exit code of a command stopped by a signal with its work so far kept (a training's state
+#: saved, generated images written): rerun the same command to go on. Job scripts requeue on it
+#: (75: EX_TEMPFAIL).
+RESUMABLE_EXIT = 75
+
 
 class ForgeError(Exception):
     """A problem the user can fix. The CLI prints it as one message and exits with `exit_code`."""

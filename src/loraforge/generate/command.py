@@ -89,9 +89,9 @@ def generate_command(
     from rich.console import Console
 
     from loraforge.config import load_settings
-    from loraforge.errors import ForgeError
+    from loraforge.errors import RESUMABLE_EXIT, ForgeError
     from loraforge.generate.pipeline import PRECISIONS
-    from loraforge.generate.run import generate
+    from loraforge.generate.run import Stopped, generate
     from loraforge.generate.scenes import Options
 
     if precision not in PRECISIONS:
@@ -112,4 +112,10 @@ def generate_command(
                       seed=seed, count=count, steps=steps, cfg=cfg, sampler=sampler, size=size,
                       control_scale=control_scale, clip_skip=clip_skip, name=name, scenes=scenes,
                       cast=figure, background_weight=background_weight, source=source)
-    generate(settings, options, lambda line: out.print(line, markup=False), precision)
+    try:
+        generate(settings, options, lambda line: out.print(line, markup=False), precision)
+    except Stopped as stop:
+        Console(stderr=True).print(
+            f"stopped by SIGUSR1 (a time limit is near): {stop}; rerun the same command to go "
+            "on (images made with the same settings are kept, not made again)", markup=False)
+        raise typer.Exit(RESUMABLE_EXIT) from None

@@ -236,6 +236,83 @@ def _made_alike(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
         return False
 
 
+class Stopped(Exception):
+    """Generation stopped between batches on SLURM's time-limit warning (SIGUSR1): the images
+    written so far are kept, and a rerun of the same command skips them."""
+
+    def __init__(self, written: int, total: int) -> None:
+        super().__init__(f"{written} of {total} images written")
+        self.written, self.total = written, total
+
+
+class TimeLimitWarning:
+    """SIGUSR1 (SLURM's warning that the time limit is near, slurm.grace_seconds ahead) as a
+    flag checked between batches: the batch in hand is finished and written, then the command
+    stops (`Stopped`) and its job is requeued. Left at its default, the signal ended the
+    process, and the requeued job made every image again from the first."""
+
+    def __init__(self) -> None:
+        self.given = False
+        self._previous: Any = None
+
+    def __enter__(self) -> TimeLimitWarning:
+        import signal
+
+        self._previous = signal.signal(signal.SIGUSR1, self._handle)
+        return self
+
+    def _handle(self, _number: int, _frame: Any) -> None:
+        self.given = True
+        log.warning("SIGUSR1 received: stopping after the images in hand")
+
+    def __exit__(self, *_exc: object) -> None:
+        import signal
+
+        signal.signal(signal.SIGUSR1, self._previous)
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    """One image to make: its seed, pose map, PNG info, scene record and file stem; `made`:
+    an image with this stem, made alike (these parameters, scene and pose), is there."""
+
+    seed: int
+    pose: Image.Image
+    parameters: str
+    scene: dict[str, Any]
+    stem: str
+    made: bool
+
+
+def _plan_output(folder: Path, job: Job, seed: int, batch: list[int], base: ModelInfo,
+                 controlnet: ModelInfo) -> PlannedOutput:
+    pose = job.pose.image_for(seed, job.width, job.height)
+    parameters = pnginfo.format_parameters(shown_prompt(job), job.negative_text,
+                                           parameters_fields(job, seed, base, controlnet))
+    scene = scene_table(job, batch)
+    stem = output_stem(folder, f"{job.stem}-{seed}", parameters, scene, pose)
+    # output_stem stops at an existing image only when it was made alike
+    return PlannedOutput(seed, pose, parameters, scene, stem, (folder / f"{stem}.png").exists())
+
+
+def _keep(folder: Path, stem: str, mode: int) -> Path:
+    """An image made before with the same settings, kept as it is (the same seed renders the
+    same image): a rerun, or a requeued job, goes on where the last one stopped. It is the
+    newest image of this command for `final_command_scene.png` all the same."""
+    import shutil
+
+    from loraforge.fsutil import save_atomic
+
+    image = folder / f"{stem}.png"
+    try:
+        save_atomic(folder / f"{FINAL_NAME}.png", lambda tmp: shutil.copyfile(image, tmp), mode)
+    except OSError as exc:
+        raise ForgeError(f"could not copy {stem}.png to {FINAL_NAME}.png: "
+                         f"{exc.strerror or exc} (disk or quota full?)", path=folder,
+                         fix="free space and rerun; images already written are kept") from None
+    return image
+
+
 def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Image,
                    parameters: str, record: dict[str, Any], mode: int,
                    masks: Image.Image | None, scene: dict[str, Any]) -> Path:
@@ -362,54 +439,63 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     scheduler_config = dict(pipe.scheduler.config)
     written: list[Path] = []
     total = sum(len(job.seeds) for job in jobs)
-    for job in jobs:
-        stack.activate(job.loras, [f.lora.lora for f in job.cast.figures if f.lora]
-                       if job.cast else None)
-        pipe.scheduler = make_scheduler(job.sampler, scheduler_config)
-        tiling = gen.vae_tiling if gen.vae_tiling is not None else \
-            max(job.width, job.height) > TILE_ABOVE
-        set_vae_tiling(pipe, tiling)
-        if job.cast is None:
-            embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder,
-                                                     [job.text, job.negative_text],
-                                                     job.clip_skip, MAX_CHUNKS)
-        else:
-            unet_deltas, cast_prompts = _cast_prompts(pipe, stack, job)
-            embeds, negative_embeds = cast_prompts.embeds, cast_prompts.negative
-        batch = len(job.seeds) if options.source is not None else gen.batch_size
-        for first in range(0, len(job.seeds), batch):
-            seeds = job.seeds[first:first + batch]
-            t0 = time.monotonic()
-            poses = [job.pose.image_for(seed, job.width, job.height) for seed in seeds]
-            regions = [job.cast.regions(job.pose, seed, job.width, job.height)
-                       for seed in seeds] if job.cast else []
-            with _casting(pipe, job, regions, unet_deltas if job.cast else []):
-                images = render_batch(pipe, embeds, negative_embeds, job.width, job.height,
-                                      job.steps, job.cfg, seeds, poses, job.control_scale)
-            seconds = (time.monotonic() - t0) / len(seeds)
-            shape = (job.width, job.height, len(seeds))
-            compiling = " (including torch.compile)" \
-                if gen.compile and shape not in compiled else ""
-            compiled.add(shape)
-            for index, (seed, image, pose) in enumerate(zip(seeds, images, poses, strict=True)):
-                fields = parameters_fields(job, seed, base, controlnet)
-                parameters = pnginfo.format_parameters(shown_prompt(job), job.negative_text,
-                                                       fields)
-                scene = scene_table(job, seeds)
-                stem = output_stem(folder, f"{job.stem}-{seed}", parameters, scene, pose)
-                record = sidecar(job, seed, base, controlnet, parameters,
-                                 folder / f"{stem}.png", folder / f"{stem}.pose.png", seconds,
-                                 str(device), chosen.name, len(seeds))
-                path = _write_outputs(folder, stem, image, pose, parameters, record,
-                                      settings.file_mode,
-                                      regions[index].image() if regions else None, scene)
-                written.append(path)
-                loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.all_loras) \
-                    or "none"
-                echo(f"[{len(written)}/{total}] {path} ({job.width}x{job.height}, {job.steps} "
-                     f"steps, {job.sampler}, seed {seed}, LoRA {loras}, {seconds:.1f} s)"
-                     f"{compiling}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with TimeLimitWarning() as warning:
+        for job in jobs:
+            stack.activate(job.loras, [f.lora.lora for f in job.cast.figures if f.lora]
+                           if job.cast else None)
+            pipe.scheduler = make_scheduler(job.sampler, scheduler_config)
+            tiling = gen.vae_tiling if gen.vae_tiling is not None else \
+                max(job.width, job.height) > TILE_ABOVE
+            set_vae_tiling(pipe, tiling)
+            if job.cast is None:
+                embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder,
+                                                         [job.text, job.negative_text],
+                                                         job.clip_skip, MAX_CHUNKS)
+            else:
+                unet_deltas, cast_prompts = _cast_prompts(pipe, stack, job)
+                embeds, negative_embeds = cast_prompts.embeds, cast_prompts.negative
+            batch = len(job.seeds) if options.source is not None else gen.batch_size
+            for first in range(0, len(job.seeds), batch):
+                if warning.given:
+                    raise Stopped(len(written), total)
+                planned = [_plan_output(folder, job, seed, job.seeds[first:first + batch],
+                                        base, controlnet)
+                           for seed in job.seeds[first:first + batch]]
+                for kept in (out for out in planned if out.made):
+                    written.append(_keep(folder, kept.stem, settings.file_mode))
+                    echo(f"[{len(written)}/{total}] {written[-1]} (made before with the same "
+                         "settings: kept)")
+                todo = [out for out in planned if not out.made]
+                if not todo:
+                    continue
+                seeds = [out.seed for out in todo]
+                t0 = time.monotonic()
+                regions = [job.cast.regions(job.pose, seed, job.width, job.height)
+                           for seed in seeds] if job.cast else []
+                with _casting(pipe, job, regions, unet_deltas if job.cast else []):
+                    images = render_batch(pipe, embeds, negative_embeds, job.width, job.height,
+                                          job.steps, job.cfg, seeds, [o.pose for o in todo],
+                                          job.control_scale)
+                seconds = (time.monotonic() - t0) / len(seeds)
+                shape = (job.width, job.height, len(seeds))
+                compiling = " (including torch.compile)" \
+                    if gen.compile and shape not in compiled else ""
+                compiled.add(shape)
+                for index, (out, image) in enumerate(zip(todo, images, strict=True)):
+                    record = sidecar(job, out.seed, base, controlnet, out.parameters,
+                                     folder / f"{out.stem}.png", folder / f"{out.stem}.pose.png",
+                                     seconds, str(device), chosen.name, len(seeds))
+                    path = _write_outputs(folder, out.stem, image, out.pose, out.parameters,
+                                          record, settings.file_mode,
+                                          regions[index].image() if regions else None,
+                                          out.scene)
+                    written.append(path)
+                    loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.all_loras) \
+                        or "none"
+                    echo(f"[{len(written)}/{total}] {path} ({job.width}x{job.height}, "
+                         f"{job.steps} steps, {job.sampler}, seed {out.seed}, LoRA {loras}, "
+                         f"{seconds:.1f} s){compiling}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     echo(f"newest image also at {folder / (FINAL_NAME + '.png')}")
     return written

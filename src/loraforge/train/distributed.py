@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from loraforge.errors import ForgeError
+from loraforge.errors import RESUMABLE_EXIT, ForgeError
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +42,8 @@ _objects_group: Any = None
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 #: Signals a local launch passes on to its workers.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-#: Rank 0's exit code after a signal, state saved (the trainer's RESUMABLE_EXIT).
-RESUMABLE = 75
+#: Rank 0's exit code after a signal, state saved.
+RESUMABLE = RESUMABLE_EXIT
 #: After one worker fails, the others get this long to notice before they are killed.
 FAILURE_GRACE_SECONDS = 10.0
 
