@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, write_training_project
 
 from loraforge.config import load_settings
 from loraforge.errors import ForgeError
@@ -78,11 +78,17 @@ def test_extra_lines_must_be_single_options() -> None:
             check_extra(bad)
 
 
-def _project(tmp_path: Path, slurm: str = "") -> Path:
+def _project(tmp_path: Path, slurm: str = "", tiny_store: Path | None = None) -> Path:
+    """A project folder with a [slurm] section; with `tiny_store`, one that trains (a dataset
+    and the tiny models): a job is submitted only when it would not fail on its inputs."""
     project = tmp_path / "proj"
     project.mkdir(exist_ok=True)
-    (project / "forge.toml").write_text(
-        f'[storage]\nroot = "store"\n[slurm]\nenv_activate = "{ACTIVATE}"\n{slurm}')
+    if tiny_store is None:
+        (project / "forge.toml").write_text('[storage]\nroot = "store"\n')
+    else:
+        write_training_project(project, tiny_store)
+    with open(project / "forge.toml", "a") as fh:
+        fh.write(f'[slurm]\nenv_activate = "{ACTIVATE}"\n{slurm}')
     return project
 
 
@@ -293,8 +299,9 @@ def test_sweep_dry_run_is_one_array_and_checks_every_value(tmp_path: Path) -> No
                       "did you mean `train.network_dim`?")
 
 
-def test_no_sbatch_is_a_clear_error_that_keeps_the_script(tmp_path: Path) -> None:
-    project = _project(tmp_path)
+def test_no_sbatch_is_a_clear_error_that_keeps_the_script(tmp_path: Path,
+                                                           tiny_store: Path) -> None:
+    project = _project(tmp_path, tiny_store=tiny_store)
     bare = tmp_path / "bin"
     bare.mkdir()
     result = run_cli("slurm", "train", cwd=project, env={"PATH": str(bare)})
@@ -304,8 +311,37 @@ def test_no_sbatch_is_a_clear_error_that_keeps_the_script(tmp_path: Path) -> Non
     assert str(scripts[0]) in result.stderr.replace("\n", "")
 
 
-def test_missing_environment_is_named_before_submitting(tmp_path: Path) -> None:
-    project = _project(tmp_path)
+def test_a_job_that_would_fail_on_its_inputs_is_not_submitted(tmp_path: Path,
+                                                             tiny_store: Path) -> None:
+    """An empty dataset, a base model not in the store, an unknown concept: the job waited in
+    the queue, took a node (a GPU) and failed in its first seconds, where `train` refuses at
+    once. Said before sbatch now; a dry run notes it above the script."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    shutil.rmtree(project / "master_dataset" / "1_blue_mage")
+    shutil.rmtree(project / "master_dataset" / "1_red_knight")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    called = tmp_path / "sbatch-called"
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {called}\necho 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    for args, needle in (
+            (["train"], "has no concept folders"),
+            (["pipeline"], "has no concept folders"),
+            (["sweep", "--param", "train.unet_lr=1e-4,2e-4"], "has no concept folders"),
+            (["generate", "--set", "models.base=no_such_model"], "no_such_model"),
+            (["tag", "nosuch", "--gpus", "0"], "nosuch")):
+        result = run_cli("slurm", *args, cwd=project, env=env)
+        assert_user_error(result, needle, "nothing was submitted: the job would fail on it")
+        dry = run_cli("slurm", *args, "--dry-run", cwd=project, env=env)
+        assert dry.returncode == 0 and "# note: this job would fail: " in dry.stdout, dry
+        assert needle in dry.stdout
+    assert not called.exists() and not (project / "store" / "jobs").exists()
+
+
+def test_missing_environment_is_named_before_submitting(tmp_path: Path,
+                                                        tiny_store: Path) -> None:
+    project = _project(tmp_path, tiny_store=tiny_store)
     result = run_cli("slurm", "train", "--set", "slurm.env_activate=nowhere/bin/activate",
                      cwd=project)
     assert_user_error(result, "nowhere/bin/activate", "slurm.env_activate")
@@ -621,11 +657,11 @@ def test_slurm_status_without_submissions_says_how_to_submit(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("ledger", ["[]", '{"jobs": 5}', '{"jobs": [5]}',
                                     '{"jobs": [{"job_id": 5}]}', "{bad"])
-def test_a_damaged_job_record_is_named_and_nothing_is_queued(tmp_path: Path,
-                                                             ledger: str) -> None:
+def test_a_damaged_job_record_is_named_and_nothing_is_queued(tmp_path: Path, ledger: str,
+                                                             tiny_store: Path) -> None:
     """A record of the wrong shape crashed status, logs and cancel; a damaged one stopped a
     submission only after sbatch had queued the job, so a user who resubmitted ran it twice."""
-    project = _project(tmp_path)
+    project = _project(tmp_path, tiny_store=tiny_store)
     record = project / "store" / "jobs" / "jobs.json"
     record.parent.mkdir(parents=True)
     record.write_text(ledger)
@@ -663,11 +699,11 @@ def test_script_words_are_quoted_for_bash() -> None:
 
 
 def test_a_site_wrapper_that_hides_the_job_id_or_a_refused_scancel_is_named(
-        tmp_path: Path) -> None:
+        tmp_path: Path, tiny_store: Path) -> None:
     """Sites wrap sbatch and scancel. A wrapper that drops --parsable answers prose: the user
     is told it may have queued the job and how to look. A scancel refused (another user's
     job), or a controller scontrol cannot reach, is named with its own words, exit 1."""
-    project = _project(tmp_path)
+    project = _project(tmp_path, tiny_store=tiny_store)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     tools = {"sbatch": 'echo "Submitted batch job 42"',

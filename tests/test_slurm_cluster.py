@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,11 +113,14 @@ def scenarios(slurm_cluster: Cluster, tiny_store: Path,  # noqa: F811
         "--set", f"dataset.caption_prefix=$(touch {root}/pwned4) `touch {root}/pwned5`, ",
         cwd=piped))
 
-    # A pipeline whose training fails (no concept folders): generation must be cancelled.
-    broken = _project(root / "broken", tiny_store, {"max_steps": 1}, dataset=False)
+    # A pipeline whose training fails (its concept folders moved away once it was submitted,
+    # which `slurm pipeline` cannot foresee): generation must be cancelled.
+    broken = _project(root / "broken", tiny_store, {"max_steps": 1})
     s.projects["broken"] = broken
     s.ids["broken"] = _submitted_ids(run_cli("slurm", "pipeline", "--run", "broken",
                                              cwd=broken))
+    for concept in (broken / "master_dataset").iterdir():
+        shutil.rmtree(concept)
 
     # A 2x2 sweep as one job array.
     sweep = _project(root / "sweep", tiny_store, {"max_steps": 1})

@@ -69,6 +69,39 @@ def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
     return load_settings(config, list(overrides or []))
 
 
+def _preflight(options: Options, *checks: str, run: str | None = None,
+               concepts: list[str] | None = None) -> None:
+    """What the job would fail on, said now, before it waits in the queue and takes a node:
+    "train" (the run name, the dataset and the base model, as `loraforge train` checks them),
+    "generate" (the base model and ControlNet), "tag" (the concepts and the tagger). A dry
+    run notes it above the script instead."""
+    from loraforge.errors import ForgeError
+
+    settings = _settings(options.config, options.overrides)
+    try:
+        if "train" in checks:
+            from loraforge.train.run import check_inputs
+
+            check_inputs(settings, run)
+        if "generate" in checks:
+            from loraforge.models import store
+
+            store.check_pair(store.resolve_base_model(settings),
+                             store.resolve_controlnet(settings))
+        if "tag" in checks:
+            from loraforge.dataset.folders import concept_folders
+            from loraforge.models.tagger import resolve_tagger
+
+            concept_folders(settings.dataset_dir, concepts, [])
+            resolve_tagger(settings)
+    except ForgeError as exc:
+        if options.dry_run:
+            typer.echo(f"# note: this job would fail: {exc}".replace("\n", "\n# "))
+            return
+        raise ForgeError(f"{exc.message} (nothing was submitted: the job would fail on it)",
+                         path=exc.path, fix=exc.fix) from None
+
+
 def _console() -> Console:
     from rich.console import Console
 
@@ -83,7 +116,9 @@ def slurm_train(config: ConfigOpt = None, overrides: SetOpt = None, run: RunOpt 
     """Submit `loraforge train` as a batch job (requeued and resumed on time limits)."""
     from loraforge.slurm.jobs import submit_train
 
-    submit_train(_options(config, overrides, gpus, dry_run), run, typer.echo)
+    options = _options(config, overrides, gpus, dry_run)
+    _preflight(options, "train", run=run)
+    submit_train(options, run, typer.echo)
 
 
 @slurm_app.command("generate")
@@ -95,7 +130,9 @@ def slurm_generate(config: ConfigOpt = None, overrides: SetOpt = None, prompt: P
     """Submit `loraforge generate` as a batch job."""
     from loraforge.slurm.jobs import submit_generate
 
-    submit_generate(_options(config, overrides, gpus, dry_run),
+    options = _options(config, overrides, gpus, dry_run)
+    _preflight(options, "generate")
+    submit_generate(options,
                     _generate_args(prompt, negative, seed, lora, pose, scenes, name, figure),
                     typer.echo)
 
@@ -112,7 +149,9 @@ def slurm_pipeline(config: ConfigOpt = None, overrides: SetOpt = None, run: RunO
     """
     from loraforge.slurm.jobs import submit_pipeline
 
-    submit_pipeline(_options(config, overrides, gpus, dry_run), run,
+    options = _options(config, overrides, gpus, dry_run)
+    _preflight(options, "train", "generate", run=run)
+    submit_pipeline(options, run,
                     _generate_args(prompt, negative, seed, lora, pose, scenes, name, figure),
                     typer.echo)
 
@@ -152,7 +191,9 @@ def slurm_tag(
     words += ["--overwrite"] * overwrite + ["--append"] * append
     if concepts:
         words += ["--", *concepts]
-    submit_tag(_options(config, overrides, gpus, dry_run), words, typer.echo)
+    options = _options(config, overrides, gpus, dry_run)
+    _preflight(options, "tag", concepts=concepts)
+    submit_tag(options, words, typer.echo)
 
 
 @slurm_app.command("sweep")
@@ -169,8 +210,9 @@ def slurm_sweep(
     (e.g. multi_concept-unet_lr1e-4-network_dim8). Compare them with `loraforge runs`."""
     from loraforge.slurm.jobs import submit_sweep
 
-    submit_sweep(_options(config, overrides, gpus, dry_run), run, param, max_parallel,
-                 typer.echo)
+    options = _options(config, overrides, gpus, dry_run)
+    _preflight(options, "train", run=run)
+    submit_sweep(options, run, param, max_parallel, typer.echo)
 
 
 @slurm_app.command("status")
