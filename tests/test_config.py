@@ -134,6 +134,14 @@ def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path: Path) -> None:
                       "did you mean `train.unet_lr`?")
 
 
+def test_a_size_key_points_to_width_and_height(tmp_path: Path) -> None:
+    """`--size` and a scene's `size` exist, but [generate] has width and height: the nearest
+    spelling was `generate.batch_size`, which led the user astray."""
+    result = run_cli("config", "show", "--set", "generate.size=512x384", cwd=tmp_path)
+    assert_user_error(result, "unknown key `generate.size`",
+                      "did you mean `generate.width` and `generate.height`?")
+
+
 def test_unknown_key_of_a_concept_table_suggests_the_concept_key(tmp_path: Path) -> None:
     (tmp_path / "forge.toml").write_text("[dataset.concepts.blue_mage]\nshufle_caption = false\n")
     result = run_cli("config", "show", "--config", tmp_path / "forge.toml")

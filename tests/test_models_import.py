@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_training_project
+from conftest import run_cli, write_training_project
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -404,8 +404,11 @@ def offline_cli(*args: str | Path, guard: Path, cwd: Path) -> subprocess.Complet
 
 def test_imported_model_trains_and_renders_without_network(
         store: Path, files: dict[str, Path], tiny_store: Path, tmp_path: Path) -> None:
-    result = invoke("import", files["full"], "--as", "base", "--name", "imported")
-    assert result.exit_code == 0, (result.output, result.exception)
+    result = run_cli("models", "import", files["full"], "--as", "base", "--name", "imported",
+                     env={"LORAFORGE_STORAGE_ROOT": str(store)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    # transformers' advice to install torchvision (which would replace the pinned torch)
+    assert "torchvision" not in result.stderr, result.stderr
     project = tmp_path / "project"
     config = write_training_project(project, tiny_store, {"max_steps": 2, "epochs": 1})
     text = config.read_text().replace(f'base = "{tiny_store / "tiny-sd15"}"',

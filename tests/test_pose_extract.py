@@ -445,6 +445,7 @@ def test_generate_refuses_a_photo_when_told_to(tmp_path: Path) -> None:
     with pytest.raises(ForgeError, match="not a pose map") as refused:
         PoseCache(lambda _: None, photo_poses(settings)).load(photo, 128, 96)
     assert "loraforge pose extract" in str(refused.value)
+    assert f"--pose {tmp_path / 'photo.pose.png'})" in str(refused.value)  # where extract puts it
     assert 'pose_from_photo = "extract"' in str(refused.value)
 
 

@@ -478,7 +478,15 @@ def _parent_model(loc: list[str]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+#: A key users write from a command-line option or a scene's key (`--size`, a scene's `size`)
+#: that the config spells as other keys.
+_SPELLED_OTHERWISE = {"size": ("width", "height")}
+
+
 def _suggest(key: str, choices: list[str], prefix: str) -> str:
+    instead = _SPELLED_OTHERWISE.get(key, ())
+    if instead and all(k in choices for k in instead):
+        return "did you mean " + " and ".join(f"`{prefix}{k}`" for k in instead) + "?"
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
     if close:
         return f"did you mean `{prefix}{close[0]}`?"

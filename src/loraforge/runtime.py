@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -14,6 +15,18 @@ if TYPE_CHECKING:
 
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE",
                     "HF_DATASETS_OFFLINE")
+
+
+def _not_the_torchvision_notice(record: logging.LogRecord) -> bool:
+    """transformers tells, on importing diffusers' pipelines, that CLIP's image processor
+    "requires torchvision (not installed)" and to install it: we never use that processor, and
+    installing torchvision could replace the pinned torch (README: Versions)."""
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def hide_torchvision_notice() -> None:
+    """Keep that notice out of the output (stdlib logging only: transformers is not imported)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_the_torchvision_notice)
 
 
 def go_offline(settings: Settings) -> None:
@@ -31,6 +44,7 @@ def go_offline(settings: Settings) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "torch-inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(settings.cache_dir / "triton"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hide_torchvision_notice()
 
 
 def pick_device() -> torch.device:

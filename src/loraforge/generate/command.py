@@ -62,7 +62,7 @@ def generate_command(
         "--scenes", metavar="FILE",
         help="TOML file of \\[\\[scene]] tables (name, prompt, negative, pose, seed or "
         "seeds, count, size, figures, loras, steps, cfg, sampler, control_scale, clip_skip, "
-        "background_weight, and \\[\\[scene.figure]] tables), "
+        "background_weight, region_pad, region_soften, and \\[\\[scene.figure]] tables), "
         "rendered with the models loaded once; the options above are their defaults.")] = None,
     figure: Annotated[list[str] | None, typer.Option(
         "--figure", help="Cast a posed figure, left to right (repeatable): \"CHARACTER: "

@@ -348,7 +348,8 @@ class PoseCache:
                 raise ForgeError(f"is not a pose map ({reason}), and generate.pose_from_photo "
                                  "is \"refuse\"", path=path,
                                  fix=f"extract its people first (`loraforge pose extract {path}`"
-                                     f", then --pose {path.stem}.pose.png), or set "
+                                     f", then --pose {path.with_name(path.stem + '.pose.png')})"
+                                     ", or set "
                                      "generate.pose_from_photo = \"extract\"")
             if path not in self.people:
                 self.people[path] = self.from_photo(path, image)

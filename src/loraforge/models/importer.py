@@ -28,7 +28,7 @@ from loraforge.errors import ForgeError
 from loraforge.models import folders
 from loraforge.models.manifest import NOT_MODELS, describe_files, write_manifest
 from loraforge.models.tiny import strip_volatile
-from loraforge.runtime import quiet_loading
+from loraforge.runtime import hide_torchvision_notice, quiet_loading
 
 if TYPE_CHECKING:
     import torch
@@ -574,6 +574,7 @@ def _legacy(path: Path, legacy_hash: Callable[[Path], str]) -> str | None:
 
 def convert_base(ckpt: Checkpoint, vae: Checkpoint | None, family: Family, out: Path) -> None:
     """Write the diffusers pipeline for `ckpt` into the empty folder `out`."""
+    hide_torchvision_notice()
     from diffusers import (
         AutoencoderKL,
         PNDMScheduler,
