@@ -193,6 +193,32 @@ def test_default_init_scripts_match_the_seed_resources(tmp_path: Path) -> None:
     assert "srun" not in text and "#SBATCH --ntasks-per-node=1" in text  # one GPU, one process
 
 
+def test_scripts_that_no_longer_ask_what_the_slurm_section_asks_are_said_and_rewritten(
+        tmp_path: Path) -> None:
+    """init writes the job scripts once; `sbatch submit_training.ssub` does not read forge.toml.
+    A user who set the partition after init submitted to the old one without a word."""
+    project = tmp_path / "p"
+    assert run_cli("init", project).returncode == 0
+    config = project / "forge.toml"
+    config.write_text(config.read_text().replace('partition = "c3_accel"', 'partition = "gpu"'))
+    script = project / "submit_training.ssub"
+    script.write_text(script.read_text() + "# my own note\n")
+    mine = script.read_text()
+
+    checked = run_cli("dataset", "check", cwd=project)
+    assert "submit_training.ssub lacks #SBATCH --partition=gpu" in checked.stderr
+    assert "`loraforge init --scripts` writes them again" in checked.stderr
+    again = run_cli("init", project)
+    assert "it no longer asks what [slurm] asks: #SBATCH --partition=gpu;" in again.stdout
+    assert script.read_text() == mine  # kept: init never overwrites
+    rewritten = run_cli("init", project, "--scripts")
+    assert rewritten.returncode == 0, rewritten.stderr
+    assert "#SBATCH --partition=gpu" in script.read_text()
+    assert (project / "submit_training.ssub.bak").read_text() == mine
+    assert "no longer asks" not in run_cli("dataset", "check", cwd=project).stderr
+    assert "kept      " + str(script) in run_cli("init", project, "--scripts").stdout
+
+
 def test_init_elsewhere_points_the_jobs_at_the_environment_that_ran_it(tmp_path: Path) -> None:
     """The README's recipe: setup_forge.sh builds lora_env/ in the checkout, `loraforge init
     my_project` makes a folder inside it; the jobs run in my_project/ and must still find the

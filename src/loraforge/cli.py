@@ -75,12 +75,15 @@ def init(
     directory: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
     tiny: Annotated[bool, typer.Option("--tiny", help="Use the embedded tiny model (demo, "
                                        "tests, no downloads).")] = False,
+    scripts: Annotated[bool, typer.Option("--scripts", help="Write again the job scripts "
+                                          "that no longer ask what forge.toml [slurm] asks "
+                                          "(the old ones are kept as .bak).")] = False,
 ) -> None:
     """Write a commented forge.toml, master_dataset/ (with a README), the two SLURM job
     scripts and logs/; never overwrites a file."""
     from loraforge.project import init_project
 
-    for line in init_project(directory, tiny=tiny):
+    for line in init_project(directory, tiny=tiny, scripts=scripts):
         out.print(line, markup=False)
 
 
@@ -101,8 +104,12 @@ def dataset_check(config: ConfigOpt = None, overrides: SetOpt = None, as_json: J
                       "node.")] = None) -> None:
     """Explain every problem in master_dataset/ before a GPU is spent."""
     from loraforge.dataset.check import check_dataset
+    from loraforge.slurm.script import drift_note, script_drift
 
     settings = _settings(config, overrides)
+    drift = script_drift(settings) if settings.source is not None else {}
+    if drift:  # the next step is `sbatch submit_training.ssub`, which does not read forge.toml
+        Console(stderr=True).print(drift_note(drift), markup=False, soft_wrap=True)
     check_dataset(settings, as_json, out, processes or settings.config.train.gpus)
 
 

@@ -93,9 +93,10 @@ def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
     return "\n".join(lines)
 
 
-def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
+def init_project(directory: Path, *, tiny: bool = False, scripts: bool = False) -> list[str]:
     """Write forge.toml, master_dataset/README.md and the two SLURM job scripts into `directory`
-    (plus logs/ for their output); never overwrite a file."""
+    (plus logs/ for their output); never overwrite a file. `scripts`: write again the job
+    scripts that no longer ask what forge.toml [slurm] asks (the old ones kept as .bak)."""
     from loraforge.slurm.script import LOG_DIR
 
     if directory.exists() and not directory.is_dir():
@@ -138,7 +139,7 @@ def init_project(directory: Path, *, tiny: bool = False) -> list[str]:
     else:
         write_atomic(readme, DATASET_README)
         said.append(f"wrote     {readme}")
-    said += _write_job_scripts(directory, config)
+    said += _write_job_scripts(directory, config, scripts)
     said.append("next: put images in master_dataset/<repeats>_<name>/, then `loraforge dataset "
                 "check`")
     return said
@@ -154,22 +155,45 @@ def _environment_activate(directory: Path) -> str | None:
     return str(script) if script.is_file() else None
 
 
-def _write_job_scripts(directory: Path, config: Path) -> list[str]:
+def _write_job_scripts(directory: Path, config: Path, rewrite: bool = False) -> list[str]:
     """submit_training.ssub and submit_inference.ssub from the project's [slurm] section, and the
-    logs/ folder their output goes to; an existing script is kept as it is."""
+    logs/ folder their output goes to. An existing script is kept as it is; one that no longer
+    asks what [slurm] asks is said so, and with `rewrite` written again, the old one kept as
+    NAME.bak (NAME.bak.2, ... when that is taken)."""
     from loraforge.config import load_settings
-    from loraforge.slurm.script import LOG_DIR, project_scripts
+    from loraforge.slurm.script import LOG_DIR, project_scripts, script_drift
 
+    settings = load_settings(config)
+    drift = script_drift(settings)
     said = []
-    for name, text in project_scripts(load_settings(config)).items():
+    for name, text in project_scripts(settings).items():
         path = directory / name
-        if path.exists():
+        if path.exists() and name in drift and rewrite:
+            backup = _free_name(path.with_name(f"{name}.bak"))
+            path.rename(backup)
+            write_atomic(path, text, 0o755)
+            said.append(f"rewrote   {path} from [slurm] (the old one: {backup.name})")
+        elif path.exists() and name in drift:
+            more = " ..." if len(drift[name]) > 3 else ""
+            said.append(f"kept      {path} (it no longer asks what [slurm] asks: "
+                        f"{', '.join(drift[name][:3])}{more}; `loraforge init --scripts` "
+                        "writes it again)")
+        elif path.exists():
             said.append(f"kept      {path}")
         else:
             write_atomic(path, text, 0o755)
             said.append(f"wrote     {path}")
     (directory / LOG_DIR).mkdir(exist_ok=True)
     return said
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... : the first that does not exist."""
+    candidate, number = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 def _model_path(settings: Settings, name: str, which: int) -> Path:

@@ -339,6 +339,40 @@ def project_scripts(settings: Settings) -> dict[str, str]:
     return {TRAIN_SCRIPT: render(train), INFERENCE_SCRIPT: render(generate)}
 
 
+def _requests(text: str) -> list[str]:
+    """What a job script asks of SLURM and of the node: its #SBATCH lines and the environment
+    it activates (the rest, comments and commands, the user may edit freely)."""
+    return [line.strip() for line in text.splitlines()
+            if line.startswith("#SBATCH") or line.startswith("if ! source ")]
+
+
+def script_drift(settings: Settings) -> dict[str, list[str]]:
+    """The project's job scripts (`loraforge init`'s) whose requests differ from what forge.toml
+    [slurm] asks now, each with the lines it would ask instead: a script is written once, and
+    `sbatch submit_training.ssub` does not read forge.toml."""
+    drift = {}
+    for name, text in project_scripts(settings).items():
+        path = settings.base_dir / name
+        try:
+            have = _requests(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError:  # not there (or not readable): nothing to compare
+            continue
+        wanted = _requests(text)
+        if have != wanted:
+            drift[name] = [line for line in wanted if line not in have] or wanted[:1]
+    return drift
+
+
+def drift_note(drift: dict[str, list[str]]) -> str:
+    """One line on scripts that no longer ask what forge.toml [slurm] asks."""
+    shown = "; ".join(f"{name} lacks {', '.join(lines[:3])}" + (" ..." if len(lines) > 3
+                                                                else "")
+                      for name, lines in drift.items())
+    return (f"note: the job scripts no longer ask what forge.toml [slurm] asks ({shown}): "
+            "`loraforge init --scripts` writes them again (the old ones are kept as .bak), or "
+            "submit with `loraforge slurm train`, which reads forge.toml")
+
+
 def absolute_activate(settings: Settings) -> str:
     value = os.path.expandvars(settings.config.slurm.env_activate)
     path = Path(value).expanduser()
