@@ -254,12 +254,20 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     assert killed["status"] == "stopped", killed
     assert "ended without a word" in killed["error"] and "--run multi_concept" in killed["error"]
     assert "resumes it from its last state (step 2)" in killed["error"]  # not step 3, logged
+    # and so do the other commands that name a run's status (they said "running")
+    generate = run_cli("generate", "--config", config, "--lora", "multi_concept")
+    assert_user_error(generate, "has no final LoRA yet (status: stopped)")
+    assert_user_error(run_cli("eval", "multi_concept", "--config", config),
+                      "has not finished (status: stopped)")
+    report = run_cli("report", "multi_concept", "--config", config)
+    assert report.returncode == 0, report.stderr
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    assert 'class="status status-stopped">stopped<' in (run_dir / "report.html").read_text()
     rerun = run_cli("train", "--config", config)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr and "(step 2 of 6)" in rerun.stderr, rerun.stderr
     # The loss history of the steps the state holds survived the kill: the curve in the
     # report and TensorBoard has no hole.
-    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
     steps = [json.loads(line)["step"] for line in (run_dir / "history.jsonl").read_text(
         ).splitlines()]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6], steps

@@ -140,6 +140,14 @@ def vanished(record: dict[str, Any]) -> bool:
     return False
 
 
+def status(record: dict[str, Any] | None) -> str:
+    """The run's status as every command shows it: its record's, except "stopped" for a run
+    recorded as running whose process is gone from this machine (see `vanished`)."""
+    if not record:
+        return "unknown"
+    return "stopped" if vanished(record) else str(record.get("status") or "unknown")
+
+
 class RunRecord:
     """`run.json`: resolved config, dataset summary, status and timings, rewritten atomically."""
 

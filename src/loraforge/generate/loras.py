@@ -350,7 +350,7 @@ def resolve_lora(ref: str, runs_dir: Path, relative_to: Path) -> Path:
         final = runs.final_lora(run_dir)
         if final.is_file():
             return final
-        status = (runs.read_record(run_dir) or {}).get("status", "unknown")
+        status = runs.status(runs.read_record(run_dir))
         raise ForgeError(f"training run `{raw}` has no final LoRA yet (status: {status})",
                          path=run_dir,
                          fix="let the run finish (rerun `loraforge train --run "

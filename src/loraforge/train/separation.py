@@ -136,7 +136,7 @@ def finished_lora(run_dir: Path) -> Path:
     record = runs.read_record(run_dir) or {}
     final = runs.final_lora(run_dir)
     if record.get("status") != "finished" or not final.is_file():
-        status = record.get("status", "unknown")
+        status = runs.status(record)
         raise ForgeError(f"run `{run_dir.name}` has not finished (status: {status}), so it has "
                          "no final LoRA to measure", path=run_dir,
                          fix=f"finish it first: rerun `loraforge train --run {run_dir.name}` "
