@@ -320,13 +320,15 @@ def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Imag
 
     image_path = folder / f"{stem}.png"
     try:
+        # The record first: files of an image stopped before the image itself was written are
+        # then known as ours (`_our_record`), and its rerun makes it in their place, not as -v2
+        write_atomic(folder / f"{stem}.json", json.dumps(record, indent=2, ensure_ascii=False)
+                     + "\n", mode)
         save_atomic(folder / f"{stem}.pose.png", lambda tmp: pose.save(tmp, format="PNG"), mode)
         if masks is not None:
             save_atomic(folder / f"{stem}.masks.png", lambda tmp: masks.save(tmp, format="PNG"),
                         mode)
         pnginfo.save_png_with_scene(image, image_path, parameters, scene, mode)
-        write_atomic(folder / f"{stem}.json", json.dumps(record, indent=2, ensure_ascii=False)
-                     + "\n", mode)
         pnginfo.save_png_with_scene(image, folder / f"{FINAL_NAME}.png", parameters, scene, mode)
     except OSError as exc:
         raise ForgeError(f"could not write {stem}.png: {exc.strerror or exc} (disk or quota "

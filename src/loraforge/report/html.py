@@ -37,7 +37,8 @@ h1 { font-size: 22px; margin: 8px 0 4px; } h2 { font-size: 18px; margin: 28px 0 
 .status { display: inline-block; padding: 1px 8px; border-radius: 9px; font-size: 13px;
           background: #eee; vertical-align: middle; }
 .status-finished { background: #d8f0dc; } .status-running { background: #dbe8fb; }
-.status-failed { background: #f8d7d7; } .status-interrupted, .status-stopped { background: #fbeed0; }
+.status-failed { background: #f8d7d7; }
+.status-interrupted, .status-stopped { background: #fbeed0; }
 .facts { color: #555; margin: 4px 0 0; }
 table { border-collapse: collapse; margin: 6px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
