@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -361,6 +363,186 @@ def test_a_backup_folder_that_cannot_be_made_is_named_not_the_caption(tmp_path: 
     assert_user_error(result, BACKUP_DIR, "cannot keep a backup of 0.txt there",
                       "move away a file of that name")
     assert _captions(folder) == before
+
+
+def _mage_project(root: Path, details: int = 200) -> Path:
+    """8 captioned pictures of "blue_mage"; the caption of 4 has `details` tags more."""
+    folder = _project(root) / "master_dataset" / "10_blue_mage"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (16, 16), RED).save(folder / f"{i}.png")
+        extra = "".join(f", detail {n}" for n in range(details)) if i == 4 else ""
+        (folder / f"{i}.txt").write_text(f"blue_mage, 1girl, solo, pose {i}{extra}\n")
+    return folder
+
+
+def _tags_stopped_at_caption_4(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`dataset tags ARGS`, stopped by the file system part-way: a 1 KB limit on the size of a
+    file (RLIMIT_FSIZE: "File too large", as a full disk says "No space left") lets it back up
+    and edit captions 0 to 3, and refuses to write a longer file for 4 (its backup, or the
+    edited caption)."""
+    import os
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("LORAFORGE_STORAGE_ROOT", None)
+    return subprocess.run([sys.executable, "-m", "loraforge", "dataset", "tags", *args],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)
+
+
+LONG = "pose four seen from far above in the blue light of a winter morning"
+
+
+@pytest.mark.parametrize(("edit", "details", "failure"), [
+    # a swap: done twice, it swaps back
+    (["--replace", "1girl=solo,solo=1girl"], 200, "cannot keep a backup of 4.txt there"),
+    # a chain: done twice, "solo" becomes "alone"
+    (["--replace", "1girl=solo,solo=alone"], 200, "cannot keep a backup of 4.txt there"),
+    (["--remove", "solo", "--replace", "1girl=solo", "--add-trigger"], 200,
+     "cannot keep a backup of 4.txt there"),
+    # 4.txt is backed up, then its edit (longer than 1 KB) cannot be written
+    (["--replace", f"1girl=solo,solo=1girl,pose 4={LONG}"], 88, "4.txt: cannot be written"),
+])
+def test_an_edit_stopped_part_way_goes_on_where_it_stopped_when_run_again(
+        tmp_path: Path, edit: list[str], details: int, failure: str) -> None:
+    """The fix of a stopped edit said "run the same command again", which edited again the
+    captions already edited (a swap swapped them back, a chain lost a tag) and backed up those
+    edited captions, not the originals, in a second folder. Now the rerun skips them and reuses
+    the first folder: the captions of one uninterrupted run, and every original in one backup."""
+    reference = _mage_project(tmp_path / "reference", details)
+    assert run_cli("dataset", "tags", *edit, cwd=tmp_path / "reference").returncode == 0
+    wanted = _captions(reference)
+
+    project = tmp_path / "proj"
+    folder = _mage_project(project, details)
+    before = _captions(folder)
+    assert len(before["4.txt"]) < 1024 < len(wanted["4.txt"]) or len(before["4.txt"]) > 1024
+    stopped = _tags_stopped_at_caption_4(project, *edit)
+    assert_user_error(stopped, failure, "(File too large)", "run the same command again")
+    (backup,) = _backups(project / "master_dataset")
+    assert f"stopped after 4 caption(s) written; the old ones are in master_dataset/{BACKUP_DIR}/"\
+        f"{backup.name}/: run the same command again to finish the edit" in stopped.stderr
+    half = _captions(folder)
+    assert [name for name in half if half[name] != before[name]] == [f"{i}.txt" for i in range(4)]
+
+    again = run_cli("dataset", "tags", *edit, cwd=project)
+    assert again.returncode == 0, again.stderr
+    assert f"continuing the edit stopped earlier (master_dataset/{BACKUP_DIR}/{backup.name}/): 4 "\
+        "caption(s) already done" in again.stdout
+    assert "changed 4 caption(s) (and 4 before it stopped)" in again.stdout
+    assert _captions(folder) == wanted
+    assert _backups(project / "master_dataset") == [backup]
+    assert {f.name: f.read_text() for f in (backup / "10_blue_mage").iterdir()} == before
+    assert sorted(p.name for p in backup.glob("*.json")) == ["edit.json"]  # finished
+
+
+def test_a_swap_stopped_by_sigterm_finishes_as_one_run_when_run_again(tmp_path: Path) -> None:
+    """SIGTERM (a job's time limit) part-way through a swap: the rerun it advises swapped the
+    captions already swapped back. Now it swaps only the others, and the one backup folder
+    holds every original."""
+    import os
+    import signal
+    import time
+
+    project = _project(tmp_path / "proj")
+    folder = project / "master_dataset" / "10_blue_mage"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (16, 16), RED).save(folder / "0000.png")
+    for i in range(1000):
+        if i:
+            shutil.copyfile(folder / "0000.png", folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(f"blue_mage, 1girl, solo, pose {i}\n")
+    before = _captions(folder)
+    swap = ["dataset", "tags", "--replace", "1girl=solo,solo=1girl"]
+    editing = subprocess.Popen([sys.executable, "-m", "loraforge", *swap], cwd=project,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    backups = project / "master_dataset" / BACKUP_DIR
+    deadline = time.monotonic() + 120
+    while len(list(backups.rglob("*.txt"))) < 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(editing.pid, signal.SIGTERM)
+    out, err = editing.communicate(timeout=60)
+    assert editing.returncode == 143, (out, err)
+    assert "run the same command again to finish the edit" in err
+    (backup,) = _backups(project / "master_dataset")
+    assert 0 < sum(_captions(folder)[n] != before[n] for n in before) < 1000
+
+    again = run_cli(*swap, cwd=project)
+    assert again.returncode == 0, again.stderr
+    assert "continuing the edit stopped earlier" in again.stdout
+    assert _captions(folder) == {n: t.replace("1girl, solo", "solo, 1girl")
+                                 for n, t in before.items()}
+    assert _backups(project / "master_dataset") == [backup]
+    assert {f.name: f.read_text() for f in (backup / "10_blue_mage").iterdir()} == before
+
+
+def test_another_edit_is_refused_while_one_is_unfinished_until_it_is_finished_or_undone(
+        tmp_path: Path) -> None:
+    """A different edit on top of a half-done one gave captions neither edit gives, and hid
+    the stopped edit's state. It is refused, naming the folder and both ways out; undoing it
+    as the message says gives back the captions from before it."""
+    swap = ["--replace", "1girl=solo,solo=1girl"]
+    project = tmp_path / "proj"
+    folder = _mage_project(project)
+    before = _captions(folder)
+    assert _tags_stopped_at_caption_4(project, *swap).returncode == 1
+    (backup,) = _backups(project / "master_dataset")
+    half = _captions(folder)
+
+    dry = run_cli("dataset", "tags", "--replace", "1girl=woman", "--dry-run", cwd=project)
+    assert dry.returncode == 0, dry.stderr
+    assert f"note: an edit stopped earlier (master_dataset/{BACKUP_DIR}/{backup.name}/)" in \
+        dry.stdout
+    refused = run_cli("dataset", "tags", "--replace", "1girl=woman", cwd=project)
+    assert_user_error(refused, f"master_dataset/{BACKUP_DIR}/{backup.name}: `loraforge dataset "
+                      "tags --replace 1girl=solo,solo=1girl` stopped here before it finished "
+                      "(4 caption(s) edited", "finish the stopped edit first", "or undo it")
+    assert _captions(folder) == half and _backups(project / "master_dataset") == [backup]
+    tagger = run_cli("dataset", "tag", "--overwrite", cwd=project)  # it changes captions too
+    assert_user_error(tagger, f"{backup.name}: `loraforge dataset tags --replace "
+                      "1girl=solo,solo=1girl` stopped here", "`loraforge dataset tag --overwrite`"
+                      " was not started")
+    assert _captions(folder) == half and _backups(project / "master_dataset") == [backup]
+
+    # the way back: the commands the fix gives, as a user would paste them
+    fix = " ".join(refused.stderr.split("fix:", 1)[1].split())  # the console may wrap it
+    for verb in ("cp -r", "rm -r"):
+        args = fix.split(f"({verb} ", 1)[1].split(")", 1)[0]
+        subprocess.run(f"{verb} {args}", shell=True, cwd=project, check=True)
+    assert _captions(folder) == before and _backups(project / "master_dataset") == []
+    woman = run_cli("dataset", "tags", "--replace", "1girl=woman", cwd=project)
+    assert woman.returncode == 0, woman.stderr
+    assert _captions(folder) == {name: text.replace("1girl", "woman")
+                                 for name, text in before.items()}
+
+
+def test_finishing_the_stopped_edit_lets_another_one_run(tmp_path: Path) -> None:
+    """The other way out of the refusal: the stopped edit (whose dry run shows only what is
+    left of it), run again, finishes; then the new edit runs on the finished captions."""
+    swap = ["--replace", "1girl=solo,solo=1girl"]
+    project = tmp_path / "proj"
+    folder = _mage_project(project)
+    before = _captions(folder)
+    assert _tags_stopped_at_caption_4(project, *swap).returncode == 1
+    assert run_cli("dataset", "tags", "--replace", "1girl=woman", cwd=project).returncode == 1
+    dry = run_cli("dataset", "tags", *swap, "--dry-run", cwd=project)
+    assert dry.returncode == 0, dry.stderr
+    for needle in ("this edit stopped earlier", "4 caption(s) already done",
+                   "+++ b/10_blue_mage/4.txt", "dry run: 4 caption(s) would change"):
+        assert needle in dry.stdout, (needle, dry.stdout)
+    assert "b/10_blue_mage/3.txt" not in dry.stdout
+    assert run_cli("dataset", "tags", *swap, cwd=project).returncode == 0
+    swapped = {name: text.replace("1girl, solo", "solo, 1girl") for name, text in before.items()}
+    assert _captions(folder) == swapped
+    woman = run_cli("dataset", "tags", "--replace", "1girl=woman", cwd=project)
+    assert woman.returncode == 0, woman.stderr
+    assert _captions(folder) == {name: text.replace("1girl", "woman")
+                                 for name, text in swapped.items()}
+    assert len(_backups(project / "master_dataset")) == 2
 
 
 @pytest.mark.parametrize(("args", "needle"), [

@@ -8,23 +8,30 @@ spacing around the others. Tags are compared case-insensitively with `_` and spa
 
 Backups: before a caption changes, its old bytes are copied to
 `<dataset>/.caption_backups/<time>-<action>/<concept folder>/<file>` (a hidden folder, which no
-scan reads); restoring is a copy back.
+scan reads); restoring is a copy back. A bulk edit (`dataset tags`) also writes what it is into
+that folder (`edit.unfinished.json`, renamed `edit.json` when it has finished), so that a rerun
+after an interruption goes on with it instead of editing again the captions already edited.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from loraforge.errors import ForgeError
-from loraforge.fsutil import DEFAULT_FILE_MODE, write_atomic
+from loraforge.fsutil import DEFAULT_FILE_MODE, atomic_path, write_atomic
 
 BACKUP_DIR = ".caption_backups"
+UNFINISHED_RECORD = "edit.unfinished.json"  # an edit under way (or stopped): what it is
+EDIT_RECORD = "edit.json"  # ... renamed so when it has finished
 _SEPARATOR = re.compile(r"(,|\r\n|\r|\n|\|\|\|)")  # line breaks: Unix, Windows, old Mac
 _SOFT = (",", "\n", "\r\n", "\r")  # separators that only separate (unlike |||: "kept")
 
@@ -153,20 +160,30 @@ def caption_diff(label: str, old: str | None, new: str) -> list[str]:
 
 class CaptionWriter:
     """Writes captions atomically; a change to a file that held any text first copies its old
-    bytes to the backup folder of this action (created only when something is backed up).
+    bytes to the backup folder of this action (created only when something is backed up), and
+    a backup already there is kept: it holds the text from before the action began.
     Used as a context manager, it names that folder on stderr when the action stops early (an
-    error, Ctrl-C, SIGTERM), so the captions changed before the stop can be restored."""
+    error, Ctrl-C, SIGTERM), so the captions changed before the stop can be restored.
+
+    With `record` (what the action is, as JSON), the folder also says that the action is under
+    way: `record` is written to `UNFINISHED_RECORD` in it before the first caption changes, and
+    `finish` renames it to `EDIT_RECORD`. `folder` reuses the folder of such an action stopped
+    earlier, to go on with it (see `tag_list.edit_captions`)."""
 
     def __init__(self, dataset_dir: Path, action: str, file_mode: int = DEFAULT_FILE_MODE,
-                 ) -> None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder = Path(dataset_dir) / BACKUP_DIR / f"{stamp}-{action}"
-        n = 1
-        while folder.exists():
-            n += 1
-            folder = folder.with_name(f"{stamp}-{action}-{n}")
+                 folder: Path | None = None, record: dict[str, object] | None = None) -> None:
+        self.fresh = folder is None
+        if folder is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            folder = Path(dataset_dir) / BACKUP_DIR / f"{stamp}-{action}"
+            n = 1
+            while folder.exists():
+                n += 1
+                folder = folder.with_name(f"{stamp}-{action}-{n}")
         self.backup_dir = folder
         self.file_mode = file_mode
+        self.record = record
+        self.recorded = not self.fresh
         self.written = 0
         self.backed_up = 0
 
@@ -174,12 +191,23 @@ class CaptionWriter:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is not None and self.backed_up:
-            from loraforge.dataset.scan import display_path
+        if kind is None:
+            return
+        from loraforge.dataset.scan import display_path
 
-            print(f"stopped after {self.written} caption(s) written; the old ones are in "
-                  f"{display_path(self.backup_dir)}/ (copy them back to undo)", file=sys.stderr,
-                  flush=True)
+        if self.record is None:
+            if self.backed_up:
+                print(f"stopped after {self.written} caption(s) written; the old ones are in "
+                      f"{display_path(self.backup_dir)}/ (copy them back to undo)",
+                      file=sys.stderr, flush=True)
+            return
+        if self.fresh and not self.written:  # nothing changed: nothing to go on with or undo
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
+            return
+        print(f"stopped after {self.written} caption(s) written; the old ones are in "
+              f"{display_path(self.backup_dir)}/: run the same command again to finish the edit "
+              "(the captions already edited are not edited again), or, to undo it, copy them "
+              "back and delete that folder", file=sys.stderr, flush=True)
 
     def write(self, path: Path, old: str | None, new: str) -> bool:
         """Write `new` to the caption `path` (whose current text is `old`, None when it does
@@ -189,16 +217,28 @@ class CaptionWriter:
         if old is not None and old.strip():
             backup = self.backup_dir / path.parent.name / path.name
             try:
-                backup.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, backup)
+                if not backup.is_file():
+                    mode = stat.S_IMODE(path.stat().st_mode)
+                    with atomic_path(backup, mode) as tmp:  # never a half backup
+                        shutil.copy2(path, tmp)
             except OSError as exc:
                 raise ForgeError(f"cannot keep a backup of {path.name} there "
                                  f"({exc.strerror or exc}), so the caption was left as it is",
                                  path=backup.parent,
                                  fix=f"make {self.backup_dir.parent} a folder you can write to "
-                                     "(move away a file of that name), then run the same "
-                                     "command again") from None
+                                     "(move away a file of that name) or free disk space, then "
+                                     "run the same command again") from None
             self.backed_up += 1
+        if not self.recorded and self.record is not None:
+            record = self.backup_dir / UNFINISHED_RECORD
+            try:
+                write_atomic(record, json.dumps(self.record, indent=2) + "\n", self.file_mode)
+            except OSError as exc:
+                raise ForgeError(f"cannot be written ({exc.strerror or exc}), so no caption was "
+                                 "changed", path=record,
+                                 fix="free disk space or make the folder writable (chmod u+w), "
+                                     "then run the same command again") from None
+            self.recorded = True
         try:
             write_atomic(path, new, self.file_mode)
         except OSError as exc:
@@ -209,3 +249,23 @@ class CaptionWriter:
                              ) from None
         self.written += 1
         return True
+
+    def finish(self) -> Path | None:
+        """Mark the recorded action finished (its record renamed `EDIT_RECORD`); a folder that
+        holds no backup (only empty captions changed) is removed. The folder, or None."""
+        if not self.backup_dir.is_dir():
+            return None
+        if not any(p.is_dir() for p in self.backup_dir.iterdir()):
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
+            return None
+        unfinished = self.backup_dir / UNFINISHED_RECORD
+        if unfinished.exists():
+            try:
+                os.replace(unfinished, self.backup_dir / EDIT_RECORD)
+            except OSError as exc:
+                raise ForgeError(f"every caption was written, but the edit cannot be marked "
+                                 f"finished ({exc.strerror or exc})", path=unfinished,
+                                 fix="free disk space or make the folder writable (chmod u+w), "
+                                     "then run the same command again: it writes no caption "
+                                     "again") from None
+        return self.backup_dir

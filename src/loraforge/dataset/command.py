@@ -131,16 +131,19 @@ def tags_command(
             _print_frequencies(table, top)
         return
     result = tag_list.edit_captions(settings.dataset_dir, captions, edits, dry_run,
-                                    settings.file_mode)
+                                    settings.file_mode, concepts, _say)
     for line in result.diff:
         style = "green" if line.startswith("+") else "red" if line.startswith("-") else None
         out.print(Text(line, style=style or ""), soft_wrap=True)
     files = f"{len(result.changed)} caption(s)"
     if dry_run:
         _say(f"dry run: {files} would change; nothing was written")
-    elif result.changed:
-        _say(f"changed {files}; the old ones are in {_shown(result.backup_dir)}/ (copy them "
-             "back to undo)")
+    elif result.backup_dir is not None:
+        before = f" (and {result.already_done} before it stopped)" if result.resumed else ""
+        _say(f"changed {files}{before}; the old ones are in {_shown(result.backup_dir)}/ "
+             "(copy them back to undo)")
+    elif result.changed or result.resumed:
+        _say(f"changed {files}")
     else:
         _say("no caption changes")
 

@@ -3,16 +3,28 @@ captions (remove tags, replace tags, put the trigger first) with a dry run that 
 and a backup of every caption changed.
 
 The trigger (the concept's name) is never removed or replaced by a bulk edit.
+
+An edit is not always the same when applied twice (`--replace "a=b,b=a"` swaps back), so an edit
+stopped part-way (a full disk, Ctrl-C, SIGTERM) is gone on with, not done again: its backup folder
+records the edit (`caption_edit.UNFINISHED_RECORD`), and a caption whose backup there differs
+from it has been edited already. A rerun of the same edit skips those and reuses the folder (so
+it keeps the captions from before the edit); a different edit is refused until that one is
+finished or undone.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraforge.dataset.caption_edit import (
+    BACKUP_DIR,
+    UNFINISHED_RECORD,
     CaptionWriter,
     caption_diff,
     caption_tags,
@@ -22,7 +34,7 @@ from loraforge.dataset.caption_edit import (
     tag_key,
 )
 from loraforge.dataset.folders import ConceptFolder, concept_folders
-from loraforge.dataset.scan import display_path
+from loraforge.dataset.scan import display_path, shell_path
 from loraforge.errors import ForgeError
 
 
@@ -50,6 +62,38 @@ class Edits:
         if self.add_trigger:
             text = put_first(text, trigger)
         return text
+
+    def record(self, concepts: list[str] | None) -> dict[str, Any]:
+        """What this edit of these concepts (None: all) is, as JSON for its backup folder."""
+        concepts = list(concepts) if concepts else None
+        return {"command": self.command_line(concepts), "concepts": concepts,
+                "remove": self.remove, "replace": [[old, new] for old, new in
+                                                   self.replace.items()],
+                "add_trigger": self.add_trigger}
+
+    def command_line(self, concepts: list[str] | None) -> str:
+        words = ["loraforge", "dataset", "tags", *(concepts or [])]
+        if self.remove:
+            words += ["--remove", ",".join(self.remove)]
+        if self.replace:
+            words += ["--replace", ",".join(f"{old}={new}" for old, new in self.replace.items())]
+        if self.add_trigger:
+            words.append("--add-trigger")
+        return shlex.join(words)
+
+
+def _same_edit(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two edit records are one edit (tags compared as edits compare them)."""
+    def key(record: dict[str, Any]) -> tuple[object, ...]:
+        concepts = record.get("concepts")
+        return (sorted(concepts) if concepts is not None else None,
+                sorted({tag_key(t) for t in record.get("remove", [])}),
+                sorted({(tag_key(old), new) for old, new in record.get("replace", [])}),
+                bool(record.get("add_trigger")))
+    try:
+        return key(a) == key(b)
+    except (TypeError, ValueError, AttributeError):  # a record damaged by hand: not this edit
+        return False
 
 
 def parse_edits(remove: list[str] | None, replace: list[str] | None, add_trigger: bool,
@@ -143,26 +187,107 @@ class EditResult:
     changed: list[tuple[Caption, str]]
     diff: list[str]
     backup_dir: Path | None = None
+    resumed: Path | None = None  # the backup folder of the stopped edit this one went on with
+    already_done: int = 0  # captions that edit had written before it stopped
+
+
+def unfinished_edit(dataset_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The backup folder of a caption edit that stopped before it finished, and its record
+    (an unreadable record reads as {}), or None."""
+    for record in sorted((Path(dataset_dir) / BACKUP_DIR).glob(f"*/{UNFINISHED_RECORD}")):
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            data = {}
+        return record.parent, data if isinstance(data, dict) else {}
+    return None
+
+
+def _already_edited(backup: Path, caption: Path) -> bool:
+    """Whether the caption has changed since its backup was taken: the edit wrote it."""
+    try:
+        return backup.is_file() and backup.read_bytes() != caption.read_bytes()
+    except OSError:
+        return False
+
+
+def _written_by(folder: Path, dataset_dir: Path) -> int:
+    return sum(1 for backup in folder.glob("*/*")
+               if _already_edited(backup, Path(dataset_dir) / backup.parent.name / backup.name))
+
+
+def refusal(dataset_dir: Path, folder: Path, record: dict[str, Any], this: str) -> ForgeError:
+    """The error for the command `this` (another edit of the captions) while the edit recorded
+    in `folder` is unfinished: the folder, what it holds, how to finish or undo that edit."""
+    command = record.get("command")
+    undo = (f"copy the folders in it back (cp -r {shell_path(folder)}/*/ "
+            f"{shell_path(dataset_dir)}/) and delete it (rm -r {shell_path(folder)})")
+    if isinstance(command, str):
+        what = f"`{command}`"
+        fix = (f"finish the stopped edit first: run {what} again (it skips the captions already "
+               f"edited); or undo it: {undo}; then run this one again")
+    else:
+        what = f"an edit (its record {UNFINISHED_RECORD} cannot be read)"
+        fix = f"undo it: {undo}; then run this one again"
+    return ForgeError(
+        f"{what} stopped here before it finished ({_written_by(folder, dataset_dir)} caption(s) "
+        f"edited, their old text kept in this folder), so `{this}` was not started: on top of a "
+        "half-done edit, its result would be neither's", path=display_path(folder), fix=fix)
+
+
+def refuse_if_unfinished(dataset_dir: Path, this: str) -> None:
+    """Refuse the command `this`, which changes captions, while a caption edit is unfinished."""
+    earlier = unfinished_edit(dataset_dir)
+    if earlier is not None:
+        raise refusal(dataset_dir, *earlier, this)
 
 
 def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_run: bool,
-                  file_mode: int) -> EditResult:
-    """Apply `edits` to every caption; write them (with a backup) unless `dry_run`."""
+                  file_mode: int, concepts: list[str] | None = None,
+                  say: Callable[[str], None] | None = None) -> EditResult:
+    """Apply `edits` to every caption of `concepts` (as the user named them; None: all); write
+    them (with a backup) unless `dry_run`.
+
+    The same edit stopped earlier is gone on with (`say` tells so): a caption it has edited is
+    left as it is, and its backup folder is reused. Another edit stopped earlier: refused (a
+    dry run only gets a note)."""
+    record = edits.record(concepts)
+    resume: Path | None = None
+    earlier = unfinished_edit(dataset_dir)
+    if earlier is not None:
+        folder, old = earlier
+        if _same_edit(old, record):
+            resume = folder
+        elif not dry_run:
+            raise refusal(dataset_dir, folder, old, edits.command_line(concepts))
+        elif say is not None:
+            say(f"note: an edit stopped earlier ({display_path(folder)}/): this one will be "
+                "refused until it is finished or undone")
     changed = []
     diff: list[str] = []
+    done = 0
     for caption in captions:
+        if resume is not None and _already_edited(
+                resume / caption.concept.folder.name / caption.path.name, caption.path):
+            done += 1
+            continue
         new = edits.apply(caption.text, caption.concept.name)
         if new != caption.text:
             changed.append((caption, new))
             label = f"{caption.concept.folder.name}/{caption.path.name}"
             diff += caption_diff(label, caption.text, new)
-    result = EditResult(changed, diff)
-    if dry_run or not changed:
+    result = EditResult(changed, diff, resumed=resume, already_done=done)
+    if resume is not None and say is not None:
+        say(f"this edit stopped earlier ({display_path(resume)}/): {done} caption(s) already "
+            "done, which a rerun leaves as they are" if dry_run else
+            f"continuing the edit stopped earlier ({display_path(resume)}/): {done} caption(s) "
+            "already done, left as they are")
+    if dry_run or (not changed and resume is None):
         return result
-    with CaptionWriter(dataset_dir, "tags", file_mode) as writer:
+    with CaptionWriter(dataset_dir, "tags", file_mode, folder=resume, record=record) as writer:
         for caption, new in changed:
             writer.write(caption.path, caption.text, new)
-    result.backup_dir = writer.backup_dir if writer.backed_up else None
+        result.backup_dir = writer.finish()
     return result
 
 

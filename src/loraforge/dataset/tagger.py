@@ -10,6 +10,8 @@ empty one) are tagged. `--append` adds the tags a caption lacks at its end (and 
 first); `--overwrite` replaces captions, after copying the old ones to the backup folder (see
 `caption_edit`). Reruns change nothing that is already as it would be written, so a job stopped
 halfway just runs again.
+`--append` and `--overwrite` are refused while a `dataset tags` edit is unfinished (see
+`tag_list`): the captions it has not reached yet would no longer be its originals.
 
 Input preparation follows the model card: the image (EXIF orientation applied, transparency on
 white, any colour mode as RGB, see `images.load_image`) is padded to a square with white,
@@ -217,6 +219,10 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
     jobs = plan_jobs(concepts, extension, mode, result)
     if not jobs:
         return result
+    if mode != "missing":  # it changes captions that a stopped `dataset tags` may be editing
+        from loraforge.dataset.tag_list import refuse_if_unfinished
+
+        refuse_if_unfinished(settings.dataset_dir, f"loraforge dataset tag --{mode}")
     choice = gpu_runtime.choose(settings.storage_root, device)
     model: TaggerModel = TaggerModel(resolve_tagger(settings), cuda=choice.cuda)
     needs = gpu_runtime.needs(settings.storage_root)
