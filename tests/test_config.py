@@ -153,6 +153,8 @@ def test_unknown_optimizer_is_caught_when_the_config_is_read(tmp_path: Path) -> 
     (tmp_path / "forge.toml").write_text('[train]\noptimizer = "adam8bit"\n')
     result = run_cli("dataset", "check", "--config", tmp_path / "forge.toml")
     assert_user_error(result, "forge.toml", "`train.optimizer`", "did you mean AdamW8bit?")
+    cut_short = run_cli("config", "show", "--set", "train.optimizer=adamw8", cwd=tmp_path)
+    assert_user_error(cut_short, "did you mean AdamW8bit?")  # not AdamW, the nearer spelling
     (tmp_path / "forge.toml").write_text('[train]\noptimizer = "torch.optim.SGD"\n')
     assert run_cli("config", "show", "--config", tmp_path / "forge.toml").returncode == 0
 

@@ -283,7 +283,9 @@ class TrainConfig(_Section):
         if "." in value or value in OPTIMIZERS:
             return value
         by_lower = {name.lower(): name for name in OPTIMIZERS}
-        close = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.5)
+        # a name cut short (`adamw8`) means the one it begins, else the nearest spelling
+        close = [name for name in by_lower if name.startswith(value.lower())][:1] or \
+            difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.5)
         hint = f"did you mean {by_lower[close[0]]}? " if close else ""
         raise ValueError(f"unknown optimizer {value!r}: {hint}use one of "
                          f"{', '.join(OPTIMIZERS)} or a module.Class path such as "
