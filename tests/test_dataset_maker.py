@@ -625,6 +625,36 @@ def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> N
     assert (moved / "10_knight" / "a_small~2.jpg").is_file()
 
 
+def test_dedupe_move_run_again_after_a_stop_takes_the_captions_it_left_behind(
+        tmp_path: Path) -> None:
+    """A move stopped between a picture and its caption (SIGKILL, SIGTERM) left the caption in
+    the concept folder; the rerun found no duplicate, and the caption stayed, alone."""
+    dataset = tmp_path / "master_dataset"
+    knight = dataset / "10_knight"
+    knight.mkdir(parents=True)
+    draw_character(knight / "a.png", RED, "box", -20)
+    (knight / "a.txt").write_text("knight")  # kept: captioned and first by name
+    for name in ("a_copy", "a_other"):
+        Image.open(knight / "a.png").save(knight / f"{name}.png")
+        (knight / f"{name}.txt").write_text(f"knight, {name}")
+    moved = dataset / ".duplicates" / "10_knight"
+    moved.mkdir(parents=True)
+    (moved / "a_other.png").write_bytes(b"an earlier move's picture, captioned")
+    (moved / "a_other.txt").write_text("an earlier caption")
+    assert run_cli("dataset", "dedupe", "--move", cwd=tmp_path).returncode == 0
+    assert (moved / "a_other~2.png").is_file() and (moved / "a_copy.png").is_file()
+    for name in ("a_copy.txt", "a_other~2.txt"):  # as a stop before the captions leaves them
+        (moved / name).rename(knight / name.replace("~2", ""))
+
+    again = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "moved master_dataset/10_knight/a_copy.txt -> master_dataset/.duplicates/10_knight/" \
+           "a_copy.txt (its picture was moved by a move that stopped" in again.stdout
+    assert sorted(p.name for p in knight.iterdir()) == ["a.png", "a.txt"]
+    assert (moved / "a_other~2.txt").read_text() == "knight, a_other"
+    assert (moved / "a_other.txt").read_text() == "an earlier caption"
+
+
 def test_dedupe_keeps_the_file_a_link_points_to_not_the_link(tmp_path: Path) -> None:
     """A captioned link to a picture in the same folder: moving the picture away left the
     kept link broken, and `dataset check` then failed on it."""

@@ -185,6 +185,7 @@ def dedupe_command(
         DUPLICATES_DIR,
         hash_distance,
         hash_pictures,
+        left_behind,
         move_extras,
         near_duplicate_groups,
     )
@@ -212,5 +213,8 @@ def dedupe_command(
             _say(f"to move the extras into {display_path(settings.dataset_dir / DUPLICATES_DIR)}"
                  "/: loraforge dataset dedupe --move")
         return
+    for src, dest in left_behind(settings.dataset_dir, chosen, extension):
+        _say(f"moved {display_path(src)} -> {display_path(dest)} (its picture was moved by a "
+             "move that stopped before the caption)")
     for src, dest in move_extras(settings.dataset_dir, groups, extension):
         _say(f"moved {display_path(src)} -> {display_path(dest)}")

@@ -162,6 +162,30 @@ def move_extras(dataset_dir: Path, groups: list[list[Picture]], extension: str,
                 yield _move(caption, dest.with_name(dest.stem + extension))
 
 
+def left_behind(dataset_dir: Path, concepts: list[ConceptFolder], extension: str,
+                ) -> Iterator[tuple[Path, Path]]:
+    """Move the captions a stopped `--move` left behind (it moves a picture, then its caption):
+    a caption without a picture in its concept folder whose picture is in
+    `.duplicates/<concept folder>/` (as `name.png`, or `name~N.png` where the name was taken)
+    without a caption of its own goes beside it. Only where that picture is the one candidate."""
+    from loraforge.dataset.images import IMAGE_EXTENSIONS
+
+    for concept in concepts:
+        moved = Path(dataset_dir) / DUPLICATES_DIR / concept.folder.name
+        if not moved.is_dir():
+            continue
+        here = {p.stem for p in concept.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+        for caption in sorted(concept.folder.glob(f"*{extension}")):
+            if caption.stem in here:
+                continue
+            pictures = [p for p in moved.iterdir()
+                        if p.suffix.lower() in IMAGE_EXTENSIONS
+                        and p.stem.split("~")[0] == caption.stem
+                        and not p.with_suffix(extension).exists()]
+            if len(pictures) == 1:
+                yield _move(caption, pictures[0].with_suffix(extension))
+
+
 def _move(source: Path, dest: Path) -> tuple[Path, Path]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
