@@ -6,10 +6,13 @@ at the command line; the rest in-process."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -244,16 +247,27 @@ def test_a_caption_with_an_upper_case_extension_is_the_images_caption(tmp_path: 
                       "0.txt: is a second caption of 0, beside 0.TXT", "keep one")
 
 
+
+def _terminated_once_backed_up(project: Path, args: list[str], backups: int,
+                               ) -> tuple[int, str, str]:
+    """`loraforge ARGS` in `project`, sent SIGTERM once it has backed up `backups` captions:
+    (exit code, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, "-m", "loraforge", *args], cwd=project,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    folder = project / "master_dataset" / BACKUP_DIR
+    deadline = time.monotonic() + 120
+    while len(list(folder.rglob("*.txt"))) < backups and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    return process.returncode, out, err
+
+
 def test_a_tagging_stopped_by_sigterm_names_its_backups_and_leaves_no_half_file(
         tmp_path: Path) -> None:
     """A job's time limit (SIGTERM) during `tag --overwrite`: the captions replaced so far
     have their old text in the backup folder, which the message names (it named none, and
     the rerun's message named only its own folder)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     project = _project(tmp_path / "proj")
     folder = project / "master_dataset" / "10_knight"
@@ -264,16 +278,10 @@ def test_a_tagging_stopped_by_sigterm_names_its_backups_and_leaves_no_half_file(
             (folder / f"{i}.png").write_bytes((folder / "0.png").read_bytes())
         (folder / f"{i}.txt").write_text(f"knight, mine {i}\n")
     before = _captions(folder)
-    tagging = subprocess.Popen([sys.executable, "-m", "loraforge", "dataset", "tag",
-                                "--overwrite", "--batch-size", "1"], cwd=project, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    code, out, err = _terminated_once_backed_up(
+        project, ["dataset", "tag", "--overwrite", "--batch-size", "1"], 2)
+    assert code == 143, (out, err)
     backups = project / "master_dataset" / BACKUP_DIR
-    deadline = time.monotonic() + 120
-    while len(list(backups.rglob("*.txt"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(tagging.pid, signal.SIGTERM)
-    out, err = tagging.communicate(timeout=60)
-    assert tagging.returncode == 143, (out, err)
     assert "Traceback" not in err and "terminated (SIGTERM)" in err
     (folder_backup,) = backups.iterdir()
     assert f"the old ones are in master_dataset/{BACKUP_DIR}/{folder_backup.name}/" in err
@@ -444,9 +452,6 @@ def test_a_swap_stopped_by_sigterm_finishes_as_one_run_when_run_again(tmp_path: 
     """SIGTERM (a job's time limit) part-way through a swap: the rerun it advises swapped the
     captions already swapped back. Now it swaps only the others, and the one backup folder
     holds every original."""
-    import os
-    import signal
-    import time
 
     project = _project(tmp_path / "proj")
     folder = project / "master_dataset" / "10_blue_mage"
@@ -458,15 +463,8 @@ def test_a_swap_stopped_by_sigterm_finishes_as_one_run_when_run_again(tmp_path: 
         (folder / f"{i:04d}.txt").write_text(f"blue_mage, 1girl, solo, pose {i}\n")
     before = _captions(folder)
     swap = ["dataset", "tags", "--replace", "1girl=solo,solo=1girl"]
-    editing = subprocess.Popen([sys.executable, "-m", "loraforge", *swap], cwd=project,
-                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    backups = project / "master_dataset" / BACKUP_DIR
-    deadline = time.monotonic() + 120
-    while len(list(backups.rglob("*.txt"))) < 20 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(editing.pid, signal.SIGTERM)
-    out, err = editing.communicate(timeout=60)
-    assert editing.returncode == 143, (out, err)
+    code, out, err = _terminated_once_backed_up(project, swap, 20)
+    assert code == 143, (out, err)
     assert "run the same command again to finish the edit" in err
     (backup,) = _backups(project / "master_dataset")
     assert 0 < sum(_captions(folder)[n] != before[n] for n in before) < 1000
