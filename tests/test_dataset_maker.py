@@ -389,7 +389,6 @@ def _tags_stopped_at_caption_4(project: Path, *args: str) -> subprocess.Complete
     file (RLIMIT_FSIZE: "File too large", as a full disk says "No space left") lets it back up
     and edit captions 0 to 3, and refuses to write a longer file for 4 (its backup, or the
     edited caption)."""
-    import os
     import resource
 
     def small_files() -> None:
