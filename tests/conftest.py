@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ from loraforge.project import toml_value
 # Modules that train, render or start processes. With the SLURM tests and the tests marked slow
 # one by one, 97 of the suite's 655 tests but ~8 of its ~12.5 minutes on 2 cores; `make check`
 # (pytest -m "not slow and not slurm") runs the rest in ~4.5 minutes.
-SLOW_MODULES = frozenset({"test_demo", "test_generate", "test_models_import", "test_report",
-                          "test_train", "test_train_data", "test_train_distributed",
-                          "test_train_state"})
+SLOW_MODULES = frozenset({"test_demo", "test_full_disk", "test_generate", "test_models_import",
+                          "test_report", "test_train", "test_train_data",
+                          "test_train_distributed", "test_train_state"})
 
 
 # The session fixture behind the taught tiny base (tests/taught_work.py, in the background).
@@ -201,3 +202,51 @@ def write_training_project(root: Path, tiny_store: Path, train: dict[str, object
     config = root / "forge.toml"
     config.write_text("\n".join(lines) + "\n")
     return config
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """`small_disk("8m")`: a tmpfs of that size, mounted for the test (a real disk that fills
+    up: ENOSPC from the kernel, not a mock), unmounted after it. Skips the test where mounting
+    is not permitted (not root, or a container without CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755",
+                                   "tmpfs", str(point)], capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no `mount` command here: a full disk needs a small tmpfs")
+        if done.returncode != 0:
+            pytest.skip("mounting a small tmpfs (the full disk) is not permitted here: "
+                        f"{done.stderr.strip() or done.returncode}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Fill the disk holding `folder` to its last byte with one file; returns it (removing it
+    frees the space again)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    try:  # the last, smaller pieces
+        while True:
+            os.write(fd, bytes(512))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    os.close(fd)
+    return filler

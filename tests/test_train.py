@@ -252,7 +252,8 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     assert [(r["status"], r["error"]) for r in alive] == [("running", None)]
     (killed,) = json.loads(run_cli("runs", "--json", "--config", config).stdout)
     assert killed["status"] == "stopped", killed
-    assert "ended without a word" in killed["error"] and "--run multi_concept" in killed["error"]
+    assert "ended without updating its record" in killed["error"]
+    assert "--run multi_concept" in killed["error"]
     assert "resumes it from its last state (step 2)" in killed["error"]  # not step 3, logged
     # and so do the other commands that name a run's status (they said "running")
     generate = run_cli("generate", "--config", config, "--lora", "multi_concept")

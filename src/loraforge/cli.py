@@ -19,6 +19,7 @@ from rich.text import Text
 from loraforge.config import CONFIG_NAME, Settings, load_settings, outside_project_note
 from loraforge.dataset.command import dedupe_command, tag_command, tags_command
 from loraforge.errors import ForgeError
+from loraforge.fsutil import DISK_FULL, full_disk_error
 from loraforge.generate.command import generate_command
 from loraforge.models.command import models_app
 from loraforge.options import ConfigOpt, JsonOpt, SetOpt
@@ -310,6 +311,11 @@ def _project_note(args: list[str]) -> str | None:
     return outside_project_note()
 
 
+#: What a command stopped by a full disk leaves (its files are written whole, or not at all).
+FULL_DISK_KEPT = ("that file was left as it was (nothing half-written), and the files written "
+                  "before it are kept")
+
+
 class _Terminated(BaseException):
     """SIGTERM (`kill`, `scancel`, a job's time limit) outside training, which saves its state on
     its own: raised where the program is, so half-written files are removed on the way out."""
@@ -332,6 +338,10 @@ def main() -> None:
         try:
             code = command.main(prog_name="loraforge", standalone_mode=False)
         except OSError as exc:  # a refusal of the file system that no check foresaw
+            if exc.errno in DISK_FULL:  # files are written whole (fsutil), or not at all
+                path = exc.filename2 or exc.filename
+                raise full_disk_error(exc, path, FULL_DISK_KEPT if path else
+                                      "the files written before are kept") from None
             # a rename names its target second: that is the path the user knows
             raise ForgeError(exc.strerror or str(exc), path=exc.filename2 or exc.filename,
                              fix="check that this path is what it should be (a folder or a "

@@ -3,12 +3,52 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from loraforge.errors import ForgeError
+
 DEFAULT_FILE_MODE = 0o644
+#: The errors of a full disk and of a full quota.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it came from) says the disk or the quota is full. Libraries
+    that write in Rust (safetensors, tokenizers) raise their own errors, which only quote it."""
+    texts = tuple(os.strerror(number) for number in DISK_FULL)
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chain of causes, not forever
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return True
+        if any(text in str(seen) for text in texts):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """`exc` naming `path` when it names no file (a failed write() or close() names none)."""
+    if exc.filename is not None:
+        return exc
+    return OSError(exc.errno, exc.strerror, str(path)) if exc.errno else exc
+
+
+def full_disk_error(exc: BaseException, path: Path | str | None, kept: str,
+                    what: str = "could not be written") -> ForgeError:
+    """A full disk or quota as users see it: the file (or folder) being written, that the disk
+    or quota is full, to free space and rerun, and `kept`: what stays as it was meanwhile."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
+    why = why or next((os.strerror(n) for n in sorted(DISK_FULL) if os.strerror(n) in str(exc)),
+                      os.strerror(errno.ENOSPC))
+    return ForgeError(f"{what}: {why} (the disk, or your quota on it, is full)",
+                      path=path, fix=f"free space there (or raise the quota), then run the "
+                                     f"same command again; {kept}")
 
 
 @contextlib.contextmanager
@@ -29,6 +69,11 @@ def atomic_path(dest: Path, mode: int = DEFAULT_FILE_MODE) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
+    except OSError as exc:  # a full disk names the file being written, not its hidden copy
+        if exc.errno in DISK_FULL and (exc.filename is None or Path(
+                str(exc.filename)).name.startswith(f".{dest.name}.")):
+            raise OSError(exc.errno, exc.strerror, str(dest)) from exc
+        raise
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -191,11 +191,16 @@ def _job_ended(record: dict[str, Any]) -> tuple[str, bool] | None:
     return f"its SLURM job {job_id} {ended} without the run saying so", False
 
 
+#: A training process gone from this machine with its record saying running: it could not say
+#: why, so neither can we (killed for memory, or its disk too full to write the record).
+STOPPED_WHY = ("its training process ended without updating its record (killed, e.g. out of "
+               "memory, or its disk was full)")
+
+
 def _stopped(record: dict[str, Any], run: str) -> str | None:
     """Why a run recorded as running has stopped, and how it goes on (None: it is running, as
     far as is known here)."""
-    found = (("its training process ended without a word (killed, e.g. out of memory)", False)
-             if vanished(record) else _job_ended(record))
+    found = ((STOPPED_WHY, False) if vanished(record) else _job_ended(record))
     if found is None:
         return None
     why, requeued = found

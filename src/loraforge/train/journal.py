@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
+from loraforge.fsutil import named
 from loraforge.train.state import Position
 
 if TYPE_CHECKING:
@@ -125,10 +126,13 @@ class Journal:
         self.writer.add_scalar("loss/smoothed", smoothed, entry.step)
         for group_name, lr in zip(("unet", "text_encoder"), entry.lrs, strict=False):
             self.writer.add_scalar(f"lr/{group_name}", lr, entry.step)
-        self.history.write(json.dumps({
-            "step": entry.step, "epoch": entry.epoch, "loss": loss, "loss_smoothed": smoothed,
-            "lr": entry.lrs, "seconds": round(self.last_flush - self.started, 4),
-            **entry.extra}) + "\n")
+        try:
+            self.history.write(json.dumps({
+                "step": entry.step, "epoch": entry.epoch, "loss": loss,
+                "loss_smoothed": smoothed, "lr": entry.lrs,
+                "seconds": round(self.last_flush - self.started, 4), **entry.extra}) + "\n")
+        except OSError as exc:  # a full disk: name the file (a failed write names none)
+            raise named(exc, Path(self.history.name)) from None
         self.progress.update(entry.step, entry.epoch, smoothed, entry.lrs[0], entry.images)
 
     def close(self) -> None:
@@ -137,6 +141,16 @@ class Journal:
             self.progress.close()
             self.writer.close()
             self.history.close()
+
+
+class _LogFile(logging.FileHandler):
+    """train.log. A disk too full for it loses its lines without a word: they reach stderr all
+    the same, and logging's own report would be a traceback per line, around the error that
+    tells the full disk."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
 
 
 def setup_logging(run_dir: Path, world: World) -> logging.Handler | None:
@@ -152,7 +166,7 @@ def setup_logging(run_dir: Path, world: World) -> logging.Handler | None:
     if not world.is_main:
         root.setLevel(logging.ERROR)
         return None
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler = _LogFile(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.setLevel(logging.INFO)
     root.addHandler(handler)

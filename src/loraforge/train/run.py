@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge import runs
 from loraforge.errors import ForgeError
+from loraforge.fsutil import disk_full, full_disk_error
 from loraforge.hashing import env_time
 from loraforge.models.folders import exclusive
 from loraforge.train import distributed
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 #: Held by the process training the run.
 LOCK = ".train.lock"
+
+log = logging.getLogger("loraforge.train")
 
 
 SLURM_FIELDS = {"job_id": "SLURM_JOB_ID", "node": "SLURMD_NODENAME",
@@ -174,8 +177,8 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         trainer = Trainer(settings, dataset, run_dir, world, device, report)
     except ForgeError as exc:
         if not restart:  # a refused restart leaves the old run, and its record, as they were
-            runs.RunRecord(run_dir, settings.file_mode, write=world.is_main).update(
-                status="failed", error=str(exc))
+            _record_end(runs.RunRecord(run_dir, settings.file_mode, write=world.is_main),
+                        status="failed", error=str(exc))
         raise
     if restart and world.is_main:  # what the old attempt made must not mix with the new one;
         for folder in ("state", "events", "samples"):  # only now that the settings are checked
@@ -226,17 +229,34 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     try:
         return TrainResult(trainer.run(base, state, facts_for), trainer)
     except Interrupted:
-        trainer.record.update(status="interrupted")
+        _record_end(trainer.record, status="interrupted")
         raise
     except ForgeError as exc:
-        trainer.record.update(status="failed", error=str(exc))
+        _record_end(trainer.record, status="failed", error=str(exc))
         raise
     except OSError as exc:  # an image removed mid-run, a folder made read-only, a full disk
-        error = ForgeError(f"{exc.strerror or exc} while training", path=exc.filename or run_dir,
-                           fix="fix the file or free the space, then rerun the same command: "
-                               "training resumes from the last state saved completely")
-        trainer.record.update(status="failed", error=str(error))
+        if disk_full(exc):
+            error = full_disk_error(exc, exc.filename or run_dir, "training resumes from the "
+                                    "last state that was saved completely")
+        else:
+            error = ForgeError(f"{exc.strerror or exc} while training",
+                               path=exc.filename or run_dir,
+                               fix="fix the file or free the space, then rerun the same "
+                                   "command: training resumes from the last state saved "
+                                   "completely")
+        _record_end(trainer.record, status="failed", error=str(error))
         raise error from None
     except BaseException as exc:
-        trainer.record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        _record_end(trainer.record, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _record_end(record: runs.RunRecord, **values: Any) -> None:
+    """run.json's account of how the attempt ended, where it can be written. On a full disk
+    it often cannot: the error that ended the attempt must still be the one the user reads (the
+    record then still says running, and `loraforge runs` shows the run as stopped)."""
+    try:
+        record.update(**values)
+    except OSError as exc:
+        log.warning("%s not updated (%s): `loraforge runs` shows the run as stopped",
+                    record.path, exc.strerror or exc)

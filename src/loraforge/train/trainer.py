@@ -14,12 +14,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge import runs
 from loraforge.errors import ForgeError
+from loraforge.fsutil import DISK_FULL
 from loraforge.hashing import env_time
 from loraforge.train.distributed import (
     World,
@@ -56,8 +57,9 @@ ReportWriter = Callable[[Path, int], object]
 
 
 def _disk_error(exc: OSError, what: Path) -> ForgeError:
-    return ForgeError(f"could not write {what.name}: {exc.strerror or exc} (the disk or your "
-                      "quota is full?)", path=what,
+    full = ("(the disk, or your quota on it, is full)" if exc.errno in DISK_FULL
+            else "(the disk or your quota is full?)")
+    return ForgeError(f"could not write {what.name}: {exc.strerror or exc} {full}", path=what,
                       fix="free space (or raise the quota) and rerun the same command: training "
                           "resumes from the last state that was saved completely")
 
@@ -216,8 +218,13 @@ class Trainer:
                 if any_rank(stop.requested, world):
                     self.save(position, named, journal, stop.reason)
                     raise Interrupted
-        finally:
-            journal.close()
+        except BaseException:
+            # the error that stopped the training is the one to tell: a disk too full for the
+            # journal's last lines must not replace it
+            with suppress(Exception):
+                journal.close()
+            raise
+        journal.close()
         return self.finish(models, facts, position)
 
     def train_epoch(self, models: Models, epoch: int, position: Position, journal: Journal,
