@@ -8,15 +8,18 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import run_cli, write_training_project
+from conftest import assert_user_error, run_cli, write_training_project
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -362,6 +365,77 @@ def test_a_storage_root_that_is_a_file_is_named_not_a_traceback(
     message = refused("import", files["controlnet"], "--as", "controlnet", "--name", "pose")
     assert "cannot be created" in message and "storage root is a folder" in message
     assert store.read_text() == "not a folder\n"
+
+
+def _hidden(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.endswith((".partial", ".old")))
+
+
+def test_an_import_onto_a_full_disk_is_one_message_and_leaves_no_partial(
+        files: dict[str, Path], small_disk: Callable[[str], Path], tmp_path: Path) -> None:
+    """It ended in a traceback (`Exception: No space left on device` from the tokenizer's
+    save, or safetensors' SafetensorError), by the size of the disk."""
+    for size in ("2m", "10m"):  # the first file written fails; the tokenizer's
+        root = small_disk(size) / "store"
+        result = run_cli("models", "import", files["full"], "--as", "base", cwd=tmp_path,
+                         env={"LORAFORGE_STORAGE_ROOT": str(root)})
+        assert_user_error(result, f"{root}: could not write the model `tinyAnime_v10`",
+                          "No space left on device", "free space",
+                          "half-written copy was removed")
+        assert "SafetensorError" not in result.stderr
+        assert not (root / "tinyAnime_v10").exists()
+        assert _hidden(root) == [], size
+
+
+def test_a_killed_import_leaves_no_partial_that_fills_the_disk_on_the_rerun(
+        files: dict[str, Path], small_disk: Callable[[str], Path], tmp_path: Path) -> None:
+    """SIGKILL (a job's memory limit, `kill -9`) mid-conversion left a hidden partial folder
+    the size of the model, which the rerun removed only after 6 hours: on a disk with room
+    for one copy, the rerun failed for want of space. The rerun holds the import's lock for
+    that name: no other import of it runs, and a partial of another one is kept."""
+    root = small_disk("26m") / "store"  # the converted model takes 22 MB
+    env = {"LORAFORGE_STORAGE_ROOT": str(root)}
+    root.mkdir()
+    # a running import of another name (its lock held), and a fresh partial folder of this
+    # name that is not an import's (a fetch's): neither is this rerun's to remove
+    other = root / ".tinyAnime_v10.v2.k3x9a0q1.import.partial"
+    fetching = root / ".tinyAnime_v10.m4b8c2d7.partial"
+    for folder in (other, fetching):
+        folder.mkdir()
+        (folder / "unet").mkdir()
+        (folder / "unet" / "config.json").write_text("{}\n")
+    import fcntl
+
+    with open(root / ".tinyAnime_v10.v2.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "loraforge", "models", "import", str(files["full"]), "--as",
+             "base"], cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and process.poll() is None:
+                partials = [p for p in root.glob(".tinyAnime_v10.*.partial")
+                            if p not in (other, fetching)]
+                written = sum(f.stat().st_blocks * 512 for p in partials  # on the disk
+                              for f in p.rglob("*") if f.is_file())
+                if written > 7_000_000:  # with the 22 MB of the rerun's: more than the disk
+                    process.kill()
+                    break
+                time.sleep(0.002)
+        finally:
+            process.kill()
+            process.wait()
+        assert process.returncode == -signal.SIGKILL, "the import ended before it was killed"
+        killed = [p for p in root.glob(".tinyAnime_v10.*.partial") if p not in (other, fetching)]
+        assert len(killed) == 1 and not (root / "tinyAnime_v10").exists()
+
+        rerun = run_cli("models", "import", files["full"], "--as", "base", cwd=tmp_path, env=env)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert (root / "tinyAnime_v10" / "manifest.json").is_file()
+        assert not killed[0].exists()
+        assert _hidden(root) == sorted([other.name, fetching.name])
+        assert (other / "unet" / "config.json").is_file()
 
 
 SITECUSTOMIZE = '''

@@ -1,13 +1,16 @@
 """Model folders are installed atomically: built in a hidden folder beside the destination, then
 renamed into place. A killed fetch or import leaves a `.NAME.*.partial` folder that is never taken
-for a model (the next run of the same name removes it) and never a half-written model folder.
+for a model (a later run of the same name removes it: after 6 hours, or at once where it holds the
+lock of the command that made it) and never a half-written model folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -20,6 +23,12 @@ from loraforge.errors import ForgeError
 PARTIAL_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 LOCK_SUFFIX = ".lock"
+#: The random part of a name tempfile.mkdtemp makes (8 of a-z, 0-9 and _).
+RANDOM = "[a-z0-9_]{8}"
+#: Marks the partial folders of imports (`.NAME.RANDOM.import.partial`): their lock is the
+#: name's, so a rerun may remove them at once. None is 8 long (the random part's length).
+IMPORT_TAG = "import"
+TAGS = (IMPORT_TAG,)
 STALE_SECONDS = 6 * 3600
 FILE_MODE = 0o644
 #: A model folder that loraforge built itself (the tiny models) holds this record of its recipe.
@@ -35,19 +44,41 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def make_partial(root: Path, name: str) -> Path:
-    """A fresh hidden temporary folder for model `name` beside its destination."""
+def make_partial(root: Path, name: str, tag: str = "") -> Path:
+    """A fresh hidden temporary folder for model `name` beside its destination; `tag` marks
+    the command that makes it (`.NAME.RANDOM.TAG.partial`, see `remove_own_partials`)."""
+    if tag and tag not in TAGS:
+        raise ValueError(f"unknown partial tag {tag!r}")
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=root))
+    suffix = f".{tag}{PARTIAL_SUFFIX}" if tag else PARTIAL_SUFFIX
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=suffix, dir=root))
+
+
+def _leftovers(root: Path, name: str, pattern: str) -> list[Path]:
+    """The hidden folders of model `name` (and of no other: `a` is not `a.b`) whose name after
+    `.NAME.` and mkdtemp's random part matches `pattern`."""
+    exact = re.compile(rf"\.{re.escape(name)}\.{RANDOM}{pattern}")
+    return [path for path in root.glob(f".{glob.escape(name)}.*") if exact.fullmatch(path.name)]
 
 
 def remove_leftovers(root: Path, name: str, older_than: float = 0.0) -> None:
     """Delete temporary folders that killed runs for model `name` left behind."""
     now = time.time()
-    for path in [*root.glob(f".{name}.*{PARTIAL_SUFFIX}"), *root.glob(f".{name}.*{OLD_SUFFIX}")]:
+    tags = "|".join(re.escape(tag) for tag in TAGS)
+    found = _leftovers(root, name, rf"(\.(?:{tags}))?{re.escape(PARTIAL_SUFFIX)}")
+    for path in [*found, *_leftovers(root, name, re.escape(OLD_SUFFIX))]:
         with contextlib.suppress(OSError):
             if now - path.stat().st_mtime >= older_than:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_own_partials(root: Path, name: str, tag: str) -> None:
+    """Delete, whatever their age, the partial folders that `make_partial(root, name, tag)`
+    made: only for a caller that holds the lock every such command holds for `name`, so that
+    none of them is still being written. A killed import leaves one the size of the model,
+    which would fill a small disk again on the rerun."""
+    for path in _leftovers(root, name, re.escape(f".{tag}{PARTIAL_SUFFIX}")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def install(tmp: Path, dest: Path, keep_if: Callable[[Path], bool] | None = None) -> None:
@@ -112,10 +143,11 @@ def link_or_copy(src: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path, what: str) -> Iterator[None]:
+def exclusive(lock_file: Path, what: str) -> Iterator[bool]:
     """Hold a non-blocking exclusive lock on `lock_file`; ForgeError if another process holds it.
 
-    Where the file system cannot lock (some network mounts), runs unlocked.
+    Where the file system cannot lock (some network mounts), runs unlocked. Yields whether the
+    lock is held.
     """
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +160,7 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
 
         handle = open(lock_file, "a+b")  # noqa: SIM115 - held across the yield
     except (ImportError, OSError):
-        yield
+        yield False
         return
     with handle:
         try:
@@ -137,9 +169,9 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
             raise ForgeError(f"another process is busy with {what} (lock held)", path=lock_file,
                              fix="wait for it to finish, then run the command again") from None
         except OSError:
-            yield
+            yield False
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
+from loraforge.fsutil import disk_full, full_disk_error
 from loraforge.models import folders
 from loraforge.models.manifest import NOT_MODELS, describe_files, write_manifest
 from loraforge.models.tiny import strip_volatile
@@ -155,12 +156,15 @@ def import_checkpoint(storage_root: Path, file: Path, kind: str, name: str | Non
         source["vae"] = {"file": vae_ckpt.path.name, "path": str(vae_ckpt.path.resolve()),
                          "sha256": digest, "short_hash": digest[:10]}
 
-    with folders.exclusive(root / f".{name}{folders.LOCK_SUFFIX}", f"importing `{name}`"):
+    with folders.exclusive(root / f".{name}{folders.LOCK_SUFFIX}",
+                           f"importing `{name}`") as locked:
         if dest.exists():
             raise ForgeError(f"a model named `{name}` appeared meanwhile", path=dest,
                              fix="choose another --name")
+        if locked:  # no other import of this name runs: what one left is of a killed one
+            folders.remove_own_partials(root, name, folders.IMPORT_TAG)
         folders.remove_leftovers(root, name, older_than=folders.STALE_SECONDS)
-        tmp = folders.make_partial(root, name)
+        tmp = folders.make_partial(root, name, folders.IMPORT_TAG)
         try:
             say("converting to the diffusers layout (offline)")
             if kind == "base":
@@ -177,6 +181,10 @@ def import_checkpoint(storage_root: Path, file: Path, kind: str, name: str | Non
                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             folders.fix_modes(tmp, file_mode)
             folders.install(tmp, dest)
+        except Exception as exc:
+            if isinstance(exc, ForgeError) or not disk_full(exc):
+                raise
+            raise _full_disk(exc, dest, file, vae_file) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     setting = "models.base" if kind == "base" else "models.controlnet"
@@ -184,6 +192,19 @@ def import_checkpoint(storage_root: Path, file: Path, kind: str, name: str | Non
     say(f"use it: set `{setting} = \"{name}\"` in forge.toml, or pass "
         f"`--set {setting}={name}`")
     return dest
+
+
+def _full_disk(exc: BaseException, dest: Path, file: Path, vae_file: Path | None
+               ) -> ForgeError:
+    """A disk (or quota) too full for the converted model: safetensors and the tokenizer
+    raise their own errors, which only quote the system's."""
+    from loraforge.models.fetch import human_size
+
+    size = sum(f.stat().st_size for f in (file, vae_file) if f is not None)
+    return full_disk_error(exc, dest.parent, "its half-written copy was removed, and no other "
+                           "model was touched",
+                           what=f"could not write the model `{dest.name}` here (about "
+                                f"{human_size(size)})")
 
 
 def default_name(file: Path) -> str:
