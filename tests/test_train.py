@@ -279,6 +279,29 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     assert {e.step for e in events.Scalars("loss/step")} >= {1, 2}  # flushed with the state
 
 
+def test_a_stop_signal_as_the_run_finishes_leaves_it_finished(tmp_path: Path,
+                                                              tiny_store: Path) -> None:
+    """SIGTERM between the trainer's end and the command's (its handler already gone) raised
+    Interrupted after run.json said finished: the run was then recorded as interrupted, the
+    rerun refused its LoRA files ("no state") and --restart would have replaced them. Here the
+    report callback, which runs once the run is finished, raises it."""
+    from loraforge.train.signals import Interrupted
+
+    def stopped_as_it_ends(run_dir: Path, _mode: int) -> None:
+        if json.loads((run_dir / "run.json").read_text())["status"] == "finished":
+            raise Interrupted(saved=False)
+
+    config = write_training_project(tmp_path, tiny_store, {"max_steps": 2, "epochs": 1})
+    settings = load_settings(config)
+    go_offline(settings)
+    result = train(settings, None, restart=False, report=stopped_as_it_ends)
+    assert result.final.is_file()
+    record = json.loads((result.final.parent / "run.json").read_text())
+    assert record["status"] == "finished", record
+    again = run_cli("train", "--config", config)
+    assert again.returncode == 0 and "had already finished" in again.stderr, again.stderr
+
+
 def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
                                                        tiny_store: Path) -> None:
     previews = {"sample_prompts": ["red_knight, solo --s 2 --d 3"], "sample_steps": 2}

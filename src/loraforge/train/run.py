@@ -229,6 +229,8 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     try:
         return TrainResult(trainer.run(base, state, facts_for), trainer)
     except Interrupted:
+        if trainer.record.data.get("status") == "finished":  # the signal came as it returned:
+            return TrainResult(runs.final_lora(run_dir), trainer)  # the run is done, keep it so
         _record_end(trainer.record, status="interrupted")
         raise
     except ForgeError as exc:
