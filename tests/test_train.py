@@ -279,12 +279,14 @@ def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
     assert {e.step for e in events.Scalars("loss/step")} >= {1, 2}  # flushed with the state
 
 
-def test_a_stop_signal_as_the_run_finishes_leaves_it_finished(tmp_path: Path,
-                                                              tiny_store: Path) -> None:
-    """SIGTERM between the trainer's end and the command's (its handler already gone) raised
-    Interrupted after run.json said finished: the run was then recorded as interrupted, the
-    rerun refused its LoRA files ("no state") and --restart would have replaced them. Here the
-    report callback, which runs once the run is finished, raises it."""
+def test_what_a_killed_or_signalled_ending_leaves_does_not_spoil_the_run(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """A LoRA save cut short by SIGKILL left its hidden copy (as large as the LoRA) on the
+    quota for good: the next attempt removes it. SIGTERM between the trainer's end and the
+    command's (its handler already gone) raised Interrupted after run.json said finished: the
+    run was then recorded as interrupted, the rerun refused its LoRA files ("no state") and
+    --restart would have replaced them. Here the report callback, which runs once the run is
+    finished, raises it."""
     from loraforge.train.signals import Interrupted
 
     def stopped_as_it_ends(run_dir: Path, _mode: int) -> None:
@@ -294,8 +296,12 @@ def test_a_stop_signal_as_the_run_finishes_leaves_it_finished(tmp_path: Path,
     config = write_training_project(tmp_path, tiny_store, {"max_steps": 2, "epochs": 1})
     settings = load_settings(config)
     go_offline(settings)
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    run_dir.mkdir(parents=True)
+    killed = run_dir / ".multi_concept.safetensors.k1ll3d.tmp"  # a save SIGKILL cut short
+    killed.write_bytes(b"\0" * 4096)
     result = train(settings, None, restart=False, report=stopped_as_it_ends)
-    assert result.final.is_file()
+    assert result.final.is_file() and not killed.exists()  # no dead copy left on the quota
     record = json.loads((result.final.parent / "run.json").read_text())
     assert record["status"] == "finished", record
     again = run_cli("train", "--config", config)

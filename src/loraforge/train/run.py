@@ -6,6 +6,7 @@ interrupted, failed and why). The training itself is `trainer.Trainer`'s.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -148,6 +149,8 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     run_dir.mkdir(parents=True, exist_ok=True)
     # One training of a run at a time (a job submitted twice, sbatch beside a local run).
     with exclusive(run_dir / LOCK, f"training run `{name}`") if world.is_main else nullcontext():
+        if world.is_main:
+            _remove_killed_saves(run_dir)
         handler = setup_logging(run_dir, world)
         device = distributed.device_for(world, settings.config.train.gpus)
         distributed.join(world, device)
@@ -251,6 +254,14 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     except BaseException as exc:
         _record_end(trainer.record, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _remove_killed_saves(run_dir: Path) -> None:
+    """The hidden copies of LoRA files whose save was killed (SIGKILL: no code runs to remove
+    them), each as large as the file: only this run's trainer writes its LoRA files, and it
+    holds the run's lock now."""
+    for tmp in run_dir.glob(f".{glob.escape(run_dir.name)}*.safetensors.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _record_end(record: runs.RunRecord, **values: Any) -> None:
