@@ -592,6 +592,9 @@ def test_a_run_whose_record_cannot_be_read_is_listed_as_damaged_not_hidden(
     assert {r["name"]: (r["status"], r["params"]) for r in data} == {
         "a": ("running", {"train.unet_lr": 1e-4}), "b": ("running", {"train.unet_lr": 5e-4}),
         "lost": ("damaged", {"train.unet_lr": None})}
+    (lost,) = [line for line in run_cli("runs", cwd=project).stdout.splitlines()
+               if line.startswith("│ lost")]
+    assert "None" not in lost and "│ ?" in lost  # its settings are unknown, not None
 
 
 def test_a_copied_run_folder_is_listed_by_its_own_name(tmp_path: Path) -> None:

@@ -258,5 +258,6 @@ def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
         note = "; ".join(text for text in (row["moved"], row["error"]) if text)
         table.add_row(row["name"], row["status"] or "?",
                       f"{loss:.4f}" if isinstance(loss, int | float) else "-", steps,
-                      *[str(row["params"][p]) for p in params], row["job_id"] or "-", note)
+                      *[str(row["params"][p]) if row["status"] != "damaged" else "?"
+                        for p in params], row["job_id"] or "-", note)
     console.print(table)
