@@ -586,6 +586,24 @@ def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
     assert f"[1/1] {other[0]} (made before with the same settings: kept)" in lines
     assert other[0].stat().st_mtime_ns == made  # not made again
     assert (images / "final_command_scene.png").read_bytes() == other[0].read_bytes()
+    # made alike but otherwise (VAE tiling here; the weights, device, precision): made again,
+    # in place
+    tiled = load_settings(config, ["generate.vae_tiling=true"])
+    lines.clear()
+    assert generate(tiled, Options(loras=["none"], cfg=3.0), lines.append) == other
+    assert not any("kept" in line for line in lines) and other[0].stat().st_mtime_ns != made
+    assert json.loads((images / "scene-5-v2.json").read_text())["made_with"]["vae_tiling"]
+
+    # one seed of a batch made again records the seeds denoised with it (--from renders it
+    # bit for bit), not its whole batch's
+    pair = Options(loras=["none"], seed=20, count=2)
+    generate(settings, pair, lambda line: None)
+    (images / "scene-21.png").unlink()
+    lines.clear()
+    generate(settings, pair, lines.append)
+    assert [line.endswith("kept)") for line in lines if line.startswith("[")] == [True, False]
+    assert pnginfo.read_scene(images / "scene-21.png")["scene"]["seeds"] == [21]
+    assert pnginfo.read_scene(images / "scene-20.png")["scene"]["seeds"] == [20, 21]
     assert sorted(p.name for p in images.glob("scene-5*.png")) == [
         "scene-5-v2.png", "scene-5-v2.pose.png", "scene-5.png", "scene-5.pose.png"]
 

@@ -50,6 +50,7 @@ class ModelInfo:
     name: str
     path: Path
     sha256: str
+    weights: str  # every weights file of the folder (a VAE swapped at import changes it)
 
     @property
     def short_hash(self) -> str:
@@ -59,9 +60,10 @@ class ModelInfo:
 def model_info(folder: Path, cache_dir: Path) -> ModelInfo:
     """The model folder's name and the hash A1111 would show for it (an imported checkpoint's
     own file's, not its converted U-Net's: Civitai and A1111 match images by it)."""
-    from loraforge.models.manifest import model_sha256
+    from loraforge.models.manifest import model_sha256, weights_identity
 
-    return ModelInfo(folder.name, folder, model_sha256(folder, cache_dir) or "")
+    return ModelInfo(folder.name, folder, model_sha256(folder, cache_dir) or "",
+                     weights_identity(folder, cache_dir))
 
 
 def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo,
@@ -144,9 +146,18 @@ def scene_table(job: Job, batch: list[int]) -> dict[str, Any]:
     return {"scene": table}
 
 
+def made_with(base: ModelInfo, controlnet: ModelInfo, device: str, precision: str,
+              vae_tiling: bool) -> dict[str, Any]:
+    """What an image depends on beyond its PNG info: the models' weights files (the VAE too),
+    the device, the precision and VAE tiling. An image made alike but with any of these
+    otherwise is made again (in place), not kept."""
+    return {"model_weights": base.weights, "controlnet_weights": controlnet.weights,
+            "device": device, "precision": precision, "vae_tiling": vae_tiling}
+
+
 def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, parameters: str,
             image: Path, pose: Path, seconds: float, device: str, precision: str,
-            batch: int) -> dict[str, Any]:
+            batch: int, made: dict[str, Any]) -> dict[str, Any]:
     return {
         "image": str(image),
         "pose_map": str(pose),
@@ -175,6 +186,7 @@ def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, paramet
         "precision": precision,
         "seconds": round(seconds, 3),  # the batch's time over its images
         "batch_size": batch,  # images denoised together (rounding may differ by the batch)
+        "made_with": made,
     }
 
 
@@ -273,26 +285,37 @@ class TimeLimitWarning:
 
 @dataclass(frozen=True)
 class PlannedOutput:
-    """One image to make: its seed, pose map, PNG info, scene record and file stem; `made`:
-    an image with this stem, made alike (these parameters, scene and pose), is there."""
+    """One image to make: its seed, pose map, PNG info and file stem; `made`: an image with
+    this stem is there, made alike (these parameters, scene and pose) and with the same
+    weights, device, precision and tiling: it is kept."""
 
     seed: int
     pose: Image.Image
     parameters: str
-    scene: dict[str, Any]
     stem: str
     made: bool
 
 
 def _plan_output(folder: Path, job: Job, seed: int, batch: list[int], base: ModelInfo,
-                 controlnet: ModelInfo) -> PlannedOutput:
+                 controlnet: ModelInfo, made: dict[str, Any]) -> PlannedOutput:
     pose = job.pose.image_for(seed, job.width, job.height)
     parameters = pnginfo.format_parameters(shown_prompt(job), job.negative_text,
                                            parameters_fields(job, seed, base, controlnet))
     scene = scene_table(job, batch)
     stem = output_stem(folder, f"{job.stem}-{seed}", parameters, scene, pose)
-    # output_stem stops at an existing image only when it was made alike
-    return PlannedOutput(seed, pose, parameters, scene, stem, (folder / f"{stem}.png").exists())
+    # output_stem stops at an existing image only when it was made alike; it is kept when it
+    # was also made with the same weights, device, precision and tiling (its record says)
+    return PlannedOutput(seed, pose, parameters, stem,
+                         (folder / f"{stem}.png").exists() and _recorded(folder, stem) == made)
+
+
+def _recorded(folder: Path, stem: str) -> Any:
+    """What the image's record says it was made with (None: no record, or one without)."""
+    try:
+        record = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("made_with") if isinstance(record, dict) else None
 
 
 def _keep(folder: Path, stem: str, mode: int) -> Path:
@@ -460,8 +483,9 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
             for first in range(0, len(job.seeds), batch):
                 if warning.given:
                     raise Stopped(len(written), total)
+                made = made_with(base, controlnet, str(device), chosen.name, tiling)
                 planned = [_plan_output(folder, job, seed, job.seeds[first:first + batch],
-                                        base, controlnet)
+                                        base, controlnet, made)
                            for seed in job.seeds[first:first + batch]]
                 for kept in (out for out in planned if out.made):
                     written.append(_keep(folder, kept.stem, settings.file_mode))
@@ -483,14 +507,15 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
                 compiling = " (including torch.compile)" \
                     if gen.compile and shape not in compiled else ""
                 compiled.add(shape)
+                together = scene_table(job, seeds)  # the seeds denoised together (--from)
                 for index, (out, image) in enumerate(zip(todo, images, strict=True)):
                     record = sidecar(job, out.seed, base, controlnet, out.parameters,
                                      folder / f"{out.stem}.png", folder / f"{out.stem}.pose.png",
-                                     seconds, str(device), chosen.name, len(seeds))
+                                     seconds, str(device), chosen.name, len(seeds), made)
                     path = _write_outputs(folder, out.stem, image, out.pose, out.parameters,
                                           record, settings.file_mode,
                                           regions[index].image() if regions else None,
-                                          out.scene)
+                                          together)
                     written.append(path)
                     loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.all_loras) \
                         or "none"

@@ -148,6 +148,20 @@ def model_sha256(folder: Path, cache_dir: Path | None = None) -> str | None:
     return sha256_file(path, cache_dir) if path is not None else None
 
 
+def weights_identity(folder: Path, cache_dir: Path | None = None) -> str:
+    """One digest of every weights file of the model folder as its manifest lists them (a VAE
+    swapped at import changes it, where `model_sha256`, the checkpoint's, stays); without a
+    manifest, `model_sha256`'s file alone ("": none)."""
+    import hashlib
+
+    manifest = read_manifest(folder)
+    listed = {rel: entry.get("sha256") for rel, entry in (manifest or {}).get("files", {}).items()
+              if isinstance(entry, dict) and entry.get("sha256")}
+    if listed:
+        return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()
+    return model_sha256(folder, cache_dir) or ""
+
+
 def model_legacy_hash(folder: Path) -> str:
     """A1111's old short hash of the model (kohya's ss_sd_model_hash), from the same file as
     `model_sha256`: an imported checkpoint's own, else its U-Net's weights ("": none)."""
