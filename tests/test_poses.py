@@ -161,6 +161,9 @@ def test_json_with_normalised_keypoints_is_scaled_to_its_canvas() -> None:
     assert PoseMap.from_json(f"[{text}]") == _known()
     wide = PoseMap.from_json(text.replace('"canvas_width": 1024', '"canvas_width": 2048'))
     assert wide.people[0].keypoints[0] == (KNOWN[0][0] * 2, KNOWN[0][1])
+    leaving = [*flat[:-3], 1.02, *flat[-2:]]  # the last keypoint a little past the right edge
+    edge = PoseMap.from_json(text.replace(json.dumps(flat), json.dumps(leaving)))
+    assert edge.people[0].keypoints[-1] == (1.02 * 1024, KNOWN[-1][1])
 
 
 def _people(values: object) -> str:

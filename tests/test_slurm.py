@@ -217,6 +217,13 @@ def test_scripts_that_no_longer_ask_what_the_slurm_section_asks_are_said_and_rew
     assert (project / "submit_training.ssub.bak").read_text() == mine
     assert "no longer asks" not in run_cli("dataset", "check", cwd=project).stderr
     assert "kept      " + str(script) in run_cli("init", project, "--scripts").stdout
+    # a request the user added ("edit freely") is no drift; nor is a [slurm] that is invalid,
+    # which the dataset check does not need (the commands that submit say what is wrong)
+    script.write_text(script.read_text() + "#SBATCH --mail-type=END,FAIL\n")
+    assert "no longer asks" not in run_cli("dataset", "check", cwd=project).stderr
+    assert "kept      " + str(script) in run_cli("init", project).stdout
+    invalid = run_cli("dataset", "check", "--set", 'slurm.time="00:04:00"', cwd=project)
+    assert "slurm.time" not in invalid.stderr and "has no concept folders" in invalid.stderr
 
 
 def test_init_elsewhere_points_the_jobs_at_the_environment_that_ran_it(tmp_path: Path) -> None:
@@ -351,18 +358,24 @@ def test_a_job_that_would_fail_on_its_inputs_is_not_submitted(tmp_path: Path,
     (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {called}\necho 1\n")
     (bin_dir / "sbatch").chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    for args, needle in (
-            (["train"], "has no concept folders"),
-            (["pipeline"], "has no concept folders"),
-            (["sweep", "--param", "train.unet_lr=1e-4,2e-4"], "has no concept folders"),
-            (["generate", "--set", "models.base=no_such_model"], "no_such_model"),
-            (["tag", "nosuch", "--gpus", "0"], "nosuch")):
+    for args, needle, noted in (
+            (["train"], "has no concept folders", True),
+            (["pipeline"], "has no concept folders", True),
+            (["sweep", "--param", "train.unet_lr=1e-4,2e-4"], "has no concept folders", True),
+            (["generate", "--set", "models.base=no_such_model"], "no_such_model", False),
+            (["tag", "nosuch", "--gpus", "0"], "nosuch", True)):
         result = run_cli("slurm", *args, cwd=project, env=env)
         assert_user_error(result, needle, "nothing was submitted: the job would fail on it")
         dry = run_cli("slurm", *args, "--dry-run", cwd=project, env=env)
-        assert dry.returncode == 0 and "# note: this job would fail: " in dry.stdout, dry
-        assert needle in dry.stdout
-    assert not called.exists() and not (project / "store" / "jobs").exists()
+        assert dry.returncode == 0, dry.stderr  # a dry run checks what it can without writing
+        assert (needle in dry.stdout and "# note: this job would fail: " in dry.stdout) == noted
+    assert not called.exists() and not (project / "store").exists()
+    # a sweep checks each run's own dataset (a --param may set dataset.path)
+    write_training_project(tmp_path / "other", tiny_store)
+    for name in ("ds_a", "ds_b"):
+        shutil.copytree(tmp_path / "other" / "master_dataset", project / name)
+    swept = run_cli("slurm", "sweep", "--param", "dataset.path=ds_a,ds_b", cwd=project, env=env)
+    assert swept.returncode == 0 and called.exists(), swept.stderr
 
 
 def test_missing_environment_is_named_before_submitting(tmp_path: Path,

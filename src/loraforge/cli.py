@@ -77,7 +77,7 @@ def init(
     tiny: Annotated[bool, typer.Option("--tiny", help="Use the embedded tiny model (demo, "
                                        "tests, no downloads).")] = False,
     scripts: Annotated[bool, typer.Option("--scripts", help="Write again the job scripts "
-                                          "that no longer ask what forge.toml [slurm] asks "
+                                          "that no longer ask what forge.toml \\[slurm] asks "
                                           "(the old ones are kept as .bak).")] = False,
 ) -> None:
     """Write a commented forge.toml, master_dataset/ (with a README), the two SLURM job

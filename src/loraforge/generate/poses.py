@@ -289,6 +289,10 @@ class PoseMap:
         return cls.from_dict(data, path)
 
 
+#: How far past 0..1 a normalised keypoint may lie (a limb leaving the frame).
+NORMALISED_SLACK = 0.1
+
+
 def _in_pixels(people: list[Person], width: int, height: int) -> tuple[Person, ...]:
     """The people with pixel coordinates. A1111's ControlNet extension and ComfyUI's pose nodes
     write keypoints normalised to 0..1 beside a canvas size in pixels: such a pose is scaled to
@@ -296,7 +300,10 @@ def _in_pixels(people: list[Person], width: int, height: int) -> tuple[Person, .
     coords = [c for person in people
               for part in (person.keypoints, *person.hands, person.face) if part is not None
               for point in part if point is not None for c in point]
-    if not coords or not all(0 <= c <= 1 for c in coords) or min(width, height) <= 8:
+    # a limb may leave the frame a little (an ankle at 1.02): all within 1.1 px of the corner
+    # is no pose drawn in pixels
+    if not coords or not all(-NORMALISED_SLACK <= c <= 1 + NORMALISED_SLACK for c in coords) \
+            or min(width, height) <= 8:
         return tuple(people)
     return tuple(person.moved(lambda p: (p[0] * width, p[1] * height)) for person in people)
 

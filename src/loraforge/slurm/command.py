@@ -70,20 +70,29 @@ def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
 
 
 def _preflight(options: Options, *checks: str, run: str | None = None,
-               concepts: list[str] | None = None) -> None:
+               concepts: list[str] | None = None, sets: list[str] | None = None) -> None:
     """What the job would fail on, said now, before it waits in the queue and takes a node:
     "train" (the run name, the dataset and the base model, as `loraforge train` checks them),
-    "generate" (the base model and ControlNet), "tag" (the concepts and the tagger). A dry
-    run notes it above the script instead."""
+    "generate" (the base model and ControlNet), "tag" (the concepts and the tagger); `sets`:
+    a sweep task's own values. A dry run, which writes nothing, checks the run name, the
+    dataset and the concepts only (a model check may build the tiny model) and notes what it
+    finds above the script."""
+    from loraforge.config import load_settings
     from loraforge.errors import ForgeError
 
-    settings = _settings(options.config, options.overrides)
+    settings = load_settings(options.config, list(options.overrides), list(sets or []))
     try:
-        if "train" in checks:
+        if "train" in checks and options.dry_run:
+            from loraforge.dataset.scan import scan_dataset
+            from loraforge.runs import check_run_name
+
+            check_run_name(run or settings.config.train.run_name)
+            scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
+        elif "train" in checks:
             from loraforge.train.run import check_inputs
 
             check_inputs(settings, run)
-        if "generate" in checks:
+        if "generate" in checks and not options.dry_run:
             from loraforge.models import store
 
             store.check_pair(store.resolve_base_model(settings),
@@ -93,13 +102,34 @@ def _preflight(options: Options, *checks: str, run: str | None = None,
             from loraforge.models.tagger import resolve_tagger
 
             concept_folders(settings.dataset_dir, concepts, [])
-            resolve_tagger(settings)
+            if not options.dry_run:
+                resolve_tagger(settings)
     except ForgeError as exc:
         if options.dry_run:
             typer.echo(f"# note: this job would fail: {exc}".replace("\n", "\n# "))
             return
         raise ForgeError(f"{exc.message} (nothing was submitted: the job would fail on it)",
                          path=exc.path, fix=exc.fix) from None
+
+
+def _sweep_preflight(options: Options, run: str | None, params: list[str]) -> None:
+    """`_preflight` for each run of a sweep whose dataset or models differ (a --param may set
+    dataset.path or models.base); the others share their check."""
+    import json
+
+    from loraforge.config import load_settings
+    from loraforge.runs import check_run_name
+    from loraforge.slurm.jobs import parse_params, sweep_tasks
+
+    base = check_run_name(run or _settings(options.config, options.overrides)
+                          .config.train.run_name)
+    seen = set()
+    for task in sweep_tasks(base, parse_params(params)):
+        config = load_settings(options.config, list(options.overrides), task.sets).to_dict()
+        key = json.dumps([config.get("dataset"), config.get("models")], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            _preflight(options, "train", run=task.run, sets=task.sets)
 
 
 def _console() -> Console:
@@ -211,7 +241,7 @@ def slurm_sweep(
     from loraforge.slurm.jobs import submit_sweep
 
     options = _options(config, overrides, gpus, dry_run)
-    _preflight(options, "train", run=run)
+    _sweep_preflight(options, run, param)
     submit_sweep(options, run, param, max_parallel, typer.echo)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from loraforge.config import Settings
+from loraforge.errors import ForgeError
 from loraforge.slurm.validate import (
     Gpus,
     check_extra,
@@ -347,19 +348,24 @@ def _requests(text: str) -> list[str]:
 
 
 def script_drift(settings: Settings) -> dict[str, list[str]]:
-    """The project's job scripts (`loraforge init`'s) whose requests differ from what forge.toml
-    [slurm] asks now, each with the lines it would ask instead: a script is written once, and
-    `sbatch submit_training.ssub` does not read forge.toml."""
+    """The project's job scripts (`loraforge init`'s) that lack a request forge.toml [slurm]
+    makes now, each with the lines it lacks: a script is written once, and `sbatch
+    submit_training.ssub` does not read forge.toml. Lines the user added are no drift. Nothing
+    when [slurm] itself is invalid (the commands that submit say so)."""
+    try:
+        scripts = project_scripts(settings)
+    except ForgeError:
+        return {}
     drift = {}
-    for name, text in project_scripts(settings).items():
+    for name, text in scripts.items():
         path = settings.base_dir / name
         try:
-            have = _requests(path.read_text(encoding="utf-8", errors="replace"))
+            have = set(_requests(path.read_text(encoding="utf-8", errors="replace")))
         except OSError:  # not there (or not readable): nothing to compare
             continue
-        wanted = _requests(text)
-        if have != wanted:
-            drift[name] = [line for line in wanted if line not in have] or wanted[:1]
+        missing = [line for line in _requests(text) if line not in have]
+        if missing:
+            drift[name] = missing
     return drift
 
 
