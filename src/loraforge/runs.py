@@ -141,8 +141,9 @@ def vanished(record: dict[str, Any]) -> bool:
 
 
 def status(record: dict[str, Any] | None) -> str:
-    """The run's status as every command shows it: its record's, except "stopped" for a run
-    recorded as running whose process is gone from this machine (see `vanished`)."""
+    """The run's status as generate, eval and report show it: its record's, except "stopped"
+    for a run recorded as running whose process is gone from this machine (see `vanished`).
+    `loraforge runs` and `slurm status` also ask SLURM about a job's run on another node."""
     if not record:
         return "unknown"
     return "stopped" if vanished(record) else str(record.get("status") or "unknown")
