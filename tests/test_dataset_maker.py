@@ -456,7 +456,7 @@ def test_a_swap_stopped_by_sigterm_finishes_as_one_run_when_run_again(tmp_path: 
     folder = project / "master_dataset" / "10_blue_mage"
     folder.mkdir(parents=True)
     Image.new("RGB", (16, 16), RED).save(folder / "0000.png")
-    for i in range(1000):
+    for i in range(400):  # enough that the signal lands part-way
         if i:
             shutil.copyfile(folder / "0000.png", folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text(f"blue_mage, 1girl, solo, pose {i}\n")
@@ -466,7 +466,7 @@ def test_a_swap_stopped_by_sigterm_finishes_as_one_run_when_run_again(tmp_path: 
     assert code == 143, (out, err)
     assert "run the same command again to finish the edit" in err
     (backup,) = _backups(project / "master_dataset")
-    assert 0 < sum(_captions(folder)[n] != before[n] for n in before) < 1000
+    assert 0 < sum(_captions(folder)[n] != before[n] for n in before) < 400
 
     again = run_cli(*swap, cwd=project)
     assert again.returncode == 0, again.stderr
