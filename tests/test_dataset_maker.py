@@ -253,13 +253,19 @@ def _terminated_once_backed_up(project: Path, args: list[str], backups: int,
     """`loraforge ARGS` in `project`, sent SIGTERM once it has backed up `backups` captions:
     (exit code, stdout, stderr)."""
     process = subprocess.Popen([sys.executable, "-m", "loraforge", *args], cwd=project,
-                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     folder = project / "master_dataset" / BACKUP_DIR
     deadline = time.monotonic() + 120
     while len(list(folder.rglob("*.txt"))) < backups and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # hung: where each thread is, for whoever reads the log
+        process.send_signal(signal.SIGABRT)
+        out, err = process.communicate(timeout=60)
+        pytest.fail(f"still running 60 s after SIGTERM; its threads:\n{err[-8000:]}")
     return process.returncode, out, err
 
 
