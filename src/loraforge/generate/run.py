@@ -213,14 +213,19 @@ def output_stem(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
     return candidate
 
 
-def _our_record(folder: Path, stem: str) -> bool:
-    """Whether `<stem>.json` is the record this tool wrote for `<stem>.png` (the files beside
-    an image are written together, so they are ours too)."""
+def _sidecar(folder: Path, stem: str) -> dict[str, Any]:
+    """`<stem>.json` as read ({}: none, unreadable, or not a JSON object)."""
     try:
         record = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    image = record.get("image") if isinstance(record, dict) else None
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _our_record(folder: Path, stem: str) -> bool:
+    """Whether `<stem>.json` is the record this tool wrote for `<stem>.png` (the files beside
+    an image are written together, so they are ours too)."""
+    image = _sidecar(folder, stem).get("image")
     return isinstance(image, str) and Path(image).name == f"{stem}.png"
 
 
@@ -305,35 +310,23 @@ def _plan_output(folder: Path, job: Job, seed: int, batch: list[int], base: Mode
     stem = output_stem(folder, f"{job.stem}-{seed}", parameters, scene, pose)
     # output_stem stops at an existing image only when it was made alike; it is kept when it
     # was also made with the same weights, device, precision and tiling (its record says)
-    return PlannedOutput(seed, pose, parameters, stem,
-                         (folder / f"{stem}.png").exists() and _recorded(folder, stem) == made)
+    return PlannedOutput(seed, pose, parameters, stem, (folder / f"{stem}.png").exists()
+                         and _sidecar(folder, stem).get("made_with") == made)
 
 
-def _recorded(folder: Path, stem: str) -> Any:
-    """What the image's record says it was made with (None: no record, or one without)."""
-    try:
-        record = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record.get("made_with") if isinstance(record, dict) else None
-
-
-def _keep(folder: Path, stem: str, mode: int) -> Path:
-    """An image made before with the same settings, kept as it is (the same seed renders the
-    same image): a rerun, or a requeued job, goes on where the last one stopped. It is the
-    newest image of this command for `final_command_scene.png` all the same."""
+def _newest_is(folder: Path, image: Path, mode: int) -> None:
+    """`final_command_scene.png` becomes a copy of `image`: a kept image (made before with the
+    same settings, see `PlannedOutput`) that is the newest of this command."""
     import shutil
 
     from loraforge.fsutil import save_atomic
 
-    image = folder / f"{stem}.png"
     try:
         save_atomic(folder / f"{FINAL_NAME}.png", lambda tmp: shutil.copyfile(image, tmp), mode)
     except OSError as exc:
-        raise ForgeError(f"could not copy {stem}.png to {FINAL_NAME}.png: "
+        raise ForgeError(f"could not copy {image.name} to {FINAL_NAME}.png: "
                          f"{exc.strerror or exc} (disk or quota full?)", path=folder,
                          fix="free space and rerun; images already written are kept") from None
-    return image
 
 
 def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Image,
@@ -464,7 +457,14 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     scheduler_config = dict(pipe.scheduler.config)
     written: list[Path] = []
     total = sum(len(job.seeds) for job in jobs)
-    with TimeLimitWarning() as warning:
+    newest_kept: Path | None = None
+
+    def copy_newest_kept() -> None:  # also when stopped: the newest image is where it says
+        if newest_kept is not None:
+            _newest_is(folder, newest_kept, settings.file_mode)
+
+    with TimeLimitWarning() as warning, contextlib.ExitStack() as at_the_end:
+        at_the_end.callback(copy_newest_kept)
         for job in jobs:
             stack.activate(job.loras, [f.lora.lora for f in job.cast.figures if f.lora]
                            if job.cast else None)
@@ -480,20 +480,22 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
                 unet_deltas, cast_prompts = _cast_prompts(pipe, stack, job)
                 embeds, negative_embeds = cast_prompts.embeds, cast_prompts.negative
             batch = len(job.seeds) if options.source is not None else gen.batch_size
+            made = made_with(base, controlnet, str(device), chosen.name, tiling)
             for first in range(0, len(job.seeds), batch):
                 if warning.given:
                     raise Stopped(len(written), total)
-                made = made_with(base, controlnet, str(device), chosen.name, tiling)
                 planned = [_plan_output(folder, job, seed, job.seeds[first:first + batch],
                                         base, controlnet, made)
                            for seed in job.seeds[first:first + batch]]
                 for kept in (out for out in planned if out.made):
-                    written.append(_keep(folder, kept.stem, settings.file_mode))
+                    written.append(folder / f"{kept.stem}.png")
+                    newest_kept = written[-1]  # copied to final_command_scene.png at the end
                     echo(f"[{len(written)}/{total}] {written[-1]} (made before with the same "
                          "settings: kept)")
                 todo = [out for out in planned if not out.made]
                 if not todo:
                     continue
+                newest_kept = None  # the images written next are copied there as they are
                 seeds = [out.seed for out in todo]
                 t0 = time.monotonic()
                 regions = [job.cast.regions(job.pose, seed, job.width, job.height)
