@@ -28,6 +28,7 @@ from typing import Any
 from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.hashing import digest_file
+from loraforge.kohya_names import TEXT_PATH_PREFIX, TEXT_PREFIX, kohya_name
 from loraforge.models.importer import looks_pickled
 from loraforge.models.store import MAX_HEADER, payload_end
 from loraforge.runtime import quiet_loading
@@ -67,6 +68,7 @@ class LoraFile:
     metadata: dict[str, str] = field(repr=False)
     sha256: str  # of the tensor payload (A1111's additional-networks / Civitai AutoV3 hash)
     has_text_encoder: bool
+    modules: frozenset[str] = field(repr=False)  # its LoRA modules, as the file names them
 
     @property
     def name(self) -> str:
@@ -269,10 +271,11 @@ def _module_names(component: str, path: str) -> tuple[str, ...]:
     """The names a LoRA file may give the module at `path` of `component` ("unet",
     "text_encoder"): kohya's (with or without CLIP's `text_model.`), diffusers' and peft's."""
     if component == "unet":
-        return f"lora_unet_{path.replace('.', '_')}", f"unet.{path}"
-    bare = path.removeprefix("text_model.")
-    return (f"lora_te_text_model_{bare.replace('.', '_')}", f"lora_te_{bare.replace('.', '_')}",
-            f"text_encoder.{path}", f"text_encoder.text_model.{bare}", f"text_encoder.{bare}")
+        return kohya_name(component, path), f"unet.{path}"
+    bare = path.removeprefix(TEXT_PATH_PREFIX)
+    return (kohya_name(component, path), TEXT_PREFIX + bare.replace(".", "_"),
+            f"text_encoder.{path}", f"text_encoder.{TEXT_PATH_PREFIX}{bare}",
+            f"text_encoder.{bare}")
 
 
 def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
@@ -306,7 +309,9 @@ def inspect_lora(path: Path, widths: BaseWidths) -> LoraFile:
         sha = digest_file(path, offset)
     except OSError as exc:
         raise ForgeError(f"cannot be read ({exc.strerror or exc})", path=path) from None
-    return LoraFile(path.resolve(), metadata, sha, has_text)
+    modules = frozenset(key[:-len(down)] for key in keys for down, _ in _HALVES
+                        if key.endswith(down))
+    return LoraFile(path.resolve(), metadata, sha, has_text, modules)
 
 
 # --- naming a LoRA --------------------------------------------------------------------------
@@ -471,9 +476,7 @@ class LoraStack:
         """Modules of the file that match no layer of the base model are left out by the loader
         without a word (it logs them only at a level we silence): a LoRA applied in part looks
         like one applied in full. Said once, naming some of them."""
-        header, _ = read_header(lora.path)
-        modules = {key[:-len(down)] for key in header for down, _ in _HALVES
-                   if key.endswith(down)}
+        modules = lora.modules
         applied = [key for key, wrapper in self._adapted_layers() if name in wrapper.lora_A]
         if len(applied) >= len(modules):
             return

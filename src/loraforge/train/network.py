@@ -12,15 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from loraforge.kohya_names import kohya_name
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 ADAPTER = "default"
-UNET_PREFIX = "lora_unet_"
-TEXT_PREFIX = "lora_te_"
-# transformers >= 5.6 dropped `text_model.` from CLIPTextModel's paths; kohya's names keep it.
-TEXT_PATH_PREFIX = "text_model."
 
 UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -36,12 +34,6 @@ class Target:
     kohya_name: str
     rank: int
     alpha: float
-
-
-def kohya_name(component: str, path: str) -> str:
-    if component == "unet":
-        return UNET_PREFIX + path.replace(".", "_")
-    return TEXT_PREFIX + (TEXT_PATH_PREFIX + path).replace(".", "_")
 
 
 def find_targets(model: nn.Module, component: str, blocks: tuple[str, ...], rank: int,
