@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -75,3 +76,32 @@ def quiet_loading(errors: bool = True) -> Iterator[None]:
             library.set_verbosity(level)
             if bar:
                 library.enable_progress_bar()
+
+
+class SignalFlag:
+    """The named signals (e.g. "SIGUSR1") turned into a flag that a loop checks where stopping
+    is safe, for the length of a `with` block; the handlers from before are put back at its
+    end. Each signal logs `log`'s warning "<SIGNAL> received: <says>"."""
+
+    def __init__(self, names: tuple[str, ...], log: logging.Logger, says: str) -> None:
+        self.names, self.log, self.says = names, log, says
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalFlag:
+        for name in self.names:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, _frame: Any) -> None:
+        self.signal_name = signal.Signals(number).name
+        self.log.warning("%s received: %s", self.signal_name, self.says)
+
+    def __exit__(self, *_exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    @property
+    def given(self) -> bool:
+        return self.signal_name is not None

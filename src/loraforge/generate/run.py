@@ -29,6 +29,7 @@ from loraforge.fsutil import write_atomic
 from loraforge.generate import pnginfo
 from loraforge.generate.loras import BaseWidths, LoraStack
 from loraforge.generate.scenes import FINAL_NAME, Job, LoraResolver, Options, PoseCache, plan_jobs
+from loraforge.runtime import SignalFlag
 from loraforge.samplers import infotext_sampler
 
 if TYPE_CHECKING:
@@ -262,30 +263,12 @@ class Stopped(Exception):
         self.written, self.total = written, total
 
 
-class TimeLimitWarning:
+def time_limit_warning() -> SignalFlag:
     """SIGUSR1 (SLURM's warning that the time limit is near, slurm.grace_seconds ahead) as a
     flag checked between batches: the batch in hand is finished and written, then the command
     stops (`Stopped`) and its job is requeued. Left at its default, the signal ended the
     process, and the requeued job made every image again from the first."""
-
-    def __init__(self) -> None:
-        self.given = False
-        self._previous: Any = None
-
-    def __enter__(self) -> TimeLimitWarning:
-        import signal
-
-        self._previous = signal.signal(signal.SIGUSR1, self._handle)
-        return self
-
-    def _handle(self, _number: int, _frame: Any) -> None:
-        self.given = True
-        log.warning("SIGUSR1 received: stopping after the images in hand")
-
-    def __exit__(self, *_exc: object) -> None:
-        import signal
-
-        signal.signal(signal.SIGUSR1, self._previous)
+    return SignalFlag(("SIGUSR1",), log, "stopping after the images in hand")
 
 
 @dataclass(frozen=True)
@@ -463,7 +446,7 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
         if newest_kept is not None:
             _newest_is(folder, newest_kept, settings.file_mode)
 
-    with TimeLimitWarning() as warning, contextlib.ExitStack() as at_the_end:
+    with time_limit_warning() as warning, contextlib.ExitStack() as at_the_end:
         at_the_end.callback(copy_newest_kept)
         for job in jobs:
             stack.activate(job.loras, [f.lora.lora for f in job.cast.figures if f.lora]

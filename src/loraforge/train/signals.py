@@ -5,9 +5,8 @@ its state and ends with `RESUMABLE_EXIT`, which the job script maps to a requeue
 from __future__ import annotations
 
 import logging
-import signal
-from typing import Any
 
+from loraforge.runtime import SignalFlag
 from loraforge.train.distributed import RESUMABLE
 
 #: Exit code after a signal: state saved, rerun the same command to resume (EX_TEMPFAIL).
@@ -17,30 +16,15 @@ STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 log = logging.getLogger("loraforge.train")
 
 
-class StopRequest:
+class StopRequest(SignalFlag):
     """Turns SIGTERM/SIGINT/SIGUSR1 into a flag the loop checks between optimizer steps."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for name in STOP_SIGNALS:
-            number = getattr(signal, name)
-            self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number: int, _frame: Any) -> None:
-        self.signal_name = signal.Signals(number).name
-        log.warning("%s received: saving state at the end of this step", self.signal_name)
-
-    def __exit__(self, *_exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
+        super().__init__(STOP_SIGNALS, log, "saving state at the end of this step")
 
     @property
     def requested(self) -> bool:
-        return self.signal_name is not None
+        return self.given
 
     @property
     def reason(self) -> str:
