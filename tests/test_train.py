@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,21 @@ def _start_train(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
                             env={**os.environ, **env})
 
 
+def _train_meanwhile(config: Path, env: dict[str, str]) -> Callable[[], None]:
+    """`loraforge train` started in the background, beside what the test does meanwhile (its
+    output to a file beside the config, never a pipe that could fill); the returned call waits
+    for it to finish training."""
+    log = config.with_name("train.out")
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "loraforge", "train", "--config",
+                                    str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                   text=True, env={**os.environ, **env})
+
+    def finished() -> None:
+        assert process.wait(timeout=600) == 0, log.read_text()
+    return finished
+
+
 def _interrupt_at(process: subprocess.Popen[str], step: int) -> tuple[str, str]:
     assert process.stdout is not None
     seen = []
@@ -351,19 +367,19 @@ def test_resume_with_the_speed_options_on_gives_a_bit_identical_lora(tmp_path: P
     speed = {"channels_last": True, "gradient_checkpointing": True, "compile_unet": "blocks"}
     straight = write_training_project(tmp_path / "straight", tiny_store, speed)
     resumed = write_training_project(tmp_path / "resumed", tiny_store, speed)
-    first = run_cli("train", "--config", straight, env=FIXED_ENV)
-    assert first.returncode == 0, first.stderr
-    # The long first step is announced, then timed, in the log (not only on the terminal).
-    log = (straight.parent / "store" / "Multi_Concept_Output" / "multi_concept" / "train.log"
-           ).read_text()
-    assert 'train.compile_unet = "blocks": the first step compiles the U-Net' in log
-    assert re.search(r"first step: \d+\.\d s \(compiling included\)", log), log
+    first = _train_meanwhile(straight, FIXED_ENV)  # the uninterrupted run, beside the other
     process = _start_train(resumed, FIXED_ENV)
     _, err = _interrupt_at(process, step=4)
     assert process.returncode == RESUMABLE_EXIT, err
     again = run_cli("train", "--config", resumed, env=FIXED_ENV)
     assert again.returncode == 0, again.stderr
     assert "(step 4 of 6)" in again.stderr, again.stderr
+    first()
+    # The long first step is announced, then timed, in the log (not only on the terminal).
+    log = (straight.parent / "store" / "Multi_Concept_Output" / "multi_concept" / "train.log"
+           ).read_text()
+    assert 'train.compile_unet = "blocks": the first step compiles the U-Net' in log
+    assert re.search(r"first step: \d+\.\d s \(compiling included\)", log), log
     files = [root / "store" / "Multi_Concept_Output" / "multi_concept" / "multi_concept.safetensors"
              for root in (tmp_path / "straight", tmp_path / "resumed")]
     record = json.loads((files[1].parent / "run.json").read_text())
