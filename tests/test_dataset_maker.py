@@ -748,8 +748,61 @@ def test_an_edit_that_changes_no_tag_leaves_the_caption_as_it_was() -> None:
     from loraforge.dataset.caption_edit import caption_tags, remove_tags
 
     odd = "(solo:1.2), red_knight,,  , smile,"
-    assert remove_tags(odd, ["solo"]) == odd
+    assert remove_tags(odd, ["1girl"]) == odd
     assert caption_tags("red_knight\rsolo\rsmile") == ["red_knight", "solo", "smile"]
+
+
+def test_escaped_and_weighted_tags_are_the_tags_they_spell() -> None:
+    """A1111's WD14 tagger escapes brackets (`\\(forge\\)`) and prompts weight tags
+    (`(armor:1.2)`): an edit, an append and the tag counts treat them as the plain tag."""
+    from loraforge.dataset.caption_edit import append_tags, remove_tags, replace_tags, tag_key
+
+    caption = "blake, tiny knight \\(forge\\), (armor:1.2), blue_eyes"
+    assert tag_key("tiny knight \\(forge\\)") == tag_key("tiny_knight_(forge)")
+    assert tag_key("(armor: 1.2)") == tag_key("Armor") != tag_key("(armor)")
+    assert remove_tags(caption, ["tiny knight (forge)", "armor"]) == "blake, blue_eyes"
+    assert replace_tags(caption, {"armor": "plate armor"}) == \
+        "blake, tiny knight \\(forge\\), plate armor, blue_eyes"
+    assert append_tags(caption, ["tiny knight (forge)", "armor", "smile"]) == caption + ", smile"
+
+
+@pytest.mark.parametrize(("caption", "expected"), [
+    ("blake, smile,", "blake, smile, armor"),
+    ("blake, smile,\n", "blake, smile, armor\n"),
+    ("blake |||", "blake ||| armor"),
+    ("", "armor"),
+])
+def test_appended_tags_follow_a_trailing_separator_without_doubling_it(caption: str,
+                                                                       expected: str) -> None:
+    from loraforge.dataset.caption_edit import append_tags
+
+    assert append_tags(caption, ["armor"]) == expected
+
+
+def test_a_stop_just_after_a_caption_is_replaced_keeps_its_backup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM) landing after the new caption's rename but before it is counted:
+    the backup of its old text stays, and the stop names it; it was the only copy."""
+    from loraforge.dataset.caption_edit import UNFINISHED_RECORD, CaptionWriter
+
+    caption = tmp_path / "10_blake" / "0.txt"
+    caption.parent.mkdir()
+    caption.write_text("blake, armor, sword")
+    rename = os.replace
+
+    def interrupted_after(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        rename(src, dst)
+        if Path(dst) == caption:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_after)
+    writer = CaptionWriter(tmp_path, "tags", record={"remove": ["sword"]})
+    with pytest.raises(KeyboardInterrupt), writer:
+        writer.write(caption, "blake, armor, sword", "blake, armor")
+    monkeypatch.undo()
+    assert caption.read_text() == "blake, armor"
+    assert (writer.backup_dir / "10_blake" / "0.txt").read_text() == "blake, armor, sword"
+    assert (writer.backup_dir / UNFINISHED_RECORD).is_file()  # the rerun goes on with it
 
 
 def test_check_reports_missing_triggers_absorbed_tags_and_near_duplicates(tmp_path: Path,

@@ -4,7 +4,8 @@ the text as it was, diffs for dry runs, and a backup of every caption before it 
 Tags are separated by commas and line breaks, and the `|||` of `dataset.keep_tokens_separator`
 separates them too: an edit changes only the tags it names and keeps every separator and the
 spacing around the others. Tags are compared case-insensitively with `_` and space alike, so
-`--remove "simple background"` also removes `simple_background`.
+`--remove "simple background"` also removes `simple_background` (and A1111's spellings: see
+`tag_key`).
 
 Backups: before a caption changes, its old bytes are copied to
 `<dataset>/.caption_backups/<time>-<action>/<concept folder>/<file>` (a hidden folder, which no
@@ -36,9 +37,20 @@ _SEPARATOR = re.compile(r"(,|\r\n|\r|\n|\|\|\|)")  # line breaks: Unix, Windows,
 _SOFT = (",", "\n", "\r\n", "\r")  # separators that only separate (unlike |||: "kept")
 
 
+#: A1111's weighted tag, `(armor:1.2)`: its words are the tag (a `\(` escapes a literal one).
+_WEIGHTED = re.compile(r"\((?P<tag>[^()]+?):\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\)")
+
+
 def tag_key(tag: str) -> str:
-    """How tags are compared: stripped, lower case, `_` read as a space."""
-    return " ".join(tag.strip().lower().replace("_", " ").split())
+    """How tags are compared: stripped, lower case, `_` read as a space, A1111's escaped
+    brackets (`tiny knight \\(forge\\)`, as its WD14 tagger writes them) read as brackets, and
+    a weighted tag (`(armor:1.2)`) read as its words."""
+    text = tag.strip()
+    weighted = _WEIGHTED.fullmatch(text)
+    if weighted:
+        text = weighted["tag"]
+    text = text.replace("\\(", "(").replace("\\)", ")")
+    return " ".join(text.lower().replace("_", " ").split())
 
 
 def caption_tags(text: str) -> list[str]:
@@ -148,7 +160,10 @@ def append_tags(text: str, tags: Iterable[str]) -> str:
     core = text.rstrip()
     tail = text[len(core):]
     joined = ", ".join(new)
-    return f"{core}, {joined}{tail}" if core.strip() else f"{joined}{tail}"
+    if core.endswith("|||"):  # the kept part is all there is: the tags follow it
+        return f"{core} {joined}{tail}"
+    core = core.rstrip(",").rstrip()  # a caption that ends in a comma gets no second one
+    return f"{core}, {joined}{tail}" if core else f"{joined}{tail}"
 
 
 def caption_diff(label: str, old: str | None, new: str) -> list[str]:
@@ -201,7 +216,9 @@ class CaptionWriter:
                       f"{display_path(self.backup_dir)}/ (copy them back to undo)",
                       file=sys.stderr, flush=True)
             return
-        if self.fresh and not self.written:  # nothing changed: nothing to go on with or undo
+        # Nothing changed: nothing to go on with or undo. A caption backed up may have been
+        # replaced before the stop came (its rename done, `written` not yet counted).
+        if self.fresh and not self.written and not self.backed_up:
             shutil.rmtree(self.backup_dir, ignore_errors=True)
             return
         print(f"stopped after {self.written} caption(s) written; the old ones are in "
