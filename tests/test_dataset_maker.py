@@ -269,11 +269,13 @@ def _terminated_once_backed_up(project: Path, args: list[str], backups: int,
     return process.returncode, out, err
 
 
-def test_a_tagging_stopped_by_sigterm_names_its_backups_and_leaves_no_half_file(
+def test_a_tagging_stopped_by_sigterm_goes_on_with_its_one_backup_folder(
         tmp_path: Path) -> None:
     """A job's time limit (SIGTERM) during `tag --overwrite`: the captions replaced so far
-    have their old text in the backup folder, which the message names (it named none, and
-    the rerun's message named only its own folder)."""
+    have their old text in the backup folder, which the message names; the same command run
+    again goes on with that folder, so that one folder holds every caption's old text (the
+    rerun made a second folder of its own and named only that one: an undo as told restored
+    a fraction of the captions). Another edit meanwhile is refused."""
 
     project = _project(tmp_path / "proj")
     folder = project / "master_dataset" / "10_knight"
@@ -296,6 +298,21 @@ def test_a_tagging_stopped_by_sigterm_names_its_backups_and_leaves_no_half_file(
     assert changed and len(changed) < 400
     kept = {p.name: p.read_text() for p in (folder_backup / "10_knight").iterdir()}
     assert {name: kept[name] for name in changed} == {name: before[name] for name in changed}
+
+    other = run_cli("dataset", "tag", "--append", cwd=project)
+    assert_user_error(other, "`loraforge dataset tag --overwrite --threshold 0.35 "
+                      "--character-threshold 0.85` stopped here", "run `loraforge dataset tag "
+                      "--overwrite")
+    assert _captions(folder) == after
+    again = run_cli("dataset", "tag", "--overwrite", cwd=project)
+    assert again.returncode == 0, again.stderr
+    assert "continuing the tagging stopped earlier" in again.stdout + again.stderr
+    assert [p.name for p in backups.iterdir()] == [folder_backup.name]
+    assert f"the old captions are in master_dataset/{BACKUP_DIR}/{folder_backup.name}/" in \
+        again.stdout + again.stderr
+    kept = {p.name: p.read_text() for p in (folder_backup / "10_knight").iterdir()}
+    assert kept == before  # every original, in the one folder: copying it back undoes it all
+    assert (folder_backup / "edit.json").is_file()  # finished: nothing to go on with
 
 
 def test_tagging_where_no_picture_can_be_read_is_a_failure(tmp_path: Path) -> None:
@@ -507,8 +524,8 @@ def test_another_edit_is_refused_while_one_is_unfinished_until_it_is_finished_or
     assert _captions(folder) == half and _backups(project / "master_dataset") == [backup]
     tagger = run_cli("dataset", "tag", "--overwrite", cwd=project)  # it changes captions too
     assert_user_error(tagger, f"{backup.name}: `loraforge dataset tags --replace "
-                      "1girl=solo,solo=1girl` stopped here", "`loraforge dataset tag --overwrite`"
-                      " was not started")
+                      "1girl=solo,solo=1girl` stopped here", "`loraforge dataset tag --overwrite "
+                      "--threshold 0.35 --character-threshold 0.85` was not started")
     assert _captions(folder) == half and _backups(project / "master_dataset") == [backup]
 
     # the way back: the commands the fix gives, as a user would paste them

@@ -87,6 +87,7 @@ def _same_edit(a: dict[str, Any], b: dict[str, Any]) -> bool:
     def key(record: dict[str, Any]) -> tuple[object, ...]:
         concepts = record.get("concepts")
         return (sorted(concepts) if concepts is not None else None,
+                json.dumps(record.get("tagging"), sort_keys=True),
                 sorted({tag_key(t) for t in record.get("remove", [])}),
                 sorted({(tag_key(old), new) for old, new in record.get("replace", [])}),
                 bool(record.get("add_trigger")))
@@ -235,11 +236,23 @@ def refusal(dataset_dir: Path, folder: Path, record: dict[str, Any], this: str) 
         "half-done edit, its result would be neither's", path=display_path(folder), fix=fix)
 
 
-def refuse_if_unfinished(dataset_dir: Path, this: str) -> None:
-    """Refuse the command `this`, which changes captions, while a caption edit is unfinished."""
+def stopped_edit(dataset_dir: Path, record: dict[str, Any], dry_run: bool = False,
+                 say: Callable[[str], None] | None = None) -> Path | None:
+    """The backup folder of the caption edit `record` describes when it stopped earlier: the
+    edit goes on with it. Another edit stopped earlier: refused (a dry run only gets a note).
+    None: no edit stopped."""
     earlier = unfinished_edit(dataset_dir)
-    if earlier is not None:
-        raise refusal(dataset_dir, *earlier, this)
+    if earlier is None:
+        return None
+    folder, old = earlier
+    if _same_edit(old, record):
+        return folder
+    if not dry_run:
+        raise refusal(dataset_dir, folder, old, record["command"])
+    if say is not None:
+        say(f"note: an edit stopped earlier ({display_path(folder)}/): this one will be "
+            "refused until it is finished or undone")
+    return None
 
 
 def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_run: bool,
@@ -252,17 +265,7 @@ def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_
     left as it is, and its backup folder is reused. Another edit stopped earlier: refused (a
     dry run only gets a note)."""
     record = edits.record(concepts)
-    resume: Path | None = None
-    earlier = unfinished_edit(dataset_dir)
-    if earlier is not None:
-        folder, old = earlier
-        if _same_edit(old, record):
-            resume = folder
-        elif not dry_run:
-            raise refusal(dataset_dir, folder, old, edits.command_line(concepts))
-        elif say is not None:
-            say(f"note: an edit stopped earlier ({display_path(folder)}/): this one will be "
-                "refused until it is finished or undone")
+    resume = stopped_edit(dataset_dir, record, dry_run, say)
     changed = []
     diff: list[str] = []
     done = 0

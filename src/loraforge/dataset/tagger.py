@@ -9,9 +9,11 @@ Hand-written captions are never lost. By default only images without a caption (
 empty one) are tagged. `--append` adds the tags a caption lacks at its end (and puts the trigger
 first); `--overwrite` replaces captions, after copying the old ones to the backup folder (see
 `caption_edit`). Reruns change nothing that is already as it would be written, so a job stopped
-halfway just runs again.
-`--append` and `--overwrite` are refused while a `dataset tags` edit is unfinished (see
-`tag_list`): the captions it has not reached yet would no longer be its originals.
+halfway just runs again: an `--append` or `--overwrite` stopped part-way records itself in its
+backup folder, and the same command run again goes on with that folder, so that one folder holds
+every caption's text from before the tagging. Another caption edit is refused while one is
+unfinished (see `tag_list`): the captions it has not reached yet would no longer be its
+originals.
 
 Input preparation follows the model card: the image (EXIF orientation applied, transparency on
 white, any colour mode as RGB, see `images.load_image`) is padded to a square with white,
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -219,10 +222,12 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
     jobs = plan_jobs(concepts, extension, mode, result)
     if not jobs:
         return result
-    if mode != "missing":  # it changes captions that a stopped `dataset tags` may be editing
-        from loraforge.dataset.tag_list import refuse_if_unfinished
+    record, resume = None, None
+    if mode != "missing":  # it changes captions that a stopped edit may be editing
+        from loraforge.dataset.tag_list import stopped_edit
 
-        refuse_if_unfinished(settings.dataset_dir, f"loraforge dataset tag --{mode}")
+        record = tagging_record(only, mode, threshold, character_threshold)
+        resume = stopped_edit(settings.dataset_dir, record)
     choice = gpu_runtime.choose(settings.storage_root, device)
     model: TaggerModel = TaggerModel(resolve_tagger(settings), cuda=choice.cuda)
     needs = gpu_runtime.needs(settings.storage_root)
@@ -241,7 +246,11 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
     say(f"tagger: {display_path(model.folder)} on {model.provider.replace('ExecutionProvider', '')}"
         f", {len(jobs)} image(s), batch {batch_size}, threshold {threshold}, characters "
         f"{character_threshold}")
-    writer = CaptionWriter(settings.dataset_dir, "tag", settings.file_mode)
+    if resume is not None:
+        say(f"continuing the tagging stopped earlier: its backup folder {display_path(resume)}/ "
+            "keeps the old captions of this one too")
+    writer = CaptionWriter(settings.dataset_dir, "tag", settings.file_mode, folder=resume,
+                           record=record)
     progress = Progress("tag", len(jobs), PROGRESS_EVERY_SECONDS, stream=stream)
     started = time.monotonic()
     done = 0
@@ -271,9 +280,20 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
                 print(f"tagged {done}/{len(jobs)} images, "
                       f"{'?' if rate is None else f'{rate:.1f}'} images/s, eta "
                       f"{duration(progress.eta)}", file=progress.stream, flush=True)
+        result.backup_dir = writer.finish()
     result.seconds = time.monotonic() - started
-    result.backup_dir = writer.backup_dir if writer.backed_up else None
     return result
+
+
+def tagging_record(only: list[str] | None, mode: Mode, threshold: float,
+                   character_threshold: float) -> dict[str, object]:
+    """What a tagging that changes captions is, as JSON for its backup folder (`caption_edit`):
+    the command that goes on with it, and what must match for a rerun to be that tagging."""
+    words = ["loraforge", "dataset", "tag", *(only or []), f"--{mode}", "--threshold",
+             str(threshold), "--character-threshold", str(character_threshold)]
+    return {"command": shlex.join(words), "concepts": list(only) if only else None,
+            "tagging": {"mode": mode, "threshold": threshold,
+                        "character_threshold": character_threshold}}
 
 
 def report_lines(result: TagResult, mode: Mode) -> list[str]:
