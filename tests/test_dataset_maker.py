@@ -840,6 +840,26 @@ def test_check_reports_missing_triggers_absorbed_tags_and_near_duplicates(tmp_pa
     assert summary["totals"]["near_duplicates"] == 1
 
 
+def test_check_reads_the_keep_tokens_separator_as_dataset_tags_does(tmp_path: Path) -> None:
+    """`blake ||| smile` is the tags blake and smile: the trigger is there (`dataset tags
+    --add-trigger` changes nothing), and smile, not `blake ||| smile`, is in every caption."""
+    folder = tmp_path / "master_dataset" / "10_blake"
+    folder.mkdir(parents=True)
+    for i, text in enumerate(["blake ||| smile, armor", "blake ||| smile"]):
+        draw_character(folder / f"{i}.png", RED, "box", 40 * i - 40)
+        (folder / f"{i}.txt").write_text(text)
+    result = run_cli("dataset", "check", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["concepts"][0]["top_tags"] == [
+        {"tag": "blake", "count": 2}, {"tag": "smile", "count": 2}, {"tag": "armor", "count": 1}]
+    advice = "\n".join(summary["advice"])
+    assert "lack the trigger" not in advice
+    assert "blake: 'smile' is in every caption" in advice
+    tags = run_cli("dataset", "tags", "--add-trigger", "--dry-run", cwd=tmp_path)
+    assert "dry run: 0 caption(s) would change" in tags.stdout, tags.stdout
+
+
 def test_check_advice_quotes_a_concept_name_with_a_space(tmp_path: Path) -> None:
     folder = tmp_path / "master_dataset" / "10_blake character"
     folder.mkdir(parents=True)

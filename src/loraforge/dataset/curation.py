@@ -25,7 +25,7 @@ class Curation:
 def _trigger_advice(concept: Concept) -> str | None:
     captioned = [image for image in concept.images if image.captioned]
     lacking = [image for image in captioned
-               if tag_key(concept.name) not in {tag_key(t) for t in image.tags}]
+               if tag_key(concept.name) not in {tag_key(t) for t in image.separate_tags}]
     if not lacking:
         return None
     return (f"{concept.name}: {len(lacking)} of {len(captioned)} captions lack the trigger "
@@ -37,11 +37,11 @@ def _trigger_advice(concept: Concept) -> str | None:
 def _absorbed_advice(concept: Concept) -> str | None:
     if concept.captioned < 2 or concept.captioned < concept.num_images:
         return None
-    sets = [{tag_key(t) for t in image.tags} for image in concept.images]
+    sets = [{tag_key(t) for t in image.separate_tags} for image in concept.images]
     common = set.intersection(*sets) - {tag_key(concept.name)}
     if not common:
         return None
-    first = concept.images[0].tags  # in caption order, as written
+    first = concept.images[0].separate_tags  # in caption order, as written
     names = [t for t in dict.fromkeys(first) if tag_key(t) in common]
     shown = ", ".join(f"'{t}'" for t in names[:MAX_NAMED_TAGS])
     more = f" and {len(names) - MAX_NAMED_TAGS} more" if len(names) > MAX_NAMED_TAGS else ""

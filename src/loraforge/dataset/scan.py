@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.config import CONFIG_NAME
+from loraforge.dataset.caption_edit import caption_tags
 from loraforge.dataset.images import (
     IMAGE_EXTENSIONS,
     SUPPORTED_KIND_EXTENSION,
@@ -66,7 +67,9 @@ _RERUN = "then run `loraforge dataset check` again"
 
 @dataclass
 class ImageRecord:
-    """One training image. `tags` are what it trains on (the concept name when uncaptioned)."""
+    """One training image. `tags` are what it trains on (the concept name when uncaptioned):
+    its caption split at commas and line breaks, with kohya's `|||` keep-tokens separator left
+    inside them for training to find (see `separate_tags`)."""
 
     path: Path
     caption_path: Path | None
@@ -78,6 +81,12 @@ class ImageRecord:
     @property
     def caption(self) -> str:
         return ", ".join(self.tags)
+
+    @property
+    def separate_tags(self) -> list[str]:
+        """Its tags one by one, split at `|||` too, as `dataset tags` reads them (and training,
+        with the default keep_tokens_separator): `blake ||| smile` is the tags blake and smile."""
+        return caption_tags(self.caption)
 
 
 @dataclass
@@ -109,7 +118,7 @@ class Concept:
         """How many times each tag occurs in this concept's captions (uncaptioned: its name)."""
         counts: Counter[str] = Counter()
         for image in self.images:
-            counts.update(image.tags)
+            counts.update(image.separate_tags)
         return counts
 
     def top_tags(self, n: int = 10) -> list[tuple[str, int]]:
