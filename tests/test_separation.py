@@ -252,3 +252,15 @@ def test_concepts_sharing_a_trigger_are_named(tmp_path: Path) -> None:
     (tmp_path / "2_mira" / "0.txt").write_text("mira, 1girl, blue robe")
     assert distinct_triggers(scan_dataset(tmp_path, ".txt")) == {
         "blake": "1girl", "mira": "mira", "sora": "sora"}
+
+
+def test_a_trigger_before_the_keep_tokens_separator_is_the_trigger_alone(tmp_path: Path,
+                                                                         ) -> None:
+    """`blake ||| red hat` begins with the tag blake: eval's prompt is `blake`."""
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.train.separation import distinct_triggers
+
+    (tmp_path / "2_blake").mkdir()
+    draw_character(tmp_path / "2_blake" / "0.png", (200, 30, 30), "box", offset=0)
+    (tmp_path / "2_blake" / "0.txt").write_text("blake ||| red hat, smile")
+    assert distinct_triggers(scan_dataset(tmp_path, ".txt")) == {"blake": "blake"}
