@@ -20,7 +20,8 @@ from PIL import Image
 
 from loraforge.dataset.check import summarize
 from loraforge.dataset.sample import write_sample_dataset
-from loraforge.dataset.scan import Dataset, DatasetError, read_caption, scan_dataset, split_tags
+from loraforge.dataset.scan import Dataset, DatasetError, read_caption, scan_dataset
+from loraforge.dataset.tags import split_caption
 from loraforge.errors import ForgeError
 
 DS = "master_dataset"
@@ -455,7 +456,7 @@ def test_folder_name_parsing_problems(tmp_path: Path) -> None:
 
 
 def test_read_caption_rules(tmp_path: Path) -> None:
-    assert split_tags(" a, b ,,\r\nc\n") == ["a", "b", "c"]
+    assert split_caption(" a, b ,,\r\nc\n") == ["a", "b", "c"]
     path = tmp_path / "c.txt"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     with pytest.raises(ForgeError, match="is not a caption \\(it is a PNG image\\)"):

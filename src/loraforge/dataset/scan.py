@@ -46,6 +46,7 @@ from loraforge.dataset.images import (
     sniff_bytes,
     sniff_file,
 )
+from loraforge.dataset.tags import split_caption
 from loraforge.errors import ForgeError
 
 #: Images with a shorter side than this teach little detail: worth a warning.
@@ -59,7 +60,6 @@ _FOLDER_RE = re.compile(r"^([0-9]+)_(.*)$")
 _CLUTTER = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 _CAPTION_LIKE = (".txt", ".caption", ".tags", ".cap")
 _IMAGE_LIST = "png, jpg, jpeg, webp, bmp"
-_TAG_SPLIT = re.compile(r"[,\r\n]+")
 _RERUN = "then run `loraforge dataset check` again"
 
 
@@ -218,11 +218,6 @@ def parse_folder_name(name: str) -> tuple[int, str] | None:
     return int(match.group(1)), match.group(2)
 
 
-def split_tags(text: str) -> list[str]:
-    """Comma-separated tags (line breaks also separate), stripped, empty ones dropped."""
-    return [tag.strip() for tag in _TAG_SPLIT.split(text) if tag.strip()]
-
-
 def read_caption(path: Path) -> list[str]:
     """The tags of a caption file; ForgeError when it is not UTF-8 text."""
     try:
@@ -244,7 +239,7 @@ def read_caption(path: Path) -> list[str]:
         encoding = _guess_encoding(data)
         raise ForgeError(f"is not UTF-8 text (it looks like {encoding})", path=path,
                          fix=_utf8_fix(path, encoding)) from None
-    return split_tags(text)
+    return split_caption(text)
 
 
 def _guess_encoding(data: bytes) -> str:
