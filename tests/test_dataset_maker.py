@@ -675,6 +675,31 @@ def test_dedupe_move_run_again_after_a_stop_takes_the_captions_it_left_behind(
     assert (moved / "a_other.txt").read_text() == "an earlier caption"
 
 
+def test_dedupe_move_takes_a_left_caption_with_an_upper_case_extension_or_a_tilde(
+        tmp_path: Path) -> None:
+    """`sc.TXT` is sc.png's caption, and `pic~edit.txt` pic~edit.png's: the rerun missed both
+    (and `pic.txt`, a stray caption, is not pic~edit.png's: only `~2`, `~3`... are added). A
+    second caption of sc.png (`sc.txt`, which `dataset check` refuses) stays, not written over
+    the first."""
+    dataset = tmp_path / "master_dataset"
+    knight, moved = dataset / "10_knight", dataset / ".duplicates" / "10_knight"
+    knight.mkdir(parents=True)
+    moved.mkdir(parents=True)
+    draw_character(knight / "a.png", RED, "box", -20)
+    for name in ("sc.png", "pic~edit.png"):  # moved by a move that stopped before the captions
+        draw_character(moved / name, BLUE, "circle", 30)
+    for name in ("sc.TXT", "sc.txt", "pic~edit.txt", "pic.txt"):
+        (knight / name).write_text(f"knight, {name}")
+
+    result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in knight.iterdir()) == ["a.png", "pic.txt", "sc.txt"]
+    assert (moved / "sc.txt").read_text() == "knight, sc.TXT"
+    assert (moved / "pic~edit.txt").read_text() == "knight, pic~edit.txt"
+    assert "moved master_dataset/10_knight/pic~edit.txt -> master_dataset/.duplicates/" \
+           "10_knight/pic~edit.txt (its picture was moved" in result.stdout
+
+
 def test_dedupe_keeps_the_file_a_link_points_to_not_the_link(tmp_path: Path) -> None:
     """A captioned link to a picture in the same folder: moving the picture away left the
     kept link broken, and `dataset check` then failed on it."""

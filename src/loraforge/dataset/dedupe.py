@@ -32,11 +32,12 @@ from PIL import Image
 
 from loraforge.dataset.folders import ConceptFolder
 from loraforge.dataset.images import load_image
-from loraforge.dataset.scan import display_path, free_name
+from loraforge.dataset.scan import caption_stem, display_path, free_name, is_free_name
 from loraforge.errors import ForgeError
 
 DEFAULT_DISTANCE = 6
 DUPLICATES_DIR = ".duplicates"
+RENAMED_MARK = "~"  # a picture moved where its name is taken: name~2.png (scan.free_name)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def move_extras(dataset_dir: Path, groups: list[list[Picture]], extension: str,
     for group in groups:
         for picture in group[1:]:
             folder = Path(dataset_dir) / DUPLICATES_DIR / picture.concept.folder.name
-            dest = free_name(folder / picture.path.name, extension, "~")
+            dest = free_name(folder / picture.path.name, extension, RENAMED_MARK)
             caption = picture.concept.caption_path(picture.path, extension)
             yield _move(picture.path, dest)
             if caption.is_file():
@@ -167,7 +168,9 @@ def left_behind(dataset_dir: Path, concepts: list[ConceptFolder], extension: str
     """Move the captions a stopped `--move` left behind (it moves a picture, then its caption):
     a caption without a picture in its concept folder whose picture is in
     `.duplicates/<concept folder>/` (as `name.png`, or `name~N.png` where the name was taken)
-    without a caption of its own goes beside it. Only where that picture is the one candidate."""
+    without a caption of its own goes beside it. Only where that picture is the one candidate.
+    A caption's extension is read in any case (`a.TXT`), as `dataset check` and training
+    read it."""
     from loraforge.dataset.images import IMAGE_EXTENSIONS
 
     for concept in concepts:
@@ -175,15 +178,18 @@ def left_behind(dataset_dir: Path, concepts: list[ConceptFolder], extension: str
         if not moved.is_dir():
             continue
         here = {p.stem for p in concept.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
-        for caption in sorted(concept.folder.glob(f"*{extension}")):
-            if caption.stem in here:
+        captioned = {stem for p in moved.iterdir()
+                     if (stem := caption_stem(p.name, extension)) is not None}
+        for caption in sorted(concept.folder.iterdir()):
+            stem = caption_stem(caption.name, extension)
+            if stem is None or stem in here:
                 continue
             pictures = [p for p in moved.iterdir()
                         if p.suffix.lower() in IMAGE_EXTENSIONS
-                        and p.stem.split("~")[0] == caption.stem
-                        and not p.with_suffix(extension).exists()]
+                        and is_free_name(p.stem, stem, RENAMED_MARK) and p.stem not in captioned]
             if len(pictures) == 1:
                 yield _move(caption, pictures[0].with_suffix(extension))
+                captioned.add(pictures[0].stem)
 
 
 def _move(source: Path, dest: Path) -> tuple[Path, Path]:

@@ -554,6 +554,16 @@ def free_name(image: Path, caption_extension: str, mark: str) -> Path:
     return candidate
 
 
+def is_free_name(stem: str, original: str, mark: str) -> bool:
+    """Whether `stem` is one `free_name` gives a file of stem `original`: `original` itself, or
+    `<original><mark>N` (N from 2, no leading zero). A mark in `original` is part of its name:
+    `pic~edit~2` is pic~edit's, not pic's."""
+    head, found, number = stem.rpartition(mark)
+    return stem == original or bool(found and head == original and number.isascii()
+                                     and number.isdigit() and number[0] != "0"
+                                     and int(number) >= 2)
+
+
 #: What a project or storage folder holds and a dataset folder never does.
 _PROJECT_FILES = (CONFIG_NAME, "master_dataset", "Multi_Concept_Output", "Final_Images")
 
