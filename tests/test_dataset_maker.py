@@ -377,6 +377,47 @@ def test_tags_dry_run_shows_the_diff_and_the_edit_keeps_a_backup(tmp_path: Path)
     assert again.changed == [] and again.backup_dir is None
 
 
+def test_tags_edit_with_json_prints_json_in_a_dry_run_a_real_edit_and_a_rerun(
+        tmp_path: Path) -> None:
+    """`--json` printed the diff (exit 0) for an edit; the notes went to stdout too."""
+    folder = _captioned_concept(tmp_path)
+    before = _captions(folder)
+    edit = ["dataset", "tags", "--remove", "solo,blake", "--json"]
+    dry = run_cli(*edit, "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    shown = json.loads(dry.stdout)
+    assert (shown["dry_run"], shown["changed"], shown["backup"]) == (True, 2, None)
+    assert shown["notes"] == ["note: 'blake' is a concept's trigger, which its captions keep: "
+                              "not removed or replaced (rename the concept folder to change a "
+                              "trigger)"]
+    assert shown["notes"][0] in dry.stderr
+    assert shown["captions"][0] == {
+        "concept": "blake", "folder": "10_blake", "path": str(folder / "0.txt"),
+        "old": "blake, solo, 1girl, simple_background\n",
+        "new": "blake, 1girl, simple_background\n"}
+    assert _captions(folder) == before
+
+    done = json.loads(run_cli(*edit, cwd=tmp_path).stdout)
+    assert (done["dry_run"], done["changed"]) == (False, 2)
+    assert done["captions"] == shown["captions"]
+    (backup,) = _backups(tmp_path / "master_dataset")
+    assert done["backup"] == str(backup)
+    assert json.loads(run_cli(*edit, cwd=tmp_path).stdout)["captions"] == []
+
+    project = tmp_path / "stopped"
+    mage = _mage_project(project)
+    wanted = {name: text.replace(", solo", "") for name, text in _captions(mage).items()}
+    assert _tags_stopped_at_caption_4(project, "--remove", "solo").returncode == 1
+    again = run_cli("dataset", "tags", "--remove", "solo", "--json", cwd=project)
+    assert again.returncode == 0, again.stderr
+    (backup,) = _backups(project / "master_dataset")
+    resumed = json.loads(again.stdout)
+    assert (resumed["changed"], resumed["already_done"]) == (4, 4)
+    assert resumed["resumed"] == resumed["backup"] == str(backup)
+    assert "continuing the edit stopped earlier" in resumed["notes"][0]
+    assert _captions(mage) == wanted
+
+
 def test_tags_replace_needs_old_equals_new(tmp_path: Path) -> None:
     folder = _captioned_concept(tmp_path)
     before = _captions(folder)

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loraforge.errors import ForgeError
-from loraforge.options import ConfigOpt, JsonOpt, SetOpt, probability
+from loraforge.options import ConfigOpt, SetOpt, probability
 
 if TYPE_CHECKING:
     from loraforge.config import Settings
@@ -108,7 +108,10 @@ def tags_command(
                                      )] = 50,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    as_json: JsonOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: the tag frequencies; "
+                       "with an edit (instead of its diff), the counts, the backup folder, the "
+                       "notes and each caption changed (with --dry-run: that would change) "
+                       "with its old and new text.")] = False,
 ) -> None:
     """Tag frequencies per concept; or bulk edits of the captions (--remove, --replace,
     --add-trigger), with --dry-run to see the diff first and a backup of each changed caption.
@@ -120,8 +123,17 @@ def tags_command(
     chosen, captions, warnings = tag_list.load(settings.dataset_dir, concepts,
                                                settings.config.dataset.caption_extension)
     _warn(warnings)
+    notes: list[str] = []
+
+    def note(line: str) -> None:  # with --json: in the JSON, and on stderr (stdout is JSON)
+        if as_json:
+            notes.append(line)
+            Console(stderr=True, soft_wrap=True, highlight=False).print(Text(line))
+        else:
+            _say(line)
+
     for trigger in tag_list.trigger_edits(edits, chosen):
-        _say(f"note: {trigger!r} is a concept's trigger, which its captions keep: not removed "
+        note(f"note: {trigger!r} is a concept's trigger, which its captions keep: not removed "
              "or replaced (rename the concept folder to change a trigger)")
     if not edits:
         table = tag_list.frequencies(chosen, captions)
@@ -131,7 +143,10 @@ def tags_command(
             _print_frequencies(table, top)
         return
     result = tag_list.edit_captions(settings.dataset_dir, captions, edits, dry_run,
-                                    settings.file_mode, concepts, _say)
+                                    settings.file_mode, concepts, note)
+    if as_json:
+        out.out(json.dumps(result.to_dict(dry_run, notes), indent=2), highlight=False)
+        return
     for line in result.diff:
         style = "green" if line.startswith("+") else "red" if line.startswith("-") else None
         out.print(Text(line, style=style or ""), soft_wrap=True)

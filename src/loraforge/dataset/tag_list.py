@@ -191,6 +191,19 @@ class EditResult:
     resumed: Path | None = None  # the backup folder of the stopped edit this one went on with
     already_done: int = 0  # captions that edit had written before it stopped
 
+    def to_dict(self, dry_run: bool, notes: list[str]) -> dict[str, Any]:
+        """What `dataset tags --json` prints for an edit: the counts, the backup folder, and
+        each caption that changed (in a dry run: would change) with its old and new text."""
+        return {"dry_run": dry_run, "changed": len(self.changed),
+                "already_done": self.already_done,
+                "resumed": str(self.resumed) if self.resumed is not None else None,
+                "backup": str(self.backup_dir) if self.backup_dir is not None else None,
+                "notes": notes,
+                "captions": [{"concept": caption.concept.name,
+                              "folder": caption.concept.folder.name, "path": str(caption.path),
+                              "old": caption.text, "new": new}
+                             for caption, new in self.changed]}
+
 
 def unfinished_edit(dataset_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The backup folder of a caption edit that stopped before it finished, and its record
