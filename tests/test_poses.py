@@ -164,6 +164,12 @@ def test_json_with_normalised_keypoints_is_scaled_to_its_canvas() -> None:
     leaving = [*flat[:-3], 1.02, *flat[-2:]]  # the last keypoint a little past the right edge
     edge = PoseMap.from_json(text.replace(json.dumps(flat), json.dumps(leaving)))
     assert edge.people[0].keypoints[-1] == (1.02 * 1024, KNOWN[-1][1])
+    # an ankle dragged well below the frame in a pose editor: the whole pose was read as
+    # pixels, every figure a dot in the corner, rendered without a word
+    dragged = [*flat[:-2], 1.25, flat[-1]]
+    below = PoseMap.from_json(text.replace(json.dumps(flat), json.dumps(dragged)))
+    assert below.people[0].keypoints[0] == _known().people[0].keypoints[0]
+    assert below.people[0].keypoints[-1] == (KNOWN[-1][0], 1.25 * 1024)
 
 
 def _people(values: object) -> str:

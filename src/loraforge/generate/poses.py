@@ -289,8 +289,10 @@ class PoseMap:
         return cls.from_dict(data, path)
 
 
-#: How far past 0..1 a normalised keypoint may lie (a limb leaving the frame).
-NORMALISED_SLACK = 0.1
+#: How far past 0..1 a normalised keypoint may lie: a canvas (a limb dragged out of the frame
+#: in a pose editor). A pose drawn in pixels whose every point lies within 2 px of the corner
+#: would be a dot, no pose: read so, it is normalised.
+NORMALISED_SLACK = 1.0
 
 
 def _in_pixels(people: list[Person], width: int, height: int) -> tuple[Person, ...]:
@@ -300,8 +302,6 @@ def _in_pixels(people: list[Person], width: int, height: int) -> tuple[Person, .
     coords = [c for person in people
               for part in (person.keypoints, *person.hands, person.face) if part is not None
               for point in part if point is not None for c in point]
-    # a limb may leave the frame a little (an ankle at 1.02): all within 1.1 px of the corner
-    # is no pose drawn in pixels
     if not coords or not all(-NORMALISED_SLACK <= c <= 1 + NORMALISED_SLACK for c in coords) \
             or min(width, height) <= 8:
         return tuple(people)
