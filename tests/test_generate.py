@@ -587,12 +587,15 @@ def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
     assert other[0].stat().st_mtime_ns == made  # not made again
     assert (images / "final_command_scene.png").read_bytes() == other[0].read_bytes()
     # made alike but otherwise (VAE tiling here; the weights, device, precision): made again,
-    # in place
+    # beside it (it was replaced: a GPU's image by a login node's rendering of it)
     tiled = load_settings(config, ["generate.vae_tiling=true"])
     lines.clear()
-    assert generate(tiled, Options(loras=["none"], cfg=3.0), lines.append) == other
-    assert not any("kept" in line for line in lines) and other[0].stat().st_mtime_ns != made
-    assert json.loads((images / "scene-5-v2.json").read_text())["made_with"]["vae_tiling"]
+    v3 = [images / "scene-5-v3.png"]
+    assert generate(tiled, Options(loras=["none"], cfg=3.0), lines.append) == v3
+    assert not any("kept" in line for line in lines) and other[0].stat().st_mtime_ns == made
+    assert json.loads((images / "scene-5-v3.json").read_text())["made_with"]["vae_tiling"]
+    assert not json.loads((images / "scene-5-v2.json").read_text())["made_with"]["vae_tiling"]
+    assert generate(tiled, Options(loras=["none"], cfg=3.0), lines.append) == v3  # and kept
 
     # one seed of a batch made again records the seeds denoised with it (--from renders it
     # bit for bit), not its whole batch's
@@ -605,7 +608,8 @@ def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
     assert pnginfo.read_scene(images / "scene-21.png")["scene"]["seeds"] == [21]
     assert pnginfo.read_scene(images / "scene-20.png")["scene"]["seeds"] == [20, 21]
     assert sorted(p.name for p in images.glob("scene-5*.png")) == [
-        "scene-5-v2.png", "scene-5-v2.pose.png", "scene-5.png", "scene-5.pose.png"]
+        "scene-5-v2.png", "scene-5-v2.pose.png", "scene-5-v3.png", "scene-5-v3.pose.png",
+        "scene-5.png", "scene-5.pose.png"]
 
     # a file of the user's under an image's name, beside no image of ours, is not replaced
     notes = images / "scene-6.json"

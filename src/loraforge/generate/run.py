@@ -196,16 +196,18 @@ OUTPUT_SUFFIXES = (".png", ".pose.png", ".masks.png", ".json")
 
 
 def output_stem(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
-                pose: Image.Image) -> str:
+                pose: Image.Image, made: dict[str, Any]) -> str:
     """`stem` (`<scene>-<seed>`), unless an image of that name made otherwise is there (other
     parameters, another scene record, or another pose map: a region's padding, an edited pose
-    file), or a file of the user's under one of its names: it is kept, and the new one takes
-    the first free `<stem>-v2`, `-v3`, ... The same image made again replaces its own files,
-    so a rerun adds nothing."""
+    file; or other weights, device, precision or tiling, `made`: a GPU's image is not replaced
+    by a CPU's rendering of it), or a file of the user's under one of its names: it is kept,
+    and the new one takes the first free `<stem>-v2`, `-v3`, ... An image made alike is kept
+    as it is, so a rerun adds nothing."""
     candidate, number = stem, 1
     while any((folder / f"{candidate}{suffix}").exists() for suffix in OUTPUT_SUFFIXES):
         if (folder / f"{candidate}.png").exists():
-            if _made_alike(folder, candidate, parameters, scene, pose):
+            if _made_alike(folder, candidate, parameters, scene, pose) \
+                    and _sidecar(folder, candidate).get("made_with") == made:
                 break
         elif _our_record(folder, candidate):
             break  # the image was deleted and its files of ours left: made again in place
@@ -290,11 +292,9 @@ def _plan_output(folder: Path, job: Job, seed: int, batch: list[int], base: Mode
     parameters = pnginfo.format_parameters(shown_prompt(job), job.negative_text,
                                            parameters_fields(job, seed, base, controlnet))
     scene = scene_table(job, batch)
-    stem = output_stem(folder, f"{job.stem}-{seed}", parameters, scene, pose)
-    # output_stem stops at an existing image only when it was made alike; it is kept when it
-    # was also made with the same weights, device, precision and tiling (its record says)
-    return PlannedOutput(seed, pose, parameters, stem, (folder / f"{stem}.png").exists()
-                         and _sidecar(folder, stem).get("made_with") == made)
+    stem = output_stem(folder, f"{job.stem}-{seed}", parameters, scene, pose, made)
+    # output_stem stops at an existing image only when it was made alike: it is kept
+    return PlannedOutput(seed, pose, parameters, stem, (folder / f"{stem}.png").exists())
 
 
 def _newest_is(folder: Path, image: Path, mode: int) -> None:
