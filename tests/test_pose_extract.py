@@ -342,6 +342,8 @@ def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> Non
     picture = _figures(tmp_path / "ref.png")
     _figures(tmp_path / "ref.jpg")
     other = _figures(tmp_path / "other.png")
+    (tmp_path / "mine.json").write_text('{"mine": 1}')  # the user's: -o mine.png keeps it
+    (tmp_path / "other.pose.json").write_text("[]")
     cases = [
         (([picture], tmp_path / "map.jpg", None), "written as PNG"),
         (([picture], picture, None), "would overwrite the picture"),
@@ -350,6 +352,9 @@ def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> Non
         (([picture, other], tmp_path / "x.png", None), "-o must be a folder"),
         (([tmp_path / "missing.png"], None, None), "no such file"),
         (([picture, tmp_path / "ref.jpg"], None, None), "ref.png and ref.jpg would both write"),
+        (([picture], tmp_path / "mine.png", None),
+         "(?s)mine.json: exists and is not an OpenPose JSON file.*--pose-json .*mine.pose.json"),
+        (([picture, other], None, None), "other.pose.json: exists and is not an OpenPose JSON"),
     ]
     for (inputs, output, json_out), needle in cases:
         with pytest.raises(ForgeError, match=needle):
@@ -357,7 +362,9 @@ def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> Non
     with pytest.raises(ForgeError, match="pose detector not found") as missing:
         extract_command(settings, [picture], None, None, None, lambda _: None)
     assert "models fetch openpose-detector" in str(missing.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.png", "ref.jpg", "ref.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.json", "other.png",
+                                                          "other.pose.json", "ref.jpg",
+                                                          "ref.png"]
 
 
 def test_a_huge_photo_is_decoded_small(tmp_path: Path) -> None:

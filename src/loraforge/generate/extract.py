@@ -24,6 +24,7 @@ from loraforge.generate.poses import (
     draw_pose,
     fit_pose,
     parse_size,
+    refuse_foreign,
     save_png,
     write_pose_json,
 )
@@ -222,6 +223,8 @@ def _outputs(picture: Path, output: Path | None, json_out: Path | None, batch: b
 
 def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | None,
                    batch: bool) -> None:
+    """Refuse outputs that cannot be written (or would replace a file of the user's) before
+    any picture is read: a refused JSON never leaves its pose map written alone."""
     if batch:
         seen: dict[Path, Path] = {}
         for picture in pictures:
@@ -241,6 +244,9 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
         if output is not None and output.exists() and not output.is_dir():
             raise ForgeError("is a file; several pictures need a folder for their pose maps",
                              path=output, fix="pass a folder, e.g. -o poses/")
+        for picture in pictures:
+            for written in _outputs(picture, output, json_out, batch):
+                refuse_foreign(written)
         return
     png, json_path = _outputs(pictures[0], output, json_out, batch)
     if png.is_dir():
@@ -257,6 +263,16 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
         if written.resolve() == pictures[0].resolve():
             raise ForgeError("the output would overwrite the picture", path=written,
                              fix="pass -o with another name")
+    refuse_foreign(png)  # a file of the user's at either output: neither is written
+    try:
+        refuse_foreign(json_path)
+    except ForgeError as exc:
+        if json_out is not None:
+            raise
+        raise ForgeError(exc.message, path=json_path,
+                         fix=f"name the JSON with --pose-json (e.g. --pose-json "
+                             f"{json_path.with_name(json_path.stem + '.pose.json')}), or delete "
+                             "that file first if it may go") from None
 
 
 def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
