@@ -318,6 +318,20 @@ def test_scene_mistakes_are_named_where_they_are(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_scenes_file_with_a_bom_or_a_single_scene_table(project: Path) -> None:
+    """Windows editors save UTF-8 with a BOM: read past it (here to the mistake on line 3).
+    `[scene]` (one table) is not a list of scenes: say to write `[[scene]]`."""
+    (project / "bom.toml").write_bytes(
+        '\ufeff[[scene]]\nname = "beach"\nstepz = 3\n'.encode())
+    result = _generate(project, "--scenes", "bom.toml", "--lora", "none")
+    assert_user_error(result, 'scene "beach" (#1): unknown field `stepz`')
+    (project / "single.toml").write_text('[scene]\nname = "beach"\nprompt = "sand"\n')
+    result = _generate(project, "--scenes", "single.toml", "--lora", "none")
+    assert_user_error(result, "single.toml: has a [scene] table (single brackets)",
+                      "fix: write [[scene]] (double brackets) above each scene")
+    _untouched(project)
+
+
 def test_no_finished_run_lists_the_runs(project: Path) -> None:
     runs = project / "store" / "Multi_Concept_Output"
     for name, status in (("blake", "interrupted"), ("mira", "running")):

@@ -572,7 +572,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, str]]) -> d
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Windows editors start it with a BOM
     except UnicodeDecodeError:
         raise ForgeError("is not UTF-8 text", path=path, fix="save it as UTF-8") from None
     except OSError as exc:

@@ -808,6 +808,10 @@ def read_scenes_file(path: Path) -> list[dict[str, Any]]:
         raise ForgeError(f"unknown top-level key(s): {', '.join(unknown)}", path=path,
                          fix="write each scene as a [[scene]] table")
     scenes = data.get("scene")
+    if isinstance(scenes, dict):
+        raise ForgeError("has a [scene] table (single brackets); a scenes file lists its "
+                         "scenes as [[scene]] tables", path=path,
+                         fix="write [[scene]] (double brackets) above each scene")
     if not isinstance(scenes, list) or not scenes or not all(isinstance(s, dict)
                                                              for s in scenes):
         raise ForgeError("holds no scenes", path=path,
