@@ -303,18 +303,23 @@ def test_bad_scene_entries_are_named_and_nothing_is_rendered(project: Path) -> N
 def test_scene_mistakes_are_named_where_they_are(project: Path) -> None:
     """A duplicate name is numbered by its place in the file (a bad scene before it counts); a
     figure count written as text says so; a background weight out of range is refused with
-    or without figures."""
+    or without figures; a cast written [[scene.figures]] is named as one."""
     (project / "scenes.toml").write_text(
         '[[scene]]\nname = "bad"\nsize = "abc"\n\n'
         '[[scene]]\nname = "hero"\n\n'
         '[[scene]]\nname = "Hero"\n\n'
         '[[scene]]\nname = "cast"\npose = "random"\nfigures = "2"\n'
         '[[scene.figure]]\nprompt = "a"\n[[scene.figure]]\nprompt = "b"\n\n'
-        '[[scene]]\nname = "heavy"\nbackground_weight = 7\n')
+        '[[scene]]\nname = "heavy"\nbackground_weight = 7\n\n'
+        '[[scene]]\nname = "plural"\npose = "random"\n'
+        '[[scene.figures]]\nprompt = "a"\n[[scene.figures]]\nprompt = "b"\n')
     result = _generate(project, "--scenes", "scenes.toml", "--lora", "none")
-    assert_user_error(result, "4 bad scene entries", 'scenes "hero" and "Hero" (#3)',
+    assert_user_error(result, "5 bad scene entries", 'scenes "hero" and "Hero" (#3)',
                       'scene "cast" (#4), field `figures`: must be a whole number',
-                      'scene "heavy" (#5), field `background_weight`: must be from 0 to 1')
+                      'scene "heavy" (#5), field `background_weight`: must be from 0 to 1',
+                      'scene "plural" (#6), field `figures`: is the number of people in a '
+                      "random pose map (figures = 2), but holds 2 tables: a cast is written "
+                      "[[scene.figure]]", "rename each [[scene.figures]] to [[scene.figure]]")
     _untouched(project)
 
 

@@ -371,7 +371,7 @@ def _pose(value: Value, figures: Value, size: Value, width: int, height: int, fi
           cache: PoseCache, optional: bool) -> PoseSource:
     from loraforge.generate.poses import PoseMap, draw_pose, fit_pose, max_figures, random_pose
 
-    count = _int(figures, 1, 16, "use 1 to 16 figures")
+    count = _figure_count(figures)
     raw = value.value
     if isinstance(raw, dict):  # keypoints inline (an image's recorded scene)
         try:
@@ -637,11 +637,24 @@ def _figure_entries(value: Value | None) -> list[tuple[Value, dict[str, Any]]]:
     return entries
 
 
+def _figure_count(figures: Value) -> int:
+    """The number of people in a random pose map. Tables there are a cast written
+    `[[scene.figures]]` (or `[scene.figures]`): say where a cast goes."""
+    raw = figures.value
+    tables = [raw] if isinstance(raw, dict) else raw if isinstance(raw, list) else []
+    if tables and all(isinstance(item, dict) for item in tables):
+        raise _err(figures, "is the number of people in a random pose map (figures = 2), "
+                            f"but holds {len(tables)} table{'' if len(tables) == 1 else 's'}: "
+                            "a cast is written [[scene.figure]], one table per figure",
+                   "rename each [[scene.figures]] to [[scene.figure]]")
+    return _int(figures, 1, 16, "use 1 to 16 figures")
+
+
 def _cast_count(figures: Value, cast: int, figure: Value) -> Value:
     """Random figures: as many as are cast (a figure count given for the scene must agree),
     named after the figures cast."""
     if not figures.origin.startswith("generate.figures") and \
-            _int(figures, 1, 16, "use 1 to 16 figures") != cast:
+            _figure_count(figures) != cast:
         raise _err(figures, f"asks for {figures.value} figures, the scene casts {cast}",
                    "cast one figure per posed figure (or leave the figure count out)")
     return Value(cast, f"{figure.origin} ({cast} figures cast)", figure.base)
