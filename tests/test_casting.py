@@ -21,7 +21,14 @@ from loraforge.errors import ForgeError
 from loraforge.generate import casting, pnginfo
 from loraforge.generate.loras import BaseWidths, LoraStack, LoraUse, inspect_lora
 from loraforge.generate.pipeline import compile_denoisers, load_pipeline, render_batch
-from loraforge.generate.poses import Person, PoseMap, draw_pose, random_pose, write_pose_json
+from loraforge.generate.poses import (
+    Person,
+    PoseMap,
+    draw_pose,
+    random_pose,
+    read_pose_json,
+    write_pose_json,
+)
 from loraforge.generate.prompts import encode_prompts
 from loraforge.generate.regions import (
     Regions,
@@ -330,8 +337,11 @@ def test_a_figure_too_small_to_cast_is_refused_and_soft_edges_keep_the_figures()
     neck_only = Person(tuple([None, (90.0, 40.0)] + [None] * 16))
     standing = random_pose(1, 60, HEIGHT, 3).people[0]
     with pytest.raises(ForgeError, match=re.escape("figure 2 (from the left) is too small "
-                                                   "to cast")):
+                                                   "to cast")) as small:
         figure_regions(PoseMap(WIDTH, HEIGHT, (standing, neck_only)), WIDTH, HEIGHT)
+    # every posed figure is checked, so casting one fewer alone cannot help
+    assert "take it out of the pose, and its [[scene.figure]] (--figure) out of the cast" \
+        in (small.value.fix or "")
     boxes = [(10.0, 10.0, 40.0, 90.0), (50.0, 10.0, 80.0, 90.0), (90.0, 10.0, 120.0, 90.0)]
     soft = box_regions(boxes, WIDTH, HEIGHT, pad=0.0, soften=0.25)
     assert all(float(mask.max()) > 0.5 for mask in soft.figures)
@@ -475,6 +485,36 @@ def test_bad_casts_are_refused_before_rendering(tmp_path: Path, tiny_store: Path
                  lambda line: None)
     assert needle in str(caught.value)
     assert not (tmp_path / "store" / "Final_Images").exists()
+
+
+def test_a_pose_that_cannot_hold_the_cast_says_a_fix_that_works(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    """Figures whose strokes touch in a drawn map count as one: the message says so and names
+    the pose's JSON, which casts them. Overlapping figures are mended in the pose or left
+    uncast: every posed figure is checked, so casting one fewer alone cannot help."""
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
+    for path in characters:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    close = _pose_file(tmp_path / "close.json", [(20, 50), (53, 83)])
+    draw_pose(read_pose_json(close)).save(tmp_path / "close.png")
+    settings = load_settings(config)
+    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
+
+    def plan(pose: str) -> Any:
+        return plan_jobs(settings, Options(scenes=_scene(tmp_path, pose, FIGURES)), resolver,
+                         PoseCache(print, None))[0]
+
+    with pytest.raises(ForgeError) as touching:
+        plan("close.png")
+    assert ("has 1 figure (in a drawn pose map, figures that touch or share columns count as "
+            "one") in str(touching.value)
+    assert f"pose with {close} instead" in str(touching.value)
+    assert len(plan("close.json").cast.figures) == 2
+    with pytest.raises(ForgeError) as overlap:
+        box_regions([(10.0, 10.0, 60.0, 90.0), (50.0, 10.0, 100.0, 90.0)], WIDTH, HEIGHT)
+    assert "or render the scene uncast (no [[scene.figure]] or --figure)" in \
+        (overlap.value.fix or "")
+    assert "one character fewer" not in (overlap.value.fix or "")
 
 
 def test_from_an_image_without_a_scene_record_is_refused(tmp_path: Path,

@@ -127,8 +127,10 @@ def box_regions(boxes: list[Box], width: int, height: int, pad: float = 0.15,
                 raise ForgeError(
                     f"{where}: figures {i + 1} and {j + 1} (from the left) overlap, so their "
                     "regions would share pixels and their characters would blend",
-                    fix="move the figures apart in the pose (or use pose = \"random\"), or "
-                        "cast one character fewer")
+                    fix="move the figures apart in the pose (or use a random pose); or take "
+                        "one of them out of the pose, and its [[scene.figure]] (--figure) out "
+                        "of the cast; or render the scene uncast (no [[scene.figure]] or "
+                        "--figure)")
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     distances = []
     for box in boxes:
@@ -145,8 +147,9 @@ def box_regions(boxes: list[Box], width: int, height: int, pad: float = 0.15,
                 f"{where}: figure {i + 1} (from the left) is too small to cast: its region "
                 f"covers {int(mask.sum())} pixels (its keypoints span "
                 f"{_box_size(boxes[i])}), less than one latent cell of 8x8",
-                fix="give that figure its keypoints (head, shoulders and hips at least), or "
-                    "cast one character fewer")
+                fix="give that figure its keypoints (head, shoulders and hips at least); or "
+                    "take it out of the pose, and its [[scene.figure]] (--figure) out of the "
+                    "cast")
     if soften > 0:
         # a Gaussian's edge rises from 2% to 98% over 4 sigma: that width is `soften`
         radius = soften * min(width, height) / 4

@@ -201,13 +201,21 @@ class Cast:
         else:  # a drawn pose map: the figures' boxes from its ink
             boxes = map_boxes(pose.image_for(seed, width, height))
             regions = box_regions(boxes, width, height, self.pad, self.soften, where)
-        if regions.count != len(self.figures):
-            raise ForgeError(f"{where} has {regions.count} figure"
-                             f"{'' if regions.count == 1 else 's'}, the scene casts "
-                             f"{len(self.figures)}", path=pose.path,
-                             fix="give one [[scene.figure]] (or --figure) per posed figure, "
-                                 "left to right")
-        return regions
+        if regions.count == len(self.figures):
+            return regions
+        found = f"{where} has {regions.count} figure{'' if regions.count == 1 else 's'}"
+        fix = "give one [[scene.figure]] (or --figure) per posed figure, left to right"
+        if keypoints is None and regions.count < len(self.figures):
+            found += (" (in a drawn pose map, figures that touch or share columns count as one: "
+                      "a black column must part them)")
+            json = pose.path.with_suffix(".json") if pose.path is not None else None
+            given = (str(json) if json is not None and json.is_file() else
+                     "its OpenPose JSON (a pose editor's export; `pose extract` and `pose random "
+                     "--pose-json` write one beside the map)")
+            fix = (f"if the map draws more figures, pose with {given} instead, which keeps the "
+                   f"figures apart, or move them apart in the map; else {fix}")
+        raise ForgeError(f"{found}, the scene casts {len(self.figures)}", path=pose.path,
+                         fix=fix)
 
 
 def safe_stem(name: str) -> str:
