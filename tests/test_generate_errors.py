@@ -303,7 +303,8 @@ def test_bad_scene_entries_are_named_and_nothing_is_rendered(project: Path) -> N
 def test_scene_mistakes_are_named_where_they_are(project: Path) -> None:
     """A duplicate name is numbered by its place in the file (a bad scene before it counts); a
     figure count written as text says so; a background weight out of range is refused with
-    or without figures; a cast written [[scene.figures]] is named as one."""
+    or without figures; a cast written [[scene.figures]] is named as one. Names in other
+    scripts keep their own files; "café" typed two ways is one name."""
     (project / "scenes.toml").write_text(
         '[[scene]]\nname = "bad"\nsize = "abc"\n\n'
         '[[scene]]\nname = "hero"\n\n'
@@ -312,14 +313,19 @@ def test_scene_mistakes_are_named_where_they_are(project: Path) -> None:
         '[[scene.figure]]\nprompt = "a"\n[[scene.figure]]\nprompt = "b"\n\n'
         '[[scene]]\nname = "heavy"\nbackground_weight = 7\n\n'
         '[[scene]]\nname = "plural"\npose = "random"\n'
-        '[[scene.figures]]\nprompt = "a"\n[[scene.figures]]\nprompt = "b"\n')
+        '[[scene.figures]]\nprompt = "a"\n[[scene.figures]]\nprompt = "b"\n\n'
+        '[[scene]]\nname = "市場"\n\n[[scene]]\nname = "公園"\n\n'
+        '[[scene]]\nname = "café"\n\n[[scene]]\nname = "cafe\u0301"\n', encoding="utf-8")
     result = _generate(project, "--scenes", "scenes.toml", "--lora", "none")
-    assert_user_error(result, "5 bad scene entries", 'scenes "hero" and "Hero" (#3)',
+    assert_user_error(result, "6 bad scene entries", 'scenes "hero" and "Hero" (#3)',
                       'scene "cast" (#4), field `figures`: must be a whole number',
                       'scene "heavy" (#5), field `background_weight`: must be from 0 to 1',
                       'scene "plural" (#6), field `figures`: is the number of people in a '
                       "random pose map (figures = 2), but holds 2 tables: a cast is written "
-                      "[[scene.figure]]", "rename each [[scene.figures]] to [[scene.figure]]")
+                      "[[scene.figure]]", "rename each [[scene.figures]] to [[scene.figure]]",
+                      'scenes "café" and "cafe\u0301" (#10) would write the same files '
+                      "(café-<seed>.png)")
+    assert "市場" not in result.stdout + result.stderr
     _untouched(project)
 
 

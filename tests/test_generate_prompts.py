@@ -109,3 +109,12 @@ def test_sizes_and_names() -> None:
     assert safe_stem("Beach / sunset: 2!") == "Beach_sunset_2"
     assert safe_stem("../..") == "scene"
     assert safe_stem("ok-name_1.2") == "ok-name_1.2"
+    # Letters of any script are kept (NFC); what is unsafe in a file name, in A1111 or
+    # ComfyUI (separators, reserved, control and invisible characters) is not.
+    assert [safe_stem(name) for name in ("市場", "公園", "café", "cafe\u0301", "नमस्ते")] == \
+        ["市場", "公園", "café", "café", "नमस्ते"]
+    assert safe_stem('a<b>c:d"e|f?g*h\\i') == "a_b_c_d_e_f_g_h_i"
+    assert safe_stem("x\x00y\tz\u202ew\u200b.png") == "x_y_z_w_.png"
+    assert safe_stem(".市場 ") == "市場" and safe_stem("🎉") == "scene"
+    long = safe_stem("市" * 100)
+    assert long == "市" * 53 and len(long.encode()) <= 160

@@ -35,6 +35,7 @@ import logging
 import math
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,9 @@ SCENE_FIELDS = ("name", "prompt", "negative", "pose", "seed", "seeds", "count", 
                 "figure", "background_weight", "region_pad", "region_soften")
 FIGURE_FIELDS = ("character", "lora", "prompt")
 _CHARACTER_RE = re.compile(r"^\s*([A-Za-z0-9][\w.-]*)\s*:(.*)$", re.DOTALL)
-_SAFE_RE = re.compile(r"[^A-Za-z0-9._+-]+")
+#: The longest stem, in characters and in UTF-8 bytes: `<stem>-<seed>-v<n>.masks.png` stays
+#: well under the 255 bytes a Linux file name may have.
+STEM_CHARS, STEM_BYTES = 80, 160
 
 
 @dataclass
@@ -219,9 +222,16 @@ class Cast:
 
 
 def safe_stem(name: str) -> str:
-    """A file-name-safe version of a scene name (letters, digits, . _ + -)."""
-    stem = _SAFE_RE.sub("_", name.strip()).strip("._-")[:80]
-    return stem or DEFAULT_SCENE
+    """A file-name-safe version of a scene name: its letters, digits and marks in any script
+    (NFC), `.`, `_`, `+` and `-`; every other run (spaces, path separators, control
+    and invisible characters, the characters Windows, A1111 and ComfyUI refuse) becomes one
+    `_`; no leading or trailing `.`, `_`, `-`; at most STEM_CHARS characters, STEM_BYTES bytes."""
+    kept = "".join(char if char in "._+-_" or unicodedata.category(char)[0] in "LMN" else " "
+                   for char in unicodedata.normalize("NFC", name))
+    stem = "_".join(kept.split())[:STEM_CHARS]
+    while len(stem.encode("utf-8")) > STEM_BYTES:
+        stem = stem[:-1]
+    return stem.strip("._-") or DEFAULT_SCENE
 
 
 # --- typed fields ------------------------------------------------------------------------------
