@@ -303,6 +303,41 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
             plan(*figures)
 
 
+def test_figure_option_names_a_concept_as_its_folder_spells_it(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    """`--figure "NAME: prompt"` takes NAME as a character when a dataset folder could be
+    named so (spaces, any script), and a typo in it is caught; prompt syntax before the first
+    colon (A1111 weights, a <lora:> tag, a comma) keeps the whole text a prompt."""
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
+    _write_run(tmp_path / "store" / "Multi_Concept_Output", "multi", "finished",
+               "2026-01-02T10:00:00+0000", _character_lora(
+                   characters[0], tmp_path / "multi.safetensors",
+                   {"10_ohwx man": {"ohwx man": 3}, "10_ブレイク": {"ブレイク": 2}}))
+    settings = load_settings(config)
+    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
+
+    def plan(*figures: str) -> Any:
+        return plan_jobs(settings, Options(pose="random", cast=list(figures), seed=1),
+                         resolver, PoseCache(print, None))[0]
+
+    named = plan("ohwx man: smiling", " ブレイク : waving")
+    assert [(f.character, f.text) for f in named.cast.figures] == [
+        ("ohwx man", "ohwx man, smiling"), ("ブレイク", "ブレイク, waving")]
+    assert [u.lora.path.name for u in named.loras] == ["multi.safetensors"]
+    prompts = plan("(smile:1.2), a knight: left", "a mage, red scarf: right")
+    assert [(f.character, f.text) for f in prompts.cast.figures] == [
+        (None, "(smile:1.2), a knight: left"), (None, "a mage, red scarf: right")]
+    tagged = plan("<lora:multi:0.5> smiling", ": close-up: waving")
+    assert [(f.character, f.text) for f in tagged.cast.figures] == [
+        (None, "smiling"), (None, "close-up: waving")]
+    assert tagged.cast.figures[0].lora.weight == 0.5
+    with pytest.raises(ForgeError) as typo:
+        plan("ohwx mann: sitting", "ブレイク: waving")
+    assert "--figure #1: unknown character `ohwx mann` (did you mean `ohwx man`?)" \
+        in str(typo.value)
+    assert '--figure ": ohwx mann: ..."' in (typo.value.fix or "")
+
+
 def test_a_figure_lora_over_the_whole_image_renders_what_the_merged_lora_renders(
         stack: LoraStack, characters: list[Path], tiny_store: Path) -> None:
     red = LoraUse(inspect_lora(characters[0], BaseWidths.of(tiny_store / "tiny-sd15")), 0.7)

@@ -33,7 +33,6 @@ import contextlib
 import difflib
 import logging
 import math
-import re
 import secrets
 import unicodedata
 from collections.abc import Callable
@@ -64,7 +63,9 @@ SCENE_FIELDS = ("name", "prompt", "negative", "pose", "seed", "seeds", "count", 
                 "figures", "loras", "steps", "cfg", "sampler", "control_scale", "clip_skip",
                 "figure", "background_weight", "region_pad", "region_soften")
 FIGURE_FIELDS = ("character", "lora", "prompt")
-_CHARACTER_RE = re.compile(r"^\s*([A-Za-z0-9][\w.-]*)\s*:(.*)$", re.DOTALL)
+#: Besides letters, digits and marks of any script, what a concept name (a dataset folder's
+#: name after `<repeats>_`) may hold for `--figure "NAME: prompt"` to read NAME as a character.
+_NAME_PUNCTUATION = frozenset(" _.'-")
 #: The longest stem, in characters and in UTF-8 bytes: `<stem>-<seed>-v<n>.masks.png` stays
 #: well under the 255 bytes a Linux file name may have.
 STEM_CHARS, STEM_BYTES = 80, 160
@@ -707,9 +708,14 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
     close = difflib.get_close_matches(name, known + runs, n=1, cutoff=0.6)
     hint = f" (did you mean `{close[0]}`?)" if close else ""
     listed = f"concepts: {', '.join(known) or 'none'}; runs: {', '.join(runs) or 'none'}"
-    raise _err(where, f"unknown character `{name}`{hint}",
-               f"name a concept of the scene's LoRA or a training run ({listed}), or give "
-               "the figure its own lora = \"FILE.safetensors\"")
+    fix = (f"name a concept of the scene's LoRA or a training run ({listed}), or give the "
+           "figure its own ")
+    if where.origin.startswith("--figure"):
+        fix += ("LoRA instead: --figure \"<lora:FILE:0.8> prompt\"; if the words before the "
+                f"colon are prompt, start with a colon: --figure \": {name}: ...\"")
+    else:
+        fix += "lora = \"FILE.safetensors\""
+    raise _err(where, f"unknown character `{name}`{hint}", fix)
 
 
 def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
@@ -816,12 +822,23 @@ def command_values(settings: Settings, options: Options) -> dict[str, Value]:
 
 
 def _figure_option(text: str) -> dict[str, str]:
-    """`--figure "blake: smiling"` -> character blake, prompt "smiling"; no `NAME:` -> the
-    prompt alone."""
-    match = _CHARACTER_RE.match(text)
-    if match is None:
-        return {"prompt": text}
-    return {"character": match.group(1), "prompt": match.group(2).strip()}
+    """`--figure "blake: smiling"` -> character blake, prompt "smiling"; `": a: b"` (no name
+    before the first colon) or no `NAME:` -> the prompt alone. NAME is a concept name as a
+    dataset folder spells it (`ohwx man`, `ブレイク`): text with a bracket, comma or other
+    prompt syntax before its first colon (`(smile:1.2)`, `<lora:x:0.8>`) is a prompt."""
+    head, colon, rest = text.partition(":")
+    name = head.strip()
+    if colon and not name:
+        return {"prompt": rest.strip()}
+    if colon and _is_concept_name(name):
+        return {"character": name, "prompt": rest.strip()}
+    return {"prompt": text}
+
+
+def _is_concept_name(name: str) -> bool:
+    return (name[0].isalnum() or name[0] == "_") and all(
+        char.isalnum() or char in _NAME_PUNCTUATION or unicodedata.category(char)[0] == "M"
+        for char in name)
 
 
 # --- the scenes file ---------------------------------------------------------------------------
