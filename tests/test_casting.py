@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,13 +255,7 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
     _write_run(runs, "multi", "finished", "2026-01-02T10:00:00+0000", both)
     _write_run(runs, "rook", "finished", "2026-01-01T10:00:00+0000", _character_lora(
         characters[1], tmp_path / "rook.safetensors", {"5_rook": {"rook knight": 2}}))
-    settings = load_settings(config)
-    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
-
-    def plan(*figures: str) -> Any:
-        return plan_jobs(settings, Options(pose="random", cast=list(figures), seed=1),
-                         resolver, PoseCache(print, None))[0]
-
+    plan = _planner(config, tiny_store)
     multi = plan("blake: smiling", "mira_character: arms crossed")
     assert [u.lora.path.name for u in multi.loras] == ["multi.safetensors"]  # everywhere
     assert [(f.text, f.lora) for f in multi.cast.figures] == [
@@ -275,14 +270,12 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
     assert [u.lora.path.name for u in once.loras] == ["multi.safetensors"]
     assert [f.lora for f in once.cast.figures] == [None, None]
     # `--lora none`: no LoRA but the figures' own; a concept of the newest run is unknown.
-    bare = plan_jobs(settings, Options(pose="random", cast=["rook: a", "multi: b"], seed=1,
-                                       loras=["none"]), resolver, PoseCache(print, None))[0]
+    bare = plan("rook: a", "multi: b", loras=["none"])
     assert bare.loras == []
     assert [f.lora.lora.path.name for f in bare.cast.figures] == ["rook.safetensors",
                                                                  "multi.safetensors"]
     with pytest.raises(ForgeError, match="unknown character `blake`"):
-        plan_jobs(settings, Options(pose="random", cast=["blake: a", "rook: b"], seed=1,
-                                    loras=["none"]), resolver, PoseCache(print, None))
+        plan("blake: a", "rook: b", loras=["none"])
     # Figures with prompts alone: the newest run's LoRA acts, as without figures.
     prompts_only = plan("smiling", "arms crossed")
     assert [u.lora.path.name for u in prompts_only.loras] == ["multi.safetensors"]
@@ -303,6 +296,17 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
             plan(*figures)
 
 
+def _planner(config: Path, tiny_store: Path) -> Callable[..., Any]:
+    """The scene `generate --pose random --seed 1 --figure F ...` plans, for figures F."""
+    settings = load_settings(config)
+    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
+
+    def plan(*figures: str, loras: list[str] | None = None) -> Any:
+        return plan_jobs(settings, Options(pose="random", cast=list(figures), seed=1,
+                                           loras=loras), resolver, PoseCache(print, None))[0]
+    return plan
+
+
 def test_figure_option_names_a_concept_as_its_folder_spells_it(
         tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
     """`--figure "NAME: prompt"` takes NAME as a character when a dataset folder could be
@@ -313,13 +317,7 @@ def test_figure_option_names_a_concept_as_its_folder_spells_it(
                "2026-01-02T10:00:00+0000", _character_lora(
                    characters[0], tmp_path / "multi.safetensors",
                    {"10_ohwx man": {"ohwx man": 3}, "10_ブレイク": {"ブレイク": 2}}))
-    settings = load_settings(config)
-    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
-
-    def plan(*figures: str) -> Any:
-        return plan_jobs(settings, Options(pose="random", cast=list(figures), seed=1),
-                         resolver, PoseCache(print, None))[0]
-
+    plan = _planner(config, tiny_store)
     named = plan("ohwx man: smiling", " ブレイク : waving")
     assert [(f.character, f.text) for f in named.cast.figures] == [
         ("ohwx man", "ohwx man, smiling"), ("ブレイク", "ブレイク, waving")]
