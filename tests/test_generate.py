@@ -564,6 +564,37 @@ def test_generate_writes_png_info_sidecar_pose_and_final_image(
     assert any("no pose map" in line for line in lines)
 
 
+def test_from_renders_with_the_pose_map_saved_beside_the_image(
+        tmp_path: Path, tiny_store: Path, own_environment: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A drawn pose map is recorded by its path: edited since, `--from` rendered another
+    image; deleted, `--from` failed. The map saved beside the image is the one it renders
+    with, so the image is kept as it is, and made again the same from a copy of the two."""
+    from loraforge.generate.poses import draw_pose, random_pose
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2,
+                                             "seed": 5})
+    settings = load_settings(config)
+    pose = tmp_path / "edit.png"
+    draw_pose(random_pose(1, SIZE, SIZE, 7)).save(pose)
+    (made,) = generate(settings, Options(loras=["none"], pose=str(pose)), lambda line: None)
+    first = made.read_bytes()
+    draw_pose(random_pose(1, SIZE, SIZE, 99)).save(pose)  # edited in a pose editor since
+    lines: list[str] = []
+    assert generate(settings, Options(source=made), lines.append) == [made]
+    assert any(line.endswith("kept)") for line in lines) and made.read_bytes() == first
+    pose.unlink()
+    copy = tmp_path / "keep.png"  # the image and its pose map copied away, then deleted
+    copy.write_bytes(first)
+    (tmp_path / "keep.pose.png").write_bytes(made.with_name("scene-5.pose.png").read_bytes())
+    for old in made.parent.glob("scene-5*"):
+        old.unlink()
+    assert generate(settings, Options(source=copy), lambda line: None) == [made]
+    assert made.read_bytes() == first
+    assert f"the pose map {pose} is gone" in caplog.text
+
+
 def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
         tmp_path: Path, tiny_store: Path, own_environment: None) -> None:
     from loraforge.generate.run import generate

@@ -151,7 +151,7 @@ def made_with(base: ModelInfo, controlnet: ModelInfo, device: str, precision: st
               vae_tiling: bool) -> dict[str, Any]:
     """What an image depends on beyond its PNG info: the models' weights files (the VAE too),
     the device, the precision and VAE tiling. An image made alike but with any of these
-    otherwise is made again (in place), not kept."""
+    otherwise is kept, and made again beside it (`output_stem`)."""
     return {"model_weights": base.weights, "controlnet_weights": controlnet.weights,
             "device": device, "precision": precision, "vae_tiling": vae_tiling}
 

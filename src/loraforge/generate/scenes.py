@@ -408,7 +408,7 @@ def _pose(value: Value, figures: Value, size: Value, width: int, height: int, fi
         if not path.exists() and optional:
             reason = f"no pose map at {path}: drawing random figures"
             path = None
-        elif not path.exists():
+        elif not path.exists() and (path, width, height) not in cache.images:
             raise ForgeError(f"{value.origin}: pose map not found", path=path,
                              fix="check the path, or use \"random\" for generated figures")
     if path is not None:
@@ -940,6 +940,29 @@ def _from_alone(options: Options) -> None:
                              "scenes file ([[scene]]) and edit it there")
 
 
+def _saved_pose_map(source: Path, scene: dict[str, Any], poses: PoseCache) -> None:
+    """A drawn pose map file is recorded by its path, and the map the image was rendered with is
+    saved beside it (`<image>.pose.png`): `--from` renders with that one, so a pose file edited
+    or deleted since does not change (or stop) the rendering."""
+    from PIL import Image
+
+    raw = scene.get("pose")
+    saved = source.with_name(f"{source.stem}.pose.png")
+    if not isinstance(raw, str) or raw.strip().lower() in ("", RANDOM) or not saved.is_file():
+        return
+    path = Path(raw.strip()).expanduser()
+    path = path if path.is_absolute() else source.parent / path
+    try:
+        with Image.open(saved) as image:
+            pose = image.convert("RGB")
+    except OSError:  # not ours or damaged: the recorded file is read as usual
+        return
+    poses.images[(path, pose.width, pose.height)] = pose
+    if not path.exists():
+        poses.warn(f"the pose map {path} is gone; rendering with the one saved beside "
+                   f"the image, {saved}")
+
+
 def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, poses: PoseCache,
               ) -> list[Job]:
     """Every scene to render, checked. Scenes file: all errors are gathered and reported at
@@ -949,6 +972,7 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
         _from_alone(options)
         source = Path(options.source)
         scene = recorded_scene(source)
+        _saved_pose_map(source, scene, poses)
         try:
             return [resolve_job(scene_values(0, scene, defaults, source.parent), settings,
                                 resolver, poses)]
