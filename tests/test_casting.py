@@ -494,6 +494,29 @@ def test_other_regions_or_an_edited_pose_keep_the_earlier_image_and_from_honours
     assert again == padded and padded[0].read_bytes() == first
 
 
+def test_an_uncast_image_made_in_place_of_a_cast_one_leaves_no_masks_of_it(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    """A cast image deleted, and its scene rendered again uncast: the image is made in its
+    place, and the cast one's masks beside it (which no longer belonged to any image) go."""
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})
+    for path in characters:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    _pose_file(tmp_path / "two.json", [(20, 50), (80, 110)])
+    cast = generate(load_settings(config), Options(scenes=_scene(tmp_path, "two.json", FIGURES)),
+                    lambda line: None)
+    images = tmp_path / "store" / "Final_Images"
+    assert (images / "market-3.masks.png").is_file()
+    cast[0].unlink()
+    plain = generate(load_settings(config), Options(scenes=_scene(tmp_path, "two.json", ""),
+                                                    loras=["none"]), lambda line: None)
+    assert [p.name for p in plain] == ["market-3.png", "market-4-v2.png"]
+    assert json.loads((images / "market-3.json").read_text())["cast"] is None
+    assert not (images / "market-3.masks.png").exists()
+    assert (images / "market-4.masks.png").is_file()  # the cast image kept beside -v2
+
+
 @pytest.mark.parametrize(("pose", "figures", "needle"), [
     ("three.json", FIGURES, "has 3 figures, the scene casts 2"),
     ("overlap.json", FIGURES, "figures 1 and 2 (from the left) overlap"),

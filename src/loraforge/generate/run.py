@@ -327,6 +327,8 @@ def _write_outputs(folder: Path, stem: str, image: Image.Image, pose: Image.Imag
         if masks is not None:
             save_atomic(folder / f"{stem}.masks.png", lambda tmp: masks.save(tmp, format="PNG"),
                         mode)
+        else:  # an uncast image made in the place of a cast one: its masks are not this one's
+            (folder / f"{stem}.masks.png").unlink(missing_ok=True)
         pnginfo.save_png_with_scene(image, image_path, parameters, scene, mode)
         pnginfo.save_png_with_scene(image, folder / f"{FINAL_NAME}.png", parameters, scene, mode)
     except OSError as exc:
