@@ -227,7 +227,7 @@ def safe_stem(name: str) -> str:
     (NFC), `.`, `_`, `+` and `-`; every other run (spaces, path separators, control
     and invisible characters, the characters Windows, A1111 and ComfyUI refuse) becomes one
     `_`; no leading or trailing `.`, `_`, `-`; at most STEM_CHARS characters, STEM_BYTES bytes."""
-    kept = "".join(char if char in "._+-_" or unicodedata.category(char)[0] in "LMN" else " "
+    kept = "".join(char if char in "._+-" or unicodedata.category(char)[0] in "LMN" else " "
                    for char in unicodedata.normalize("NFC", name))
     stem = "_".join(kept.split())[:STEM_CHARS]
     while len(stem.encode("utf-8")) > STEM_BYTES:
