@@ -514,7 +514,8 @@ def test_an_edit_stopped_part_way_goes_on_where_it_stopped_when_run_again(
 def test_a_swap_stopped_by_sigterm_finishes_as_one_run_when_run_again(tmp_path: Path) -> None:
     """SIGTERM (a job's time limit) part-way through a swap: the rerun it advises swapped the
     captions already swapped back. Now it swaps only the others, and the one backup folder
-    holds every original."""
+    holds every original, though the concept folder's repeat count changed in between (the
+    backups were looked for under the new name: every caption swapped again)."""
 
     project = _project(tmp_path / "proj")
     folder = project / "master_dataset" / "10_blue_mage"
@@ -531,6 +532,8 @@ def test_a_swap_stopped_by_sigterm_finishes_as_one_run_when_run_again(tmp_path: 
     assert "run the same command again to finish the edit" in err
     (backup,) = _backups(project / "master_dataset")
     assert 0 < sum(_captions(folder)[n] != before[n] for n in before) < 400
+    # its repeat count changed meanwhile (as `dataset check` may advise): the same concept
+    folder = folder.rename(folder.with_name("20_blue_mage"))
 
     again = run_cli(*swap, cwd=project)
     assert again.returncode == 0, again.stderr
@@ -538,6 +541,7 @@ def test_a_swap_stopped_by_sigterm_finishes_as_one_run_when_run_again(tmp_path: 
     assert _captions(folder) == {n: t.replace("1girl, solo", "solo, 1girl")
                                  for n, t in before.items()}
     assert _backups(project / "master_dataset") == [backup]
+    assert [p.name for p in backup.iterdir() if p.is_dir()] == ["10_blue_mage"]
     assert {f.name: f.read_text() for f in (backup / "10_blue_mage").iterdir()} == before
 
 

@@ -173,6 +173,23 @@ def caption_diff(label: str, old: str | None, new: str) -> list[str]:
                                      f"b/{label}", lineterm="", n=0))
 
 
+def backup_path(backup_dir: Path, caption: Path) -> Path:
+    """Where the backup of `caption` goes in an action's backup folder: under its concept
+    folder's name, or, when that folder has been renamed since (another repeat count, as
+    `dataset check` may advise), under the name it had, so that an edit gone on with finds
+    and keeps the captions' first backups."""
+    from loraforge.dataset.scan import parse_folder_name
+
+    folder = backup_dir / caption.parent.name
+    concept = parse_folder_name(caption.parent.name)
+    if not folder.is_dir() and concept is not None and backup_dir.is_dir():
+        for other in sorted(backup_dir.iterdir()):
+            parsed = parse_folder_name(other.name)
+            if other.is_dir() and parsed is not None and parsed[1] == concept[1]:
+                return other / caption.name
+    return folder / caption.name
+
+
 class CaptionWriter:
     """Writes captions atomically; a change to a file that held any text first copies its old
     bytes to the backup folder of this action (created only when something is backed up), and
@@ -232,7 +249,7 @@ class CaptionWriter:
         if old == new:
             return False
         if old is not None and old.strip():
-            backup = self.backup_dir / path.parent.name / path.name
+            backup = backup_path(self.backup_dir, path)
             try:
                 if not backup.is_file():
                     mode = stat.S_IMODE(path.stat().st_mode)

@@ -26,6 +26,7 @@ from loraforge.dataset.caption_edit import (
     BACKUP_DIR,
     UNFINISHED_RECORD,
     CaptionWriter,
+    backup_path,
     caption_diff,
     caption_tags,
     put_first,
@@ -283,8 +284,8 @@ def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_
     diff: list[str] = []
     done = 0
     for caption in captions:
-        if resume is not None and _already_edited(
-                resume / caption.concept.folder.name / caption.path.name, caption.path):
+        if resume is not None and _already_edited(backup_path(resume, caption.path),
+                                                  caption.path):
             done += 1
             continue
         new = edits.apply(caption.text, caption.concept.name)
