@@ -595,6 +595,27 @@ def test_from_renders_with_the_pose_map_saved_beside_the_image(
     assert f"the pose map {pose} is gone" in caplog.text
 
 
+def test_from_says_when_a_lora_is_not_the_file_the_image_was_made_with(
+        tmp_path: Path, tiny_store: Path, own_environment: None) -> None:
+    """A LoRA retrained (or replaced) under the same path: `--from` rendered another image,
+    beside the first, without a word about why."""
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2,
+                                             "seed": 5})
+    settings = load_settings(config)
+    lora = make_lora(tmp_path / "style.safetensors", tiny_store / "tiny-sd15", 1)
+    (made,) = generate(settings, Options(loras=[str(lora)]), lambda line: None)
+    lines: list[str] = []
+    assert generate(settings, Options(source=made), lines.append) == [made]
+    assert not any("is not the file" in line for line in lines)
+    make_lora(lora, tiny_store / "tiny-sd15", 2)  # retrained since
+    lines.clear()
+    assert generate(settings, Options(source=made), lines.append) == [
+        made.with_name("scene-5-v2.png")]
+    assert f"note: {lora} is not the file scene-5.png was made with" in lines[0]
+
+
 def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
         tmp_path: Path, tiny_store: Path, own_environment: None) -> None:
     from loraforge.generate.run import generate

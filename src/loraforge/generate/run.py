@@ -125,6 +125,24 @@ def cast_record(job: Job) -> dict[str, Any] | None:
                         for f in job.cast.figures]}
 
 
+def _loras_changed_since(image: Path, job: Job) -> list[str]:
+    """What `--from image` says of its LoRA files that are no longer the files its record names
+    (retrained or replaced under the same path): the image made now differs from it, and is
+    written beside it."""
+    record = _sidecar(image.parent, image.stem)
+    figures = (record.get("cast") or {}).get("figures") or []
+    entries = [*(record.get("loras") or []), *(f.get("lora") for f in figures
+                                               if isinstance(f, dict))]
+    made = {entry.get("path"): entry.get("sha256") for entry in entries
+            if isinstance(entry, dict)}
+    used = [u.lora for u in job.loras]
+    if job.cast is not None:
+        used += [f.lora.lora for f in job.cast.figures if f.lora is not None]
+    return [f"{lora.path} is not the file {image.name} was made with (retrained or replaced "
+            "since: its sha256 differs), so the image made now differs from it and is written "
+            "beside it" for lora in used if made.get(str(lora.path)) not in (None, lora.sha256)]
+
+
 def scene_table(job: Job, batch: list[int]) -> dict[str, Any]:
     """The `[[scene]]` table that renders this image again (`loraforge generate --from`): with
     the seeds of the batch it was denoised in, rendered together again, so that its bits are
@@ -395,6 +413,9 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
                      PoseCache(lambda m: log.warning("%s", m), photo_poses(settings)))
     folder = settings.images_dir
     _prepare_output(folder)
+    if options.source is not None:
+        for note in _loras_changed_since(Path(options.source), jobs[0]):
+            echo(f"note: {note}")
     for job in jobs:
         for note in job.notes:
             echo(f"note: {job.name}: {note}")
