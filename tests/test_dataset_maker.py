@@ -892,6 +892,25 @@ def test_a_stop_just_after_a_caption_is_replaced_keeps_its_backup(
     assert (writer.backup_dir / UNFINISHED_RECORD).is_file()  # the rerun goes on with it
 
 
+def test_two_folders_of_one_concept_keep_their_backups_apart(tmp_path: Path) -> None:
+    """`10_mage` and `5_mage` (one concept, two repeat counts) both holding `0.txt`: each
+    caption's old text is kept under its own folder, none is lost to the other's backup."""
+    from loraforge.dataset.caption_edit import CaptionWriter
+
+    captions = []
+    for folder in ("10_mage", "5_mage"):
+        caption = tmp_path / folder / "0.txt"
+        caption.parent.mkdir()
+        caption.write_text(f"mage, from {folder}")
+        captions.append(caption)
+    with CaptionWriter(tmp_path, "tags") as writer:
+        for caption in captions:
+            writer.write(caption, caption.read_text(), "mage")
+    assert {p.relative_to(writer.backup_dir).as_posix(): p.read_text()
+            for p in writer.backup_dir.rglob("*.txt")} == {
+        "10_mage/0.txt": "mage, from 10_mage", "5_mage/0.txt": "mage, from 5_mage"}
+
+
 def test_check_reports_missing_triggers_absorbed_tags_and_near_duplicates(tmp_path: Path,
                                                                            ) -> None:
     folder = _captioned_concept(tmp_path)

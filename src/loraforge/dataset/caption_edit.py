@@ -176,8 +176,9 @@ def caption_diff(label: str, old: str | None, new: str) -> list[str]:
 def backup_path(backup_dir: Path, caption: Path) -> Path:
     """Where the backup of `caption` goes in an action's backup folder: under its concept
     folder's name, or, when that folder has been renamed since (another repeat count, as
-    `dataset check` may advise), under the name it had, so that an edit gone on with finds
-    and keeps the captions' first backups."""
+    `dataset check` may advise; the old name is gone from the dataset), under the name it
+    had, so that an edit gone on with finds and keeps the captions' first backups. Two
+    folders of one concept (`10_mage` and `5_mage`) keep their backups apart."""
     from loraforge.dataset.scan import parse_folder_name
 
     folder = backup_dir / caption.parent.name
@@ -185,7 +186,8 @@ def backup_path(backup_dir: Path, caption: Path) -> Path:
     if not folder.is_dir() and concept is not None and backup_dir.is_dir():
         for other in sorted(backup_dir.iterdir()):
             parsed = parse_folder_name(other.name)
-            if other.is_dir() and parsed is not None and parsed[1] == concept[1]:
+            if other.is_dir() and parsed is not None and parsed[1] == concept[1] \
+                    and not (caption.parent.parent / other.name).exists():
                 return other / caption.name
     return folder / caption.name
 
