@@ -386,6 +386,13 @@ class PoseCache:
         return image
 
 
+def _pose_path(raw: str, base: Path) -> Path:
+    """A scene's pose file as written (`~` expanded; relative: to `base`, the scenes file's or
+    the image's folder)."""
+    path = Path(raw.strip()).expanduser()
+    return path if path.is_absolute() else base / path
+
+
 def _pose(value: Value, figures: Value, size: Value, width: int, height: int, first_seed: int,
           cache: PoseCache, optional: bool) -> PoseSource:
     from loraforge.generate.poses import PoseMap, draw_pose, fit_pose, max_figures, random_pose
@@ -403,8 +410,7 @@ def _pose(value: Value, figures: Value, size: Value, width: int, height: int, fi
     path: Path | None = None
     reason = ""
     if raw is not None and raw.strip() and raw.strip().lower() != RANDOM:
-        path = Path(raw.strip()).expanduser()
-        path = path if path.is_absolute() else value.base / path
+        path = _pose_path(raw, value.base)
         if not path.exists() and optional:
             reason = f"no pose map at {path}: drawing random figures"
             path = None
@@ -950,8 +956,7 @@ def _saved_pose_map(source: Path, scene: dict[str, Any], poses: PoseCache) -> No
     saved = source.with_name(f"{source.stem}.pose.png")
     if not isinstance(raw, str) or raw.strip().lower() in ("", RANDOM) or not saved.is_file():
         return
-    path = Path(raw.strip()).expanduser()
-    path = path if path.is_absolute() else source.parent / path
+    path = _pose_path(raw, source.parent)
     try:
         with Image.open(saved) as image:
             pose = image.convert("RGB")

@@ -109,7 +109,7 @@ class Separation:
 def trigger_of(concept: Concept) -> str:
     """A concept's activation tag: the most common first tag of its captions (an uncaptioned
     image's tags are the concept's name; `blake ||| smile` begins with blake)."""
-    firsts = Counter(image.separate_tags[0] for image in concept.images if image.separate_tags)
+    firsts = Counter(tags[0] for image in concept.images if (tags := image.separate_tags))
     return firsts.most_common(1)[0][0] if firsts else concept.name
 
 
