@@ -27,6 +27,7 @@ from loraforge.dataset.caption_edit import BACKUP_DIR
 from loraforge.dataset.dedupe import hash_pictures, near_duplicate_groups, phash
 from loraforge.dataset.folders import concept_folders
 from loraforge.dataset.tagger import prepare_image, select_tags, tag_dataset, tag_text
+from loraforge.errors import ForgeError
 from loraforge.models.tagger import (
     CHARACTER,
     GENERAL,
@@ -583,6 +584,31 @@ def test_another_edit_is_refused_while_one_is_unfinished_until_it_is_finished_or
     assert woman.returncode == 0, woman.stderr
     assert _captions(folder) == {name: text.replace("1girl", "woman")
                                  for name, text in before.items()}
+
+
+def test_the_undo_of_a_stopped_edit_follows_a_renamed_concept_folder(tmp_path: Path) -> None:
+    """The concept folder's repeat count changed after an edit stopped (10_blue_mage ->
+    20_blue_mage): the refusal counted 0 captions edited, and its undo command (`cp -r
+    BACKUP/*/ master_dataset/`) brought the old folder back beside the renamed one, a second
+    copy of the concept that training would read twice. Both follow the rename now."""
+    project = tmp_path / "proj"
+    folder = _mage_project(project)
+    before = _captions(folder)
+    assert _tags_stopped_at_caption_4(project, "--replace", "1girl=solo,solo=1girl"
+                                      ).returncode == 1
+    folder = folder.rename(folder.with_name("20_blue_mage"))
+    dataset = project / "master_dataset"
+
+    with pytest.raises(ForgeError) as refused:
+        tag_list.stopped_edit(dataset, tag_list.Edits(replace={"1girl": "woman"}).record(None))
+    assert "(4 caption(s) edited" in refused.value.message
+    fix = str(refused.value.fix)
+    for verb in ("cp -r", "rm -r"):
+        args = fix.split(f"({verb} ", 1)[1].split(")", 1)[0]
+        subprocess.run(f"{verb} {args}", shell=True, check=True)
+    assert [p.name for p in dataset.iterdir() if not p.name.startswith(".")] == ["20_blue_mage"]
+    assert _backups(dataset) == []
+    assert _captions(folder) == before
 
 
 def test_finishing_the_stopped_edit_lets_another_one_run(tmp_path: Path) -> None:

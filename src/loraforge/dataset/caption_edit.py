@@ -192,6 +192,21 @@ def backup_path(backup_dir: Path, caption: Path) -> Path:
     return folder / caption.name
 
 
+def restore_folder(backed_up: Path, dataset_dir: Path) -> Path:
+    """The dataset folder whose captions a backup folder's subfolder `backed_up` holds: the
+    folder of its name, or, when that one has been renamed since (another repeat count) and one
+    folder of the same concept is there, that one (the inverse of `backup_path`)."""
+    from loraforge.dataset.scan import parse_folder_name
+
+    same = Path(dataset_dir) / backed_up.name
+    concept = parse_folder_name(backed_up.name)
+    if same.is_dir() or concept is None:
+        return same
+    renamed = [folder for folder in sorted(Path(dataset_dir).iterdir()) if folder.is_dir()
+               and (parse_folder_name(folder.name) or (0, None))[1] == concept[1]]
+    return renamed[0] if len(renamed) == 1 else same
+
+
 class CaptionWriter:
     """Writes captions atomically; a change to a file that held any text first copies its old
     bytes to the backup folder of this action (created only when something is backed up), and

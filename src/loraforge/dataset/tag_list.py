@@ -32,6 +32,7 @@ from loraforge.dataset.caption_edit import (
     put_first,
     remove_tags,
     replace_tags,
+    restore_folder,
     tag_key,
 )
 from loraforge.dataset.folders import ConceptFolder, concept_folders
@@ -226,17 +227,36 @@ def _already_edited(backup: Path, caption: Path) -> bool:
         return False
 
 
+def _backed_up(folder: Path, dataset_dir: Path) -> list[tuple[Path, Path]]:
+    """Each subfolder of a backup folder, and the dataset folder its captions are restored to."""
+    return [(sub, restore_folder(sub, dataset_dir)) for sub in sorted(folder.iterdir())
+            if sub.is_dir()]
+
+
 def _written_by(folder: Path, dataset_dir: Path) -> int:
-    return sum(1 for backup in folder.glob("*/*")
-               if _already_edited(backup, Path(dataset_dir) / backup.parent.name / backup.name))
+    return sum(1 for sub, target in _backed_up(folder, dataset_dir) for backup in sub.iterdir()
+               if _already_edited(backup, target / backup.name))
+
+
+def _undo(folder: Path, dataset_dir: Path) -> str:
+    """How to put back the captions a backup folder holds, and then delete it: one copy, or,
+    where a concept folder has been renamed since (its repeat count), one copy per folder into
+    its new name (a copy of the whole would bring back the old folder beside it)."""
+    pairs = _backed_up(folder, dataset_dir)
+    if all(sub.name == target.name for sub, target in pairs):
+        copy = (f"copy the folders in it back (cp -r {shell_path(folder)}/*/ "
+                f"{shell_path(dataset_dir)}/)")
+    else:
+        copy = "copy the captions in it back (" + " && ".join(
+            f"cp -r {shell_path(sub)}/. {shell_path(target)}/" for sub, target in pairs) + ")"
+    return f"{copy} and delete it (rm -r {shell_path(folder)})"
 
 
 def refusal(dataset_dir: Path, folder: Path, record: dict[str, Any], this: str) -> ForgeError:
     """The error for the command `this` (another edit of the captions) while the edit recorded
     in `folder` is unfinished: the folder, what it holds, how to finish or undo that edit."""
     command = record.get("command")
-    undo = (f"copy the folders in it back (cp -r {shell_path(folder)}/*/ "
-            f"{shell_path(dataset_dir)}/) and delete it (rm -r {shell_path(folder)})")
+    undo = _undo(folder, dataset_dir)
     if isinstance(command, str):
         what = f"`{command}`"
         fix = (f"finish the stopped edit first: run {what} again (it skips the captions already "
