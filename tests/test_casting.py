@@ -321,6 +321,9 @@ def test_figure_option_names_a_concept_as_its_folder_spells_it(
     named = plan("ohwx man: smiling", " ブレイク : waving")
     assert [(f.character, f.text) for f in named.cast.figures] == [
         ("ohwx man", "ohwx man, smiling"), ("ブレイク", "ブレイク, waving")]
+    ime = plan("ブレイク：笑顔", "ohwx man： 1:2 scale")  # full-width colons, as an IME types
+    assert [(f.character, f.text) for f in ime.cast.figures] == [
+        ("ブレイク", "ブレイク, 笑顔"), ("ohwx man", "ohwx man, 1:2 scale")]
     assert [u.lora.path.name for u in named.loras] == ["multi.safetensors"]
     prompts = plan("(smile:1.2), a knight: left", "a mage, red scarf: right")
     assert [(f.character, f.text) for f in prompts.cast.figures] == [

@@ -831,13 +831,16 @@ def _figure_option(text: str) -> dict[str, str]:
     """`--figure "blake: smiling"` -> character blake, prompt "smiling"; `": a: b"` (no name
     before the first colon) or no `NAME:` -> the prompt alone. NAME is a concept name as a
     dataset folder spells it (`ohwx man`, `ブレイク`): text with a bracket, comma or other
-    prompt syntax before its first colon (`(smile:1.2)`, `<lora:x:0.8>`) is a prompt."""
-    head, colon, rest = text.partition(":")
-    name = head.strip()
-    if colon and not name:
-        return {"prompt": rest.strip()}
-    if colon and _is_concept_name(name):
-        return {"character": name, "prompt": rest.strip()}
+    prompt syntax before its first colon (`(smile:1.2)`, `<lora:x:0.8>`) is a prompt. A
+    full-width colon (`ブレイク：笑顔`, as a Japanese or Chinese input method types it) counts."""
+    colons = [at for at in (text.find(":"), text.find("\uff1a")) if at >= 0]
+    if not colons:
+        return {"prompt": text}
+    name, rest = text[:min(colons)].strip(), text[min(colons) + 1:].strip()
+    if not name:
+        return {"prompt": rest}
+    if _is_concept_name(name):
+        return {"character": name, "prompt": rest}
     return {"prompt": text}
 
 
