@@ -365,11 +365,14 @@ def test_tags_dry_run_shows_the_diff_and_the_edit_keeps_a_backup(tmp_path: Path)
         assert needle in result.stdout, (needle, result.stdout)
     assert _captions(folder) == before and not (tmp_path / "master_dataset" / BACKUP_DIR).exists()
 
+    (folder / "0.txt").chmod(0o600)  # made private: an edit keeps it so
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.glob("*.txt")}
     _, captions, _ = tag_list.load(tmp_path / "master_dataset", ["blake"], ".txt")
     edits = tag_list.parse_edits(["solo,simple background,blake"], ["1girl=1woman"], True)
     done = tag_list.edit_captions(tmp_path / "master_dataset", captions, edits, False, 0o644)
     assert _captions(folder) == {"0.txt": "blake, 1woman\n", "1.txt": "blake, 1woman, smile, Smile",
                                  "2.txt": "blake, 1woman"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.glob("*.txt")} == modes
     assert done.backup_dir is not None
     assert {p.name: p.read_text() for p in (done.backup_dir / "10_blake").iterdir()} == before
     again = tag_list.edit_captions(tmp_path / "master_dataset",

@@ -207,6 +207,11 @@ def restore_folder(backed_up: Path, dataset_dir: Path) -> Path:
     return renamed[0] if len(renamed) == 1 else same
 
 
+def _mode_of(caption: Path) -> int:
+    """The permission bits an edited caption keeps (a caption made private stays private)."""
+    return stat.S_IMODE(caption.stat().st_mode)
+
+
 class CaptionWriter:
     """Writes captions atomically; a change to a file that held any text first copies its old
     bytes to the backup folder of this action (created only when something is backed up), and
@@ -269,8 +274,7 @@ class CaptionWriter:
             backup = backup_path(self.backup_dir, path)
             try:
                 if not backup.is_file():
-                    mode = stat.S_IMODE(path.stat().st_mode)
-                    with atomic_path(backup, mode) as tmp:  # never a half backup
+                    with atomic_path(backup, _mode_of(path)) as tmp:  # never a half backup
                         shutil.copy2(path, tmp)
             except OSError as exc:
                 raise ForgeError(f"cannot keep a backup of {path.name} there "
@@ -291,7 +295,7 @@ class CaptionWriter:
                                      "then run the same command again") from None
             self.recorded = True
         try:
-            write_atomic(path, new, self.file_mode)
+            write_atomic(path, new, self.file_mode if old is None else _mode_of(path))
         except OSError as exc:
             raise ForgeError(f"cannot be written ({exc.strerror or exc}); it is unchanged, and "
                              "the captions written before it are kept", path=path,
