@@ -32,3 +32,20 @@ def test_demo_refuses_a_tiny_project_with_concepts_of_its_own(tmp_path: Path) ->
     result = run_cli("demo", tmp_path)
     assert_user_error(result, "master_dataset", "3_bob", "folder of its own")
     assert _tree(tmp_path) == before
+
+
+def test_demo_keeps_everything_in_its_folder_though_a_storage_root_is_exported(
+        tmp_path: Path) -> None:
+    """The whole demo, as `make demo` runs it, by a user whose LORAFORGE_STORAGE_ROOT points
+    at the lab's storage: the tiny model, the LoRA, the scene and the report go into the demo's
+    folder; the lab's storage was its target (beside the user's own runs, where the tiny LoRA
+    would be the newest one generate picks)."""
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    result = run_cli("demo", "demo", cwd=tmp_path, env={"LORAFORGE_STORAGE_ROOT": str(lab)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the demo leaves that storage alone" in result.stdout
+    assert list(lab.iterdir()) == []
+    run = tmp_path / "demo" / "Multi_Concept_Output" / "multi_concept"
+    assert (run / "multi_concept.safetensors").is_file() and (run / "report.html").is_file()
+    assert list((tmp_path / "demo" / "Final_Images").glob("*.png"))

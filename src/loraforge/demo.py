@@ -7,11 +7,12 @@ code; rerunning reuses what is already there.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich.console import Console
 
-from loraforge.config import CONFIG_NAME, TINY, load_settings
+from loraforge.config import CONFIG_NAME, STORAGE_ENV, TINY, load_settings
 from loraforge.dataset.check import check_dataset
 from loraforge.dataset.sample import SAMPLE_FOLDERS, write_sample_dataset
 from loraforge.errors import ForgeError
@@ -39,6 +40,22 @@ def check_demo_folder(directory: Path) -> None:
 
 
 def run_demo(directory: Path, console: Console) -> None:
+    """The demo keeps everything in `directory`: a storage root exported for the user's own
+    work (LORAFORGE_STORAGE_ROOT) is set aside while it runs, else the tiny LoRA would join,
+    or be refused beside, the user's runs, and become the newest run that generate picks."""
+    exported = os.environ.pop(STORAGE_ENV, None)
+    try:
+        if exported:
+            console.print(f"note: {STORAGE_ENV} is set ({exported}); the demo leaves that "
+                          f"storage alone and keeps its models and runs in {directory}",
+                          markup=False)
+        _run_demo(directory, console)
+    finally:
+        if exported is not None:
+            os.environ[STORAGE_ENV] = exported
+
+
+def _run_demo(directory: Path, console: Console) -> None:
     check_demo_folder(directory)
     console.rule("1. project")
     for line in init_project(directory, tiny=True):
