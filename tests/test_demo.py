@@ -1,5 +1,5 @@
-"""`loraforge demo DIR` leaves a user's project alone: it refuses a folder that is not its own
-before writing anything. (The demo itself runs in CI as `make demo`.)"""
+"""`loraforge demo DIR` runs the whole journey in DIR, and leaves a user's project alone: it
+refuses a folder that is not its own before writing anything."""
 
 from __future__ import annotations
 
