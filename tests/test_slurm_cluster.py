@@ -281,6 +281,15 @@ def test_sweep_runs_every_combination_and_runs_lists_them(scenarios: Scenarios,
         assert run["params"] == {"train.unet_lr": float(lr), "train.network_dim": int(dim)}
     table = run_cli("runs", cwd=project)
     assert all(name in table.stdout for name in runs) and "finished" in table.stdout
+    # A task killed on its node (SIGKILL: the record still says running) shows stopped: its
+    # record names the task's own job id, jobs.json the array's ARRAY_TASK.
+    name = "sw-unet_lr5e-4-network_dim8"
+    record_path = project / "store" / "Multi_Concept_Output" / name / "run.json"
+    record = json.loads(record_path.read_text())
+    assert record["slurm"]["job_id"] != f"{array_id}_3", record["slurm"]
+    record_path.write_text(json.dumps({**record, "status": "running"}))
+    (task,) = json.loads(run_cli("slurm", "status", name, "--json", cwd=project).stdout)
+    assert (task["job_id"], task["run_status"]) == (f"{array_id}_3", "stopped"), task
 
 
 def test_tag_job_captions_the_dataset_on_a_node(scenarios: Scenarios,

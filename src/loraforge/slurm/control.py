@@ -65,14 +65,21 @@ def job_status(settings: Settings, run: str | None) -> list[dict[str, Any]]:
         if entry.get("run") and entry.get("kind") == "train":
             record = read_record(settings.runs_dir / entry["run"]) or {}
             row["run_status"] = record.get("status", "not started")
-            ours = str((record.get("slurm") or {}).get("job_id")) == str(entry["job_id"])
-            if (ours and row["run_status"] == "running"
+            if (_job_runs(record, entry["job_id"]) and row["run_status"] == "running"
                     and live.get("JobState") not in scheduler.RUNNING_STATES):
                 row["run_status"] = "stopped"  # its job is no longer running it
         else:
             row["run_status"] = ""
         rows.append(row)
     return rows
+
+
+def _job_runs(record: dict[str, Any], job_id: str) -> bool:
+    """Whether the run's record was written by the job `job_id` as `loraforge slurm` records
+    it: its own id, or a sweep's `ARRAY_TASK` (the task also has an id of its own)."""
+    slurm = record.get("slurm") or {}
+    ids = {str(slurm.get("job_id")), f"{slurm.get('array_job_id')}_{slurm.get('array_task_id')}"}
+    return str(job_id) in ids
 
 
 def print_status(settings: Settings, run: str | None, as_json: bool, console: Console) -> None:
