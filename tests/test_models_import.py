@@ -338,6 +338,11 @@ def test_other_families_and_files_are_refused(store: Path, tmp_path: Path,
     for taken in ("runtimes", "cache", "Final_Images", "Tiny"):  # folders of the root's own
         assert f"`{taken}` is a reserved name" in refused("import", files["full"], "--as",
                                                           "base", "--name", taken)
+    # the embedded tiny models' folders: `models tiny` (or the demo) replaced such an import
+    for taken in ("tiny-controlnet", "tiny-sd15", "tiny-detector", "tiny-taught"):
+        message = refused("import", files["controlnet"], "--as", "controlnet", "--name", taken)
+        assert f"`{taken}` is the folder of an embedded tiny model" in message
+        assert f"--name {taken}-imported" in message
     assert not store.exists() or not any(store.iterdir())
 
 

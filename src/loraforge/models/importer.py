@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
 from loraforge.fsutil import disk_full, full_disk_error
-from loraforge.models import folders
+from loraforge.models import folders, taught, tiny, tiny_detector
 from loraforge.models.manifest import NOT_MODELS, describe_files, write_manifest
 from loraforge.models.tiny import strip_volatile
 from loraforge.runtime import hide_torchvision_notice, quiet_loading
@@ -46,6 +46,10 @@ NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 KINDS = ("base", "controlnet")
 IMPORT_FIX = ("import an SD 1.x (SD 1.4/1.5 family) checkpoint, e.g. the .safetensors file of an "
               "SD 1.5 fine-tune from Civitai")
+#: Folders the embedded tiny models are built in: `models tiny` (or a `tiny` setting) would
+#: replace a model imported under one of these names.
+EMBEDDED_NAMES = frozenset({tiny.BASE_NAME, tiny.CONTROLNET_NAME, tiny_detector.NAME,
+                            taught.TAUGHT_NAME})
 VAE_FIX = ("add `--vae FILE` with an SD 1.x VAE, e.g. vae-ft-mse-840000-ema-pruned.safetensors "
            "(stabilityai/sd-vae-ft-mse-original), the usual one for checkpoints sold without")
 
@@ -222,6 +226,11 @@ def check_name(name: str) -> str:
     if name.lower() == "tiny" or name in NOT_MODELS:
         raise ForgeError(f"`{name}` is a reserved name under the storage root",
                          fix="choose another --name")
+    if name.lower() in EMBEDDED_NAMES:
+        raise ForgeError(f"`{name}` is the folder of an embedded tiny model (`loraforge models "
+                         "tiny`, or a model set to `tiny` or `tiny-taught`, builds it there and "
+                         "would replace the imported model)",
+                         fix=f"choose another --name, e.g. `--name {name}-imported`")
     return name
 
 
