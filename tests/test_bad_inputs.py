@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import draw_character, write_training_project
+from conftest import assert_user_error, draw_character, write_training_project
 
 from loraforge.cli import main
 from loraforge.config import STORAGE_ENV
@@ -553,8 +556,6 @@ def test_a_small_image_is_enlarged_to_its_bucket_unless_no_upscale(
 def test_a_malformed_manifest_is_named_by_list_and_verify(
         project: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import shutil
-
     model = project / "store" / "copied"
     shutil.copytree(tiny_store / "tiny-controlnet", model)
     (model / "manifest.json").write_text('{"files": ')
@@ -579,3 +580,38 @@ def test_a_malformed_manifest_is_named_by_list_and_verify(
     verified = run_main(["models", "verify", "notes"], project, monkeypatch, capsys)
     assert verified.code == 1 and "is not a model folder" in verified.err, verified.text
     assert "DAMAGED" not in verified.out
+
+
+def test_a_folder_this_user_may_not_read_is_skipped_by_list_and_verify(
+        tiny_store: Path, tmp_path: Path) -> None:
+    """Shared lab storage with another user's private folder in it: `models list` and `models
+    verify` failed whole ("Permission denied" on a model_index.json it does not hold)."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / "tiny-controlnet", store / "Mine")
+    private = store / "Theirs"
+    private.mkdir()
+    (private / "model_index.json").write_text("{}")
+    private.chmod(0o000)
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root reads anything: run the commands without that privilege
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to run a command as root without "
+                        "CAP_DAC_OVERRIDE")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+    env = {**os.environ, STORAGE_ENV: str(store)}
+    try:
+        listed, verified, named = (
+            subprocess.run([*prefix, sys.executable, "-m", "loraforge", "models", *args],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+            for args in (["list"], ["verify"], ["verify", "Theirs"]))
+    finally:
+        private.chmod(0o700)
+    warning = (f"warning: {private}: cannot be read (Permission denied); skipped (if it is a "
+               f"model for you too, its owner can share it: `chmod -R a+rX {private}`)")
+    for ran in (listed, verified):
+        assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stdout + ran.stderr
+        assert warning in ran.stderr.splitlines()
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["NAME", "Mine"]
+    assert verified.stdout.splitlines()[0] == "Mine: ok (3 files re-hashed)"
+    assert_user_error(named, f"{private}: cannot be read (Permission denied)", "chmod -R a+rX")

@@ -27,6 +27,10 @@ def _say(line: str) -> None:
     out.print(line, markup=False)
 
 
+def _warn(line: str) -> None:
+    typer.echo(f"warning: {line}", err=True)
+
+
 def _settings(config: Path | None, overrides: list[str] | None) -> Settings:
     from loraforge.config import load_settings
 
@@ -96,10 +100,10 @@ def list_command(config: ConfigOpt = None, overrides: SetOpt = None,
     from loraforge.models.manifest import scan_models
 
     settings = _settings(config, overrides)
-    entries = scan_models(settings.listed_storage_root("models"), settings.cache_dir)
+    entries = scan_models(settings.listed_storage_root("models"), _warn, settings.cache_dir)
     for entry in entries:
         if entry.warning:
-            typer.echo(f"warning: {entry.warning}", err=True)
+            _warn(entry.warning)
     if as_json:
         out.print_json(json.dumps([e.to_dict() for e in entries]))
         return
@@ -128,7 +132,13 @@ def verify_command(
 ) -> None:
     """Re-hash model files against their manifest.json; exit 1 if any is missing or changed."""
     from loraforge.errors import ForgeError
-    from loraforge.models.manifest import model_folders, model_kind, read_manifest, verify_folder
+    from loraforge.models.manifest import (
+        model_folders,
+        model_kind,
+        read_manifest,
+        unreadable,
+        verify_folder,
+    )
     from loraforge.models.tiny import tiny_folders
     from loraforge.models.tiny_detector import tiny_detector_folder
 
@@ -138,14 +148,18 @@ def verify_command(
         if not folder.is_dir():
             raise ForgeError("model not found", path=folder,
                              fix="`loraforge models list` shows the models there are")
-        if read_manifest(folder) is None and model_kind(folder, None) is None:
+        try:
+            kind = model_kind(folder, None)
+        except OSError as exc:
+            raise unreadable(folder, exc) from None
+        if read_manifest(folder) is None and kind is None:
             raise ForgeError("is not a model folder (no diffusers model, ControlNet, pose "
                              "detector or tagger in it, and no manifest.json)", path=folder,
                              fix="name a model folder; `loraforge models list` shows the models "
                                  "there are")
         targets = [folder]
     else:
-        targets = list(model_folders(settings.listed_storage_root("models")))
+        targets = model_folders(settings.listed_storage_root("models"), _warn)
         if not targets:
             _say(f"no models under {settings.storage_root}")
             return

@@ -14,7 +14,7 @@ checkpoint, else the U-Net's (ControlNet, detector: their weights file's).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,19 +216,39 @@ class ModelEntry:
                 "warning": self.warning}
 
 
-def model_folders(root: Path) -> Iterable[Path]:
-    """Folders under the storage root that hold a model (sorted by name)."""
+def model_folders(root: Path, warn: Callable[[str], None]) -> list[Path]:
+    """Folders under the storage root that hold a model (sorted by name). One that cannot be
+    read (another user's private folder on shared storage) is skipped, said through `warn`."""
     if not root.is_dir():
         return []
-    return [p for p in sorted(root.iterdir(), key=lambda p: p.name.lower())
-            if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_MODELS
-            and model_kind(p, read_manifest(p)) is not None]
+    found = []
+    for path in sorted(root.iterdir(), key=lambda p: p.name.lower()):
+        if not path.is_dir() or path.name.startswith(".") or path.name in NOT_MODELS:
+            continue
+        try:
+            kind = model_kind(path, read_manifest(path))
+        except OSError as exc:
+            problem = unreadable(path, exc)
+            warn(f"{path}: {problem.message}; skipped ({problem.fix})")
+            continue
+        if kind is not None:
+            found.append(path)
+    return found
 
 
-def scan_models(root: Path, cache_dir: Path | None = None) -> list[ModelEntry]:
-    """Every model folder under `root` with its kind, size, hash and source."""
+def unreadable(folder: Path, exc: OSError) -> ForgeError:
+    """A model folder this user may not read (another user's private folder)."""
+    return ForgeError(f"cannot be read ({exc.strerror or exc})", path=folder,
+                      fix=f"if it is a model for you too, its owner can share it: "
+                          f"`chmod -R a+rX {folder}`")
+
+
+def scan_models(root: Path, warn: Callable[[str], None], cache_dir: Path | None = None,
+                ) -> list[ModelEntry]:
+    """Every model folder under `root` with its kind, size, hash and source (`warn`: the
+    folders skipped)."""
     entries = []
-    for folder in model_folders(root):
+    for folder in model_folders(root, warn):
         manifest = read_manifest(folder)
         kind = model_kind(folder, manifest) or "unknown"
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
