@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +24,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 from conftest import draw_character, run_cli
+
+from loraforge.errors import ForgeError
 
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdef"
 COMMITS = {"Lykon/AnyLoRA": "a" * 40, "lllyasviel/control_v11p_sd15_openpose": "b" * 40,
@@ -508,3 +510,39 @@ def test_fetch_tagger_installs_model_and_tags_that_then_tag_offline(tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert "tagger: " in result.stdout and "wd-tagger" in result.stdout
     assert (concept / "a.txt").read_text().startswith("knight, ")
+
+
+def test_a_fetch_onto_a_full_disk_is_one_message_and_leaves_no_partial(
+        small_disk: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        ) -> None:
+    """The downloads fit, their conversion did not: a traceback from safetensors' save_file
+    (SafetensorError, not OSError) and the message of no other failure."""
+    import torch
+
+    from loraforge.models.fetch import fetch_models
+
+    def pth(seed: int) -> bytes:  # 2 MB each
+        buffer = io.BytesIO()
+        torch.save({"model0.conv1_1.weight": torch.randn(
+            500_000, generator=torch.Generator().manual_seed(seed))}, buffer)
+        return buffer.getvalue()
+
+    fake = FakeHub()
+    fake.add("lllyasviel/Annotators", {"body_pose_model.pth": pth(3),
+                                       "hand_pose_model.pth": pth(4), "facenet.pth": pth(5)})
+    fake.thread.start()
+    store = small_disk("7m") / "store"  # the 6 MB downloaded, then no room for the conversion
+    try:
+        for key, value in hub_env(fake, store, tmp_path / "home").items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(ForgeError) as refused:
+            fetch_models(store, "openpose-detector", None, False, lambda line: None)
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+    assert str(refused.value).startswith(
+        f"{store}: could not install `controlnet-detector` here (about 6.0 MB): No space left "
+        "on device (the disk, or your quota on it, is full)\n  fix: free space there")
+    assert "the downloaded files are kept" in str(refused.value)
+    assert not (store / "controlnet-detector").exists()
+    assert not [p.name for p in store.iterdir() if p.name.endswith(".partial")]

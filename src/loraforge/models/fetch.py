@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from loraforge.errors import ForgeError
+from loraforge.fsutil import disk_full, full_disk_error
 from loraforge.models import folders, gpu_runtime
 from loraforge.models.catalog import (
     ALL,
@@ -301,6 +302,14 @@ def _assemble_and_install(root: Path, dest: Path, plan: Plan,
         })
         folders.fix_modes(tmp, file_mode)
         folders.install(tmp, dest)
+    except Exception as exc:  # safetensors and the tokenizer raise their own errors
+        if isinstance(exc, ForgeError) or not disk_full(exc):
+            raise
+        size = sum(blob.stat().st_size for blob, _ in blobs.values())
+        raise full_disk_error(exc, root, "its half-written copy was removed, the downloaded "
+                              "files are kept for the rerun, and no other model was touched",
+                              what=f"could not install `{model.folder}` here (about "
+                                   f"{human_size(size)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
