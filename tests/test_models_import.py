@@ -324,6 +324,18 @@ def test_other_families_and_files_are_refused(store: Path, tmp_path: Path,
     save_file({**tensors, f"{unet}input_blocks.0.0.weight": torch.zeros(16, 9, 3, 3)},
               str(inpaint))
     assert "inpainting" in refused("import", inpaint, "--as", "base")
+    text = "cond_stage_model.transformer.text_model."
+    positions = tensors[f"{text}embeddings.position_embedding.weight"]
+    longclip = tmp_path / "longclip.safetensors"  # Long-CLIP: 248 token positions
+    save_file({**tensors, f"{text}embeddings.position_embedding.weight":
+               torch.cat([positions, positions[-1:].repeat(171, 1)])}, str(longclip))
+    assert f"{longclip}: its text encoder has 248 token positions; an embedded tiny base has " \
+           "77" in refused("import", longclip, "--as", "base")
+    wide = tmp_path / "wide_mlp.safetensors"
+    fc1 = f"{text}encoder.layers.3.mlp.fc1.weight"
+    save_file({**tensors, fc1: torch.zeros(96, tensors[fc1].shape[1])}, str(wide))
+    assert f"{wide}: has a text encoder of another shape (encoder.layers.3.mlp.fc1.weight is " \
+           "[96, 32]; embedded tiny has [64, 32])" in refused("import", wide, "--as", "base")
 
     lora = _fake(tmp_path / "char.safetensors",
                  {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 16)})

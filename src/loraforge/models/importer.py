@@ -427,7 +427,34 @@ def classify_base(ckpt: Checkpoint) -> Family:
                          f" {token[0]} tokens; {family.name} has {expected['num_hidden_layers']},"
                          f" {expected['hidden_size']}, {expected['vocab_size']})", path=path,
                          fix=IMPORT_FIX)
+    _check_text_encoder(text, family, path)
     return family
+
+
+def _check_text_encoder(text: dict[str, tuple[int, ...]], family: Family, path: Path) -> None:
+    """Every text encoder tensor of the checkpoint has the shape the family's CLIP text model
+    loads (an extended one, e.g. Long-CLIP's 248 token positions, cannot be converted)."""
+    import torch
+    from transformers import CLIPTextModel
+
+    from loraforge.models.tiny import clip_text_config
+
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = CLIPTextModel(clip_text_config(family.text_encoder))
+    for key, tensor in model.state_dict().items():
+        name = key.removeprefix("text_model.")
+        shape = text.get(name)
+        if shape is None or tuple(shape) == tuple(tensor.shape):
+            continue
+        if name == "embeddings.position_embedding.weight":
+            raise ForgeError(f"its text encoder has {shape[0]} token positions; an "
+                             f"{family.name} base has {tensor.shape[0]} (an extended text "
+                             "encoder such as Long-CLIP, which SD 1.x tools cannot load)",
+                             path=path, fix="import the model's version with the standard "
+                                            f"{tensor.shape[0]}-token text encoder, or another "
+                                            "SD 1.x checkpoint")
+        raise ForgeError(f"has a text encoder of another shape ({name} is {list(shape)}; "
+                         f"{family.name} has {list(tensor.shape)})", path=path, fix=IMPORT_FIX)
 
 
 def classify_controlnet(ckpt: Checkpoint) -> Family:
