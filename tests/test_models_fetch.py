@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -298,7 +299,8 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_fetch_all_installs_checks_and_is_idempotent(
-        hub: FakeHub, served: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
+        hub: FakeHub, served: dict[str, dict[str, bytes]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "store"
     anylora = served["Lykon/AnyLoRA"]
     unet_fp16 = anylora["unet/diffusion_pytorch_model.fp16.safetensors"]
@@ -418,6 +420,25 @@ def test_fetch_all_installs_checks_and_is_idempotent(
     result = models_cli("fetch", "controlnet-openpose", env=env)
     assert result.returncode == 1 and "was not installed by" in result.stderr
     assert (controlnet / "diffusion_pytorch_model.safetensors").is_file()
+
+    # `fetch` (all) fetches the other models, then names the one it left as it is; it stopped
+    # at that one, and the models after it were never fetched.
+    from loraforge.models.fetch import fetch_models
+
+    shutil.rmtree(detector)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    said: list[str] = []
+    with pytest.raises(ForgeError) as refused:
+        fetch_models(store, "all", None, False, said.append)
+    assert str(refused.value).startswith(
+        f"{controlnet}: already exists and was not installed by `loraforge models fetch "
+        "controlnet-openpose`; it is left as it is")
+    assert "controlnet-model: skipped, it was not installed by `loraforge models fetch` (see " \
+           "the end)" in said
+    assert (detector / "body_pose_model.safetensors").is_file()
+    assert sorted(p.name for p in controlnet.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_fetch_resumes_across_runs_with_the_login_token(

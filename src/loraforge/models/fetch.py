@@ -135,8 +135,24 @@ def fetch_models(storage_root: Path, which: str, revision: str | None, full_prec
     if token_source:
         say(f"using the Hugging Face token from {token_source}")
     hub = Hub(endpoint, token, say)
-    return [fetch_one(hub, storage_root, model, revision, full_precision, say, file_mode)
-            for model in targets]
+    results, kept = [], []
+    for model in targets:
+        refusal = foreign_folder(storage_root, model)
+        if refusal is not None and len(targets) > 1:  # fetch the others, then say so
+            say(f"{model.folder}: skipped, it was not installed by `loraforge models fetch` "
+                "(see the end)")
+            kept.append(refusal)
+            continue
+        results.append(fetch_one(hub, storage_root, model, revision, full_precision, say,
+                                 file_mode))
+    if len(kept) == 1:
+        raise kept[0]
+    if kept:
+        raise ForgeError(f"{' and '.join(str(r.path) for r in kept)} already exist and were not "
+                         "installed by `loraforge models fetch`; they are left as they are",
+                         fix="use them as they are, or move them aside (`mv FOLDER FOLDER.old`) "
+                             "and fetch again")
+    return results
 
 
 def redirect_hf_home(storage_root: Path) -> None:
@@ -184,11 +200,9 @@ def fetch_one(hub: Hub, root: Path, model: HubModel, revision: str | None,
               ) -> FetchResult:
     dest = root / model.folder
     existing = read_manifest(dest)
-    if dest.exists() and not _installed_by_fetch(existing, model):
-        raise ForgeError(f"already exists and was not installed by `loraforge models fetch "
-                         f"{model.key}`; it is left as it is", path=dest,
-                         fix=f"use it as it is, or move it aside (`mv {dest} {dest}.old`) and "
-                             "fetch again")
+    refusal = foreign_folder(root, model)
+    if refusal is not None:
+        raise refusal
     plan = hub.plan(model, revision or "main", full_precision)
     for note in plan.notes:
         say(f"{model.folder}: {note}")
@@ -224,6 +238,18 @@ def fetch_one(hub: Hub, root: Path, model: HubModel, revision: str | None,
     say(f"{model.folder}: installed {model.repo}@{plan.commit[:10]}"
         f"{f' ({plan.variant})' if plan.variant else ''}: {got} -> {dest}")
     return result
+
+
+def foreign_folder(root: Path, model: HubModel) -> ForgeError | None:
+    """The refusal to replace `model`'s folder when something else than `models fetch` of it
+    put it there (copied by hand, imported); None when it is absent or fetch's own."""
+    dest = root / model.folder
+    if not (dest.exists() or dest.is_symlink()) or _installed_by_fetch(read_manifest(dest), model):
+        return None
+    return ForgeError(f"already exists and was not installed by `loraforge models fetch "
+                      f"{model.key}`; it is left as it is", path=dest,
+                      fix=f"use it as it is, or move it aside (`mv {dest} {dest}.old`) and "
+                          "fetch again")
 
 
 def _prune(store: Path) -> None:
