@@ -56,6 +56,7 @@ class FakeHub:
         self.drop_after: dict[str, int] = {}  # file sha256 -> bytes sent before the first drop
         self.fail_after_drop: set[str] = set()  # ... and then answer 503 to later requests
         self.dropped: set[str] = set()
+        self.on_download: Callable[[], None] | None = None  # runs before each file is sent
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -146,6 +147,8 @@ class FakeHub:
                      if hashlib.sha256(d).hexdigest() == sha), None)
         if data is None:
             return self.reply(req, 404, b"", head)
+        if not head and self.on_download is not None:
+            self.on_download()
         if not head and sha in self.dropped and sha in self.fail_after_drop:
             return self.reply(req, 503, b"busy", head)
         start, status, extra = 0, 200, {"Accept-Ranges": "bytes", "ETag": f'"{sha}"'}
@@ -567,3 +570,37 @@ def test_a_fetch_onto_a_full_disk_is_one_message_and_leaves_no_partial(
     assert "the downloaded files are kept" in str(refused.value)
     assert not (store / "controlnet-detector").exists()
     assert not [p.name for p in store.iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_model_installed_while_fetch_downloads_is_left_in_place(
+        hub: FakeHub, tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        ) -> None:
+    """`models fetch` looked at the destination only before downloading: an import of the same
+    name that finished meanwhile (or was still installing) was replaced in silence."""
+    import fcntl
+
+    from loraforge.models.fetch import fetch_models
+
+    store = tmp_path / "store"
+    dest = store / "controlnet-model"
+    for key, value in hub_env(hub, store, tmp_path / "home").items():
+        monkeypatch.setenv(key, value)
+    hub.on_download = lambda: dest.exists() or shutil.copytree(tiny_store / "tiny-controlnet",
+                                                               dest)
+    with pytest.raises(ForgeError) as refused:
+        fetch_models(store, "controlnet-openpose", None, False, lambda line: None)
+    assert str(refused.value).startswith(f"{dest}: already exists and was not installed by "
+                                         "`loraforge models fetch controlnet-openpose`")
+    theirs = (tiny_store / "tiny-controlnet" / "manifest.json").read_text()
+    assert (dest / "manifest.json").read_text() == theirs
+
+    # an import of that name still converting holds the name's lock: the fetch waits for none
+    hub.on_download = None
+    shutil.rmtree(dest)
+    with open(store / ".controlnet-model.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ForgeError) as refused:
+            fetch_models(store, "controlnet-openpose", None, False, lambda line: None)
+    assert "another process is busy with installing the model `controlnet-model` (an import " \
+           "or a fetch of it)" in str(refused.value)
+    assert not dest.exists() and not list(store.glob(".controlnet-model.*.partial"))

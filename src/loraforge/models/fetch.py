@@ -226,7 +226,11 @@ def fetch_one(hub: Hub, root: Path, model: HubModel, revision: str | None,
                 result.downloaded_bytes += fetched
             else:
                 result.reused_files += 1
-        _assemble_and_install(root, dest, plan, blobs, say, file_mode)
+        with folders.model_lock(root, model.folder):  # an import of the name holds it too
+            refusal = foreign_folder(root, model)  # put there while this fetch downloaded
+            if refusal is not None:
+                raise refusal
+            _assemble_and_install(root, dest, plan, blobs, say, file_mode)
         _prune(store)
     if result.downloaded_files:
         got = (f"downloaded {result.downloaded_files} file(s), "

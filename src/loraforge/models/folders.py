@@ -142,6 +142,14 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
+def model_lock(root: Path, name: str) -> contextlib.AbstractContextManager[bool]:
+    """The lock of model `name` under `root` that `models import` and `models fetch` hold from
+    their last look at the destination to its install, so that neither replaces the other's
+    model unseen; ForgeError while another process holds it."""
+    return exclusive(root / f".{name}{LOCK_SUFFIX}",
+                     f"installing the model `{name}` (an import or a fetch of it)")
+
+
 @contextlib.contextmanager
 def exclusive(lock_file: Path, what: str) -> Iterator[bool]:
     """Hold a non-blocking exclusive lock on `lock_file`; ForgeError if another process holds it.

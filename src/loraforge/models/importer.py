@@ -160,8 +160,7 @@ def import_checkpoint(storage_root: Path, file: Path, kind: str, name: str | Non
         source["vae"] = {"file": vae_ckpt.path.name, "path": str(vae_ckpt.path.resolve()),
                          "sha256": digest, "short_hash": digest[:10]}
 
-    with folders.exclusive(root / f".{name}{folders.LOCK_SUFFIX}",
-                           f"importing `{name}`") as locked:
+    with folders.model_lock(root, name) as locked:
         if dest.exists():
             raise ForgeError(f"a model named `{name}` appeared meanwhile", path=dest,
                              fix="choose another --name")
