@@ -615,3 +615,41 @@ def test_a_folder_this_user_may_not_read_is_skipped_by_list_and_verify(
     assert [line.split()[0] for line in listed.stdout.splitlines()] == ["NAME", "Mine"]
     assert verified.stdout.splitlines()[0] == "Mine: ok (3 files re-hashed)"
     assert_user_error(named, f"{private}: cannot be read (Permission denied)", "chmod -R a+rX")
+
+
+def test_verify_names_model_folders_that_cannot_load(
+        project: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Copied in by hand (no manifest.json), each of these was "ok": a ControlNet whose weights
+    file is cut short, a detector file cut to 100 bytes, and a base model whose U-Net weights
+    are only the fp16 variant file, which the loaders never read."""
+    import torch
+    from safetensors.torch import save_file
+
+    store = project / "store"
+    controlnet = shutil.copytree(tiny_store / "tiny-controlnet", store / "cn")
+    base = shutil.copytree(tiny_store / "tiny-sd15", store / "base")
+    for folder in (controlnet, base):
+        (folder / "manifest.json").unlink()
+    weights = controlnet / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    unet = base / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.rename(unet.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    body = store / "pose" / "body_pose_model.safetensors"
+    body.parent.mkdir()
+    save_file({"model0.conv1_1.weight": torch.zeros(8, 3, 3, 3),
+               "model0.conv1_1.bias": torch.zeros(8)}, str(body))
+    body.write_bytes(body.read_bytes()[:100])
+
+    verified = run_main(["models", "verify"], project, monkeypatch, capsys)
+    assert verified.code == 1, verified.text
+    shown = [line for line in verified.out.splitlines() if not line.startswith("  note:")]
+    assert shown[:6] == [
+        "base: DAMAGED",
+        "  problem: unet: holds only diffusion_pytorch_model.fp16.safetensors, a variant file "
+        "that is not loaded: rename it to diffusion_pytorch_model.safetensors",
+        "cn: DAMAGED",
+        "  problem: diffusion_pytorch_model.safetensors: is an incomplete or damaged weights file",
+        "pose: DAMAGED",
+        "  problem: body_pose_model.safetensors: is an incomplete or damaged weights file"]
+    assert "3 model(s) damaged: move each aside and fetch or import it again" in verified.out

@@ -326,6 +326,10 @@ def verify_folder(folder: Path) -> Verification:
             from loraforge.models.store import check_controlnet
 
             check_controlnet(folder, require_sd1=False)
+        elif kind == "detector":
+            from loraforge.models.store import check_detector
+
+            check_detector(folder)
         elif kind == "tagger":
             from loraforge.models.tagger import check_tagger
 
@@ -333,8 +337,16 @@ def verify_folder(folder: Path) -> Verification:
         elif kind is None:
             result.problems.append("does not look like a model folder")
     except ForgeError as exc:
-        result.problems.append(exc.message)
+        result.problems.append(_problem(exc, folder))
     return result
+
+
+def _problem(exc: ForgeError, folder: Path) -> str:
+    """`exc`'s message after the file or folder it names, from `folder` (`unet: holds ...`)."""
+    path = exc.path
+    if path is None or path == folder or not path.is_relative_to(folder):
+        return exc.message
+    return f"{path.relative_to(folder).as_posix()}: {exc.message}"
 
 
 def describe_names(folder: Path) -> set[str]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge.config import TAUGHT, TINY
 from loraforge.errors import ForgeError
 from loraforge.models.folders import read_marker
+from loraforge.models.manifest import DETECTOR_FILE
 
 if TYPE_CHECKING:
     from loraforge.config import Settings
@@ -29,6 +30,10 @@ COMPONENT_CONFIGS = {
     "scheduler": "scheduler_config.json",
 }
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+#: The weights files diffusers (and transformers, for the text encoder) read when no variant is
+#: asked for, as LoRA Forge loads: a `*.fp16.safetensors` alone is not read.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own bound on a header's length
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -118,9 +123,8 @@ def check_base_model(path: Path, *, require_sd1: bool = True) -> None:
                          "nor vocab.json + merges.txt", path=path,
                          fix=f"fetch or import it again: {BASE_FIX}")
     for component in WEIGHT_COMPONENTS:
-        if not _has_weights(path / component):
-            raise ForgeError(f"is an incomplete diffusers model: {component}/ holds no weights",
-                             path=path, fix=f"fetch or import it again: {BASE_FIX}")
+        names = TRANSFORMERS_WEIGHTS if component == "text_encoder" else DIFFUSERS_WEIGHTS
+        _require_weights(path / component, names, f"fetch or import it again: {BASE_FIX}")
         cut = _cut_weights(path / component)
         if cut is not None:
             raise ForgeError("is an incomplete or damaged weights file", path=cut,
@@ -148,11 +152,25 @@ def check_controlnet(path: Path, *, require_sd1: bool = True) -> None:
     if class_name is not None and class_name != "ControlNetModel":
         raise ForgeError(f"holds a {class_name}, not a ControlNetModel", path=path,
                          fix=CONTROLNET_FIX)
-    if not _has_weights(path):
-        raise ForgeError("is an incomplete ControlNet: no weights file", path=path,
+    _require_weights(path, DIFFUSERS_WEIGHTS, f"fetch it again: {CONTROLNET_FIX}")
+    cut = _cut_weights(path)
+    if cut is not None:
+        raise ForgeError("is an incomplete or damaged weights file", path=cut,
                          fix=f"fetch it again: {CONTROLNET_FIX}")
     if require_sd1:
         _require_sd1(path, config, class_name, "ControlNet", CONTROLNET_FIX)
+
+
+def check_detector(path: Path) -> None:
+    """Raise ForgeError unless `path` holds the body detector's weights, with none of its
+    weights files cut short (from their headers alone)."""
+    if not (path / DETECTOR_FILE).is_file():
+        raise ForgeError(f"is not a pose detector folder (no {DETECTOR_FILE})", path=path,
+                         fix=DETECTOR_FIX)
+    cut = _cut_weights(path)
+    if cut is not None:
+        raise ForgeError("is an incomplete or damaged weights file", path=cut,
+                         fix=f"fetch it again: {DETECTOR_FIX}")
 
 
 def check_pair(base: Path, controlnet: Path) -> None:
@@ -228,9 +246,18 @@ def payload_end(header: dict[str, Any]) -> int:
     return end
 
 
-def _has_weights(folder: Path) -> bool:
-    patterns = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
-    return any(any(folder.glob(pattern)) for pattern in patterns)
+def _require_weights(folder: Path, names: tuple[str, ...], fix: str) -> None:
+    """ForgeError naming `folder` unless it holds one of the weights files `names` (or a
+    sharded one's index): the only ones its loader reads."""
+    if any((folder / name).is_file() or (folder / f"{name}.index.json").is_file()
+           for name in names):
+        return
+    stem, suffix = names[0].split(".", 1)
+    variants = sorted(p.name for p in folder.glob(f"{stem}.*.{suffix}"))
+    if variants:
+        raise ForgeError(f"holds only {variants[0]}, a variant file that is not loaded: "
+                         f"rename it to {names[0]}", path=folder, fix=fix)
+    raise ForgeError(f"holds no weights file ({' or '.join(names)})", path=folder, fix=fix)
 
 
 def _read_json(path: Path, fix: str) -> dict[str, Any]:
