@@ -370,6 +370,9 @@ CASES: list[tuple[str, Setup, list[str], tuple[str, ...]]] = [
                                                                "controlnet",)),
     ("verify-unknown-model", nothing, ["models", "verify", "nope"],
      ("nope", "model not found")),
+    ("verify-a-file", write("model.safetensors", b"x"),
+     ["models", "verify", "model.safetensors"],
+     ("model.safetensors", "is a file, not a model folder", "loraforge models import")),
     # slurm and runs
     ("slurm-logs-no-jobs", nothing, ["slurm", "logs"],
      ("no jobs were submitted", "loraforge slurm train")),

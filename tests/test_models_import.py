@@ -267,6 +267,11 @@ def test_novae_checkpoint_needs_vae_and_pickles_load_weights_only(
     assert "is a checkpoint, not a VAE" in refused(
         "import", files["novae"], "--as", "base", "--vae", files["full"], "--name", "x")
     assert "is a VAE, not a model" in refused("import", files["vae"], "--as", "base")
+    diffusers_vae = files["vae"].with_name("diffusion_pytorch_model.safetensors")
+    save_file(parts["vae"], str(diffusers_vae))  # sd-vae-ft-mse as the diffusers repo has it
+    message = refused("import", files["novae"], "--as", "base", "--vae", diffusers_vae,
+                      "--name", "x")
+    assert "is a VAE in the diffusers layout" in message and "single-file release" in message
 
 
 class Payload:

@@ -145,6 +145,13 @@ def verify_command(
     settings = _settings(config, overrides)
     if name is not None:
         folder = settings.model_dir(name)
+        typed = Path(name).expanduser()  # a checkpoint file's path, as typed
+        if folder.is_file() or (not folder.exists() and typed.is_file()):
+            file = folder if folder.is_file() else typed
+            raise ForgeError("is a file, not a model folder: verify checks a model installed "
+                             "under the storage root against its manifest", path=file,
+                             fix=f"import it first (`loraforge models import {file} --as "
+                                 "base` or `--as controlnet`), then verify the folder it makes")
         if not folder.is_dir():
             raise ForgeError("model not found", path=folder,
                              fix="`loraforge models list` shows the models there are")

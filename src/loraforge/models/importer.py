@@ -603,6 +603,12 @@ def strip_prefixes(names: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str
 
 
 def _check_vae(shapes: dict[str, tuple[int, ...]], family: Family, path: Path) -> None:
+    if any(key.startswith("encoder.down_blocks.") for key in shapes):
+        raise ForgeError("is a VAE in the diffusers layout (the diffusion_pytorch_model file of "
+                         "a vae/ folder); --vae takes a VAE checkpoint in the original layout",
+                         path=path, fix="use the same VAE's single-file release, e.g. "
+                                        "vae-ft-mse-840000-ema-pruned.safetensors "
+                                        "(stabilityai/sd-vae-ft-mse-original) for sd-vae-ft-mse")
     widths = tuple(shapes.get(f"encoder.down.{i}.block.0.conv2.weight", (0,))[0]
                    for i in range(4))
     latent = shapes.get("quant_conv.weight", (0,))[0] // 2
