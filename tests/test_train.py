@@ -150,7 +150,12 @@ def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainR
                                                                     tmp_path: Path) -> None:
     config = trained.final.parents[2].parent / "forge.toml"
     before = trained.final.read_bytes()
-    again = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
+    # Settings that cannot change the weights (previews, the models generation uses, where
+    # latents are cached) still hand the finished run back.
+    again = run_cli("train", "--config", config, "--run", "fmt", "--set",
+                    'train.sample_prompts=["red_knight --s 1"]', "--set",
+                    "models.controlnet=elsewhere", "--set", "models.detector=elsewhere",
+                    "--set", "train.cache_latents_to_disk=false", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert f"LoRA: {trained.final}" in again.stdout and "already finished" in again.stderr
     changed = run_cli("train", "--config", config, "--run", "fmt", "--set",
@@ -326,9 +331,11 @@ def test_what_a_killed_or_signalled_ending_leaves_does_not_spoil_the_run(
 
 def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
                                                        tiny_store: Path) -> None:
+    """The resume also turns previews on and changes the models only generation uses and
+    where latents are cached: none of them changes the weights, so none blocks it."""
     previews = {"sample_prompts": ["red_knight, solo --s 2 --d 3"], "sample_steps": 2}
     straight = write_training_project(tmp_path / "straight", tiny_store, previews)
-    resumed = write_training_project(tmp_path / "resumed", tiny_store, previews)
+    resumed = write_training_project(tmp_path / "resumed", tiny_store)
 
     first = run_cli("train", "--config", straight, env=FIXED_ENV)
     assert first.returncode == 0, first.stderr
@@ -347,14 +354,21 @@ def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
     assert record["step"] == int(states[-1].name.removeprefix("step-")) >= 3, record
     assert not (run_dir / "multi_concept.safetensors").exists()
 
-    again = run_cli("train", "--config", resumed, env=FIXED_ENV)
+    again = run_cli("train", "--config", resumed, "--set",
+                    f"train.sample_prompts={json.dumps(previews['sample_prompts'])}", "--set",
+                    "train.sample_steps=2", "--set", "models.controlnet=elsewhere", "--set",
+                    "models.detector=elsewhere", "--set", "train.cache_latents_to_disk=false",
+                    env=FIXED_ENV)
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stderr
     straight_dir = tmp_path / "straight" / "store" / "Multi_Concept_Output" / "multi_concept"
     a = (straight_dir / "multi_concept.safetensors").read_bytes()
     b = (run_dir / "multi_concept.safetensors").read_bytes()
     assert a == b
-    for epoch in (1, 2, 3):  # previews were on in both runs and did not disturb training
+    # previews were on from the start in one run, from the resume on in the other, and did
+    # not disturb training
+    assert not (run_dir / "samples" / "epoch-001").exists()
+    for epoch in (2, 3):
         assert list((run_dir / "samples" / f"epoch-{epoch:03d}").glob("0-*.png"))
 
 

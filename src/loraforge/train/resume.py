@@ -20,10 +20,17 @@ if TYPE_CHECKING:
 #: Keys that may change between an interruption and its resume without changing the result.
 #: dataset.path among them: the images themselves are compared (`images`), so the same folder
 #: named another way (`./master_dataset/`, an absolute path, a moved project) still resumes.
+#: The models other than the base are not used by training. Previews render with their own
+#: seeds under no_grad, and every draw of the training is seeded per step (the global stream
+#: only draws the first LoRA weights, before any preview), so adding, changing or removing
+#: them leaves the weights as they were. The disk latent cache holds what encoding gives.
 RESUME_SAFE = {
     "train.run_name", "train.save_every_n_epochs", "train.keep_last_n", "train.save_precision",
     "train.state_every_n_steps", "train.keep_states", "train.log_every_seconds",
     "train.vae_batch_size", "dataset.path",
+    "models.controlnet", "models.tagger", "models.detector",
+    "train.sample_prompts", "train.sample_every_n_epochs", "train.sample_steps",
+    "train.sample_sampler", "train.cache_latents_to_disk",
 }
 #: Sections of the config that decide the trained weights.
 SEMANTIC_SECTIONS = ("models", "dataset", "train")
