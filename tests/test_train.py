@@ -594,6 +594,10 @@ def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(
     assert any(p.suffix == ".safetensors" for p in before)
     assert "CUDA" in refused(True, "train.optimizer=AdamW8bit").message
     assert "rejected its arguments" in refused(True, "train.optimizer_args={bogus=1}").message
+    # a learning rate there was silently overridden by train.unet_lr (yet recorded in the LoRA)
+    rate = refused(True, "train.optimizer_args={lr=0.1, weight_decay=0.01}")
+    assert "train.optimizer_args sets `lr`" in rate.message
+    assert "train.unet_lr and train.text_encoder_lr" in (rate.fix or "")
     bad_base = tmp_path / "cut-base"  # a download or copy that stopped short
     shutil.copytree(tiny_store / "tiny-sd15", bad_base)
     weights = bad_base / "unet" / "diffusion_pytorch_model.safetensors"

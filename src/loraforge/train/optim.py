@@ -57,7 +57,15 @@ def optimizer_class(name: str, device: torch.device) -> type:
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], args: dict[str, Any],
                     device: torch.device) -> torch.optim.Optimizer:
-    """`groups`: param groups, each with its own `lr`. `args`: keyword arguments from config."""
+    """`groups`: param groups, each with its own `lr`. `args`: keyword arguments from config;
+    one that the groups set (the learning rate) would be silently overridden, so it is refused."""
+    taken = sorted({key for group in groups for key in group} & set(args))
+    if taken:
+        shown = ", ".join(f"`{key}`" for key in taken)
+        raise ForgeError(f"train.optimizer_args sets {shown}, which the trainer sets itself for "
+                         "the U-Net and the text encoder, so it would be ignored",
+                         fix=f"remove {shown} from train.optimizer_args; set the learning "
+                             "rates with train.unet_lr and train.text_encoder_lr")
     cls = optimizer_class(name, device)
     rates = {group["lr"] for group in groups} - {0.0}
     if name == "Prodigy" and len(rates) > 1:
