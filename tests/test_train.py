@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from loraforge.config import load_settings
 from loraforge.dataset.examples import pixel_tensor
+from loraforge.errors import ForgeError
 from loraforge.runtime import go_offline
 from loraforge.text import chunk_token_ids, encode_token_ids
 from loraforge.train.run import TrainResult, train
@@ -464,6 +465,9 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     assert "the list of images" not in changed.stderr  # said only when the images changed
     assert "dataset.path" not in changed.stderr
     assert record.read_bytes() == interrupted  # still an interrupted run, with no error
+    with pytest.raises(ForgeError, match="AdamW8bit"):  # refused before anything trains
+        train(load_settings(config, ["train.optimizer=AdamW8bit"]), None, restart=False)
+    assert record.read_bytes() == interrupted  # not marked failed: its state still resumes
     # A speed setting that changes the arithmetic would not resume bit for bit.
     for key, old, new in (("compile_unet", "False", '"blocks"'),
                           ("channels_last", "None", "true")):
@@ -576,8 +580,6 @@ def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(
     lost. And with its final
     file deleted, or its run.json unreadable, a finished run was trained again from the start
     without a word: its epoch files were overwritten or mixed with new ones."""
-    from loraforge.errors import ForgeError
-
     config = write_training_project(tmp_path, tiny_store, {"epochs": 2})
     assert run_cli("train", "--config", config).returncode == 0
     run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"

@@ -176,13 +176,9 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     from loraforge.models.manifest import model_legacy_hash, model_sha256
     from loraforge.train.metadata import TrainingFacts
 
-    try:
-        trainer = Trainer(settings, dataset, run_dir, world, device, report)
-    except ForgeError as exc:
-        if not restart:  # a refused restart leaves the old run, and its record, as they were
-            _record_end(runs.RunRecord(run_dir, settings.file_mode, write=world.is_main),
-                        status="failed", error=str(exc))
-        raise
+    # A refusal of the settings comes before anything trains: the run, and its record (or
+    # its having none), stay as they were.
+    trainer = Trainer(settings, dataset, run_dir, world, device, report)
     if restart and world.is_main:  # what the old attempt made must not mix with the new one;
         for folder in ("state", "events", "samples"):  # only now that the settings are checked
             shutil.rmtree(run_dir / folder, ignore_errors=True)
