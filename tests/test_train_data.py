@@ -89,7 +89,9 @@ def test_unknown_concept_override_lists_the_real_concepts(project: Path) -> None
 
 def test_random_crop_with_cached_latents_is_refused_clearly(project: Path) -> None:
     result = run_cli("train", "--config", project, "--set", "dataset.random_crop=true")
-    assert_user_error(result, "random_crop", "cannot be cached", "train.cache_latents = false")
+    assert_user_error(result, "dataset.random_crop (--set dataset.random_crop=true)",
+                      "cannot be cached", "train.cache_latents = false")
+    assert "forge.toml" not in result.stderr  # the value came from the command line
     # refused before anything trained: no record of a failed run that never was
     assert not (project.parent / "store" / "Multi_Concept_Output" / "multi_concept" / "run.json"
                 ).exists()

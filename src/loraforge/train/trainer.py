@@ -85,9 +85,11 @@ class Trainer:
             self.examples, self.indices, self.cfg.batch_size * world.size), world)
         uncachable = [k for k in ("random_crop", "color_aug") if getattr(self.data_cfg, k)]
         if uncachable and self.cfg.cache_latents:
-            raise ForgeError(f"dataset.{uncachable[0]} changes the pixels every epoch, so the "
-                             "VAE latents cannot be cached (train.cache_latents = true)",
-                             path=settings.source,
+            key = f"dataset.{uncachable[0]}"
+            option = settings.given.get(key)  # a --set is named, else the config file
+            raise ForgeError(f"{key}{f' ({option})' if option else ''} changes the pixels every "
+                             "epoch, so the VAE latents cannot be cached (train.cache_latents = "
+                             "true)", path=None if option else settings.source,
                              fix=f"set train.cache_latents = false to train with "
                                  f"{' and '.join(uncachable)} (slower: the VAE runs every "
                                  f"step), or turn {' and '.join(uncachable)} off")
