@@ -221,10 +221,22 @@ def test_diffusers_load_reproduces_the_trained_model(trained: TrainResult,
     assert (ours - untrained).abs().max().item() > 1e-3
 
 
-def _start_train(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "loraforge", "train", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _start_train(config: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "loraforge", "train", "--config", str(config),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env})
+
+
+def _interrupt_while_loading(process: subprocess.Popen[str]) -> str:
+    """SIGTERM as the base model starts loading (before the first step); returns stderr."""
+    assert process.stderr is not None
+    for line in process.stderr:  # the signal handlers are in place from model loading on
+        if "loading base model" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == RESUMABLE_EXIT, err
+    return err
 
 
 def _train_meanwhile(config: Path, env: dict[str, str]) -> Callable[[], None]:
@@ -405,14 +417,7 @@ def test_resume_with_the_speed_options_on_gives_a_bit_identical_lora(tmp_path: P
 def test_a_signal_before_the_first_step_says_nothing_was_saved(tmp_path: Path,
                                                                tiny_store: Path) -> None:
     config = write_training_project(tmp_path, tiny_store)
-    process = _start_train(config, FIXED_ENV)
-    assert process.stderr is not None
-    for line in process.stderr:  # the signal handlers are in place from model loading on
-        if "loading base model" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == RESUMABLE_EXIT
+    err = _interrupt_while_loading(_start_train(config, FIXED_ENV))
     assert "before the first step (nothing to save)" in err and "state saved" not in err
     run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
     assert not (run_dir / "state").exists()
@@ -618,6 +623,21 @@ def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(
     (run_dir / "run.json").write_text("{not json")
     assert "the run's record cannot be read" in refused(False).message
     assert {p: p.read_bytes() for p in run_dir.glob("*.safetensors")} == kept
+
+    # A restart of the finished run, preempted before its first step: its record kept the old
+    # attempt's loss, finish and LoRA file (deleted by the restart), which `runs` showed; and
+    # the old LoRA's concept separation (`loraforge eval`) stayed for the report to show.
+    for path in (run_dir / "run.json", run_dir / "multi_concept.safetensors"):
+        path.write_bytes(before[path])
+    separation = run_dir / "separation.json"
+    separation.write_text('{"concepts": {}}')
+    _interrupt_while_loading(_start_train(config, FIXED_ENV, "--restart"))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    assert not {"final_loss", "final_lora", "finished_at", "images"} & set(record), record
+    assert not separation.exists() and not list(run_dir.glob("*.safetensors"))
+    shown = run_cli("runs", "--json", "--config", config)
+    assert [run.get("final_loss") for run in json.loads(shown.stdout)] == [None], shown.stdout
 
 
 def test_full_disk_while_saving_is_clear_and_keeps_the_previous_checkpoint(

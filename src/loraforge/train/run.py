@@ -182,8 +182,10 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     if restart and world.is_main:  # what the old attempt made must not mix with the new one;
         for folder in ("state", "events", "samples"):  # only now that the settings are checked
             shutil.rmtree(run_dir / folder, ignore_errors=True)
-        for old in [run_dir / HISTORY, *runs.lora_files(run_dir)]:
+        for old in [run_dir / HISTORY, run_dir / runs.SEPARATION, *runs.lora_files(run_dir)]:
             old.unlink(missing_ok=True)
+    if restart:  # nor its record: its loss, LoRA file, finish and caches are not this attempt's
+        trainer.record.data = {"name": run_dir.name}
     state = trainer.saved_state(restart)  # a refused resume leaves run.json as it was
     earlier = [p.name for p in runs.lora_files(run_dir)]
     if state is None and earlier:  # starting over would overwrite (or mix with) an earlier LoRA
@@ -193,9 +195,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
                          fix="pass --restart to train it again from the start (those files are "
                              "replaced), or name a new run with --run")
     hosts = gather_objects(runs.this_host(), world)
-    previous = trainer.record.data
-    started = (previous.get("started_at_unix") if not restart else None) or env_time() \
-        or time.time()
+    started = trainer.record.data.get("started_at_unix") or env_time() or time.time()
     session = hashlib.sha256(f"{run_dir.name}|{started}|{settings.config.train.seed}".encode()
                              ).hexdigest()[:16]
     # The base model as A1111 names it (an imported checkpoint by its own file's hashes);
