@@ -152,13 +152,18 @@ def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainR
     config = trained.final.parents[2].parent / "forge.toml"
     before = trained.final.read_bytes()
     # Settings that cannot change the weights (previews, the models generation uses, where
-    # latents are cached) still hand the finished run back.
+    # latents are cached, the precision files are saved in) still hand the finished run back;
+    # one saved in another precision says so, and how to get the one asked for.
     again = run_cli("train", "--config", config, "--run", "fmt", "--set",
                     'train.sample_prompts=["red_knight --s 1"]', "--set",
                     "models.controlnet=elsewhere", "--set", "models.detector=elsewhere",
-                    "--set", "train.cache_latents_to_disk=false", cwd=tmp_path)
+                    "--set", "train.cache_latents_to_disk=false", "--set",
+                    "train.save_precision=fp16", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert f"LoRA: {trained.final}" in again.stdout and "already finished" in again.stderr
+    assert "its LoRA was saved in fp32, not in the fp16 that train.save_precision asks for " \
+        "now; pass --restart to train it again and save it in fp16" in again.stderr
+    assert "these settings" not in again.stderr
     changed = run_cli("train", "--config", config, "--run", "fmt", "--set",
                       "train.epochs=13", "--set", "train.keep_last_n=3", cwd=tmp_path)
     assert_user_error(changed, "`fmt` already finished, with other settings",

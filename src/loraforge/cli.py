@@ -237,9 +237,10 @@ def train(
             signal.signal(number, handler)
     if world.is_main:
         if result.trainer is None:
-            Console(stderr=True).print(f"run `{result.final.parent.name}` had already finished "
-                                       "with these settings; pass --restart to train it again",
-                                       markup=False)
+            said = (f"; {result.note}" if result.note else
+                    " with these settings; pass --restart to train it again")
+            Console(stderr=True).print(f"run `{result.final.parent.name}` had already "
+                                       f"finished{said}", markup=False, soft_wrap=True)
         out.print(f"LoRA: {result.final}", markup=False)
 
 

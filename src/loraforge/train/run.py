@@ -63,6 +63,8 @@ def _optimizer_description(optimizer: Any, args: dict[str, Any]) -> str:
 class TrainResult:
     final: Path
     trainer: Trainer | None  # None when the run had already finished
+    #: For a finished run handed back: how its file differs from what these settings ask for.
+    note: str | None = None
 
 
 def check_inputs(settings: Settings, run_name: str | None) -> tuple[str, Dataset, Path]:
@@ -128,7 +130,13 @@ def _finished(settings: Settings, dataset: Dataset, run_dir: Path) -> TrainResul
     examples = build_examples(dataset, settings.config.dataset, lambda _warning: None)
     check_finished_with(record, settings, run_dir, examples)
     _check_final(final)
-    return TrainResult(final, None)
+    saved = record["config"].get("train", {}).get("save_precision")
+    wanted = settings.config.train.save_precision
+    note = None
+    if saved is not None and saved != wanted:  # the same weights, rounded otherwise
+        note = (f"its LoRA was saved in {saved}, not in the {wanted} that train.save_precision "
+                f"asks for now; pass --restart to train it again and save it in {wanted}")
+    return TrainResult(final, None, note)
 
 
 def train(settings: Settings, run_name: str | None, restart: bool,
