@@ -384,10 +384,9 @@ def test_sigterm_then_resume_gives_a_bit_identical_lora(tmp_path: Path,
     b = (run_dir / "multi_concept.safetensors").read_bytes()
     assert a == b
     # previews were on from the start in one run, from the resume on in the other, and did
-    # not disturb training
+    # not disturb training (epoch 2's ended before or after the stop, as the signal landed)
     assert not (run_dir / "samples" / "epoch-001").exists()
-    for epoch in (2, 3):
-        assert list((run_dir / "samples" / f"epoch-{epoch:03d}").glob("0-*.png"))
+    assert list((run_dir / "samples" / "epoch-003").glob("0-*.png"))
 
 
 def test_resume_with_the_speed_options_on_gives_a_bit_identical_lora(tmp_path: Path,
