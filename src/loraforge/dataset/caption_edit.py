@@ -173,20 +173,25 @@ def caption_diff(label: str, old: str | None, new: str) -> list[str]:
                                      f"b/{label}", lineterm="", n=0))
 
 
+def _concept_of(folder_name: str) -> str | None:
+    """The concept a dataset folder's name (`10_mage`) trains; None without a repeat count."""
+    from loraforge.dataset.scan import parse_folder_name
+
+    parsed = parse_folder_name(folder_name)
+    return parsed[1] if parsed is not None else None
+
+
 def backup_path(backup_dir: Path, caption: Path) -> Path:
     """Where the backup of `caption` goes in an action's backup folder: under its concept
     folder's name, or, when that folder has been renamed since (another repeat count, as
     `dataset check` may advise; the old name is gone from the dataset), under the name it
     had, so that an edit gone on with finds and keeps the captions' first backups. Two
     folders of one concept (`10_mage` and `5_mage`) keep their backups apart."""
-    from loraforge.dataset.scan import parse_folder_name
-
     folder = backup_dir / caption.parent.name
-    concept = parse_folder_name(caption.parent.name)
+    concept = _concept_of(caption.parent.name)
     if not folder.is_dir() and concept is not None and backup_dir.is_dir():
         for other in sorted(backup_dir.iterdir()):
-            parsed = parse_folder_name(other.name)
-            if other.is_dir() and parsed is not None and parsed[1] == concept[1] \
+            if other.is_dir() and _concept_of(other.name) == concept \
                     and not (caption.parent.parent / other.name).exists():
                 return other / caption.name
     return folder / caption.name
@@ -196,14 +201,12 @@ def restore_folder(backed_up: Path, dataset_dir: Path) -> Path:
     """The dataset folder whose captions a backup folder's subfolder `backed_up` holds: the
     folder of its name, or, when that one has been renamed since (another repeat count) and one
     folder of the same concept is there, that one (the inverse of `backup_path`)."""
-    from loraforge.dataset.scan import parse_folder_name
-
     same = Path(dataset_dir) / backed_up.name
-    concept = parse_folder_name(backed_up.name)
+    concept = _concept_of(backed_up.name)
     if same.is_dir() or concept is None:
         return same
-    renamed = [folder for folder in sorted(Path(dataset_dir).iterdir()) if folder.is_dir()
-               and (parse_folder_name(folder.name) or (0, None))[1] == concept[1]]
+    renamed = [folder for folder in sorted(Path(dataset_dir).iterdir())
+               if folder.is_dir() and _concept_of(folder.name) == concept]
     return renamed[0] if len(renamed) == 1 else same
 
 
