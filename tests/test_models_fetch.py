@@ -604,3 +604,27 @@ def test_a_model_installed_while_fetch_downloads_is_left_in_place(
     assert "another process is busy with installing the model `controlnet-model` (an import " \
            "or a fetch of it)" in str(refused.value)
     assert not dest.exists() and not list(store.glob(".controlnet-model.*.partial"))
+
+
+def test_a_group_shared_storage_root_gets_a_download_cache_the_group_can_update(
+        hub: FakeHub, tmp_path: Path) -> None:
+    """With `storage.file_mode = "0664"` the lab's next member fetches into the same storage
+    root: the download cache and its lock files must be group-writable too (they took the
+    user's umask, 0022, and that member's fetch was refused: Permission denied)."""
+    store = tmp_path / "store"
+    env = hub_env(hub, store, tmp_path / "home")
+    previous = os.umask(0o022)  # a user's usual umask: what the cache got before
+    try:
+        ok(models_cli("fetch", "controlnet-openpose", "--set", "storage.file_mode=0664",
+                      env=env))
+        made = [store / "cache", *(store / "cache").rglob("*"),
+                *store.glob(".*.lock"), store / "controlnet-model"]
+        assert any(path.name.endswith(".lock") for path in made)
+        assert [p for p in made if not p.stat().st_mode & 0o020] == []
+
+        # the default (0644): only the owner writes, as before
+        other = tmp_path / "private"
+        ok(models_cli("fetch", "controlnet-openpose", env=hub_env(hub, other, tmp_path / "h2")))
+        assert [p for p in (other / "cache").rglob("*") if p.stat().st_mode & 0o022] == []
+    finally:
+        os.umask(previous)

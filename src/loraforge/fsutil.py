@@ -51,6 +51,24 @@ def full_disk_error(exc: BaseException, path: Path | str | None, kept: str,
                                      f"same command again; {kept}")
 
 
+def umask_for(file_mode: int) -> int:
+    """The umask matching storage.file_mode: withhold the same bits, always keep the owner's
+    (0644 -> 0022: group can read, only you write; 0664 -> 0002 for a group-writable share)."""
+    return (~file_mode) & 0o066
+
+
+@contextlib.contextmanager
+def storage_umask(file_mode: int) -> Iterator[None]:
+    """Files and folders made meanwhile by code that takes no mode (a download cache, its lock
+    files, pip) get storage.file_mode's permissions, as a SLURM job's do (`umask` in its script):
+    with `0664` the next member of the group can update them."""
+    previous = os.umask(umask_for(file_mode))
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path, mode: int = DEFAULT_FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success fsync, chmod and rename it onto `dest`.

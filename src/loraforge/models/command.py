@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from loraforge.fsutil import storage_umask
 from loraforge.options import ConfigOpt, JsonOpt, SetOpt
 
 if TYPE_CHECKING:
@@ -64,8 +65,9 @@ def fetch_command(
     from loraforge.models.fetch import fetch_models
 
     settings = _settings(config, overrides)
-    fetch_models(settings.storage_root, which, revision, full_precision, _say, settings.file_mode,
-                 cuda)
+    with storage_umask(settings.file_mode):  # the download cache is shared like the models
+        fetch_models(settings.storage_root, which, revision, full_precision, _say,
+                     settings.file_mode, cuda)
 
 
 @models_app.command("import")
@@ -86,8 +88,9 @@ def import_command(
     from loraforge.models.importer import import_checkpoint
 
     settings = _settings(config, overrides)
-    import_checkpoint(settings.storage_root, file, kind.lower(), name, vae, _say,
-                      settings.file_mode)
+    with storage_umask(settings.file_mode):  # its lock files too
+        import_checkpoint(settings.storage_root, file, kind.lower(), name, vae, _say,
+                          settings.file_mode)
 
 
 @models_app.command("list")

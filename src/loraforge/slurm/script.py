@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from loraforge import fsutil
 from loraforge.config import Settings
 from loraforge.errors import ForgeError
 from loraforge.slurm.validate import (
@@ -87,9 +88,8 @@ def resources(settings: Settings, gpus: str | None = None) -> Resources:
 
 
 def umask_for(file_mode: int) -> str:
-    """The umask matching storage.file_mode: withhold the same bits, always keep the owner's
-    (0644 -> 0022: group can read, only you write; 0664 -> 0002 for a group-writable share)."""
-    return f"{(~file_mode) & 0o066:04o}"
+    """The `umask` line's value for storage.file_mode (fsutil.umask_for), e.g. `0022`."""
+    return f"{fsutil.umask_for(file_mode):04o}"
 
 
 @dataclass(frozen=True)
