@@ -4,10 +4,13 @@
 #             tests/setup_slurm.sh), the reference pose detector's own environment
 #             (tests/setup_reference.sh), the GPU onnxruntime wheel the tagger-gpu test installs
 #             offline (tests/setup_wheels.sh), then ruff and the whole test suite.
+#             The suite runs on one pytest-xdist worker per core (at most 4): tests/conftest.py
+#             keeps the tests that share something made once on one worker.
 # make check: the same environments, then ruff and the fast tests (no `slow` marker): the inner loop.
 ENV := lora_env
 BIN := $(ENV)/bin
 STAMP := $(ENV)/.forge-stamp
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 .PHONY: demo test check lint setup
 
@@ -25,13 +28,13 @@ test: $(STAMP)
 	./tests/setup_reference.sh
 	./tests/setup_wheels.sh
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 check: $(STAMP)
 	./tests/setup_reference.sh
 	./tests/setup_wheels.sh
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+	$(PYTEST) -m "not slow and not slurm"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
