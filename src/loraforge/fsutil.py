@@ -70,6 +70,34 @@ def storage_umask(file_mode: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def held_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock (flock) on `path`, a lock file (made if missing) or a folder (it
+    leaves no file behind), waiting for it; yield whether it could be taken: False where the
+    lock file cannot be opened (another user's, on a shared root) or the file system has no
+    flock (some network file systems). Code that must not go on unlocked says so itself."""
+    try:
+        import fcntl
+
+        descriptor = os.open(path, os.O_RDONLY) if path.is_dir() else \
+            os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
 def atomic_path(dest: Path, mode: int = DEFAULT_FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success fsync, chmod and rename it onto `dest`.
 

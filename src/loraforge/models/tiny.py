@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
+from loraforge.fsutil import held_lock
 from loraforge.models import folders
 from loraforge.runtime import quiet_loading
 
@@ -291,26 +292,9 @@ def _make_partial(root: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=root))
 
 
-@contextlib.contextmanager
-def build_lock(root: Path) -> Iterator[bool]:
+def build_lock(root: Path) -> contextlib.AbstractContextManager[bool]:
     """Hold an exclusive lock on `<root>/.tiny-models.lock`; yield whether it could be taken."""
-    try:
-        import fcntl
-
-        handle = open(root / LOCK_NAME, "a+b")  # noqa: SIM115 - held across the yield
-    except (ImportError, OSError):
-        yield False
-        return
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except OSError:  # e.g. a network file system without flock support
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return held_lock(root / LOCK_NAME)
 
 
 def _remove_partials(root: Path, stale_only: bool) -> None:

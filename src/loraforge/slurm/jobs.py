@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import itertools
 import json
 import os
@@ -18,7 +17,7 @@ from typing import Any
 
 from loraforge.config import load_settings, parse_override
 from loraforge.errors import ForgeError
-from loraforge.fsutil import write_atomic
+from loraforge.fsutil import held_lock, write_atomic
 from loraforge.models import gpu_runtime
 from loraforge.runs import check_run_name, final_lora
 from loraforge.slurm import scheduler
@@ -351,12 +350,8 @@ def jobs_path(storage_root: Path) -> Path:
 def _locked(storage_root: Path) -> Iterator[None]:
     lock = storage_root / JOBS_DIR / ".jobs.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with held_lock(lock):
+        yield
 
 
 def load_jobs(storage_root: Path) -> list[dict[str, Any]]:
