@@ -711,6 +711,41 @@ def test_a_time_limit_warning_stops_between_images_and_the_rerun_goes_on(
     assert len(list(images.glob("scene-*.pose.png"))) == 6
 
 
+def test_two_generates_on_one_folder_keep_each_others_images(
+        tmp_path: Path, tiny_store: Path, own_environment: None) -> None:
+    """Two generate jobs on one project (other prompts, the same seeds) both chose `scene-11`
+    before either wrote it; the one that finished last replaced the other's image, and both
+    said they had written it. The name is chosen again, under a lock, when the image is
+    written: the second takes `scene-11-v2`."""
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2,
+                                             "figures": 1, "batch_size": 2})
+    settings = load_settings(config)
+    images = tmp_path / "store" / "Final_Images"
+    theirs = tmp_path / "theirs"
+    generate(settings, Options(loras=["none"], prompt="a dog", seed=11), lambda line: None)
+    theirs.mkdir()
+    for path in images.glob("scene-11*"):
+        path.rename(theirs / path.name)
+
+    lines: list[str] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if line.startswith("[1/2]"):  # seeds 10 and 11 were named and rendered together; the
+            for path in theirs.iterdir():  # other job's scene-11 lands before 11 is written
+                path.rename(images / path.name)
+
+    written = generate(settings, Options(loras=["none"], prompt="a cat", seed=10, count=2),
+                       progress)
+    assert written == [images / "scene-10.png", images / "scene-11-v2.png"], lines
+    assert "a dog" in (pnginfo.read_parameters(images / "scene-11.png") or "")
+    assert "a cat" in (pnginfo.read_parameters(images / "scene-11-v2.png") or "")
+    record = json.loads((images / "scene-11-v2.json").read_text())
+    assert record["image"] == str(images / "scene-11-v2.png")
+
+
 def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Path,
                                                    lora_files: dict[str, Path]) -> None:
     config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2})

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge import __version__
 from loraforge.errors import ForgeError
-from loraforge.fsutil import write_atomic
+from loraforge.fsutil import held_lock, write_atomic
 from loraforge.generate import pnginfo
 from loraforge.generate.loras import BaseWidths, LoraStack
 from loraforge.generate.scenes import FINAL_NAME, Job, LoraResolver, Options, PoseCache, plan_jobs
@@ -517,13 +517,20 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
                 compiled.add(shape)
                 together = scene_table(job, seeds)  # the seeds denoised together (--from)
                 for index, (out, image) in enumerate(zip(todo, images, strict=True)):
-                    record = sidecar(job, out.seed, base, controlnet, out.parameters,
-                                     folder / f"{out.stem}.png", folder / f"{out.stem}.pose.png",
-                                     seconds, str(device), chosen.name, len(seeds), made)
-                    path = _write_outputs(folder, out.stem, image, out.pose, out.parameters,
-                                          record, settings.file_mode,
-                                          regions[index].image() if regions else None,
-                                          together)
+                    # Another generate on this folder (a second job) may have written under
+                    # the planned name while this one rendered: choose it again, under a lock
+                    # of the folder that each writer holds from that choice to its last file.
+                    with held_lock(folder):
+                        stem = _plan_output(folder, job, out.seed,
+                                            job.seeds[first:first + batch], base, controlnet,
+                                            made).stem
+                        record = sidecar(job, out.seed, base, controlnet, out.parameters,
+                                         folder / f"{stem}.png", folder / f"{stem}.pose.png",
+                                         seconds, str(device), chosen.name, len(seeds), made)
+                        path = _write_outputs(folder, stem, image, out.pose, out.parameters,
+                                              record, settings.file_mode,
+                                              regions[index].image() if regions else None,
+                                              together)
                     written.append(path)
                     loras = ", ".join(f"{u.lora.name}:{u.weight:g}" for u in job.all_loras) \
                         or "none"
