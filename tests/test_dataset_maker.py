@@ -23,7 +23,7 @@ from PIL import Image
 
 from loraforge.config import load_settings
 from loraforge.dataset import tag_list
-from loraforge.dataset.caption_edit import BACKUP_DIR
+from loraforge.dataset.caption_edit import BACKUP_DIR, CaptionWriter
 from loraforge.dataset.dedupe import hash_pictures, near_duplicate_groups, phash
 from loraforge.dataset.folders import concept_folders
 from loraforge.dataset.tagger import prepare_image, select_tags, tag_dataset, tag_text
@@ -379,6 +379,29 @@ def test_tags_dry_run_shows_the_diff_and_the_edit_keeps_a_backup(tmp_path: Path)
                                    tag_list.load(tmp_path / "master_dataset", None, ".txt")[1],
                                    edits, False, 0o644)
     assert again.changed == [] and again.backup_dir is None
+
+
+def test_a_caption_written_while_an_action_runs_is_left_as_it_is(tmp_path: Path) -> None:
+    """A long `dataset tag` job (or an edit) read the captions when it began; a caption the
+    user wrote or edited meanwhile was replaced by its output, with no backup and no word."""
+    folder = _captioned_concept(tmp_path)
+    dataset = tmp_path / "master_dataset"
+    _, captions, _ = tag_list.load(dataset, ["blake"], ".txt")
+    (folder / "0.txt").write_text("blake, my careful caption, solo")  # edited meanwhile
+    edits = tag_list.parse_edits(["solo"], [], False)
+    done = tag_list.edit_captions(dataset, captions, edits, False, 0o644)
+    assert (folder / "0.txt").read_text() == "blake, my careful caption, solo"
+    assert done.changed_meanwhile == [folder / "0.txt"]
+    assert [c.path.name for c, _ in done.changed] == ["2.txt"]
+    assert (folder / "2.txt").read_text() == "1girl, simple background"
+
+    # the tagger's case: no caption when it planned, one written before its turn came
+    fresh = folder / "new.txt"
+    with CaptionWriter(dataset, "tag") as writer:
+        fresh.write_text("blake, hand-written while tagging")
+        assert not writer.write(fresh, None, "blake, 1girl, red hair")
+    assert fresh.read_text() == "blake, hand-written while tagging"
+    assert writer.changed_meanwhile == [fresh] and writer.written == 0
 
 
 def test_tags_edit_with_json_prints_json_in_a_dry_run_a_real_edit_and_a_rerun(

@@ -210,6 +210,17 @@ def restore_folder(backed_up: Path, dataset_dir: Path) -> Path:
     return renamed[0] if len(renamed) == 1 else same
 
 
+def _current_text(caption: Path) -> str | None:
+    """The caption's text as the actions read it; None when there is none, "\0" (no text of
+    a caption) when it cannot be read."""
+    try:
+        return caption.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return "\0"
+
+
 def _mode_of(caption: Path) -> int:
     """The permission bits an edited caption keeps (a caption made private stays private)."""
     return stat.S_IMODE(caption.stat().st_mode)
@@ -243,6 +254,7 @@ class CaptionWriter:
         self.recorded = not self.fresh
         self.written = 0
         self.backed_up = 0
+        self.changed_meanwhile: list[Path] = []
 
     def __enter__(self) -> CaptionWriter:
         return self
@@ -269,9 +281,14 @@ class CaptionWriter:
               "back and delete that folder", file=sys.stderr, flush=True)
 
     def write(self, path: Path, old: str | None, new: str) -> bool:
-        """Write `new` to the caption `path` (whose current text is `old`, None when it does
-        not exist); False when nothing changes."""
+        """Write `new` to the caption `path` (whose text was `old` when the action read it,
+        None when it did not exist); False when nothing changes. A caption that is no longer
+        `old` (written or edited meanwhile: a long tagging job runs while people curate) is
+        left as it is and listed in `changed_meanwhile`."""
         if old == new:
+            return False
+        if _current_text(path) != old:
+            self.changed_meanwhile.append(path)
             return False
         if old is not None and old.strip():
             backup = backup_path(self.backup_dir, path)

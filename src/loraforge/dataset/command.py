@@ -150,6 +150,8 @@ def tags_command(
     for line in result.diff:
         style = "green" if line.startswith("+") else "red" if line.startswith("-") else None
         out.print(Text(line, style=style or ""), soft_wrap=True)
+    _warn([f"{_shown(path)}: edited while this edit ran; left as it is (run the edit again "
+           "to edit it too)" for path in result.changed_meanwhile])
     files = f"{len(result.changed)} caption(s)"
     if dry_run:
         _say(f"dry run: {files} would change; nothing was written")

@@ -192,6 +192,7 @@ class EditResult:
     backup_dir: Path | None = None
     resumed: Path | None = None  # the backup folder of the stopped edit this one went on with
     already_done: int = 0  # captions that edit had written before it stopped
+    changed_meanwhile: list[Path] = field(default_factory=list)  # left as they are
 
     def to_dict(self, dry_run: bool, notes: list[str]) -> dict[str, Any]:
         """What `dataset tags --json` prints for an edit: the counts, the backup folder, and
@@ -201,6 +202,7 @@ class EditResult:
                 "resumed": str(self.resumed) if self.resumed is not None else None,
                 "backup": str(self.backup_dir) if self.backup_dir is not None else None,
                 "notes": notes,
+                "changed_meanwhile": [str(path) for path in self.changed_meanwhile],
                 "captions": [{"concept": caption.concept.name,
                               "folder": caption.concept.folder.name, "path": str(caption.path),
                               "old": caption.text, "new": new}
@@ -325,6 +327,8 @@ def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_
         for caption, new in changed:
             writer.write(caption.path, caption.text, new)
         result.backup_dir = writer.finish()
+    result.changed_meanwhile = writer.changed_meanwhile
+    result.changed = [(c, new) for c, new in changed if c.path not in writer.changed_meanwhile]
     return result
 
 

@@ -271,6 +271,12 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
                     report = result.reports[job.concept.folder.name]
                     if writer.write(job.caption, job.old, text):
                         report.written += 1
+                    elif writer.changed_meanwhile[-1:] == [job.caption]:
+                        report.skipped += 1
+                        result.warnings.append(
+                            f"{display_path(job.caption)}: written or edited while tagging ran; "
+                            f"{job.image.name} not tagged, its caption left as it is (rerun to "
+                            "tag it with --append or --overwrite)")
                     else:
                         report.unchanged += 1
                     result.images += 1
