@@ -506,10 +506,13 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
     stale = run_dir / "multi_concept-000007.safetensors"
     stale.write_bytes(b"from the attempt before")
+    mine = run_dir / "multi_concept_merged.safetensors"  # a file of the user's, kept there
+    mine.write_bytes(b"merged by hand")
     restarted = run_cli("train", "--config", config, "--restart", "--set", "train.epochs=1")
     assert restarted.returncode == 0, restarted.stderr
     assert "Loading weights" not in restarted.stderr  # no progress bars in a job's log
     assert not stale.exists()
+    assert mine.read_bytes() == b"merged by hand"
     history = (tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
                / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == [1, 2]  # the old run's are gone

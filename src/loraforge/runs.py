@@ -43,8 +43,12 @@ def epoch_lora(run_dir: Path, epoch: int) -> Path:
 
 
 def lora_files(run_dir: Path) -> list[Path]:
-    """The run's LoRA files, final and per epoch, by name."""
-    return sorted(run_dir.glob(f"{glob.escape(run_dir.name)}*.safetensors"))
+    """The run's LoRA files, final and per epoch (`<run>-000001.safetensors`), by name; not a
+    file of the user's beside them (`<run>_merged.safetensors`), which `--restart` deletes."""
+    epochs = run_dir.glob(f"{glob.escape(run_dir.name)}-[0-9][0-9][0-9][0-9][0-9][0-9]"
+                          ".safetensors")
+    final = final_lora(run_dir)
+    return sorted([*epochs, *([final] if final.is_file() else [])])
 
 
 def _load(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
