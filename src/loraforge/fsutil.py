@@ -105,9 +105,11 @@ def atomic_path(dest: Path, mode: int = DEFAULT_FILE_MODE) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # `.NAME.XXXXXXXX.tmp`, NAME cut where the whole would pass a file system's 255 bytes
+    prefix = f".{os.fsdecode(os.fsencode(dest.name)[:241])}."
     tmp: Path | None = None
     try:  # made inside the try, so that a signal right after it still removes it
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=dest.parent)
         tmp = Path(tmp_name)
         os.close(fd)
         yield tmp
@@ -117,7 +119,7 @@ def atomic_path(dest: Path, mode: int = DEFAULT_FILE_MODE) -> Iterator[Path]:
         os.replace(tmp, dest)
     except OSError as exc:  # a full disk names the file being written, not its hidden copy
         if exc.errno in DISK_FULL and (exc.filename is None or Path(
-                str(exc.filename)).name.startswith(f".{dest.name}.")):
+                str(exc.filename)).name.startswith(prefix)):
             raise OSError(exc.errno, exc.strerror, str(dest)) from exc
         raise
     finally:
