@@ -564,15 +564,52 @@ def test_pose_outputs_replace_pose_maps_but_never_a_photo_a_config_or_other_json
         assert needle in str(error.value.path)
     assert not (tmp_path / "new.png").exists()
 
-    # A pose map is replaced: one written here (marked), and one from a pose editor.
+    # A pose map written here (marked) is replaced; one from a pose editor (no mark) is not.
     pose_json = tmp_path / "pose.json"
     random_pose_command(tmp_path / "new.png", 1, "256x256", 0, pose_json)
     random_pose_command(tmp_path / "new.png", 2, "256x256", 1, pose_json)
     assert len(read_pose_json(pose_json).people) == 2
     editor = tmp_path / "editor.png"
-    draw_pose(random_pose(1, 256, 256, 5)).save(editor)  # no mark: another tool's map
-    render_pose_command(pose_json, editor)
-    for picture in (photo, night):
-        with pytest.raises(ForgeError, match="exists and is not a pose map"):
+    draw_pose(random_pose(1, 256, 256, 5)).save(editor)
+    originals[editor] = editor.read_bytes()
+    for picture in (photo, night, editor):
+        with pytest.raises(ForgeError, match="exists and is not a pose map that loraforge"):
             render_pose_command(pose_json, picture)
     assert {p: p.read_bytes() for p in originals} == originals
+
+
+def _neon_logo(path: Path) -> Path:
+    """A user's logo: black background, saturated strokes in OpenPose-like colours."""
+    logo = Image.new("RGB", (300, 200))
+    draw = ImageDraw.Draw(logo)
+    draw.rectangle((10, 10, 290, 190), outline=(0, 255, 255), width=4)
+    draw.line((20, 150, 280, 150), fill=(255, 255, 0), width=6)
+    draw.ellipse((120, 50, 180, 110), fill=(255, 0, 255))
+    logo.save(path)
+    return path
+
+
+def test_a_dark_colourful_png_of_the_users_is_never_taken_for_a_pose_map(tmp_path: Path,
+                                                                          ) -> None:
+    """`pose random -o neon_logo.png` replaced the user's logo, exit 0: its colours passed for
+    a pose map's. Only a PNG marked as loraforge's pose map is replaced, by every pose command."""
+    from loraforge.config import load_settings
+    from loraforge.generate.extract import extract_command
+
+    logo = _neon_logo(tmp_path / "neon_logo.png")
+    original = logo.read_bytes()
+    pose_json = tmp_path / "pose.json"
+    write_pose_json(pose_json, random_pose(1, 256, 256, 0))
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(photo)
+    settings = load_settings(None, [f"storage.root={tmp_path / 'store'}"])
+    refused = run_cli("pose", "random", "-o", logo)
+    assert_user_error(refused, "neon_logo.png: exists and is not a pose map that loraforge "
+                      "wrote", "another output name (-o), or remove that file first")
+    for call in (lambda: render_pose_command(pose_json, logo),
+                 lambda: extract_command(settings, [photo], logo, tmp_path / "p.json", None,
+                                         lambda _: None)):
+        with pytest.raises(ForgeError, match="exists and is not a pose map") as error:
+            call()
+        assert error.value.path == logo
+    assert logo.read_bytes() == original

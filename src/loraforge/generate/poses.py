@@ -382,19 +382,6 @@ def _has_pose_mark(path: Path) -> bool:
     return False
 
 
-def _is_pose_map(path: Path) -> bool:
-    """A PNG this tool wrote as a pose map, or one that looks like an OpenPose map (mostly
-    black, its figures in OpenPose colours: maps from before the mark, or from pose editors).
-    A dark photo or line art on black is not one."""
-    if _has_pose_mark(path):
-        return True
-    try:
-        with Image.open(path) as image:
-            return image.format == "PNG" and looks_like_pose_map(image)[0]
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
-
-
 def _is_pose_json(path: Path) -> bool:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -408,16 +395,18 @@ def _is_pose_json(path: Path) -> bool:
 
 def refuse_foreign(path: Path) -> None:
     """Refuse (ForgeError) to write a pose map or OpenPose JSON over an existing file of
-    another kind: replacing one's earlier pose map is the normal case, but a photo or a config
-    given as the output by mistake is the user's, and would be lost."""
+    another kind: replacing one's earlier pose map (a PNG carrying POSE_MARK) is the normal
+    case, but a photo, a logo, another tool's map or a config given as the output by mistake is
+    the user's, and would be lost. Pixels are not judged: a dark, colourful logo looks like a
+    pose map."""
     if not path.exists() or path.is_dir():
         return
     json_out = path.suffix.lower() == ".json"
-    if _is_pose_json(path) if json_out else _is_pose_map(path):
+    if _is_pose_json(path) if json_out else _has_pose_mark(path):
         return
-    kind = "an OpenPose JSON file" if json_out else "a pose map"
+    kind = "an OpenPose JSON file" if json_out else "a pose map that loraforge wrote"
     raise ForgeError(f"exists and is not {kind}: writing here would replace it", path=path,
-                     fix="pass another output name, or delete that file first if it may go")
+                     fix="pass another output name (-o), or remove that file first if it may go")
 
 
 # --- drawing ----------------------------------------------------------------------------------
