@@ -335,6 +335,17 @@ def test_pose_extract_skips_its_own_outputs_and_files_that_are_not_pictures(
                                                                       "a.pose.png"]
 
 
+def test_pose_extract_writes_with_storage_file_mode(tmp_path: Path, tiny_root: Path) -> None:
+    """storage.file_mode = "0664" (a lab's shared folder): the map and JSON were 0644."""
+    from loraforge.generate.extract import extract_command
+
+    picture = _figures(tmp_path / "ref.png", (160, 120))
+    extract_command(_tiny_settings(tiny_root, "storage.file_mode=0664"), [picture], None, None,
+                    "64x64", lambda _: None)
+    assert [(tmp_path / name).stat().st_mode & 0o777
+            for name in ("ref.pose.png", "ref.pose.json")] == [0o664, 0o664]
+
+
 def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> None:
     from loraforge.generate.extract import extract_command
 

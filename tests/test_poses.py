@@ -613,3 +613,17 @@ def test_a_dark_colourful_png_of_the_users_is_never_taken_for_a_pose_map(tmp_pat
             call()
         assert error.value.path == logo
     assert logo.read_bytes() == original
+
+
+def test_pose_random_and_render_write_with_storage_file_mode(tmp_path: Path) -> None:
+    """A lab's shared project sets storage.file_mode = "0664"; pose maps and JSON were written
+    0644 whatever it said, so the group could not replace them."""
+    (tmp_path / "forge.toml").write_text('[storage]\nfile_mode = "0664"\n')
+    made = run_cli("pose", "random", "-o", "map.png", "--pose-json", "map.json", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    drawn = run_cli("pose", "render", "map.json", "-o", "again.png", "--set",
+                    "storage.file_mode=0660", cwd=tmp_path)
+    assert drawn.returncode == 0, drawn.stderr
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777
+             for name in ("map.png", "map.json", "again.png")}
+    assert modes == {"map.png": 0o664, "map.json": 0o664, "again.png": 0o660}

@@ -125,11 +125,14 @@ def pose_random(
     pose_json: Annotated[Path | None, typer.Option(
         "--pose-json", metavar="FILE", help="Also write the figures as OpenPose JSON (what "
         "`pose render` and pose editors read).")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Draw plausible random OpenPose figures, side by side, deterministic per seed."""
     from loraforge.generate.poses import random_pose_command
 
-    for line in random_pose_command(output, figures, size, seed, pose_json):
+    mode = _settings(config, overrides).file_mode
+    for line in random_pose_command(output, figures, size, seed, pose_json, mode):
         out.print(line, markup=False)
 
 
@@ -140,11 +143,14 @@ def pose_render(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="FILE", help="PNG to write (default: beside the JSON, .png)."
         )] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Draw the OpenPose JSON that pose editors exchange as a pose map."""
     from loraforge.generate.poses import render_pose_command
 
-    for line in render_pose_command(pose_json, output):
+    mode = _settings(config, overrides).file_mode
+    for line in render_pose_command(pose_json, output, mode):
         out.print(line, markup=False)
 
 

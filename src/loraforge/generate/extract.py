@@ -297,9 +297,9 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
             picture = load_picture(picture_path)
             found = detector.people(picture, picture_path)
             fitted = fit_pose(found, width, height)
-            save_png(draw_pose(fitted), png)
+            save_png(draw_pose(fitted), png, settings.file_mode)
             try:
-                write_pose_json(json_path, fitted)
+                write_pose_json(json_path, fitted, settings.file_mode)
             except OSError as exc:
                 raise ForgeError(f"cannot be written: {exc.strerror or exc}",
                                  path=json_path) from None

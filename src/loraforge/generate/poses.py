@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from loraforge.errors import ForgeError
-from loraforge.fsutil import save_atomic, write_atomic
+from loraforge.fsutil import DEFAULT_FILE_MODE, save_atomic, write_atomic
 
 # --- the format -------------------------------------------------------------------------------
 
@@ -350,11 +350,11 @@ def read_pose_json(path: Path) -> PoseMap:
     return PoseMap.from_json(text, path)
 
 
-def write_pose_json(path: Path, pose: PoseMap) -> None:
-    """Write ``pose`` as OpenPose exchange JSON, atomically (never over another kind of file:
-    see `refuse_foreign`)."""
+def write_pose_json(path: Path, pose: PoseMap, mode: int = DEFAULT_FILE_MODE) -> None:
+    """Write ``pose`` as OpenPose exchange JSON, atomically, with permissions ``mode``
+    (storage.file_mode) (never over another kind of file: see `refuse_foreign`)."""
     refuse_foreign(Path(path))
-    write_atomic(Path(path), pose.to_json())
+    write_atomic(Path(path), pose.to_json(), mode)
 
 
 #: The PNG text chunk that marks a pose map written here: it may be replaced by the next one.
@@ -944,24 +944,26 @@ def _check_output(output: Path, *, png: bool = True) -> None:
                          fix="pass --pose-json with a .json name, e.g. pose_map.json")
 
 
-def save_png(image: Image.Image, output: Path) -> None:
-    """Write a pose map as PNG, atomically, marked as one (never over another kind of file:
-    see `refuse_foreign`); ForgeError naming the file if it cannot be."""
+def save_png(image: Image.Image, output: Path, mode: int = DEFAULT_FILE_MODE) -> None:
+    """Write a pose map as PNG, atomically, with permissions ``mode`` (storage.file_mode),
+    marked as one (never over another kind of file: see `refuse_foreign`); ForgeError naming
+    the file if it cannot be."""
     from PIL.PngImagePlugin import PngInfo
 
     refuse_foreign(output)
     info = PngInfo()
     info.add_text(*POSE_MARK)
     try:
-        save_atomic(output, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+        save_atomic(output, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), mode)
     except OSError as exc:
         raise ForgeError(f"cannot be written: {exc.strerror or exc}", path=output,
                          fix="check the folder exists and is writable") from None
 
 
 def random_pose_command(output: Path, figures: int, size: str, seed: int,
-                        json_out: Path | None) -> list[str]:
-    """``loraforge pose random``: draw random figures to ``output`` (and JSON); lines to print."""
+                        json_out: Path | None, mode: int = DEFAULT_FILE_MODE) -> list[str]:
+    """``loraforge pose random``: draw random figures to ``output`` (and JSON), with permissions
+    ``mode`` (storage.file_mode); lines to print."""
     width, height = parse_size(size)
     output = Path(output)
     _check_output(output)
@@ -975,12 +977,12 @@ def random_pose_command(output: Path, figures: int, size: str, seed: int,
     image = draw_pose(pose)
     if json_out is not None:  # checked before the PNG is written (save_png checks the PNG)
         refuse_foreign(json_out)
-    save_png(image, output)
+    save_png(image, output, mode)
     noun = "figure" if figures == 1 else "figures"
     lines = [f"wrote {output} ({figures} {noun}, {width}x{height}, seed {seed})"]
     if json_out is not None:
         try:
-            write_pose_json(json_out, pose)
+            write_pose_json(json_out, pose, mode)
         except OSError as exc:
             raise ForgeError(f"cannot be written: {exc.strerror or exc}", path=json_out) from None
         lines.append(f"wrote {json_out} (OpenPose JSON)")
@@ -1003,8 +1005,10 @@ def draw_figures(pose: PoseMap, path: Path, fix: str) -> Image.Image:
     return draw_pose(pose)
 
 
-def render_pose_command(pose_json: Path, output: Path | None) -> list[str]:
-    """``loraforge pose render``: draw an OpenPose JSON as a pose map; lines to print."""
+def render_pose_command(pose_json: Path, output: Path | None,
+                        mode: int = DEFAULT_FILE_MODE) -> list[str]:
+    """``loraforge pose render``: draw an OpenPose JSON as a pose map, with permissions ``mode``
+    (storage.file_mode); lines to print."""
     from loraforge.dataset.images import is_image_kind, sniff_file
 
     pose_json = Path(pose_json)
@@ -1022,7 +1026,7 @@ def render_pose_command(pose_json: Path, output: Path | None) -> list[str]:
     pose = read_pose_json(pose_json)
     save_png(draw_figures(pose, pose_json, "add the figures' keypoints (export the pose again "
                           "from the editor), or draw random ones: `loraforge pose random`"),
-             output)
+             output, mode)
     n = len(pose.people)
     lines = [f"wrote {output} ({n} {'person' if n == 1 else 'people'}, "
              f"{pose.width}x{pose.height})"]
