@@ -319,7 +319,7 @@ def test_pose_extract_skips_its_own_outputs_and_files_that_are_not_pictures(
     assert first.returncode == 0, first.stderr
     written = {p.name: p.read_bytes() for p in pics.iterdir()}
     every = sorted(pics.iterdir())
-    result = run_cli("pose", "extract", *every, *store, cwd=tmp_path)
+    result = run_cli("pose", "extract", *every, "--overwrite", *store, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for needle in ("a.pose.json: skipped (a pose map or JSON that pose extract wrote)",
                    "a.pose.png: skipped (a pose map or JSON that pose extract wrote)",
@@ -344,6 +344,39 @@ def test_pose_extract_writes_with_storage_file_mode(tmp_path: Path, tiny_root: P
                     "64x64", lambda _: None)
     assert [(tmp_path / name).stat().st_mode & 0o777
             for name in ("ref.pose.png", "ref.pose.json")] == [0o664, 0o664]
+
+
+def test_a_rerun_keeps_what_was_extracted_and_never_replaces_an_edited_json(
+        tmp_path: Path, tiny_root: Path) -> None:
+    """A rerun detected every picture again and replaced each map and JSON, one edited in a
+    pose editor since included, and a batch stopped by preemption started over. Now a picture
+    whose map and JSON are there is kept; --overwrite extracts again, but not over an edited
+    JSON, and says so."""
+    from loraforge.generate.extract import extract_command
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for name in "ab":
+        _figures(refs / f"{name}.png", (160, 120))
+    settings = _tiny_settings(tiny_root)
+    extract_command(settings, [refs / "a.png"], None, None, "64x64", lambda _: None)
+    edited = refs / "a.pose.json"
+    pose = json.loads(edited.read_text())
+    pose["people"] = pose["people"][:1]  # the user's work in a pose editor
+    edited.write_text(json.dumps(pose))
+    mine = edited.read_bytes()
+    said: list[str] = []
+    extract_command(settings, [refs], None, None, "64x64", said.append)  # b: not done yet
+    assert [line.split(" -> ")[0] for line in said[:-1]] == [str(refs / "b.png")]
+    assert said[-1].startswith("2 pictures: 1 extracted")
+    assert ", 1 already extracted, kept (--overwrite extracts them again)" in said[-1]
+    said.clear()
+    extract_command(settings, [refs / "a.png"], None, None, "64x64", said.append,
+                    overwrite=True)
+    assert said == [f"{refs / 'a.png'}: kept, not extracted again: {edited} was changed since "
+                    "pose extract wrote it (in a pose editor?); move that JSON away (or delete "
+                    "it) to extract the picture again"]
+    assert edited.read_bytes() == mine
 
 
 def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> None:

@@ -174,6 +174,10 @@ def pose_extract(
     face: Annotated[bool, typer.Option(
         "--face", help="Also detect each person's face (70 keypoints; needs "
         "facenet.safetensors beside the body detector).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Extract again the pictures whose pose map and JSON are already "
+        "there (default: they are kept, so a rerun goes on where a stopped one ended). A JSON "
+        "edited since it was written is kept even so.")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -182,7 +186,7 @@ def pose_extract(
     from loraforge.generate.extract import extract_command
 
     extract_command(_settings(config, overrides), pictures, output, json_out, size,
-                    lambda line: out.print(line, markup=False), hands, face)
+                    lambda line: out.print(line, markup=False), hands, face, overwrite)
 
 
 @app.command()

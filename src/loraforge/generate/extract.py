@@ -9,6 +9,7 @@ onto the scene size generation uses and drawn in the standard pose map colours.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from loraforge.generate.poses import (
     refuse_foreign,
     save_png,
     write_pose_json,
+    written_json_digest,
 )
 
 if TYPE_CHECKING:
@@ -275,38 +277,104 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
                              "that file first if it may go") from None
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One picture and the pose map and JSON it is extracted to."""
+
+    picture: Path
+    png: Path
+    json: Path
+
+
+def _json_digest(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode("utf-8") if isinstance(text, str) else text).hexdigest()
+
+
+def _not_ours(job: _Job) -> str | None:
+    """Why the existing JSON of `job` may hold the user's work (edited in a pose editor since
+    `pose extract` wrote it), or None when it is, byte for byte, the JSON that its pose map
+    records having been written beside it."""
+    recorded = written_json_digest(job.png)
+    if recorded is None:
+        where = (f"{job.png.name} does not record it: written by `pose render` or by an older "
+                 "loraforge" if job.png.exists() else "no pose map beside it records it")
+        return f"{job.json} is not known to be the JSON pose extract wrote ({where})"
+    try:
+        current = _json_digest(job.json.read_bytes())
+    except OSError as exc:
+        return f"{job.json} cannot be read ({exc.strerror or exc}), so it is not known to be ours"
+    if current != recorded:
+        return f"{job.json} was changed since pose extract wrote it (in a pose editor?)"
+    return None
+
+
+def _plan(jobs: list[_Job], overwrite: bool) -> tuple[list[_Job], list[_Job], list[str]]:
+    """The jobs to extract, those already extracted (map and JSON there, kept unless
+    ``overwrite``), and a line for each picture kept even with ``overwrite`` because its JSON
+    may be the user's: a JSON is replaced only when it is what pose extract wrote."""
+    todo: list[_Job] = []
+    done: list[_Job] = []
+    kept: list[str] = []
+    for job in jobs:
+        if not job.json.exists():  # a map alone: the batch stopped between the two writes
+            todo.append(job)
+            continue
+        if job.png.exists() and not overwrite:
+            done.append(job)
+        elif (why := _not_ours(job)) is None:
+            todo.append(job)
+        else:
+            kept.append(f"{job.picture}: kept, not extracted again: {why}; move that JSON "
+                        "away (or delete it) to extract the picture again")
+    return todo, done, kept
+
+
+def _write(job: _Job, pose: PoseMap, mode: int) -> None:
+    """The pose map, recording the digest of the JSON, then the JSON (a run stopped between
+    the two leaves a map alone: the rerun extracts that picture again)."""
+    text = pose.to_json()
+    save_png(draw_pose(pose), job.png, mode, _json_digest(text))
+    try:
+        write_pose_json(job.json, pose, mode)
+    except OSError as exc:
+        raise ForgeError(f"cannot be written: {exc.strerror or exc}", path=job.json) from None
+
+
 def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
                     json_out: Path | None, size: str | None, say: Say,
-                    hands: bool = False, face: bool = False) -> None:
+                    hands: bool = False, face: bool = False, overwrite: bool = False) -> None:
     """`loraforge pose extract`: one pose map (PNG) and OpenPose JSON per picture, letterboxed
-    onto the scene size. A batch goes on past a bad picture and ends with a summary; ForgeError
-    (exit 1) when any picture gave no pose."""
+    onto the scene size. A picture whose map and JSON are already there is kept (a rerun goes
+    on where a stopped batch ended) unless ``overwrite``; a JSON edited since it was written is
+    kept even then, with a line saying so. A batch goes on past a bad picture and ends with a
+    summary; ForgeError (exit 1) when any picture gave no pose."""
     gen = settings.config.generate
     width, height = parse_size(size) if size else (gen.width, gen.height)
     pictures, batch, notes = _pictures(inputs)
     _check_outputs(pictures, output, json_out, batch)
     for note in notes:
         say(note)
+    todo, done, kept = _plan([_Job(picture, *_outputs(picture, output, json_out, batch))
+                              for picture in pictures], overwrite)
+    for line in kept:
+        say(line)
+    if not batch and done:
+        say(f"{done[0].picture}: already extracted ({done[0].png}, {done[0].json}), kept; "
+            "--overwrite extracts it again")
     detector = Detector(settings, hands, face)
-    detector.net()  # a missing or damaged detector stops the batch before the first picture
+    if todo:
+        detector.net()  # a missing or damaged detector stops the batch before the first picture
     people = 0
     failed: list[str] = []
-    for picture_path in pictures:
-        png, json_path = _outputs(picture_path, output, json_out, batch)
+    for job in todo:
         try:
-            picture = load_picture(picture_path)
-            found = detector.people(picture, picture_path)
-            fitted = fit_pose(found, width, height)
-            save_png(draw_pose(fitted), png, settings.file_mode)
-            try:
-                write_pose_json(json_path, fitted, settings.file_mode)
-            except OSError as exc:
-                raise ForgeError(f"cannot be written: {exc.strerror or exc}",
-                                 path=json_path) from None
+            picture = load_picture(job.picture)
+            found = detector.people(picture, job.picture)
+            _write(job, fit_pose(found, width, height), settings.file_mode)
         except ForgeError as exc:
             if not batch:
                 raise
-            failed.append(picture_path.name)
+            failed.append(job.picture.name)
             say(f"error: {exc}")
             continue
         n = len(found.people)
@@ -314,12 +382,17 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
         parts = (f", {sum(h is not None for p in found.people for h in p.hands)} hands"
                  if hands else "")
         parts += (f", {sum(p.face is not None for p in found.people)} faces" if face else "")
-        say(f"{picture_path} -> {png} ({n} {'person' if n == 1 else 'people'}{parts}, "
-            f"{width}x{height}; JSON: {json_path.name})")
+        say(f"{job.picture} -> {job.png} ({n} {'person' if n == 1 else 'people'}{parts}, "
+            f"{width}x{height}; JSON: {job.json.name})")
     if batch:
-        done = len(pictures) - len(failed)
-        summary = (f"{len(pictures)} pictures: {done} extracted ({people} people), "
-                   f"{len(failed)} without a pose")
+        summary = (f"{len(pictures)} pictures: {len(todo) - len(failed)} extracted "
+                   f"({people} people)")
+        if done:
+            summary += (f", {len(done)} already extracted, kept (--overwrite extracts them "
+                        "again)")
+        if kept:
+            summary += f", {len(kept)} kept: their JSON may have been edited (see above)"
+        summary += f", {len(failed)} without a pose"
         if failed:
             raise ForgeError(f"{summary}: {', '.join(failed)}",
                              fix="see each picture's error above; the others were written")

@@ -359,27 +359,44 @@ def write_pose_json(path: Path, pose: PoseMap, mode: int = DEFAULT_FILE_MODE) ->
 
 #: The PNG text chunk that marks a pose map written here: it may be replaced by the next one.
 POSE_MARK = ("loraforge", "pose map")
+#: The PNG text chunk in which `pose extract` records the SHA-256 of the JSON it wrote beside
+#: the map (the JSON itself stays the plain exchange format that pose editors read).
+JSON_DIGEST_KEY = "loraforge pose json sha256"
 
 
-def _has_pose_mark(path: Path) -> bool:
-    """Whether the PNG at `path` carries POSE_MARK in a text chunk before its image data (read
-    from the chunks, so a map too large for Pillow's guard is still recognised)."""
-    wanted = f"{POSE_MARK[0]}\0{POSE_MARK[1]}".encode("latin-1")
+def _png_texts(path: Path) -> dict[str, str]:
+    """The PNG text chunks (tEXt) at `path` before its image data, read from the chunks, so
+    that a map too large for Pillow's guard is still recognised; {} for any other file."""
+    texts: dict[str, str] = {}
     try:
         with open(path, "rb") as fh:
             if fh.read(8) != b"\x89PNG\r\n\x1a\n":
-                return False
+                return {}
             while len(head := fh.read(8)) == 8:
                 size, kind = int.from_bytes(head[:4], "big"), head[4:]
                 if kind in (b"IDAT", b"IEND") or size > 1 << 20:
-                    return False
+                    break
                 data = fh.read(size)
                 fh.seek(4, 1)  # the chunk's CRC
-                if kind == b"tEXt" and data == wanted:
-                    return True
+                if kind == b"tEXt" and b"\0" in data:
+                    key, value = data.split(b"\0", 1)
+                    texts[key.decode("latin-1")] = value.decode("latin-1")
     except OSError:
-        return False
-    return False
+        return {}
+    return texts
+
+
+def _has_pose_mark(path: Path) -> bool:
+    """Whether the PNG at `path` carries POSE_MARK in a text chunk before its image data."""
+    return _png_texts(path).get(POSE_MARK[0]) == POSE_MARK[1]
+
+
+def written_json_digest(png: Path) -> str | None:
+    """The SHA-256 that the pose map at `png` records of the JSON written beside it (see
+    `save_png`), or None: no such map, or one that records none (written by `pose random` or
+    `pose render`, or before the digest was recorded)."""
+    texts = _png_texts(png)
+    return texts.get(JSON_DIGEST_KEY) if texts.get(POSE_MARK[0]) == POSE_MARK[1] else None
 
 
 def _is_pose_json(path: Path) -> bool:
@@ -944,15 +961,19 @@ def _check_output(output: Path, *, png: bool = True) -> None:
                          fix="pass --pose-json with a .json name, e.g. pose_map.json")
 
 
-def save_png(image: Image.Image, output: Path, mode: int = DEFAULT_FILE_MODE) -> None:
+def save_png(image: Image.Image, output: Path, mode: int = DEFAULT_FILE_MODE,
+             json_digest: str | None = None) -> None:
     """Write a pose map as PNG, atomically, with permissions ``mode`` (storage.file_mode),
-    marked as one (never over another kind of file: see `refuse_foreign`); ForgeError naming
+    marked as one (never over another kind of file: see `refuse_foreign`), recording
+    ``json_digest`` (the SHA-256 of the JSON written beside it) when given; ForgeError naming
     the file if it cannot be."""
     from PIL.PngImagePlugin import PngInfo
 
     refuse_foreign(output)
     info = PngInfo()
     info.add_text(*POSE_MARK)
+    if json_digest is not None:
+        info.add_text(JSON_DIGEST_KEY, json_digest)
     try:
         save_atomic(output, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), mode)
     except OSError as exc:
