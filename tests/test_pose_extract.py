@@ -379,6 +379,33 @@ def test_a_rerun_keeps_what_was_extracted_and_never_replaces_an_edited_json(
     assert edited.read_bytes() == mine
 
 
+def test_pose_extract_passes_over_os_clutter_and_lists_every_name_clash(
+        tmp_path: Path, tiny_root: Path) -> None:
+    """A folder copied from a Mac: its ._a.png (AppleDouble), .DS_Store and Thumbs.db were read
+    as pictures ("is not an image") and the batch exited 1, a SLURM job marked failed. Name
+    clashes were refused one per run."""
+    from loraforge.generate.extract import extract_command
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    _figures(refs / "a.png", (160, 120))
+    (refs / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (refs / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (refs / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    said: list[str] = []
+    extract_command(_tiny_settings(tiny_root), [refs], None, None, "64x64", said.append)
+    assert said[-1].startswith("1 pictures: 1 extracted") and len(said) == 2
+    clashes = tmp_path / "clashes"
+    clashes.mkdir()
+    for name in ("anim.png", "anim.webp", "b.jpg", "b.png"):
+        Image.new("RGB", (8, 8)).save(clashes / name)
+    with pytest.raises(ForgeError) as refused:
+        extract_command(_tiny_settings(tiny_root), [clashes], None, None, None, lambda _: None)
+    assert refused.value.message == ("anim.png and anim.webp would both write anim.pose.png; "
+                                     "b.jpg and b.png would both write b.pose.png")
+    assert refused.value.path == clashes
+
+
 def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> None:
     from loraforge.generate.extract import extract_command
 

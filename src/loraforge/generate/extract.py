@@ -172,10 +172,12 @@ def _is_output(path: Path) -> bool:
 
 
 def _pictures(inputs: list[Path]) -> tuple[list[Path], bool, list[str]]:
-    """The pictures named (folders expanded to their images, sorted), whether it is a batch,
+    """The pictures named (folders expanded to their images, sorted, passing over hidden files
+    and OS clutter as the dataset scan does: macOS's ._NAME.png copies), whether it is a batch,
     and a note for each named file left out: an earlier output, or not a picture (in a batch;
     named alone, that is an error)."""
     from loraforge.dataset.images import IMAGE_EXTENSIONS
+    from loraforge.dataset.scan import is_clutter
 
     pictures: list[Path] = []
     left_out: list[tuple[Path, str]] = []
@@ -184,7 +186,7 @@ def _pictures(inputs: list[Path]) -> tuple[list[Path], bool, list[str]]:
         item = Path(item)
         if item.is_dir():
             batch = True
-            found = sorted(p for p in item.iterdir() if p.is_file()
+            found = sorted(p for p in item.iterdir() if p.is_file() and not is_clutter(p.name)
                            and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_output(p))
             if not found:
                 raise ForgeError("holds no pictures (png, jpg, jpeg, webp, bmp; NAME.pose.png "
@@ -223,19 +225,30 @@ def _outputs(picture: Path, output: Path | None, json_out: Path | None, batch: b
     return png, json_out if json_out is not None else png.with_suffix(".json")
 
 
+def _refuse_clashes(pictures: list[Path], output: Path | None) -> None:
+    """Refuse, all in one message, the pictures whose pose maps would have one name (anim.png
+    and anim.webp both write anim.pose.png)."""
+    writers: dict[Path, list[Path]] = {}
+    for picture in pictures:
+        writers.setdefault(_outputs(picture, output, None, True)[0].resolve(), []).append(picture)
+    clashes = [(png, found) for png, found in writers.items() if len(found) > 1]
+    if not clashes:
+        return
+    listed = "; ".join(
+        f"{' and '.join(p.name if len({q.parent for q in found}) == 1 else str(p) for p in found)}"
+        f" would {'both' if len(found) == 2 else 'all'} write {png.name}"
+        for png, found in clashes)
+    raise ForgeError(listed, path=clashes[0][1][0].parent,
+                     fix="rename one of each (e.g. anim.webp to anim_2.webp), or extract them "
+                         "one at a time with -o")
+
+
 def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | None,
                    batch: bool) -> None:
     """Refuse outputs that cannot be written (or would replace a file of the user's) before
     any picture is read: a refused JSON never leaves its pose map written alone."""
     if batch:
-        seen: dict[Path, Path] = {}
-        for picture in pictures:
-            png = _outputs(picture, output, json_out, batch)[0].resolve()
-            if png in seen:
-                raise ForgeError(f"{seen[png].name} and {picture.name} would both write "
-                                 f"{png.name}", path=picture.parent,
-                                 fix="rename one of them, or extract them one at a time with -o")
-            seen[png] = picture
+        _refuse_clashes(pictures, output)
         if json_out is not None:
             raise ForgeError("--pose-json names one file, but several pictures are extracted",
                              path=json_out, fix="drop --pose-json: each picture's JSON is written "
