@@ -406,6 +406,29 @@ def test_pose_extract_passes_over_os_clutter_and_lists_every_name_clash(
     assert refused.value.path == clashes
 
 
+def test_pose_extract_never_writes_into_a_dataset_concept_folder(tmp_path: Path) -> None:
+    """`pose extract master_dataset/10_red_knight` wrote NAME.pose.png beside the training
+    pictures: moved or not, skeleton maps would train as the character. -o elsewhere is fine."""
+    from loraforge.generate.extract import extract_command
+
+    concept = tmp_path / "master_dataset" / "10_red_knight"
+    concept.mkdir(parents=True)
+    picture = _figures(concept / "knight.png", (160, 120))
+    settings = load_settings(None, [f"storage.root={tmp_path / 'nothing'}",
+                                    f"dataset.path={tmp_path / 'master_dataset'}"])
+    photo = _figures(tmp_path / "photo.png", (160, 120))
+    for inputs, output in (([concept], None), ([picture], None), ([photo], concept)):
+        with pytest.raises(ForgeError) as refused:
+            extract_command(settings, inputs, output, None, None, lambda _: None)
+        assert refused.value.message == ("is a concept folder of the training dataset: pose "
+                                         "maps written here would be trained as the concept's "
+                                         "pictures")
+        assert refused.value.path == concept and "-o poses/" in (refused.value.fix or "")
+    with pytest.raises(ForgeError, match="pose detector not found"):  # past the check
+        extract_command(settings, [concept], tmp_path / "poses", None, None, lambda _: None)
+    assert sorted(p.name for p in concept.iterdir()) == ["knight.png"]
+
+
 def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> None:
     from loraforge.generate.extract import extract_command
 

@@ -353,6 +353,20 @@ def _write(job: _Job, pose: PoseMap, mode: int) -> None:
         raise ForgeError(f"cannot be written: {exc.strerror or exc}", path=job.json) from None
 
 
+def _refuse_concept_folders(jobs: list[_Job], dataset_dir: Path) -> None:
+    """Refuse outputs in a concept folder of the training dataset (`<repeats>_<concept>/`
+    under dataset.path): the pose maps there would be trained as the concept's pictures."""
+    from loraforge.dataset.scan import parse_folder_name
+
+    root = dataset_dir.resolve()
+    for folder in sorted({path.parent for job in jobs for path in (job.png, job.json)}):
+        resolved = folder.resolve()
+        if resolved.parent == root and parse_folder_name(resolved.name) is not None:
+            raise ForgeError("is a concept folder of the training dataset: pose maps written "
+                             "here would be trained as the concept's pictures", path=folder,
+                             fix="write them elsewhere with -o, e.g. -o poses/")
+
+
 def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
                     json_out: Path | None, size: str | None, say: Say,
                     hands: bool = False, face: bool = False, overwrite: bool = False) -> None:
@@ -365,10 +379,11 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     width, height = parse_size(size) if size else (gen.width, gen.height)
     pictures, batch, notes = _pictures(inputs)
     _check_outputs(pictures, output, json_out, batch)
+    jobs = [_Job(picture, *_outputs(picture, output, json_out, batch)) for picture in pictures]
+    _refuse_concept_folders(jobs, settings.dataset_dir)
     for note in notes:
         say(note)
-    todo, done, kept = _plan([_Job(picture, *_outputs(picture, output, json_out, batch))
-                              for picture in pictures], overwrite)
+    todo, done, kept = _plan(jobs, overwrite)
     for line in kept:
         say(line)
     if not batch and done:
