@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -427,6 +429,55 @@ def test_pose_extract_never_writes_into_a_dataset_concept_folder(tmp_path: Path)
     with pytest.raises(ForgeError, match="pose detector not found"):  # past the check
         extract_command(settings, [concept], tmp_path / "poses", None, None, lambda _: None)
     assert sorted(p.name for p in concept.iterdir()) == ["knight.png"]
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    """A folder of one picture where no file can be made, as read-only reference photos on lab
+    storage: mode 0555, and for root (whom modes do not stop) the immutable attribute."""
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    _figures(folder / "a.png", (160, 120))
+    folder.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(
+        ["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        if os.access(folder, os.W_OK) and not immutable:
+            pytest.skip("no way to make a folder unwritable here (root without chattr)")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_pose_extract_into_an_unwritable_folder_is_refused_before_any_detection(
+        read_only: Path) -> None:
+    """Read-only reference photos: the detector ran on every picture, every write failed, and
+    the summary said "0 extracted, ... the others were written"."""
+    from loraforge.generate.extract import extract_command
+
+    settings = load_settings(None, [f"storage.root={read_only.parent / 'nothing'}"])
+    with pytest.raises(ForgeError) as refused:  # before the (missing) detector is looked for
+        extract_command(settings, [read_only], None, None, None, lambda _: None)
+    assert refused.value.message.startswith("cannot be written: ")
+    assert refused.value.path == read_only and "-o DIR" in (refused.value.fix or "")
+    assert sorted(p.name for p in read_only.iterdir()) == ["a.png"]
+
+
+def test_a_batch_counts_the_pictures_it_could_not_write(tmp_path: Path, tiny_root: Path,
+                                                       ) -> None:
+    from loraforge.generate.extract import extract_command
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    _figures(refs / "a.png", (160, 120))
+    (refs / "a.pose.png").mkdir()  # in the way of the map: its write fails
+    with pytest.raises(ForgeError) as failed:
+        extract_command(_tiny_settings(tiny_root), [refs], None, None, "64x64", lambda _: None)
+    assert failed.value.message == ("1 pictures: 0 extracted (0 people), 0 without a pose; "
+                                    "1 not written: a.png")
+    assert "were written" not in (failed.value.fix or "")
 
 
 def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> None:

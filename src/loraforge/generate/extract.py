@@ -10,6 +10,7 @@ onto the scene size generation uses and drawn in the standard pose map colours.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +368,35 @@ def _refuse_concept_folders(jobs: list[_Job], dataset_dir: Path) -> None:
                              fix="write them elsewhere with -o, e.g. -o poses/")
 
 
+def _refuse_unwritable(jobs: list[_Job]) -> None:
+    """Refuse, before the detector is loaded, an output folder where no file can be made
+    (read-only reference photos on lab storage): tried by making one there, which answers
+    for root, an immutable folder and a read-only mount too."""
+    for folder in sorted({path.parent for job in jobs for path in (job.png, job.json)}):
+        existing = next(f for f in (folder, *folder.parents) if f.exists())
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".loraforge-write-test-"):
+                pass
+        except OSError as exc:
+            raise ForgeError(f"cannot be written: {exc.strerror or exc}", path=folder,
+                             fix="write the pose maps elsewhere with -o DIR, e.g. -o poses/"
+                             ) from None
+
+
+def _summary(total: int, extracted: int, people: int, already: int, kept: int,
+             no_pose: list[str], unwritten: list[str]) -> str:
+    """The batch's last line: what was extracted, kept, found without a pose, not written."""
+    summary = f"{total} pictures: {extracted} extracted ({people} people)"
+    if already:
+        summary += f", {already} already extracted, kept (--overwrite extracts them again)"
+    if kept:
+        summary += f", {kept} kept: their JSON may have been edited (see above)"
+    summary += f", {len(no_pose)} without a pose" + (f": {', '.join(no_pose)}" if no_pose else "")
+    if unwritten:
+        summary += f"; {len(unwritten)} not written: {', '.join(unwritten)}"
+    return summary
+
+
 def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
                     json_out: Path | None, size: str | None, say: Say,
                     hands: bool = False, face: bool = False, overwrite: bool = False) -> None:
@@ -374,7 +404,8 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     onto the scene size. A picture whose map and JSON are already there is kept (a rerun goes
     on where a stopped batch ended) unless ``overwrite``; a JSON edited since it was written is
     kept even then, with a line saying so. A batch goes on past a bad picture and ends with a
-    summary; ForgeError (exit 1) when any picture gave no pose."""
+    summary; ForgeError (exit 1) when any picture gave no pose or could not be written (an
+    output folder where no file can be made is refused before the detector is loaded)."""
     gen = settings.config.generate
     width, height = parse_size(size) if size else (gen.width, gen.height)
     pictures, batch, notes = _pictures(inputs)
@@ -389,20 +420,29 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     if not batch and done:
         say(f"{done[0].picture}: already extracted ({done[0].png}, {done[0].json}), kept; "
             "--overwrite extracts it again")
+    _refuse_unwritable(todo)
     detector = Detector(settings, hands, face)
     if todo:
         detector.net()  # a missing or damaged detector stops the batch before the first picture
     people = 0
-    failed: list[str] = []
+    no_pose: list[str] = []
+    unwritten: list[str] = []
     for job in todo:
         try:
             picture = load_picture(job.picture)
             found = detector.people(picture, job.picture)
+        except ForgeError as exc:
+            if not batch:
+                raise
+            no_pose.append(job.picture.name)
+            say(f"error: {exc}")
+            continue
+        try:
             _write(job, fit_pose(found, width, height), settings.file_mode)
         except ForgeError as exc:
             if not batch:
                 raise
-            failed.append(job.picture.name)
+            unwritten.append(job.picture.name)
             say(f"error: {exc}")
             continue
         n = len(found.people)
@@ -413,15 +453,15 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
         say(f"{job.picture} -> {job.png} ({n} {'person' if n == 1 else 'people'}{parts}, "
             f"{width}x{height}; JSON: {job.json.name})")
     if batch:
-        summary = (f"{len(pictures)} pictures: {len(todo) - len(failed)} extracted "
-                   f"({people} people)")
-        if done:
-            summary += (f", {len(done)} already extracted, kept (--overwrite extracts them "
-                        "again)")
-        if kept:
-            summary += f", {len(kept)} kept: their JSON may have been edited (see above)"
-        summary += f", {len(failed)} without a pose"
-        if failed:
-            raise ForgeError(f"{summary}: {', '.join(failed)}",
-                             fix="see each picture's error above; the others were written")
+        extracted = len(todo) - len(no_pose) - len(unwritten)
+        summary = _summary(len(pictures), extracted, people, len(done), len(kept), no_pose,
+                           unwritten)
+        if no_pose or unwritten:
+            fix = "see each picture's error above"
+            if unwritten:
+                fix += ("; free space or make the folder writable (or pass -o DIR), then run "
+                        "the same command again: the pictures written are kept")
+            if extracted:
+                fix += f"; the pose maps of the {extracted} extracted were written"
+            raise ForgeError(summary, fix=fix)
         say(summary)
