@@ -5,6 +5,7 @@ at the command line; the rest in-process."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,13 @@ from PIL import Image
 from loraforge.config import load_settings
 from loraforge.dataset import tag_list
 from loraforge.dataset.caption_edit import BACKUP_DIR, CaptionWriter
-from loraforge.dataset.dedupe import hash_pictures, near_duplicate_groups, phash
+from loraforge.dataset.dedupe import (
+    Picture,
+    hash_pictures,
+    move_extras,
+    near_duplicate_groups,
+    phash,
+)
 from loraforge.dataset.folders import concept_folders
 from loraforge.dataset.tagger import prepare_image, select_tags, tag_dataset, tag_text
 from loraforge.errors import ForgeError
@@ -835,6 +843,95 @@ def test_dedupe_move_that_fails_names_the_file_and_keeps_what_moved(tmp_path: Pa
     assert_user_error(result, "master_dataset/.duplicates is a file, not a folder")
     assert sorted(p.name for p in knight.iterdir()) == ["a.png", "a_copy.png"]
     assert (dataset / ".duplicates").read_text() == "in the way too"
+
+
+def _knight_with_a_copy(tmp_path: Path) -> tuple[Path, Path, list[list[Picture]]]:
+    """A concept folder with a captioned picture (kept: first by name) and its captioned copy:
+    (dataset, folder, groups)."""
+    dataset = tmp_path / "master_dataset"
+    knight = dataset / "10_knight"
+    knight.mkdir(parents=True)
+    draw_character(knight / "a.png", RED, "box", -20)
+    (knight / "a.txt").write_text("knight")
+    Image.open(knight / "a.png").save(knight / "a_copy.png")
+    (knight / "a_copy.txt").write_text("knight, a copy")
+    groups = near_duplicate_groups(hash_pictures(concept_folders(dataset), ".txt", []))
+    return dataset, knight, groups
+
+
+def _refuse_in(folder: Path, monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Make the os calls `names` (rename, unlink, open) fail in `folder` as in an immutable
+    folder (`chattr +i`, which refuses even root), whatever the user running the tests."""
+    for name in names:
+        real = getattr(os, name)
+
+        def refused(path: str | Path, *args: object, real: Callable[..., object] = real,
+                    **kwargs: object) -> object:
+            if Path(path).parent == folder:
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refused)
+
+
+def test_dedupe_move_where_renaming_is_refused_leaves_no_copy_and_names_the_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that refuses renames (immutable, read-only, a shared sticky one): the move fell
+    back to copy-then-delete, the delete failed too, and each run left one more full copy in
+    .duplicates/ while the picture stayed, under "what was moved stays moved". Now nothing is
+    copied, and the message names the folder and the fix."""
+    dataset, knight, groups = _knight_with_a_copy(tmp_path)
+    _refuse_in(knight, monkeypatch, "rename", "unlink", "open")
+    for _ in range(2):
+        with pytest.raises(ForgeError) as info:
+            list(move_extras(dataset, groups, ".txt"))
+        assert f"{knight} refuses changes" in info.value.message
+        assert f"chattr -i {knight}" in str(info.value.fix)
+        assert sorted(p.name for p in knight.iterdir()) == [
+            "a.png", "a.txt", "a_copy.png", "a_copy.txt"]
+        assert not any(p.is_file() for p in (dataset / ".duplicates").rglob("*"))
+
+
+def test_dedupe_move_onto_another_file_system_copies_and_never_keeps_both(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across file systems (EXDEV) a copy, then a delete; a refused delete removes the copy
+    again (it stayed: two of each picture); a delete that works completes the move."""
+    dataset, knight, groups = _knight_with_a_copy(tmp_path)
+
+    def other_file_system(source: object, dest: object) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(source))
+
+    monkeypatch.setattr(os, "rename", other_file_system)
+    with monkeypatch.context() as refusing:
+        _refuse_in(knight, refusing, "unlink")
+        with pytest.raises(ForgeError, match="cannot be moved to"):
+            list(move_extras(dataset, groups, ".txt"))
+    # (the hidden, empty file that found the folder refusing deletes stays: no scan reads it)
+    assert sorted(p.name for p in knight.iterdir() if not p.name.startswith(".")) == [
+        "a.png", "a.txt", "a_copy.png", "a_copy.txt"]
+    assert not any(p.is_file() for p in (dataset / ".duplicates").rglob("*"))
+    assert [s.done for s in move_extras(dataset, groups, ".txt")] == ["moved", "moved"]
+    assert sorted(p.name for p in (dataset / ".duplicates" / "10_knight").iterdir()) == [
+        "a_copy.png", "a_copy.txt"]
+    assert sorted(p.name for p in knight.iterdir() if not p.name.startswith(".")) == [
+        "a.png", "a.txt"]
+
+
+def test_dedupe_move_skips_what_another_move_at_the_same_time_moved(tmp_path: Path) -> None:
+    """Two `dedupe --move` at once: the second found the picture gone and failed with "No such
+    file" and advice to make the folder writable. Now it skips it, saying why."""
+    dataset, knight, groups = _knight_with_a_copy(tmp_path)
+    moved = dataset / ".duplicates" / "10_knight"
+    moved.mkdir(parents=True)
+    for name in ("a_copy.png", "a_copy.txt"):  # the other process, a moment earlier
+        (knight / name).rename(moved / name)
+    steps = list(move_extras(dataset, groups, ".txt"))
+    assert [s.done for s in steps] == ["gone"]
+    from loraforge.dataset.command import _dedupe_step  # the line the command prints
+
+    assert "skipped master_dataset/10_knight/a_copy.png: no longer there (another `dataset " \
+           "dedupe --move`" in _dedupe_step(steps[0]).replace(f"{tmp_path}/", "")
+    assert sorted(p.name for p in moved.iterdir()) == ["a_copy.png", "a_copy.txt"]
 
 
 def test_pictures_that_would_share_a_caption_are_left_out_and_nothing_is_lost(

@@ -19,6 +19,7 @@ from loraforge.options import ConfigOpt, SetOpt, probability
 
 if TYPE_CHECKING:
     from loraforge.config import Settings
+    from loraforge.dataset.dedupe import Step
 
 out = Console(soft_wrap=True, highlight=False)
 ConceptsArg = Annotated[list[str] | None, typer.Argument(
@@ -230,8 +231,18 @@ def dedupe_command(
             _say(f"to move the extras into {display_path(settings.dataset_dir / DUPLICATES_DIR)}"
                  "/: loraforge dataset dedupe --move")
         return
-    for src, dest in left_behind(settings.dataset_dir, chosen, extension):
-        _say(f"moved {display_path(src)} -> {display_path(dest)} (its picture was moved by a "
-             "move that stopped before the caption)")
-    for src, dest in move_extras(settings.dataset_dir, groups, extension):
-        _say(f"moved {display_path(src)} -> {display_path(dest)}")
+    for step in left_behind(settings.dataset_dir, chosen, extension):
+        _say(_dedupe_step(step, " (its picture was moved by a move that stopped before the "
+                                "caption)"))
+    for step in move_extras(settings.dataset_dir, groups, extension):
+        _say(_dedupe_step(step))
+
+
+def _dedupe_step(step: Step, why: str = "") -> str:
+    """The line `dataset dedupe --move` prints for one file it moved or found gone."""
+    from loraforge.dataset.scan import display_path
+
+    if step.done == "gone":
+        return (f"skipped {display_path(step.source)}: no longer there (another `dataset dedupe "
+                "--move` running at the same time moved it)")
+    return f"{step.done} {display_path(step.source)} -> {display_path(step.dest)}{why}"

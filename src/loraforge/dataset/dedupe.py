@@ -19,10 +19,13 @@ picture of a group is the largest one (then one with a caption, then the first b
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
+import stat
 import statistics
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +35,13 @@ from PIL import Image
 
 from loraforge.dataset.folders import ConceptFolder
 from loraforge.dataset.images import load_image
-from loraforge.dataset.scan import caption_stem, display_path, free_name, is_free_name
+from loraforge.dataset.scan import (
+    caption_stem,
+    display_path,
+    free_name,
+    is_free_name,
+    shell_path,
+)
 from loraforge.errors import ForgeError
 
 DEFAULT_DISTANCE = 6
@@ -147,24 +156,35 @@ def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTA
     return sorted(groups, key=lambda g: g[0].path)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One file `--move` handled: `moved` into `.duplicates/`, or `gone` (no longer there:
+    another `--move` running at the same time moved it; skipped)."""
+
+    source: Path
+    dest: Path
+    done: str
+
+
 def move_extras(dataset_dir: Path, groups: list[list[Picture]], extension: str,
-                ) -> Iterator[tuple[Path, Path]]:
+                ) -> Iterator[Step]:
     """Move every picture but the kept one of each group, with its caption, into
     `<dataset>/.duplicates/<concept folder>/` (renamed `name~2.png` where a name is taken),
-    yielding each (from, to) as it is done. ForgeError naming the file when one cannot be
-    moved (what was moved before stays moved)."""
+    yielding each step as it is done. ForgeError naming the file when one cannot be moved
+    (what was moved before stays moved)."""
     for group in groups:
         for picture in group[1:]:
             folder = Path(dataset_dir) / DUPLICATES_DIR / picture.concept.folder.name
             dest = free_name(folder / picture.path.name, extension, RENAMED_MARK)
             caption = picture.concept.caption_path(picture.path, extension)
-            yield _move(picture.path, dest)
-            if caption.is_file():
+            step = _move(picture.path, dest)
+            yield step
+            if step.done == "moved" and caption.is_file():
                 yield _move(caption, dest.with_name(dest.stem + extension))
 
 
 def left_behind(dataset_dir: Path, concepts: list[ConceptFolder], extension: str,
-                ) -> Iterator[tuple[Path, Path]]:
+                ) -> Iterator[Step]:
     """Move the captions a stopped `--move` left behind (it moves a picture, then its caption):
     a caption without a picture in its concept folder whose picture is in
     `.duplicates/<concept folder>/` (as `name.png`, or `name~N.png` where the name was taken)
@@ -192,21 +212,74 @@ def left_behind(dataset_dir: Path, concepts: list[ConceptFolder], extension: str
                 captioned.add(pictures[0].stem)
 
 
-def _move(source: Path, dest: Path) -> tuple[Path, Path]:
+def _move(source: Path, dest: Path) -> Step:
+    """Rename `source` to `dest` (a `gone` step when `source` is no longer there: another
+    `--move` moved it). ForgeError naming the file, and the folder that refused, otherwise."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(source, dest)
+        _rename(source, dest)
     except OSError as exc:
-        again = "then run `loraforge dataset dedupe --move` again: what was moved stays moved"
-        blocker = next((p for p in (dest.parent.parent, dest.parent)
-                        if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            raise ForgeError(f"cannot be moved to {display_path(dest)}: "
-                             f"{display_path(blocker)} is a file, not a folder",
-                             path=display_path(source),
-                             fix=f"rename or move that file away, {again}") from None
-        raise ForgeError(f"cannot be moved to {display_path(dest)}: {exc.strerror or exc}",
-                         path=display_path(source),
-                         fix="make the dataset folder (and its .duplicates/ folder) writable, "
-                             f"{again}") from None
-    return source, dest
+        if not os.path.lexists(source):
+            return Step(source, dest, "gone")
+        raise _move_error(source, dest, exc, "cannot be moved to") from None
+    return Step(source, dest, "moved")
+
+
+def _rename(source: Path, dest: Path) -> None:
+    """`os.rename`; only onto another file system (EXDEV) a copy, then a delete of `source`,
+    the copy removed again when that fails: never a file in both places. A refused rename
+    (a read-only, immutable or sticky folder) is an error, not a copy."""
+    try:
+        os.rename(source, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    try:
+        shutil.copy2(source, dest, follow_symlinks=False)
+        os.unlink(source)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+def _move_error(source: Path, dest: Path, exc: OSError, verb: str) -> ForgeError:
+    """What the user sees when `source` cannot be moved (or copied) to `dest`."""
+    again = ("then run `loraforge dataset dedupe --move` again: what was moved before stays "
+             "moved")
+    blocker = next((p for p in (dest.parent.parent, dest.parent)
+                    if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return ForgeError(f"{verb} {display_path(dest)}: {display_path(blocker)} is a file, not "
+                          "a folder", path=display_path(source),
+                          fix=f"rename or move that file away, {again}")
+    why = exc.strerror or str(exc)
+    folder = next((f for f in (source.parent, dest.parent) if _refuses_files(f)), None)
+    if folder is None and source.parent.stat().st_mode & stat.S_ISVTX:
+        return ForgeError(f"{verb} {display_path(dest)}: {why} ({display_path(source.parent)} "
+                          "is a shared folder with the sticky bit, where only a file's owner "
+                          "may move it)", path=display_path(source),
+                          fix=f"ask the file's owner to move it, or copy the dataset into a "
+                              f"folder of your own and set dataset.path in forge.toml; {again}")
+    folder = folder or source.parent
+    return ForgeError(f"{verb} {display_path(dest)}: {why} ({display_path(folder)} refuses "
+                      "changes: read-only, immutable or not yours)", path=display_path(source),
+                      fix=f"make it writable (chmod u+w {shell_path(folder)}; an immutable "
+                          f"folder: chattr -i {shell_path(folder)}, as root; shared storage: ask "
+                          "its owner), or copy the dataset into a folder of your own and set "
+                          f"dataset.path in forge.toml; {again}")
+
+
+def _refuses_files(folder: Path) -> bool:
+    """Whether `folder` refuses to make or delete a file: tried (a hidden, empty one), since
+    its mode says nothing of `chattr +i`, a read-only mount, or root (whom it does not stop)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".loraforge-probe-", dir=folder)
+    except OSError:
+        return True
+    os.close(fd)
+    try:
+        os.unlink(name)
+    except OSError:
+        return True
+    return False
