@@ -736,9 +736,11 @@ def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> N
     assert "1 near-duplicate(s) in 1 group(s)" in result.stdout
     moved = dataset / ".duplicates"
     assert sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*") if p.is_file()) \
-        == ["10_knight/a_small.jpg", "10_knight/a_small.txt"]
+        == ["10_knight/a_small.jpg", "10_knight/a_small.txt", "copied_captions.txt"]
     assert (moved / "10_knight" / "a_small.txt").read_text() == "knight, small copy"
-    assert sorted(p.name for p in knight.iterdir()) == ["a.png", "b.png"]
+    # the kept a.png had no caption: it got a copy of its near-duplicate's
+    assert sorted(p.name for p in knight.iterdir()) == ["a.png", "a.txt", "b.png"]
+    assert (knight / "a.txt").read_text() == "knight, small copy"
     assert sorted(p.name for p in mage.iterdir()) == ["a_copy.png", "c.png"]
 
     # a copy moved again under a name .duplicates/ already holds is renamed, not written over
@@ -843,6 +845,43 @@ def test_dedupe_move_that_fails_names_the_file_and_keeps_what_moved(tmp_path: Pa
     assert_user_error(result, "master_dataset/.duplicates is a file, not a folder")
     assert sorted(p.name for p in knight.iterdir()) == ["a.png", "a_copy.png"]
     assert (dataset / ".duplicates").read_text() == "in the way too"
+
+
+def test_dedupe_move_gives_the_kept_upscale_its_original_caption_and_the_undo_is_exact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        ) -> None:
+    """The kept picture is the largest: here a 512 px upscale without a caption, so the 256 px
+    original's hand-written caption went with it into .duplicates/ and the concept silently
+    trained the upscale on its name alone. Now the dry run says the upscale will get a copy,
+    `--move` gives it one (the original still goes with its picture) and lists it, and the
+    undo the list describes leaves the folder byte for byte as it was."""
+    from loraforge.dataset.command import dedupe_command
+
+    dataset = tmp_path / "master_dataset"
+    knight = dataset / "10_knight"
+    knight.mkdir(parents=True)
+    draw_character(knight / "a.png", RED, "box", -20)
+    (knight / "a.txt").write_text("knight, hand written")
+    Image.open(knight / "a.png").resize((512, 512)).save(knight / "a_up.png")
+    before = {p.name: p.read_bytes() for p in knight.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    dedupe_command(distance=6, move=False)
+    assert "a_up.png has no caption: --move gives it a copy of a.txt" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in knight.iterdir()} == before
+
+    result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "copied master_dataset/10_knight/a.txt -> master_dataset/10_knight/a_up.txt" \
+        in result.stdout
+    assert (knight / "a_up.txt").read_text() == "knight, hand written"
+    moved = dataset / ".duplicates" / "10_knight"
+    assert sorted(p.name for p in moved.iterdir()) == ["a.png", "a.txt"]
+    listed = (dataset / ".duplicates" / "copied_captions.txt").read_text()
+    assert "10_knight/a_up.txt: copied from 10_knight/a.txt; to undo, delete it" in listed
+    for path in moved.iterdir():  # the undo: the files back, the listed copy deleted
+        path.rename(knight / path.name)
+    (knight / "a_up.txt").unlink()
+    assert {p.name: p.read_bytes() for p in knight.iterdir()} == before
 
 
 def _knight_with_a_copy(tmp_path: Path) -> tuple[Path, Path, list[list[Picture]]]:

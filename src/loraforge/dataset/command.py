@@ -200,7 +200,9 @@ def dedupe_command(
 ) -> None:
     """Find near-duplicate pictures by perceptual hash, shown as groups."""
     from loraforge.dataset.dedupe import (
+        COPIED_CAPTIONS,
         DUPLICATES_DIR,
+        caption_donor,
         hash_distance,
         hash_pictures,
         left_behind,
@@ -223,6 +225,12 @@ def dedupe_command(
         for other in group[1:]:
             _say(f"  near-duplicate: {display_path(other.path)} ({other.width}x{other.height}, "
                  f"{hash_distance(keep.hash, other.hash)} bits apart)")
+        donor = caption_donor(group)
+        if donor is not None:
+            caption = donor.concept.caption_path(donor.path, extension).name
+            _say(f"  {keep.path.name} has no caption: {'it gets' if move else '--move gives it'}"
+                 f" a copy of {caption}, {donor.path.name}'s (which goes with its picture; the "
+                 f"copy is listed in {DUPLICATES_DIR}/{COPIED_CAPTIONS} for an undo)")
     extras = sum(len(g) - 1 for g in groups)
     _say(f"{len(pictures)} pictures compared: {extras} near-duplicate(s) in {len(groups)} "
          f"group(s) (distance <= {distance})")
@@ -239,7 +247,7 @@ def dedupe_command(
 
 
 def _dedupe_step(step: Step, why: str = "") -> str:
-    """The line `dataset dedupe --move` prints for one file it moved or found gone."""
+    """The line `dataset dedupe --move` prints for one file it moved, copied or found gone."""
     from loraforge.dataset.scan import display_path
 
     if step.done == "gone":

@@ -15,6 +15,9 @@ group: the same picture in two concept folders teaches two triggers (a group pic
 picture of a group is the largest one (then one with a caption, then the first by name);
 `--move` puts the others, with their captions, into `<dataset>/.duplicates/<concept folder>/`
 (never deleted; a hidden folder no scan reads; across file systems a copy, then a delete).
+A kept picture without a caption first gets a copy of the first captioned near-duplicate's
+caption (that one still goes with its picture), listed in `.duplicates/copied_captions.txt`:
+the undo (moving the files back) deletes those copies, and the dataset is as it was.
 """
 
 from __future__ import annotations
@@ -43,10 +46,18 @@ from loraforge.dataset.scan import (
     shell_path,
 )
 from loraforge.errors import ForgeError
+from loraforge.fsutil import write_atomic
 
 DEFAULT_DISTANCE = 6
 DUPLICATES_DIR = ".duplicates"
 RENAMED_MARK = "~"  # a picture moved where its name is taken: name~2.png (scan.free_name)
+#: In `.duplicates/`: each caption `--move` copied to a kept picture that had none.
+COPIED_CAPTIONS = "copied_captions.txt"
+_COPIED_HEADER = (
+    "# Captions `loraforge dataset dedupe --move` gave kept pictures that had none: each a copy\n"
+    "# of a near-duplicate's caption, which went with its picture into .duplicates/<concept\n"
+    "# folder>/. To undo the move: move those files back into the dataset's concept folder\n"
+    "# (mv -n), then delete (or empty) each copy listed here, as its line says.\n")
 
 
 @dataclass
@@ -158,21 +169,34 @@ def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTA
 
 @dataclass(frozen=True)
 class Step:
-    """One file `--move` handled: `moved` into `.duplicates/`, or `gone` (no longer there:
-    another `--move` running at the same time moved it; skipped)."""
+    """One file `--move` handled: `moved` into `.duplicates/`, `copied` (a near-duplicate's
+    caption given to the kept picture, which had none), or `gone` (no longer there: another
+    `--move` running at the same time moved it; skipped)."""
 
     source: Path
     dest: Path
     done: str
 
 
+def caption_donor(group: list[Picture]) -> Picture | None:
+    """The near-duplicate whose caption the kept picture (first) gets, because it has none (no
+    caption file, or an empty one): the first captioned one by name; None when no copy is due."""
+    if group[0].captioned:
+        return None
+    return next((p for p in group[1:] if p.captioned), None)
+
+
 def move_extras(dataset_dir: Path, groups: list[list[Picture]], extension: str,
                 ) -> Iterator[Step]:
     """Move every picture but the kept one of each group, with its caption, into
     `<dataset>/.duplicates/<concept folder>/` (renamed `name~2.png` where a name is taken),
-    yielding each step as it is done. ForgeError naming the file when one cannot be moved
-    (what was moved before stays moved)."""
+    yielding each step as it is done; first, a kept picture without a caption gets a copy of
+    its `caption_donor`'s (listed in COPIED_CAPTIONS for the undo). ForgeError naming the file
+    when one cannot be moved (what was moved before stays moved)."""
     for group in groups:
+        donor = caption_donor(group)
+        if donor is not None:
+            yield _give_caption(Path(dataset_dir), group[0], donor, extension)
         for picture in group[1:]:
             folder = Path(dataset_dir) / DUPLICATES_DIR / picture.concept.folder.name
             dest = free_name(folder / picture.path.name, extension, RENAMED_MARK)
@@ -181,6 +205,37 @@ def move_extras(dataset_dir: Path, groups: list[list[Picture]], extension: str,
             yield step
             if step.done == "moved" and caption.is_file():
                 yield _move(caption, dest.with_name(dest.stem + extension))
+
+
+def _give_caption(dataset_dir: Path, keep: Picture, donor: Picture, extension: str) -> Step:
+    """Copy `donor`'s caption to `keep`'s, listed in COPIED_CAPTIONS first (a stop between the
+    two leaves a line for a copy not yet made, which the rerun makes; never a copy unlisted)."""
+    source = donor.concept.caption_path(donor.path, extension)
+    dest = keep.concept.caption_path(keep.path, extension)
+    undo = "empty it (it was an empty caption)" if dest.is_file() else "delete it"
+    line = (f"{dest.relative_to(dataset_dir).as_posix()}: copied from "
+            f"{source.relative_to(dataset_dir).as_posix()}; to undo, {undo}\n")
+    record = dataset_dir / DUPLICATES_DIR / COPIED_CAPTIONS
+    try:
+        text = source.read_bytes()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        listed = record.read_text(encoding="utf-8") if record.is_file() else ""
+        if line not in listed:
+            with open(record, "a", encoding="utf-8") as fh:
+                fh.write(("" if listed else _COPIED_HEADER) + line)
+        try:
+            write_atomic(dest, text, stat.S_IMODE(source.stat().st_mode))
+        except OSError:  # no copy made: the list as it was
+            if listed:
+                write_atomic(record, listed)
+            else:
+                record.unlink()
+            raise
+    except OSError as exc:
+        if not source.exists():  # another `--move` moved it meanwhile, and gave it
+            return Step(source, dest, "gone")
+        raise _move_error(source, dest, exc, "cannot be copied to") from None
+    return Step(source, dest, "copied")
 
 
 def left_behind(dataset_dir: Path, concepts: list[ConceptFolder], extension: str,
