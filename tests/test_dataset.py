@@ -419,6 +419,34 @@ def test_scan_other_files(tmp_path: Path, name: str, content: bytes | None, need
     assert needle in str(info.value)
 
 
+def test_pose_maps_in_a_concept_folder_are_skipped_not_trained(tmp_path: Path) -> None:
+    """`pose extract` writes NAME.pose.png and NAME.pose.json beside a picture, and a pose map
+    saved under another name carries loraforge's mark: the maps were trained as pictures of
+    the character (only a "small image" warning), the JSON failed the check. Now both are
+    skipped, with one warning saying how to move them out."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from loraforge.generate.poses import POSE_MARK
+
+    folder = tmp_path / DS / "10_a"
+    image(folder / "x.png")
+    image(folder / "x.pose.png", (128, 96), (0, 0, 0))
+    (folder / "x.pose.json").write_text('{"people": []}', encoding="utf-8")
+    marked = PngInfo()
+    marked.add_text(*POSE_MARK)
+    Image.new("RGB", (128, 96)).save(folder / "skeleton.png", pnginfo=marked)
+    dataset = scan_dataset(tmp_path / DS)
+    assert [record.path.name for record in dataset.concepts[0].images] == ["x.png"]
+    assert dataset.warnings == [
+        f"{folder}: 3 loraforge pose map file(s) (skeleton.png, x.pose.json, x.pose.png) are "
+        "not pictures of `a`: skipped, not trained; move them out of the dataset folder: "
+        f"mkdir -p {tmp_path}/poses && mv -n {folder}/skeleton.png {folder}/x.pose.json "
+        f"{folder}/x.pose.png {tmp_path}/poses/"]
+    from loraforge.dataset import scan  # keeps a copy of the mark: the same
+
+    assert scan.POSE_MARK == POSE_MARK
+
+
 def test_a_wrong_extension_is_renamed_beside_its_own_caption(tmp_path: Path) -> None:
     """`cat.txt` is the caption of `cat.jfif`: the rename keeps the stem, so the caption still
     belongs to it; only another picture already called cat.jpg sends it to a free name."""

@@ -973,6 +973,30 @@ def test_dedupe_move_skips_what_another_move_at_the_same_time_moved(tmp_path: Pa
     assert sorted(p.name for p in moved.iterdir()) == ["a_copy.png", "a_copy.txt"]
 
 
+def test_dedupe_leaves_pose_maps_out(tmp_path: Path) -> None:
+    """A pose map beside its picture (`pose extract`'s NAME.pose.png, or a marked PNG of
+    another name) was hashed as a picture of the concept; training skips it, and so does
+    dedupe, with a warning."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from loraforge.generate.poses import POSE_MARK
+
+    dataset = tmp_path / "master_dataset"
+    knight = dataset / "10_knight"
+    knight.mkdir(parents=True)
+    draw_character(knight / "a.png", RED, "box", -20)
+    marked = PngInfo()
+    marked.add_text(*POSE_MARK)
+    for name in ("a.pose.png", "skeleton.png"):
+        Image.open(knight / "a.png").save(knight / name, pnginfo=marked)
+    warnings: list[str] = []
+    pictures = hash_pictures(concept_folders(dataset), ".txt", warnings)
+    assert [p.path.name for p in pictures] == ["a.png"]
+    assert warnings == [f"{knight}/a.pose.png and 1 more: loraforge pose map(s), not pictures "
+                        "to train; not compared (`loraforge dataset check` says how to move "
+                        "them out)"]
+
+
 def test_pictures_that_would_share_a_caption_are_left_out_and_nothing_is_lost(
         tmp_path: Path) -> None:
     """`x.png` and `x.jpg` share `x.txt`: tag, tags and dedupe leave both out with a warning

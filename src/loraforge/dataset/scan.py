@@ -15,6 +15,9 @@ Rules (the community pre-flight, made explicit):
   that is not UTF-8.
 - Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`), `Thumbs.db`, `desktop.ini` and
   `__MACOSX/` are operating-system clutter and are skipped silently, wherever they are.
+- loraforge's pose maps are not pictures of the concept: `NAME.pose.png` / `NAME.pose.json`
+  (what `pose extract` writes beside a picture), and a PNG carrying the pose-map mark (one
+  written under another name), are skipped with a warning saying how to move them out.
 - Files directly in the dataset folder: a `README*` (which `loraforge init` writes) is allowed; an
   image there is an error (it belongs in a concept folder and would silently not be trained); any
   other file is ignored with a warning.
@@ -60,6 +63,11 @@ _FOLDER_RE = re.compile(r"^([0-9]+)_(.*)$")
 _CLUTTER = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 _CAPTION_LIKE = (".txt", ".caption", ".tags", ".cap")
 _IMAGE_LIST = "png, jpg, jpeg, webp, bmp"
+#: The PNG text chunk (keyword, text) marking a pose map loraforge wrote: the value of
+#: `loraforge.generate.poses.POSE_MARK`, repeated here because the dataset package never imports
+#: generate (a test keeps the two equal).
+POSE_MARK = ("loraforge", "pose map")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RERUN = "then run `loraforge dataset check` again"
 
 
@@ -203,6 +211,36 @@ def is_clutter(name: str) -> bool:
     return name.startswith(".") or name.lower() in _CLUTTER
 
 
+def is_pose_output(name: str) -> bool:
+    """`NAME.pose.png` or `NAME.pose.json` (the extension in any case): what `loraforge pose
+    extract` writes beside a picture, judged by the name alone, as pose extract judges it."""
+    stem, suffix = os.path.splitext(name)
+    return stem.endswith(".pose") and suffix.lower() in (".png", ".json")
+
+
+def has_pose_mark(path: Path) -> bool:
+    """Whether `path` is a PNG carrying POSE_MARK in a text chunk before its pixels: a pose map
+    loraforge wrote, whatever its name. Reads the chunk headers only (a few small reads)."""
+    wanted = "\0".join(POSE_MARK).encode("latin-1")
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != _PNG_SIGNATURE:
+                return False
+            while len(head := fh.read(8)) == 8:
+                size, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or size > 1 << 20:
+                    return False
+                if kind == b"tEXt" and size == len(wanted):
+                    if fh.read(size) == wanted:
+                        return True
+                    fh.seek(4, 1)  # its CRC
+                else:
+                    fh.seek(size + 4, 1)
+    except OSError:
+        return False
+    return False
+
+
 def caption_stem(name: str, extension: str) -> str | None:
     """The stem of the image whose caption the file `name` is (`a.TXT` is a.png's: the
     extension in any case), or None when it is no caption."""
@@ -258,14 +296,19 @@ def _utf8_fix(path: Path, encoding: str) -> str:
             f"iconv -f {encoding} -t UTF-8 {q} > {q}.utf8 && mv {q}.utf8 {q})")
 
 
-def _safe_probe(path: Path) -> tuple[int, int] | ForgeError:
+def _safe_probe(path: Path) -> tuple[int, int] | ForgeError | None:
+    """The image's size, the error that makes it unusable, or None: a marked pose map (a PNG:
+    the scan decodes each image anyway, so reading its chunk headers first costs next to
+    nothing, and a pose map is not decoded at all)."""
+    if path.suffix.lower() == ".png" and has_pose_mark(path):
+        return None
     try:
         return probe_image(path)
     except ForgeError as exc:
         return exc
 
 
-def _probe_all(paths: list[Path]) -> list[tuple[int, int] | ForgeError]:
+def _probe_all(paths: list[Path]) -> list[tuple[int, int] | ForgeError | None]:
     if len(paths) < 4:
         return [_safe_probe(p) for p in paths]
     # Pillow releases the GIL while decoding: threads make a large dataset check quick.
@@ -286,6 +329,7 @@ class _Folder:
     repeats: int
     images: dict[str, list[Path]] = field(default_factory=dict)  # stem -> images with that stem
     captions: dict[str, Path] = field(default_factory=dict)      # stem -> caption file
+    pose_maps: list[Path] = field(default_factory=list)          # skipped: not trained
 
 
 class _Scanner:
@@ -422,6 +466,8 @@ class _Scanner:
             elif not entry.is_file():
                 what = "a broken link" if entry.is_symlink() else "not a regular file"
                 self.problem(entry, f"is {what}", "delete it or replace it with the real file")
+            elif is_pose_output(entry.name):
+                folder.pose_maps.append(entry)
             elif stem is not None:
                 other = folder.captions.get(stem)
                 if other is not None:  # a.TXT and a.txt: which one describes a.png?
@@ -486,6 +532,9 @@ class _Scanner:
                                  "(and give it its own caption)")
                 for path in same:
                     size = sizes[path]
+                    if size is None:
+                        folder.pose_maps.append(path)
+                        continue
                     if isinstance(size, ForgeError):
                         self.problem(path, size.message, size.fix)
                         continue
@@ -493,8 +542,23 @@ class _Scanner:
                     if record is not None:
                         concept.images.append(record)
             self.orphan_captions(folder)
+            self.skip_pose_maps(folder)
             concepts.append(concept)
         return concepts
+
+    def skip_pose_maps(self, folder: _Folder) -> None:
+        """One warning per concept folder for its pose maps: not trained, and how to move them
+        to a `poses/` folder beside the dataset folder (where `generate --pose` can use them)."""
+        if not folder.pose_maps:
+            return
+        maps = sorted(folder.pose_maps)
+        names = ", ".join(p.name for p in maps[:3]) + (
+            f" and {len(maps) - 3} more" if len(maps) > 3 else "")
+        poses = shell_path(self.root.parent / "poses")
+        files = " ".join(shell_path(p) for p in maps)
+        self.warn(folder.path, f"{len(maps)} loraforge pose map file(s) ({names}) are not "
+                  f"pictures of `{folder.name}`: skipped, not trained; move them out of the "
+                  f"dataset folder: mkdir -p {poses} && mv -n {files} {poses}/")
 
     def record(self, folder: _Folder, path: Path, caption_path: Path | None,
                size: tuple[int, int]) -> ImageRecord | None:
