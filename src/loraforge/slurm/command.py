@@ -43,8 +43,8 @@ ScenesOpt = Annotated[str | None, typer.Option("--scenes", metavar="FILE", help=
 FigureOpt = Annotated[list[str] | None, typer.Option(
     "--figure", metavar="CHARACTER:PROMPT", help="Cast a posed figure, as `loraforge generate "
     "--figure` takes it (repeatable).")]
-RunArg = Annotated[str | None, typer.Argument(help="Run name or job id (default: the newest "
-                   "jobs).")]
+RunArg = Annotated[str | None, typer.Argument(help="Run name or job id, of any project on the "
+                   "storage root (default: this project's newest jobs).")]
 
 
 def _options(config: Path | None, overrides: list[str] | None, gpus: str | None,
@@ -257,7 +257,7 @@ def slurm_status(run: RunArg = None, config: ConfigOpt = None, overrides: SetOpt
 @slurm_app.command("cancel")
 def slurm_cancel(run: RunArg = None, config: ConfigOpt = None, overrides: SetOpt = None,
                  ) -> None:
-    """Cancel the pending or running jobs of RUN (default: those of the newest submission).
+    """Cancel the pending or running jobs of RUN (default: this project's newest submission).
 
     A cancelled training saves its state; `loraforge slurm train` again resumes it.
     """
@@ -272,7 +272,7 @@ def slurm_cancel(run: RunArg = None, config: ConfigOpt = None, overrides: SetOpt
 def slurm_logs(run: RunArg = None, config: ConfigOpt = None, overrides: SetOpt = None,
                lines: Annotated[int | None, typer.Option("--lines", "-n", min=1, help="Only "
                                 "the last N lines.")] = None) -> None:
-    """Print the job log of RUN (default: of the newest job that has one)."""
+    """Print the job log of RUN (default: of this project's newest job that has one)."""
     from loraforge.slurm.control import job_log
 
     path, text = job_log(_settings(config, overrides), run, lines)

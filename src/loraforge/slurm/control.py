@@ -30,14 +30,20 @@ RECENT = 20
 
 
 def select_jobs(settings: Settings, run: str | None) -> list[dict[str, Any]]:
-    """The recorded jobs of RUN (a run name, job name or job id), else the recent ones."""
+    """The recorded jobs of RUN (a run name, job name or job id, of any project), else the
+    recent ones of this project: the storage root is shared, and its newest jobs may be
+    another project's."""
     jobs = load_jobs(settings.storage_root)
     if not jobs:
         raise ForgeError("no jobs were submitted with `loraforge slurm` for this storage root",
                          path=jobs_path(settings.storage_root),
                          fix="submit one with `loraforge slurm train` (or `pipeline`, `sweep`)")
     if run is None:
-        return jobs[-RECENT:]
+        own = this_project(settings, jobs)
+        if not own:
+            raise ForgeError(_none_here(settings, jobs), path=jobs_path(settings.storage_root),
+                             fix=OTHERS_FIX)
+        return own[-RECENT:]
     chosen = [j for j in jobs if run in (j.get("run"), j.get("job_id"), j.get("array_job_id"),
                                           j.get("name"))]
     if not chosen:
@@ -46,6 +52,31 @@ def select_jobs(settings: Settings, run: str | None) -> list[dict[str, Any]]:
                          fix="give a run name or job id from `loraforge slurm status`"
                              + (f"; runs: {', '.join(known[-10:])}" if known else ""))
     return chosen
+
+
+#: How to reach another project's jobs, which the commands without a RUN leave alone.
+OTHERS_FIX = ("run it in that project's folder (or with its --config), or name the job: "
+              "`loraforge slurm status|logs|cancel JOB_ID_OR_RUN`")
+
+
+def this_project(settings: Settings, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs submitted from this project's folder (each entry records its project's)."""
+    return [j for j in jobs if j.get("project") == str(settings.base_dir)]
+
+
+def _none_here(settings: Settings, jobs: list[dict[str, Any]]) -> str:
+    return (f"no job of this project ({settings.base_dir}) is recorded: the {len(jobs)} "
+            "recorded for this storage root are other projects'")
+
+
+def _note_others(settings: Settings, jobs: list[dict[str, Any]], done: str) -> None:
+    """Say so when the storage root's newest job is another project's: left alone, `done`
+    (what the command did instead) with this project's."""
+    newest = jobs[-1] if jobs else {}
+    if newest and newest.get("project") != str(settings.base_dir):
+        _say(f"note: the newest job in {jobs_path(settings.storage_root)} ({newest['job_id']}) "
+             f"is another project's ({newest.get('project') or 'not recorded'}), left alone: "
+             f"{done} ({settings.base_dir}). To reach another's: {OTHERS_FIX}")
 
 
 def job_status(settings: Settings, run: str | None) -> list[dict[str, Any]]:
@@ -83,11 +114,16 @@ def _job_runs(record: dict[str, Any], job_id: str) -> bool:
 
 
 def print_status(settings: Settings, run: str | None, as_json: bool, console: Console) -> None:
-    """The jobs' table (or JSON). No jobs at all is an answer, not an error (like `slurm
-    cancel` with nothing to cancel); an unknown RUN is an error."""
-    if run is None and not load_jobs(settings.storage_root):
+    """The jobs' table (or JSON): RUN's, else this project's recent ones. No jobs (of this
+    project) is an answer, not an error (like `slurm cancel` with nothing to cancel); an
+    unknown RUN is an error."""
+    jobs = load_jobs(settings.storage_root)
+    if run is None and not this_project(settings, jobs):
         if as_json:
             console.print_json("[]")
+        elif jobs:
+            console.print(f"{_none_here(settings, jobs)} (to see one: {OTHERS_FIX})",
+                          markup=False)
         else:
             console.print(f"no jobs yet: none was submitted with `loraforge slurm` for "
                           f"{settings.storage_root} (submit one with `loraforge slurm train`, "
@@ -95,6 +131,8 @@ def print_status(settings: Settings, run: str | None, as_json: bool, console: Co
             _note_defaults(settings)
         return
     rows = job_status(settings, run)
+    if run is None:
+        _note_others(settings, jobs, "shown are this project's jobs")
     if as_json:
         console.print_json(json.dumps(rows))
         return
@@ -112,15 +150,26 @@ def print_status(settings: Settings, run: str | None, as_json: bool, console: Co
 def _note_defaults(settings: Settings) -> None:
     """An empty answer found with the built-in defaults may just mean: not in the project."""
     if settings.source is None:
-        Console(stderr=True).print(outside_project_note(), markup=False, soft_wrap=True)
+        _say(outside_project_note())
+
+
+def _say(text: str) -> None:
+    """A note beside the answer, on stderr."""
+    Console(stderr=True).print(text, markup=False, soft_wrap=True)
 
 
 def cancel_jobs(settings: Settings, run: str | None) -> list[str]:
-    """scancel the still active jobs of RUN; without RUN, those of the newest submission."""
+    """scancel the still active jobs of RUN; without RUN, those of this project's newest
+    submission (another project's newer one is left alone, and said so)."""
     jobs = load_jobs(settings.storage_root) if run is None else select_jobs(settings, run)
     if run is None and jobs:
-        newest = jobs[-1].get("submission")
-        jobs = [j for j in jobs if j.get("submission") == newest]
+        own = this_project(settings, jobs)
+        if own:
+            _note_others(settings, jobs, "cancelled are the jobs of this project's newest "
+                                         "submission")
+        else:
+            _say(f"note: {_none_here(settings, jobs)}, left alone. To cancel one: {OTHERS_FIX}")
+        jobs = [j for j in own if j.get("submission") == own[-1].get("submission")]
     ids = []
     for entry in jobs:
         records = scheduler.show_jobs([entry["job_id"]])
@@ -131,8 +180,11 @@ def cancel_jobs(settings: Settings, run: str | None) -> list[str]:
 
 
 def job_log(settings: Settings, run: str | None, lines: int | None) -> tuple[Path, str]:
-    """The newest existing log of RUN's jobs (or of the newest job) and its text."""
+    """The newest existing log of RUN's jobs (or of this project's newest job) and its text."""
     jobs = select_jobs(settings, run)
+    if run is None:
+        _note_others(settings, load_jobs(settings.storage_root),
+                     "the log shown is of this project's newest job that has one")
     for entry in reversed(jobs):
         path = Path(entry["log"])
         if not path.is_file():

@@ -1,0 +1,93 @@
+"""`loraforge slurm status|cancel|logs` and `loraforge runs` on a storage root shared by several
+projects, run in this process against stand-in `scontrol` and `scancel` programs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraforge.cli import main
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+          *args: str) -> tuple[int, str, str]:
+    """Run `loraforge ARGS` in this process; its exit code, stdout and stderr."""
+    monkeypatch.setattr(sys, "argv", ["loraforge", *args])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    captured = capsys.readouterr()
+    return stop.value.code or 0, captured.out, captured.err
+
+
+def _lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A lab storage root shared by two projects, `mine` and `theirs`; their jobs recorded in
+    its jobs.json, `theirs` submitted last; every job running, as the stand-in `scontrol`
+    says; `scancel` writes the ids it is given to tmp_path/cancelled. Returns the projects."""
+    lab = tmp_path / "lab"
+    projects = []
+    for name, job_id in (("mine", "101"), ("theirs", "202")):
+        project = tmp_path / name
+        (project / "logs").mkdir(parents=True)
+        (project / "forge.toml").write_text(f'[storage]\nroot = "{lab}"\n')
+        (project / "logs" / f"train-{job_id}.out").write_text(f"log of {name}\n")
+        projects.append(project)
+    (lab / "jobs").mkdir(parents=True)
+    (lab / "jobs" / "jobs.json").write_text(json.dumps({"jobs": [
+        {"job_id": job_id, "kind": "train", "name": "train", "run": f"run_{name}",
+         "submission": f"s{job_id}", "project": str(tmp_path / name), "depends_on": None,
+         "log": str(tmp_path / name / "logs" / f"train-{job_id}.out")}
+        for name, job_id in (("mine", "101"), ("theirs", "202"))]}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, body in (("scontrol", 'echo "JobId=$4 JobName=train JobState=RUNNING"'),
+                       ("scancel", f'echo "$@" >> {tmp_path / "cancelled"}')):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return projects[0], projects[1]
+
+
+def test_without_a_job_named_the_commands_act_on_this_projects_jobs_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`slurm cancel` cancelled the storage root's newest submission: another project's job.
+    `status` and `logs` showed other projects' jobs as this project's."""
+    mine, _ = _lab(tmp_path, monkeypatch)
+    monkeypatch.chdir(mine)
+    code, out, err = _main(monkeypatch, capsys, "slurm", "cancel")
+    assert code == 0 and out.strip() == "cancelled: 101", (out, err)
+    assert (tmp_path / "cancelled").read_text().split() == ["101"]
+    assert "202" in err and "another project's" in err and str(tmp_path / "theirs") in err
+    code, out, err = _main(monkeypatch, capsys, "slurm", "status", "--json")
+    assert code == 0 and [row["job_id"] for row in json.loads(out)] == ["101"]
+    assert "another project's" in err
+    code, out, err = _main(monkeypatch, capsys, "slurm", "logs")
+    assert code == 0 and out == "log of mine\n", (out, err)
+    # Named, another project's job is reached as before.
+    code, out, _ = _main(monkeypatch, capsys, "slurm", "status", "202", "--json")
+    assert code == 0 and [row["job_id"] for row in json.loads(out)] == ["202"]
+    code, out, _ = _main(monkeypatch, capsys, "slurm", "logs", "run_theirs")
+    assert code == 0 and out == "log of theirs\n"
+
+
+def test_a_project_without_jobs_of_its_own_is_told_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _lab(tmp_path, monkeypatch)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "forge.toml").write_text(f'[storage]\nroot = "{tmp_path / "lab"}"\n')
+    monkeypatch.chdir(new)
+    code, out, err = _main(monkeypatch, capsys, "slurm", "cancel")
+    assert code == 0 and "nothing to cancel" in out, (out, err)
+    assert "no job of this project" in err and "other projects'" in err
+    assert not (tmp_path / "cancelled").exists()
+    code, out, _ = _main(monkeypatch, capsys, "slurm", "status")
+    assert code == 0 and "no job of this project" in out and "202" not in out
+    code, out, err = _main(monkeypatch, capsys, "slurm", "logs")
+    assert code == 1 and out == "" and "no job of this project" in err
+    assert "Traceback" not in err
