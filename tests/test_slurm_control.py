@@ -23,11 +23,13 @@ def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     return stop.value.code or 0, captured.out, captured.err
 
 
-def _lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    """A lab storage root shared by two projects, `mine` and `theirs`; their jobs recorded in
-    its jobs.json, `theirs` submitted last; every job running, as the stand-in `scontrol`
-    says; `scancel` writes the ids it is given to tmp_path/cancelled. Returns the projects."""
-    lab = tmp_path / "lab"
+def _lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lab_name: str = "lab",
+         ) -> tuple[Path, Path]:
+    """A lab storage root (tmp_path/`lab_name`) shared by two projects, `mine` and `theirs`;
+    their jobs recorded in its jobs.json, `theirs` submitted last; every job running, as the
+    stand-in `scontrol` says; `scancel` writes the ids it is given to tmp_path/cancelled.
+    Returns the projects."""
+    lab = tmp_path / lab_name
     projects = []
     for name, job_id in (("mine", "101"), ("theirs", "202")):
         project = tmp_path / name
@@ -91,3 +93,27 @@ def test_a_project_without_jobs_of_its_own_is_told_so(
     code, out, err = _main(monkeypatch, capsys, "slurm", "logs")
     assert code == 1 and out == "" and "no job of this project" in err
     assert "Traceback" not in err
+
+
+def test_brackets_in_the_storage_path_or_a_record_are_shown_not_read_as_markup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`lab[bold]y` lost its brackets from the titles; `lab[/bold]y`, or a run's error with a
+    closing tag, stopped `slurm status` and `runs` with a MarkupError traceback."""
+    mine, _ = _lab(tmp_path, monkeypatch, "a[bold]b[/bold]c[/bold]")
+    monkeypatch.chdir(mine)
+    code, out, err = _main(monkeypatch, capsys, "slurm", "status")
+    assert code == 0, err
+    assert "a[bold]b[/bold]c[/bold]/jobs/jobs.json" in "".join(out.split()), out
+    runs = tmp_path / "a[bold]b[/bold]c[/bold]" / "Multi_Concept_Output"
+    (runs / "r1").mkdir(parents=True)
+    (runs / "r1" / "run.json").write_text(json.dumps({
+        "name": "r1", "status": "failed", "error": "[/red] out of memory",
+        "config": {"dataset": {"caption_prefix": "[i]"}}}))
+    (runs / "r2").mkdir()
+    (runs / "r2" / "run.json").write_text(json.dumps({
+        "name": "r2", "status": "finished", "config": {"dataset": {"caption_prefix": ""}}}))
+    code, out, err = _main(monkeypatch, capsys, "runs")
+    assert code == 0, err
+    assert "[/red] out of memory" in out and "[i]" in out
+    assert "a[bold]b[/bold]c[/bold]/Multi_Concept_Output" in "".join(out.split()), out

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from loraforge.config import Settings, outside_project_note
@@ -136,15 +137,21 @@ def print_status(settings: Settings, run: str | None, as_json: bool, console: Co
     if as_json:
         console.print_json(json.dumps(rows))
         return
-    table = Table(title=f"jobs ({jobs_path(settings.storage_root)})")
+    table = Table(title=escape(f"jobs ({jobs_path(settings.storage_root)})"))
     for column in ("job", "job name", "run", "state", "reason", "node", "elapsed", "requeues",
                    "run status"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["job_id"], row["name"], row.get("run") or "-", row["state"],
-                      row["reason"] if row["reason"] != "None" else "", row["node"],
-                      row["elapsed"], row["restarts"], row["run_status"])
+        _add_row(table, row["job_id"], row["name"], row.get("run") or "-", row["state"],
+                 row["reason"] if row["reason"] != "None" else "", row["node"],
+                 row["elapsed"], row["restarts"], row["run_status"])
     console.print(table)
+
+
+def _add_row(table: Table, *cells: object) -> None:
+    """A row of text as it is: brackets in a value (a storage path, a run's error, a setting)
+    are shown, not read as rich markup."""
+    table.add_row(*(escape(str(cell)) if cell is not None else None for cell in cells))
 
 
 def _note_defaults(settings: Settings) -> None:
@@ -307,16 +314,16 @@ def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
         _note_defaults(settings)
         return
     params = list(rows[0]["params"])
-    table = Table(title=f"runs ({settings.runs_dir})")
+    table = Table(title=escape(f"runs ({settings.runs_dir})"))
     for column in ("run", "status", "final loss", "steps", *[p.split(".")[-1] for p in params],
                    "job", "note"):
-        table.add_column(column, overflow="fold")
+        table.add_column(escape(column), overflow="fold")
     for row in rows:
         loss = row["final_loss"]
         steps = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
         note = "; ".join(text for text in (row["moved"], row["error"]) if text)
-        table.add_row(row["name"], row["status"] or "?",
-                      f"{loss:.4f}" if isinstance(loss, int | float) else "-", steps,
-                      *[str(row["params"][p]) if row["status"] != "damaged" else "?"
-                        for p in params], row["job_id"] or "-", note)
+        _add_row(table, row["name"], row["status"] or "?",
+                 f"{loss:.4f}" if isinstance(loss, int | float) else "-", steps,
+                 *[str(row["params"][p]) if row["status"] != "damaged" else "?" for p in params],
+                 row["job_id"] or "-", note)
     console.print(table)
