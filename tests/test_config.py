@@ -260,3 +260,23 @@ def test_model_and_compile_caches_live_under_the_storage_root(
     assert Path(os.environ["HF_HOME"]).is_relative_to(lab)
     assert Path(cache_dir()).is_relative_to(lab)
     assert Path(triton_cache_dir(0)).is_relative_to(lab)
+
+
+def test_config_show_prints_a_config_that_reads_back_with_any_concept_name(
+        tmp_path: Path) -> None:
+    """Concept folders such as `10_blake v2` or `10_mira.alt` were shown as
+    `[dataset.concepts.blake v2]` (not TOML) and `[dataset.concepts.mira.alt]` (a concept
+    `mira` holding a table `alt`), so the output fed back with --config failed."""
+    from loraforge.config import load_settings
+
+    config = tmp_path / "forge.toml"
+    config.write_text('[dataset.concepts."blake v2"]\nkeep_tokens = 2\n'
+                      '[dataset.concepts."mira.alt"]\nflip_aug = true\n'
+                      '[train.optimizer_args]\n"d.coef" = 0.5\n')
+    shown = run_cli("config", "show", "--config", config)
+    assert shown.returncode == 0, shown.stderr
+    assert '[dataset.concepts."blake v2"]' in shown.stdout
+    (tmp_path / "shown.toml").write_text(shown.stdout)
+    again = load_settings(tmp_path / "shown.toml").to_dict()
+    assert again["dataset"]["concepts"] == load_settings(config).to_dict()["dataset"]["concepts"]
+    assert again["train"]["optimizer_args"] == {"d.coef": 0.5}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,21 @@ One folder per concept (character), named `<repeats>_<name>`:
 """
 
 
+#: A key TOML reads without quotes.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_key(key: str) -> str:
+    """`key` as TOML reads it back: bare where it may be, else quoted (a concept named
+    `blake v2`; `mira.alt`, which bare would be a table `mira` holding `alt`)."""
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(value)
@@ -82,7 +93,7 @@ def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
             value = values.get(section, {}).get(key, spec.get_default(call_default_factory=True))
             if key == "concepts":
                 for name, overrides in value.items():
-                    tables += ["", f"[{section}.{key}.{name}]"]
+                    tables += ["", f"[{section}.{key}.{toml_key(name)}]"]
                     tables += [f"{k} = {toml_value(v)}" for k, v in overrides.items()
                                if v is not None]
             elif value is None:
