@@ -280,3 +280,16 @@ def test_config_show_prints_a_config_that_reads_back_with_any_concept_name(
     again = load_settings(tmp_path / "shown.toml").to_dict()
     assert again["dataset"]["concepts"] == load_settings(config).to_dict()["dataset"]["concepts"]
     assert again["train"]["optimizer_args"] == {"d.coef": 0.5}
+
+
+def test_config_show_prints_a_prompt_with_an_emoji_as_toml_that_reads_back(
+        tmp_path: Path) -> None:
+    """An emoji was written as JSON's "\\ud83d\\udde1", which TOML refuses: the shown config
+    fed back with --config failed with "not a Unicode scalar value"."""
+    from loraforge.config import load_settings
+
+    shown = run_cli("config", "show", "--set", "generate.prompt=a knight 🗡, é", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    (tmp_path / "shown.toml").write_text(shown.stdout)
+    again = load_settings(tmp_path / "shown.toml").to_dict()
+    assert again["generate"]["prompt"] == "a knight 🗡, é"

@@ -65,7 +65,13 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 def toml_key(key: str) -> str:
     """`key` as TOML reads it back: bare where it may be, else quoted (a concept named
     `blake v2`; `mira.alt`, which bare would be a table `mira` holding `alt`)."""
-    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
+
+
+def toml_string(text: str) -> str:
+    """A TOML string: JSON's, without its escapes of a character beyond U+FFFF (an emoji as
+    "\\ud83d\\udde1", which TOML refuses), and with DEL escaped (TOML asks that)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def toml_value(value: Any) -> str:
@@ -75,6 +81,8 @@ def toml_value(value: Any) -> str:
         return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return toml_string(value)
     return json.dumps(value)
 
 
