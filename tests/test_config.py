@@ -293,3 +293,26 @@ def test_config_show_prints_a_prompt_with_an_emoji_as_toml_that_reads_back(
     (tmp_path / "shown.toml").write_text(shown.stdout)
     again = load_settings(tmp_path / "shown.toml").to_dict()
     assert again["generate"]["prompt"] == "a knight 🗡, é"
+
+
+def test_init_keeps_a_forge_toml_that_is_a_link_to_nothing(tmp_path: Path) -> None:
+    """A forge.toml linking to a config not there (a share not mounted) was replaced by a new
+    default one, though init "never overwrites a file"."""
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "forge.toml").symlink_to(tmp_path / "share" / "forge.toml")
+    result = run_cli("init", project)
+    assert_user_error(result, "forge.toml: is a broken symbolic link", "share/forge.toml",
+                      "restore the file it points to")
+    assert (project / "forge.toml").is_symlink()
+    assert sorted(p.name for p in project.iterdir()) == ["forge.toml"]
+
+
+def test_init_tiny_on_a_kept_forge_toml_says_tiny_was_not_applied(tmp_path: Path) -> None:
+    """It exited 0 saying only "kept", and the project went on with the full-size models."""
+    from loraforge.project import init_project
+
+    (tmp_path / "forge.toml").write_text("[train]\nepochs = 3\n")
+    said = "\n".join(init_project(tmp_path, tiny=True))
+    assert "--tiny was not applied" in said and 'detector to "tiny" in its [models]' in said
+    assert (tmp_path / "forge.toml").read_text() == "[train]\nepochs = 3\n"

@@ -38,6 +38,13 @@ TINY_VALUES: dict[str, dict[str, Any]] = {
     "generate": {"width": 128, "height": 96, "steps": 8},
 }
 
+#: How to get what `init --tiny` chooses into a forge.toml that init keeps.
+_TINY_MODELS = list(TINY_VALUES["models"])
+TINY_FIX = (f"set {', '.join(_TINY_MODELS[:-1])} and {_TINY_MODELS[-1]} to \"{TINY}\" in its "
+            "[models] section (and the small sizes of `loraforge init --tiny`, e.g. [dataset] "
+            f"resolution = {TINY_VALUES['dataset']['resolution']}), or move it away and run "
+            "`loraforge init --tiny` again")
+
 DATASET_README = """\
 # master_dataset
 
@@ -126,6 +133,12 @@ def init_project(directory: Path, *, tiny: bool = False, scripts: bool = False) 
                          "not exist)", path=directory,
                          fix="create the folder it points to, or remove the link and run "
                              "`loraforge init` again")
+    config = directory / CONFIG_NAME
+    if config.is_symlink() and not config.exists():  # the user's config, not to be replaced
+        raise ForgeError(f"is a broken symbolic link (to {os.readlink(config)}, which does not "
+                         "exist)", path=config,
+                         fix="restore the file it points to, or remove the link and run "
+                             "`loraforge init` again")
     for name in ("master_dataset", LOG_DIR):  # checked before anything is written
         if (directory / name).exists() and not (directory / name).is_dir():
             raise ForgeError(f"is a file where the project's {name}/ folder goes",
@@ -139,9 +152,10 @@ def init_project(directory: Path, *, tiny: bool = False, scripts: bool = False) 
                          fix="choose a folder you can write to, whose parents are folders"
                          ) from None
     said = []
-    config = directory / CONFIG_NAME
     if config.exists():
         said.append(f"kept      {config} (already exists; not overwritten)")
+        if tiny:
+            said.append(f"          --tiny was not applied to it: {TINY_FIX}")
     else:
         values = {section: dict(keys) for section, keys in TINY_VALUES.items()} if tiny else {}
         activate = _environment_activate(directory)
@@ -153,7 +167,7 @@ def init_project(directory: Path, *, tiny: bool = False, scripts: bool = False) 
             said.append(f"          slurm.env_activate = {activate} (the environment that "
                         "ran init; the job scripts activate it)")
     readme = directory / "master_dataset" / "README.md"
-    if readme.exists():
+    if _present(readme):
         said.append(f"kept      {readme}")
     else:
         write_atomic(readme, DATASET_README)
@@ -162,6 +176,12 @@ def init_project(directory: Path, *, tiny: bool = False, scripts: bool = False) 
     said.append("next: put images in master_dataset/<repeats>_<name>/, then `loraforge dataset "
                 "check`")
     return said
+
+
+def _present(path: Path) -> bool:
+    """Whether `path` is taken, by a file or a symbolic link (one to nothing too): init
+    writes no file there."""
+    return path.exists() or path.is_symlink()
 
 
 def _environment_activate(directory: Path) -> str | None:
@@ -187,17 +207,17 @@ def _write_job_scripts(directory: Path, config: Path, rewrite: bool = False) -> 
     said = []
     for name, text in project_scripts(settings).items():
         path = directory / name
-        if path.exists() and name in drift and rewrite:
+        if _present(path) and name in drift and rewrite:
             backup = _free_name(path.with_name(f"{name}.bak"))
             path.rename(backup)
             write_atomic(path, text, 0o755)
             said.append(f"rewrote   {path} from [slurm] (the old one: {backup.name})")
-        elif path.exists() and name in drift:
+        elif _present(path) and name in drift:
             more = " ..." if len(drift[name]) > 3 else ""
             said.append(f"kept      {path} (it no longer asks what [slurm] asks: "
                         f"{', '.join(drift[name][:3])}{more}; `loraforge init --scripts` "
                         "writes it again)")
-        elif path.exists():
+        elif _present(path):
             said.append(f"kept      {path}")
         else:
             write_atomic(path, text, 0o755)
