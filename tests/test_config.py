@@ -316,3 +316,39 @@ def test_init_tiny_on_a_kept_forge_toml_says_tiny_was_not_applied(tmp_path: Path
     said = "\n".join(init_project(tmp_path, tiny=True))
     assert "--tiny was not applied" in said and 'detector to "tiny" in its [models]' in said
     assert (tmp_path / "forge.toml").read_text() == "[train]\nepochs = 3\n"
+
+
+def test_set_keeps_a_number_as_text_for_a_key_that_takes_text(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--set slurm.account=1234` (numeric accounts are common) and `--set
+    train.run_name=2024` failed with "Input should be a valid string", and nothing said how
+    to write them; numbers and truths for the other keys must still be read as such."""
+    from loraforge.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    config = load_settings(None, ["slurm.account=1234", "train.run_name=2024",
+                                  'slurm.qos="0042"', "generate.prompt=true",
+                                  "train.epochs=5", "train.channels_last=true",
+                                  "slurm.gpus_per_node=2"]).config
+    assert (config.slurm.account, config.train.run_name, config.slurm.qos) == (
+        "1234", "2024", "0042")
+    assert config.generate.prompt == "true"
+    assert (config.train.epochs, config.train.channels_last, config.slurm.gpus_per_node) == (
+        5, True, 2)
+
+
+def test_a_storage_root_of_blanks_in_set_or_the_file_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--set 'storage.root=" "'` made (and filled) a folder named with a space, which
+    LORAFORGE_STORAGE_ROOT of blanks is refused for."""
+    from loraforge.config import load_settings
+    from loraforge.errors import ForgeError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ForgeError, match=r"storage\.root=\" \"`: is blanks \(' '\), not a "
+                                         r"folder") as refused:
+        load_settings(None, ['storage.root=" "'])
+    assert refused.value.path is None  # the --set is named, not a file
+    (tmp_path / "forge.toml").write_text('[storage]\nroot = "  "\n')
+    with pytest.raises(ForgeError, match=r"storage\.root`: is blanks"):
+        load_settings(None)

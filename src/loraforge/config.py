@@ -59,6 +59,16 @@ class StorageConfig(_Section):
     root: str = Field(".", description="Lab storage root: models, runs, images, caches live here.")
     file_mode: str = Field("0644", description="Permissions of written files (octal).")
 
+    @field_validator("root")
+    @classmethod
+    def _not_blanks(cls, value: str) -> str:
+        """Blanks would make (and fill) a folder named with spaces: refused, as they are in
+        LORAFORGE_STORAGE_ROOT."""
+        if value and not value.strip():
+            raise ValueError(f"is blanks ({value!r}), not a folder: name the storage root, or "
+                             "\".\" for the config file's folder")
+        return value
+
     @field_validator("file_mode", mode="before")
     @classmethod
     def _quoted(cls, value: object) -> object:
@@ -552,7 +562,21 @@ def parse_override(item: str, option: str = "--set") -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    if not isinstance(value, str) and _takes_text(*parts):  # an account 1234, a run 2024
+        value = raw.strip()
     return parts, value
+
+
+def _takes_text(section: str, key: str) -> bool:
+    """Whether `section.key` takes text only (`str`, or `str | None`): a number or a truth
+    given to it on the command line is the text as typed."""
+    model = _parent_model([section, key])
+    field = model.model_fields.get(key) if model is not None else None
+    if field is None:
+        return False
+    annotation = field.annotation
+    parts = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return str in parts and set(parts) <= {str, type(None)}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, str]]) -> dict[str, str]:
