@@ -1,5 +1,6 @@
 """`loraforge slurm status|cancel|logs` and `loraforge runs` on a storage root shared by several
-projects, run in this process against stand-in `scontrol` and `scancel` programs."""
+projects, run in this process against stand-in `scontrol` and `scancel` programs; and the run
+names they and `train` take."""
 
 from __future__ import annotations
 
@@ -117,3 +118,21 @@ def test_brackets_in_the_storage_path_or_a_record_are_shown_not_read_as_markup(
     assert code == 0, err
     assert "[/red] out of memory" in out and "[i]" in out
     assert "a[bold]b[/bold]c[/bold]/Multi_Concept_Output" in "".join(out.split()), out
+
+
+def test_a_run_name_too_long_is_refused_naming_the_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A name over 100 characters, or a sweep's name grown past it from its values, was
+    refused with "use letters, digits, ...", which it already was."""
+    from loraforge.errors import ForgeError
+    from loraforge.runs import check_run_name
+
+    assert check_run_name("a" * 100) == "a" * 100
+    with pytest.raises(ForgeError, match="is 101 characters long: a run name has at most 100"):
+        check_run_name("a" * 101)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(monkeypatch, capsys, "slurm", "sweep", "--dry-run", "--run", "a" * 90,
+                           "--param", "train.network_dim=8,16")
+    assert code == 1 and "Traceback" not in err, (out, err)
+    assert "-network_dim8` is 103 characters long: a run name has at most 100" in err

@@ -21,11 +21,18 @@ STATE_PREFIX = "step-"
 POSITION = "position.json"
 #: A finished run's concept separation, written by `loraforge eval`.
 SEPARATION = "separation.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+#: The longest run name: it becomes a folder and the start of its files' names.
+MAX_NAME = 100
+NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._+-]{{0,{MAX_NAME - 1}}}$")
 STATUSES = ("running", "finished", "failed", "interrupted")
 
 
 def check_run_name(name: str) -> str:
+    """`name`, when it may name a run; else a message saying what is wrong with it."""
+    if len(name) > MAX_NAME:
+        raise ForgeError(f"run name `{name}` is {len(name)} characters long: a run name has "
+                         f"at most {MAX_NAME}",
+                         fix=f"shorten it to {MAX_NAME} characters or fewer")
     if not NAME_PATTERN.match(name) or name in {".", ".."}:
         raise ForgeError(f"run name `{name}` is not allowed: it becomes a folder and a file "
                          "name",
