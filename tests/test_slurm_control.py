@@ -136,3 +136,23 @@ def test_a_run_name_too_long_is_refused_naming_the_limit(
                            "--param", "train.network_dim=8,16")
     assert code == 1 and "Traceback" not in err, (out, err)
     assert "-network_dim8` is 103 characters long: a run name has at most 100" in err
+
+
+def test_an_empty_run_name_is_refused_not_taken_for_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--run ""` (a job script's `--run "$NAME"` with NAME unset) meant train.run_name: it
+    resumed the default run, and a job giving up marked that run failed."""
+    default = tmp_path / "Multi_Concept_Output" / "multi_concept"
+    default.mkdir(parents=True)
+    record = json.dumps({"name": "multi_concept", "status": "interrupted"})
+    (default / "run.json").write_text(record)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(monkeypatch, capsys, "train", "--run", "")
+    assert code == 1 and "the run name is empty" in err, err
+    assert "leave --run out for train.run_name" in err
+    for command in (["slurm", "mark-failed", "--run", "", "--reason", "requeued too often"],
+                    ["slurm", "sweep", "--dry-run", "--run", "", "--param", "train.seed=1,2"]):
+        code, out, err = _main(monkeypatch, capsys, *command)
+        assert code == 1 and "the run name is empty" in err and "Traceback" not in err, out
+    assert (default / "run.json").read_text() == record

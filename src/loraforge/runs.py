@@ -29,6 +29,11 @@ STATUSES = ("running", "finished", "failed", "interrupted")
 
 def check_run_name(name: str) -> str:
     """`name`, when it may name a run; else a message saying what is wrong with it."""
+    if not name:  # `--run "$NAME"` in a script, with NAME unset
+        raise ForgeError("the run name is empty",
+                         fix="give a run name, e.g. blake_v2 (leave --run out for "
+                             "train.run_name); in a job script, check that the variable given "
+                             "as the run is set")
     if len(name) > MAX_NAME:
         raise ForgeError(f"run name `{name}` is {len(name)} characters long: a run name has "
                          f"at most {MAX_NAME}",

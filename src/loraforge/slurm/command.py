@@ -86,7 +86,7 @@ def _preflight(options: Options, *checks: str, run: str | None = None,
             from loraforge.dataset.scan import scan_dataset
             from loraforge.runs import check_run_name
 
-            check_run_name(run or settings.config.train.run_name)
+            check_run_name(run if run is not None else settings.config.train.run_name)
             scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
         elif "train" in checks:
             from loraforge.train.run import check_inputs
@@ -121,8 +121,8 @@ def _sweep_preflight(options: Options, run: str | None, params: list[str]) -> No
     from loraforge.runs import check_run_name
     from loraforge.slurm.jobs import parse_params, sweep_tasks
 
-    base = check_run_name(run or _settings(options.config, options.overrides)
-                          .config.train.run_name)
+    base = check_run_name(run if run is not None else
+                          _settings(options.config, options.overrides).config.train.run_name)
     seen = set()
     for task in sweep_tasks(base, parse_params(params)):
         config = load_settings(options.config, list(options.overrides), task.sets).to_dict()

@@ -211,7 +211,7 @@ def job_log(settings: Settings, run: str | None, lines: int | None) -> tuple[Pat
 
 def mark_failed(settings: Settings, run: str | None, reason: str) -> Path:
     """Called by a job script that gives up requeueing: run.json says failed, and why."""
-    name = check_run_name(run or settings.config.train.run_name)
+    name = check_run_name(run if run is not None else settings.config.train.run_name)
     run_dir = settings.runs_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
     RunRecord(run_dir, settings.file_mode).update(

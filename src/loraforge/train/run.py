@@ -77,7 +77,7 @@ def check_inputs(settings: Settings, run_name: str | None) -> tuple[str, Dataset
     from loraforge.models.store import resolve_base_model
     from loraforge.runtime import go_offline
 
-    name = runs.check_run_name(run_name or settings.config.train.run_name)
+    name = runs.check_run_name(run_name if run_name is not None else settings.config.train.run_name)
     dataset = scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
     build_examples(dataset, settings.config.dataset, lambda _warning: None)  # the trainer warns
     go_offline(settings)
