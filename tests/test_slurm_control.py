@@ -156,3 +156,36 @@ def test_an_empty_run_name_is_refused_not_taken_for_the_default(
         code, out, err = _main(monkeypatch, capsys, *command)
         assert code == 1 and "the run name is empty" in err and "Traceback" not in err, out
     assert (default / "run.json").read_text() == record
+
+
+def test_a_run_json_without_settings_leaves_the_runs_table_readable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One run.json without a config table (as `slurm mark-failed` writes for a run that never
+    started, or a foreign one) made every setting "differ": ~70 empty columns, and every key
+    in each run's params of --json."""
+    runs = tmp_path / "Multi_Concept_Output"
+    for name, lr in (("a", 1e-4), ("b", 5e-4)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "run.json").write_text(json.dumps({"name": name, "status": "finished",
+            "config": {"train": {"unet_lr": lr, "epochs": 2, "seed": 1},
+                       "dataset": {"resolution": 512}}}))
+    for name, record in (("gave_up", {"name": "gave_up", "status": "failed",
+                                      "error": "requeued too often"}),
+                         ("foreign", {"name": "foreign"})):
+        (runs / name).mkdir()
+        (runs / name / "run.json").write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(monkeypatch, capsys, "runs", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert {name: r["params"] for name, r in rows.items()} == {
+        "a": {"train.unet_lr": 1e-4}, "b": {"train.unet_lr": 5e-4},
+        "gave_up": {"train.unet_lr": None}, "foreign": {"train.unet_lr": None}}
+    assert {name: r["lacks"] for name, r in rows.items()} == {
+        "a": [], "b": [], "gave_up": ["settings"], "foreign": ["status", "settings"]}
+    code, out, err = _main(monkeypatch, capsys, "runs")
+    assert code == 0 and "unet_lr" in out and "epochs" not in out, out
+    (gave_up,) = [line for line in out.splitlines() if line.startswith("│ gave_up")]
+    assert "│ ?" in gave_up and "run.json records no settings; requeued too often" in gave_up
+    assert "run.json records no status and no settings" in out

@@ -16,6 +16,7 @@ from rich.table import Table
 from loraforge.config import Settings, outside_project_note
 from loraforge.errors import ForgeError
 from loraforge.runs import (
+    RECORD,
     RunRecord,
     check_run_name,
     list_runs,
@@ -281,7 +282,7 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
     """Every run under Multi_Concept_Output/ with status, loss, and the settings that differ."""
     runs = list_runs(settings.runs_dir)
     flat = [_flatten(r.get("config") or {}) for r in runs]
-    known = [f for f, r in zip(flat, runs, strict=True) if r.get("status") != "damaged"]
+    known = [f for f in flat if f]  # a run whose record holds no settings differs in none
     keys = sorted({k for f in known for k in f} - {"train.run_name"})
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in known}) > 1]
     rows = []
@@ -291,16 +292,27 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
         recorded = record.get("name")     # original until the copy is trained
         moved = f"copied or renamed from {recorded}" if recorded not in (None, folder) else None
         stopped = _stopped(record, folder)
+        lacks = _lacks(record, values)
         rows.append({
             "name": folder, "status": "stopped" if stopped else record.get("status"),
             "final_loss": record.get("final_loss"), "step": record.get("step"),
             "total_steps": record.get("total_steps"), "epochs": record.get("epochs"),
             "job_id": slurm.get("job_id"), "node": slurm.get("node"),
             "error": stopped or record.get("error"),
-            "moved": moved, "lora": record.get("final_lora"),
+            "moved": moved, "lacks": lacks, "lora": record.get("final_lora"),
             "updated_at": record.get("updated_at"), "dir": record.get("dir"),
             "params": {k: values.get(k) for k in differ}})
     return rows
+
+
+def _lacks(record: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """What a readable run.json does not record: "status", "settings" (a hand-edited or
+    foreign one, or the one `slurm mark-failed` writes for a run that failed before training
+    began). Its settings are unknown, not the ones that differ from every other run's."""
+    if record.get("status") == "damaged":
+        return []
+    return [what for what, there in (("status", isinstance(record.get("status"), str)),
+                                     ("settings", bool(settings))) if not there]
 
 
 def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
@@ -321,9 +333,11 @@ def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
     for row in rows:
         loss = row["final_loss"]
         steps = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
-        note = "; ".join(text for text in (row["moved"], row["error"]) if text)
+        lacks = f"its {RECORD} records no {' and no '.join(row['lacks'])}" if row["lacks"] else None
+        note = "; ".join(text for text in (row["moved"], lacks, row["error"]) if text)
+        unknown = row["status"] == "damaged" or "settings" in row["lacks"]
         _add_row(table, row["name"], row["status"] or "?",
                  f"{loss:.4f}" if isinstance(loss, int | float) else "-", steps,
-                 *[str(row["params"][p]) if row["status"] != "damaged" else "?" for p in params],
+                 *[str(row["params"][p]) if not unknown else "?" for p in params],
                  row["job_id"] or "-", note)
     console.print(table)
