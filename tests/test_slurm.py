@@ -78,10 +78,11 @@ def test_extra_lines_must_be_single_options() -> None:
             check_extra(bad)
 
 
-def _project(tmp_path: Path, slurm: str = "", tiny_store: Path | None = None) -> Path:
+def _project(tmp_path: Path, slurm: str = "", tiny_store: Path | None = None,
+             name: str = "proj") -> Path:
     """A project folder with a [slurm] section; with `tiny_store`, one that trains (a dataset
     and the tiny models): a job is submitted only when it would not fail on its inputs."""
-    project = tmp_path / "proj"
+    project = tmp_path / name
     project.mkdir(exist_ok=True)
     if tiny_store is None:
         (project / "forge.toml").write_text('[storage]\nroot = "store"\n')
@@ -542,6 +543,42 @@ def test_a_hostile_prompt_reaches_loraforge_as_one_literal_argument(tmp_path: Pa
     assert argv[argv.index("--figure") + 1] == f"blake: {nasty}"
     assert f"generate.negative={nasty}" in argv
     assert not list(tmp_path.glob("pwned*"))
+
+
+def _run_printed_script(dry_run: str, tmp_path: Path, env: dict[str, str]) -> str:
+    """Run the job script a `--dry-run` printed with bash, from `tmp_path`, in exactly the
+    environment `env` (as `--export=NONE` gives a job), with a stand-in `loraforge` that prints
+    its folder, the storage root it was given and its arguments, one a line; return the output."""
+    bin_dir = tmp_path / "standin"
+    bin_dir.mkdir()
+    (bin_dir / "loraforge").write_text('#!/bin/sh\nprintf "%s\\n" "cwd=$PWD" '
+                                       '"root=${LORAFORGE_STORAGE_ROOT-}" "$@"\n')
+    (bin_dir / "loraforge").chmod(0o755)
+    (tmp_path / "standin.activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+    text = dry_run[dry_run.index("#!/bin/bash"):dry_run.index("# would run")]
+    script = tmp_path / "printed.ssub"
+    script.write_text(text.replace(f"source {ACTIVATE}", f"source {tmp_path}/standin.activate"))
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_newline_in_the_project_folder_name_stays_inside_the_comment(tmp_path: Path) -> None:
+    """`# Project: ...` and `# Config: ...` held the raw path: after a newline in a folder's
+    name the rest ran as a command, and sbatch stopped reading #SBATCH lines above it."""
+    project = _project(tmp_path, name="lab\ntouch pwned")
+    result = run_cli("slurm", "train", "--dry-run", cwd=project)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout[result.stdout.index("#!/bin/bash"):result.stdout.index("# would")]
+    lines = script.splitlines()
+    last_sbatch = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    assert all(line.startswith("#") for line in lines[:last_sbatch]), script
+    assert f"# Project: {tmp_path}/lab\\ntouch pwned" in lines
+    assert f"# would run (in {tmp_path}/lab\\ntouch pwned): sbatch" in result.stdout
+    output = _run_printed_script(result.stdout, tmp_path, {"PATH": os.environ["PATH"]})
+    assert f"cwd={project}" in output
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_mark_failed_records_the_reason(tmp_path: Path) -> None:

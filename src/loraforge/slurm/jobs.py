@@ -27,6 +27,7 @@ from loraforge.slurm.script import (
     JobScript,
     Raw,
     absolute_activate,
+    comment,
     quote,
     render,
     resources,
@@ -164,13 +165,13 @@ class Submitter:
         if self.options.dry_run:
             for i, plan in enumerate(plans):
                 echo(f"# --- {plan.job.job_name}: would be written to "
-                     f"{self.jobs_dir / (plan.job.job_name + '-<time>.ssub')}")
+                     f"{comment(self.jobs_dir / (plan.job.job_name + '-<time>.ssub'))}")
                 echo(render(plan.job))
                 placeholders = {j: f"<id of {plans[j].job.job_name}>" for j in range(i)}
                 options = self._dependency(plans, i, placeholders)
                 call = " ".join(["sbatch", "--parsable", *options,
                                  f"{plan.job.job_name}-<time>.ssub"])
-                echo(f"# would run (in {self.project}): {call}\n")
+                echo(f"# would run (in {comment(self.project)}): {call}\n")
             return []
         activate = Path(absolute_activate(self.settings))
         if not activate.is_file():
@@ -257,7 +258,7 @@ def submit_tag(options: Options, words: list[str], echo: Any) -> list[dict[str, 
         fix = f"{gpu_runtime.FETCH_FIX}; or submit it without a GPU: --gpus 0"
         if not options.dry_run:
             raise ForgeError(message, fix=fix)
-        echo(f"# note: {message}; {fix}")
+        echo(f"# note: {comment(f'{message}; {fix}')}")
     return sub.submit([Planned(sub.tag_job(words), [None])], echo)
 
 

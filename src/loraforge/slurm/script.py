@@ -43,6 +43,13 @@ def quote(word: str) -> str:
     return str(word) if isinstance(word, Raw) else shlex.quote(str(word))
 
 
+def comment(text: str) -> str:
+    """`text` for a `# ...` line, each character that is not printable written as its escape
+    (`\\n`, `\\x1b`): a newline in a folder's name would end the comment, the rest would run as a
+    command, and sbatch would stop reading #SBATCH lines there."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in str(text))
+
+
 @dataclass(frozen=True)
 class Resources:
     """The validated `[slurm]` values (plus a --gpus override)."""
@@ -180,8 +187,9 @@ def render(job: JobScript) -> str:
     res = job.res
     start = ("cd " + quote(str(job.workdir))) if job.workdir else \
         "# Runs in the folder sbatch was called from (the project folder)."
-    out = ["#!/bin/bash", f"# LoRA Forge: {job.title}", *[f"# {n}" for n in job.notes],
-           f"# Log: {job.log_pattern} (%x = job name, %j = job id)", "#",
+    out = ["#!/bin/bash", f"# LoRA Forge: {comment(job.title)}",
+           *[f"# {comment(n)}" for n in job.notes],
+           f"# Log: {comment(job.log_pattern)} (%x = job name, %j = job id)", "#",
            *_sbatch_lines(job), ""]
     out += [
         f"# Near the time limit SLURM sends USR1 to this shell {res.grace_seconds} s early",
