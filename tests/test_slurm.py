@@ -581,6 +581,20 @@ def test_a_newline_in_the_project_folder_name_stays_inside_the_comment(tmp_path:
     assert not (tmp_path / "pwned").exists()
 
 
+def test_the_job_uses_the_storage_root_the_submission_used(tmp_path: Path) -> None:
+    """A relative LORAFORGE_STORAGE_ROOT was resolved again in the job, from the project folder
+    (another root), and a job that inherits no environment (`--export=NONE`) used storage.root."""
+    project = _project(tmp_path, 'extra = ["--export=NONE"]\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli("slurm", "train", "--dry-run", "--config", project / "forge.toml",
+                     cwd=elsewhere, env={"LORAFORGE_STORAGE_ROOT": "shared"})
+    assert result.returncode == 0, result.stderr
+    output = _run_printed_script(result.stdout, tmp_path, {"PATH": os.environ["PATH"]})
+    assert f"cwd={project}" in output
+    assert f"root={elsewhere / 'shared'}" in output.splitlines()
+
+
 def test_mark_failed_records_the_reason(tmp_path: Path) -> None:
     project = _project(tmp_path)
     run_dir = project / "store" / "Multi_Concept_Output" / "r9"

@@ -120,7 +120,7 @@ class Submitter:
         return JobScript(res=self.res, activate=absolute_activate(settings),
                          umask=umask_for(settings.file_mode),
                          hf_home=quote(str(settings.cache_dir / "huggingface")),
-                         workdir=self.project, **values)
+                         workdir=self.project, storage_root=settings.storage_root, **values)
 
     def train_job(self, run: str) -> JobScript:
         words = [*self.base_words(), "--run", run]

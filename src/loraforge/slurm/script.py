@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from loraforge import fsutil
-from loraforge.config import Settings
+from loraforge.config import STORAGE_ENV, Settings
 from loraforge.errors import ForgeError
 from loraforge.slurm.validate import (
     Gpus,
@@ -118,6 +118,7 @@ class JobScript:
     umask: str
     hf_home: str
     workdir: Path | None = None  # None: the folder sbatch was run from
+    storage_root: Path | None = None  # None: loraforge resolves it in the job
     failed_command: list[str] | None = None
     array: list[ArrayTask] = field(default_factory=list)
     max_parallel: int | None = None
@@ -216,6 +217,7 @@ def render(job: JobScript) -> str:
         "# there too (loraforge sets the same itself; this covers anything else in the job).",
         f"export HF_HOME={job.hf_home}",
         "export " + " ".join(f"{name}=1" for name in OFFLINE),
+        *_storage_lines(job),
         "# One thread per CPU SLURM gave the job.",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         'export MKL_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
@@ -286,6 +288,16 @@ def render(job: JobScript) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _storage_lines(job: JobScript) -> list[str]:
+    """The storage root the submission used, absolute: the job runs in the project folder and
+    may not inherit the submitting shell's environment (`--export=NONE`), where a relative
+    LORAFORGE_STORAGE_ROOT, or none, would name another root."""
+    if job.storage_root is None:
+        return []
+    return ["# The storage root the submission used (absolute, whatever the job inherits).",
+            f"export {STORAGE_ENV}={quote(str(job.storage_root))}"]
 
 
 def _term_trap(job: JobScript) -> list[str]:
