@@ -595,6 +595,22 @@ def test_the_job_uses_the_storage_root_the_submission_used(tmp_path: Path) -> No
     assert f"root={elsewhere / 'shared'}" in output.splitlines()
 
 
+def test_a_lora_with_a_weight_given_from_another_folder_reaches_the_job(tmp_path: Path) -> None:
+    """`--lora mylora.safetensors:0.7` stayed relative (no file `mylora.safetensors:0.7`
+    exists), so the job, in the project folder, missed it or used another file of that name."""
+    project = _project(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mylora.safetensors").write_bytes(b"")
+    result = run_cli("slurm", "generate", "--dry-run", "--config", project / "forge.toml",
+                     "--lora", "mylora.safetensors:0.7", "--lora", "mylora.safetensors",
+                     cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    args = _run_printed_script(result.stdout, tmp_path, dict(os.environ)).splitlines()
+    loras = [args[i + 1] for i, word in enumerate(args) if word == "--lora"]
+    assert loras == [f"{elsewhere}/mylora.safetensors:0.7", f"{elsewhere}/mylora.safetensors"]
+
+
 def test_mark_failed_records_the_reason(tmp_path: Path) -> None:
     project = _project(tmp_path)
     run_dir = project / "store" / "Multi_Concept_Output" / "r9"

@@ -18,6 +18,7 @@ from typing import Any
 from loraforge.config import load_settings, parse_override
 from loraforge.errors import ForgeError
 from loraforge.fsutil import held_lock, write_atomic
+from loraforge.generate.loras import split_weight
 from loraforge.models import gpu_runtime
 from loraforge.runs import check_run_name, final_lora
 from loraforge.slurm import scheduler
@@ -71,7 +72,7 @@ class GenerateArgs:
         if self.seed is not None:
             words += ["--seed", str(self.seed)]
         for lora in self.lora:
-            words += ["--lora", _absolute_if_exists(lora)]
+            words += ["--lora", _absolute_lora(lora)]
         if self.pose is not None:
             words += ["--pose", _absolute_if_exists(self.pose)]
         if self.scenes is not None:
@@ -88,6 +89,15 @@ def _absolute_if_exists(value: str) -> str:
     project folder); anything else (a run name, a LoRA with a weight) is passed unchanged."""
     path = Path(value).expanduser()
     return str(path.resolve()) if not path.is_absolute() and path.exists() else value
+
+
+def _absolute_lora(value: str) -> str:
+    """`--lora FILE:WEIGHT` with FILE made absolute and the weight kept as written: the weight
+    is split off as `loraforge generate` splits it, else `FILE:0.7` exists nowhere and stays
+    relative, and the job, in the project folder, misses the file or finds another."""
+    ref, weight = split_weight(value)
+    written = value.strip()[len(ref):] if weight is not None else ""
+    return _absolute_if_exists(ref) + written
 
 
 @dataclass
