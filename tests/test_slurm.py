@@ -789,6 +789,32 @@ def test_a_damaged_job_record_is_named_and_nothing_is_queued(tmp_path: Path, led
     assert record.read_text() == ledger
 
 
+def _stand_in(tmp_path: Path, name: str, body: str) -> dict[str, str]:
+    """A stand-in SLURM program on PATH (a shell script with `body`); the environment for it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_the_job_record_is_shared_with_the_group_by_the_file_mode(tmp_path: Path,
+                                                                  tiny_store: Path) -> None:
+    """With storage.file_mode "0664", jobs/, its scripts, jobs.json and .jobs.lock were made
+    for their owner alone: the group's next member got Permission denied writing them."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    config = project / "forge.toml"
+    config.write_text(config.read_text().replace('root = "store"\n',
+                                                 'root = "store"\nfile_mode = "0664"\n'))
+    result = run_cli("slurm", "train", cwd=project, env=_stand_in(tmp_path, "sbatch", "echo 42"))
+    assert result.returncode == 0, result.stderr
+    jobs = project / "store" / "jobs"
+    (script,) = jobs.glob("*.ssub")
+    modes = {path.name: path.stat().st_mode & 0o777
+             for path in (jobs, script, jobs / "jobs.json", jobs / ".jobs.lock")}
+    assert modes == {"jobs": 0o775, script.name: 0o764, "jobs.json": 0o664, ".jobs.lock": 0o664}
+
+
 def test_help_is_fast_and_lists_the_commands() -> None:
     started = time.monotonic()
     result = run_cli("slurm", "--help")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 from loraforge.config import load_settings, parse_override
 from loraforge.errors import ForgeError
-from loraforge.fsutil import held_lock, write_atomic
+from loraforge.fsutil import storage_umask, write_atomic
 from loraforge.generate.loras import split_weight
 from loraforge.models import gpu_runtime
 from loraforge.runs import check_run_name, final_lora
@@ -189,7 +190,9 @@ class Submitter:
                              "exist", path=self.settings.source,
                              fix="build it with ./setup_forge.sh, or point slurm.env_activate at "
                                  "the activate script of the environment that has loraforge")
-        load_jobs(self.settings.storage_root)  # a damaged record is said before a job is queued
+        root, mode = self.settings.storage_root, self.settings.file_mode
+        with _locked(root, mode):  # a record that cannot be kept is said before a job is queued
+            load_jobs(root)
         (self.project / LOG_DIR).mkdir(parents=True, exist_ok=True)
         submission = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
         scripts = [self._write(plan.job) for plan in plans]
@@ -201,7 +204,7 @@ class Submitter:
             new = self._entries(plan, script, ids[i], submission,
                                 ids.get(plan.depends_on) if plan.depends_on is not None
                                 else None)
-            record_jobs(self.settings.storage_root, new)
+            record_jobs(root, new, mode)
             entries += new
             what = plan.job.job_name + (f" (after job {ids[plan.depends_on]})"
                                         if plan.depends_on is not None else "")
@@ -229,7 +232,8 @@ class Submitter:
         while path.exists():
             n += 1
             path = self.jobs_dir / f"{job.job_name}-{stamp}-{n}.ssub"
-        write_atomic(path, render(job), self.settings.file_mode | 0o100)
+        with storage_umask(self.settings.file_mode):  # jobs/ itself, for the group's next member
+            write_atomic(path, render(job), self.settings.file_mode | 0o100)
         return path
 
     def _entries(self, plan: Planned, script: Path, job_id: str, submission: str,
@@ -358,11 +362,18 @@ def jobs_path(storage_root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(storage_root: Path) -> Iterator[None]:
+def _locked(storage_root: Path, file_mode: int) -> Iterator[None]:
+    """The record's lock. jobs/ and the lock get storage.file_mode's permissions: with "0664"
+    the group's next member may take it too."""
     lock = storage_root / JOBS_DIR / ".jobs.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with held_lock(lock):
-        yield
+    with storage_umask(file_mode):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def load_jobs(storage_root: Path) -> list[dict[str, Any]]:
@@ -388,7 +399,7 @@ def _damaged(path: Path, why: str) -> ForgeError:
                           "one")
 
 
-def record_jobs(storage_root: Path, entries: list[dict[str, Any]]) -> None:
-    with _locked(storage_root):
+def record_jobs(storage_root: Path, entries: list[dict[str, Any]], file_mode: int) -> None:
+    with _locked(storage_root, file_mode):
         jobs = load_jobs(storage_root) + entries
-        write_atomic(jobs_path(storage_root), json.dumps({"jobs": jobs}, indent=2))
+        write_atomic(jobs_path(storage_root), json.dumps({"jobs": jobs}, indent=2), file_mode)
