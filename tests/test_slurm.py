@@ -815,6 +815,19 @@ def test_the_job_record_is_shared_with_the_group_by_the_file_mode(tmp_path: Path
     assert modes == {"jobs": 0o775, script.name: 0o764, "jobs.json": 0o664, ".jobs.lock": 0o664}
 
 
+def test_a_queued_job_whose_record_fails_is_named_and_not_submitted_twice(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """The record failing after sbatch queued the job showed an error without the job id, and
+    the advice to run the command again queued it a second time."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    env = _stand_in(tmp_path, "sbatch", "mkdir -p store/jobs/jobs.json\necho 42")
+    result = run_cli("slurm", "train", cwd=project, env=env)
+    assert_user_error(result, "submitted job 42", "job 42 is queued; only its record failed",
+                      "jobs.json", "do not submit it again", "scancel 42")
+    assert "run the same command again" not in result.stderr
+    assert "move it away" not in result.stderr
+
+
 def test_help_is_fast_and_lists_the_commands() -> None:
     started = time.monotonic()
     result = run_cli("slurm", "--help")

@@ -198,13 +198,17 @@ class Submitter:
         scripts = [self._write(plan.job) for plan in plans]
         ids: dict[int, str] = {}
         entries: list[dict[str, Any]] = []
+        unrecorded: str | None = None  # why the record failed, once a job was queued
         for i, (plan, script) in enumerate(zip(plans, scripts, strict=True)):
             options = self._dependency(plans, i, ids)
             ids[i] = scheduler.sbatch(script, options, self.project)
             new = self._entries(plan, script, ids[i], submission,
                                 ids.get(plan.depends_on) if plan.depends_on is not None
                                 else None)
-            record_jobs(root, new, mode)
+            try:
+                record_jobs(root, new, mode)
+            except (OSError, ForgeError) as exc:
+                unrecorded = unrecorded or _why(exc)
             entries += new
             what = plan.job.job_name + (f" (after job {ids[plan.depends_on]})"
                                         if plan.depends_on is not None else "")
@@ -212,6 +216,15 @@ class Submitter:
             echo(f"  script: {script}")
             task = "<task>" if plan.job.array else None
             echo(f"  log:    {self.project / plan.job.log_name(ids[i], task)}")
+        if unrecorded is not None:
+            queued = list(ids.values())
+            raise ForgeError(f"{_jobs_text(queued)} queued; only its record failed "
+                             f"({unrecorded}), so `loraforge slurm status`, `cancel` and `logs` "
+                             "do not know it", path=jobs_path(root),
+                             fix="do not submit it again, that would queue it twice: `squeue "
+                                 f"--me` shows it and `scancel {' '.join(queued)}` cancels it; "
+                                 "make the record writable (permissions, free space) before the "
+                                 "next submission")
         return entries
 
     @staticmethod
@@ -397,6 +410,19 @@ def _damaged(path: Path, why: str) -> ForgeError:
     return ForgeError(f"cannot be read ({why})", path=path,
                       fix="it is only a record of submitted jobs: move it away to start a new "
                           "one")
+
+
+def _why(exc: OSError | ForgeError) -> str:
+    if isinstance(exc, ForgeError):
+        return str(exc.message)
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+
+
+def _jobs_text(ids: list[str]) -> str:
+    """`job 42 is` or `jobs 42 and 43 are`."""
+    if len(ids) == 1:
+        return f"job {ids[0]} is"
+    return f"jobs {', '.join(ids[:-1])} and {ids[-1]} are"
 
 
 def record_jobs(storage_root: Path, entries: list[dict[str, Any]], file_mode: int) -> None:
