@@ -828,6 +828,32 @@ def test_a_queued_job_whose_record_fails_is_named_and_not_submitted_twice(
     assert "move it away" not in result.stderr
 
 
+def test_a_job_record_another_user_keeps_to_himself_is_a_permission_not_damage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another member's jobs.json that may not be read was "damaged: move it away", which
+    discards everyone's records. (The refusal is simulated: root reads any file.)"""
+    from loraforge.slurm import jobs
+
+    record = tmp_path / "jobs" / "jobs.json"
+    record.parent.mkdir()
+    record.write_text('{"jobs": []}')
+    (record.parent / ".jobs.lock").touch()
+
+    def refused(path: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    monkeypatch.setattr(jobs, "open", refused, raising=False)
+    for attempt in (lambda: jobs.load_jobs(tmp_path),
+                    lambda: jobs.record_jobs(tmp_path, [], 0o664)):
+        with pytest.raises(ForgeError) as error:
+            attempt()
+        text = str(error.value)
+        assert "permission denied (it belongs to " in text and "chmod g+rw" in text, text
+        assert 'storage.file_mode = "0664"' in text and "move it away" not in text, text
+    assert record.read_bytes() == b'{"jobs": []}'
+
+
 def test_help_is_fast_and_lists_the_commands() -> None:
     started = time.monotonic()
     result = run_cli("slurm", "--help")

@@ -10,11 +10,12 @@ import fcntl
 import itertools
 import json
 import os
+import pwd
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from loraforge.config import load_settings, parse_override
 from loraforge.errors import ForgeError
@@ -379,14 +380,20 @@ def _locked(storage_root: Path, file_mode: int) -> Iterator[None]:
     """The record's lock. jobs/ and the lock get storage.file_mode's permissions: with "0664"
     the group's next member may take it too."""
     lock = storage_root / JOBS_DIR / ".jobs.lock"
-    with storage_umask(file_mode):
+    with storage_umask(file_mode), _open_lock(lock) as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _open_lock(lock: Path) -> IO[str]:
+    try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return open(lock, "a")
+    except PermissionError as exc:
+        raise _not_permitted(Path(exc.filename or lock), "cannot be written") from None
 
 
 def load_jobs(storage_root: Path) -> list[dict[str, Any]]:
@@ -395,6 +402,8 @@ def load_jobs(storage_root: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return []
+    except PermissionError:
+        raise _not_permitted(path, "cannot be read") from None
     except (OSError, ValueError) as exc:
         raise _damaged(path, str(exc)) from None
     jobs = data.get("jobs", []) if isinstance(data, dict) else None
@@ -410,6 +419,20 @@ def _damaged(path: Path, why: str) -> ForgeError:
     return ForgeError(f"cannot be read ({why})", path=path,
                       fix="it is only a record of submitted jobs: move it away to start a new "
                           "one")
+
+
+def _not_permitted(path: Path, what: str) -> ForgeError:
+    """Another member's file in a shared storage root: a permission to ask for, not a record to
+    move away (it lists everyone's jobs)."""
+    try:
+        owner = f"it belongs to {pwd.getpwuid(path.stat().st_uid).pw_name}"
+    except (OSError, KeyError):
+        owner = "made by another user"
+    return ForgeError(f"{what}: permission denied ({owner})", path=path,
+                      fix="keep it: the job record lists the jobs of everyone who submits under "
+                          "this storage root. Ask its owner to let the group read and write it "
+                          "(`chmod g+rw` on it, `chmod g+rwx` on its folder), and set "
+                          'storage.file_mode = "0664" so that new files are')
 
 
 def _why(exc: OSError | ForgeError) -> str:
