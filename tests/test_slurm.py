@@ -194,6 +194,23 @@ def test_default_init_scripts_match_the_seed_resources(tmp_path: Path) -> None:
     assert "srun" not in text and "#SBATCH --ntasks-per-node=1" in text  # one GPU, one process
 
 
+@pytest.mark.parametrize("written", ["~/lora_env/bin/activate", "$HOME/lora_env/bin/activate"])
+def test_init_expands_home_in_the_environment_as_slurm_train_does(tmp_path: Path,
+                                                                  written: str) -> None:
+    """init wrote `source '$HOME/lora_env/bin/activate'`, quoted, so the job looked for a
+    folder named $HOME and failed; `slurm train` expanded it."""
+    project = _project(tmp_path)
+    config = project / "forge.toml"
+    config.write_text(config.read_text().replace(f'"{ACTIVATE}"', f'"{written}"'))
+    home = {"HOME": str(tmp_path)}
+    assert run_cli("init", project, env=home).returncode == 0
+    expected = f"if ! source {tmp_path}/lora_env/bin/activate; then"
+    assert expected in (project / "submit_training.ssub").read_text().splitlines()
+    assert expected in (project / "submit_inference.ssub").read_text().splitlines()
+    train = run_cli("slurm", "train", "--dry-run", cwd=project, env=home)
+    assert expected in train.stdout.splitlines()
+
+
 def test_scripts_that_no_longer_ask_what_the_slurm_section_asks_are_said_and_rewritten(
         tmp_path: Path) -> None:
     """init writes the job scripts once; `sbatch submit_training.ssub` does not read forge.toml.

@@ -337,7 +337,7 @@ def project_scripts(settings: Settings) -> dict[str, str]:
     """The two scripts `loraforge init` writes into the project (run from the project folder)."""
     res = resources(settings)
     project = settings.base_dir
-    common = dict(res=res, activate=settings.config.slurm.env_activate,
+    common = dict(res=res, activate=expanded_activate(settings),
                   umask=umask_for(settings.file_mode),
                   hf_home=_shell_path(settings.cache_dir / "huggingface", project))
     train = JobScript(kind="train", job_name="loraforge-train",
@@ -399,7 +399,12 @@ def drift_note(drift: dict[str, list[str]]) -> str:
             "submit with `loraforge slurm train`, which reads forge.toml")
 
 
+def expanded_activate(settings: Settings) -> str:
+    """slurm.env_activate with `~` and `$VAR` expanded here: the script quotes it, so the job's
+    shell would look for a folder named `$HOME`."""
+    return os.path.expanduser(os.path.expandvars(settings.config.slurm.env_activate))
+
+
 def absolute_activate(settings: Settings) -> str:
-    value = os.path.expandvars(settings.config.slurm.env_activate)
-    path = Path(value).expanduser()
+    path = Path(expanded_activate(settings))
     return str(path if path.is_absolute() else settings.base_dir / path)
