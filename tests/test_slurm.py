@@ -871,6 +871,22 @@ def test_a_job_record_another_user_keeps_to_himself_is_a_permission_not_damage(
     assert record.read_bytes() == b'{"jobs": []}'
 
 
+def test_a_half_submitted_pipeline_names_the_queued_training(tmp_path: Path,
+                                                               tiny_store: Path) -> None:
+    """sbatch refusing the generation after it queued the training said nothing of the queued
+    job: running the command again queued a second training."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    env = _stand_in(tmp_path, "sbatch", 'case "$*" in *--dependency*) echo "sbatch: error: '
+                    'invalid partition" >&2; exit 1;; esac\necho 42')
+    result = run_cli("slurm", "pipeline", cwd=project, env=env)
+    assert_user_error(result, "sbatch refused the job: sbatch: error: invalid partition",
+                      "job 42 is already queued", "`loraforge slurm cancel 42`", "`scancel 42`",
+                      "`loraforge slurm generate --lora multi_concept`")
+    assert "submitted job 42: train-multi_concept" in result.stdout
+    (job,) = json.loads((project / "store" / "jobs" / "jobs.json").read_text())["jobs"]
+    assert job["job_id"] == "42"
+
+
 def test_help_is_fast_and_lists_the_commands() -> None:
     started = time.monotonic()
     result = run_cli("slurm", "--help")

@@ -109,6 +109,7 @@ class Planned:
     job: JobScript
     runs: list[str | None]
     depends_on: int | None = None  # index of an earlier Planned in the same submission
+    alone: str = ""  # how to submit it by itself, when the jobs before it are queued already
 
 
 class Submitter:
@@ -202,7 +203,12 @@ class Submitter:
         unrecorded: str | None = None  # why the record failed, once a job was queued
         for i, (plan, script) in enumerate(zip(plans, scripts, strict=True)):
             options = self._dependency(plans, i, ids)
-            ids[i] = scheduler.sbatch(script, options, self.project)
+            try:
+                ids[i] = scheduler.sbatch(script, options, self.project)
+            except ForgeError as exc:
+                if not ids:
+                    raise
+                raise _half_submitted(exc, plans[i], list(ids.values())) from None
             new = self._entries(plan, script, ids[i], submission,
                                 ids.get(plan.depends_on) if plan.depends_on is not None
                                 else None)
@@ -297,8 +303,11 @@ def submit_pipeline(options: Options, run: str | None, args: GenerateArgs, echo:
     name = check_run_name(run or sub.settings.config.train.run_name)
     lora = final_lora(sub.settings.runs_dir / name)
     args = dataclasses.replace(args, lora=[str(lora), *args.lora])
+    alone = (f"`loraforge slurm generate --lora {name}` with this command's other options, once "
+             "the training has finished")
     return sub.submit([Planned(sub.train_job(name), [name]),
-                       Planned(sub.generate_job(args, name), [name], depends_on=0)], echo)
+                       Planned(sub.generate_job(args, name), [name], depends_on=0, alone=alone)],
+                      echo)
 
 
 def parse_params(params: list[str]) -> list[tuple[str, list[str]]]:
@@ -433,6 +442,18 @@ def _not_permitted(path: Path, what: str) -> ForgeError:
                           "this storage root. Ask its owner to let the group read and write it "
                           "(`chmod g+rw` on it, `chmod g+rwx` on its folder), and set "
                           'storage.file_mode = "0664" so that new files are')
+
+
+def _half_submitted(exc: ForgeError, plan: Planned, queued: list[str]) -> ForgeError:
+    """sbatch refused a job after the jobs before it were queued: say they are, and how to
+    either cancel them or submit the rest, as running the same command again queues them twice."""
+    ids = " ".join(queued)
+    rest = f", or keep it and submit only the rest: {plan.alone}" if plan.alone else ""
+    return ForgeError(f"{exc.message}; {_jobs_text(queued)} already queued, "
+                      f"{plan.job.job_name} is not", path=exc.path,
+                      fix=f"{exc.fix}. Then either cancel what is queued (`loraforge slurm "
+                          f"cancel {ids}`, or `scancel {ids}`) and run the same command "
+                          f"again{rest}")
 
 
 def _why(exc: OSError | ForgeError) -> str:
