@@ -78,6 +78,34 @@ def test_extra_lines_must_be_single_options() -> None:
             check_extra(bad)
 
 
+@pytest.mark.parametrize(("line", "use"), [
+    ("--gres=gpu:4", "slurm.gpus"), ("--gpus=2", "slurm.gpus"), ("-G 2", "slurm.gpus"),
+    ("--time=48:00:00", "slurm.time"), ("-t 60", "slurm.time"), ("--tim=60", "slurm.time"),
+    ("--partition=big", "slurm.partition"), ("-p big", "slurm.partition"),
+    ("--part=big", "slurm.partition"), ("--mem-per-cpu=4G", "slurm.mem"),
+    ("#SBATCH --cpus-per-task=2", "slurm.cpus"), ("-N 2", "slurm.nodes"),
+    ("--account=x", "slurm.account"), ("--qos=x", "slurm.qos"),
+    ("--ntasks=4", "one process per GPU"), ("--ntasks-per-node=4", "one process per GPU"),
+    ("--output=/tmp/x.out", "`loraforge slurm logs`"), ("-o x", "`loraforge slurm logs`"),
+    ("--signal=B:USR1@60", "slurm.grace_seconds"), ("--no-requeue", "slurm.max_requeues"),
+    ("--requeue", "slurm.max_requeues"), ("--job-name=x", "named after its run"),
+    ("--array=0-3", "slurm sweep"), ("--dependency=afterok:1", "slurm pipeline"),
+    ("--chdir=/tmp", "project folder"),
+])
+def test_extra_lines_cannot_override_what_the_slurm_keys_set(line: str, use: str) -> None:
+    """A later #SBATCH line wins: `extra = ["--gres=gpu:4"]` silently replaced slurm.gpus."""
+    with pytest.raises(ForgeError) as error:
+        check_extra(["--constraint=a100", line])
+    assert str(error.value).startswith(f"`slurm.extra` = {line!r} sets --"), error.value
+    assert "remove it from slurm.extra" in str(error.value) and use in str(error.value)
+
+
+def test_extra_lines_the_slurm_keys_do_not_set_are_kept() -> None:
+    lines = ["--export=NONE", "--time-min=30", "--gres-flags=enforce-binding", "-C a100",
+             "--nodelist=n1", "--mem-bind=local", "--mail-type=END", "--exclusive"]
+    assert check_extra(lines) == lines
+
+
 def _project(tmp_path: Path, slurm: str = "", tiny_store: Path | None = None,
              name: str = "proj") -> Path:
     """A project folder with a [slurm] section; with `tiny_store`, one that trains (a dataset
@@ -100,6 +128,7 @@ def _project(tmp_path: Path, slurm: str = "", tiny_store: Path | None = None,
     ("slurm.partition=gpu;ls", ["slurm.partition", "sinfo"]),
     ("slurm.account=lab x", ["slurm.account"]),
     ('slurm.extra=["--x=1\\nrm -rf ~"]', ["slurm.extra"]),
+    ('slurm.extra=["--gres=gpu:4"]', ["slurm.extra", "sets --gres", "set `slurm.gpus`"]),
 ])
 def test_bad_slurm_settings_stop_before_sbatch(tmp_path: Path, setting: str,
                                                needles: list[str]) -> None:

@@ -17,6 +17,36 @@ _PARTITION = re.compile(r"^[A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*$")
 _MEM = re.compile(r"^(\d{1,9})([KMGT]?)$", re.IGNORECASE)
 _GPU = re.compile(r"^(?:([A-Za-z0-9_.-]{1,64}):)?(\d{1,3})$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SET_GPUS = " and set `slurm.gpus` (or `slurm.gpus_per_node`): \"2\", or \"a100:2\" for a type"
+_LAYOUT = ": training runs one process per GPU on each of `slurm.nodes` nodes, generation one"
+_SET_MEM = " and set `slurm.mem` (memory per node)"
+_REQUEUE = (": jobs save and requeue themselves near the time limit; `slurm.grace_seconds` and "
+            "`slurm.max_requeues` tune it")
+_LOG = (": the log is logs/<job name>-<job id>.out in the project folder, where "
+        "`loraforge slurm logs` reads it")
+#: The sbatch options a job script sets itself, each with the rest of the fix "remove it from
+#: slurm.extra...": the same option in slurm.extra comes later and silently wins.
+_OWNED = {
+    "--partition": " and set `slurm.partition`", "--account": " and set `slurm.account`",
+    "--qos": " and set `slurm.qos`", "--nodes": " and set `slurm.nodes`",
+    "--ntasks": _LAYOUT, "--ntasks-per-node": _LAYOUT, "--ntasks-per-core": _LAYOUT,
+    "--ntasks-per-gpu": _LAYOUT, "--ntasks-per-socket": _LAYOUT,
+    "--cpus-per-task": " and set `slurm.cpus` (CPUs per process)",
+    "--cpus-per-gpu": " and set `slurm.cpus` (CPUs per process, one process per GPU)",
+    "--gres": _SET_GPUS, "--gpus": _SET_GPUS, "--gpus-per-node": _SET_GPUS,
+    "--gpus-per-task": _SET_GPUS, "--gpus-per-socket": _SET_GPUS,
+    "--mem": _SET_MEM, "--mem-per-cpu": _SET_MEM, "--mem-per-gpu": _SET_MEM,
+    "--time": " and set `slurm.time`", "--signal": _REQUEUE, "--requeue": _REQUEUE,
+    "--no-requeue": _REQUEUE, "--output": _LOG, "--open-mode": _LOG,
+    "--chdir": ": the job runs in the project folder (its logs too)",
+    "--job-name": ": the job is named after its run (--run)",
+    "--array": ": `loraforge slurm sweep` submits job arrays",
+    "--dependency": ": `loraforge slurm pipeline` runs generation after training",
+}
+_SHORT = {"-p": "--partition", "-A": "--account", "-q": "--qos", "-N": "--nodes",
+          "-n": "--ntasks", "-c": "--cpus-per-task", "-G": "--gpus", "-t": "--time",
+          "-o": "--output", "-D": "--chdir", "-J": "--job-name", "-a": "--array",
+          "-d": "--dependency"}
 
 
 def _fail(key: str, value: object, problem: str, fix: str, where: str | None) -> ForgeError:
@@ -108,7 +138,8 @@ def check_name(value: str, key: str, where: str | None = None) -> str:
 
 def check_extra(lines: list[str], key: str = "slurm.extra", where: str | None = None,
                 ) -> list[str]:
-    """Extra #SBATCH options: one option per entry, starting with '-', one line, no '#'."""
+    """Extra #SBATCH options: one option per entry, starting with '-', one line, none that the
+    script sets itself from another key."""
     checked = []
     for line in lines:
         text = str(line).strip()
@@ -118,8 +149,21 @@ def check_extra(lines: list[str], key: str = "slurm.extra", where: str | None = 
             raise _fail(key, line, "is not one sbatch option on one line",
                         "each entry is an option as you would type it after #SBATCH, e.g. "
                         "\"--constraint=a100\" or \"--mail-type=END\"", where)
-        gres = re.fullmatch(r"--gres=gpu:(.+)", text)
-        if gres:
-            parse_gpus(gres.group(1), key, where)
+        owned = _owned(text)
+        if owned:
+            raise _fail(key, line, f"sets {owned}, which the job script sets itself (this "
+                        "later line would silently override it)",
+                        f"remove it from {key}{_OWNED[owned]}", where)
         checked.append(text)
     return checked
+
+
+def _owned(option: str) -> str | None:
+    """The option of `_OWNED` that `option` (as written, with its value) sets, if any: `-t 60`
+    sets --time, and so does `--tim=60`, as sbatch takes the start of a long option's name."""
+    if not option.startswith("--"):
+        return _SHORT.get(option[:2])
+    name = "--" + re.split(r"[=\s]", option[2:], maxsplit=1)[0]
+    if name in _OWNED:
+        return name
+    return next((owned for owned in _OWNED if len(name) > 2 and owned.startswith(name)), None)
