@@ -152,9 +152,11 @@ def test_an_empty_run_name_is_refused_not_taken_for_the_default(
     assert code == 1 and "the run name is empty" in err, err
     assert "leave --run out for train.run_name" in err
     for command in (["slurm", "mark-failed", "--run", "", "--reason", "requeued too often"],
-                    ["slurm", "sweep", "--dry-run", "--run", "", "--param", "train.seed=1,2"]):
+                    ["slurm", "sweep", "--dry-run", "--run", "", "--param", "train.seed=1,2"],
+                    ["slurm", "train", "--dry-run", "--run", ""]):
         code, out, err = _main(monkeypatch, capsys, *command)
         assert code == 1 and "the run name is empty" in err and "Traceback" not in err, out
+        assert "multi_concept" not in out  # no script for the default run shown either
     assert (default / "run.json").read_text() == record
 
 

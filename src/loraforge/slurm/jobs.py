@@ -273,7 +273,7 @@ class Submitter:
 # --- the commands ---------------------------------------------------------------------------
 def submit_train(options: Options, run: str | None, echo: Any) -> list[dict[str, Any]]:
     sub = Submitter(options)
-    name = check_run_name(run or sub.settings.config.train.run_name)
+    name = check_run_name(run if run is not None else sub.settings.config.train.run_name)
     return sub.submit([Planned(sub.train_job(name), [name])], echo)
 
 
@@ -300,7 +300,7 @@ def submit_pipeline(options: Options, run: str | None, args: GenerateArgs, echo:
                     ) -> list[dict[str, Any]]:
     """Training, then generation with its LoRA once training succeeded (cancelled if not)."""
     sub = Submitter(options)
-    name = check_run_name(run or sub.settings.config.train.run_name)
+    name = check_run_name(run if run is not None else sub.settings.config.train.run_name)
     lora = final_lora(sub.settings.runs_dir / name)
     args = dataclasses.replace(args, lora=[str(lora), *args.lora])
     alone = (f"`loraforge slurm generate --lora {name}` with this command's other options, once "
@@ -367,7 +367,7 @@ def sweep_tasks(base_run: str, params: list[tuple[str, list[str]]]) -> list[Arra
 def submit_sweep(options: Options, run: str | None, params: list[str],
                  max_parallel: int | None, echo: Any) -> list[dict[str, Any]]:
     sub = Submitter(options)
-    base = check_run_name(run or sub.settings.config.train.run_name)
+    base = check_run_name(run if run is not None else sub.settings.config.train.run_name)
     tasks = sweep_tasks(base, parse_params(params))
     for task in tasks:  # every combination must be a valid config before anything is submitted
         load_settings(options.config, options.overrides, task.sets)
