@@ -4,6 +4,7 @@ files that exist and escapes user text, and `report_command`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -232,3 +233,34 @@ def test_report_command_module_imports_light() -> None:
             "heavy = {'PIL', 'numpy', 'torch', 'pydantic'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- names that are not UTF-8, and a report that cannot be written ---------------------------
+def test_a_concept_folder_that_is_not_utf8_is_shown_escaped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder unzipped from a Windows zip (`caf\\xe9_mage`, latin-1): the report's write raised
+    UnicodeEncodeError, which ended the training at its first epoch."""
+    run_dir = make_run(tmp_path, samples=False)
+    name = os.fsdecode(b"10_caf\xe9_mage")
+    record = json.loads((run_dir / "run.json").read_text())
+    record["dataset"]["concepts"][name] = {"n_repeats": 10, "img_count": 2}
+    (run_dir / "run.json").write_text(json.dumps(record))
+    (run_dir / "dataset.json").unlink()
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    assert "10_caf\\xe9_mage" in text
+    monkeypatch.delenv("LORAFORGE_STORAGE_ROOT", raising=False)
+    report_command(RUN, overrides=[f"storage.root={tmp_path}"])
+
+
+def test_a_report_that_fails_is_a_warning_and_training_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from loraforge.train.trainer import Trainer
+
+    def broken(_run_dir: Path, _mode: int) -> Path:
+        raise UnicodeEncodeError("utf-8", "caf\udce9", 3, 4, "surrogates not allowed")
+
+    Trainer.write_report(SimpleNamespace(report=broken, run_dir=tmp_path, mode=0o644))
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "report.html not written (training goes on): UnicodeEncodeError" in warning.message

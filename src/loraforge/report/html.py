@@ -11,6 +11,7 @@ import glob
 import html
 import json
 import math
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -59,10 +60,20 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def writable(text: str) -> str:
+    """`text` as UTF-8 can hold it: a name that is not UTF-8 (a concept folder unzipped from a
+    Windows zip, `caf\\xe9_mage`) shows its bytes escaped instead of failing the write."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte (from a JSON file)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def href(run_dir: Path, path: Path) -> str:
-    """A relative, URL-quoted, HTML-escaped link from report.html to `path`."""
+    """A relative, URL-quoted, HTML-escaped link from report.html to `path` (a name that is
+    not UTF-8 is quoted by its bytes, so the link still opens the file)."""
     relative = path.relative_to(run_dir)
-    return esc("/".join(quote(part) for part in relative.parts))
+    return esc("/".join(quote(os.fsencode(part)) for part in relative.parts))
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -418,5 +429,5 @@ def write_report(run_dir: Path, mode: int = DEFAULT_FILE_MODE) -> Path:
     """Write `report.html` (and `report-loss.png` beside it) atomically; return its path."""
     run_dir = Path(run_dir)
     dest = run_dir / REPORT
-    write_atomic(dest, render_report(run_dir, mode), mode)
+    write_atomic(dest, writable(render_report(run_dir, mode)), mode)
     return dest

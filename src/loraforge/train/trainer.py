@@ -384,12 +384,15 @@ class Trainer:
                 else nullcontext())
 
     def write_report(self) -> None:
+        """The run's report, rebuilt: a report that cannot be written (a full disk, a name it
+        cannot show) is one warning line in the log, never the end of the training."""
         if self.report is None:
             return
         try:
             self.report(self.run_dir, self.mode)
-        except OSError as exc:
-            log.warning("report.html not written: %s", exc)
+        except Exception as exc:
+            log.warning("report.html not written (training goes on): %s: %s",
+                        type(exc).__name__, exc)
 
     def optimizer_step(self, models: Models, batches: list[list[int]], first: int, epoch: int,
                        step: int, stop: bool) -> tuple[torch.Tensor, bool]:
