@@ -264,3 +264,48 @@ def test_a_report_that_fails_is_a_warning_and_training_goes_on(
     Trainer.write_report(SimpleNamespace(report=broken, run_dir=tmp_path, mode=0o644))
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "report.html not written (training goes on): UnicodeEncodeError" in warning.message
+
+
+# --- the report of a run that stops, fails or starts over ------------------------------------
+def test_the_report_says_how_an_attempt_ended_and_restart_replaces_the_old_one(
+        tmp_path: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train --restart` deleted the LoRA files and separation.json, but report.html still said
+    finished, 140/140, and linked them; a stopped or failed attempt's report said running. No
+    training here: the trainer stops (or fails) as it would start its first step."""
+    from conftest import write_training_project
+
+    from loraforge.train.run import train
+    from loraforge.train.signals import Interrupted
+    from loraforge.train.trainer import Trainer
+
+    settings = load_settings(write_training_project(tmp_path, tiny_store))
+    run_dir = settings.runs_dir / "again"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"name": "again", "status": "finished",
+                                                  "step": 140, "total_steps": 140}))
+    (run_dir / "again.safetensors").write_bytes(b"y" * 100)
+    (run_dir / "separation.json").write_text(json.dumps({"concepts": [
+        {"name": "old", "trigger": "old", "images": 1, "loss": {"old": 0.5}, "no_lora": 0.6}]}))
+    (run_dir / "history.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    write_report(run_dir)
+    assert "status-finished" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+    def stopped(*_args: object) -> Path:
+        raise Interrupted(saved=False)
+
+    monkeypatch.setattr(Trainer, "run", stopped)
+    with pytest.raises(Interrupted):
+        train(settings, "again", restart=True, report=write_report)
+    text = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "status-interrupted" in text and "step 140" not in text
+    assert "again.safetensors" not in text and "Concept separation" not in text
+    assert not (run_dir / "report-loss.png").exists()
+
+    def failed(*_args: object) -> Path:
+        raise ForgeError("the base model cannot be read", path=run_dir)
+
+    monkeypatch.setattr(Trainer, "run", failed)
+    with pytest.raises(ForgeError):
+        train(settings, "again", restart=False, report=write_report)
+    text = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "status-failed" in text and "the base model cannot be read" in text

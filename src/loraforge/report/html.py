@@ -249,7 +249,8 @@ def _dataset_section(run_dir: Path, record: dict[str, Any]) -> str:
 
 
 def _loss_section(run_dir: Path, history: list[dict[str, Any]], mode: int) -> str:
-    if not history:
+    if not history:  # a chart left by an attempt that --restart replaced is not this one's
+        (Path(run_dir) / LOSS_PNG).unlink(missing_ok=True)
         return "<h2>Loss</h2><p class=\"muted\">no loss history yet</p>"
     from loraforge.report.chart import loss_chart
 

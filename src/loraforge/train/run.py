@@ -220,6 +220,8 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         global_batch_size=trainer.plan.batch_size,
         steps_per_epoch=trainer.plan.steps_per_epoch, epochs=trainer.plan.epochs,
         slurm=slurm_job())
+    if restart and world.is_main:  # not the old attempt's report: finished, its LoRA files
+        trainer.write_report()
 
     def facts_for(t: Trainer, optimizer: Any, warmup: int) -> TrainingFacts:
         return TrainingFacts(
@@ -238,10 +240,10 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     except Interrupted:
         if trainer.record.data.get("status") == "finished":  # the signal came as it returned:
             return TrainResult(runs.final_lora(run_dir), trainer)  # the run is done, keep it so
-        _record_end(trainer.record, status="interrupted")
+        _record_end(trainer, status="interrupted")
         raise
     except ForgeError as exc:
-        _record_end(trainer.record, status="failed", error=str(exc))
+        _record_end(trainer, status="failed", error=str(exc))
         raise
     except OSError as exc:  # an image removed mid-run, a folder made read-only, a full disk
         if disk_full(exc):
@@ -253,10 +255,10 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
                                fix="fix the file or free the space, then rerun the same "
                                    "command: training resumes from the last state saved "
                                    "completely")
-        _record_end(trainer.record, status="failed", error=str(error))
+        _record_end(trainer, status="failed", error=str(error))
         raise error from None
     except BaseException as exc:
-        _record_end(trainer.record, status="failed", error=f"{type(exc).__name__}: {exc}")
+        _record_end(trainer, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
 
 
@@ -268,12 +270,18 @@ def _remove_killed_saves(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _record_end(record: runs.RunRecord, **values: Any) -> None:
-    """run.json's account of how the attempt ended, where it can be written. On a full disk
-    it often cannot: the error that ended the attempt must still be the one the user reads (the
-    record then still says running, and `loraforge runs` shows the run as stopped)."""
+def _record_end(trainer: Trainer, **values: Any) -> None:
+    """run.json's account of how the attempt ended, where it can be written, and the report
+    rebuilt to say so (a report that cannot be written is a warning line: the attempt's own
+    end is what the user reads). On a full disk the record often cannot be written: the error
+    that ended the attempt must still be the one the user reads (the record then still says
+    running, and `loraforge runs` shows the run as stopped)."""
+    record = trainer.record
     try:
         record.update(**values)
     except OSError as exc:
         log.warning("%s not updated (%s): `loraforge runs` shows the run as stopped",
                     record.path, exc.strerror or exc)
+        return
+    if record.write:
+        trainer.write_report()
