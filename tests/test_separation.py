@@ -264,3 +264,8 @@ def test_a_trigger_before_the_keep_tokens_separator_is_the_trigger_alone(tmp_pat
     draw_character(tmp_path / "2_blake" / "0.png", (200, 30, 30), "box", offset=0)
     (tmp_path / "2_blake" / "0.txt").write_text("blake ||| red hat, smile")
     assert distinct_triggers(scan_dataset(tmp_path, ".txt")) == {"blake": "blake"}
+
+
+def test_eval_outside_a_project_says_there_is_no_forge_toml(tmp_path: Path) -> None:
+    result = run_cli("eval", cwd=tmp_path)
+    assert_user_error(result, "no finished training run", "there is no forge.toml in")

@@ -304,7 +304,7 @@ def demo(directory: Annotated[Path, typer.Argument(
 
 #: Commands that read forge.toml (the others: init, demo, pose).
 PROJECT_COMMANDS = ("config", "dataset", "train", "generate", "models", "slurm", "runs",
-                    "report")
+                    "report", "eval")
 
 
 def _project_note(args: list[str]) -> str | None:
