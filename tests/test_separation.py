@@ -269,3 +269,28 @@ def test_a_trigger_before_the_keep_tokens_separator_is_the_trigger_alone(tmp_pat
 def test_eval_outside_a_project_says_there_is_no_forge_toml(tmp_path: Path) -> None:
     result = run_cli("eval", cwd=tmp_path)
     assert_user_error(result, "no finished training run", "there is no forge.toml in")
+
+
+def _printed(result: Separation) -> str:
+    from rich.console import Console
+
+    from loraforge.train.separation import print_table
+
+    console = Console(record=True, width=200)
+    print_table(result, console)
+    return console.export_text()
+
+
+def test_a_margin_that_rounds_to_zero_shows_no_sign(tmp_path: Path) -> None:
+    """`separation -0.00%` read as a (tiny) loss of separation; it is none either way."""
+    from loraforge.report.html import write_report
+    from loraforge.train.separation import write_separation
+
+    result = Separation("r", "r.safetensors", [50], 1, [
+        ConceptSeparation("red", "zqred", 4, False, {"zqred": 0.5, "zqblue": 0.499999}, 1.0),
+        ConceptSeparation("blue", "zqblue", 4, False, {"zqred": 0.499999, "zqblue": 0.5}, 1.0)])
+    printed = _printed(result)
+    assert "-0.00%" not in printed and "separation 0.00%" in printed
+    write_separation(tmp_path, result, 0o644)
+    page = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "-0.00%" not in page and "red / blue: 0.00%" in page

@@ -22,6 +22,7 @@ from loraforge import runs
 from loraforge.errors import ForgeError
 from loraforge.fsutil import DEFAULT_FILE_MODE, save_atomic, write_atomic
 from loraforge.train import previews
+from loraforge.train.separation import signed_percent
 
 REPORT = "report.html"
 LOSS_PNG = "report-loss.png"
@@ -289,12 +290,12 @@ def _separation_section(run_dir: Path) -> str:
         cells = [f"<b>{_loss(loss.get(t))}</b>" if t == c.get("trigger")
                  else _loss(loss.get(t)) for t in triggers]
         margin = c.get("margin")
-        shown = (f"{margin:+.2%}" if isinstance(margin, (int, float))
+        shown = (signed_percent(margin) if isinstance(margin, (int, float))
                  and not isinstance(margin, bool) else "—")
         source = "held-out" if c.get("held_out") else "training, fresh noise"
         rows.append([esc(c.get("name", "")), f"{_number(c.get('images'))} ({source})", *cells,
                      _loss(c.get("no_lora")), esc(shown)])
-    pairs = [f"{esc(' / '.join(map(str, p['concepts'])))}: {p['separation']:+.2%}"
+    pairs = [f"{esc(' / '.join(map(str, p['concepts'])))}: {signed_percent(p['separation'])}"
              for p in data.get("pairs") or [] if isinstance(p, dict)
              and isinstance(p.get("concepts"), list) and isinstance(p.get("separation"), float)]
     shown_pairs = f"<p>pair separation: {' · '.join(pairs)}</p>" if pairs else ""

@@ -407,6 +407,13 @@ def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 6)
 
 
+def signed_percent(value: float) -> str:
+    """A margin or separation as eval and the report show it: `+1.25%`, and `0.00%` (not
+    `-0.00%`) for a value that rounds to zero."""
+    shown = f"{value:+.2%}"
+    return "0.00%" if float(shown.rstrip("%")) == 0 else shown
+
+
 def write_separation(run_dir: Path, result: Separation, mode: int) -> Path:
     """`separation.json` in the run folder (the run's report shows it)."""
     path = run_dir / runs.SEPARATION
@@ -431,14 +438,14 @@ def print_table(result: Separation, console: Any) -> None:
             text = f"{row.loss[trigger]:.4f}"
             cells.append(f"[bold]{text}[/bold]" if trigger == row.trigger else text)
         margin = row.margin
-        shown = "—" if margin is None else f"{margin:+.2%}"
+        shown = "—" if margin is None else signed_percent(margin)
         if row.separated is False:
             shown = f"[red]{shown}[/red]"
         source = "held-out" if row.held_out else "training, fresh noise"
         table.add_row(row.name, f"{row.images} ({source})", *cells, f"{row.no_lora:.4f}", shown)
     console.print(table)
     for a, b, value in result.pairs():
-        console.print(f"pair {a} / {b}: separation {value:+.2%}", markup=False)
+        console.print(f"pair {a} / {b}: separation {signed_percent(value)}", markup=False)
     console.print("denoising loss at fixed noise and timesteps (lower is better); bold: the "
                   "concept's own trigger. margin: how much lower its own trigger is than the "
                   "best other one; negative or ~0: the LoRA does not tell the concepts apart. pair "
