@@ -294,3 +294,13 @@ def test_a_margin_that_rounds_to_zero_shows_no_sign(tmp_path: Path) -> None:
     write_separation(tmp_path, result, 0o644)
     page = write_report(tmp_path).read_text(encoding="utf-8")
     assert "-0.00%" not in page and "red / blue: 0.00%" in page
+
+
+def test_names_and_triggers_with_brackets_are_printed_as_written() -> None:
+    """`10_[wip] mira` vanished from the table (read as a style); a trigger `[/x]` ended eval
+    in rich's MarkupError."""
+    result = Separation("r", "r.safetensors", [50], 1, [
+        ConceptSeparation("[wip] mira", "[/x]", 4, False, {"[/x]": 0.5, "blake": 0.6}, 1.0),
+        ConceptSeparation("blake", "blake", 4, False, {"[/x]": 0.6, "blake": 0.5}, 1.0)])
+    printed = _printed(result)
+    assert "[wip] mira" in printed and '"[/x]"' in printed

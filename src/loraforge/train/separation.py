@@ -422,14 +422,16 @@ def write_separation(run_dir: Path, result: Separation, mode: int) -> Path:
 
 
 def print_table(result: Separation, console: Any) -> None:
-    """The table `loraforge eval` prints: one row per concept, one column per trigger."""
+    """The table `loraforge eval` prints: one row per concept, one column per trigger (names
+    and triggers as written, `[wip] mira` too: never read as markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"concept separation of run {result.run} ({result.lora})")
+    table = Table(title=escape(f"concept separation of run {result.run} ({result.lora})"))
     table.add_column("concept")
     table.add_column("images")
     for trigger in result.triggers:
-        table.add_column(f'"{trigger}"', justify="right")
+        table.add_column(escape(f'"{trigger}"'), justify="right")
     table.add_column(NO_LORA, justify="right")
     table.add_column("margin", justify="right")
     for row in result.concepts:
@@ -442,7 +444,8 @@ def print_table(result: Separation, console: Any) -> None:
         if row.separated is False:
             shown = f"[red]{shown}[/red]"
         source = "held-out" if row.held_out else "training, fresh noise"
-        table.add_row(row.name, f"{row.images} ({source})", *cells, f"{row.no_lora:.4f}", shown)
+        table.add_row(escape(row.name), f"{row.images} ({source})", *cells,
+                      f"{row.no_lora:.4f}", shown)
     console.print(table)
     for a, b, value in result.pairs():
         console.print(f"pair {a} / {b}: separation {signed_percent(value)}", markup=False)
