@@ -309,3 +309,17 @@ def test_the_report_says_how_an_attempt_ended_and_restart_replaces_the_old_one(
         train(settings, "again", restart=False, report=write_report)
     text = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "status-failed" in text and "the base model cannot be read" in text
+
+
+def test_an_early_spike_of_the_smoothed_loss_does_not_flatten_the_chart() -> None:
+    """The y range left out the raw losses' outliers but not the smoothed ones': a smoothed
+    loss that starts at the first step's spike squeezed the whole curve into a line."""
+    history = _history(1000, 100)
+    for item in history[:3]:
+        item["loss"] = item["loss_smoothed"] = 50.0
+    image = loss_chart(history)
+    pixels = image.load()
+    later = [y for x in range(image.width // 2, image.width) for y in range(22, image.height)
+             if pixels[x, y] == (20, 75, 165)]  # the smoothed curve after the spike
+    bottom = image.height - 34
+    assert later and bottom - max(later) > 20  # not pressed onto the x axis

@@ -24,8 +24,8 @@ EPOCH = (214, 222, 236)
 RAW = (165, 195, 240)
 SMOOTHED = (20, 75, 165)
 TEXT = (50, 50, 50)
-#: With this many points or more, the y range ignores the most extreme 0.5% of raw losses at
-#: each end, so one early spike does not flatten the whole curve.
+#: With this many points or more, the y range ignores the most extreme 0.5% of the raw losses
+#: and of the smoothed ones at each end, so one early spike does not flatten the whole curve.
 ROBUST_FROM = 200
 
 
@@ -38,6 +38,17 @@ def _series(history: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
             steps.append(float(step))
             values.append(float(value))
     return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def _range(values: np.ndarray) -> tuple[float, float]:
+    """The y range a series asks for: without its most extreme 0.5% at each end from
+    ROBUST_FROM points on (an early spike, raw or smoothed); (inf, -inf) for none."""
+    if values.size >= ROBUST_FROM:
+        low, high = np.quantile(values, [0.005, 0.995])
+        return float(low), float(high)
+    if values.size:
+        return float(values.min()), float(values.max())
+    return math.inf, -math.inf
 
 
 def nice_ticks(low: float, high: float, count: int = 5, *, integer: bool = False,
@@ -107,14 +118,8 @@ def loss_chart(history: list[dict[str, Any]], width: int = 800, height: int = 30
     x_lo, x_hi = float(all_x.min()), float(all_x.max())
     if x_hi <= x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
-    if raw_y.size >= ROBUST_FROM:
-        raw_lo, raw_hi = (float(v) for v in np.quantile(raw_y, [0.005, 0.995]))
-    elif raw_y.size:
-        raw_lo, raw_hi = float(raw_y.min()), float(raw_y.max())
-    else:
-        raw_lo, raw_hi = math.inf, -math.inf
-    y_lo = min([raw_lo, *([float(smooth_y.min())] if smooth_y.size else [])])
-    y_hi = max([raw_hi, *([float(smooth_y.max())] if smooth_y.size else [])])
+    (raw_lo, raw_hi), (smooth_lo, smooth_hi) = _range(raw_y), _range(smooth_y)
+    y_lo, y_hi = min(raw_lo, smooth_lo), max(raw_hi, smooth_hi)
     flat = y_hi - y_lo <= 1e-12
     pad = (abs(y_hi) * 0.1 or 0.1) if flat else (y_hi - y_lo) * 0.05
     y_lo, y_hi = y_lo - pad, y_hi + pad
