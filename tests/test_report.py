@@ -222,6 +222,8 @@ def test_report_command_lists_runs_when_the_run_is_missing(
         report_command("nope", config=config)
     assert "nope" in str(info.value) and RUN in str(info.value)
     with pytest.raises(ForgeError, match="not allowed"):
+        report_command("x y", config=config)
+    with pytest.raises(ForgeError, match="is not a run folder of this project"):
         report_command("../x", config=config)
     with pytest.raises(ForgeError, match="none yet"):
         report_command("nope", overrides=[f"storage.root={tmp_path / 'empty'}"],
@@ -323,3 +325,19 @@ def test_an_early_spike_of_the_smoothed_loss_does_not_flatten_the_chart() -> Non
              if pixels[x, y] == (20, 75, 165)]  # the smoothed curve after the spike
     bottom = image.height - 34
     assert later and bottom - max(later) > 20  # not pressed onto the x axis
+
+
+def test_a_run_is_found_by_its_folder_as_the_shell_completes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`report blake_v2/` and `report Multi_Concept_Output/blake_v2` were refused with the
+    advice for naming new runs."""
+    from loraforge.report.command import find_run
+
+    runs_dir = tmp_path / "Multi_Concept_Output"
+    run_dir = make_run(tmp_path, samples=False)
+    monkeypatch.chdir(tmp_path)
+    for typed in (f"{RUN}/", f"Multi_Concept_Output/{RUN}", f"Multi_Concept_Output/{RUN}/",
+                  str(run_dir)):
+        assert find_run(runs_dir, typed) == runs_dir / RUN, typed
+    with pytest.raises(ForgeError, match="is not a run folder of this project"):
+        find_run(runs_dir, f"elsewhere/{RUN}")

@@ -11,15 +11,32 @@ import typer
 from loraforge.options import ConfigOpt, SetOpt
 
 RunArg = Annotated[str, typer.Argument(help="Run name: a folder under "
-                   "<storage>/Multi_Concept_Output/.")]
+                   "<storage>/Multi_Concept_Output/ (or its path).")]
+
+
+def _run_name(runs_dir: Path, run: str) -> str:
+    """The run's name from what was typed: a name, `name/`, or a path to a run folder under
+    `runs_dir` (as the shell completes it, `Multi_Concept_Output/name/`)."""
+    from loraforge.errors import ForgeError
+
+    path = Path(run)
+    if len(path.parts) == 1:
+        return path.name or run
+    if path.resolve().parent != runs_dir.resolve():
+        raise ForgeError(f"`{run}` is not a run folder of this project: runs are the folders "
+                         f"in {runs_dir}", path=path,
+                         fix="name the run (`loraforge runs` lists them), or pass --config/--set "
+                             "storage.root=... for another storage root")
+    return path.name
 
 
 def find_run(runs_dir: Path, run: str) -> Path:
-    """`runs_dir / run`, or a ForgeError listing the runs that exist."""
+    """`runs_dir / run` (`run` as `_run_name` reads it), or a ForgeError listing the runs that
+    exist."""
     from loraforge import runs
     from loraforge.errors import ForgeError
 
-    runs.check_run_name(run)
+    run = runs.check_run_name(_run_name(runs_dir, run))
     run_dir = runs_dir / run
     if (run_dir / runs.RECORD).is_file():
         return run_dir
