@@ -304,3 +304,14 @@ def test_names_and_triggers_with_brackets_are_printed_as_written() -> None:
         ConceptSeparation("blake", "blake", 4, False, {"[/x]": 0.6, "blake": 0.5}, 1.0)])
     printed = _printed(result)
     assert "[wip] mira" in printed and '"[/x]"' in printed
+
+
+def test_eval_of_a_run_whose_record_is_damaged_names_the_damage(tmp_path: Path) -> None:
+    """It said `has not finished (status: unknown)` and to rerun train, which refuses too."""
+    run_dir = tmp_path / "Multi_Concept_Output" / "cut"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text('{"status": "fin')
+    result = run_cli("eval", "cut", "--set", f"storage.root={tmp_path}", cwd=tmp_path)
+    assert_user_error(result, "the run's record cannot be read (not JSON",
+                      "restore run.json from a copy")
+    assert "status: unknown" not in result.stderr

@@ -132,8 +132,14 @@ def distinct_triggers(dataset: Dataset) -> dict[str, str]:
 
 
 def finished_lora(run_dir: Path) -> Path:
-    """The final LoRA of a finished run, or a ForgeError saying what to do."""
-    record = runs.read_record(run_dir) or {}
+    """The final LoRA of a finished run, or a ForgeError saying what to do (for a run.json that
+    cannot be read: what is wrong with it, and what `train` advises)."""
+    record = runs.read_record(run_dir)
+    if record is None and (why := runs.damage(run_dir)) is not None:
+        from loraforge.train.run import _refuse_damaged
+
+        _refuse_damaged(run_dir, why)
+    record = record or {}
     final = runs.final_lora(run_dir)
     if record.get("status") != "finished" or not final.is_file():
         status = runs.status(record)
