@@ -341,3 +341,19 @@ def test_a_run_is_found_by_its_folder_as_the_shell_completes_it(
         assert find_run(runs_dir, typed) == runs_dir / RUN, typed
     with pytest.raises(ForgeError, match="is not a run folder of this project"):
         find_run(runs_dir, f"elsewhere/{RUN}")
+
+
+def test_a_copied_run_folder_is_named_and_its_files_listed(tmp_path: Path) -> None:
+    """`cp -a .../blake_v2 .../backup`: the report's title said blake_v2, and its Epochs
+    section said "no epoch saved yet" beside the copied LoRA files."""
+    import shutil
+
+    original = make_run(tmp_path, samples=False)
+    copy = original.parent / "backup"
+    shutil.copytree(original, copy)
+    text = write_report(copy).read_text(encoding="utf-8")
+    assert "<title>backup:" in text and "<h1>backup " in text
+    assert f"copied or renamed from {RUN}" in text
+    assert "no epoch saved yet" not in text
+    assert _check_links(copy / "report.html").links[-2:] == [f"{RUN}.safetensors",
+                                                           f"{RUN}-000002.safetensors"]

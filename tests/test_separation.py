@@ -315,3 +315,21 @@ def test_eval_of_a_run_whose_record_is_damaged_names_the_damage(tmp_path: Path) 
     assert_user_error(result, "the run's record cannot be read (not JSON",
                       "restore run.json from a copy")
     assert "status: unknown" not in result.stderr
+
+
+def test_eval_of_a_copied_run_folder_says_it_is_a_copy(tmp_path: Path) -> None:
+    """It said `has not finished (status: finished)`: the copy's LoRA keeps the original's
+    name, and eval looked for one named after the folder."""
+    run_dir = tmp_path / "Multi_Concept_Output" / "mc_backup"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"name": "multi_concept",
+                                                  "status": "finished"}))
+    (run_dir / "multi_concept.safetensors").write_bytes(b"x" * 100)
+    result = run_cli("eval", "mc_backup", "--set", f"storage.root={tmp_path}", cwd=tmp_path)
+    assert_user_error(result, "run folder `mc_backup` is a copy (or a renaming) of run "
+                      "`multi_concept`", "loraforge eval multi_concept", "mc_backup.safetensors")
+    assert "has not finished" not in result.stderr
+    (run_dir / "multi_concept.safetensors").unlink()
+    result = run_cli("eval", "mc_backup", "--set", f"storage.root={tmp_path}", cwd=tmp_path)
+    assert_user_error(result, "finished, but its final LoRA mc_backup.safetensors is missing",
+                      "--restart")

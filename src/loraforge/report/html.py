@@ -143,9 +143,11 @@ def _table(head: Iterable[str], rows: Iterable[Iterable[str]], total: list[str] 
 
 # --- sections ---------------------------------------------------------------------------------
 def _header(run_dir: Path, record: dict[str, Any]) -> str:
-    name = record.get("name") or run_dir.name
     status = runs.status(record)
     facts = []
+    recorded = record.get("name")
+    if recorded and recorded != run_dir.name:  # its record names the original until trained
+        facts.append(f"copied or renamed from {esc(recorded)}")
     if record.get("step") is not None:
         total = record.get("total_steps")
         facts.append(f"step {_number(record.get('step'))}"
@@ -163,7 +165,8 @@ def _header(run_dir: Path, record: dict[str, Any]) -> str:
         facts.append(f"finished {esc(record['finished_at'])}")
     if record.get("error"):
         facts.append(f"error: {esc(record['error'])}")
-    return (f"<h1>{esc(name)} <span class=\"status status-{esc(status)}\">{esc(status)}</span>"
+    return (f"<h1>{esc(run_dir.name)} <span class=\"status status-{esc(status)}\">"
+            f"{esc(status)}</span>"
             f"</h1><p class=\"facts\">{' · '.join(facts)}</p>")
 
 
@@ -322,15 +325,27 @@ def _prompts(record: dict[str, Any]) -> list[previews.SamplePrompt]:
         return []
 
 
+def _lora_names(run_dir: Path, record: dict[str, Any]) -> list[str]:
+    """The names the run's LoRA files go by: the folder's, and for a copied or renamed run
+    folder the name its files were saved under (its record's)."""
+    return list(dict.fromkeys([run_dir.name, *([record["name"]] if record.get("name") else [])]))
+
+
+def _final_file(run_dir: Path, record: dict[str, Any]) -> Path:
+    """The final LoRA file (by the first of `_lora_names` that has one; may not exist)."""
+    finals = [run_dir / f"{name}.safetensors" for name in _lora_names(run_dir, record)]
+    return next((path for path in finals if path.is_file()), finals[0])
+
+
 def _epoch_files(run_dir: Path, record: dict[str, Any]) -> dict[int, Path]:
     """Epoch -> LoRA file that exists: epoch files, and the final file for the last epoch."""
     found: dict[int, Path] = {}
-    prefix = f"{run_dir.name}-"
-    for path in run_dir.glob(f"{glob.escape(run_dir.name)}-*.safetensors"):
-        number = path.name[len(prefix):-len(".safetensors")]
-        if number.isdigit() and path.is_file():
-            found[int(number)] = path
-    final = runs.final_lora(run_dir)
+    for name in reversed(_lora_names(run_dir, record)):  # the folder's own name wins
+        for path in run_dir.glob(f"{glob.escape(name)}-*.safetensors"):
+            number = path.name[len(name) + 1:-len(".safetensors")]
+            if number.isdigit() and path.is_file():
+                found[int(number)] = path
+    final = _final_file(run_dir, record)
     last = record.get("epochs")
     if final.is_file():
         key = last if isinstance(last, int) and not isinstance(last, bool) else \
@@ -384,7 +399,7 @@ def _epochs_section(run_dir: Path, record: dict[str, Any]) -> str:
         parts.append(f"<h3>Previews, epoch by epoch (up to epoch {newest})</h3>"
                      f"<a href=\"{href(run_dir, grids[newest])}\"><img src=\""
                      f"{href(run_dir, grids[newest])}\" alt=\"preview grid\"></a>")
-    final = runs.final_lora(run_dir)
+    final = _final_file(run_dir, record)
     for epoch in epochs:
         links = []
         if epoch in files:
@@ -414,7 +429,6 @@ def render_report(run_dir: Path, mode: int = DEFAULT_FILE_MODE) -> str:
     """The page's HTML (writes the loss PNG it links to, when there is a history)."""
     run_dir = Path(run_dir)
     record = runs.shown_record(run_dir) or {}  # a damaged run.json said, not "unknown"
-    name = record.get("name") or run_dir.name
     body = [_header(run_dir, record), _config_section(record),
             _dataset_section(run_dir, record), _loss_section(run_dir, read_history(run_dir), mode),
             _separation_section(run_dir),
@@ -423,7 +437,7 @@ def render_report(run_dir: Path, mode: int = DEFAULT_FILE_MODE) -> str:
             "loraforge</p>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{esc(name)}: LoRA Forge run report</title><style>{CSS}</style></head>"
+            f"<title>{esc(run_dir.name)}: LoRA Forge run report</title><style>{CSS}</style></head>"
             f"<body>\n{''.join(body)}\n</body></html>\n")
 
 

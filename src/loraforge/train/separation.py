@@ -141,13 +141,35 @@ def finished_lora(run_dir: Path) -> Path:
         _refuse_damaged(run_dir, why)
     record = record or {}
     final = runs.final_lora(run_dir)
-    if record.get("status") != "finished" or not final.is_file():
+    if record.get("status") != "finished":
         status = runs.status(record)
         raise ForgeError(f"run `{run_dir.name}` has not finished (status: {status}), so it has "
                          "no final LoRA to measure", path=run_dir,
                          fix=f"finish it first: rerun `loraforge train --run {run_dir.name}` "
                              "(it resumes), then `loraforge eval` again")
+    if not final.is_file():
+        _refuse_missing_final(run_dir, record, final)
     return final
+
+
+def _refuse_missing_final(run_dir: Path, record: dict[str, Any], final: Path) -> None:
+    """A finished run without its final file: a copied or renamed run folder (its files keep
+    the original's name), or a file that was moved or deleted."""
+    from loraforge.dataset.scan import shell_path
+
+    recorded = record.get("name")
+    original = run_dir / f"{recorded}.safetensors"
+    if recorded and recorded != run_dir.name and original.is_file():
+        raise ForgeError(f"run folder `{run_dir.name}` is a copy (or a renaming) of run "
+                         f"`{recorded}`: its final LoRA is {original.name}, named after the "
+                         "original", path=run_dir,
+                         fix=f"measure the original (`loraforge eval {recorded}`), or name the "
+                             f"copy's file after its folder (mv {shell_path(original)} "
+                             f"{shell_path(final)}) and eval it again")
+    raise ForgeError(f"run `{run_dir.name}` finished, but its final LoRA {final.name} is "
+                     "missing", path=final,
+                     fix="copy it back from where you keep a copy, or train the run again "
+                         f"(`loraforge train --run {run_dir.name} --restart`)")
 
 
 def _refuse_untrained(dataset: Dataset, record: dict[str, Any], run: str) -> None:
