@@ -57,6 +57,11 @@ def test_eval_measures_every_concept_under_every_trigger(project: Path) -> None:
     assert [p["concepts"] for p in shown["pairs"]] == [["blue_mage", "red_knight"]]
     page = (run_dir / "report.html").read_text()
     assert "Concept separation" in page and "“blue_mage”" in page
+    # What it was measured with: the run's base model and dataset, no held-out pictures.
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (shown["base_model"], shown["held_out"]) == (record["base_model"], None)
+    assert shown["dataset"] == str(load_settings(project).dataset_dir) and not shown["notes"]
+    assert f"base model <code>{record['base_model']}</code>" in page
     assert "blue_mage / red_knight: " in page
     # Fixed noise and timesteps: measuring again gives the same numbers.
     again = measure(load_settings(project), run_dir)
@@ -333,3 +338,35 @@ def test_eval_of_a_copied_run_folder_says_it_is_a_copy(tmp_path: Path) -> None:
     result = run_cli("eval", "mc_backup", "--set", f"storage.root={tmp_path}", cwd=tmp_path)
     assert_user_error(result, "finished, but its final LoRA mc_backup.safetensors is missing",
                       "--restart")
+
+
+def test_eval_on_pictures_the_run_never_saw_is_refused(project: Path, tmp_path: Path) -> None:
+    """`--set dataset.path=OTHER` with the same concept folders measured the run on pictures
+    it never saw, labelled "training, fresh noise"."""
+    other = tmp_path / "other"
+    for folder in ("1_red_knight", "1_blue_mage"):
+        (other / folder).mkdir(parents=True)
+        draw_character(other / folder / "0.png", (90, 200, 30), "box", offset=3)
+        (other / folder / "0.txt").write_text(f"{folder[2:]}, solo")
+    written = load_settings(project).runs_dir / RUN / "separation.json"
+    before = written.read_bytes() if written.exists() else None
+    refused = run_cli("eval", RUN, "--config", project, "--set", f"dataset.path={other}")
+    assert_user_error(refused, f"2 picture(s) of {other} are not among the pictures run `{RUN}` "
+                      "was trained on", "dataset.path = ", "--held-out")
+    assert (written.read_bytes() if written.exists() else None) == before
+
+
+def test_eval_says_which_base_model_it_measures_with(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's base model gone, eval silently measured with whatever models.base named."""
+    from loraforge.models import store
+    from loraforge.train.separation import _base_model
+
+    record = {"base_model": str(tmp_path / "gone" / "sd15-anime")}
+    monkeypatch.setattr(store, "resolve_base_model", lambda _settings: tmp_path / "sd15-real")
+    with pytest.raises(ForgeError, match=r"models\.base names another one") as caught:
+        _base_model(record, load_settings(None), "r")
+    assert "gone/sd15-anime" in str(caught.value) and "models.base" in str(caught.value.fix)
+    monkeypatch.setattr(store, "resolve_base_model", lambda _settings: tmp_path / "sd15-anime")
+    base, notes = _base_model(record, load_settings(None), "r")
+    assert base == tmp_path / "sd15-anime" and "is not there: measured with" in notes[0]

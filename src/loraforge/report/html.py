@@ -279,6 +279,17 @@ def _loss(value: Any) -> str:
     return _number(value)
 
 
+def _measured_with(data: dict[str, Any]) -> str:
+    """What separation.json was measured with: base model, dataset, held-out pictures, and
+    what eval warned of (nothing for a file from before eval recorded them)."""
+    facts = [f"{label} <code>{esc(data[key])}</code>" for key, label in
+             (("base_model", "base model"), ("dataset", "dataset"), ("held_out", "held-out"))
+             if isinstance(data.get(key), str) and data[key]]
+    notes = [f"<p>note: {esc(note)}</p>" for note in data.get("notes") or []]
+    shown = f"<p class=\"facts\">measured with {' · '.join(facts)}</p>" if facts else ""
+    return shown + "".join(notes)
+
+
 def _separation_section(run_dir: Path) -> str:
     """`loraforge eval`'s table, when it has been run: loss by trigger, per concept."""
     data = _read_json(Path(run_dir) / runs.SEPARATION)
@@ -302,7 +313,7 @@ def _separation_section(run_dir: Path) -> str:
              for p in data.get("pairs") or [] if isinstance(p, dict)
              and isinstance(p.get("concepts"), list) and isinstance(p.get("separation"), float)]
     shown_pairs = f"<p>pair separation: {' · '.join(pairs)}</p>" if pairs else ""
-    return (f"<h2>Concept separation</h2>"
+    return (f"<h2>Concept separation</h2>{_measured_with(data)}"
             f"{_table(head, rows, numeric=set(range(2, len(head))))}{shown_pairs}"
             "<p class=\"muted\">denoising loss of each concept's images at fixed noise and "
             "timesteps (lower is better), prompted with each trigger alone; bold: the concept's "

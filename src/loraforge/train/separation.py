@@ -81,6 +81,10 @@ class Separation:
     timesteps: list[int]
     noise_seed: int  # a bucket of h x w latents draws from noise_seed + 1000 h + w
     concepts: list[ConceptSeparation]
+    base_model: str = ""
+    dataset: str = ""  # the pictures measured: the run's training folder
+    held_out: str | None = None
+    notes: list[str] = field(default_factory=list)  # what eval warned of
 
     @property
     def triggers(self) -> list[str]:
@@ -100,6 +104,8 @@ class Separation:
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run, "lora": self.lora, "timesteps": self.timesteps,
                 "noise_seed": self.noise_seed, "prompt": "the trigger alone",
+                "base_model": self.base_model, "dataset": self.dataset,
+                "held_out": self.held_out, "notes": self.notes,
                 "loss": "mean squared error on the noise, averaged over images and timesteps",
                 "concepts": [c.to_dict() for c in self.concepts],
                 "pairs": [{"concepts": [a, b], "separation": value}
@@ -188,6 +194,53 @@ def _refuse_untrained(dataset: Dataset, record: dict[str, Any], run: str) -> Non
                          path=dataset.root,
                          fix="measure it with the dataset it was trained on: point "
                              "dataset.path (or --set dataset.path=...) at that folder")
+
+
+def _refuse_unseen_pictures(dataset: Dataset, record: dict[str, Any], run: str) -> None:
+    """Pictures the run never trained on (another dataset.path with the same concepts, pictures
+    added or replaced since) would be measured as its training pictures."""
+    from loraforge.dataset.scan import display_path
+    from loraforge.train.latent_cache import file_sha256
+
+    content = (record.get("images") or {}).get("content")
+    if not isinstance(content, dict):
+        return  # a record from before the pictures' hashes: nothing to compare with
+    trained = set(content.values())
+    unseen = [image.path for concept in dataset.concepts for image in concept.images
+              if file_sha256(image.path)[:16] not in trained]
+    if unseen:
+        where = ((record.get("config") or {}).get("dataset") or {}).get("path")
+        raise ForgeError(f"{len(unseen)} picture(s) of {dataset.root} are not among the pictures "
+                         f"run `{run}` was trained on (e.g. {display_path(unseen[0])}): measured "
+                         "as its training pictures, the separation would be wrong",
+                         path=dataset.root,
+                         fix="measure it with the dataset it was trained on"
+                             + (f" (its run.json says dataset.path = {where})" if where else "")
+                             + ": point dataset.path (or --set dataset.path=...) at that folder; "
+                             "pictures it never saw go in --held-out DIR")
+
+
+def _base_model(record: dict[str, Any], settings: Settings, run: str) -> tuple[Path, list[str]]:
+    """The base model the run was trained on, and a note when it is measured with another
+    folder of that name (the recorded one is gone); ForgeError when models.base names another
+    model."""
+    from loraforge.models.store import resolve_base_model
+
+    recorded = Path(str(record.get("base_model") or ""))
+    if record.get("base_model") and (recorded / "unet").is_dir():
+        return recorded, []
+    current = resolve_base_model(settings)
+    if not record.get("base_model"):
+        return current, [f"run.json does not say which base model the run was trained on: "
+                         f"measured with {current} (models.base)"]
+    if current.name != recorded.name:
+        raise ForgeError(f"run `{run}` was trained on the base model {recorded}, which is not "
+                         f"there, and models.base names another one ({current})",
+                         path=recorded,
+                         fix="put that model back, or point models.base (or --set "
+                             "models.base=...) at a copy of it, then eval again")
+    return current, [f"the run's base model {recorded} is not there: measured with {current} "
+                     "(models.base), a model of the same name"]
 
 
 def newest_finished_run(runs_dir: Path) -> Path:
@@ -392,7 +445,6 @@ def measure(settings: Settings, run_dir: Path, held_out: Path | None = None) -> 
 
     from loraforge.dataset.scan import scan_dataset
     from loraforge.generate.loras import read_header
-    from loraforge.models.store import resolve_base_model
     from loraforge.runtime import go_offline, pick_device, quiet_loading
     from loraforge.text import chunk_token_ids, encode_token_ids
 
@@ -402,11 +454,11 @@ def measure(settings: Settings, run_dir: Path, held_out: Path | None = None) -> 
     config, clip_skip, chunks = _recorded(record, settings)
     dataset = scan_dataset(settings.dataset_dir, config.caption_extension)
     _refuse_untrained(dataset, record, run_dir.name)
+    _refuse_unseen_pictures(dataset, record, run_dir.name)
     distinct_triggers(dataset)
     held = _held_out(held_out, dataset, config)
     go_offline(settings)
-    recorded_base = Path(str(record.get("base_model") or ""))
-    base = recorded_base if (recorded_base / "unet").is_dir() else resolve_base_model(settings)
+    base, notes = _base_model(record, settings, run_dir.name)
     device = pick_device()
     with quiet_loading():
         from diffusers import StableDiffusionPipeline
@@ -428,7 +480,10 @@ def measure(settings: Settings, run_dir: Path, held_out: Path | None = None) -> 
     with quiet_loading():
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     with_lora = trigger_losses(pipe.unet, encode, samples, triggers)
-    return separation_table(run_dir.name, lora.name, samples, with_lora, without)
+    result = separation_table(run_dir.name, lora.name, samples, with_lora, without)
+    result.base_model, result.dataset, result.notes = str(base), str(dataset.root), notes
+    result.held_out = None if held is None else str(held.root)
+    return result
 
 
 def _mean(values: list[float]) -> float:
@@ -475,6 +530,8 @@ def print_table(result: Separation, console: Any) -> None:
         table.add_row(escape(row.name), f"{row.images} ({source})", *cells,
                       f"{row.no_lora:.4f}", shown)
     console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
     for a, b, value in result.pairs():
         console.print(f"pair {a} / {b}: separation {signed_percent(value)}", markup=False)
     console.print("denoising loss at fixed noise and timesteps (lower is better); bold: the "
