@@ -302,7 +302,9 @@ def demo(directory: Annotated[Path, typer.Argument(
     run_demo(directory, out)
 
 
-#: Commands that read forge.toml (the others: init, demo, pose).
+#: Commands whose errors the built-in defaults may explain, outside a project (not init and
+#: demo; nor pose, which reads forge.toml for the detector and file modes only, and whose
+#: errors are about its pictures and output files).
 PROJECT_COMMANDS = ("config", "dataset", "train", "generate", "models", "slurm", "runs",
                     "report", "eval")
 
