@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.slurm.scheduler import TERMINAL_STATES, parse_records
+from loraforge.scheduler import TERMINAL_STATES, parse_records
 
 PROGRAMS = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo", "munged",
             "munge", "unmunge")

@@ -191,3 +191,29 @@ def test_a_run_json_without_settings_leaves_the_runs_table_readable(
     (gave_up,) = [line for line in out.splitlines() if line.startswith("│ gave_up")]
     assert "│ ?" in gave_up and "run.json records no settings; requeued too often" in gave_up
     assert "run.json records no status and no settings" in out
+
+
+def test_a_run_killed_on_its_node_reads_stopped_in_runs_the_report_and_eval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A run recorded as running on another node whose SLURM job is gone (killed without a
+    word): `runs` said stopped, but its report said running and eval "has not finished
+    (status: running)"."""
+    mine, _ = _lab(tmp_path, monkeypatch)
+    (tmp_path / "bin" / "scontrol").write_text(
+        '#!/bin/sh\necho "slurm_load_jobs error: Invalid job id specified" >&2\nexit 1\n')
+    run_dir = tmp_path / "lab" / "Multi_Concept_Output" / "killed"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({
+        "name": "killed", "status": "running", "step": 70, "total_steps": 140,
+        "process_hosts": ["gpu-node-17"], "pid": 4242, "slurm": {"job_id": "98765"},
+        "config": {"train": {"unet_lr": 1e-4}}}))
+    monkeypatch.chdir(mine)
+    code, out, err = _main(monkeypatch, capsys, "runs", "--json")
+    assert code == 0 and json.loads(out)[0]["status"] == "stopped", (out, err)
+    code, out, err = _main(monkeypatch, capsys, "report", "killed")
+    assert code == 0, err
+    page = (run_dir / "report.html").read_text()
+    assert "stopped" in page and ">running<" not in page
+    code, out, err = _main(monkeypatch, capsys, "eval", "killed")
+    assert code == 1 and "status: stopped" in err, err

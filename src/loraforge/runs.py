@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loraforge import scheduler
 from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic
 
@@ -156,13 +157,46 @@ def vanished(record: dict[str, Any]) -> bool:
     return False
 
 
+STOPPED_WHY = ("its training process ended without updating its record (killed, e.g. out of "
+               "memory, or its disk was full)")
+
+
+def _job_ended(record: dict[str, Any]) -> tuple[str, bool] | None:
+    """Why a run recorded as running is not, when its trainer ran in a SLURM job on another
+    machine and SLURM says that job is no longer running it (killed without a word: out of
+    memory, a node failure, `scancel --signal=KILL`), and whether the job goes on with it by
+    itself (requeued). None: running, or not known from here (no job recorded, no SLURM on
+    this machine, or its controller does not answer)."""
+    job_id = (record.get("slurm") or {}).get("job_id")
+    if record.get("status") != "running" or not job_id:
+        return None
+    try:
+        found = scheduler.show_jobs([str(job_id)])
+    except ForgeError:
+        return None
+    state = found[0].get("JobState", "?") if found else None
+    if state in scheduler.RUNNING_STATES:
+        return None
+    if state is not None and state in scheduler.ACTIVE_STATES:  # requeued, waiting to start
+        return f"its SLURM job {job_id} is {state} (requeued): it resumes the run when it " \
+            "starts", True
+    ended = f"ended ({state})" if state else "is gone from SLURM"
+    return f"its SLURM job {job_id} {ended} without the run saying so", False
+
+
+def stopped(record: dict[str, Any]) -> tuple[str, bool] | None:
+    """Why a run recorded as running is not (its process is gone from this machine, or SLURM
+    says its job elsewhere no longer runs it), and whether its job goes on with it by itself
+    (requeued); None: running as far as is known here, or not recorded as running."""
+    return (STOPPED_WHY, False) if vanished(record) else _job_ended(record)
+
+
 def status(record: dict[str, Any] | None) -> str:
-    """The run's status as generate, eval and report show it: its record's, except "stopped"
-    for a run recorded as running whose process is gone from this machine (see `vanished`).
-    `loraforge runs` and `slurm status` also ask SLURM about a job's run on another node."""
+    """The run's status as every command shows it: its record's, except "stopped" for a run
+    recorded as running that is not (`stopped`)."""
     if not record:
         return "unknown"
-    return "stopped" if vanished(record) else str(record.get("status") or "unknown")
+    return "stopped" if stopped(record) else str(record.get("status") or "unknown")
 
 
 class RunRecord:

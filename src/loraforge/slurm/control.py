@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from loraforge import scheduler
 from loraforge.config import Settings, outside_project_note
 from loraforge.errors import ForgeError
 from loraforge.runs import (
@@ -23,9 +24,8 @@ from loraforge.runs import (
     read_record,
     saved_states,
     state_step,
-    vanished,
+    stopped,
 )
-from loraforge.slurm import scheduler
 from loraforge.slurm.jobs import jobs_path, load_jobs
 
 RECENT = 20
@@ -235,39 +235,10 @@ def _resumes(run_dir: Path) -> str:
     return f"resumes it from its last state (step {state_step(states[-1])})"
 
 
-def _job_ended(record: dict[str, Any]) -> tuple[str, bool] | None:
-    """Why a run recorded as running is not, when its trainer ran in a SLURM job on another
-    machine and SLURM says that job is no longer running it (killed without a word: out of
-    memory, a node failure, `scancel --signal=KILL`), and whether the job goes on with it by
-    itself (requeued). None: running, or not known from here (no job recorded, no SLURM on
-    this machine, or its controller does not answer)."""
-    job_id = (record.get("slurm") or {}).get("job_id")
-    if record.get("status") != "running" or not job_id:
-        return None
-    try:
-        found = scheduler.show_jobs([str(job_id)])
-    except ForgeError:
-        return None
-    state = found[0].get("JobState", "?") if found else None
-    if state in scheduler.RUNNING_STATES:
-        return None
-    if state is not None and state in scheduler.ACTIVE_STATES:  # requeued, waiting to start
-        return f"its SLURM job {job_id} is {state} (requeued): it resumes the run when it " \
-            "starts", True
-    ended = f"ended ({state})" if state else "is gone from SLURM"
-    return f"its SLURM job {job_id} {ended} without the run saying so", False
-
-
-#: A training process gone from this machine with its record saying running: it could not say
-#: why, so neither can we (killed for memory, or its disk too full to write the record).
-STOPPED_WHY = ("its training process ended without updating its record (killed, e.g. out of "
-               "memory, or its disk was full)")
-
-
 def _stopped(record: dict[str, Any], run: str) -> str | None:
     """Why a run recorded as running has stopped, and how it goes on (None: it is running, as
     far as is known here)."""
-    found = ((STOPPED_WHY, False) if vanished(record) else _job_ended(record))
+    found = stopped(record)
     if found is None:
         return None
     why, requeued = found

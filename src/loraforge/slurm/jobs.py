@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from loraforge import scheduler
 from loraforge.config import load_settings, parse_override
 from loraforge.errors import ForgeError
 from loraforge.fsutil import storage_umask, write_atomic
 from loraforge.generate.loras import split_weight
 from loraforge.models import gpu_runtime
 from loraforge.runs import check_run_name, final_lora
-from loraforge.slurm import scheduler
 from loraforge.slurm.script import (
     LOG_DIR,
     ArrayTask,
