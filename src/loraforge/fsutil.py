@@ -69,12 +69,17 @@ def storage_umask(file_mode: int) -> Iterator[None]:
         os.umask(previous)
 
 
+class LockHeld(Exception):
+    """`held_lock(..., wait=False)`: another process holds the lock."""
+
+
 @contextlib.contextmanager
-def held_lock(path: Path) -> Iterator[bool]:
+def held_lock(path: Path, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive lock (flock) on `path`, a lock file (made if missing) or a folder (it
-    leaves no file behind), waiting for it; yield whether it could be taken: False where the
-    lock file cannot be opened (another user's, on a shared root) or the file system has no
-    flock (some network file systems). Code that must not go on unlocked says so itself."""
+    leaves no file behind), waiting for it (`wait=False`: LockHeld instead); yield whether it
+    could be taken: False where the lock file cannot be opened (another user's, on a shared
+    root) or the file system has no flock (some network file systems). Code that must not go
+    on unlocked says so itself."""
     try:
         import fcntl
 
@@ -85,7 +90,9 @@ def held_lock(path: Path) -> Iterator[bool]:
         return
     try:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise LockHeld(str(path)) from None
         except OSError:
             yield False
             return

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import ForgeError
+from loraforge.fsutil import LockHeld, held_lock
 
 PARTIAL_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
@@ -164,22 +165,8 @@ def exclusive(lock_file: Path, what: str) -> Iterator[bool]:
                          fix="check that the storage root is a folder you can write to "
                              "(storage.root, or LORAFORGE_STORAGE_ROOT)") from None
     try:
-        import fcntl
-
-        handle = open(lock_file, "a+b")  # noqa: SIM115 - held across the yield
-    except (ImportError, OSError):
-        yield False
-        return
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ForgeError(f"another process is busy with {what} (lock held)", path=lock_file,
-                             fix="wait for it to finish, then run the command again") from None
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with held_lock(lock_file, wait=False) as locked:
+            yield locked
+    except LockHeld:
+        raise ForgeError(f"another process is busy with {what} (lock held)", path=lock_file,
+                         fix="wait for it to finish, then run the command again") from None
