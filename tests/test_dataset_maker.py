@@ -159,6 +159,7 @@ def test_tag_writes_captions_trigger_first_and_keeps_hand_captions(tmp_path: Pat
     assert Image.open(mage / "deep.png").mode.startswith("I")
     (mage / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     _huge_png(mage / "huge.png")
+    shutil.copy(knight / "0.png", knight / "0.pose.png")  # pose extract's map: no picture
 
     result = run_cli("dataset", "tag", cwd=project)
     assert result.returncode == 0, result.stderr
@@ -976,7 +977,7 @@ def test_dedupe_move_skips_what_another_move_at_the_same_time_moved(tmp_path: Pa
 def test_dedupe_leaves_pose_maps_out(tmp_path: Path) -> None:
     """A pose map beside its picture (`pose extract`'s NAME.pose.png, or a marked PNG of
     another name) was hashed as a picture of the concept; training skips it, and so does
-    dedupe, with a warning."""
+    dedupe (a marked PNG of another name with a warning; `dataset check` names them all)."""
     from PIL.PngImagePlugin import PngInfo
 
     from loraforge.generate.poses import POSE_MARK
@@ -992,7 +993,7 @@ def test_dedupe_leaves_pose_maps_out(tmp_path: Path) -> None:
     warnings: list[str] = []
     pictures = hash_pictures(concept_folders(dataset), ".txt", warnings)
     assert [p.path.name for p in pictures] == ["a.png"]
-    assert warnings == [f"{knight}/a.pose.png and 1 more: loraforge pose map(s), not pictures "
+    assert warnings == [f"{knight}/skeleton.png: loraforge pose map(s), not pictures "
                         "to train; not compared (`loraforge dataset check` says how to move "
                         "them out)"]
 

@@ -44,7 +44,6 @@ from loraforge.dataset.scan import (
     free_name,
     has_pose_mark,
     is_free_name,
-    is_pose_output,
     shell_path,
 )
 from loraforge.errors import ForgeError
@@ -96,8 +95,9 @@ def phash(image: Image.Image) -> int:
 
 
 def _hash(path: Path) -> tuple[int, int, int] | ForgeError | None:
-    """(width, height, pHash), the error that makes it unreadable, or None: a pose map."""
-    if is_pose_output(path.name) or (path.suffix.lower() == ".png" and has_pose_mark(path)):
+    """(width, height, pHash), the error that makes it unreadable, or None: a pose map of
+    another name than `NAME.pose.png` (those the folder listing leaves out already)."""
+    if path.suffix.lower() == ".png" and has_pose_mark(path):
         return None
     try:
         image = load_image(path)

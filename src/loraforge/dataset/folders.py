@@ -15,6 +15,7 @@ from loraforge.dataset.scan import (
     caption_stem,
     display_path,
     is_clutter,
+    is_pose_output,
     parse_folder_name,
     shell_path,
 )
@@ -64,8 +65,9 @@ def _one_per_caption(images: list[Path], warn: list[str] | None) -> list[Path]:
 def concept_folders(dataset_dir: Path, only: list[str] | None = None,
                     warn: list[str] | None = None) -> list[ConceptFolder]:
     """The concept folders of `dataset_dir` (all, or those named in `only` by concept or folder
-    name), each with its images sorted by name. Folders without a repeat count are skipped with
-    a warning appended to `warn`."""
+    name), each with its images sorted by name (not `pose extract`'s `NAME.pose.png` maps beside
+    them, which the scan does not train on either). Folders without a repeat count are skipped
+    with a warning appended to `warn`."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise ForgeError("dataset folder not found", path=display_path(root),
@@ -83,7 +85,8 @@ def concept_folders(dataset_dir: Path, only: list[str] | None = None,
                             "(`loraforge dataset check` says how to name it)")
             continue
         images = [folder / entry for entry in sorted(os.listdir(folder))
-                  if not is_clutter(entry) and Path(entry).suffix.lower() in IMAGE_EXTENSIONS
+                  if not is_clutter(entry) and not is_pose_output(entry)
+                  and Path(entry).suffix.lower() in IMAGE_EXTENSIONS
                   and (folder / entry).is_file()]
         concepts.append(ConceptFolder(parsed[1], folder, _one_per_caption(images, warn)))
     if only:
