@@ -26,8 +26,8 @@ from taught_work import RESULTS, STATUS
 from loraforge.project import toml_value
 
 # Modules that train, render or start processes. With the SLURM tests and the tests marked slow
-# one by one, 97 of the suite's 655 tests but ~8 of its ~12.5 minutes on 2 cores; `make check`
-# (pytest -m "not slow and not slurm") runs the rest in ~4.5 minutes.
+# one by one, about 140 of the suite's ~890 tests but most of its time; `make check` (pytest
+# -m "not slow and not slurm", two xdist workers on 2 cores) runs the rest in about 3.5 minutes.
 SLOW_MODULES = frozenset({"test_demo", "test_full_disk", "test_generate", "test_models_import",
                           "test_report", "test_train", "test_train_data",
                           "test_train_distributed", "test_train_state"})
