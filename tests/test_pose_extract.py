@@ -380,6 +380,31 @@ def test_a_rerun_keeps_what_was_extracted_and_never_replaces_an_edited_json(
                     "it) to extract the picture again"]
     assert edited.read_bytes() == mine
 
+    # b's map made at another size, or from another picture under its name, is not "already
+    # extracted": it is made again (its JSON is ours); a's edited JSON is still kept
+    said.clear()
+    extract_command(settings, [refs], None, None, "96x64", said.append)
+    assert said[-1].startswith("2 pictures: 1 extracted") and "already" not in said[-1]
+    assert json.loads((refs / "b.pose.json").read_text())["canvas_width"] == 96
+    assert edited.read_bytes() == mine
+    _figures(refs / "b.png", (200, 150))  # another picture under b's name
+    said.clear()
+    extract_command(settings, [refs / "b.png"], None, None, "96x64", said.append)
+    assert not [line for line in said if "already extracted" in line], said
+
+    # a map a pose editor saved again (its mark gone) keeps its picture out, with a line; the
+    # batch goes on with a new picture
+    from PIL import Image
+
+    with Image.open(refs / "b.pose.png") as im:
+        im.load()
+        im.save(refs / "b.pose.png")
+    _figures(refs / "c.png", (160, 120))
+    said.clear()
+    extract_command(settings, [refs], None, None, "96x64", said.append)
+    assert (refs / "c.pose.png").is_file() and said[-1].startswith("3 pictures: 1 extracted")
+    assert any(line.startswith(f"{refs / 'b.png'}: kept, not extracted again") for line in said)
+
 
 def test_pose_extract_passes_over_os_clutter_and_lists_every_name_clash(
         tmp_path: Path, tiny_root: Path) -> None:
@@ -499,11 +524,17 @@ def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> Non
         (([picture, tmp_path / "ref.jpg"], None, None), "ref.png and ref.jpg would both write"),
         (([picture], tmp_path / "mine.png", None),
          "(?s)mine.json: exists and is not an OpenPose JSON file.*--pose-json .*mine.pose.json"),
-        (([picture, other], None, None), "other.pose.json: exists and is not an OpenPose JSON"),
     ]
     for (inputs, output, json_out), needle in cases:
         with pytest.raises(ForgeError, match=needle):
             extract_command(settings, inputs, output, json_out, None, lambda _: None)
+    # in a batch, a picture with a file of the user's at an output is kept, said, and the
+    # others are extracted (here: the missing detector is the next thing said)
+    lines: list[str] = []
+    with pytest.raises(ForgeError, match="pose detector not found"):
+        extract_command(settings, [picture, other], None, None, None, lines.append)
+    assert [line for line in lines if line.startswith(f"{other}: kept, not extracted again")
+            and "other.pose.json" in line], lines
     with pytest.raises(ForgeError, match="pose detector not found") as missing:
         extract_command(settings, [picture], None, None, None, lambda _: None)
     assert "models fetch openpose-detector" in str(missing.value)

@@ -26,6 +26,7 @@ from loraforge.generate.poses import (
     draw_pose,
     fit_pose,
     parse_size,
+    recorded_source,
     refuse_foreign,
     save_png,
     write_pose_json,
@@ -260,10 +261,7 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
         if output is not None and output.exists() and not output.is_dir():
             raise ForgeError("is a file; several pictures need a folder for their pose maps",
                              path=output, fix="pass a folder, e.g. -o poses/")
-        for picture in pictures:
-            for written in _outputs(picture, output, json_out, batch):
-                refuse_foreign(written)
-        return
+        return  # a file of the user's at an output: refused for the pictures to extract
     png, json_path = _outputs(pictures[0], output, json_out, batch)
     if png.is_dir():
         raise ForgeError("is a folder; expected the pose map's file name", path=png,
@@ -293,11 +291,13 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
 
 @dataclass(frozen=True)
 class _Job:
-    """One picture and the pose map and JSON it is extracted to."""
+    """One picture and the pose map and JSON it is extracted to; `source`: the picture's
+    SHA-256 and the options that shape its map (size, hands, face), as the map records it."""
 
     picture: Path
     png: Path
     json: Path
+    source: str
 
 
 def _json_digest(text: str | bytes) -> str:
@@ -333,21 +333,33 @@ def _plan(jobs: list[_Job], overwrite: bool) -> tuple[list[_Job], list[_Job], li
         if not job.json.exists():  # a map alone: the batch stopped between the two writes
             todo.append(job)
             continue
-        if job.png.exists() and not overwrite:
+        stale = recorded_source(job.png) != job.source  # another picture, size, hands or face
+        if job.png.exists() and not overwrite and not stale:
             done.append(job)
         elif (why := _not_ours(job)) is None:
             todo.append(job)
         else:
-            kept.append(f"{job.picture}: kept, not extracted again: {why}; move that JSON "
-                        "away (or delete it) to extract the picture again")
+            made = (" (it was made from another picture or with other options)" if stale
+                    else "")
+            kept.append(f"{job.picture}: kept, not extracted again{made}: {why}; move that "
+                        "JSON away (or delete it) to extract the picture again")
     return todo, done, kept
+
+
+def _source(picture: Path, width: int, height: int, hands: bool, face: bool) -> str:
+    """What a pose map records having been made from (`_Job.source`)."""
+    try:
+        digest = hashlib.sha256(picture.read_bytes()).hexdigest()
+    except OSError:
+        digest = "unreadable"  # never matches a map: the picture's error comes when it is read
+    return f"{digest} {width}x{height} hands={hands} face={face}"
 
 
 def _write(job: _Job, pose: PoseMap, mode: int) -> None:
     """The pose map, recording the digest of the JSON, then the JSON (a run stopped between
     the two leaves a map alone: the rerun extracts that picture again)."""
     text = pose.to_json()
-    save_png(draw_pose(pose), job.png, mode, _json_digest(text))
+    save_png(draw_pose(pose), job.png, mode, _json_digest(text), job.source)
     try:
         write_pose_json(job.json, pose, mode)
     except OSError as exc:
@@ -410,11 +422,15 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     width, height = parse_size(size) if size else (gen.width, gen.height)
     pictures, batch, notes = _pictures(inputs)
     _check_outputs(pictures, output, json_out, batch)
-    jobs = [_Job(picture, *_outputs(picture, output, json_out, batch)) for picture in pictures]
+    jobs = [_Job(picture, *_outputs(picture, output, json_out, batch),
+                 _source(picture, width, height, hands, face)) for picture in pictures]
     _refuse_concept_folders(jobs, settings.dataset_dir)
     for note in notes:
         say(note)
     todo, done, kept = _plan(jobs, overwrite)
+    for job in todo:  # a file of the user's at an output: that picture is not extracted
+        for written in (job.png, job.json):
+            refuse_foreign(written)
     for line in kept:
         say(line)
     if not batch and done:

@@ -362,6 +362,8 @@ POSE_MARK = ("loraforge", "pose map")
 #: The PNG text chunk in which `pose extract` records the SHA-256 of the JSON it wrote beside
 #: the map (the JSON itself stays the plain exchange format that pose editors read).
 JSON_DIGEST_KEY = "loraforge pose json sha256"
+#: What `pose extract` made the map from: the picture's SHA-256 and the options that shape it.
+SOURCE_KEY = "loraforge pose source"
 
 
 def _png_texts(path: Path) -> dict[str, str]:
@@ -389,6 +391,12 @@ def _png_texts(path: Path) -> dict[str, str]:
 def _has_pose_mark(path: Path) -> bool:
     """Whether the PNG at `path` carries POSE_MARK in a text chunk before its image data."""
     return _png_texts(path).get(POSE_MARK[0]) == POSE_MARK[1]
+
+
+def recorded_source(png: Path) -> str | None:
+    """What the pose map at `png` records having been extracted from (`SOURCE_KEY`), or None."""
+    texts = _png_texts(png)
+    return texts.get(SOURCE_KEY) if texts.get(POSE_MARK[0]) == POSE_MARK[1] else None
 
 
 def written_json_digest(png: Path) -> str | None:
@@ -962,11 +970,11 @@ def _check_output(output: Path, *, png: bool = True) -> None:
 
 
 def save_png(image: Image.Image, output: Path, mode: int = DEFAULT_FILE_MODE,
-             json_digest: str | None = None) -> None:
+             json_digest: str | None = None, source: str | None = None) -> None:
     """Write a pose map as PNG, atomically, with permissions ``mode`` (storage.file_mode),
     marked as one (never over another kind of file: see `refuse_foreign`), recording
-    ``json_digest`` (the SHA-256 of the JSON written beside it) when given; ForgeError naming
-    the file if it cannot be."""
+    ``json_digest`` (the SHA-256 of the JSON written beside it) and ``source`` (what it was
+    extracted from) when given; ForgeError naming the file if it cannot be."""
     from PIL.PngImagePlugin import PngInfo
 
     refuse_foreign(output)
@@ -974,6 +982,8 @@ def save_png(image: Image.Image, output: Path, mode: int = DEFAULT_FILE_MODE,
     info.add_text(*POSE_MARK)
     if json_digest is not None:
         info.add_text(JSON_DIGEST_KEY, json_digest)
+    if source is not None:
+        info.add_text(SOURCE_KEY, source)
     try:
         save_atomic(output, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), mode)
     except OSError as exc:
