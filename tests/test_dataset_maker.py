@@ -884,6 +884,11 @@ def test_dedupe_move_gives_the_kept_upscale_its_original_caption_and_the_undo_is
     (knight / "a_up.txt").unlink()
     assert {p.name: p.read_bytes() for p in knight.iterdir()} == before
 
+    (knight / "a_up.txt").write_text("\n")  # a caption of a line break holds no tag either
+    result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (knight / "a_up.txt").read_text() == "knight, hand written"
+
 
 def _knight_with_a_copy(tmp_path: Path) -> tuple[Path, Path, list[list[Picture]]]:
     """A concept folder with a captioned picture (kept: first by name) and its captioned copy:

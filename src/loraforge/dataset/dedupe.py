@@ -36,6 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from loraforge.dataset.caption_edit import caption_tags
 from loraforge.dataset.folders import ConceptFolder
 from loraforge.dataset.images import load_image
 from loraforge.dataset.scan import (
@@ -127,10 +128,20 @@ def hash_pictures(concepts: list[ConceptFolder], extension: str, warnings: list[
         if isinstance(got, ForgeError):
             warnings.append(f"{display_path(path)}: {got.message}; not compared")
             continue
-        caption = concept.caption_path(path, extension)
-        captioned = caption.is_file() and caption.stat().st_size > 0
+        captioned = _captioned(concept.caption_path(path, extension))
         pictures.append(Picture(concept, path, got[0], got[1], got[2], captioned))
     return pictures
+
+
+def _captioned(caption: Path) -> bool:
+    """Whether a picture's caption holds a tag: an empty or blank one (a line break) is no
+    caption, as for `dataset check`; one that cannot be read counts as one (never replaced)."""
+    try:
+        return bool(caption_tags(caption.read_bytes().decode("utf-8-sig")))
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        return True
 
 
 def hash_distance(a: int, b: int) -> int:
@@ -194,7 +205,8 @@ class Step:
 
 def caption_donor(group: list[Picture]) -> Picture | None:
     """The near-duplicate whose caption the kept picture (first) gets, because it has none (no
-    caption file, or an empty one): the first captioned one by name; None when no copy is due."""
+    caption file, or one without a tag): the first captioned one by name; None when no copy is
+    due."""
     if group[0].captioned:
         return None
     return next((p for p in group[1:] if p.captioned), None)
@@ -226,7 +238,7 @@ def _give_caption(dataset_dir: Path, keep: Picture, donor: Picture, extension: s
     two leaves a line for a copy not yet made, which the rerun makes; never a copy unlisted)."""
     source = donor.concept.caption_path(donor.path, extension)
     dest = keep.concept.caption_path(keep.path, extension)
-    undo = "empty it (it was an empty caption)" if dest.is_file() else "delete it"
+    undo = "empty it (its caption held no tag)" if dest.is_file() else "delete it"
     line = (f"{dest.relative_to(dataset_dir).as_posix()}: copied from "
             f"{source.relative_to(dataset_dir).as_posix()}; to undo, {undo}\n")
     record = dataset_dir / DUPLICATES_DIR / COPIED_CAPTIONS
