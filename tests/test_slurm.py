@@ -102,8 +102,28 @@ def test_extra_lines_cannot_override_what_the_slurm_keys_set(line: str, use: str
 
 def test_extra_lines_the_slurm_keys_do_not_set_are_kept() -> None:
     lines = ["--export=NONE", "--time-min=30", "--gres-flags=enforce-binding", "-C a100",
-             "--nodelist=n1", "--mem-bind=local", "--mail-type=END", "--exclusive"]
+             "--nodelist=n1", "--mem-bind=local", "--mail-type=END", "--exclusive",
+             "--ntasks-per-core=1", "--gres=lscratch:10"]
     assert check_extra(lines) == lines
+    with pytest.raises(ForgeError, match="sets --gres"):
+        check_extra(["--gres=lscratch:10,gpu:a100:2"])
+
+
+def test_generic_resources_in_extra_join_the_scripts_own_gres_line(tmp_path: Path) -> None:
+    """`extra = ["--gres=lscratch:10"]` (local scratch, NVMe) was refused as if it asked for
+    GPUs; as a line of its own it would replace the script's GPU request (a later --gres wins),
+    so it joins the script's --gres line, and is the line in a job without GPUs."""
+    project = _project(tmp_path, 'extra = ["--gres=lscratch:10", "--exclusive"]\n')
+    train = run_cli("slurm", "train", "--dry-run", "--gpus", "a100:2", cwd=project)
+    assert train.returncode == 0, train.stderr
+    lines = [line for line in train.stdout.splitlines() if line.startswith("#SBATCH")]
+    assert [line for line in lines if "--gres" in line] == [
+        "#SBATCH --gres=gpu:a100:2,lscratch:10"]
+    assert "#SBATCH --exclusive" in lines
+    tag = run_cli("slurm", "tag", "--dry-run", "--gpus", "0", cwd=project)
+    assert tag.returncode == 0, tag.stderr
+    assert [line for line in tag.stdout.splitlines() if "--gres" in line] == [
+        "#SBATCH --gres=lscratch:10"]
 
 
 def _project(tmp_path: Path, slurm: str = "", tiny_store: Path | None = None,

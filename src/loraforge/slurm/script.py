@@ -25,6 +25,7 @@ from loraforge.slurm.validate import (
     check_partition,
     parse_gpus,
     parse_time,
+    split_gres,
 )
 
 TRAIN_SCRIPT = "submit_training.ssub"
@@ -158,14 +159,15 @@ def _sbatch_lines(job: JobScript) -> list[str]:
         lines.append(f"--qos={res.qos}")
     nodes, per_node, gpus = job.layout
     lines += [f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--cpus-per-task={res.cpus}"]
-    if gpus.count:
-        lines.append(f"--gres={gpus.gres()}")
+    gres, extra = split_gres(res.extra)
+    if gpus.count or gres:
+        lines.append("--gres=" + ",".join([gpus.gres()] * bool(gpus.count) + gres))
     lines += [f"--mem={res.mem}", f"--time={res.time}"]
     if job.array:
         limit = f"%{job.max_parallel}" if job.max_parallel else ""
         lines.append(f"--array=0-{len(job.array) - 1}{limit}")
     lines += [f"--output={job.log_pattern}", "--open-mode=append",
-              f"--signal=B:USR1@{res.grace_seconds}", "--requeue", *res.extra]
+              f"--signal=B:USR1@{res.grace_seconds}", "--requeue", *extra]
     return [f"#SBATCH {line}" for line in lines]
 
 

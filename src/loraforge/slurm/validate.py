@@ -29,12 +29,11 @@ _LOG = (": the log is logs/<job name>-<job id>.out in the project folder, where 
 _OWNED = {
     "--partition": " and set `slurm.partition`", "--account": " and set `slurm.account`",
     "--qos": " and set `slurm.qos`", "--nodes": " and set `slurm.nodes`",
-    "--ntasks": _LAYOUT, "--ntasks-per-node": _LAYOUT, "--ntasks-per-core": _LAYOUT,
-    "--ntasks-per-gpu": _LAYOUT, "--ntasks-per-socket": _LAYOUT,
+    "--ntasks": _LAYOUT, "--ntasks-per-node": _LAYOUT, "--ntasks-per-gpu": _LAYOUT,
     "--cpus-per-task": " and set `slurm.cpus` (CPUs per process)",
     "--cpus-per-gpu": " and set `slurm.cpus` (CPUs per process, one process per GPU)",
     "--gres": _SET_GPUS, "--gpus": _SET_GPUS, "--gpus-per-node": _SET_GPUS,
-    "--gpus-per-task": _SET_GPUS, "--gpus-per-socket": _SET_GPUS,
+    "--gpus-per-task": _SET_GPUS,
     "--mem": _SET_MEM, "--mem-per-cpu": _SET_MEM, "--mem-per-gpu": _SET_MEM,
     "--time": " and set `slurm.time`", "--signal": _REQUEUE, "--requeue": _REQUEUE,
     "--no-requeue": _REQUEUE, "--output": _LOG, "--open-mode": _LOG,
@@ -150,12 +149,33 @@ def check_extra(lines: list[str], key: str = "slurm.extra", where: str | None = 
                         "each entry is an option as you would type it after #SBATCH, e.g. "
                         "\"--constraint=a100\" or \"--mail-type=END\"", where)
         owned = _owned(text)
+        if owned == "--gres" and not _gres_gpus(text):
+            owned = None  # local scratch, NVMe...: joined to the script's own --gres line
         if owned:
             raise _fail(key, line, f"sets {owned}, which the job script sets itself (this "
                         "later line would silently override it)",
                         f"remove it from {key}{_OWNED[owned]}", where)
         checked.append(text)
     return checked
+
+
+def _gres_value(option: str) -> str:
+    """The value of a `--gres=VALUE` (or `--gres VALUE`) option."""
+    parts = re.split(r"[=\s]+", option.strip(), maxsplit=1)
+    return parts[1].strip() if len(parts) == 2 else ""
+
+
+def _gres_gpus(option: str) -> bool:
+    """Whether a --gres option asks for GPUs (which `slurm.gpus` owns)."""
+    return any(entry.strip().startswith("gpu") for entry in _gres_value(option).split(","))
+
+
+def split_gres(extra: list[str]) -> tuple[list[str], list[str]]:
+    """`slurm.extra` (checked) as (the generic resources its --gres options ask for, e.g.
+    `lscratch:10`, and its other options): a script joins the first to its own --gres line,
+    since a second --gres line would replace the GPUs it asks for."""
+    gres = [_gres_value(line) for line in extra if _owned(line) == "--gres"]
+    return [g for g in gres if g], [line for line in extra if _owned(line) != "--gres"]
 
 
 def _owned(option: str) -> str | None:
