@@ -341,6 +341,12 @@ def test_a_run_is_found_by_its_folder_as_the_shell_completes_it(
         assert find_run(runs_dir, typed) == runs_dir / RUN, typed
     with pytest.raises(ForgeError, match="is not a run folder of this project"):
         find_run(runs_dir, f"elsewhere/{RUN}")
+    # a run folder that is a link to scratch space, typed as a path
+    scratch = tmp_path / "scratch" / "linked"
+    scratch.parent.mkdir()
+    run_dir.rename(scratch)
+    (runs_dir / "linked").symlink_to(scratch)
+    assert find_run(runs_dir, "Multi_Concept_Output/linked/") == runs_dir / "linked"
 
 
 def test_a_copied_run_folder_is_named_and_its_files_listed(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ this module for --help); the work happens in `loraforge.report.html`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +23,8 @@ def _run_name(runs_dir: Path, run: str) -> str:
     path = Path(run)
     if len(path.parts) == 1:
         return path.name or run
-    if path.resolve().parent != runs_dir.resolve():
+    # the folder's own name, not where it links to (a run folder may be a link to scratch)
+    if Path(os.path.abspath(path)).parent.resolve() != runs_dir.resolve():
         raise ForgeError(f"`{run}` is not a run folder of this project: runs are the folders "
                          f"in {runs_dir}", path=path,
                          fix="name the run (`loraforge runs` lists them), or pass --config/--set "
