@@ -981,8 +981,8 @@ def test_dedupe_move_skips_what_another_move_at_the_same_time_moved(tmp_path: Pa
 
 def test_dedupe_leaves_pose_maps_out(tmp_path: Path) -> None:
     """A pose map beside its picture (`pose extract`'s NAME.pose.png, or a marked PNG of
-    another name) was hashed as a picture of the concept; training skips it, and so does
-    dedupe (a marked PNG of another name with a warning; `dataset check` names them all)."""
+    another name) was hashed as a picture of the concept; training skips it, and so do dedupe,
+    tag and tags (`dataset check` names them, with the command that moves them out)."""
     from PIL.PngImagePlugin import PngInfo
 
     from loraforge.generate.poses import POSE_MARK
@@ -998,9 +998,7 @@ def test_dedupe_leaves_pose_maps_out(tmp_path: Path) -> None:
     warnings: list[str] = []
     pictures = hash_pictures(concept_folders(dataset), ".txt", warnings)
     assert [p.path.name for p in pictures] == ["a.png"]
-    assert warnings == [f"{knight}/skeleton.png: loraforge pose map(s), not pictures "
-                        "to train; not compared (`loraforge dataset check` says how to move "
-                        "them out)"]
+    assert warnings == []
 
 
 def test_pictures_that_would_share_a_caption_are_left_out_and_nothing_is_lost(

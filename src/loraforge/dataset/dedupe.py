@@ -43,7 +43,6 @@ from loraforge.dataset.scan import (
     caption_stem,
     display_path,
     free_name,
-    has_pose_mark,
     is_free_name,
     shell_path,
 )
@@ -95,11 +94,8 @@ def phash(image: Image.Image) -> int:
     return sum(1 << (63 - i) for i, value in enumerate(values) if value > median)
 
 
-def _hash(path: Path) -> tuple[int, int, int] | ForgeError | None:
-    """(width, height, pHash), the error that makes it unreadable, or None: a pose map of
-    another name than `NAME.pose.png` (those the folder listing leaves out already)."""
-    if path.suffix.lower() == ".png" and has_pose_mark(path):
-        return None
+def _hash(path: Path) -> tuple[int, int, int] | ForgeError:
+    """(width, height, pHash), or the error that makes it unreadable."""
     try:
         image = load_image(path)
     except ForgeError as exc:
@@ -109,22 +105,13 @@ def _hash(path: Path) -> tuple[int, int, int] | ForgeError | None:
 
 def hash_pictures(concepts: list[ConceptFolder], extension: str, warnings: list[str],
                   ) -> list[Picture]:
-    """Every readable picture of `concepts` with its pHash (an unreadable one: a warning;
-    loraforge's pose maps, which training skips too, are left out with one)."""
+    """Every readable picture of `concepts` with its pHash (an unreadable one: a warning)."""
     jobs = [(c, p) for c in concepts for p in c.images]
     workers = max(1, min(4, len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         hashed = list(pool.map(lambda job: _hash(job[1]), jobs))
     pictures = []
-    pose_maps = [path for (_, path), got in zip(jobs, hashed, strict=True) if got is None]
-    if pose_maps:
-        more = f" and {len(pose_maps) - 1} more" if len(pose_maps) > 1 else ""
-        warnings.append(f"{display_path(pose_maps[0])}{more}: loraforge pose map(s), not pictures "
-                        "to train; not compared (`loraforge dataset check` says how to move "
-                        "them out)")
     for (concept, path), got in zip(jobs, hashed, strict=True):
-        if got is None:
-            continue
         if isinstance(got, ForgeError):
             warnings.append(f"{display_path(path)}: {got.message}; not compared")
             continue

@@ -14,6 +14,7 @@ from loraforge.dataset.images import IMAGE_EXTENSIONS
 from loraforge.dataset.scan import (
     caption_stem,
     display_path,
+    has_pose_mark,
     is_clutter,
     is_pose_output,
     parse_folder_name,
@@ -62,12 +63,16 @@ def _one_per_caption(images: list[Path], warn: list[str] | None) -> list[Path]:
     return [image for image in images if len(by_stem[image.stem]) == 1]
 
 
+def _pose_map(path: Path) -> bool:
+    return path.suffix.lower() == ".png" and has_pose_mark(path)
+
+
 def concept_folders(dataset_dir: Path, only: list[str] | None = None,
                     warn: list[str] | None = None) -> list[ConceptFolder]:
     """The concept folders of `dataset_dir` (all, or those named in `only` by concept or folder
-    name), each with its images sorted by name (not `pose extract`'s `NAME.pose.png` maps beside
-    them, which the scan does not train on either). Folders without a repeat count are skipped
-    with a warning appended to `warn`."""
+    name), each with its images sorted by name (not loraforge's pose maps beside them,
+    `NAME.pose.png` or a PNG with its mark, which the scan does not train on either). Folders
+    without a repeat count are skipped with a warning appended to `warn`."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise ForgeError("dataset folder not found", path=display_path(root),
@@ -87,7 +92,7 @@ def concept_folders(dataset_dir: Path, only: list[str] | None = None,
         images = [folder / entry for entry in sorted(os.listdir(folder))
                   if not is_clutter(entry) and not is_pose_output(entry)
                   and Path(entry).suffix.lower() in IMAGE_EXTENSIONS
-                  and (folder / entry).is_file()]
+                  and (folder / entry).is_file() and not _pose_map(folder / entry)]
         concepts.append(ConceptFolder(parsed[1], folder, _one_per_caption(images, warn)))
     if only:
         chosen = [c for c in concepts if c.name in only or c.folder.name in only]
