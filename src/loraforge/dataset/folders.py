@@ -10,11 +10,10 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraforge.dataset.images import IMAGE_EXTENSIONS
+from loraforge.dataset.images import IMAGE_EXTENSIONS, has_pose_mark
 from loraforge.dataset.scan import (
     caption_stem,
     display_path,
-    has_pose_mark,
     is_clutter,
     is_pose_output,
     parse_folder_name,

@@ -129,6 +129,40 @@ def _sniff_text(head: bytes) -> str | None:
     return "text"
 
 
+#: The PNG text chunk (keyword, text) marking a pose map loraforge wrote (`pose extract`,
+#: `random`, `render`): never a picture to train, and the one kind of PNG they replace.
+POSE_MARK = ("loraforge", "pose map")
+
+
+def png_texts(path: Path) -> dict[str, str]:
+    """The PNG text chunks (tEXt) at `path` before its image data, read from the chunks (a few
+    small reads, and a PNG too large for Pillow's guard is still read); {} for any other
+    file."""
+    texts: dict[str, str] = {}
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return {}
+            while len(head := fh.read(8)) == 8:
+                size, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or size > 1 << 20:
+                    break
+                data = fh.read(size)
+                fh.seek(4, 1)  # the chunk's CRC
+                if kind == b"tEXt" and b"\0" in data:
+                    key, value = data.split(b"\0", 1)
+                    texts[key.decode("latin-1")] = value.decode("latin-1")
+    except OSError:
+        return {}
+    return texts
+
+
+def has_pose_mark(path: Path) -> bool:
+    """Whether `path` is a PNG carrying POSE_MARK: a pose map loraforge wrote, whatever its
+    name."""
+    return png_texts(path).get(POSE_MARK[0]) == POSE_MARK[1]
+
+
 def sniff_file(path: Path) -> str | None:
     """What a file's content says it is (see `sniff_bytes`); None when unknown or unreadable,
     or not a regular file (opening a FIFO would wait for a writer forever)."""

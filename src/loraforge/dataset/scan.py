@@ -43,6 +43,7 @@ from loraforge.dataset.caption_edit import caption_tags
 from loraforge.dataset.images import (
     IMAGE_EXTENSIONS,
     SUPPORTED_KIND_EXTENSION,
+    has_pose_mark,
     is_image_kind,
     prepare_decoders,
     probe_image,
@@ -63,11 +64,6 @@ _FOLDER_RE = re.compile(r"^([0-9]+)_(.*)$")
 _CLUTTER = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 _CAPTION_LIKE = (".txt", ".caption", ".tags", ".cap")
 _IMAGE_LIST = "png, jpg, jpeg, webp, bmp"
-#: The PNG text chunk (keyword, text) marking a pose map loraforge wrote: the value of
-#: `loraforge.generate.poses.POSE_MARK`, repeated here because the dataset package never imports
-#: generate (a test keeps the two equal).
-POSE_MARK = ("loraforge", "pose map")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RERUN = "then run `loraforge dataset check` again"
 
 
@@ -216,29 +212,6 @@ def is_pose_output(name: str) -> bool:
     extract` writes beside a picture, judged by the name alone, as pose extract judges it."""
     stem, suffix = os.path.splitext(name)
     return stem.endswith(".pose") and suffix.lower() in (".png", ".json")
-
-
-def has_pose_mark(path: Path) -> bool:
-    """Whether `path` is a PNG carrying POSE_MARK in a text chunk before its pixels: a pose map
-    loraforge wrote, whatever its name. Reads the chunk headers only (a few small reads)."""
-    wanted = "\0".join(POSE_MARK).encode("latin-1")
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(8) != _PNG_SIGNATURE:
-                return False
-            while len(head := fh.read(8)) == 8:
-                size, kind = int.from_bytes(head[:4], "big"), head[4:]
-                if kind in (b"IDAT", b"IEND") or size > 1 << 20:
-                    return False
-                if kind == b"tEXt" and size == len(wanted):
-                    if fh.read(size) == wanted:
-                        return True
-                    fh.seek(4, 1)  # its CRC
-                else:
-                    fh.seek(size + 4, 1)
-    except OSError:
-        return False
-    return False
 
 
 def caption_stem(name: str, extension: str) -> str | None:

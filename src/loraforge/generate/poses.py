@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from loraforge.dataset.images import POSE_MARK, has_pose_mark, png_texts
 from loraforge.errors import ForgeError
 from loraforge.fsutil import DEFAULT_FILE_MODE, save_atomic, write_atomic
 
@@ -357,8 +358,6 @@ def write_pose_json(path: Path, pose: PoseMap, mode: int = DEFAULT_FILE_MODE) ->
     write_atomic(Path(path), pose.to_json(), mode)
 
 
-#: The PNG text chunk that marks a pose map written here: it may be replaced by the next one.
-POSE_MARK = ("loraforge", "pose map")
 #: The PNG text chunk in which `pose extract` records the SHA-256 of the JSON it wrote beside
 #: the map (the JSON itself stays the plain exchange format that pose editors read).
 JSON_DIGEST_KEY = "loraforge pose json sha256"
@@ -366,36 +365,9 @@ JSON_DIGEST_KEY = "loraforge pose json sha256"
 SOURCE_KEY = "loraforge pose source"
 
 
-def _png_texts(path: Path) -> dict[str, str]:
-    """The PNG text chunks (tEXt) at `path` before its image data, read from the chunks, so
-    that a map too large for Pillow's guard is still recognised; {} for any other file."""
-    texts: dict[str, str] = {}
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
-                return {}
-            while len(head := fh.read(8)) == 8:
-                size, kind = int.from_bytes(head[:4], "big"), head[4:]
-                if kind in (b"IDAT", b"IEND") or size > 1 << 20:
-                    break
-                data = fh.read(size)
-                fh.seek(4, 1)  # the chunk's CRC
-                if kind == b"tEXt" and b"\0" in data:
-                    key, value = data.split(b"\0", 1)
-                    texts[key.decode("latin-1")] = value.decode("latin-1")
-    except OSError:
-        return {}
-    return texts
-
-
-def _has_pose_mark(path: Path) -> bool:
-    """Whether the PNG at `path` carries POSE_MARK in a text chunk before its image data."""
-    return _png_texts(path).get(POSE_MARK[0]) == POSE_MARK[1]
-
-
 def recorded_source(png: Path) -> str | None:
     """What the pose map at `png` records having been extracted from (`SOURCE_KEY`), or None."""
-    texts = _png_texts(png)
+    texts = png_texts(png)
     return texts.get(SOURCE_KEY) if texts.get(POSE_MARK[0]) == POSE_MARK[1] else None
 
 
@@ -403,7 +375,7 @@ def written_json_digest(png: Path) -> str | None:
     """The SHA-256 that the pose map at `png` records of the JSON written beside it (see
     `save_png`), or None: no such map, or one that records none (written by `pose random` or
     `pose render`, or before the digest was recorded)."""
-    texts = _png_texts(png)
+    texts = png_texts(png)
     return texts.get(JSON_DIGEST_KEY) if texts.get(POSE_MARK[0]) == POSE_MARK[1] else None
 
 
@@ -427,7 +399,7 @@ def refuse_foreign(path: Path) -> None:
     if not path.exists() or path.is_dir():
         return
     json_out = path.suffix.lower() == ".json"
-    if _is_pose_json(path) if json_out else _has_pose_mark(path):
+    if _is_pose_json(path) if json_out else has_pose_mark(path):
         return
     kind = "an OpenPose JSON file" if json_out else "a pose map that loraforge wrote"
     raise ForgeError(f"exists and is not {kind}: writing here would replace it", path=path,
