@@ -69,6 +69,22 @@ def storage_umask(file_mode: int) -> Iterator[None]:
         os.umask(previous)
 
 
+def write_refused(folder: Path) -> OSError | None:
+    """Why no file can be made and removed in `folder`, tried with a hidden, empty one (its
+    mode says nothing of `chattr +i`, a read-only mount, or root, whom it does not stop); None
+    when one can."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".loraforge-probe-", dir=folder)
+    except OSError as exc:
+        return exc
+    os.close(fd)
+    try:
+        os.unlink(name)
+    except OSError as exc:
+        return exc
+    return None
+
+
 class LockHeld(Exception):
     """`held_lock(..., wait=False)`: another process holds the lock."""
 

@@ -28,7 +28,6 @@ import os
 import shutil
 import stat
 import statistics
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from loraforge.dataset.scan import (
     shell_path,
 )
 from loraforge.errors import ForgeError
-from loraforge.fsutil import write_atomic
+from loraforge.fsutil import write_atomic, write_refused
 
 DEFAULT_DISTANCE = 6
 DUPLICATES_DIR = ".duplicates"
@@ -322,7 +321,7 @@ def _move_error(source: Path, dest: Path, exc: OSError, verb: str) -> ForgeError
                           "a folder", path=display_path(source),
                           fix=f"rename or move that file away, {again}")
     why = exc.strerror or str(exc)
-    folder = next((f for f in (source.parent, dest.parent) if _refuses_files(f)), None)
+    folder = next((f for f in (source.parent, dest.parent) if write_refused(f) is not None), None)
     if folder is None and source.parent.stat().st_mode & stat.S_ISVTX:
         return ForgeError(f"{verb} {display_path(dest)}: {why} ({display_path(source.parent)} "
                           "is a shared folder with the sticky bit, where only a file's owner "
@@ -338,16 +337,3 @@ def _move_error(source: Path, dest: Path, exc: OSError, verb: str) -> ForgeError
                           f"dataset.path in forge.toml; {again}")
 
 
-def _refuses_files(folder: Path) -> bool:
-    """Whether `folder` refuses to make or delete a file: tried (a hidden, empty one), since
-    its mode says nothing of `chattr +i`, a read-only mount, or root (whom it does not stop)."""
-    try:
-        fd, name = tempfile.mkstemp(prefix=".loraforge-probe-", dir=folder)
-    except OSError:
-        return True
-    os.close(fd)
-    try:
-        os.unlink(name)
-    except OSError:
-        return True
-    return False

@@ -10,7 +10,6 @@ onto the scene size generation uses and drawn in the standard pose map colours.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 
 from loraforge.config import TINY
 from loraforge.errors import ForgeError
+from loraforge.fsutil import write_refused
 from loraforge.generate.poses import (
     Person,
     PoseMap,
@@ -32,6 +32,7 @@ from loraforge.generate.poses import (
     write_pose_json,
     written_json_digest,
 )
+from loraforge.hashing import digest_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -349,7 +350,7 @@ def _plan(jobs: list[_Job], overwrite: bool) -> tuple[list[_Job], list[_Job], li
 def _source(picture: Path, width: int, height: int, hands: bool, face: bool) -> str:
     """What a pose map records having been made from (`_Job.source`)."""
     try:
-        digest = hashlib.sha256(picture.read_bytes()).hexdigest()
+        digest = digest_file(picture)
     except OSError:
         digest = "unreadable"  # never matches a map: the picture's error comes when it is read
     return f"{digest} {width}x{height} hands={hands} face={face}"
@@ -386,13 +387,10 @@ def _refuse_unwritable(jobs: list[_Job]) -> None:
     for root, an immutable folder and a read-only mount too."""
     for folder in sorted({path.parent for job in jobs for path in (job.png, job.json)}):
         existing = next(f for f in (folder, *folder.parents) if f.exists())
-        try:
-            with tempfile.NamedTemporaryFile(dir=existing, prefix=".loraforge-write-test-"):
-                pass
-        except OSError as exc:
-            raise ForgeError(f"cannot be written: {exc.strerror or exc}", path=folder,
-                             fix="write the pose maps elsewhere with -o DIR, e.g. -o poses/"
-                             ) from None
+        refused = write_refused(existing)
+        if refused is not None:
+            raise ForgeError(f"cannot be written: {refused.strerror or refused}", path=folder,
+                             fix="write the pose maps elsewhere with -o DIR, e.g. -o poses/")
 
 
 def _summary(total: int, extracted: int, people: int, already: int, kept: int,
@@ -428,8 +426,8 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     for note in notes:
         say(note)
     todo, done, kept = _plan(jobs, overwrite)
-    for job in todo:  # a file of the user's at an output: that picture is not extracted
-        for written in (job.png, job.json):
+    if batch:  # a file of the user's at an output: refused (one picture's: _check_outputs)
+        for written in (path for job in todo for path in (job.png, job.json)):
             refuse_foreign(written)
     for line in kept:
         say(line)
@@ -444,21 +442,15 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     no_pose: list[str] = []
     unwritten: list[str] = []
     for job in todo:
+        failed = no_pose  # then, once detected, unwritten
         try:
-            picture = load_picture(job.picture)
-            found = detector.people(picture, job.picture)
-        except ForgeError as exc:
-            if not batch:
-                raise
-            no_pose.append(job.picture.name)
-            say(f"error: {exc}")
-            continue
-        try:
+            found = detector.people(load_picture(job.picture), job.picture)
+            failed = unwritten
             _write(job, fit_pose(found, width, height), settings.file_mode)
         except ForgeError as exc:
             if not batch:
                 raise
-            unwritten.append(job.picture.name)
+            failed.append(job.picture.name)
             say(f"error: {exc}")
             continue
         n = len(found.people)
