@@ -31,11 +31,11 @@ from loraforge.slurm.jobs import jobs_path, load_jobs
 RECENT = 20
 
 
-def select_jobs(settings: Settings, run: str | None) -> list[dict[str, Any]]:
+def select_jobs(settings: Settings, jobs: list[dict[str, Any]], run: str | None,
+                ) -> list[dict[str, Any]]:
     """The recorded jobs of RUN (a run name, job name or job id, of any project), else the
     recent ones of this project: the storage root is shared, and its newest jobs may be
-    another project's."""
-    jobs = load_jobs(settings.storage_root)
+    another project's. `jobs`: those recorded for the storage root (load_jobs)."""
     if not jobs:
         raise ForgeError("no jobs were submitted with `loraforge slurm` for this storage root",
                          path=jobs_path(settings.storage_root),
@@ -81,9 +81,10 @@ def _note_others(settings: Settings, jobs: list[dict[str, Any]], done: str) -> N
              f"{done} ({settings.base_dir}). To reach another's: {OTHERS_FIX}")
 
 
-def job_status(settings: Settings, run: str | None) -> list[dict[str, Any]]:
+def job_status(settings: Settings, jobs: list[dict[str, Any]], run: str | None,
+               ) -> list[dict[str, Any]]:
     rows = []
-    for entry in select_jobs(settings, run):
+    for entry in select_jobs(settings, jobs, run):
         records = scheduler.show_jobs([entry["job_id"]])
         live = records[0] if records else {}
         row = {k: entry.get(k) for k in ("job_id", "kind", "run", "name", "log", "depends_on",
@@ -132,7 +133,7 @@ def print_status(settings: Settings, run: str | None, as_json: bool, console: Co
                           "`pipeline` or `sweep`)", markup=False)
             _note_defaults(settings)
         return
-    rows = job_status(settings, run)
+    rows = job_status(settings, jobs, run)
     if run is None:
         _note_others(settings, jobs, "shown are this project's jobs")
     if as_json:
@@ -169,8 +170,10 @@ def _say(text: str) -> None:
 def cancel_jobs(settings: Settings, run: str | None) -> list[str]:
     """scancel the still active jobs of RUN; without RUN, those of this project's newest
     submission (another project's newer one is left alone, and said so)."""
-    jobs = load_jobs(settings.storage_root) if run is None else select_jobs(settings, run)
-    if run is None and jobs:
+    jobs = load_jobs(settings.storage_root)
+    if run is not None:
+        jobs = select_jobs(settings, jobs, run)
+    elif jobs:
         own = this_project(settings, jobs)
         if own:
             _note_others(settings, jobs, "cancelled are the jobs of this project's newest "
@@ -189,9 +192,10 @@ def cancel_jobs(settings: Settings, run: str | None) -> list[str]:
 
 def job_log(settings: Settings, run: str | None, lines: int | None) -> tuple[Path, str]:
     """The newest existing log of RUN's jobs (or of this project's newest job) and its text."""
-    jobs = select_jobs(settings, run)
+    recorded = load_jobs(settings.storage_root)
+    jobs = select_jobs(settings, recorded, run)
     if run is None:
-        _note_others(settings, load_jobs(settings.storage_root),
+        _note_others(settings, recorded,
                      "the log shown is of this project's newest job that has one")
     for entry in reversed(jobs):
         path = Path(entry["log"])
