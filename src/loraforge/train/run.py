@@ -96,7 +96,7 @@ def _check_final(final: Path) -> None:
                              "where you keep a copy)") from None
 
 
-def _refuse_damaged(run_dir: Path, why: str) -> None:
+def refuse_damaged(run_dir: Path, why: str) -> None:
     """A run whose record cannot be read may have finished: guessing would train over its
     LoRA, or mix a new training into its files."""
     from loraforge.dataset.scan import shell_path
@@ -121,12 +121,12 @@ def _finished(settings: Settings, dataset: Dataset, run_dir: Path) -> TrainResul
 
     record = runs.read_record(run_dir)
     if record is None and (why := runs.damage(run_dir)) is not None:
-        _refuse_damaged(run_dir, why)
+        refuse_damaged(run_dir, why)
     final = runs.final_lora(run_dir)
     if not record or record.get("status") != "finished" or not final.is_file():
         return None
     if not record["config"]:  # hand-edited: nothing to compare with
-        _refuse_damaged(run_dir, "it records no settings")
+        refuse_damaged(run_dir, "it records no settings")
     examples = build_examples(dataset, settings.config.dataset, lambda _warning: None)
     check_finished_with(record, settings, run_dir, examples)
     _check_final(final)

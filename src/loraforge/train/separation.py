@@ -142,9 +142,9 @@ def finished_lora(run_dir: Path) -> Path:
     cannot be read: what is wrong with it, and what `train` advises)."""
     record = runs.read_record(run_dir)
     if record is None and (why := runs.damage(run_dir)) is not None:
-        from loraforge.train.run import _refuse_damaged
+        from loraforge.train.run import refuse_damaged
 
-        _refuse_damaged(run_dir, why)
+        refuse_damaged(run_dir, why)
     record = record or {}
     final = runs.final_lora(run_dir)
     if record.get("status") != "finished":
