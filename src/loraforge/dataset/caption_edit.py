@@ -210,11 +210,17 @@ def restore_folder(backed_up: Path, dataset_dir: Path) -> Path:
     return renamed[0] if len(renamed) == 1 else same
 
 
+def read_caption(caption: Path) -> str:
+    """A caption file's text as every dataset command reads it: UTF-8, a BOM dropped (OSError
+    or UnicodeDecodeError when it cannot be read as that)."""
+    return caption.read_bytes().decode("utf-8-sig")
+
+
 def _current_text(caption: Path) -> str | None:
     """The caption's text as the actions read it; None when there is none, "\0" (no text of
     a caption) when it cannot be read."""
     try:
-        return caption.read_bytes().decode("utf-8-sig")
+        return read_caption(caption)
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError):

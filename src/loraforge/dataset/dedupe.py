@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from loraforge.dataset.caption_edit import caption_tags
+from loraforge.dataset.caption_edit import caption_tags, read_caption
 from loraforge.dataset.folders import ConceptFolder
 from loraforge.dataset.images import load_image
 from loraforge.dataset.scan import (
@@ -123,7 +123,7 @@ def _captioned(caption: Path) -> bool:
     """Whether a picture's caption holds a tag: an empty or blank one (a line break) is no
     caption, as for `dataset check`; one that cannot be read counts as one (never replaced)."""
     try:
-        return bool(caption_tags(caption.read_bytes().decode("utf-8-sig")))
+        return bool(caption_tags(read_caption(caption)))
     except FileNotFoundError:
         return False
     except (OSError, UnicodeDecodeError):

@@ -30,6 +30,7 @@ from loraforge.dataset.caption_edit import (
     caption_diff,
     caption_tags,
     put_first,
+    read_caption,
     remove_tags,
     replace_tags,
     restore_folder,
@@ -153,7 +154,7 @@ def read_captions(concepts: list[ConceptFolder], extension: str, warnings: list[
             if not path.is_file():
                 continue
             try:
-                text = path.read_bytes().decode("utf-8-sig")
+                text = read_caption(path)
             except (OSError, UnicodeDecodeError) as exc:
                 why = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else \
                     f"cannot be read ({exc.strerror})"

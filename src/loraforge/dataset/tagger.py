@@ -46,6 +46,7 @@ from loraforge.dataset.caption_edit import (
     append_tags,
     caption_tags,
     put_first,
+    read_caption,
     tag_key,
 )
 from loraforge.dataset.folders import ConceptFolder, concept_folders
@@ -150,10 +151,6 @@ class TagResult:
     seconds: float = 0.0
 
 
-def _read_caption(path: Path) -> str:
-    return path.read_bytes().decode("utf-8-sig")
-
-
 def plan_jobs(concepts: list[ConceptFolder], extension: str, mode: Mode, result: TagResult,
               ) -> list[Job]:
     """The images to tag: with `mode` missing, only those without a (non-empty) caption."""
@@ -165,7 +162,7 @@ def plan_jobs(concepts: list[ConceptFolder], extension: str, mode: Mode, result:
             old = None
             if caption.exists():
                 try:
-                    old = _read_caption(caption)
+                    old = read_caption(caption)
                 except (OSError, UnicodeDecodeError) as exc:
                     why = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else \
                         f"cannot be read ({exc.strerror})"
