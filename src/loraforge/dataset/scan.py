@@ -209,7 +209,8 @@ def is_clutter(name: str) -> bool:
 
 def is_pose_output(name: str) -> bool:
     """`NAME.pose.png` or `NAME.pose.json` (the extension in any case): what `loraforge pose
-    extract` writes beside a picture, judged by the name alone, as pose extract judges it."""
+    extract` writes beside a picture, judged by the name alone (pose extract passes over its
+    own earlier outputs by it too)."""
     stem, suffix = os.path.splitext(name)
     return stem.endswith(".pose") and suffix.lower() in (".png", ".json")
 

@@ -169,18 +169,13 @@ def photo_poses(settings: Settings) -> Callable[[Path, Image.Image], PoseMap] | 
 
 # --- `loraforge pose extract` ------------------------------------------------------------------
 
-def _is_output(path: Path) -> bool:
-    """An earlier output of `pose extract` (NAME.pose.png, NAME.pose.json)."""
-    return path.stem.endswith(OUTPUT_SUFFIX) and path.suffix.lower() in (".png", ".json")
-
-
 def _pictures(inputs: list[Path]) -> tuple[list[Path], bool, list[str]]:
     """The pictures named (folders expanded to their images, sorted, passing over hidden files
     and OS clutter as the dataset scan does: macOS's ._NAME.png copies), whether it is a batch,
     and a note for each named file left out: an earlier output, or not a picture (in a batch;
     named alone, that is an error)."""
     from loraforge.dataset.images import IMAGE_EXTENSIONS
-    from loraforge.dataset.scan import is_clutter
+    from loraforge.dataset.scan import is_clutter, is_pose_output
 
     pictures: list[Path] = []
     left_out: list[tuple[Path, str]] = []
@@ -190,7 +185,8 @@ def _pictures(inputs: list[Path]) -> tuple[list[Path], bool, list[str]]:
         if item.is_dir():
             batch = True
             found = sorted(p for p in item.iterdir() if p.is_file() and not is_clutter(p.name)
-                           and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_output(p))
+                           and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not is_pose_output(p.name))
             if not found:
                 raise ForgeError("holds no pictures (png, jpg, jpeg, webp, bmp; NAME.pose.png "
                                  "files are earlier pose maps and are skipped)", path=item,
@@ -198,7 +194,7 @@ def _pictures(inputs: list[Path]) -> tuple[list[Path], bool, list[str]]:
             pictures += found
         elif not item.exists():
             raise ForgeError("no such file", path=item, fix="check the path to the picture")
-        elif _is_output(item):
+        elif is_pose_output(item.name):
             left_out.append((item, "a pose map or JSON that pose extract wrote"))
         elif item.suffix.lower() not in IMAGE_EXTENSIONS:
             left_out.append((item, "not a picture: png, jpg, jpeg, webp, bmp"))
