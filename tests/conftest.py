@@ -29,7 +29,7 @@ from loraforge.project import toml_value
 # one by one, about 140 of the suite's ~890 tests but most of its time; `make check` (pytest
 # -m "not slow and not slurm", two xdist workers on 2 cores) runs the rest in about 3.5 minutes.
 SLOW_MODULES = frozenset({"test_demo", "test_full_disk", "test_generate", "test_models_import",
-                          "test_report", "test_train", "test_train_data",
+                          "test_report", "test_shared_storage", "test_train", "test_train_data",
                           "test_train_distributed", "test_train_state"})
 
 

@@ -455,27 +455,27 @@ def test_newest_finished_lora_skips_unfinished_runs_and_half_written_files(
     cut = _write_run(runs_dir, "cut", "finished", "2026-01-03T10:00:00+0000", None)
     data = lora_files["b"].read_bytes()
     (cut / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    assert newest_lora(runs_dir) == old / "old.safetensors"
+    assert newest_lora(runs_dir, tmp_path).run_dir == old
 
     _write_run(runs_dir, "fresh", "finished", "2026-01-02T10:00:00+0000", lora_files["b"])
-    assert newest_lora(runs_dir) == runs_dir / "fresh" / "fresh.safetensors"
+    assert newest_lora(runs_dir, tmp_path).run_dir == runs_dir / "fresh"
 
     for name in ("old", "fresh"):
         shutil.rmtree(runs_dir / name)
     with pytest.raises(ForgeError) as info:
-        newest_lora(runs_dir)
+        newest_lora(runs_dir, tmp_path)
     message = str(info.value)
     for part in ("newer (interrupted)", "busy (running)", "cut (finished, but is incomplete"):
         assert part in message, message
     lost = _write_run(runs_dir, "lost", "finished", None, lora_files["a"])
     (lost / "run.json").write_text('{"status": "fini')  # cut short: the LoRA is still usable
     with pytest.raises(ForgeError) as info:
-        newest_lora(runs_dir)
+        newest_lora(runs_dir, tmp_path)
     assert "lost (damaged)" in str(info.value)
     (runs_dir / "bare").mkdir()  # a record without a status: listed as unknown, no KeyError
     (runs_dir / "bare" / "run.json").write_text('{"name": "bare", "step": 3}')
     with pytest.raises(ForgeError, match=r"bare \(unknown\)"):
-        newest_lora(runs_dir)
+        newest_lora(runs_dir, tmp_path)
     assert f"a damaged run's LoRA is still usable: pass --lora {lost / 'lost.safetensors'}" in (
         info.value.fix or "")
 

@@ -256,8 +256,8 @@ def train(
 
 @app.command("eval")
 def eval_run(
-    run: Annotated[str | None, typer.Argument(help="Run name (default: the newest finished "
-                                              "run).")] = None,
+    run: Annotated[str | None, typer.Argument(help="Run name (default: this project's newest "
+                                              "finished run).")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
@@ -280,8 +280,13 @@ def eval_run(
     )
 
     settings = _settings(config, overrides)
-    run_dir = (find_run(settings.runs_dir, run) if run is not None
-               else newest_finished_run(settings.runs_dir))
+    if run is not None:
+        run_dir = find_run(settings.runs_dir, run)
+    else:
+        chosen = newest_finished_run(settings.runs_dir, settings.base_dir)
+        run_dir = chosen.run_dir
+        Console(stderr=True).print(f"note: no run named: measuring {chosen.said}",
+                                   markup=False, soft_wrap=True)
     result = measure(settings, run_dir, held_out)
     path = write_separation(run_dir, result, settings.file_mode)
     write_report(run_dir, settings.file_mode)

@@ -8,6 +8,9 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +131,7 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 #: The kinds of the values of run.json that the commands read (`runs`, `report`, `generate`).
 _KINDS: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("name", "status", "error", "finished_at", "updated_at", "started_at",
-                     "failed_at", "final_lora", "base_model", "device"), str),
+                     "failed_at", "final_lora", "base_model", "device", "project"), str),
     **dict.fromkeys(("final_loss", "started_at_unix"), (int, float)),
     **dict.fromkeys(("step", "total_steps", "epochs", "steps_per_epoch", "pid"), int),
     **dict.fromkeys(("config", "slurm", "dataset", "images"), dict),
@@ -228,3 +231,84 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         if record is not None:
             runs.append({**record, "dir": str(run_dir)})
     return sorted(runs, key=lambda r: r.get("finished_at") or r.get("updated_at") or "")
+
+
+# --- the run a command takes when none is named ---------------------------------------------
+
+def project_of(record: dict[str, Any]) -> str | None:
+    """The project folder (its forge.toml's) that trained the run, as run.json records it (as
+    jobs.json records each job's); None: not recorded (a run trained before runs recorded it)."""
+    return record.get("project") or None
+
+
+def finished_time(record: dict[str, Any]) -> float:
+    """When a finished run finished: its record's finished_at, else its final file's time."""
+    stamp = record.get("finished_at")
+    if isinstance(stamp, str):
+        for parse in (lambda s: datetime.strptime(s, "%Y-%m-%dT%H:%M:%S%z"),
+                      datetime.fromisoformat):
+            try:
+                return parse(stamp).timestamp()
+            except ValueError:
+                continue
+    try:
+        return final_lora(Path(record["dir"])).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The run a command takes when none is named, and how to say which it took."""
+
+    run_dir: Path
+    #: "run `NAME`, this project's newest finished run" (or, for a run whose record names no
+    #: project, says so: it may be another project's on a shared storage root).
+    said: str
+
+
+def _missing(final: Path) -> str | None:
+    return None if final.is_file() else "its final LoRA is not there"
+
+
+def newest_finished(runs_dir: Path, project: Path, name_it: str,
+                    problem: Callable[[Path], str | None] = _missing) -> Chosen | None:
+    """The newest finished run (by `finished_time`) of the project in the folder `project`
+    whose final LoRA is usable: `problem(final)` says why not (None: usable; by default, one
+    that is there). A run whose record names no project (trained before runs recorded theirs)
+    counts as this project's. None: no such run, and no other project's either, or this
+    project's finished runs are all unusable (the caller says why).
+
+    The storage root is often a lab's, shared by several projects: another project's run is
+    never taken unnamed. When the finished runs there are all other projects', a ForgeError
+    names the newest and how to take it: `name_it`, with its name for `{name}`."""
+    finished = sorted((r for r in list_runs(runs_dir) if r.get("status") == "finished"),
+                      key=finished_time, reverse=True)
+    others: list[dict[str, Any]] = []
+    own = False
+    for record in finished:
+        run_dir = Path(record["dir"])
+        owner = project_of(record)
+        if owner is not None and owner != str(project):
+            if final_lora(run_dir).is_file():
+                others.append(record)
+            continue
+        own = True
+        if problem(final_lora(run_dir)) is not None:
+            continue
+        said = f"run `{run_dir.name}`, this project's newest finished run"
+        if owner is None:
+            said = (f"run `{run_dir.name}`, the newest finished run of this project or of none "
+                    f"recorded: its {RECORD} names no project (written before runs recorded "
+                    "theirs), so it may be another project's on this storage root")
+        return Chosen(run_dir, said)
+    if own or not others:
+        return None
+    newest = others[0]
+    name = Path(newest["dir"]).name
+    raise ForgeError(
+        f"no finished training run of this project ({project}) under {runs_dir}: the newest "
+        f"finished run there, `{name}`, is another project's ({project_of(newest)}), and "
+        "another project's run is not taken without being named",
+        fix=f"to use it, name it: {name_it.format(name=name)}; or train this project's own "
+            "(`loraforge train`)")

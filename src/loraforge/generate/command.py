@@ -22,8 +22,9 @@ def generate_command(
     lora: Annotated[list[str] | None, typer.Option(
         "--lora", metavar="LORA[:W]",
         help="LoRA to apply: FILE.safetensors[:WEIGHT] or a run name[:WEIGHT] "
-        "(repeatable: they stack); `none` for the base model alone. Default: the newest "
-        "finished training run's LoRA at generate.lora_weight.")] = None,
+        "(repeatable: they stack); `none` for the base model alone. Default: the LoRA of "
+        "this project's newest finished training run (another project's on the storage root "
+        "is only taken by name), at generate.lora_weight.")] = None,
     pose: Annotated[str | None, typer.Option(
         "--pose", metavar="FILE|random",
         help="Pose map (OpenPose PNG, or OpenPose JSON), or `random`. Default: "

@@ -1,8 +1,9 @@
 """LoRA files for generation: find them, check them without trusting them, stack them.
 
 - A LoRA is named by a `.safetensors` path, a training run's name (its final LoRA), or nothing:
-  then the newest *finished* run's final LoRA is used (never a running, failed or interrupted
-  run, and never a file that is incomplete).
+  then this project's newest *finished* run's final LoRA is used (never a running, failed or
+  interrupted run, never a file that is incomplete, and never another project's run on a shared
+  storage root: `runs.newest_finished`).
 - Every file is checked from its header before any model is loaded: it must be a complete
   safetensors file (pickled `.ckpt`/`.pt`/`.bin` files are refused, never unpickled), and an SD 1.x
   LoRA whose widths fit the base model (SDXL, SD 2.x and other families are refused by name).
@@ -21,7 +22,6 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -369,41 +369,37 @@ def resolve_lora(ref: str, runs_dir: Path, relative_to: Path) -> Path:
                          f"{runs_dir}{names}")
 
 
-def _finished_time(record: dict[str, Any], final: Path) -> float:
-    stamp = record.get("finished_at")
-    if isinstance(stamp, str):
-        for parse in (lambda s: datetime.strptime(s, "%Y-%m-%dT%H:%M:%S%z"),
-                      datetime.fromisoformat):
-            try:
-                return parse(stamp).timestamp()
-            except ValueError:
-                continue
-    try:
-        return final.stat().st_mtime
-    except OSError:
-        return 0.0
+#: How the user takes a run by name, for `runs.newest_finished`'s refusal of another
+#: project's run.
+NAME_IT = "`--lora {name}` (or `--lora none` for the base model alone)"
 
 
-def newest_finished_lora(runs_dir: Path) -> Path:
-    """The final LoRA of the newest finished run (by run.json's finished_at).
+def newest_finished_lora(runs_dir: Path, project: Path) -> runs.Chosen:
+    """The newest finished run of the project in the folder `project` (`runs.newest_finished`:
+    another project's on a shared storage root is refused, named), with its final LoRA.
 
     Runs that are running, failed or interrupted are ignored, and so is a finished run whose
     final file is missing or incomplete (with a warning). ForgeError listing every run and its
     status when no finished run has a usable file.
     """
-    records = runs.list_runs(runs_dir)
-    finished = [r for r in records if r.get("status") == "finished"]
-    finished.sort(key=lambda r: _finished_time(r, runs.final_lora(Path(r["dir"]))))
     skipped: list[str] = []
-    for record in reversed(finished):
-        final = runs.final_lora(Path(record["dir"]))
+
+    def problem(final: Path) -> str | None:
         try:
             read_header(final)
         except ForgeError as exc:
-            log.warning("skipping run %s: %s", Path(record["dir"]).name, exc.message)
-            skipped.append(f"{Path(record['dir']).name} (finished, but {exc.message})")
-            continue
-        return final
+            log.warning("skipping run %s: %s", final.parent.name, exc.message)
+            skipped.append(f"{final.parent.name} (finished, but {exc.message})")
+            return exc.message
+        return None
+
+    try:
+        chosen = runs.newest_finished(runs_dir, project, NAME_IT, problem)
+    except ForgeError as exc:  # only another project's: say what was asked of it
+        raise ForgeError(f"no LoRA given, and {exc.message}", fix=exc.fix) from None
+    if chosen is not None:
+        return chosen
+    records = runs.list_runs(runs_dir)
     if not records:
         raise ForgeError(f"no LoRA given and no training run found under {runs_dir}",
                          fix="train one first (`loraforge train`), or pass --lora FILE "

@@ -416,6 +416,9 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     if options.source is not None:
         for note in _loras_changed_since(Path(options.source), jobs[0]):
             echo(f"note: {note}")
+    default = resolver.default_used(jobs)
+    if default is not None:
+        echo(f"note: no LoRA named: using {default}")
     for job in jobs:
         for note in job.notes:
             echo(f"note: {job.name}: {note}")

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge.errors import ForgeError
 from loraforge.generate import loras as lora_files
 from loraforge.generate.prompts import extract_lora_tags
+from loraforge.runs import final_lora
 from loraforge.sample_prompts import MAX_SEED
 from loraforge.samplers import check_sampler
 
@@ -443,6 +444,7 @@ class LoraResolver:
         self.widths = widths
         self.files: dict[Path, lora_files.LoraFile] = {}
         self._default: lora_files.LoraFile | None = None
+        self._default_said = ""  # which run it is (`runs.Chosen.said`)
 
     def file(self, path: Path) -> lora_files.LoraFile:
         key = path.resolve()
@@ -452,10 +454,17 @@ class LoraResolver:
 
     def default(self) -> lora_files.LoraFile:
         if self._default is None:
-            path = lora_files.newest_finished_lora(self.settings.runs_dir)
-            self._default = self.file(path)
-            log.info("LoRA: %s (newest finished run)", path)
+            chosen = lora_files.newest_finished_lora(self.settings.runs_dir,
+                                                     self.settings.base_dir)
+            self._default = self.file(final_lora(chosen.run_dir))
+            self._default_said = chosen.said
         return self._default
+
+    def default_used(self, jobs: list[Job]) -> str | None:
+        """Which run the default LoRA is, when a scene of `jobs` uses it (None: none does)."""
+        used = self._default is not None and any(
+            use.lora is self._default for job in jobs for use in job.all_loras)
+        return self._default_said if used else None
 
     def ref(self, ref: str, weight: float | None, origin: str, base: Path,
             text: str | None = None) -> lora_files.LoraUse:
@@ -689,8 +698,8 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
                uses: list[lora_files.LoraUse], use_default: bool,
                ) -> tuple[str, lora_files.LoraUse | None, lora_files.LoraUse | None]:
     """(trigger, its own LoRA, a shared LoRA it needs) for a character: a concept of the
-    scene's LoRAs (else, unless the scene said `none`, of the newest finished run's), or a
-    training run of that name."""
+    scene's LoRAs (else, unless the scene said `none`, of this project's newest finished
+    run's), or a training run of that name."""
     weight = settings.config.generate.lora_weight
     for use in uses:
         if name in use.lora.concepts:

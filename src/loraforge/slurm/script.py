@@ -352,7 +352,7 @@ def project_scripts(settings: Settings) -> dict[str, str]:
                              "Rerun it after an interruption: training resumes from its "
                              "saved state."], **common)
     generate = JobScript(kind="generate", job_name="loraforge-generate",
-                         title="render the posed scene with the newest finished LoRA.",
+                         title="render the posed scene with this project's newest finished LoRA.",
                          command=["loraforge", "generate"],
                          notes=["Written by `loraforge init` from forge.toml [slurm]; never "
                                 "overwritten, edit freely.",

@@ -212,7 +212,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     model_legacy = model_legacy_hash(base) if world.is_main else ""
     trainer.record.update(  # an earlier attempt's failure is not this attempt's
         name=run_dir.name, status="running", error=None, failed_at=None,
-        config=settings.to_dict(),
+        config=settings.to_dict(), project=str(settings.base_dir),
         dataset={"concepts": dataset.dataset_dirs(), "images": dataset.num_images,
                  "images_x_repeats": dataset.images_x_repeats},
         started_at_unix=started, base_model=str(base), device=str(trainer.device),

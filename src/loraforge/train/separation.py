@@ -243,15 +243,15 @@ def _base_model(record: dict[str, Any], settings: Settings, run: str) -> tuple[P
                      "(models.base), a model of the same name"]
 
 
-def newest_finished_run(runs_dir: Path) -> Path:
-    """The folder of the newest run that finished with its final LoRA, or a ForgeError."""
-    for record in reversed(runs.list_runs(runs_dir)):
-        run_dir = Path(record["dir"])
-        if record.get("status") == "finished" and runs.final_lora(run_dir).is_file():
-            return run_dir
-    raise ForgeError("no finished training run to measure", path=runs_dir,
-                     fix="train one first (`loraforge train`), or name a run: "
-                         "`loraforge eval RUN`")
+def newest_finished_run(runs_dir: Path, project: Path) -> runs.Chosen:
+    """This project's newest run that finished with its final LoRA (`runs.newest_finished`:
+    another project's on a shared storage root is refused, named), or a ForgeError."""
+    chosen = runs.newest_finished(runs_dir, project, "`loraforge eval {name}`")
+    if chosen is None:
+        raise ForgeError("no finished training run to measure", path=runs_dir,
+                         fix="train one first (`loraforge train`), or name a run: "
+                             "`loraforge eval RUN`")
+    return chosen
 
 
 def _recorded(record: dict[str, Any], settings: Settings) -> tuple[DatasetConfig, int, int]:

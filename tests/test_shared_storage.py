@@ -1,0 +1,103 @@
+"""Several projects on one storage root (a lab's): each run records the project that trained it,
+and the commands that take a run when none is named (`generate`, `eval`) take this project's,
+never another project's unnamed. Real runs, trained by `loraforge train` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import assert_user_error, run_cli, write_training_project
+
+GENERATE = "[generate]\nwidth = 96\nheight = 96\nsteps = 1\ncount = 1\n"
+
+
+@dataclass
+class Lab:
+    storage: Path
+    mine: Path
+    theirs: Path
+    new: Path  # a project without runs of its own
+
+    def run_dir(self, name: str) -> Path:
+        return self.storage / "Multi_Concept_Output" / name
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> Lab:
+    """Two projects train one run each on the lab's storage root: `mine_run`, then
+    `their_run` (the root's newest); a third project has none."""
+    base = tmp_path_factory.mktemp("lab")
+    storage = base / "lab_storage"
+    folders = {}
+    for name in ("mine", "theirs", "new"):
+        config = write_training_project(base / name, tiny_store, {"max_steps": 1})
+        config.write_text(config.read_text().replace('root = "store"', f'root = "{storage}"')
+                          + GENERATE)
+        folders[name] = base / name
+    shutil.rmtree(folders["new"] / "master_dataset")
+    for name, run in (("mine", "mine_run"), ("theirs", "their_run")):
+        done = run_cli("train", "--run", run, cwd=folders[name])
+        assert done.returncode == 0, done.stdout + done.stderr
+    return Lab(storage, folders["mine"], folders["theirs"], folders["new"])
+
+
+def _record(lab: Lab, run: str) -> dict[str, object]:
+    return json.loads((lab.run_dir(run) / "run.json").read_text())
+
+
+def test_a_run_records_the_project_that_trained_it(lab: Lab) -> None:
+    assert _record(lab, "mine_run")["project"] == str(lab.mine)
+    assert _record(lab, "their_run")["project"] == str(lab.theirs)
+
+
+def test_without_a_run_named_another_projects_run_is_refused_and_named(lab: Lab) -> None:
+    """`generate` in a project without runs rendered with the storage root's newest run: a
+    colleague's LoRA, and nothing said so; `eval` measured it."""
+    images = set(lab.storage.glob("Final_Images/*.png"))
+    result = run_cli("generate", cwd=lab.new)
+    assert_user_error(result, "no LoRA given", f"no finished training run of this project "
+                      f"({lab.new})", "`their_run`, is another project's", str(lab.theirs),
+                      "name it: `--lora their_run`")
+    assert set(lab.storage.glob("Final_Images/*.png")) == images
+    result = run_cli("eval", cwd=lab.new)
+    assert_user_error(result, "`their_run`, is another project's", str(lab.theirs),
+                      "name it: `loraforge eval their_run`")
+    assert not (lab.run_dir("their_run") / "separation.json").exists()
+
+
+def test_generate_and_eval_take_this_projects_run_though_another_projects_is_newer(
+        lab: Lab) -> None:
+    assert _record(lab, "their_run")["finished_at"] > _record(lab, "mine_run")["finished_at"]
+    result = run_cli("generate", cwd=lab.mine)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("note: no LoRA named: using run `mine_run`, this project's newest finished run"
+            in result.stdout), result.stdout
+    assert f"LoRA {lab.run_dir('mine_run') / 'mine_run.safetensors'} (weight" in result.stdout
+    assert "their_run" not in result.stdout
+    result = run_cli("eval", "--json", cwd=lab.mine)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["run"] == "mine_run"
+    assert "measuring run `mine_run`, this project's newest finished run" in result.stderr
+    assert (lab.run_dir("mine_run") / "separation.json").is_file()
+
+
+def test_a_run_recorded_before_runs_named_their_project_is_taken_and_said_so(
+        lab: Lab, tmp_path: Path) -> None:
+    """A run.json from before the field: its run may be this project's, as it always was
+    taken; the note says which run it is, and that its project is not known."""
+    old = tmp_path / "old_storage" / "Multi_Concept_Output" / "their_run"
+    shutil.copytree(lab.run_dir("their_run"), old)
+    record = json.loads((old / "run.json").read_text())
+    record.pop("project", None)
+    (old / "run.json").write_text(json.dumps(record))
+    result = run_cli("generate", "--set", f"storage.root={tmp_path / 'old_storage'}",
+                     cwd=lab.new)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "note: no LoRA named: using run `their_run`" in result.stdout
+    assert "its run.json names no project" in result.stdout
+    assert f"LoRA {old / 'their_run.safetensors'} (weight" in result.stdout
+
