@@ -101,3 +101,14 @@ def test_a_run_recorded_before_runs_named_their_project_is_taken_and_said_so(
     assert "its run.json names no project" in result.stdout
     assert f"LoRA {old / 'their_run.safetensors'} (weight" in result.stdout
 
+
+def test_runs_marks_the_runs_of_other_projects(lab: Lab) -> None:
+    result = run_cli("runs", "--json", cwd=lab.mine)
+    assert result.returncode == 0, result.stderr
+    assert {row["name"]: row["project"] for row in json.loads(result.stdout)} == {
+        "mine_run": str(lab.mine), "their_run": str(lab.theirs)}
+    result = run_cli("runs", cwd=lab.mine, env={"COLUMNS": "200"})
+    rows = {line.split()[1]: line for line in result.stdout.splitlines()
+            if line.startswith("│")}
+    assert f"another project's ({lab.theirs})" in rows["their_run"], result.stdout
+    assert "another project's" not in rows["mine_run"]

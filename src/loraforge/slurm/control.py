@@ -21,6 +21,7 @@ from loraforge.runs import (
     RunRecord,
     check_run_name,
     list_runs,
+    project_of,
     read_record,
     saved_states,
     state_step,
@@ -275,6 +276,7 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
             "job_id": slurm.get("job_id"), "node": slurm.get("node"),
             "error": stopped or record.get("error"),
             "moved": moved, "lacks": lacks, "lora": record.get("final_lora"),
+            "project": project_of(record),
             "updated_at": record.get("updated_at"), "dir": record.get("dir"),
             "params": {k: values.get(k) for k in differ}})
     return rows
@@ -309,7 +311,9 @@ def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
         loss = row["final_loss"]
         steps = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
         lacks = f"its {RECORD} records no {' and no '.join(row['lacks'])}" if row["lacks"] else None
-        note = "; ".join(text for text in (row["moved"], lacks, row["error"]) if text)
+        other = (f"another project's ({row['project']})"
+                 if row["project"] not in (None, str(settings.base_dir)) else None)
+        note = "; ".join(text for text in (other, row["moved"], lacks, row["error"]) if text)
         unknown = row["status"] == "damaged" or "settings" in row["lacks"]
         _add_row(table, row["name"], row["status"] or "?",
                  f"{loss:.4f}" if isinstance(loss, int | float) else "-", steps,
