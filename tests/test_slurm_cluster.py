@@ -370,6 +370,7 @@ def test_a_training_killed_on_its_node_shows_stopped_with_where_it_resumes(
     run_dir = project / "store" / "Multi_Concept_Output" / "oom"
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "running" and record["process_hosts"] == ["n1"], record
+    assert record["slurm"]["cluster"] == "loraforge-test", record  # job ids are per cluster
     listed = json.loads(run_cli("runs", "--json", cwd=project).stdout)
     assert listed[0]["status"] == "running", listed  # its job is running: not judged stopped
 
@@ -386,3 +387,11 @@ def test_a_training_killed_on_its_node_shows_stopped_with_where_it_resumes(
     assert f"from its last state (step {newest})" in run["error"], run
     status = json.loads(run_cli("slurm", "status", "oom", "--json", cwd=project).stdout)
     assert status[0]["state"] == "FAILED" and status[0]["run_status"] == "stopped", status
+    # Seen from another cluster mounting the same storage (here: from a job of it), whose SLURM
+    # knows nothing of this cluster's job: not stopped, as for a run on a machine without SLURM.
+    elsewhere = {"SLURM_CLUSTER_NAME": "other-cluster"}
+    (run,) = json.loads(run_cli("runs", "--json", cwd=project, env=elsewhere).stdout)
+    assert run["status"] == "running" and run["error"] is None, run
+    status = json.loads(run_cli("slurm", "status", "oom", "--json", cwd=project,
+                                env=elsewhere).stdout)
+    assert status[0]["run_status"] == "running", status

@@ -217,3 +217,47 @@ def test_a_run_killed_on_its_node_reads_stopped_in_runs_the_report_and_eval(
     assert "stopped" in page and ">running<" not in page
     code, out, err = _main(monkeypatch, capsys, "eval", "killed")
     assert code == 1 and "status: stopped" in err, err
+
+
+def test_a_run_training_on_another_cluster_is_not_read_stopped_from_this_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two clusters mounting one storage root: a run training in job 101 of cluster `alpha`,
+    looked at from cluster `beta` (whose scontrol knows no job 101), read "stopped", and `runs`
+    advised training it again beside its live trainer. Its own cluster still tells."""
+    mine, _ = _lab(tmp_path, monkeypatch)
+    (tmp_path / "bin" / "scontrol").write_text(
+        '#!/bin/sh\nif [ "$2" = config ]; then echo "ClusterName             = beta"; exit 0; fi\n'
+        'echo "slurm_load_jobs error: Invalid job id specified" >&2\nexit 1\n')
+    runs = tmp_path / "lab" / "Multi_Concept_Output"
+    for name, cluster in (("run_mine", "alpha"), ("here", "beta"), ("old", None)):
+        (runs / name).mkdir(parents=True)
+        slurm = {"job_id": "101", **({"cluster": cluster} if cluster else {})}
+        (runs / name / "run.json").write_text(json.dumps({
+            "name": name, "status": "running", "step": 70, "total_steps": 140,
+            "process_hosts": ["gpu-node-17"], "pid": 4242, "slurm": slurm,
+            "config": {"train": {"unet_lr": 1e-4}}}))
+    monkeypatch.chdir(mine)
+    code, out, err = _main(monkeypatch, capsys, "runs", "--json")
+    assert code == 0, err
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["run_mine"]["status"] == "running" and rows["run_mine"]["error"] is None, rows
+    assert rows["run_mine"]["cluster"] == "alpha"
+    # This cluster's job, and a record from before runs named their cluster: SLURM here says.
+    assert rows["here"]["status"] == rows["old"]["status"] == "stopped", rows
+    code, out, err = _main(monkeypatch, capsys, "slurm", "status", "--json")
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert (row["run"], row["run_status"]) == ("run_mine", "running"), row
+    code, _, err = _main(monkeypatch, capsys, "eval", "run_mine")
+    assert code == 1 and "status: running" in err, err
+    code, _, err = _main(monkeypatch, capsys, "report", "run_mine")
+    assert code == 0, err
+    page = (runs / "run_mine" / "report.html").read_text()
+    assert ">running<" in page and "status-stopped\">" not in page
+    # Inside a job of cluster alpha (SLURM_CLUSTER_NAME), its SLURM is asked: the job is gone.
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "alpha")
+    code, out, err = _main(monkeypatch, capsys, "runs", "--json")
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["run_mine"]["status"] == "stopped" and "gone from SLURM" in rows["run_mine"][
+        "error"], rows

@@ -164,14 +164,23 @@ STOPPED_WHY = ("its training process ended without updating its record (killed, 
                "memory, or its disk was full)")
 
 
+def on_this_cluster(record: dict[str, Any]) -> bool:
+    """Whether SLURM here can answer for the run's job: the job ran on this machine's cluster,
+    or its record does not say which (written before records said so). Job ids are a
+    cluster's own: two clusters mounting one storage root each have a job 12345, and each
+    calls the other's unknown."""
+    cluster = (record.get("slurm") or {}).get("cluster")
+    return not cluster or cluster == scheduler.cluster_name()
+
+
 def _job_ended(record: dict[str, Any]) -> tuple[str, bool] | None:
     """Why a run recorded as running is not, when its trainer ran in a SLURM job on another
     machine and SLURM says that job is no longer running it (killed without a word: out of
     memory, a node failure, `scancel --signal=KILL`), and whether the job goes on with it by
     itself (requeued). None: running, or not known from here (no job recorded, no SLURM on
-    this machine, or its controller does not answer)."""
+    this machine, its controller does not answer, or the job is another cluster's)."""
     job_id = (record.get("slurm") or {}).get("job_id")
-    if record.get("status") != "running" or not job_id:
+    if record.get("status") != "running" or not job_id or not on_this_cluster(record):
         return None
     try:
         found = scheduler.show_jobs([str(job_id)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -110,6 +111,39 @@ def show_jobs(job_ids: list[str]) -> list[dict[str, str]]:
         if result.returncode == 0:
             records += parse_records(result.stdout)
     return records
+
+
+#: The cluster name each `scontrol` (by path and SLURM_CONF) gave, once per process.
+_CLUSTERS: dict[tuple[str, str | None], str] = {}
+
+
+def cluster_name() -> str | None:
+    """The name of the SLURM cluster this machine is part of: SLURM_CLUSTER_NAME inside a job,
+    else the ClusterName of `scontrol show config` (asked once per process); None: no SLURM
+    here, or its controller does not answer."""
+    inside = os.environ.get("SLURM_CLUSTER_NAME")
+    if inside:
+        return inside
+    program = shutil.which("scontrol")
+    if program is None:
+        return None
+    key = (program, os.environ.get("SLURM_CONF"))
+    if key not in _CLUSTERS:
+        try:
+            result = _call([program, "show", "config"])
+        except ForgeError:  # no answer in time: not known, and not kept (it may answer later)
+            return None
+        found = None
+        if result.returncode == 0:
+            for line in result.stdout.splitlines():
+                name, sep, value = line.partition("=")
+                if sep and name.strip() == "ClusterName":
+                    found = value.strip() or None
+                    break
+        if found is None:
+            return None
+        _CLUSTERS[key] = found
+    return _CLUSTERS[key]
 
 
 def cancel(job_ids: list[str]) -> None:

@@ -21,6 +21,7 @@ from loraforge.runs import (
     RunRecord,
     check_run_name,
     list_runs,
+    on_this_cluster,
     project_of,
     read_record,
     saved_states,
@@ -101,6 +102,7 @@ def job_status(settings: Settings, jobs: list[dict[str, Any]], run: str | None,
             record = read_record(settings.runs_dir / entry["run"]) or {}
             row["run_status"] = record.get("status", "not started")
             if (_job_runs(record, entry["job_id"]) and row["run_status"] == "running"
+                    and on_this_cluster(record)  # else this SLURM knows nothing of its job
                     and live.get("JobState") not in scheduler.RUNNING_STATES):
                 row["run_status"] = "stopped"  # its job is no longer running it
         else:
@@ -274,6 +276,7 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
             "final_loss": record.get("final_loss"), "step": record.get("step"),
             "total_steps": record.get("total_steps"), "epochs": record.get("epochs"),
             "job_id": slurm.get("job_id"), "node": slurm.get("node"),
+            "cluster": slurm.get("cluster"),
             "error": stopped or record.get("error"),
             "moved": moved, "lacks": lacks, "lora": record.get("final_lora"),
             "project": project_of(record),

@@ -44,7 +44,9 @@ log = logging.getLogger("loraforge.train")
 
 SLURM_FIELDS = {"job_id": "SLURM_JOB_ID", "node": "SLURMD_NODENAME",
                 "restart_count": "SLURM_RESTART_COUNT", "array_job_id": "SLURM_ARRAY_JOB_ID",
-                "array_task_id": "SLURM_ARRAY_TASK_ID", "job_name": "SLURM_JOB_NAME"}
+                "array_task_id": "SLURM_ARRAY_TASK_ID", "job_name": "SLURM_JOB_NAME",
+                # job ids are per cluster: two clusters may mount one storage root
+                "cluster": "SLURM_CLUSTER_NAME"}
 
 
 def slurm_job() -> dict[str, str] | None:
