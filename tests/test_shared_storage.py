@@ -112,3 +112,38 @@ def test_runs_marks_the_runs_of_other_projects(lab: Lab) -> None:
             if line.startswith("│")}
     assert f"another project's ({lab.theirs})" in rows["their_run"], result.stdout
     assert "another project's" not in rows["mine_run"]
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
+
+
+def test_training_another_projects_run_is_refused_and_leaves_it_whole(lab: Lab) -> None:
+    """Two projects that keep one run name (the default) on a lab's storage root: the second
+    was told to pass --restart, which deleted the first project's LoRA and trained over it."""
+    before = _files(lab.run_dir("mine_run"))
+    for extra in ([], ["--restart"]):
+        result = run_cli("train", "--run", "mine_run", *extra, cwd=lab.theirs)
+        assert_user_error(result, "run `mine_run` is another project's", str(lab.mine),
+                          "--run NAME, or train.run_name in forge.toml")
+        assert _files(lab.run_dir("mine_run")) == before
+    result = run_cli("slurm", "train", "--run", "mine_run", cwd=lab.theirs)
+    assert_user_error(result, "run `mine_run` is another project's", "nothing was submitted")
+    result = run_cli("slurm", "train", "--run", "mine_run", "--dry-run", cwd=lab.theirs)
+    assert "# note: this job would fail: " in result.stdout, result.stdout
+    assert "run `mine_run` is another project's" in result.stdout
+
+
+def test_a_run_of_this_project_from_before_it_moved_goes_on(lab: Lab) -> None:
+    """A project folder moved (or reached by another path): the folder its runs record is gone,
+    and its finished run is handed back as before."""
+    moved = lab.run_dir("moved_run")
+    shutil.copytree(lab.run_dir("mine_run"), moved)
+    for old in moved.glob("mine_run*.safetensors"):
+        old.rename(moved / old.name.replace("mine_run", "moved_run"))
+    record = json.loads((moved / "run.json").read_text())
+    record["project"] = str(lab.mine.parent / "mine_before_it_moved")
+    (moved / "run.json").write_text(json.dumps(record))
+    result = run_cli("train", "--run", "moved_run", cwd=lab.mine)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "run `moved_run` had already finished" in result.stderr

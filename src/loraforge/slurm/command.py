@@ -84,9 +84,9 @@ def _preflight(options: Options, *checks: str, run: str | None = None,
     try:
         if "train" in checks and options.dry_run:
             from loraforge.dataset.scan import scan_dataset
-            from loraforge.runs import check_run_name
+            from loraforge.train.run import check_run
 
-            check_run_name(run if run is not None else settings.config.train.run_name)
+            check_run(settings, run)
             scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
         elif "train" in checks:
             from loraforge.train.run import check_inputs

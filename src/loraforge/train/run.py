@@ -79,11 +79,39 @@ def check_inputs(settings: Settings, run_name: str | None) -> tuple[str, Dataset
     from loraforge.models.store import resolve_base_model
     from loraforge.runtime import go_offline
 
-    name = runs.check_run_name(run_name if run_name is not None else settings.config.train.run_name)
+    name = check_run(settings, run_name)
     dataset = scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
     build_examples(dataset, settings.config.dataset, lambda _warning: None)  # the trainer warns
     go_offline(settings)
     return name, dataset, resolve_base_model(settings)
+
+
+def check_run(settings: Settings, run_name: str | None) -> str:
+    """The run's name (`--run`, else train.run_name), checked: a valid name, and not another
+    project's run (`_refuse_others`)."""
+    name = runs.check_run_name(run_name if run_name is not None else settings.config.train.run_name)
+    _refuse_others(settings.runs_dir / name, settings)
+    return name
+
+
+def _refuse_others(run_dir: Path, settings: Settings) -> None:
+    """A run folder of another project on a shared storage root (two projects that kept the
+    default run name): resuming it, handing it back or `--restart` would take over or delete
+    that project's run. The project recorded must still be there: a project moved elsewhere
+    (or reached by another path on another cluster) goes on with its runs."""
+    from loraforge.dataset.scan import shell_path
+
+    record = runs.read_record(run_dir)
+    owner = runs.project_of(record) if record else None
+    if owner is None or owner == str(settings.base_dir) or not Path(owner).is_dir():
+        return
+    raise ForgeError(f"run `{run_dir.name}` is another project's ({owner}): training it from "
+                     f"{settings.base_dir} would resume, hand back or replace (--restart) that "
+                     "project's run", path=run_dir,
+                     fix="give this project's run its own name: --run NAME, or train.run_name "
+                         "in forge.toml (every project on a storage root shares the default "
+                         f"name); if {shell_path(Path(owner))} is an old copy of this project, "
+                         "delete or move it first")
 
 
 def _check_final(final: Path) -> None:
