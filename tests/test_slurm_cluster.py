@@ -311,6 +311,9 @@ def test_cancel_stops_a_pending_job(scenarios: Scenarios, slurm_cluster: Cluster
     (job_id,) = _submitted_ids(run_cli("slurm", "train", "--run", "later", "--set",
                                        'slurm.extra=["--begin=now+1hour"]', cwd=project))
     assert slurm_cluster.job(job_id)["JobState"] == "PENDING"
+    recorded = json.loads((project / "store" / "jobs" / "jobs.json").read_text())["jobs"]
+    (entry,) = [j for j in recorded if j["job_id"] == job_id]
+    assert entry["cluster"] == "loraforge-test"  # job ids are a cluster's own
     cancelled = run_cli("slurm", "cancel", "later", cwd=project)
     assert cancelled.returncode == 0 and job_id in cancelled.stdout, cancelled.stderr
     assert slurm_cluster.wait(job_id, timeout=30)["JobState"] == "CANCELLED"

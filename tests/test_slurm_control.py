@@ -261,3 +261,31 @@ def test_a_run_training_on_another_cluster_is_not_read_stopped_from_this_one(
     rows = {row["name"]: row for row in json.loads(out)}
     assert rows["run_mine"]["status"] == "stopped" and "gone from SLURM" in rows["run_mine"][
         "error"], rows
+
+
+def test_a_job_of_another_cluster_is_not_cancelled_or_looked_up_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two clusters mounting one storage root: job 101 was submitted to cluster `alpha`. On
+    cluster `beta`, job 101 is someone else's job (ids are a cluster's own): `slurm cancel`
+    scancelled it, and `status` showed its state as this job's."""
+    mine, _ = _lab(tmp_path, monkeypatch)
+    jobs_json = tmp_path / "lab" / "jobs" / "jobs.json"
+    jobs = json.loads(jobs_json.read_text())["jobs"]
+    jobs[0]["cluster"] = "alpha"
+    jobs.insert(1, {**jobs[0], "job_id": "103", "run": "run_mine2", "cluster": "beta"})
+    jobs_json.write_text(json.dumps({"jobs": jobs}))
+    (tmp_path / "bin" / "scontrol").write_text(
+        '#!/bin/sh\nif [ "$2" = config ]; then echo "ClusterName             = beta"; exit 0; fi\n'
+        'echo "JobId=$4 JobName=other JobState=RUNNING StdOut=/dev/null"\n')
+    monkeypatch.chdir(mine)
+    code, out, err = _main(monkeypatch, capsys, "slurm", "status", "--json")
+    assert code == 0, err
+    states = {row["job_id"]: row["state"] for row in json.loads(out)}
+    assert states == {"101": "(on cluster alpha)", "103": "RUNNING"}, states
+    code, out, err = _main(monkeypatch, capsys, "slurm", "cancel")
+    assert code == 0 and out.strip() == "cancelled: 103", (out, err)
+    assert (tmp_path / "cancelled").read_text().split() == ["103"]
+    assert "job 101 was submitted to cluster alpha, not this one (beta)" in err
+    code, out, err = _main(monkeypatch, capsys, "slurm", "logs", "run_mine")
+    assert code == 0 and "log of mine" in out, (out, err)

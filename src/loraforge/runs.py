@@ -169,8 +169,7 @@ def on_this_cluster(record: dict[str, Any]) -> bool:
     or its record does not say which (written before records said so). Job ids are a
     cluster's own: two clusters mounting one storage root each have a job 12345, and each
     calls the other's unknown."""
-    cluster = (record.get("slurm") or {}).get("cluster")
-    return not cluster or cluster == scheduler.cluster_name()
+    return not scheduler.another_cluster((record.get("slurm") or {}).get("cluster"))
 
 
 def _job_ended(record: dict[str, Any]) -> tuple[str, bool] | None:

@@ -146,6 +146,15 @@ def cluster_name() -> str | None:
     return _CLUSTERS[key]
 
 
+
+def another_cluster(recorded: str | None) -> bool:
+    """Whether a job recorded as submitted to the cluster `recorded` is another cluster's than
+    this machine's: job ids are a cluster's own (two clusters that mount one storage root each
+    have a job 12345), so this SLURM cannot answer for it, nor cancel it. Not recorded (before
+    records said so) or not known here: False."""
+    return bool(recorded) and cluster_name() not in (None, recorded)
+
+
 def cancel(job_ids: list[str]) -> None:
     if not job_ids:
         return

@@ -87,11 +87,15 @@ def job_status(settings: Settings, jobs: list[dict[str, Any]], run: str | None,
                ) -> list[dict[str, Any]]:
     rows = []
     for entry in select_jobs(settings, jobs, run):
-        records = scheduler.show_jobs([entry["job_id"]])
+        elsewhere = scheduler.another_cluster(entry.get("cluster"))
+        records = [] if elsewhere else scheduler.show_jobs([entry["job_id"]])
         live = records[0] if records else {}
         row = {k: entry.get(k) for k in ("job_id", "kind", "run", "name", "log", "depends_on",
-                                         "submitted_at")}
-        if live:
+                                         "submitted_at", "cluster")}
+        if elsewhere:  # this SLURM's job of that id, if any, is another job
+            row.update(state=f"(on cluster {entry['cluster']})", reason="", node="",
+                       elapsed="", restarts="", exit_code="")
+        elif live:
             row.update(state=live.get("JobState", "?"), reason=live.get("Reason", ""),
                        node=live.get("NodeList", ""), elapsed=live.get("RunTime", ""),
                        restarts=live.get("Restarts", "0"), exit_code=live.get("ExitCode", ""))
@@ -186,6 +190,10 @@ def cancel_jobs(settings: Settings, run: str | None) -> list[str]:
         jobs = [j for j in own if j.get("submission") == own[-1].get("submission")]
     ids = []
     for entry in jobs:
+        if scheduler.another_cluster(entry.get("cluster")):  # the id here is another job's
+            _say(f"note: job {entry['job_id']} was submitted to cluster {entry['cluster']}, "
+                 f"not this one ({scheduler.cluster_name()}), left alone: cancel it there")
+            continue
         records = scheduler.show_jobs([entry["job_id"]])
         if records and records[0].get("JobState") in scheduler.ACTIVE_STATES:
             ids.append(entry["job_id"])
@@ -203,7 +211,8 @@ def job_log(settings: Settings, run: str | None, lines: int | None) -> tuple[Pat
     for entry in reversed(jobs):
         path = Path(entry["log"])
         if not path.is_file():
-            live = scheduler.show_jobs([entry["job_id"]]) if run is not None else []
+            asked = run is not None and not scheduler.another_cluster(entry.get("cluster"))
+            live = scheduler.show_jobs([entry["job_id"]]) if asked else []
             stdout = live[0].get("StdOut") if live else None
             if stdout and Path(stdout).is_file():
                 path = Path(stdout)

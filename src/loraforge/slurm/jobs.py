@@ -261,7 +261,8 @@ class Submitter:
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         common = {"kind": plan.job.kind, "name": plan.job.job_name, "submitted_at": now,
                   "submission": submission, "script": str(script),
-                  "project": str(self.project), "depends_on": parent}
+                  "project": str(self.project), "depends_on": parent,
+                  "cluster": scheduler.cluster_name()}
         if not plan.job.array:
             return [{"job_id": job_id, "run": plan.runs[0], **common,
                      "log": str(self.project / plan.job.log_name(job_id))}]
