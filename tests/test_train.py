@@ -583,6 +583,8 @@ def test_an_optimizer_that_cannot_run_here_is_a_clear_error(tmp_path: Path,
     assert_user_error(result, "AdamW8bit", "CUDA", "train.optimizer")
     result = run_cli("train", "--config", config, "--set", "train.optimizer=nosuch.Optim")
     assert_user_error(result, "nosuch.Optim", "cannot be imported")
+    # the refused new run leaves no empty folder behind (generate took it for a run)
+    assert list((tmp_path / "store" / "Multi_Concept_Output").iterdir()) == []
 
 
 def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(

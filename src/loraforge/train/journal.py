@@ -36,6 +36,7 @@ log = logging.getLogger("loraforge.train")
 LOSS_SMOOTHING = 0.98
 #: One JSON line per optimizer step; after a resume the last line for a step wins.
 HISTORY = "history.jsonl"
+LOG = "train.log"
 #: Steps whose losses a GPU run reads at once (a CPU reads each at once: it never waits).
 GPU_GROUP = 8
 #: The longest a person watching waits for the next progress update.
@@ -166,7 +167,7 @@ def setup_logging(run_dir: Path, world: World) -> logging.Handler | None:
     if not world.is_main:
         root.setLevel(logging.ERROR)
         return None
-    handler = _LogFile(run_dir / "train.log", encoding="utf-8")
+    handler = _LogFile(run_dir / LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.setLevel(logging.INFO)
     root.addHandler(handler)

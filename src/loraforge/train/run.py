@@ -24,7 +24,7 @@ from loraforge.hashing import env_time
 from loraforge.models.folders import exclusive
 from loraforge.train import distributed
 from loraforge.train.distributed import World, gather_objects
-from loraforge.train.journal import HISTORY, setup_logging
+from loraforge.train.journal import HISTORY, LOG, setup_logging
 from loraforge.train.plan import lr_factor
 from loraforge.train.resume import check_finished_with
 from loraforge.train.signals import Interrupted
@@ -184,8 +184,24 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     if run_dir.exists() and not run_dir.is_dir():
         raise ForgeError("is a file where the run's folder goes", path=run_dir,
                          fix="move that file away, or name another run with --run")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    # One training of a run at a time (a job submitted twice, sbatch beside a local run).
+    return _train_locked(settings, dataset, run_dir, base, restart, world, report, created)
+
+
+def _remove_if_unstarted(run_dir: Path) -> None:
+    """A new run refused before it recorded anything (its optimizer needs a GPU, say): the
+    folder made for it goes too, else an empty run is left that `generate` takes for a run."""
+    if {p.name for p in run_dir.iterdir()} <= {LOCK, LOG}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _train_locked(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
+                  restart: bool, world: World, report: ReportWriter | None, created: bool,
+                  ) -> TrainResult:
+    """The training of the run, one at a time (a job submitted twice, sbatch beside a local
+    run), logged to its train.log. `created`: its folder was made for this attempt."""
+    name = run_dir.name
     with exclusive(run_dir / LOCK, f"training run `{name}`") if world.is_main else nullcontext():
         if world.is_main:
             _remove_killed_saves(run_dir)
@@ -200,6 +216,10 @@ def train(settings: Settings, run_name: str | None, restart: bool,
             return result
         except Interrupted:
             clean = True
+            raise
+        except ForgeError:
+            if created and world.is_main:  # under the lock: no other training is in it
+                _remove_if_unstarted(run_dir)
             raise
         finally:
             distributed.leave(world, clean)
