@@ -595,12 +595,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, str]]) -> d
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    return parse_toml(read_config(path), path)
+
+
+def read_config(path: Path) -> bytes:
+    """A config file's bytes, as `parse_toml` takes them."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # Windows editors start it with a BOM
-    except UnicodeDecodeError:
-        raise ForgeError("is not UTF-8 text", path=path, fix="save it as UTF-8") from None
+        return path.read_bytes()
     except OSError as exc:
         raise ForgeError(f"cannot be read ({exc.strerror})", path=path) from None
+
+
+def parse_toml(raw: bytes, path: Path) -> dict[str, Any]:
+    """The TOML in `raw`, read from `path` (which its errors name)."""
+    try:
+        text = raw.decode("utf-8-sig")  # Windows editors start it with a BOM
+    except UnicodeDecodeError:
+        raise ForgeError("is not UTF-8 text", path=path, fix="save it as UTF-8") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as reading it as text does
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -643,15 +655,33 @@ def load_settings(path: Path | None = None, overrides: list[str] | None = None,
                   params: list[str] | None = None) -> Settings:
     """The config at `path` (else ./forge.toml, else the defaults), with the `--set`
     `overrides`, then a sweep's `--param` values (one value per key) applied."""
+    return load_settings_and_bytes(path, overrides, params)[0]
+
+
+def load_settings_and_bytes(path: Path | None = None, overrides: list[str] | None = None,
+                            params: list[str] | None = None) -> tuple[Settings, bytes | None]:
+    """`load_settings`, and the bytes of the config file the settings were read from (None: no
+    file, the defaults): what a submission keeps for its job is what it validated."""
     source = find_config(path)
-    data = read_toml(source) if source is not None else {}
+    raw = read_config(source) if source is not None else None
+    return settings_from(raw, source, overrides, params), raw
+
+
+def settings_from(raw: bytes | None, source: Path | None, overrides: list[str] | None = None,
+                  params: list[str] | None = None, read_from: Path | None = None) -> Settings:
+    """The settings in the config file bytes `raw` (None: the defaults) of the file `source`:
+    relative paths resolve against its folder and messages name it. `read_from`: where `raw`
+    was read, when not from `source` (a job's copy of the config it was submitted with): the
+    errors of its text name that file."""
+    named = read_from or source
+    data = parse_toml(raw, named) if raw is not None and named is not None else {}
     options = [*(("--set", item) for item in overrides or []),
                *(("--param", item) for item in params or [])]
     given = apply_overrides(data, options)
     try:
         config = ForgeConfig.model_validate(data)
     except ValidationError as exc:
-        where = str(source) if source is not None else "--set"
+        where = str(named) if named is not None else "--set"
         raise _explain(exc, where, given) from None
     base_dir = source.resolve().parent if source is not None else Path.cwd()
     return Settings(config, base_dir, source.resolve() if source is not None else None, given)
