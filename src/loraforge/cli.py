@@ -25,6 +25,7 @@ from loraforge.models.command import models_app
 from loraforge.options import ConfigOpt, JsonOpt, SetOpt
 from loraforge.report.command import report_command
 from loraforge.slurm.command import runs_command, slurm_app
+from loraforge.submitted import load_job_settings
 from loraforge.usage import HELP_OPTION_NAMES, conventional, report_usage_error
 
 app = typer.Typer(help="LoRA Forge: multi-concept LoRA training and posed scenes for SD 1.5.",
@@ -224,7 +225,9 @@ def train(
     early = {number: signal.signal(number, stop_early) for number in numbers}
     world = world_from_env()
     try:
-        settings = _settings(config, overrides)
+        settings, edited = load_job_settings(config, overrides or [])
+        if edited and world.is_main:  # in a job: forge.toml was edited since its submission
+            Console(stderr=True).print(edited, markup=False, soft_wrap=True)
         processes = settings.config.train.gpus
         if processes > 1 and not world.distributed:
             check_inputs(settings, run)

@@ -76,13 +76,16 @@ def tag_command(
     By default only images without a caption are tagged: hand-written captions are kept.
     """
     from loraforge.dataset.tagger import report_lines, tag_dataset
+    from loraforge.submitted import load_job_settings
 
     if overwrite and append:
         raise ForgeError("--overwrite and --append exclude each other",
                          fix="--append adds tags to existing captions; --overwrite replaces "
                              "them (with a backup): choose one")
     mode = "overwrite" if overwrite else "append" if append else "missing"
-    settings = _settings(config, overrides)
+    settings, edited = load_job_settings(config, overrides or [])
+    if edited:  # in a job: forge.toml was edited since its submission
+        Console(stderr=True, soft_wrap=True, highlight=False).print(Text(edited))
     result = tag_dataset(settings, concepts, threshold, character_threshold, mode, batch_size,
                          _say, device=device.value)
     _warn(result.warnings)

@@ -90,17 +90,19 @@ def generate_command(
 
     from rich.console import Console
 
-    from loraforge.config import load_settings
     from loraforge.errors import RESUMABLE_EXIT, ForgeError
     from loraforge.generate.pipeline import PRECISIONS
     from loraforge.generate.run import Stopped, generate
     from loraforge.generate.scenes import Options
+    from loraforge.submitted import load_job_settings
 
     if precision not in PRECISIONS:
         raise ForgeError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}",
                          fix="use --precision auto (the default)")
     extra = [] if batch_size is None else [f"generate.batch_size={batch_size}"]
-    settings = load_settings(config, [*(overrides or []), *extra])
+    settings, edited = load_job_settings(config, [*(overrides or []), *extra])
+    if edited:  # in a job: forge.toml was edited since its submission
+        Console(stderr=True).print(edited, markup=False, soft_wrap=True)
     out = Console(soft_wrap=True, highlight=False)
     logger = logging.getLogger("loraforge.generate")
     if not logger.handlers:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from loraforge import scheduler
-from loraforge.config import load_settings, parse_override
+from loraforge.config import load_settings_and_bytes, parse_override, settings_from
 from loraforge.errors import ForgeError
 from loraforge.fsutil import storage_umask, write_atomic
 from loraforge.generate.loras import split_weight
@@ -39,6 +40,8 @@ from loraforge.slurm.script import (
 
 JOBS_DIR = "jobs"
 JOBS_RECORD = "jobs.json"
+#: Under jobs/: the configs jobs were submitted with, one file per content (its sha256).
+CONFIGS_DIR = "configs"
 MAX_ARRAY = 1000
 
 
@@ -115,7 +118,8 @@ class Planned:
 class Submitter:
     def __init__(self, options: Options) -> None:
         self.options = options
-        self.settings = load_settings(options.config, options.overrides)
+        self.settings, self.config_bytes = load_settings_and_bytes(options.config,
+                                                                   options.overrides)
         self.res = resources(self.settings, options.gpus)
         self.project = self.settings.base_dir
 
@@ -133,7 +137,30 @@ class Submitter:
         return JobScript(res=self.res, activate=absolute_activate(settings),
                          umask=umask_for(settings.file_mode),
                          hf_home=quote(str(settings.cache_dir / "huggingface")),
-                         workdir=self.project, storage_root=settings.storage_root, **values)
+                         workdir=self.project, storage_root=settings.storage_root,
+                         submitted_config=self.submitted_config, **values)
+
+    @property
+    def submitted_config(self) -> tuple[Path, Path] | None:
+        """(where the config as validated is kept for the job, the config file), named by its
+        content: submissions of the same file share a copy, an edited one gets its own."""
+        if self.settings.source is None or self.config_bytes is None:
+            return None
+        digest = hashlib.sha256(self.config_bytes).hexdigest()
+        return (self.jobs_dir / CONFIGS_DIR / f"forge-{digest}.toml", self.settings.source)
+
+    def _keep_config(self) -> None:
+        """Write the copy the job reads (once per content: a copy already there is kept)."""
+        if self.submitted_config is None or self.config_bytes is None:
+            return
+        copy = self.submitted_config[0]
+        try:
+            if copy.read_bytes() == self.config_bytes:
+                return
+        except OSError:  # not there yet (or not readable: written again)
+            pass
+        with storage_umask(self.settings.file_mode):  # jobs/configs/, for the group
+            write_atomic(copy, self.config_bytes, self.settings.file_mode)
 
     def train_job(self, run: str) -> JobScript:
         words = [*self.base_words(), "--run", run]
@@ -197,6 +224,7 @@ class Submitter:
             load_jobs(root)
         (self.project / LOG_DIR).mkdir(parents=True, exist_ok=True)
         submission = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        self._keep_config()
         scripts = [self._write(plan.job) for plan in plans]
         ids: dict[int, str] = {}
         entries: list[dict[str, Any]] = []
@@ -371,7 +399,7 @@ def submit_sweep(options: Options, run: str | None, params: list[str],
     base = check_run_name(run if run is not None else sub.settings.config.train.run_name)
     tasks = sweep_tasks(base, parse_params(params))
     for task in tasks:  # every combination must be a valid config before anything is submitted
-        load_settings(options.config, options.overrides, task.sets)
+        settings_from(sub.config_bytes, sub.settings.source, options.overrides, task.sets)
     entries = sub.submit([Planned(sub.sweep_job(base, tasks, max_parallel),
                                   [t.run for t in tasks])], echo)
     if not options.dry_run:

@@ -27,6 +27,7 @@ from loraforge.slurm.validate import (
     parse_time,
     split_gres,
 )
+from loraforge.submitted import SUBMITTED_ENV, SUBMITTED_FROM_ENV
 
 TRAIN_SCRIPT = "submit_training.ssub"
 INFERENCE_SCRIPT = "submit_inference.ssub"
@@ -120,6 +121,8 @@ class JobScript:
     hf_home: str
     workdir: Path | None = None  # None: the folder sbatch was run from
     storage_root: Path | None = None  # None: loraforge resolves it in the job
+    #: (the copy of the config as submitted, the config file): the job reads the copy
+    submitted_config: tuple[Path, Path] | None = None
     failed_command: list[str] | None = None
     array: list[ArrayTask] = field(default_factory=list)
     max_parallel: int | None = None
@@ -220,6 +223,7 @@ def render(job: JobScript) -> str:
         f"export HF_HOME={job.hf_home}",
         "export " + " ".join(f"{name}=1" for name in OFFLINE),
         *_storage_lines(job),
+        *_config_lines(job),
         "# One thread per CPU SLURM gave the job.",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         'export MKL_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
@@ -300,6 +304,18 @@ def _storage_lines(job: JobScript) -> list[str]:
         return []
     return ["# The storage root the submission used (absolute, whatever the job inherits).",
             f"export {STORAGE_ENV}={quote(str(job.storage_root))}"]
+
+
+def _config_lines(job: JobScript) -> list[str]:
+    """The copy of forge.toml the submission kept: the job may start hours later, after the
+    file was edited for the next experiment, and runs with what was submitted."""
+    if job.submitted_config is None:
+        return []
+    copy, source = job.submitted_config
+    return ["# The config as submitted: loraforge reads this copy of it, not the file as edited",
+            "# since, and notes in the log what was edited.",
+            f"export {SUBMITTED_ENV}={quote(str(copy))}",
+            f"export {SUBMITTED_FROM_ENV}={quote(str(source))}"]
 
 
 def _term_trap(job: JobScript) -> list[str]:
