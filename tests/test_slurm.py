@@ -677,6 +677,147 @@ def test_a_lora_with_a_weight_given_from_another_folder_reaches_the_job(tmp_path
     assert loras == [f"{elsewhere}/mylora.safetensors:0.7", f"{elsewhere}/mylora.safetensors"]
 
 
+# --- the config as submitted: a queued job does not read forge.toml as edited since ---------
+def _submit(tmp_path: Path, project: Path, *args: str) -> Path:
+    """`loraforge slurm ARGS` with a stand-in sbatch (job 42); the job script it wrote."""
+    result = run_cli("slurm", *args, cwd=project, env=_stand_in(tmp_path, "sbatch", "echo 42"))
+    assert result.returncode == 0, result.stderr
+    (job,) = json.loads((project / "store" / "jobs" / "jobs.json").read_text())["jobs"]
+    return Path(job["script"])
+
+
+def _run_job(script: Path) -> subprocess.CompletedProcess[str]:
+    """The written job script run by bash, as the node runs it (no SLURM: no requeue)."""
+    env = {k: v for k, v in os.environ.items() if k != "LORAFORGE_STORAGE_ROOT"}
+    return subprocess.run(["bash", str(script)], cwd=script.parent, capture_output=True,
+                          text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def _exported_copy(script: Path) -> Path:
+    """The copy of the config the job script tells loraforge to read."""
+    prefix = "export LORAFORGE_SUBMITTED_CONFIG="
+    lines = [line for line in script.read_text().splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, f"{script} exports no copy of the config it was submitted with"
+    return Path(lines[0][len(prefix):])
+
+
+def _one_epoch(project: Path) -> Path:
+    config = project / "forge.toml"
+    config.write_text(config.read_text().replace("epochs = 3\n", "epochs = 1\n"))
+    return config
+
+
+def test_a_queued_job_trains_the_config_as_submitted_not_as_edited_since(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """The job ran `loraforge train --config forge.toml` and read the file when it started:
+    edits made while it waited in the queue (the next experiment being tuned) were trained,
+    silently. It trains what was submitted, and its log names what was edited since."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    config = _one_epoch(project)
+    script = _submit(tmp_path, project, "train")
+    config.write_text(config.read_text().replace("network_dim = 4\n", "network_dim = 8\n")
+                      .replace("[train]\n", "[train]\nseed = 7\n"))
+    done = _run_job(script)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((project / "store" / "Multi_Concept_Output" / "multi_concept"
+                         / "run.json").read_text())
+    assert record["status"] == "finished"
+    assert record["config"]["train"]["network_dim"] == 4
+    assert record["config"]["train"]["seed"] != 7
+    note = (f"note: {config} was edited after this job was submitted; this job uses the config "
+            f"as it was submitted (kept in {_exported_copy(script)}); the edits apply to the "
+            "next submission.")
+    assert note in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    changed = lines[lines.index(next(line for line in lines if line.startswith(note))) + 1:][:2]
+    assert changed == ["  train.network_dim: 4 -> 8", "  train.seed: (not set) -> 7"], lines
+
+
+def test_a_job_whose_config_was_not_edited_says_nothing_of_it(tmp_path: Path,
+                                                              tiny_store: Path) -> None:
+    project = _project(tmp_path, tiny_store=tiny_store)
+    config = _one_epoch(project)
+    script = _submit(tmp_path, project, "train")
+    done = _run_job(script)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "edited" not in done.stdout + done.stderr
+    # a comment (or spacing) edited changes no setting: the requeued job says nothing either
+    config.write_text("# tuning the next run\n" + config.read_text())
+    again = _run_job(script)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already finished" in again.stderr and "edited" not in again.stdout + again.stderr
+
+
+def test_a_job_whose_submitted_config_is_gone_says_so_and_how_to_resubmit(
+        tmp_path: Path, tiny_store: Path) -> None:
+    project = _project(tmp_path, tiny_store=tiny_store)
+    script = _submit(tmp_path, project, "train")
+    copy = _exported_copy(script)
+    copy.unlink()
+    done = _run_job(script)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    error = done.stderr.replace("\n", " ")
+    for needle in (f"{copy}: cannot be read (No such file or directory)",
+                   f"this job runs with this copy of {project / 'forge.toml'} as it was "
+                   "submitted", "fix: submit the job again"):
+        assert needle in error, (needle, done.stderr)
+    assert not (project / "store" / "Multi_Concept_Output").exists()
+
+
+@pytest.mark.parametrize("command", [  # a generation reading forge.toml is small: it fails fast
+    ["generate", "--lora", "none", "--set", "generate.steps=1", "--set", "generate.width=128",
+     "--set", "generate.height=128"], ["tag", "--gpus", "0"]])
+def test_generation_and_tagging_jobs_read_the_submitted_config_too(
+        tmp_path: Path, tiny_store: Path, command: list[str]) -> None:
+    """The script a dry run prints names the copy a submission would keep; run without it,
+    `loraforge generate` and `dataset tag` refuse as `train` does: they read the copy."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    dry = run_cli("slurm", *command, "--dry-run", cwd=project)
+    assert dry.returncode == 0, dry.stderr
+    script = tmp_path / "printed.ssub"
+    script.write_text(dry.stdout[dry.stdout.index("#!/bin/bash"):dry.stdout.index("# would")])
+    copy = _exported_copy(script)
+    assert not copy.exists()
+    done = _run_job(script)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert f"{copy}: cannot be read (No such file or directory)" in done.stderr, done.stderr
+    assert "fix: submit the job again" in done.stderr.replace("\n", " ")
+
+
+def test_each_submission_keeps_the_config_it_submitted_for_its_job(tmp_path: Path,
+                                                                  tiny_store: Path) -> None:
+    """The script exports where the copy is; submissions of the same file share one copy, an
+    edited file gets its own and the copy a queued job reads stays as it was."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    config = project / "forge.toml"
+    submitted = config.read_bytes()
+    env = _stand_in(tmp_path, "sbatch", "echo 42")
+    for _ in range(2):
+        assert run_cli("slurm", "train", cwd=project, env=env).returncode == 0
+    configs = project / "store" / "jobs" / "configs"
+    (copy,) = configs.iterdir()
+    assert copy.read_bytes() == submitted
+    assert copy.stat().st_mode & 0o777 == 0o644
+    for script in (project / "store" / "jobs").glob("*.ssub"):
+        lines = script.read_text().splitlines()
+        assert f"export LORAFORGE_SUBMITTED_CONFIG={copy}" in lines
+        assert f"export LORAFORGE_SUBMITTED_FROM={config}" in lines
+    config.write_text(config.read_text().replace("epochs = 3", "epochs = 4"))
+    assert run_cli("slurm", "train", cwd=project, env=env).returncode == 0
+    (edited,) = set(configs.iterdir()) - {copy}
+    assert edited.read_bytes() == config.read_bytes() and copy.read_bytes() == submitted
+    # a pipeline's generation reads the copy its training reads; a dry run writes none
+    config.write_text(config.read_text().replace("epochs = 4", "epochs = 5"))
+    dry = run_cli("slurm", "pipeline", "--dry-run", cwd=project)
+    assert dry.returncode == 0, dry.stderr
+    exports = [line for line in dry.stdout.splitlines()
+               if line.startswith("export LORAFORGE_SUBMITTED_CONFIG=")]
+    assert len(exports) == 2 and exports[0] == exports[1]
+    assert set(configs.iterdir()) == {copy, edited}
+
+
 def test_mark_failed_records_the_reason(tmp_path: Path) -> None:
     project = _project(tmp_path)
     run_dir = project / "store" / "Multi_Concept_Output" / "r9"
@@ -876,9 +1017,12 @@ def test_the_job_record_is_shared_with_the_group_by_the_file_mode(tmp_path: Path
     assert result.returncode == 0, result.stderr
     jobs = project / "store" / "jobs"
     (script,) = jobs.glob("*.ssub")
+    (copy,) = (jobs / "configs").iterdir()  # the config as submitted, which the job reads
     modes = {path.name: path.stat().st_mode & 0o777
-             for path in (jobs, script, jobs / "jobs.json", jobs / ".jobs.lock")}
-    assert modes == {"jobs": 0o775, script.name: 0o764, "jobs.json": 0o664, ".jobs.lock": 0o664}
+             for path in (jobs, script, jobs / "jobs.json", jobs / ".jobs.lock", copy.parent,
+                          copy)}
+    assert modes == {"jobs": 0o775, script.name: 0o764, "jobs.json": 0o664, ".jobs.lock": 0o664,
+                     "configs": 0o775, copy.name: 0o664}
 
 
 def test_a_queued_job_whose_record_fails_is_named_and_not_submitted_twice(
