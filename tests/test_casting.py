@@ -525,6 +525,8 @@ def test_an_uncast_image_made_in_place_of_a_cast_one_leaves_no_masks_of_it(
     ("overlap.json", FIGURES, "figures 1 and 2 (from the left) overlap"),
     ("empty.json", FIGURES, "draws no figure on its 128x96 canvas (no people"),
     ("random", '[[scene.figure]]\ncharacter = "nobody"\n', "unknown character `nobody`"),
+    # not a run: the folder two levels above the runs
+    ("random", '[[scene.figure]]\ncharacter = "../.."\n', "unknown character `../..`"),
     ("drawn.png", FIGURES, "has 3 figures, the scene casts 2"),
 ])
 def test_bad_casts_are_refused_before_rendering(tmp_path: Path, tiny_store: Path,
@@ -539,6 +541,7 @@ def test_bad_casts_are_refused_before_rendering(tmp_path: Path, tiny_store: Path
     _pose_file(tmp_path / "overlap.json", [(20, 70), (60, 110)])
     write_pose_json(tmp_path / "empty.json", PoseMap(WIDTH, HEIGHT, ()))
     draw_pose(random_pose(3, 192, HEIGHT, 1)).save(tmp_path / "drawn.png")
+    (tmp_path / "store" / "Multi_Concept_Output").mkdir(parents=True)  # the runs, none yet
     with pytest.raises(ForgeError) as caught:
         generate(load_settings(config), Options(scenes=_scene(tmp_path, pose, figures)),
                  lambda line: None)

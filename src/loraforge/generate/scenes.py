@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge.errors import ForgeError
 from loraforge.generate import loras as lora_files
 from loraforge.generate.prompts import extract_lora_tags
-from loraforge.runs import final_lora
+from loraforge.runs import NAME_PATTERN, final_lora
 from loraforge.sample_prompts import MAX_SEED
 from loraforge.samplers import check_sampler
 
@@ -713,8 +713,7 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
         return default.concepts[name], None, lora_files.LoraUse(default, weight)
     if default is not None:
         known += [c for c in default.concepts if c not in known]
-    run_dir = settings.runs_dir / name
-    if run_dir.is_dir():
+    if NAME_PATTERN.match(name) and (settings.runs_dir / name).is_dir():  # not `../x`
         own = resolver.ref(name, None, where.origin, where.base)
         concepts = list(own.lora.concepts.values())
         return (concepts[0] if len(concepts) == 1 else name), own, None
