@@ -3,9 +3,14 @@ refuses a folder that is not its own before writing anything."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import assert_user_error, run_cli
+
+from loraforge.errors import RESUMABLE_EXIT
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -49,3 +54,25 @@ def test_demo_keeps_everything_in_its_folder_though_a_storage_root_is_exported(
     run = tmp_path / "demo" / "Multi_Concept_Output" / "multi_concept"
     assert (run / "multi_concept.safetensors").is_file() and (run / "report.html").is_file()
     assert list((tmp_path / "demo" / "Final_Images").glob("*.png"))
+
+
+def test_demo_interrupted_while_training_saves_and_says_to_rerun(tmp_path: Path) -> None:
+    """Ctrl-C (or the job's SIGTERM) during `make demo` printed a traceback of `Interrupted`
+    and exited 1, where `loraforge train` says the state is saved and exits 75."""
+    process = subprocess.Popen([sys.executable, "-m", "loraforge", "demo", "demo"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "multi_concept-000001.safetensors" in line:  # training, its first epoch saved
+            process.send_signal(signal.SIGINT)
+            break
+    out, _ = process.communicate(timeout=300)
+    text = "".join(seen) + out
+    assert process.returncode == RESUMABLE_EXIT, text
+    assert "Traceback" not in text
+    assert "interrupted while training (state saved); rerun the same command" in text
+    run = tmp_path / "demo" / "Multi_Concept_Output" / "multi_concept"
+    assert list((run / "state").glob("step-*"))

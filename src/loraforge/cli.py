@@ -304,10 +304,19 @@ def eval_run(
 def demo(directory: Annotated[Path, typer.Argument(
         help="Folder to create, or an earlier demo's to reuse (a project of yours is refused)."
         )] = Path("demo")) -> None:
-    """The whole journey on the embedded tiny model: dataset, check, train, posed scene."""
+    """The whole journey on the embedded tiny model: dataset, check, train, posed scene.
+    Interrupted while it trains (Ctrl-C, a signal), it saves the training's state and exits 75:
+    the same command goes on from there."""
     from loraforge.demo import run_demo
+    from loraforge.train.signals import RESUMABLE_EXIT, Interrupted
 
-    run_demo(directory, out)
+    try:
+        run_demo(directory, out)
+    except Interrupted as stop:
+        done = "state saved" if stop.saved else "nothing to save yet"
+        Console(stderr=True).print(f"interrupted while training ({done}); rerun the same "
+                                   "command (or `make demo`) to go on", markup=False)
+        raise typer.Exit(RESUMABLE_EXIT) from None
 
 
 #: Commands whose errors the built-in defaults may explain, outside a project (not init and
