@@ -827,6 +827,17 @@ def test_mark_failed_records_the_reason(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     record = json.loads((run_dir / "run.json").read_text())
     assert (record["status"], record["error"]) == ("failed", "gave up")
+    # In its job, with forge.toml half edited since the submission: the submitted copy serves.
+    config = project / "forge.toml"
+    copy = tmp_path / "submitted.toml"
+    copy.write_bytes(config.read_bytes())
+    config.write_text(config.read_text() + "[train\n")
+    result = run_cli("slurm", "mark-failed", "--config", config, "--run", "r9", "--reason",
+                     "requeued too often", cwd=project,
+                     env={"LORAFORGE_SUBMITTED_CONFIG": str(copy),
+                          "LORAFORGE_SUBMITTED_FROM": str(config)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "run.json").read_text())["error"] == "requeued too often"
 
 
 def test_runs_lists_status_loss_and_the_swept_values(tmp_path: Path) -> None:
@@ -1131,3 +1142,26 @@ def test_a_site_wrapper_that_hides_the_job_id_or_a_refused_scancel_is_named(
         result = run_cli("slurm", command, cwd=project, env=env)
         assert_user_error(result, "scontrol could not reach the SLURM controller",
                           "state of job 42 is unknown", "sinfo")
+
+
+def test_a_job_sbatch_sent_to_another_cluster_is_recorded_on_that_cluster(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """`slurm.extra = ["--clusters=beta"]` from a login node of cluster alpha: sbatch answers
+    `555;beta`. jobs.json recorded alpha, so `slurm cancel` scancelled alpha's job 555, a
+    stranger's, and `status` showed its state."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    env = _stand_in(tmp_path, "sbatch", 'echo "555;beta"')
+    _stand_in(tmp_path, "scontrol", 'if [ "$2" = config ]; then echo "ClusterName = alpha"; '
+              'exit 0; fi\necho "JobId=$4 JobName=stranger JobState=RUNNING"')
+    calls = tmp_path / "scancel.calls"
+    _stand_in(tmp_path, "scancel", f'echo "$@" >> {calls}')
+    result = run_cli("slurm", "train", cwd=project, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "submitted job 555" in result.stdout
+    (entry,) = json.loads((project / "store" / "jobs" / "jobs.json").read_text())["jobs"]
+    assert (entry["job_id"], entry["cluster"]) == ("555", "beta")
+    result = run_cli("slurm", "status", "--json", cwd=project, env=env)
+    assert [row["state"] for row in json.loads(result.stdout)] == ["(on cluster beta)"]
+    result = run_cli("slurm", "cancel", cwd=project, env=env)
+    assert result.returncode == 0 and not calls.exists(), result.stdout + result.stderr
+    assert "job 555 was submitted to cluster beta, not this one (alpha)" in result.stderr

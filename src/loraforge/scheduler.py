@@ -75,8 +75,9 @@ def _call(args: list[str], cwd: Path | None = None, timeout: float = 60,
                          fix="check that the SLURM controller is up (`sinfo`)") from None
 
 
-def sbatch(script: Path, options: list[str], cwd: Path) -> str:
-    """Submit `script` with `sbatch --parsable OPTIONS`; return the job id."""
+def sbatch(script: Path, options: list[str], cwd: Path) -> tuple[str, str | None]:
+    """Submit `script` with `sbatch --parsable OPTIONS`; return the job id and the cluster
+    sbatch names when the job went to another cluster (`--clusters`: `555;beta`), else None."""
     program = require("sbatch", script)
     result = _call([program, "--parsable", *options, str(script)], cwd=cwd)
     if result.returncode:
@@ -88,12 +89,12 @@ def sbatch(script: Path, options: list[str], cwd: Path) -> str:
         raise ForgeError(f"sbatch refused the job: {message}", path=script,
                          fix="check the [slurm] section of forge.toml (partition, account, qos, "
                              "gpus, mem, time); the script named above is what was submitted")
-    job_id = result.stdout.strip().split(";")[0]
+    job_id, _, cluster = result.stdout.strip().partition(";")
     if not job_id.isdigit():
         raise ForgeError(f"sbatch answered {result.stdout.strip()!r}, not a job id", path=script,
                          fix="check with `squeue --me` whether it was queued; a wrapper around "
                              "sbatch must pass `--parsable` through")
-    return job_id
+    return job_id, cluster.strip() or None
 
 
 def show_jobs(job_ids: list[str]) -> list[dict[str, str]]:

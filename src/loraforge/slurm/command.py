@@ -287,8 +287,10 @@ def slurm_mark_failed(
 ) -> None:
     """Used by job scripts: mark a run failed in run.json (e.g. requeued too often)."""
     from loraforge.slurm.control import mark_failed
+    from loraforge.submitted import load_job_settings
 
-    run_dir = mark_failed(_settings(config, overrides), run, reason)
+    settings, _ = load_job_settings(config, overrides)  # in its job: the config as submitted
+    run_dir = mark_failed(settings, run, reason)
     typer.echo(f"marked failed: {run_dir}")
 
 

@@ -232,14 +232,14 @@ class Submitter:
         for i, (plan, script) in enumerate(zip(plans, scripts, strict=True)):
             options = self._dependency(plans, i, ids)
             try:
-                ids[i] = scheduler.sbatch(script, options, self.project)
+                ids[i], cluster = scheduler.sbatch(script, options, self.project)
             except ForgeError as exc:
                 if not ids:
                     raise
                 raise _half_submitted(exc, plans[i], list(ids.values())) from None
             new = self._entries(plan, script, ids[i], submission,
                                 ids.get(plan.depends_on) if plan.depends_on is not None
-                                else None)
+                                else None, cluster or scheduler.cluster_name())
             try:
                 record_jobs(root, new, mode)
             except (OSError, ForgeError) as exc:
@@ -285,12 +285,13 @@ class Submitter:
         return path
 
     def _entries(self, plan: Planned, script: Path, job_id: str, submission: str,
-                 parent: str | None) -> list[dict[str, Any]]:
+                 parent: str | None, cluster: str | None) -> list[dict[str, Any]]:
+        """jobs.json's entries for a queued job; `cluster`: the one it was queued on (its id
+        is that cluster's own)."""
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         common = {"kind": plan.job.kind, "name": plan.job.job_name, "submitted_at": now,
                   "submission": submission, "script": str(script),
-                  "project": str(self.project), "depends_on": parent,
-                  "cluster": scheduler.cluster_name()}
+                  "project": str(self.project), "depends_on": parent, "cluster": cluster}
         if not plan.job.array:
             return [{"job_id": job_id, "run": plan.runs[0], **common,
                      "log": str(self.project / plan.job.log_name(job_id))}]
