@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,3 +148,50 @@ def test_a_run_of_this_project_from_before_it_moved_goes_on(lab: Lab) -> None:
     result = run_cli("train", "--run", "moved_run", cwd=lab.mine)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "run `moved_run` had already finished" in result.stderr
+    result = run_cli("runs", cwd=lab.mine, env={"COLUMNS": "200"})  # nor does its listing
+    assert "mine_before_it_moved" not in result.stdout, result.stdout
+
+
+def test_this_project_reached_by_another_path_is_still_this_project(lab: Lab,
+                                                                     tmp_path: Path) -> None:
+    """A bind mount (an automounter's /gpfs/home/u beside /home/u): the same project folder by
+    a second path was refused its own runs, and told to move its own folder away."""
+    view = tmp_path / "view"
+    view.mkdir()
+    done = subprocess.run(["mount", "--bind", str(lab.mine.parent), str(view)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a bind mount is not permitted here: {done.stderr.strip()}")
+    try:
+        result = run_cli("train", "--run", "mine_run", cwd=view / "mine")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "run `mine_run` had already finished" in result.stderr
+        result = run_cli("generate", cwd=view / "mine")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "using run `mine_run`, this project's newest finished run" in result.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(view)], capture_output=True)
+
+
+def test_a_copied_project_holding_its_own_runs_keeps_them(lab: Lab, tmp_path: Path) -> None:
+    """`cp -a` of a project whose storage is its own folder (`storage.root = "."`, as init
+    writes it), or of a demo: its runs record the original's folder, but they lie in the copy,
+    and no other project's work is at stake there."""
+    original = tmp_path / "original"
+    shutil.copytree(lab.mine, original, ignore=shutil.ignore_patterns("store"))
+    config = original / "forge.toml"
+    config.write_text(config.read_text().replace(f'root = "{lab.storage}"', 'root = "."'))
+    runs = original / "Multi_Concept_Output"
+    shutil.copytree(lab.run_dir("mine_run"), runs / "mine_run")
+    record = json.loads((runs / "mine_run" / "run.json").read_text())
+    record["project"] = str(original)
+    record["config"]["storage"]["root"] = "."
+    (runs / "mine_run" / "run.json").write_text(json.dumps(record))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    result = run_cli("generate", cwd=copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"LoRA {copy / 'Multi_Concept_Output' / 'mine_run' / 'mine_run.safetensors'}" \
+        in result.stdout
+    result = run_cli("runs", cwd=copy, env={"COLUMNS": "200"})
+    assert "mine_run" in result.stdout and "another project's" not in result.stdout

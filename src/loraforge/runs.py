@@ -249,6 +249,31 @@ def project_of(record: dict[str, Any]) -> str | None:
     return record.get("project") or None
 
 
+def another_project(record: dict[str, Any], project: Path, runs_dir: Path) -> str | None:
+    """The project folder that trained the run, when it is another project than `project`
+    (whose runs are in `runs_dir`); None when the run is this project's, or not known to be
+    another's:
+    - its record names no project (trained before runs recorded theirs);
+    - it names this folder, by its path or as the file system sees it (a symlink, a bind
+      mount, an automounter's second path);
+    - the runs lie inside this project's folder (`storage.root = "."`, as `init` writes it):
+      a copied project, or a copied demo, holds runs of its own;
+    - the folder it names is not on this machine, and the run was not trained on another
+      cluster (whose mount points may differ): the project moved."""
+    owner = project_of(record)
+    if owner is None or owner == str(project):
+        return None
+    if runs_dir.resolve().is_relative_to(project.resolve()):
+        return None
+    try:
+        if os.path.samefile(owner, project):
+            return None
+    except OSError:  # not on this machine
+        if not scheduler.another_cluster((record.get("slurm") or {}).get("cluster")):
+            return None
+    return owner
+
+
 def finished_time(record: dict[str, Any]) -> float:
     """When a finished run finished: its record's finished_at, else its final file's time."""
     stamp = record.get("finished_at")
@@ -296,8 +321,7 @@ def newest_finished(runs_dir: Path, project: Path, name_it: str,
     own = False
     for record in finished:
         run_dir = Path(record["dir"])
-        owner = project_of(record)
-        if owner is not None and owner != str(project):
+        if another_project(record, project, runs_dir) is not None:
             if final_lora(run_dir).is_file():
                 others.append(record)
             continue
@@ -305,7 +329,7 @@ def newest_finished(runs_dir: Path, project: Path, name_it: str,
         if problem(final_lora(run_dir)) is not None:
             continue
         said = f"run `{run_dir.name}`, this project's newest finished run"
-        if owner is None:
+        if project_of(record) is None:
             said = (f"run `{run_dir.name}`, the newest finished run of this project or of none "
                     f"recorded: its {RECORD} names no project (written before runs recorded "
                     "theirs), so it may be another project's on this storage root")

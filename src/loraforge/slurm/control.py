@@ -19,6 +19,7 @@ from loraforge.errors import ForgeError
 from loraforge.runs import (
     RECORD,
     RunRecord,
+    another_project,
     check_run_name,
     list_runs,
     on_this_cluster,
@@ -289,6 +290,7 @@ def runs_table(settings: Settings) -> list[dict[str, Any]]:
             "error": stopped or record.get("error"),
             "moved": moved, "lacks": lacks, "lora": record.get("final_lora"),
             "project": project_of(record),
+            "another_project": another_project(record, settings.base_dir, settings.runs_dir),
             "updated_at": record.get("updated_at"), "dir": record.get("dir"),
             "params": {k: values.get(k) for k in differ}})
     return rows
@@ -323,8 +325,8 @@ def print_runs(settings: Settings, as_json: bool, console: Console) -> None:
         loss = row["final_loss"]
         steps = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
         lacks = f"its {RECORD} records no {' and no '.join(row['lacks'])}" if row["lacks"] else None
-        other = (f"another project's ({row['project']})"
-                 if row["project"] not in (None, str(settings.base_dir)) else None)
+        other = (f"another project's ({row['another_project']})"
+                 if row["another_project"] else None)
         note = "; ".join(text for text in (other, row["moved"], lacks, row["error"]) if text)
         unknown = row["status"] == "damaged" or "settings" in row["lacks"]
         _add_row(table, row["name"], row["status"] or "?",

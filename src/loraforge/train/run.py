@@ -97,21 +97,22 @@ def check_run(settings: Settings, run_name: str | None) -> str:
 def _refuse_others(run_dir: Path, settings: Settings) -> None:
     """A run folder of another project on a shared storage root (two projects that kept the
     default run name): resuming it, handing it back or `--restart` would take over or delete
-    that project's run. The project recorded must still be there: a project moved elsewhere
-    (or reached by another path on another cluster) goes on with its runs."""
+    that project's run. What counts as another project's: `runs.another_project` (the same
+    folder by another path, or a project moved away, goes on with its runs)."""
     from loraforge.dataset.scan import shell_path
 
     record = runs.read_record(run_dir)
-    owner = runs.project_of(record) if record else None
-    if owner is None or owner == str(settings.base_dir) or not Path(owner).is_dir():
+    owner = (runs.another_project(record, settings.base_dir, settings.runs_dir)
+             if record else None)
+    if owner is None:
         return
     raise ForgeError(f"run `{run_dir.name}` is another project's ({owner}): training it from "
                      f"{settings.base_dir} would resume, hand back or replace (--restart) that "
                      "project's run", path=run_dir,
                      fix="give this project's run its own name: --run NAME, or train.run_name "
                          "in forge.toml (every project on a storage root shares the default "
-                         f"name); if {shell_path(Path(owner))} is an old copy of this project, "
-                         "delete or move it first")
+                         f"name); if {shell_path(Path(owner))} is an old copy of this project "
+                         "that you no longer use, move it away first")
 
 
 def _check_final(final: Path) -> None:
