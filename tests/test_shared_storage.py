@@ -195,3 +195,21 @@ def test_a_copied_project_holding_its_own_runs_keeps_them(lab: Lab, tmp_path: Pa
         in result.stdout
     result = run_cli("runs", cwd=copy, env={"COLUMNS": "200"})
     assert "mine_run" in result.stdout and "another project's" not in result.stdout
+
+
+def test_a_sweep_whose_second_run_is_another_projects_is_refused_before_submitting(
+        lab: Lab) -> None:
+    """A sweep's runs that share their dataset and models were checked once, by the first:
+    whether another project's run among the others was caught hung on the order of values."""
+    shutil.copytree(lab.run_dir("mine_run"), lab.run_dir("sw-unet_lr0.002"))
+    try:
+        result = run_cli("slurm", "sweep", "--run", "sw", "--param",
+                         "train.unet_lr=0.001,0.002", cwd=lab.theirs)
+        assert_user_error(result, "run `sw-unet_lr0.002` is another project's", str(lab.mine),
+                          "nothing was submitted")
+        result = run_cli("slurm", "sweep", "--run", "sw", "--param",
+                         "train.unet_lr=0.001,0.002", "--dry-run", cwd=lab.theirs)
+        assert "# note: this job would fail: " in result.stdout
+        assert "run `sw-unet_lr0.002` is another project's" in result.stdout
+    finally:  # the other tests' lab has two finished runs
+        shutil.rmtree(lab.run_dir("sw-unet_lr0.002"))

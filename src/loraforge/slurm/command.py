@@ -73,7 +73,8 @@ def _preflight(options: Options, *checks: str, run: str | None = None,
                concepts: list[str] | None = None, sets: list[str] | None = None) -> None:
     """What the job would fail on, said now, before it waits in the queue and takes a node:
     "train" (the run name, the dataset and the base model, as `loraforge train` checks them),
-    "generate" (the base model and ControlNet), "tag" (the concepts and the tagger); `sets`:
+    "generate" (the base model and ControlNet), "tag" (the concepts and the tagger), "run"
+    (the run name alone: a sweep's runs that share their dataset and models); `sets`:
     a sweep task's own values. A dry run, which writes nothing, checks the run name, the
     dataset and the concepts only (a model check may build the tiny model) and notes what it
     finds above the script."""
@@ -92,6 +93,10 @@ def _preflight(options: Options, *checks: str, run: str | None = None,
             from loraforge.train.run import check_inputs
 
             check_inputs(settings, run)
+        if "run" in checks:
+            from loraforge.train.run import check_run
+
+            check_run(settings, run)
         if "generate" in checks and not options.dry_run:
             from loraforge.models import store
 
@@ -114,7 +119,8 @@ def _preflight(options: Options, *checks: str, run: str | None = None,
 
 def _sweep_preflight(options: Options, run: str | None, params: list[str]) -> None:
     """`_preflight` for each run of a sweep whose dataset or models differ (a --param may set
-    dataset.path or models.base); the others share their check."""
+    dataset.path or models.base); the others share that check, and have their run names
+    checked one by one."""
     import json
 
     from loraforge.config import load_settings
@@ -130,6 +136,8 @@ def _sweep_preflight(options: Options, run: str | None, params: list[str]) -> No
         if key not in seen:
             seen.add(key)
             _preflight(options, "train", run=task.run, sets=task.sets)
+        else:  # each task's run name on its own: one may be another project's run
+            _preflight(options, "run", run=task.run, sets=task.sets)
 
 
 def _console() -> Console:
