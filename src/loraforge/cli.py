@@ -226,14 +226,14 @@ def train(
     world = world_from_env()
     try:
         settings, edited = load_job_settings(config, overrides or [])
-        if edited and world.is_main:  # in a job: forge.toml was edited since its submission
-            Console(stderr=True).print(edited, markup=False, soft_wrap=True)
         processes = settings.config.train.gpus
-        if processes > 1 and not world.distributed:
+        if processes > 1 and not world.distributed:  # rank 0 of those started says the note
             check_inputs(settings, run)
             check_local_gpus(processes)
             threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
             raise typer.Exit(launch_local(processes, rerun_argv(), threads))
+        if edited and world.is_main:  # in a job: forge.toml was edited since its submission
+            Console(stderr=True).print(edited, markup=False, soft_wrap=True)
         from loraforge.report.html import write_report
 
         result = train_lora(settings, run, restart, world, write_report)
