@@ -316,6 +316,11 @@ def test_init_tiny_on_a_kept_forge_toml_says_tiny_was_not_applied(tmp_path: Path
     said = "\n".join(init_project(tmp_path, tiny=True))
     assert "--tiny was not applied" in said and 'detector to "tiny" in its [models]' in said
     assert (tmp_path / "forge.toml").read_text() == "[train]\nepochs = 3\n"
+    # a rerun (of init --tiny, or of the demo) on the config it wrote says nothing of the kind
+    again = tmp_path / "again"
+    init_project(again, tiny=True)
+    said = "\n".join(init_project(again, tiny=True))
+    assert "kept" in said and "--tiny was not applied" not in said
 
 
 def test_set_keeps_a_number_as_text_for_a_key_that_takes_text(

@@ -154,7 +154,7 @@ def init_project(directory: Path, *, tiny: bool = False, scripts: bool = False) 
     said = []
     if config.exists():
         said.append(f"kept      {config} (already exists; not overwritten)")
-        if tiny:
+        if tiny and not _uses_tiny(config):
             said.append(f"          --tiny was not applied to it: {TINY_FIX}")
     else:
         values = {section: dict(keys) for section, keys in TINY_VALUES.items()} if tiny else {}
@@ -176,6 +176,19 @@ def init_project(directory: Path, *, tiny: bool = False, scripts: bool = False) 
     said.append("next: put images in master_dataset/<repeats>_<name>/, then `loraforge dataset "
                 "check`")
     return said
+
+
+
+def _uses_tiny(config: Path) -> bool:
+    """Whether a kept forge.toml already names the tiny models (a rerun of `init --tiny`, or of
+    the demo); one that cannot be read gets the note (its commands will say what is wrong)."""
+    from loraforge.config import load_settings
+
+    try:
+        models = load_settings(config).config.models
+    except ForgeError:
+        return False
+    return all(getattr(models, key) == TINY for key in _TINY_MODELS)
 
 
 def _present(path: Path) -> bool:
