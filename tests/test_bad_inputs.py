@@ -514,8 +514,17 @@ def test_two_folders_of_one_concept_are_a_warning(
     assert ran.code == 0, ran.text
     assert "1_red_knight and 5_red_knight all train the concept `red_knight`" in ran.err
     assert "rename one folder" in ran.err
-    folders = [c["folder"] for c in json.loads(ran.out)["concepts"]]
+    summary = json.loads(ran.out)
+    folders = [c["folder"] for c in summary["concepts"]]
     assert folders == ["1_blue_mage", "1_red_knight", "5_red_knight"]
+    # one concept of two folders: counted once, its repeats advised on together, no `mv` (each
+    # folder renamed to the one advised name moved the second into the first)
+    assert summary["totals"]["concepts"] == 2
+    knight = [a for a in summary["advice"] if a.startswith("red_knight:")]
+    assert any("red_knight: 2 folders together give 1_red_knight 2 x 1 + 5_red_knight 1 x 5 = 7"
+               in a for a in knight), knight
+    assert not any("_red_knight master_dataset/" in a for a in knight), knight
+    assert len(knight) == len(set(knight))
 
 
 def test_dataset_check_marks_regularisation_concepts(

@@ -62,6 +62,22 @@ def _repeats_advice(concept: Concept, is_reg: bool) -> str | None:
             f"{move_command(concept.folder, renamed)}")
 
 
+def _split_repeats_advice(folders: list[Concept]) -> str | None:
+    """The rule of thumb for a concept trained from several folders (`5_blake` beside
+    `10_blake`): it counts their images x repeats together. No rename is offered: renaming
+    each folder to one name would move the second into the first."""
+    low, high = IMAGES_X_REPEATS_RANGE
+    total = sum(c.images_x_repeats for c in folders)
+    if low <= total <= high:
+        return None
+    side = "below" if total < low else "above"
+    parts = " + ".join(f"{c.folder_name} {c.num_images} x {c.repeats}" for c in folders)
+    return (f"{folders[0].name}: {len(folders)} folders together give {parts} = {total} "
+            f"images x repeats, {side} the {low}-{high} the community aims for; change their "
+            "repeats (the number before `_` in each name) until the sum lands in range, or "
+            "merge them into one folder")
+
+
 def _caption_advice(concept: Concept) -> str | None:
     missing = concept.num_images - concept.captioned
     if concept.captioned == 0 or missing == 0:
@@ -94,8 +110,13 @@ def summarize(dataset: Dataset, batch_size: int, epochs: int, max_steps: int | N
             "top_tags": [{"tag": tag, "count": count}
                          for tag, count in concept.top_tags(TOP_TAGS)],
         })
-        advice.extend(a for a in (_repeats_advice(concept, is_reg), _caption_advice(concept))
-                      if a)
+        folders = [c for c in dataset.concepts if c.name == concept.name]
+        repeats = None
+        if len(folders) == 1:
+            repeats = _repeats_advice(concept, is_reg)
+        elif concept is folders[0] and not is_reg:  # said once, for all its folders
+            repeats = _split_repeats_advice(folders)
+        advice.extend(a for a in (repeats, _caption_advice(concept)) if a)
     total = dataset.images_x_repeats
     steps_per_epoch = (math.ceil(total / batch_size) if examples is None else
                        batches_per_epoch(examples, repeated_indices(dataset), batch_size))
@@ -108,7 +129,7 @@ def summarize(dataset: Dataset, batch_size: int, epochs: int, max_steps: int | N
         "dataset": str(dataset.root),
         "concepts": concepts,
         "totals": {
-            "concepts": len(concepts),
+            "concepts": len({c["name"] for c in concepts}),  # two folders may share one
             "images": dataset.num_images,
             "captioned": sum(c["captioned"] for c in concepts),
             "images_x_repeats": total,
@@ -194,7 +215,8 @@ def check_dataset(settings: Settings, as_json: bool, console: Console, processes
     curation = curate(dataset, settings.config.dataset.caption_extension, regularisation=frozenset(
         c["name"] for c in summary["concepts"] if c["is_reg"]))
     print_warnings(curation.warnings)
-    summary["advice"] += curation.advice
+    # a concept of two folders is said once (its folders' tags are advised on alike)
+    summary["advice"] = list(dict.fromkeys(summary["advice"] + curation.advice))
     summary["totals"]["near_duplicates"] = curation.near_duplicates
     if as_json:
         console.out(json.dumps(summary, indent=2), highlight=False)
