@@ -541,9 +541,11 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
             shown = f" (got {got!r})" if not isinstance(got, dict) else ""
             problems.append(f"`{key}`: {message}{shown}")
     message = problems[0] if len(problems) == 1 else "\n  - ".join(["invalid:", *problems])
+    what = ("edit the value(s) named above" if from_file else
+            "correct the `--set` value(s) named above")
     return ForgeError(message, path=where if from_file else None,
-                      fix="edit the value(s) named above; `loraforge config show` prints "
-                          "every key with its current value")
+                      fix=f"{what}; `loraforge config show` prints every key with its current "
+                          "value")
 
 
 def parse_override(item: str, option: str = "--set") -> tuple[list[str], Any]:

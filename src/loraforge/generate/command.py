@@ -27,8 +27,9 @@ def generate_command(
         "is only taken by name), at generate.lora_weight.")] = None,
     pose: Annotated[str | None, typer.Option(
         "--pose", metavar="FILE|random",
-        help="Pose map (OpenPose PNG, or OpenPose JSON), or `random`. Default: "
-        "generate.pose_map, random figures when that file is missing.")] = None,
+        help="Pose map (OpenPose PNG, or OpenPose JSON), a photo (its people's poses are "
+        "detected), or `random`. Default: generate.pose_map, random figures when that file "
+        "is missing.")] = None,
     figures: Annotated[int | None, typer.Option(
         "--figures", help="People in a random pose map. Default: generate.figures.")] = None,
     seed: Annotated[int | None, typer.Option(
