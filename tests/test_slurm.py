@@ -786,6 +786,24 @@ def test_generation_and_tagging_jobs_read_the_submitted_config_too(
     assert "fix: submit the job again" in done.stderr.replace("\n", " ")
 
 
+def test_a_queued_generation_renders_the_config_as_submitted(tmp_path: Path,
+                                                            tiny_store: Path) -> None:
+    """`slurm generate`, then forge.toml's generate.seed edited while the job waits: the job
+    renders with the seed it was submitted with, and its log names the edit."""
+    project = _project(tmp_path, tiny_store=tiny_store)
+    config = project / "forge.toml"
+    config.write_text(config.read_text() + "[generate]\nseed = 5\n")
+    script = _submit(tmp_path, project, "generate", "--lora", "none", "--set",
+                     "generate.steps=1", "--set", "generate.width=128", "--set",
+                     "generate.height=128")
+    config.write_text(config.read_text().replace("seed = 5", "seed = 7"))
+    done = _run_job(script)
+    assert done.returncode == 0, done.stdout + done.stderr
+    images = sorted(p.name for p in (project / "store" / "Final_Images").glob("scene-*.png"))
+    assert images == ["scene-5.png", "scene-5.pose.png"], images  # the image and its pose
+    assert "  generate.seed: 5 -> 7" in done.stderr, done.stderr
+
+
 def test_each_submission_keeps_the_config_it_submitted_for_its_job(tmp_path: Path,
                                                                   tiny_store: Path) -> None:
     """The script exports where the copy is; submissions of the same file share one copy, an
