@@ -185,8 +185,11 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     if run_dir.exists() and not run_dir.is_dir():
         raise ForgeError("is a file where the run's folder goes", path=run_dir,
                          fix="move that file away, or name another run with --run")
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Rank 0 alone makes the folder (the others use it only after they meet it, in
+    # distributed.join), so that it alone knows whether this attempt made it.
+    created = world.is_main and not run_dir.exists()
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return _train_locked(settings, dataset, run_dir, base, restart, world, report, created)
 
 
