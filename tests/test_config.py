@@ -216,7 +216,7 @@ def test_malformed_override_is_a_clear_error(tmp_path: Path) -> None:
     assert_user_error(result, "`epochs`", "key=value")
     result = run_cli("config", "show", "--set", "train.epochs=0")
     assert_user_error(result, "`--set train.epochs=0`", "greater than or equal to 1",
-                      "fix: correct the `--set` value(s) named above")  # not "edit": no file
+                      "fix: correct the value(s) named above on the command line")  # no file
 
 
 def test_bad_override_is_named_not_the_file_it_overrides(tmp_path: Path) -> None:

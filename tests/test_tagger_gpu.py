@@ -266,7 +266,7 @@ def test_slurm_tag_uses_the_gpu_only_with_its_runtime(tmp_path: Path) -> None:
 
     cpu = run_cli("slurm", "tag", "--gpus", "0", "--dry-run", cwd=project)
     assert cpu.returncode == 0, cpu.stderr
-    assert "--device cpu" in cpu.stdout and "note" not in cpu.stdout
+    assert "--device cpu" in cpu.stdout and "# note:" not in cpu.stdout
     assert "--gres" not in cpu.stdout
 
 

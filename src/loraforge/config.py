@@ -542,7 +542,7 @@ def _explain(error: ValidationError, where: str, given: dict[str, str]) -> Forge
             problems.append(f"`{key}`: {message}{shown}")
     message = problems[0] if len(problems) == 1 else "\n  - ".join(["invalid:", *problems])
     what = ("edit the value(s) named above" if from_file else
-            "correct the `--set` value(s) named above")
+            "correct the value(s) named above on the command line")
     return ForgeError(message, path=where if from_file else None,
                       fix=f"{what}; `loraforge config show` prints every key with its current "
                           "value")
