@@ -1183,3 +1183,5 @@ def test_a_job_sbatch_sent_to_another_cluster_is_recorded_on_that_cluster(
     result = run_cli("slurm", "cancel", cwd=project, env=env)
     assert result.returncode == 0 and not calls.exists(), result.stdout + result.stderr
     assert "job 555 was submitted to cluster beta, not this one (alpha)" in result.stderr
+    # not "nothing to cancel: no pending or running job", as if the job had ended
+    assert "nothing to cancel: no pending or running job on this cluster" in result.stdout

@@ -273,7 +273,7 @@ def slurm_cancel(run: RunArg = None, config: ConfigOpt = None, overrides: SetOpt
 
     ids = cancel_jobs(_settings(config, overrides), run)
     typer.echo(f"cancelled: {' '.join(ids)}" if ids else "nothing to cancel: no pending or "
-               "running job")
+               "running job on this cluster")
 
 
 @slurm_app.command("logs")
