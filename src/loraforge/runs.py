@@ -269,7 +269,7 @@ def another_project(record: dict[str, Any], project: Path, runs_dir: Path) -> st
         if os.path.samefile(owner, project):
             return None
     except OSError:  # not on this machine
-        if not scheduler.another_cluster((record.get("slurm") or {}).get("cluster")):
+        if on_this_cluster(record):
             return None
     return owner
 

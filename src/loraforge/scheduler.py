@@ -147,7 +147,6 @@ def cluster_name() -> str | None:
     return _CLUSTERS[key]
 
 
-
 def another_cluster(recorded: str | None) -> bool:
     """Whether a job recorded as submitted to the cluster `recorded` is another cluster's than
     this machine's: job ids are a cluster's own (two clusters that mount one storage root each

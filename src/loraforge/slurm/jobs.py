@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -140,7 +141,7 @@ class Submitter:
                          workdir=self.project, storage_root=settings.storage_root,
                          submitted_config=self.submitted_config, **values)
 
-    @property
+    @functools.cached_property
     def submitted_config(self) -> tuple[Path, Path] | None:
         """(where the config as validated is kept for the job, the config file), named by its
         content: submissions of the same file share a copy, an edited one gets its own."""
@@ -151,7 +152,7 @@ class Submitter:
 
     def _keep_config(self) -> None:
         """Write the copy the job reads (once per content: a copy already there is kept)."""
-        if self.submitted_config is None or self.config_bytes is None:
+        if self.submitted_config is None or self.config_bytes is None:  # no forge.toml
             return
         copy = self.submitted_config[0]
         try:

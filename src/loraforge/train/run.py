@@ -222,7 +222,7 @@ def _train_locked(settings: Settings, dataset: Dataset, run_dir: Path, base: Pat
             clean = True
             raise
         except ForgeError:
-            if created and world.is_main:  # under the lock: no other training is in it
+            if created:  # rank 0, under the lock: no other training is in it
                 _remove_if_unstarted(run_dir)
             raise
         finally:
