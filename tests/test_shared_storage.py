@@ -213,3 +213,17 @@ def test_a_sweep_whose_second_run_is_another_projects_is_refused_before_submitti
         assert "run `sw-unet_lr0.002` is another project's" in result.stdout
     finally:  # the other tests' lab has two finished runs
         shutil.rmtree(lab.run_dir("sw-unet_lr0.002"))
+
+
+
+def test_a_character_of_another_projects_run_is_unknown_and_says_why(lab: Lab) -> None:
+    """A scene casting `red_knight` in a project without runs: the character is a concept of
+    another project's run, which is not taken unnamed, and the message says so (it read as if
+    no run on the storage root knew the character)."""
+    scenes = lab.new / "scenes.toml"
+    scenes.write_text('[[scene]]\nname = "yard"\nprompt = "yard"\npose = "random"\n'
+                      '[[scene.figure]]\ncharacter = "red_knight"\n')
+    result = run_cli("generate", "--scenes", "scenes.toml", cwd=lab.new)
+    assert_user_error(result, "unknown character `red_knight`",
+                      "`their_run`, is another project's", "name a concept of the scene's LoRA")
+    assert not list(lab.storage.glob("Final_Images/yard*"))

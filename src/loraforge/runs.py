@@ -304,6 +304,10 @@ def _missing(final: Path) -> str | None:
     return None if final.is_file() else "its final LoRA is not there"
 
 
+class OtherProjectsOnly(ForgeError):
+    """`newest_finished`'s refusal: the finished runs there are all other projects'."""
+
+
 def newest_finished(runs_dir: Path, project: Path, name_it: str,
                     problem: Callable[[Path], str | None] = _missing) -> Chosen | None:
     """The newest finished run (by `finished_time`) of the project in the folder `project`
@@ -338,7 +342,7 @@ def newest_finished(runs_dir: Path, project: Path, name_it: str,
         return None
     newest = others[0]
     name = Path(newest["dir"]).name
-    raise ForgeError(
+    raise OtherProjectsOnly(
         f"no finished training run of this project ({project}) under {runs_dir}: the newest "
         f"finished run there, `{name}`, is another project's ({project_of(newest)}), and "
         "another project's run is not taken without being named",

@@ -395,8 +395,8 @@ def newest_finished_lora(runs_dir: Path, project: Path) -> runs.Chosen:
 
     try:
         chosen = runs.newest_finished(runs_dir, project, NAME_IT, problem)
-    except ForgeError as exc:  # only another project's: say what was asked of it
-        raise ForgeError(f"no LoRA given, and {exc.message}", fix=exc.fix) from None
+    except runs.OtherProjectsOnly as exc:  # say what was asked of it
+        raise runs.OtherProjectsOnly(f"no LoRA given, and {exc.message}", fix=exc.fix) from None
     if chosen is not None:
         return chosen
     records = runs.list_runs(runs_dir)

@@ -29,7 +29,6 @@ one bad entry names the scene and field, and nothing is rendered.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import math
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge.errors import ForgeError
 from loraforge.generate import loras as lora_files
 from loraforge.generate.prompts import extract_lora_tags
-from loraforge.runs import NAME_PATTERN, final_lora
+from loraforge.runs import NAME_PATTERN, OtherProjectsOnly, final_lora
 from loraforge.sample_prompts import MAX_SEED
 from loraforge.samplers import check_sampler
 
@@ -706,9 +705,14 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
             return use.lora.concepts[name], None, None
     known: list[str] = [c for use in uses for c in use.lora.concepts]
     default = None
+    unavailable = ""  # the finished runs are other projects': their concepts are not looked at
     if use_default:
-        with contextlib.suppress(ForgeError):
+        try:
             default = resolver.default()
+        except OtherProjectsOnly as exc:
+            unavailable = f" ({exc.message.removeprefix('no LoRA given, and ')})"
+        except ForgeError:
+            pass  # no finished run: the concepts listed below say so
     if default is not None and name in default.concepts:
         return default.concepts[name], None, lora_files.LoraUse(default, weight)
     if default is not None:
@@ -729,7 +733,7 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
                 f"colon are prompt, start with a colon: --figure \": {name}: ...\"")
     else:
         fix += "lora = \"FILE.safetensors\""
-    raise _err(where, f"unknown character `{name}`{hint}", fix)
+    raise _err(where, f"unknown character `{name}`{hint}{unavailable}", fix)
 
 
 def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
