@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -332,6 +333,24 @@ def test_json_numbers(project: Path) -> None:
     assert totals["steps_per_epoch"] == 65
     assert totals["total_steps"] == 650
     assert summary["concepts"][0]["top_tags"] == [{"tag": "alpha", "count": 3}]
+
+
+def test_json_on_a_dataset_with_problems_lists_them_and_fails(project: Path) -> None:
+    """A pre-flight script reading `--json` got no JSON at all on a bad dataset (only the text on
+    stderr), exactly when it needs to know what is wrong."""
+    good_concept(project, "10_alpha", 2)
+    (project / DS / "10_alpha" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    image(project / DS / "beta" / "b.png")
+    result = check(project, "--json")
+    assert_user_error(result, "broken.png", "beta")
+    found = json.loads(result.stdout)
+    assert sorted(Path(p["path"]).name for p in found["problems"]) == ["beta", "broken.png"]
+    assert all(p["message"] and p["fix"] for p in found["problems"])
+    shutil.rmtree(project / DS)
+    missing = check(project, "--json")
+    assert_user_error(missing, "dataset folder not found")
+    (only,) = json.loads(missing.stdout)["problems"]
+    assert "dataset folder not found" in only["message"] and only["fix"]
 
 
 def test_steps_count_the_global_batch_of_several_training_processes(project: Path) -> None:

@@ -31,6 +31,7 @@ from loraforge.dataset.scan import (
     move_command,
     scan_dataset,
 )
+from loraforge.errors import ForgeError
 
 if TYPE_CHECKING:
     from loraforge.config import Settings
@@ -196,14 +197,27 @@ def _split(totals: dict[str, Any]) -> str:
     return f" ({totals['batch_size'] // processes} per process x {processes} processes)"
 
 
+def _problems(exc: ForgeError) -> list[dict[str, str | None]]:
+    """The scan's problems, each with its file (as the user would type it) and its fix."""
+    if not isinstance(exc, DatasetError):
+        return [{"path": str(exc.path) if exc.path else None, "message": exc.message,
+                 "fix": exc.fix}]
+    return [{"path": str(display_path(p.path)), "message": p.message, "fix": p.fix}
+            for p in exc.problems]
+
+
 def check_dataset(settings: Settings, as_json: bool, console: Console, processes: int = 1,
                   ) -> None:
     """Scan the configured dataset; print warnings on stderr and the summary on stdout. Steps
     count the global batch: train.batch_size on each of `processes` training processes."""
     try:
         dataset = scan_dataset(settings.dataset_dir, settings.config.dataset.caption_extension)
-    except DatasetError as exc:
-        print_warnings(exc.warnings)
+    except ForgeError as exc:
+        warned = exc.warnings if isinstance(exc, DatasetError) else []
+        print_warnings(warned)
+        if as_json:  # a pre-flight script reads the problems too, not only the exit code
+            console.out(json.dumps({"problems": _problems(exc), "warnings": warned}, indent=2),
+                        highlight=False)
         raise
     print_warnings(dataset.warnings)
     train = settings.config.train
