@@ -463,6 +463,35 @@ def test_pose_maps_in_a_concept_folder_are_skipped_not_trained(tmp_path: Path) -
         f"{folder}/x.pose.png {tmp_path}/poses/"]
 
 
+def test_pose_maps_written_elsewhere_in_the_dataset_folder_are_skipped_and_moved_out(
+        tmp_path: Path) -> None:
+    """`pose extract -o master_dataset/` (or a `poses/` folder in it, or in a concept folder):
+    the check failed and its fixes made the maps training pictures (a concept `10_poses`, the
+    files moved up into the concept folder). Now they are skipped, with how to move them out."""
+    root = tmp_path / DS
+    image(root / "10_a" / "x.png")
+    image(root / "ref.pose.png", (128, 96), (0, 0, 0))
+    (root / "poses").mkdir()
+    (root / "poses" / "y.pose.json").write_text('{"people": []}', encoding="utf-8")
+    image(root / "10_a" / "poses" / "z.pose.png", (128, 96), (0, 0, 0))
+    dataset = scan_dataset(root)
+    assert [c.name for c in dataset.concepts] == ["a"]
+    assert [record.path.name for record in dataset.concepts[0].images] == ["x.png"]
+    poses = f"mkdir -p {tmp_path}/poses && mv -n"
+    assert dataset.warnings == [
+        f"{root}/10_a/poses: holds only loraforge pose maps (1 file(s)), not pictures to train: "
+        f"skipped; move it out of the dataset folder: {poses} {root}/10_a/poses/z.pose.png "
+        f"{tmp_path}/poses/ && rmdir {root}/10_a/poses",
+        f"{root}/poses: holds only loraforge pose maps (1 file(s)), not pictures to train: "
+        f"skipped; move it out of the dataset folder: {poses} {root}/poses/y.pose.json "
+        f"{tmp_path}/poses/ && rmdir {root}/poses",
+        f"{root}/ref.pose.png: is a loraforge pose map, not a picture to train: skipped; move "
+        f"it out of the dataset folder: {poses} {root}/ref.pose.png {tmp_path}/poses/"]
+    image(root / "poses" / "photo.png")  # not only pose maps: a folder to name as before
+    with pytest.raises(DatasetError, match="does not start with a repeat count"):
+        scan_dataset(root)
+
+
 def test_a_wrong_extension_is_renamed_beside_its_own_caption(tmp_path: Path) -> None:
     """`cat.txt` is the caption of `cat.jfif`: the rename keeps the stem, so the caption still
     belongs to it; only another picture already called cat.jpg sends it to a free name."""

@@ -17,7 +17,9 @@ Rules (the community pre-flight, made explicit):
   `__MACOSX/` are operating-system clutter and are skipped silently, wherever they are.
 - loraforge's pose maps are not pictures of the concept: `NAME.pose.png` / `NAME.pose.json`
   (what `pose extract` writes beside a picture), and a PNG carrying the pose-map mark (one
-  written under another name), are skipped with a warning saying how to move them out.
+  written under another name), are skipped with a warning saying how to move them out; so are
+  such files directly in the dataset folder, and a folder holding nothing else (in the dataset
+  folder or in a concept folder).
 - Files directly in the dataset folder: a `README*` (which `loraforge init` writes) is allowed; an
   image there is an error (it belongs in a concept folder and would silently not be trained); any
   other file is ignored with a warning.
@@ -335,7 +337,8 @@ class _Scanner:
         folders = []
         for entry in self.entries(self.root):
             if entry.is_dir():
-                folders.append(self.concept_folder(entry))
+                if not self.pose_folder(entry):
+                    folders.append(self.concept_folder(entry))
             else:
                 self.root_file(entry)
         if not folders:
@@ -355,6 +358,10 @@ class _Scanner:
             return
         if not path.exists():
             self.warn(path, "is a broken link; ignored")
+            return
+        if is_pose_output(path.name):
+            self.warn(path, "is a loraforge pose map, not a picture to train: skipped; "
+                      f"{self.move_out([path])}")
             return
         kind = sniff_file(path)
         if path.suffix.lower() in IMAGE_EXTENSIONS or is_image_kind(kind):
@@ -432,6 +439,8 @@ class _Scanner:
     def list_concept(self, folder: _Folder) -> None:
         for entry in self.entries(folder.path):
             stem = caption_stem(entry.name, self.ext)
+            if entry.is_dir() and self.pose_folder(entry):
+                continue
             if entry.is_dir():
                 own = self.root / f"{DEFAULT_REPEATS}_{entry.name}"
                 self.problem(entry, "is a folder inside a concept folder; its files would not "
@@ -522,17 +531,35 @@ class _Scanner:
 
     def skip_pose_maps(self, folder: _Folder) -> None:
         """One warning per concept folder for its pose maps: not trained, and how to move them
-        to a `poses/` folder beside the dataset folder (where `generate --pose` can use them)."""
+        out (`move_out`)."""
         if not folder.pose_maps:
             return
         maps = sorted(folder.pose_maps)
         names = ", ".join(p.name for p in maps[:3]) + (
             f" and {len(maps) - 3} more" if len(maps) > 3 else "")
+        self.warn(folder.path, f"{len(maps)} loraforge pose map file(s) ({names}) are not "
+                  f"pictures of `{folder.name}`: skipped, not trained; {self.move_out(maps)}")
+
+    def pose_folder(self, folder: Path) -> bool:
+        """Whether `folder` holds loraforge pose maps and nothing else (`pose extract -o` into
+        the dataset folder): then it is skipped with a warning saying how to move them out."""
+        try:
+            maps = [folder / name for name in sorted(os.listdir(folder)) if not is_clutter(name)]
+        except OSError:
+            return False  # said where the folder is listed as a concept or inside one
+        if not maps or not all(is_pose_output(p.name) and p.is_file() for p in maps):
+            return False
+        self.warn(folder, f"holds only loraforge pose maps ({len(maps)} file(s)), not pictures "
+                  f"to train: skipped; {self.move_out(maps)} && rmdir {shell_path(folder)}")
+        return True
+
+    def move_out(self, maps: list[Path]) -> str:
+        """How to move pose maps to a `poses/` folder beside the dataset folder (where
+        `generate --pose` can use them)."""
         poses = shell_path(self.root.parent / "poses")
         files = " ".join(shell_path(p) for p in maps)
-        self.warn(folder.path, f"{len(maps)} loraforge pose map file(s) ({names}) are not "
-                  f"pictures of `{folder.name}`: skipped, not trained; move them out of the "
-                  f"dataset folder: mkdir -p {poses} && mv -n {files} {poses}/")
+        them = "it" if len(maps) == 1 else "them"
+        return f"move {them} out of the dataset folder: mkdir -p {poses} && mv -n {files} {poses}/"
 
     def record(self, folder: _Folder, path: Path, caption_path: Path | None,
                size: tuple[int, int]) -> ImageRecord | None:
