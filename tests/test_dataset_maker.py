@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -28,6 +29,7 @@ from loraforge.dataset import tag_list
 from loraforge.dataset.caption_edit import BACKUP_DIR, CaptionWriter
 from loraforge.dataset.dedupe import (
     Picture,
+    hash_distance,
     hash_pictures,
     move_extras,
     near_duplicate_groups,
@@ -751,6 +753,32 @@ def test_dedupe_groups_near_duplicates_and_moves_the_extras(tmp_path: Path) -> N
     assert (moved / "10_knight" / "a_small.txt").read_text() == "knight, small copy"
     assert (moved / "10_knight" / "a_small~2.txt").read_text() == "knight, second copy"
     assert (moved / "10_knight" / "a_small~2.jpg").is_file()
+
+
+def test_dedupe_moves_only_pictures_near_the_kept_one_not_a_whole_camera_pan(
+        tmp_path: Path) -> None:
+    """Twenty frames of a camera pan, each a few bits from the next: the pairs were chained
+    into one group, and `--move` left only the first frame, although the last ones are 30 bits
+    and more from it (as far as unrelated pictures) and the output listed them "34 bits
+    apart" under "distance <= 6". Now every picture moved is within the distance of the one
+    kept, and the frames far from it stay for training."""
+    folder = tmp_path / "master_dataset" / "20_dave"
+    folder.mkdir(parents=True)
+    pixels = (np.random.default_rng(5).random((60, 200, 3)) * 255).astype(np.uint8)
+    scene = Image.fromarray(pixels).resize((2000, 600), Image.Resampling.BICUBIC)
+    for i in range(20):
+        scene.crop((4 * i, 0, 4 * i + 600, 600)).resize((256, 256)).save(
+            folder / f"frame{i:02d}.png")
+    pictures = hash_pictures(concept_folders(tmp_path / "master_dataset"), ".txt", [])
+    assert hash_distance(pictures[0].hash, pictures[-1].hash) > 24  # first and last: unrelated
+
+    result = run_cli("dataset", "dedupe", "--move", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    apart = [int(n) for n in re.findall(r"(\d+) bits apart", result.stdout)]
+    assert apart and max(apart) <= 6, result.stdout
+    left = sorted(p.name for p in folder.iterdir())
+    assert "frame00.png" in left and "frame19.png" in left and len(left) >= 4, left
+    assert len(apart) == 20 - len(left)
 
 
 def test_dedupe_move_run_again_after_a_stop_takes_the_captions_it_left_behind(

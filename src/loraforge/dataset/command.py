@@ -195,13 +195,16 @@ def _print_frequencies(table: list[dict[str, object]], top: int) -> None:
 def dedupe_command(
     concepts: ConceptsArg = None,
     distance: Annotated[int, typer.Option("--distance", min=0, max=32, help="Most differing "
-                        "bits (of 64) between near-duplicates' perceptual hashes.")] = 6,
-    move: Annotated[bool, typer.Option("--move", help="Move all but one picture of each group "
-                    "(with captions) into <dataset>/.duplicates/; nothing is deleted.")] = False,
+                        "bits (of 64) between the perceptual hashes of a group's kept picture "
+                        "and each of its near-duplicates.")] = 6,
+    move: Annotated[bool, typer.Option("--move", help="Move all but the kept picture of each "
+                    "group (with captions) into <dataset>/.duplicates/; nothing is "
+                    "deleted.")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Find near-duplicate pictures by perceptual hash, shown as groups."""
+    """Find near-duplicate pictures by perceptual hash, shown as groups: each the picture it
+    keeps (the largest) and those near it."""
     from loraforge.dataset.dedupe import (
         COPIED_CAPTIONS,
         DUPLICATES_DIR,

@@ -9,12 +9,16 @@ coefficients, each a sum over the 32 x 32 pixels: about a millisecond) rather th
 imagehash, whose scipy import alone would add a third of a second to every `dataset check`; the
 bits are the same as imagehash's `phash`.
 
-Pictures of one concept folder within `distance` bits of each other (transitively) form a
-group: the same picture in two concept folders teaches two triggers (a group picture, or the
-`5_blake` / `10_blake` subset that is repeated more often), so it is no duplicate. The kept
-picture of a group is the largest one (then one with a caption, then the first by name);
-`--move` puts the others, with their captions, into `<dataset>/.duplicates/<concept folder>/`
-(never deleted; a hidden folder no scan reads; across file systems a copy, then a delete).
+A group is a kept picture and the pictures of its concept folder near it: within `distance`
+bits of its hash. The same picture in two concept folders teaches two
+triggers (a group picture, or the `5_blake` / `10_blake` subset that is repeated more often), so
+it is no duplicate. Pictures are taken in the order of the keep rule (the largest, a file
+before a link to one, a captioned one, then the first by name): each one not yet in a group
+keeps those near it not yet in one, so every picture moved is near the one kept, never only
+near another near-duplicate (a camera pan, each frame a few bits from the next, is several
+groups, not one). `--move` puts the others, with their captions, into
+`<dataset>/.duplicates/<concept folder>/` (never deleted; a hidden folder no scan reads; across
+file systems a copy, then a delete).
 A kept picture without a caption first gets a copy of the first captioned near-duplicate's
 caption (that one still goes with its picture), listed in `.duplicates/copied_captions.txt`:
 the undo (moving the files back) deletes those copies, and the dataset is as it was.
@@ -136,46 +140,37 @@ def hash_distance(a: int, b: int) -> int:
 
 def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTANCE,
                           ) -> list[list[Picture]]:
-    """Groups of pictures of one concept folder within `distance` bits of each other
-    (transitively), each with the picture to keep first (the largest; a file before a link;
-    a captioned one), the others by name; groups in order of their kept picture's path."""
+    """Groups of pictures of one concept folder, each the picture to keep first (the first by
+    `_keep_order` not yet in a group), then those within `distance` bits of it by name; groups
+    in order of their kept picture's path."""
+    by_folder: dict[Path, list[Picture]] = {}
+    for picture in sorted(pictures, key=_keep_order):
+        by_folder.setdefault(picture.concept.folder, []).append(picture)
+    groups = [group for folder in by_folder.values()
+              for group in _groups_around_kept(folder, distance) if len(group) > 1]
+    return sorted(groups, key=lambda g: g[0].path)
+
+
+def _keep_order(picture: Picture) -> tuple[int, bool, bool, Path]:
+    """The largest first, a file before a link to one (keeping a link to a moved file would
+    break it), a captioned one, then by name."""
+    return (-picture.width * picture.height, picture.path.is_symlink(), not picture.captioned,
+            picture.path)
+
+
+def _groups_around_kept(pictures: list[Picture], distance: int) -> Iterator[list[Picture]]:
+    """`pictures` (one concept folder's, in keep order) as groups, singletons included: the
+    first not yet grouped, then the others not yet grouped that are near it, by name."""
     import numpy as np
 
-    n = len(pictures)
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     hashes = np.array([p.hash for p in pictures], dtype=np.uint64)
-    folder_ids: dict[Path, int] = {}
-    folders = np.array([folder_ids.setdefault(p.concept.folder, len(folder_ids))
-                        for p in pictures], dtype=np.int64)
-    for start in range(0, n, 512):
-        block = hashes[start:start + 512, None] ^ hashes[None, :]
-        same = folders[start:start + 512, None] == folders[None, :]
-        close = np.argwhere((np.bitwise_count(block) <= distance) & same)
-        for i, j in close:
-            a, b = root(start + int(i)), root(int(j))
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    members: dict[int, list[Picture]] = {}
-    for i, picture in enumerate(pictures):
-        members.setdefault(root(i), []).append(picture)
-    groups = []
-    for group in members.values():
-        if len(group) < 2:
-            continue
-        # the largest, a file rather than a link to one (keeping a link to a moved file would
-        # break it), captioned, then by name
-        keep = min(group, key=lambda p: (-p.width * p.height, p.path.is_symlink(),
-                                         not p.captioned, p.path))
-        groups.append([keep, *sorted((p for p in group if p is not keep),
-                                     key=lambda p: p.path)])
-    return sorted(groups, key=lambda g: g[0].path)
+    left = np.arange(len(pictures))
+    while left.size:
+        keep = left[0]
+        close = np.bitwise_count(hashes[left] ^ hashes[keep]) <= distance
+        yield [pictures[keep], *sorted((pictures[i] for i in left[close][1:]),
+                                       key=lambda p: p.path)]
+        left = left[~close]
 
 
 @dataclass(frozen=True)
