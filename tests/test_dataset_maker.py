@@ -781,6 +781,28 @@ def test_dedupe_moves_only_pictures_near_the_kept_one_not_a_whole_camera_pan(
     assert len(apart) == 20 - len(left)
 
 
+def test_dedupe_tells_flat_and_recoloured_pictures_apart_by_colour(tmp_path: Path) -> None:
+    """A flat dark red picture, a 1x1 black one and a transparent one (on white, as trained)
+    were one group "0-1 bits apart", as were a red and a blue knight: the perceptual hash sees
+    grey structure only. Now pictures of clearly other colours are no near-duplicates, while a
+    re-saved JPEG and a slightly smaller copy still are."""
+    folder = tmp_path / "master_dataset" / "10_knight"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (600, 400), (120, 30, 40)).save(folder / "red.png")
+    Image.open(folder / "red.png").save(folder / "red_resaved.jpg", quality=85)
+    Image.new("RGB", (1, 1), (0, 0, 0)).save(folder / "black.png")
+    Image.new("RGBA", (300, 300), (0, 0, 0, 0)).save(folder / "transparent.png")
+    draw_character(folder / "knight_red.png", RED, "box", 0)
+    draw_character(folder / "knight_blue.png", BLUE, "box", 0)
+    Image.open(folder / "knight_red.png").resize((240, 240)).save(folder / "knight_red_small.png")
+
+    result = run_cli("dataset", "dedupe", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "7 pictures compared: 2 near-duplicate(s) in 2 group(s)" in result.stdout
+    assert re.findall(r"10_knight/(\S+) \(", result.stdout) == [
+        "knight_red.png", "knight_red_small.png", "red.png", "red_resaved.jpg"], result.stdout
+
+
 def test_dedupe_move_run_again_after_a_stop_takes_the_captions_it_left_behind(
         tmp_path: Path) -> None:
     """A move stopped between a picture and its caption (SIGKILL, SIGTERM) left the caption in

@@ -203,8 +203,8 @@ def dedupe_command(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Find near-duplicate pictures by perceptual hash, shown as groups: each the picture it
-    keeps (the largest) and those near it."""
+    """Find near-duplicate pictures by perceptual hash and colours, shown as groups: each the
+    picture it keeps (the largest) and those near it."""
     from loraforge.dataset.dedupe import (
         COPIED_CAPTIONS,
         DUPLICATES_DIR,

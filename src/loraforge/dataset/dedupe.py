@@ -9,8 +9,14 @@ coefficients, each a sum over the 32 x 32 pixels: about a millisecond) rather th
 imagehash, whose scipy import alone would add a third of a second to every `dataset check`; the
 bits are the same as imagehash's `phash`.
 
+Flat pictures hash alike whatever their colour (every coefficient but the first is zero), and a
+recoloured picture keeps its grey structure, so colours count too: a 4 x 4 colour thumbnail
+(box-averaged RGB), whose values differ by at most COLOUR_TOLERANCE levels on average between
+near-duplicates (a re-saved JPEG or a resized copy: about one; a red and a black picture, or a
+red and a blue knight: forty and more).
+
 A group is a kept picture and the pictures of its concept folder near it: within `distance`
-bits of its hash. The same picture in two concept folders teaches two
+bits of its hash, and of about its colours. The same picture in two concept folders teaches two
 triggers (a group picture, or the `5_blake` / `10_blake` subset that is repeated more often), so
 it is no duplicate. Pictures are taken in the order of the keep rule (the largest, a file
 before a link to one, a captioned one, then the first by name): each one not yet in a group
@@ -53,6 +59,9 @@ from loraforge.errors import ForgeError
 from loraforge.fsutil import write_atomic, write_refused
 
 DEFAULT_DISTANCE = 6
+#: Most mean difference (of 255 levels) between near-duplicates' colour thumbnails.
+COLOUR_TOLERANCE = 24
+_THUMBNAIL = 4  # pixels a side of the colour thumbnail
 DUPLICATES_DIR = ".duplicates"
 RENAMED_MARK = "~"  # a picture moved where its name is taken: name~2.png (scan.free_name)
 #: In `.duplicates/`: each caption `--move` copied to a kept picture that had none.
@@ -71,6 +80,7 @@ class Picture:
     width: int
     height: int
     hash: int
+    colours: bytes  # the colour thumbnail: 4 x 4 RGB pixels, row-major
     captioned: bool
 
 
@@ -97,29 +107,35 @@ def phash(image: Image.Image) -> int:
     return sum(1 << (63 - i) for i, value in enumerate(values) if value > median)
 
 
-def _hash(path: Path) -> tuple[int, int, int] | ForgeError:
-    """(width, height, pHash), or the error that makes it unreadable."""
+def _colour_thumbnail(image: Image.Image) -> bytes:
+    """The image's colours: a 4 x 4 RGB copy, each pixel the mean of its area."""
+    return image.convert("RGB").resize((_THUMBNAIL, _THUMBNAIL), Image.Resampling.BOX).tobytes()
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int, bytes] | ForgeError:
+    """(width, height, pHash, colour thumbnail), or the error that makes it unreadable."""
     try:
         image = load_image(path)
     except ForgeError as exc:
         return exc
-    return image.width, image.height, phash(image)
+    return image.width, image.height, phash(image), _colour_thumbnail(image)
 
 
 def hash_pictures(concepts: list[ConceptFolder], extension: str, warnings: list[str],
                   ) -> list[Picture]:
-    """Every readable picture of `concepts` with its pHash (an unreadable one: a warning)."""
+    """Every readable picture of `concepts` with its pHash and colours (an unreadable one: a
+    warning)."""
     jobs = [(c, p) for c in concepts for p in c.images]
     workers = max(1, min(4, len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        hashed = list(pool.map(lambda job: _hash(job[1]), jobs))
+        hashed = list(pool.map(lambda job: _fingerprint(job[1]), jobs))
     pictures = []
     for (concept, path), got in zip(jobs, hashed, strict=True):
         if isinstance(got, ForgeError):
             warnings.append(f"{display_path(path)}: {got.message}; not compared")
             continue
         captioned = _captioned(concept.caption_path(path, extension))
-        pictures.append(Picture(concept, path, got[0], got[1], got[2], captioned))
+        pictures.append(Picture(concept, path, *got, captioned))
     return pictures
 
 
@@ -141,8 +157,8 @@ def hash_distance(a: int, b: int) -> int:
 def near_duplicate_groups(pictures: list[Picture], distance: int = DEFAULT_DISTANCE,
                           ) -> list[list[Picture]]:
     """Groups of pictures of one concept folder, each the picture to keep first (the first by
-    `_keep_order` not yet in a group), then those within `distance` bits of it by name; groups
-    in order of their kept picture's path."""
+    `_keep_order` not yet in a group), then those within `distance` bits of it and of about its
+    colours (COLOUR_TOLERANCE) by name; groups in order of their kept picture's path."""
     by_folder: dict[Path, list[Picture]] = {}
     for picture in sorted(pictures, key=_keep_order):
         by_folder.setdefault(picture.concept.folder, []).append(picture)
@@ -164,10 +180,14 @@ def _groups_around_kept(pictures: list[Picture], distance: int) -> Iterator[list
     import numpy as np
 
     hashes = np.array([p.hash for p in pictures], dtype=np.uint64)
+    colours = np.frombuffer(b"".join(p.colours for p in pictures), dtype=np.uint8,
+                            ).reshape(len(pictures), -1).astype(np.int16)
     left = np.arange(len(pictures))
     while left.size:
         keep = left[0]
         close = np.bitwise_count(hashes[left] ^ hashes[keep]) <= distance
+        close[close] = (np.abs(colours[left[close]] - colours[keep]).mean(axis=1)
+                        <= COLOUR_TOLERANCE)
         yield [pictures[keep], *sorted((pictures[i] for i in left[close][1:]),
                                        key=lambda p: p.path)]
         left = left[~close]
