@@ -1090,10 +1090,28 @@ def test_replacements_apply_at_once(caption: str, replace: dict[str, str],
 def test_removing_a_tag_keeps_the_spacing_of_the_rest() -> None:
     from loraforge.dataset.caption_edit import remove_tags
 
-    assert remove_tags("blake, 1girl\r\nsolo", ["1girl"]) == "blake, solo"
+    assert remove_tags("blake, 1girl\r\nsolo", ["1girl"]) == "blake\r\nsolo"
     assert remove_tags("blake, 1girl, solo\n", ["1girl"]) == "blake, solo\n"
     assert remove_tags("a ||| b, c", ["b"]) == "a ||| c"
     assert remove_tags("blake\rsmile\rsolo", ["smile"]) == "blake\rsolo"  # old Mac breaks
+
+
+def test_removing_the_last_tag_of_a_line_keeps_the_line_break(tmp_path: Path) -> None:
+    """`alice, 1girl, red dress` over a description line lost its line break with `red dress`
+    (one line: kohya, which reads the first line, then trained on the description too); a
+    CRLF caption the same. The comma before the tag goes, the other lines stay as they were."""
+    folder = tmp_path / "master_dataset" / "10_alice"
+    folder.mkdir(parents=True)
+    captions = {"a": b"alice, 1girl, red dress\na woman standing in a field\n",
+                "b": b"alice, red dress\r\nsmile, solo\r\n"}
+    for name, text in captions.items():
+        Image.new("RGB", (16, 16), RED).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_bytes(text)
+    result = run_cli("dataset", "tags", "--remove", "red dress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (folder / "a.txt").read_bytes() == b"alice, 1girl\na woman standing in a field\n"
+    assert (folder / "b.txt").read_bytes() == b"alice\r\nsmile, solo\r\n"
+    assert "+alice, 1girl" in result.stdout and "-a woman standing" not in result.stdout
 
 
 def test_an_edit_that_changes_no_tag_leaves_the_caption_as_it_was() -> None:

@@ -3,9 +3,10 @@ the text as it was, diffs for dry runs, and a backup of every caption before it 
 
 Tags are separated by commas and line breaks, and the `|||` of `dataset.keep_tokens_separator`
 separates them too: an edit changes only the tags it names and keeps every separator and the
-spacing around the others. Tags are compared case-insensitively with `_` and space alike, so
-`--remove "simple background"` also removes `simple_background` (and A1111's spellings: see
-`tag_key`).
+spacing around the others. A removed tag takes the comma beside it, a line break only with the
+line it was alone on (kohya trains on a caption's first line), never a `|||`. Tags are compared
+case-insensitively with `_` and space alike, so `--remove "simple background"` also removes
+`simple_background` (and A1111's spellings: see `tag_key`).
 
 Backups: before a caption changes, its old bytes are copied to
 `<dataset>/.caption_backups/<time>-<action>/<concept folder>/<file>` (a hidden folder, which no
@@ -34,7 +35,7 @@ BACKUP_DIR = ".caption_backups"
 UNFINISHED_RECORD = "edit.unfinished.json"  # an edit under way (or stopped): what it is
 EDIT_RECORD = "edit.json"  # ... renamed so when it has finished
 _SEPARATOR = re.compile(r"(,|\r\n|\r|\n|\|\|\|)")  # line breaks: Unix, Windows, old Mac
-_SOFT = (",", "\n", "\r\n", "\r")  # separators that only separate (unlike |||: "kept")
+_LINE_BREAKS = ("\n", "\r\n", "\r")
 
 
 #: A1111's weighted tag, `(armor:1.2)`: its words are the tag (a `\(` escapes a literal one).
@@ -108,18 +109,20 @@ def edit_tags(text: str, change: Callable[[str], str | None]) -> str:
 
 
 def _remove(items: list[list[str]], i: int) -> None:
-    sep = items[i][1]
-    if sep in _SOFT:
-        raw = items[i][0]
-        lead = raw[: len(raw) - len(raw.lstrip())]
-        if lead and i + 1 < len(items) and not items[i + 1][0][:1].isspace():
-            items[i + 1][0] = lead + items[i + 1][0]  # "a, b\nc" without b: "a, c"
+    """Remove the tag `items[i]` and one separator beside it: a comma rather than a line break
+    (kohya trains on a caption's first line), a line break only with the line the tag was
+    alone on, never `|||`."""
+    raw, after = items[i]
+    before = items[i - 1][1] if i > 0 else None
+    if after == "," or (after in _LINE_BREAKS and before in (None, *_LINE_BREAKS)):
+        if i + 1 < len(items):  # the next tag takes its place: "a, b, c" without b: "a, c"
+            items[i + 1][0] = raw[: len(raw) - len(raw.lstrip())] + items[i + 1][0].lstrip()
         del items[i]
-    elif i > 0 and items[i - 1][1] in _SOFT:
-        items[i - 1][0] = items[i - 1][0].rstrip() + (" " if sep else "")
-        items[i - 1][1] = sep
+    elif before == "," or (before in _LINE_BREAKS and not after):
+        items[i - 1][0] = items[i - 1][0].rstrip() + raw[len(raw.rstrip()):]
+        items[i - 1][1] = after
         del items[i]
-    else:  # between two `|||` (or alone): leave the separators, drop the words
+    else:  # beside a `|||` (or alone): leave the separators, drop the words
         items[i][0] = " "
 
 
