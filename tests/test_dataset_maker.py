@@ -415,6 +415,44 @@ def test_a_caption_written_while_an_action_runs_is_left_as_it_is(tmp_path: Path)
     assert writer.changed_meanwhile == [fresh] and writer.written == 0
 
 
+def _linked_subset(dataset: Path, real: str, links: str) -> tuple[Path, Path]:
+    """Three captioned pictures of blake in `real`; `links` repeats the first as symlinks
+    (`b0.png`, `b0.txt -> ../REAL/b0.txt`), the README's subset layout. (real b0.txt, link)"""
+    (dataset / real).mkdir(parents=True)
+    (dataset / links).mkdir()
+    for i, colour in enumerate((RED, BLUE, (30, 200, 40))):
+        Image.new("RGB", (16, 16), colour).save(dataset / real / f"b{i}.png")
+        (dataset / real / f"b{i}.txt").write_text("blake, solo, red hat")
+    for name in ("b0.png", "b0.txt"):
+        (dataset / links / name).symlink_to(f"../{real}/{name}")
+    return dataset / real / "b0.txt", dataset / links / "b0.txt"
+
+
+SUBSET_ORDERS = [("5_blake", "10_blake"), ("10_blake", "5_blake")]  # the links first, last
+
+
+@pytest.mark.parametrize(("real", "links"), SUBSET_ORDERS)
+def test_an_edit_writes_a_linked_caption_through_its_link_once(tmp_path: Path, real: str,
+                                                                links: str) -> None:
+    """`10_blake/b0.txt -> ../5_blake/b0.txt`: the edit replaced the link with a file of its
+    own (the two copies then drifted apart), silently; in the other folder order it warned the
+    caption was "edited while this edit ran" and showed 4 captions in the diff for 3 changed.
+    Now the target is edited once, the link kept, and the backup copied back undoes it."""
+    dataset = tmp_path / "master_dataset"
+    target, link = _linked_subset(dataset, real, links)
+    result = run_cli("dataset", "tags", "--remove", "solo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.readlink(link) == f"../{real}/b0.txt"
+    assert target.read_text() == "blake, red hat"
+    assert "edited while this edit ran" not in result.stdout + result.stderr
+    assert "changed 3 caption(s)" in result.stdout and result.stdout.count("+++ b/") == 3
+    (backup,) = _backups(dataset)
+    assert [p.read_text() for p in backup.rglob("b0.txt")] == ["blake, solo, red hat"]
+
+    subprocess.run(f"cp -r {backup}/*/ {dataset}/", shell=True, check=True)
+    assert link.is_symlink() and target.read_text() == "blake, solo, red hat"
+
+
 def test_tags_edit_with_json_prints_json_in_a_dry_run_a_real_edit_and_a_rerun(
         tmp_path: Path) -> None:
     """`--json` printed the diff (exit 0) for an edit; the notes went to stdout too."""

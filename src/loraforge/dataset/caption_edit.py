@@ -13,6 +13,10 @@ Backups: before a caption changes, its old bytes are copied to
 scan reads); restoring is a copy back. A bulk edit (`dataset tags`) also writes what it is into
 that folder (`edit.unfinished.json`, renamed `edit.json` when it has finished), so that a rerun
 after an interruption goes on with it instead of editing again the captions already edited.
+
+Links: a caption that is a symlink (a subset folder of links, kohya's way to repeat a subset) is
+written through it: its target is replaced atomically and the link kept. The actions edit each
+file once, however many links reach it (`caption_file`).
 """
 
 from __future__ import annotations
@@ -213,6 +217,12 @@ def restore_folder(backed_up: Path, dataset_dir: Path) -> Path:
     return renamed[0] if len(renamed) == 1 else same
 
 
+def caption_file(caption: Path) -> Path:
+    """The file a caption path reaches, through any symlinks: two paths of one file are one
+    caption to edit."""
+    return caption.resolve()
+
+
 def read_caption(caption: Path) -> str:
     """A caption file's text as every dataset command reads it: UTF-8, a BOM dropped (OSError
     or UnicodeDecodeError when it cannot be read as that)."""
@@ -293,7 +303,8 @@ class CaptionWriter:
         """Write `new` to the caption `path` (whose text was `old` when the action read it,
         None when it did not exist); False when nothing changes. A caption that is no longer
         `old` (written or edited meanwhile: a long tagging job runs while people curate) is
-        left as it is and listed in `changed_meanwhile`."""
+        left as it is and listed in `changed_meanwhile`. A symlink is written through: its
+        target is replaced, the link kept."""
         if old == new:
             return False
         if _current_text(path) != old:
@@ -324,7 +335,8 @@ class CaptionWriter:
                                      "then run the same command again") from None
             self.recorded = True
         try:
-            write_atomic(path, new, self.file_mode if old is None else _mode_of(path))
+            write_atomic(caption_file(path), new,
+                         self.file_mode if old is None else _mode_of(path))
         except OSError as exc:
             raise ForgeError(f"cannot be written ({exc.strerror or exc}); it is unchanged, and "
                              "the captions written before it are kept", path=path,

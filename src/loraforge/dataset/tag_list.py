@@ -28,6 +28,7 @@ from loraforge.dataset.caption_edit import (
     CaptionWriter,
     backup_path,
     caption_diff,
+    caption_file,
     caption_tags,
     put_first,
     read_caption,
@@ -292,6 +293,18 @@ def stopped_edit(dataset_dir: Path, record: dict[str, Any], dry_run: bool = Fals
     return None
 
 
+def one_per_file(captions: list[Caption]) -> list[Caption]:
+    """`captions` without those whose file an earlier one reaches (a caption linked into a
+    second folder): each file is edited, counted and shown once."""
+    seen: set[Path] = set()
+    unique = []
+    for caption in captions:
+        if (file := caption_file(caption.path)) not in seen:
+            seen.add(file)
+            unique.append(caption)
+    return unique
+
+
 def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_run: bool,
                   file_mode: int, concepts: list[str] | None = None,
                   say: Callable[[str], None] | None = None) -> EditResult:
@@ -306,7 +319,7 @@ def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_
     changed = []
     diff: list[str] = []
     done = 0
-    for caption in captions:
+    for caption in one_per_file(captions):
         if resume is not None and _already_edited(backup_path(resume, caption.path),
                                                   caption.path):
             done += 1
