@@ -453,6 +453,24 @@ def test_an_edit_writes_a_linked_caption_through_its_link_once(tmp_path: Path, r
     assert link.is_symlink() and target.read_text() == "blake, solo, red hat"
 
 
+@pytest.mark.parametrize(("real", "links"), SUBSET_ORDERS)
+def test_tagging_writes_a_linked_caption_through_its_link_once(tmp_path: Path, real: str,
+                                                               links: str) -> None:
+    """`dataset tag --overwrite` replaced the link with a file (links first) or warned that
+    the caption was "written or edited while tagging ran" (links last)."""
+    dataset = _project(tmp_path) / "master_dataset"
+    target, link = _linked_subset(dataset, real, links)
+    result = run_cli("dataset", "tag", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.readlink(link) == f"../{real}/b0.txt"
+    assert target.read_text().startswith("blake") and "solo, red hat" not in target.read_text()
+    text = result.stdout + result.stderr
+    assert "while tagging ran" not in text
+    assert text.count("1 shared with another folder through a link (tagged there)") == 1
+    (backup,) = _backups(dataset)
+    assert [p.read_text() for p in backup.rglob("b0.txt")] == ["blake, solo, red hat"]
+
+
 def test_tags_edit_with_json_prints_json_in_a_dry_run_a_real_edit_and_a_rerun(
         tmp_path: Path) -> None:
     """`--json` printed the diff (exit 0) for an edit; the notes went to stdout too."""

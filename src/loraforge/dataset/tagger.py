@@ -11,9 +11,10 @@ first); `--overwrite` replaces captions, after copying the old ones to the backu
 `caption_edit`). Reruns change nothing that is already as it would be written, so a job stopped
 halfway just runs again: an `--append` or `--overwrite` stopped part-way records itself in its
 backup folder, and the same command run again goes on with that folder, so that one folder holds
-every caption's text from before the tagging. Another caption edit is refused while one is
-unfinished (see `tag_list`): the captions it has not reached yet would no longer be its
-originals.
+every caption's text from before the tagging. A caption that is a symlink is written through it
+(see `caption_edit`), once however many links reach its file. Another caption edit is refused
+while one is unfinished (see `tag_list`): the captions it has not reached yet would no longer be
+its originals.
 
 Input preparation follows the model card: the image (EXIF orientation applied, transparency on
 white, any colour mode as RGB, see `images.load_image`) is padded to a square with white,
@@ -44,6 +45,7 @@ from PIL import Image
 from loraforge.dataset.caption_edit import (
     CaptionWriter,
     append_tags,
+    caption_file,
     caption_tags,
     put_first,
     read_caption,
@@ -140,6 +142,7 @@ class ConceptReport:
     unchanged: int = 0
     kept: int = 0
     skipped: int = 0
+    linked: int = 0  # captions whose file another folder's caption reaches (a link)
 
 
 @dataclass
@@ -153,8 +156,10 @@ class TagResult:
 
 def plan_jobs(concepts: list[ConceptFolder], extension: str, mode: Mode, result: TagResult,
               ) -> list[Job]:
-    """The images to tag: with `mode` missing, only those without a (non-empty) caption."""
+    """The images to tag: with `mode` missing, only those without a (non-empty) caption; one
+    per caption file, however many links reach it."""
     jobs = []
+    files: set[Path] = set()
     for concept in concepts:
         report = result.reports.setdefault(concept.folder.name, ConceptReport())
         for image in concept.images:
@@ -173,6 +178,10 @@ def plan_jobs(concepts: list[ConceptFolder], extension: str, mode: Mode, result:
             if mode == "missing" and old is not None and caption_tags(old):
                 report.kept += 1
                 continue
+            if (file := caption_file(caption)) in files:
+                report.linked += 1
+                continue
+            files.add(file)
             jobs.append(Job(concept, image, caption, old))
     return jobs
 
@@ -311,6 +320,8 @@ def report_lines(result: TagResult, mode: Mode) -> list[str]:
                          f"{r.kept} kept")
         if r.skipped:
             parts.append(f"{r.skipped} skipped (see the warnings)")
+        if r.linked:
+            parts.append(f"{r.linked} shared with another folder through a link (tagged there)")
         lines.append(f"{folder}: {', '.join(parts)}")
     if result.images:
         rate = result.images / max(result.seconds, 1e-9)
