@@ -433,11 +433,13 @@ def test_pose_extract_passes_over_os_clutter_and_lists_every_name_clash(
     assert refused.value.path == clashes
 
 
-def test_pose_extract_never_writes_into_a_dataset_concept_folder(tmp_path: Path) -> None:
+def test_pose_extract_never_writes_into_a_dataset_concept_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`pose extract master_dataset/10_red_knight` wrote NAME.pose.png beside the training
     pictures: moved or not, skeleton maps would train as the character. -o elsewhere is fine."""
     from loraforge.generate.extract import extract_command
 
+    monkeypatch.chdir(tmp_path)
     concept = tmp_path / "master_dataset" / "10_red_knight"
     concept.mkdir(parents=True)
     picture = _figures(concept / "knight.png", (160, 120))
@@ -454,6 +456,38 @@ def test_pose_extract_never_writes_into_a_dataset_concept_folder(tmp_path: Path)
     with pytest.raises(ForgeError, match="pose detector not found"):  # past the check
         extract_command(settings, [concept], tmp_path / "poses", None, None, lambda _: None)
     assert sorted(p.name for p in concept.iterdir()) == ["knight.png"]
+
+
+def test_pose_extract_never_writes_anywhere_in_the_dataset_folder(tmp_path: Path,
+                                                                 tiny_root: Path) -> None:
+    """-o master_dataset/, master_dataset/poses/ or master_dataset/10_alice/poses/ was accepted
+    (only a concept folder itself was refused): `dataset check` then stopped training, and its
+    fixes would have moved the pose maps into a concept. Refused wherever in the dataset folder,
+    by whichever path, -o or --pose-json, naming a poses/ folder beside it."""
+    dataset = tmp_path / "master_dataset"
+    (dataset / "10_alice").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (90, 30, 30)).save(dataset / "10_alice" / "a.png")
+    (tmp_path / "ds").symlink_to(dataset)
+    photo = _figures(tmp_path / "photo.png", (160, 120))
+    store = ("--set", f"dataset.path={dataset}", "--set", f"storage.root={tiny_root}",
+             "--set", "models.detector=tiny")
+    inside = ("is inside the training dataset folder (master_dataset, dataset.path): pose maps "
+              "written here would be mixed into the training data")
+    cases = [
+        (("-o", "master_dataset/"), "master_dataset: is the training dataset folder",
+         "-o poses/"),
+        (("-o", "master_dataset/poses/"), f"master_dataset/poses: {inside}", "-o poses/"),
+        (("-o", "master_dataset/10_alice/poses/r.png"), f"master_dataset/10_alice/poses: {inside}",
+         "-o poses/"),
+        (("-o", "ds/poses/"), f"ds/poses: {inside}", "-o poses/"),
+        (("-o", "maps/r.png", "--pose-json", "master_dataset/r.json"),
+         "master_dataset: is the training dataset folder", "--pose-json poses/r.json"),
+    ]
+    for options, message, example in cases:
+        assert_user_error(run_cli("pose", "extract", photo, *options, *store, cwd=tmp_path),
+                          message, f"fix: write them outside the dataset folder, e.g. {example}")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if p.is_file()) == ["master_dataset/10_alice/a.png", "photo.png"]
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ onto the scene size generation uses and drawn in the standard pose map colours.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,18 +364,56 @@ def _write(job: _Job, pose: PoseMap, mode: int) -> None:
         raise ForgeError(f"cannot be written: {exc.strerror or exc}", path=job.json) from None
 
 
-def _refuse_concept_folders(jobs: list[_Job], dataset_dir: Path) -> None:
-    """Refuse outputs in a concept folder of the training dataset (`<repeats>_<concept>/`
-    under dataset.path): the pose maps there would be trained as the concept's pictures."""
-    from loraforge.dataset.scan import parse_folder_name
+def _below(folder: Path, root: Path) -> tuple[str, ...] | None:
+    """The names leading from the folder `root` down to `folder` (() for `root` itself), or
+    None when `folder` lies outside it; reached by any path (a symlink, another mount of the
+    same folder: existing folders are compared as files, by device and inode)."""
+    names: list[str] = []
+    resolved = folder.resolve()
+    for place in (resolved, *resolved.parents):
+        if place == root or _same_folder(place, root):
+            return tuple(reversed(names))
+        names.append(place.name)
+    return None
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _dataset_refusal(names: tuple[str, ...], dataset_dir: Path) -> str:
+    """Why pose maps may not go to the folder `names` below the dataset folder."""
+    from loraforge.dataset.scan import display_path, parse_folder_name
+
+    if len(names) == 1 and parse_folder_name(names[0]) is not None:
+        return ("is a concept folder of the training dataset: pose maps written here would be "
+                "trained as the concept's pictures")
+    where = ("is the training dataset folder (dataset.path)" if not names else
+             f"is inside the training dataset folder ({display_path(dataset_dir)}, dataset.path)")
+    return f"{where}: pose maps written here would be mixed into the training data"
+
+
+def _refuse_dataset_outputs(jobs: list[_Job], json_out: Path | None, dataset_dir: Path) -> None:
+    """Refuse outputs in the training dataset folder (dataset.path) or anywhere below it: in a
+    concept folder the pose maps would be trained as the concept's pictures, elsewhere
+    `dataset check` would stop on them (and its fixes would move them into training)."""
+    from loraforge.dataset.scan import shell_path
 
     root = dataset_dir.resolve()
-    for folder in sorted({path.parent for job in jobs for path in (job.png, job.json)}):
-        resolved = folder.resolve()
-        if resolved.parent == root and parse_folder_name(resolved.name) is not None:
-            raise ForgeError("is a concept folder of the training dataset: pose maps written "
-                             "here would be trained as the concept's pictures", path=folder,
-                             fix="write them elsewhere with -o, e.g. -o poses/")
+    poses = dataset_dir.parent / "poses"
+    outputs = [(job.png.parent, f"-o {shell_path(poses)}/") for job in jobs]
+    if json_out is not None:
+        outputs.append((json_out.parent, f"--pose-json {shell_path(poses / json_out.name)}"))
+    refused = [(folder, names, example) for folder, example in dict.fromkeys(outputs)
+               if (names := _below(folder, root)) is not None]
+    if refused:
+        folder, names, _ = refused[0]
+        examples = " ".join(dict.fromkeys(example for _, _, example in refused))
+        raise ForgeError(_dataset_refusal(names, dataset_dir), path=folder,
+                         fix=f"write them outside the dataset folder, e.g. {examples}")
 
 
 def _refuse_unwritable(jobs: list[_Job]) -> None:
@@ -418,7 +457,7 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     _check_outputs(pictures, output, json_out, batch)
     jobs = [_Job(picture, *_outputs(picture, output, json_out, batch),
                  _source(picture, width, height, hands, face)) for picture in pictures]
-    _refuse_concept_folders(jobs, settings.dataset_dir)
+    _refuse_dataset_outputs(jobs, json_out, settings.dataset_dir)
     for note in notes:
         say(note)
     todo, done, kept = _plan(jobs, overwrite)
