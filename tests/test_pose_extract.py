@@ -577,6 +577,32 @@ def test_pose_extract_refuses_bad_outputs_before_any_work(tmp_path: Path) -> Non
                                                           "ref.png"]
 
 
+def test_one_picture_is_refused_when_a_json_of_the_users_is_at_its_output(
+        tmp_path: Path, tiny_root: Path) -> None:
+    """An OpenPose JSON of the user's at --pose-json (or beside -o) printed "kept, not extracted
+    again (it was made from another picture ...)" and exited 0 with no pose map written: a job
+    chaining into `generate --pose` went on. Refused up front, naming the option to change."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    photo = _figures(refs / "photo one.png", (160, 120))
+    editors = json.dumps({"version": 1.3, "people": [{"pose_keypoints_2d": [1, 2, 1]}],
+                          "canvas_width": 512, "canvas_height": 512})
+    for name in ("mine.json", "new.json"):
+        (refs / name).write_text(editors)
+    store = ("--set", f"storage.root={tiny_root}", "--set", "models.detector=tiny")
+    unknown = ("exists and is not known to be the JSON pose extract wrote (no pose map beside it "
+               "records it): extracting would replace it")
+    named = run_cli("pose", "extract", photo, "-o", "refs/new.png", "--pose-json",
+                    "refs/mine.json", *store, cwd=tmp_path)
+    assert_user_error(named, f"refs/mine.json: {unknown}", "fix: pass another --pose-json name")
+    beside = run_cli("pose", "extract", photo, "-o", "refs/new.png", *store, cwd=tmp_path)
+    assert_user_error(beside, f"refs/new.json: {unknown}",
+                      "fix: name the JSON with --pose-json (e.g. --pose-json refs/new.pose.json)")
+    assert "kept" not in named.stdout + beside.stdout
+    assert sorted(p.name for p in refs.iterdir()) == ["mine.json", "new.json", "photo one.png"]
+    assert {(refs / name).read_text() for name in ("mine.json", "new.json")} == {editors}
+
+
 def test_a_huge_photo_is_decoded_small(tmp_path: Path) -> None:
     """A 6000x4000 JPEG is decoded at 1/4 scale (1500x1000, 4.5 MB instead of 72 MB), still
     more than the network's 552x368 input needs."""

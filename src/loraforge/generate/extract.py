@@ -281,10 +281,16 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
     except ForgeError as exc:
         if json_out is not None:
             raise
-        raise ForgeError(exc.message, path=json_path,
-                         fix=f"name the JSON with --pose-json (e.g. --pose-json "
-                             f"{json_path.with_name(json_path.stem + '.pose.json')}), or delete "
-                             "that file first if it may go") from None
+        raise ForgeError(exc.message, path=json_path, fix=_json_fix(json_path, False)) from None
+
+
+def _json_fix(json_path: Path, named: bool) -> str:
+    """The fix for a file of the user's at the JSON output: another --pose-json, or moving it."""
+    if named:
+        return "pass another --pose-json name, or move that file away first if it may go"
+    return (f"name the JSON with --pose-json (e.g. --pose-json "
+            f"{json_path.with_name(json_path.stem + '.pose.json')}), or move that file away "
+            "first if it may go")
 
 
 @dataclass(frozen=True)
@@ -310,14 +316,27 @@ def _not_ours(job: _Job) -> str | None:
     if recorded is None:
         where = (f"{job.png.name} does not record it: written by `pose render` or by an older "
                  "loraforge" if job.png.exists() else "no pose map beside it records it")
-        return f"{job.json} is not known to be the JSON pose extract wrote ({where})"
+        return f"is not known to be the JSON pose extract wrote ({where})"
     try:
         current = _json_digest(job.json.read_bytes())
     except OSError as exc:
-        return f"{job.json} cannot be read ({exc.strerror or exc}), so it is not known to be ours"
+        return f"cannot be read ({exc.strerror or exc}), so it is not known to be ours"
     if current != recorded:
-        return f"{job.json} was changed since pose extract wrote it (in a pose editor?)"
+        return "was changed since pose extract wrote it (in a pose editor?)"
     return None
+
+
+def _refuse_unknown_json(job: _Job, named: bool) -> None:
+    """Refuse, for the one picture named, a JSON at its output that pose extract is not known
+    to have written beside a map of this picture (a pose editor's, OpenPose's own): it is never
+    replaced, so nothing would be extracted. One edited since this picture's map was written
+    is kept, with a line (`_plan`): that map is there."""
+    if not job.json.exists() or recorded_source(job.png) == job.source:
+        return
+    why = _not_ours(job)
+    if why is not None:
+        raise ForgeError(f"exists and {why}: extracting would replace it", path=job.json,
+                         fix=_json_fix(job.json, named))
 
 
 def _plan(jobs: list[_Job], overwrite: bool) -> tuple[list[_Job], list[_Job], list[str]]:
@@ -339,8 +358,8 @@ def _plan(jobs: list[_Job], overwrite: bool) -> tuple[list[_Job], list[_Job], li
         else:
             made = (" (it was made from another picture or with other options)" if stale
                     else "")
-            kept.append(f"{job.picture}: kept, not extracted again{made}: {why}; move that "
-                        "JSON away (or delete it) to extract the picture again")
+            kept.append(f"{job.picture}: kept, not extracted again{made}: {job.json} {why}; "
+                        "move that JSON away (or delete it) to extract the picture again")
     return todo, done, kept
 
 
@@ -458,6 +477,8 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     jobs = [_Job(picture, *_outputs(picture, output, json_out, batch),
                  _source(picture, width, height, hands, face)) for picture in pictures]
     _refuse_dataset_outputs(jobs, json_out, settings.dataset_dir)
+    if not batch:
+        _refuse_unknown_json(jobs[0], json_out is not None)
     for note in notes:
         say(note)
     todo, done, kept = _plan(jobs, overwrite)
