@@ -293,9 +293,11 @@ def test_pose_extract_writes_the_map_and_json_at_the_scene_size(tmp_path: Path,
 
 def test_pose_extract_a_folder_goes_on_past_bad_pictures(tmp_path: Path, tiny_root: Path,
                                                          ) -> None:
+    """The summary counted a picture that could not be read as one without a pose (a user looks
+    for a detection problem), and read "(1 people)"."""
     folder = tmp_path / "refs"
     folder.mkdir()
-    _figures(folder / "a.png")
+    _figures(folder / "a.png", (320, 240))  # one person to the tiny detector
     Image.new("RGB", (320, 240), (128, 128, 128)).save(folder / "b_empty_room.png")
     (folder / "c.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "notes.txt").write_text("not a picture")
@@ -303,7 +305,8 @@ def test_pose_extract_a_folder_goes_on_past_bad_pictures(tmp_path: Path, tiny_ro
     result = run_cli("pose", "extract", folder, "-o", out, "--set", f"storage.root={tiny_root}",
                      "--set", "models.detector=tiny", cwd=tmp_path)
     assert_user_error(result, "b_empty_room.png: no person found", "c.jpg: is corrupt",
-                      "3 pictures: 1 extracted", "2 without a pose: b_empty_room.png, c.jpg")
+                      "3 pictures: 1 extracted (1 person), 1 without a pose: b_empty_room.png; "
+                      "1 unreadable: c.jpg")
     assert sorted(p.name for p in out.iterdir()) == ["a.pose.json", "a.pose.png"]
 
 
@@ -325,7 +328,7 @@ def test_pose_extract_skips_its_own_outputs_and_files_that_are_not_pictures(
     assert result.returncode == 0, result.stderr
     for needle in ("a.pose.json: skipped (a pose map or JSON that pose extract wrote)",
                    "a.pose.png: skipped (a pose map or JSON that pose extract wrote)",
-                   "notes.txt: skipped (not a picture", "1 pictures: 1 extracted"):
+                   "notes.txt: skipped (not a picture", "1 picture: 1 extracted"):
         assert needle in result.stdout, (needle, result.stdout)
     assert {p.name: p.read_bytes() for p in pics.iterdir()} == written
     assert_user_error(run_cli("pose", "extract", pics / "notes.txt", *store, cwd=tmp_path),
@@ -421,7 +424,7 @@ def test_pose_extract_passes_over_os_clutter_and_lists_every_name_clash(
     (refs / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     said: list[str] = []
     extract_command(_tiny_settings(tiny_root), [refs], None, None, "64x64", said.append)
-    assert said[-1].startswith("1 pictures: 1 extracted") and len(said) == 2
+    assert said[-1].startswith("1 picture: 1 extracted") and len(said) == 2
     clashes = tmp_path / "clashes"
     clashes.mkdir()
     for name in ("anim.png", "anim.webp", "b.jpg", "b.png"):
@@ -534,7 +537,7 @@ def test_a_batch_counts_the_pictures_it_could_not_write(tmp_path: Path, tiny_roo
     (refs / "a.pose.png").mkdir()  # in the way of the map: its write fails
     with pytest.raises(ForgeError) as failed:
         extract_command(_tiny_settings(tiny_root), [refs], None, None, "64x64", lambda _: None)
-    assert failed.value.message == ("1 pictures: 0 extracted (0 people), 0 without a pose; "
+    assert failed.value.message == ("1 picture: 0 extracted (0 people), 0 without a pose; "
                                     "1 not written: a.png")
     assert "were written" not in (failed.value.fix or "")
 
@@ -601,6 +604,23 @@ def test_one_picture_is_refused_when_a_json_of_the_users_is_at_its_output(
     assert "kept" not in named.stdout + beside.stdout
     assert sorted(p.name for p in refs.iterdir()) == ["mine.json", "new.json", "photo one.png"]
     assert {(refs / name).read_text() for name in ("mine.json", "new.json")} == {editors}
+
+
+def test_a_json_file_of_the_users_at_pose_json_names_pose_json_in_its_fix(tmp_path: Path,
+                                                                         ) -> None:
+    """A file of the user's at --pose-json was refused with "fix: pass another output name
+    (-o)", by pose extract and pose random alike: the option to change is --pose-json."""
+    photo = _figures(tmp_path / "photo.png", (160, 120))
+    (tmp_path / "user.json").write_text('{"x": 1}')
+    store = ("--set", f"storage.root={tmp_path / 'nothing'}")
+    for command in (("pose", "extract", photo, "-o", "p1.png", "--overwrite", *store),
+                    ("pose", "random", "-o", "p1.png")):
+        result = run_cli(*command, "--pose-json", "user.json", cwd=tmp_path)
+        assert_user_error(result, "user.json: exists and is not an OpenPose JSON file",
+                          "--pose-json")
+        assert "(-o)" not in result.stderr + result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "user.json"]
+    assert (tmp_path / "user.json").read_text() == '{"x": 1}'
 
 
 def test_a_huge_photo_is_decoded_small(tmp_path: Path) -> None:

@@ -279,9 +279,8 @@ def _check_outputs(pictures: list[Path], output: Path | None, json_out: Path | N
     try:
         refuse_foreign(json_path)
     except ForgeError as exc:
-        if json_out is not None:
-            raise
-        raise ForgeError(exc.message, path=json_path, fix=_json_fix(json_path, False)) from None
+        raise ForgeError(exc.message, path=json_path,
+                         fix=_json_fix(json_path, json_out is not None)) from None
 
 
 def _json_fix(json_path: Path, named: bool) -> str:
@@ -447,17 +446,24 @@ def _refuse_unwritable(jobs: list[_Job]) -> None:
                              fix="write the pose maps elsewhere with -o DIR, e.g. -o poses/")
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _summary(total: int, extracted: int, people: int, already: int, kept: int,
-             no_pose: list[str], unwritten: list[str]) -> str:
-    """The batch's last line: what was extracted, kept, found without a pose, not written."""
-    summary = f"{total} pictures: {extracted} extracted ({people} people)"
+             no_pose: list[str], unreadable: list[str], unwritten: list[str]) -> str:
+    """The batch's last line: what was extracted, kept, found without a pose, could not be
+    read, not written."""
+    summary = (f"{_count(total, 'picture', 'pictures')}: {extracted} extracted "
+               f"({_count(people, 'person', 'people')})")
     if already:
         summary += f", {already} already extracted, kept (--overwrite extracts them again)"
     if kept:
         summary += f", {kept} kept: their JSON may have been edited (see above)"
     summary += f", {len(no_pose)} without a pose" + (f": {', '.join(no_pose)}" if no_pose else "")
-    if unwritten:
-        summary += f"; {len(unwritten)} not written: {', '.join(unwritten)}"
+    for names, what in ((unreadable, "unreadable"), (unwritten, "not written")):
+        if names:
+            summary += f"; {len(names)} {what}: {', '.join(names)}"
     return summary
 
 
@@ -468,8 +474,9 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     onto the scene size. A picture whose map and JSON are already there is kept (a rerun goes
     on where a stopped batch ended) unless ``overwrite``; a JSON edited since it was written is
     kept even then, with a line saying so. A batch goes on past a bad picture and ends with a
-    summary; ForgeError (exit 1) when any picture gave no pose or could not be written (an
-    output folder where no file can be made is refused before the detector is loaded)."""
+    summary; ForgeError (exit 1) when any picture could not be read, gave no pose or could not
+    be written. Refused before the detector is loaded: outputs in the dataset folder, an output
+    folder where no file can be made, and for one picture a JSON of the user's at its output."""
     gen = settings.config.generate
     width, height = parse_size(size) if size else (gen.width, gen.height)
     pictures, batch, notes = _pictures(inputs)
@@ -495,12 +502,15 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
     if todo:
         detector.net()  # a missing or damaged detector stops the batch before the first picture
     people = 0
+    unreadable: list[str] = []
     no_pose: list[str] = []
     unwritten: list[str] = []
     for job in todo:
-        failed = no_pose  # then, once detected, unwritten
+        failed = unreadable  # then, once read, no_pose; once detected, unwritten
         try:
-            found = detector.people(load_picture(job.picture), job.picture)
+            picture = load_picture(job.picture)
+            failed = no_pose
+            found = detector.people(picture, job.picture)
             failed = unwritten
             _write(job, fit_pose(found, width, height), settings.file_mode)
         except ForgeError as exc:
@@ -514,13 +524,13 @@ def extract_command(settings: Settings, inputs: list[Path], output: Path | None,
         parts = (f", {sum(h is not None for p in found.people for h in p.hands)} hands"
                  if hands else "")
         parts += (f", {sum(p.face is not None for p in found.people)} faces" if face else "")
-        say(f"{job.picture} -> {job.png} ({n} {'person' if n == 1 else 'people'}{parts}, "
+        say(f"{job.picture} -> {job.png} ({_count(n, 'person', 'people')}{parts}, "
             f"{width}x{height}; JSON: {job.json.name})")
     if batch:
-        extracted = len(todo) - len(no_pose) - len(unwritten)
+        extracted = len(todo) - len(unreadable) - len(no_pose) - len(unwritten)
         summary = _summary(len(pictures), extracted, people, len(done), len(kept), no_pose,
-                           unwritten)
-        if no_pose or unwritten:
+                           unreadable, unwritten)
+        if unreadable or no_pose or unwritten:
             fix = "see each picture's error above"
             if unwritten:
                 fix += ("; free space or make the folder writable (or pass -o DIR), then run "

@@ -401,9 +401,11 @@ def refuse_foreign(path: Path) -> None:
     json_out = path.suffix.lower() == ".json"
     if _is_pose_json(path) if json_out else has_pose_mark(path):
         return
-    kind = "an OpenPose JSON file" if json_out else "a pose map that loraforge wrote"
+    kind, option = (("an OpenPose JSON file", "--pose-json") if json_out
+                    else ("a pose map that loraforge wrote", "-o"))
     raise ForgeError(f"exists and is not {kind}: writing here would replace it", path=path,
-                     fix="pass another output name (-o), or remove that file first if it may go")
+                     fix=f"pass another output name ({option}), or remove that file first if it "
+                         "may go")
 
 
 # --- drawing ----------------------------------------------------------------------------------
