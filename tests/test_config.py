@@ -206,6 +206,21 @@ def test_a_seed_beyond_what_torch_takes_is_refused_when_read(tmp_path: Path) -> 
     assert_user_error(result, "`train.seed`", "less than or equal to 9223372036854775807")
 
 
+def test_a_random_generate_seed_is_taken_in_the_config_as_on_the_command_line(
+        tmp_path: Path) -> None:
+    """`--seed -1` and a scene's `seed = -1` draw a random seed, but `generate.seed = -1` in
+    forge.toml (or `--set generate.seed=-1`) was refused: "greater than or equal to 0"."""
+    run_cli("init", tmp_path)
+    config = tmp_path / "forge.toml"
+    written = config.read_text()
+    assert "-1 draws a random one each time.\nseed = 42\n" in written
+    config.write_text(written.replace("each time.\nseed = 42\n", "each time.\nseed = -1\n"))
+    assert _show(config)["config"]["generate"]["seed"] == -1
+    assert _show(config, "--set", "generate.seed=-1")["config"]["generate"]["seed"] == -1
+    result = run_cli("config", "show", "--config", config, "--set", "generate.seed=-2")
+    assert_user_error(result, "`--set generate.seed=-2`", "greater than or equal to -1")
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("config", "show", "--config", tmp_path / "nope.toml")
     assert_user_error(result, "nope.toml", "not found", "loraforge init")

@@ -564,6 +564,19 @@ def test_generate_writes_png_info_sidecar_pose_and_final_image(
     assert any("no pose map" in line for line in lines)
 
 
+def test_a_random_seed_in_the_config_draws_the_seed_the_image_is_named_by(
+        tmp_path: Path, tiny_store: Path, own_environment: None) -> None:
+    """`generate.seed = -1` was refused when forge.toml was read, while `--seed -1` drew a
+    random seed."""
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 1,
+                                             "figures": 1, "seed": -1})
+    (made,) = generate(load_settings(config), Options(loras=["none"]), lambda line: None)
+    seed = pnginfo.parse_parameters(pnginfo.read_parameters(made) or "")["Seed"]
+    assert made.name == f"scene-{seed}.png" and seed >= 0
+
+
 def test_from_renders_with_the_pose_map_saved_beside_the_image(
         tmp_path: Path, tiny_store: Path, own_environment: None,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -326,7 +326,8 @@ class GenerateConfig(_Section):
     steps: int = Field(25, ge=1, le=500)
     cfg: float = Field(7.0, ge=0, le=50)
     sampler: str = DEFAULT_SAMPLER
-    seed: int = Field(42, ge=0, le=MAX_SEED)
+    seed: int = Field(42, ge=-1, le=MAX_SEED, description="First seed of a scene "
+                      "(seed, seed+1, ...); -1 draws a random one each time.")
     lora_weight: float = Field(1.0, ge=-5, le=5)
     control_scale: float = Field(1.0, ge=0, le=5)
     figures: int = Field(2, ge=1, le=16, description="People in a generated pose map.")
