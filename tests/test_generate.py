@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -683,23 +686,24 @@ def test_an_image_made_with_other_settings_is_kept_and_a_rerun_adds_nothing(
     assert beside == [images / "scene-6-v2.png"] and notes.read_text() == '{"my": "notes"}'
 
 
+def _start_generate(config: Path) -> subprocess.Popen[str]:
+    """`loraforge generate --lora none` of this project, its output read as it comes."""
+    env = {k: v for k, v in os.environ.items() if k != "LORAFORGE_STORAGE_ROOT"}
+    command = [sys.executable, "-m", "loraforge", "generate", "--config", str(config),
+               "--lora", "none"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, **ONE_THREAD})
+
+
 def test_a_time_limit_warning_stops_between_images_and_the_rerun_goes_on(
         tmp_path: Path, tiny_store: Path) -> None:
     """SLURM's SIGUSR1 ended `generate` on the spot, and its job script requeued the job, which
     made every image again from the first: a long job never finished. It now stops after the
     image in hand (exit 75, which the script requeues) and the rerun keeps what was made."""
-    import signal
-    import subprocess
-    import sys
-
     config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 6,
                                              "figures": 1, "seed": 10, "count": 6,
                                              "batch_size": 1})
-    env = {k: v for k, v in os.environ.items() if k != "LORAFORGE_STORAGE_ROOT"}
-    command = [sys.executable, "-m", "loraforge", "generate", "--config", str(config),
-               "--lora", "none"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**env, **ONE_THREAD})
+    process = _start_generate(config)
     assert process.stdout is not None
     first = ""
     for line in process.stdout:
@@ -722,6 +726,25 @@ def test_a_time_limit_warning_stops_between_images_and_the_rerun_goes_on(
     assert all(Path(path).stat().st_mtime_ns == made for path, made in times.items())
     images = tmp_path / "store" / "Final_Images"
     assert len(list(images.glob("scene-*.pose.png"))) == 6
+
+
+def test_a_time_limit_warning_while_the_models_load_is_a_clean_resumable_exit(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """SIGUSR1 while the models loaded ended `generate` with 138 (the signal's default action:
+    its handler came only once they were loaded), not the resumable 75, and said nothing."""
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2,
+                                             "figures": 1, "count": 2})
+    process = _start_generate(config)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "no LoRA (base model alone)" in line:  # said as the libraries and models load
+            process.send_signal(signal.SIGUSR1)
+            break
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 75, err
+    assert "stopped by SIGUSR1 (a time limit is near): nothing rendered yet, 0 of 2 images " \
+           "written; rerun the same command to go on" in err and "Traceback" not in err
+    assert not list((tmp_path / "store" / "Final_Images").glob("*.png"))
 
 
 def test_two_generates_on_one_folder_keep_each_others_images(

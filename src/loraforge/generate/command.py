@@ -122,5 +122,6 @@ def generate_command(
     except Stopped as stop:
         Console(stderr=True).print(
             f"stopped by SIGUSR1 (a time limit is near): {stop}; rerun the same command to go "
-            "on (images made with the same settings are kept, not made again)", markup=False)
+            "on (images made with the same settings are kept, not made again)", markup=False,
+            soft_wrap=True)
         raise typer.Exit(RESUMABLE_EXIT) from None

@@ -275,20 +275,23 @@ def _made_alike(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
 
 
 class Stopped(Exception):
-    """Generation stopped between batches on SLURM's time-limit warning (SIGUSR1): the images
-    written so far are kept, and a rerun of the same command skips them."""
+    """Generation stopped between batches, or before the first while the models loaded, on
+    SLURM's time-limit warning (SIGUSR1): the images written so far are kept, and a rerun of
+    the same command skips them."""
 
     def __init__(self, written: int, total: int) -> None:
-        super().__init__(f"{written} of {total} images written")
+        done = f"{written} of {total} images written"
+        super().__init__(done if written else f"nothing rendered yet, {done}")
         self.written, self.total = written, total
 
 
 def time_limit_warning() -> SignalFlag:
     """SIGUSR1 (SLURM's warning that the time limit is near, slurm.grace_seconds ahead) as a
-    flag checked between batches: the batch in hand is finished and written, then the command
-    stops (`Stopped`) and its job is requeued. Left at its default, the signal ended the
-    process, and the requeued job made every image again from the first."""
-    return SignalFlag(("SIGUSR1",), log, "stopping after the images in hand")
+    flag checked before the models load and between batches: the batch in hand is finished and
+    written, then the command stops (`Stopped`) and its job is requeued. Left at its default,
+    the signal ended the process, and the requeued job made every image again from the first."""
+    return SignalFlag(("SIGUSR1",), log, "stopping after the images in hand (before the "
+                                         "first, while the models load)")
 
 
 @dataclass(frozen=True)
@@ -398,7 +401,15 @@ def _prepare_output(folder: Path) -> None:
 
 def generate(settings: Settings, options: Options, echo: Callable[[str], None],
              precision: str = "auto") -> list[Path]:
-    """Check everything, then render every scene and seed; returns the images written."""
+    """Check everything, then render every scene and seed; returns the images written. A
+    time-limit warning from the start on stops it (`Stopped`), before the first image when it
+    comes while the scenes are checked and the models load."""
+    with time_limit_warning() as warning:
+        return _generate(settings, options, echo, precision, warning)
+
+
+def _generate(settings: Settings, options: Options, echo: Callable[[str], None],
+              precision: str, warning: SignalFlag) -> list[Path]:
     from loraforge.models import store
     from loraforge.runtime import go_offline, pick_device
 
@@ -454,6 +465,9 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     offload = gen.offload and device.type == "cuda"
     if gen.offload and not offload:
         echo("note: generate.offload only applies on a GPU; ignored on the CPU")
+    total = sum(len(job.seeds) for job in jobs)
+    if warning.given:
+        raise Stopped(0, total)
     started = time.monotonic()
     base = model_info(base_dir, settings.cache_dir)
     controlnet = model_info(controlnet_dir, settings.cache_dir)
@@ -465,14 +479,13 @@ def generate(settings: Settings, options: Options, echo: Callable[[str], None],
     stack = LoraStack(pipe)
     scheduler_config = dict(pipe.scheduler.config)
     written: list[Path] = []
-    total = sum(len(job.seeds) for job in jobs)
     newest_kept: Path | None = None
 
     def copy_newest_kept() -> None:  # also when stopped: the newest image is where it says
         if newest_kept is not None:
             _newest_is(folder, newest_kept, settings.file_mode)
 
-    with time_limit_warning() as warning, contextlib.ExitStack() as at_the_end:
+    with contextlib.ExitStack() as at_the_end:
         at_the_end.callback(copy_newest_kept)
         for job in jobs:
             stack.activate(job.loras, [f.lora.lora for f in job.cast.figures if f.lora]
