@@ -611,6 +611,45 @@ def test_from_renders_with_the_pose_map_saved_beside_the_image(
     assert f"the pose map {pose} is gone" in caplog.text
 
 
+def test_from_renders_from_anywhere_an_image_whose_prompt_tag_named_a_relative_file(
+        tmp_path: Path, tiny_store: Path, lora_files: dict[str, Path], own_environment: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--prompt "a knight <lora:ep1:0.7>"` with ep1.safetensors in the folder it ran in: the
+    record kept the tag, and `--from` looked for the file beside the image ("LoRA file not
+    found"), even in place. An image recorded before, its tag kept, still renders as it did."""
+    from PIL import Image
+
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2,
+                                             "figures": 1, "seed": 5})
+    settings = load_settings(config)
+    lora = Path(shutil.copy(lora_files["a"], tmp_path / "ep1.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    (made,) = generate(settings, Options(prompt="a knight <lora:ep1:0.7>", loras=["none"]),
+                       lambda line: None)
+    first = made.read_bytes()
+    parameters = pnginfo.read_parameters(made)
+    assert pnginfo.parse_parameters(parameters or "")["prompt"] == "a knight <lora:ep1:0.7>"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copy = elsewhere / "keep.png"
+    copy.write_bytes(first)
+    for old in made.parent.glob("scene-5*"):
+        old.unlink()
+    monkeypatch.chdir(elsewhere)
+    assert generate(settings, Options(source=copy), lambda line: None) == [made]
+    assert made.read_bytes() == first
+
+    before = pnginfo.read_scene(made) or {}
+    before["scene"]["prompt"] = f"a knight <lora:{lora}:0.7>"
+    with Image.open(made) as image:
+        pnginfo.save_png_with_scene(image, made, parameters, before)
+    lines: list[str] = []
+    assert generate(settings, Options(source=made), lines.append) == [made]
+    assert f"[1/1] {made} (made before with the same settings: kept)" in lines
+
+
 def test_from_says_when_a_lora_is_not_the_file_the_image_was_made_with(
         tmp_path: Path, tiny_store: Path, own_environment: None) -> None:
     """A LoRA retrained (or replaced) under the same path: `--from` rendered another image,

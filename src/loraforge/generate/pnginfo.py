@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.fsutil import DEFAULT_FILE_MODE, save_atomic
+from loraforge.generate.prompts import extract_lora_tags
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -179,6 +180,17 @@ def scene_chunk(path: Path) -> str | None:
 def read_scene(path: Path) -> dict[str, Any] | None:
     """The `loraforge` chunk of a PNG as a dict, or None when it has none (or it is not JSON)."""
     return parse_scene(scene_chunk(path))
+
+
+def without_lora_tags(table: dict[str, Any]) -> dict[str, Any]:
+    """A `[[scene]]` record with its prompts as `generate` writes them now: the `<lora:...>`
+    tags that records made before kept in them taken out (their `loras` names the files those
+    tags resolved to, at the weights they gave)."""
+    for key in ("prompt", "negative"):
+        if isinstance(table.get(key), str):
+            with contextlib.suppress(ValueError):
+                table[key] = extract_lora_tags(table[key])[0]
+    return table
 
 
 def parse_scene(value: str | None) -> dict[str, Any] | None:

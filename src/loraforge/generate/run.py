@@ -146,9 +146,12 @@ def _loras_changed_since(image: Path, job: Job) -> list[str]:
 def scene_table(job: Job, batch: list[int]) -> dict[str, Any]:
     """The `[[scene]]` table that renders this image again (`loraforge generate --from`): with
     the seeds of the batch it was denoised in, rendered together again, so that its bits are
-    the same (a batch of other seeds may round differently)."""
+    the same (a batch of other seeds may round differently). Its prompts hold no `<lora:...>`
+    tags: `loras` names every LoRA the scene applies, the tags' too, by the file it resolved to,
+    so the record renders the same files from any folder (a tag `<lora:style:0.7>` named a file
+    relative to where the command ran, or a run of the project it ran in)."""
     table: dict[str, Any] = {
-        "name": job.name, "prompt": job.prompt, "negative": job.negative, "seeds": batch,
+        "name": job.name, "prompt": job.text, "negative": job.negative_text, "seeds": batch,
         "size": f"{job.width}x{job.height}", "steps": job.steps, "cfg": job.cfg,
         "sampler": job.sampler, "control_scale": job.control_scale, "clip_skip": job.clip_skip,
         "loras": [{"path": str(u.lora.path), "weight": u.weight} for u in job.loras] or ["none"],
@@ -260,7 +263,7 @@ def _made_alike(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
     def without_batch(record: dict[str, Any] | None) -> Any:
         table = dict(json.loads(json.dumps((record or {}).get("scene") or {})))
         table.pop("seeds", None)
-        return table
+        return pnginfo.without_lora_tags(table)
 
     try:
         if pnginfo.read_parameters(folder / f"{stem}.png") != parameters:
