@@ -454,7 +454,7 @@ def test_a_cast_scenes_file_writes_masks_and_png_info_and_from_renders_it_again(
         "market street BREAK smiling <lora:red:0.9> BREAK arms crossed <lora:blue:1>"
     assert (info["RP Active"], info["RP Use Base"], info["RP Base Ratios"]) == \
         ("True", "True", "0.3")
-    assert list(info["lora_hashes"]) == ["red", "blue"]
+    assert [name for name, _ in info["lora_hashes"]] == ["red", "blue"]
     sidecar = json.loads((images / "market-3.json").read_text())
     assert [f["lora"]["weight"] for f in sidecar["cast"]["figures"]] == [0.9, 1.0]
     copy = tmp_path / "keep.png"

@@ -540,8 +540,8 @@ def test_generate_writes_png_info_sidecar_pose_and_final_image(
             info["Seed"]) == (3, "DPM++ 2M", "Karras", 6.5, 7)
     assert (info["width"], info["height"], info["Clip skip"]) == (SIZE, SIZE, 1)
     assert info["Model"] == "tiny-sd15" and info["Model hash"] == unet_sha[:10]
-    assert info["lora_hashes"] == {"blake": lora_file.sha256[:12],
-                                   "style": style_file.sha256[:12]}
+    assert info["lora_hashes"] == [("blake", lora_file.sha256[:12]),
+                                   ("style", style_file.sha256[:12])]
     assert "tiny-controlnet" in info["ControlNet 0"]
     assert info["Version"].startswith("loraforge ")
 
@@ -565,6 +565,37 @@ def test_generate_writes_png_info_sidecar_pose_and_final_image(
     assert (images / "final_command_scene.png").read_bytes() == written[1].read_bytes()
     assert not list(images.glob(".*"))
     assert any("no pose map" in line for line in lines)
+
+
+def test_two_lora_files_of_one_name_keep_a_hash_each_and_are_warned_of(
+        tmp_path: Path, tiny_store: Path, lora_files: dict[str, Path], own_environment: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`--lora multi_concept:0.6 --lora other/multi_concept.safetensors:0.4` (every project's
+    run is `multi_concept`): the PNG info named both alike, its `Lora hashes` kept only the
+    second file's, and nothing said that A1111 cannot tell them apart."""
+    from loraforge.generate.run import generate
+
+    config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 1,
+                                             "figures": 1})
+    run = _write_run(tmp_path / "store" / "Multi_Concept_Output", "multi_concept", "finished",
+                     "2026-01-02T10:00:00+0000", lora_files["a"])
+    other = tmp_path / "other" / "multi_concept.safetensors"
+    other.parent.mkdir()
+    shutil.copy(lora_files["b"], other)
+    (made,) = generate(load_settings(config),
+                       Options(loras=["multi_concept:0.6", f"{other}:0.4"]), lambda line: None)
+    info = pnginfo.parse_parameters(pnginfo.read_parameters(made) or "")
+    assert info["prompt"].endswith("<lora:multi_concept:0.6> <lora:multi_concept:0.4>")
+    widths = BaseWidths.of(tiny_store / "tiny-sd15")
+    hashes = [inspect_lora(path, widths).short_hash
+              for path in (run / "multi_concept.safetensors", other)]
+    assert info["Lora hashes"] == f"multi_concept: {hashes[0]}, multi_concept: {hashes[1]}"
+    said = f"{(run / 'multi_concept.safetensors').resolve()} and {other} share the name " \
+           "`multi_concept`, the one A1111 knows a LoRA by: the image's PNG info cannot tell " \
+           "them apart"
+    assert said in caplog.text
+    (warning,) = json.loads(made.with_suffix(".json").read_text())["warnings"]
+    assert said in warning and "rename one of the files" in warning
 
 
 def test_a_random_seed_in_the_config_draws_the_seed_the_image_is_named_by(
@@ -848,7 +879,7 @@ def test_command_renders_a_scenes_file_end_to_end(tmp_path: Path, tiny_store: Pa
     beach = pnginfo.parse_parameters(pnginfo.read_parameters(images / "Beach_day-4.png") or "")
     night = pnginfo.parse_parameters(pnginfo.read_parameters(images / "night-5.png") or "")
     assert beach["prompt"] == "two knights on a beach <lora:style:0.5>" and beach["Seed"] == 4
-    assert list(beach["lora_hashes"]) == ["style"]
+    assert [name for name, _ in beach["lora_hashes"]] == ["style"]
     assert (night["Sampler"], night["Schedule type"], night["Size"]) == \
         ("Euler a", "Automatic", "104x96")
     assert "Lora hashes" not in night

@@ -77,7 +77,10 @@ def test_parameters_text_round_trips() -> None:
     assert parsed["Model hash"] == "0123456789"  # digits stay text
     assert (parsed["width"], parsed["height"]) == (768, 576)
     assert parsed["ControlNet 0"] == fields["ControlNet 0"]
-    assert parsed["lora_hashes"] == {"blake": "0123456789ab", "style": "ba9876543210"}
+    assert parsed["lora_hashes"] == [("blake", "0123456789ab"), ("style", "ba9876543210")]
+    # a file named twice is listed once; two files of one name keep an entry each
+    assert pnginfo.format_lora_hashes([("blake", "01"), ("blake", "01"), ("blake", "ba")]) == \
+        "blake: 01, blake: ba"
     assert parsed["Version"] == "loraforge 0.1.0"
     no_negative = pnginfo.parse_parameters(pnginfo.format_parameters("cat", "", fields))
     assert no_negative["prompt"] == "cat" and no_negative["negative_prompt"] == ""

@@ -79,7 +79,7 @@ def _pairs(line: str) -> list[tuple[str, str]]:
 def parse_parameters(text: str) -> dict[str, Any]:
     """Read a `parameters` text back: `prompt`, `negative_prompt`, then every `Key` of the last
     line with its value unquoted. Steps, Seed and Clip skip are ints, CFG scale a float; Size
-    also gives `width` and `height`, Lora hashes gives `lora_hashes` ({name: hash}), and
+    also gives `width` and `height`, Lora hashes gives `lora_hashes` ([(name, hash), ...]), and
     Sampler with Schedule type gives `sampler`, our name for it (`DPM++ 2M Karras`)."""
     lines = text.strip().split("\n")
     last = lines[-1]
@@ -117,16 +117,18 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return result
 
 
-def format_lora_hashes(hashes: Mapping[str, str]) -> str:
-    return ", ".join(f"{name}: {value}" for name, value in hashes.items())
+def format_lora_hashes(hashes: Sequence[tuple[str, str]]) -> str:
+    """`Lora hashes` as A1111 writes it, `name: hash, name: hash`: each (name, hash) once, in
+    order; two files of one name keep an entry each."""
+    return ", ".join(f"{name}: {value}" for name, value in dict.fromkeys(hashes))
 
 
-def parse_lora_hashes(text: str) -> dict[str, str]:
-    found: dict[str, str] = {}
+def parse_lora_hashes(text: str) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
     for item in text.split(","):
         name, sep, value = item.rpartition(":")
         if sep:
-            found[name.strip()] = value.strip()
+            found.append((name.strip(), value.strip()))
     return found
 
 

@@ -74,7 +74,7 @@ def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInf
                f"Weight: {job.control_scale!r}, Resize Mode: Resize and Fill, "
                "Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, "
                "Control Mode: Balanced")
-    loras = pnginfo.format_lora_hashes({u.lora.name: u.lora.short_hash for u in job.all_loras})
+    loras = pnginfo.format_lora_hashes([(u.lora.name, u.lora.short_hash) for u in job.all_loras])
     sampler, schedule = infotext_sampler(job.sampler)
     return {
         "Steps": job.steps,
@@ -91,6 +91,24 @@ def parameters_fields(job: Job, seed: int, base: ModelInfo, controlnet: ModelInf
         **(_regional_fields(job) if job.cast else {}),
         "Version": f"loraforge {__version__}",
     }
+
+
+def a1111_name_clashes(job: Job) -> list[str]:
+    """LoRA files of other contents under one name, which A1111 knows a LoRA by (its file name
+    alone): their tags and hashes in the PNG info cannot be told apart. One line per name."""
+    files: dict[str, dict[str, Path]] = {}
+    for use in job.all_loras:
+        files.setdefault(use.lora.name, {}).setdefault(use.lora.sha256, use.lora.path)
+    clashes = []
+    for name, by_content in files.items():
+        paths = [str(path) for path in by_content.values()]
+        if len(paths) > 1:
+            clashes.append(
+                f"the LoRAs {', '.join(paths[:-1])} and {paths[-1]} share the name `{name}`, "
+                f"the one A1111 knows a LoRA by: the image's PNG info cannot tell them apart (its "
+                f"<lora:{name}:...> tags and `Lora hashes` entries name each alike, and A1111 "
+                "applies one file for all of them); rename one of the files to tell them apart")
+    return clashes
 
 
 def _regional_fields(job: Job) -> dict[str, object]:
@@ -202,6 +220,7 @@ def sidecar(job: Job, seed: int, base: ModelInfo, controlnet: ModelInfo, paramet
         "loras": [{"name": u.lora.name, "path": str(u.lora.path), "weight": u.weight,
                    "hash": u.lora.short_hash, "sha256": u.lora.sha256} for u in job.loras],
         "cast": cast_record(job),
+        "warnings": a1111_name_clashes(job),
         "version": f"loraforge {__version__}",
         "parameters": parameters,
         "device": device,
@@ -436,6 +455,8 @@ def _generate(settings: Settings, options: Options, echo: Callable[[str], None],
     for job in jobs:
         for note in job.notes:
             echo(f"note: {job.name}: {note}")
+        for clash in a1111_name_clashes(job):
+            log.warning("%s: %s", job.name, clash)
         for use in job.loras:
             echo(f"{job.name}: LoRA {use.lora.path} (weight {use.weight:g})")
         for number, figure in enumerate(job.cast.figures if job.cast else [], 1):
