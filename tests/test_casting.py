@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, draw_character, run_cli
 from test_generate import _project, _write_run, make_lora
 
 from loraforge.config import load_settings
@@ -337,6 +337,38 @@ def test_figure_option_names_a_concept_as_its_folder_spells_it(
     assert "--figure #1: unknown character `ohwx mann` (did you mean `ohwx man`?)" \
         in str(typo.value)
     assert '--figure ": ohwx mann: ..."' in (typo.value.fix or "")
+
+
+def test_a_character_is_cast_with_the_trigger_eval_measures(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    """One of blake's captions lacks his name, so `1boy` is his most frequent tag: his figure's
+    prompt still starts with `blake`, the trigger `dataset check` and `eval` take (it started
+    with `1boy`, and blake was never asked for). A concept whose captions never name it is cast
+    with the tag they hold most, ties going to the one written first, as eval takes it."""
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.train.separation import distinct_triggers
+
+    dataset = tmp_path / "master_dataset"
+    captions = {"10_blake": ["blake, 1boy, red scarf", "blake, 1boy", "blake, 1boy, smile",
+                             "1boy, smile"],
+                "10_mira": ["mira, 1girl", "mira, 1girl, smile", "mira, 1girl"],
+                "10_sora": ["ohwx, 1girl", "ohwx, 1girl, hat"]}
+    for folder, texts in captions.items():
+        (dataset / folder).mkdir(parents=True)
+        for index, text in enumerate(texts):
+            draw_character(dataset / folder / f"{index}.png", (200, 30, 30), "box", index)
+            (dataset / folder / f"{index}.txt").write_text(text)
+    trained = scan_dataset(dataset, ".txt")
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
+    _write_run(tmp_path / "store" / "Multi_Concept_Output", "multi_concept", "finished",
+               "2026-01-02T10:00:00+0000", _character_lora(
+                   characters[0], tmp_path / "multi.safetensors", trained.tag_frequency()))
+    plan = _planner(config, tiny_store)
+    assert [f.text for f in plan("blake: smiling", "mira: waving").cast.figures] == [
+        "blake, smiling", "mira, waving"]
+    assert [f.text for f in plan("sora: sitting", "mira: waving").cast.figures] == [
+        "ohwx, sitting", "mira, waving"]
+    assert distinct_triggers(trained) == {"blake": "blake", "mira": "mira", "sora": "ohwx"}
 
 
 def test_a_figure_lora_over_the_whole_image_renders_what_the_merged_lora_renders(

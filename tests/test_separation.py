@@ -249,11 +249,11 @@ def test_concepts_sharing_a_trigger_are_named(tmp_path: Path) -> None:
     for folder in ("2_blake", "2_mira", "2_sora"):
         (tmp_path / folder).mkdir()
         draw_character(tmp_path / folder / "0.png", (200, 30, 30), "box", offset=0)
-    (tmp_path / "2_blake" / "0.txt").write_text("1girl, blake, red hat")
-    (tmp_path / "2_mira" / "0.txt").write_text("1girl, mira, blue robe")
+    (tmp_path / "2_blake" / "0.txt").write_text("1girl, red hat")
+    (tmp_path / "2_mira" / "0.txt").write_text("1girl, blue robe")
     with pytest.raises(ForgeError, match="blake and mira share the trigger `1girl`") as caught:
         distinct_triggers(scan_dataset(tmp_path, ".txt"))
-    assert "activation tag first" in str(caught.value.fix)
+    assert "put each concept's name in its captions" in str(caught.value.fix)
     (tmp_path / "2_mira" / "0.txt").write_text("mira, 1girl, blue robe")
     assert distinct_triggers(scan_dataset(tmp_path, ".txt")) == {
         "blake": "1girl", "mira": "mira", "sora": "sora"}

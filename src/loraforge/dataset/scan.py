@@ -36,12 +36,13 @@ import os
 import re
 import shlex
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.config import CONFIG_NAME
-from loraforge.dataset.caption_edit import caption_tags
+from loraforge.dataset.caption_edit import caption_tags, tag_key
 from loraforge.dataset.images import (
     IMAGE_EXTENSIONS,
     SUPPORTED_KIND_EXTENSION,
@@ -131,6 +132,24 @@ class Concept:
         """The n most frequent tags, most frequent first; ties in order of first appearance
         (so the activation tag, first in every caption, leads)."""
         return self.tag_frequency().most_common(n)
+
+    @property
+    def trigger(self) -> str:
+        """Its activation tag (see `activation_tag`)."""
+        return activation_tag(self.name, self.tag_frequency())
+
+
+def activation_tag(name: str, tag_counts: Mapping[str, int]) -> str:
+    """The trigger of the concept `name` whose captions hold these tags (counted, in the order
+    they were first written: a concept's `tag_frequency`, a LoRA's `ss_tag_frequency`): its
+    name, as its captions spell it (compared as `tag_key` compares tags), when they hold it,
+    as `dataset check` and `dataset tags --add-trigger` take it; else its most frequent tag;
+    with no tags at all its name (what kohya trains an uncaptioned image on). Ties go to the
+    tag written first. `eval`, the LoRA's `modelspec.trigger_phrase` and `generate`'s casting
+    all take a concept's trigger from here."""
+    spellings = {tag: n for tag, n in tag_counts.items() if tag_key(tag) == tag_key(name)}
+    candidates = spellings or tag_counts
+    return max(candidates, key=lambda tag: candidates[tag], default=name)
 
 
 @dataclass

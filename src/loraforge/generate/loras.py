@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge import runs
+from loraforge.dataset.scan import activation_tag
 from loraforge.errors import ForgeError
 from loraforge.hashing import digest_file
 from loraforge.kohya_names import TEXT_PATH_PREFIX, TEXT_PREFIX, kohya_name
@@ -83,8 +84,8 @@ class LoraFile:
     @property
     def concepts(self) -> dict[str, str]:
         """The concepts it was trained on (kohya's `ss_tag_frequency`: `{"20_blake": {tag:
-        count}}`), each with its activation tag (its most frequent tag; the name when
-        uncaptioned)."""
+        count}}`), each with its trigger, by the rule its training took it by
+        (`activation_tag`)."""
         try:
             frequency = json.loads(self.metadata.get("ss_tag_frequency", "{}"))
         except ValueError:
@@ -95,7 +96,7 @@ class LoraFile:
             name = name if repeats.isdigit() and name else str(folder)
             counts = {str(t): c for t, c in tags.items() if isinstance(c, int)} \
                 if isinstance(tags, dict) else {}
-            found[name] = max(counts, key=lambda t: counts[t]) if counts else name
+            found[name] = activation_tag(name, counts)
         return found
 
     @property

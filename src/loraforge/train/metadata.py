@@ -107,7 +107,7 @@ def lora_metadata(settings: Settings, dataset: Dataset, facts: TrainingFacts, st
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "epsilon",
         "modelspec.encoder_layer": str(train.clip_skip),
-        "modelspec.trigger_phrase": ", ".join(concepts),
+        "modelspec.trigger_phrase": ", ".join(c.trigger for c in dataset.concepts),
         "modelspec.description": f"LoRA Forge multi-concept LoRA: {', '.join(concepts)}",
     }
     if network_args:  # kohya leaves the key out for a plain LoRA

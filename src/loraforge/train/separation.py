@@ -112,28 +112,22 @@ class Separation:
                           for a, b, value in self.pairs()]}
 
 
-def trigger_of(concept: Concept) -> str:
-    """A concept's activation tag: the most common first tag of its captions (an uncaptioned
-    image's tags are the concept's name; `blake ||| smile` begins with blake)."""
-    firsts = Counter(tags[0] for image in concept.images if (tags := image.separate_tags))
-    return firsts.most_common(1)[0][0] if firsts else concept.name
-
-
 def distinct_triggers(dataset: Dataset) -> dict[str, str]:
     """Concept -> trigger; ForgeError when two concepts share one (nothing could ask the LoRA
     for one of them alone)."""
-    triggers = {c.name: trigger_of(c) for c in dataset.concepts}
+    triggers = {c.name: c.trigger for c in dataset.concepts}
     by_trigger: dict[str, list[str]] = {}
     for name, trigger in triggers.items():
         by_trigger.setdefault(trigger, []).append(name)
     shared = next((names for names in by_trigger.values() if len(names) > 1), None)
     if shared:
         trigger = triggers[shared[0]]
-        raise ForgeError(f"concepts {' and '.join(shared)} share the trigger `{trigger}` (the "
-                         "first tag of most of their captions), so no prompt can ask for one of "
-                         "them alone", path=dataset.root,
-                         fix="put each concept's own activation tag first in its captions "
-                             "(e.g. `blake, 1boy, ...`), then train again")
+        raise ForgeError(f"concepts {' and '.join(shared)} share the trigger `{trigger}` (a "
+                         "concept's trigger is its name where its captions hold it, else its "
+                         "most frequent tag), so no prompt can ask for one of them alone",
+                         path=dataset.root,
+                         fix="put each concept's name in its captions (`loraforge dataset tags "
+                             "--add-trigger` puts it first), then train again")
     return triggers
 
 
@@ -411,7 +405,7 @@ def concept_samples(vae: Any, alphas_cumprod: torch.Tensor, dataset: Dataset,
         # each bucket's noise is drawn from its own seed, whatever other buckets there are
         groups = [_noised(latents, alphas_cumprod, bucket_seed(latents))
                   for latents in _latents(vae, images, source, config, device)]
-        samples.append(Sample(concept.name, trigger_of(concept), own is not None,
+        samples.append(Sample(concept.name, concept.trigger, own is not None,
                               sum(group.images for group in groups), groups))
     return samples
 
