@@ -255,6 +255,8 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
     _write_run(runs, "multi", "finished", "2026-01-02T10:00:00+0000", both)
     _write_run(runs, "rook", "finished", "2026-01-01T10:00:00+0000", _character_lora(
         characters[1], tmp_path / "rook.safetensors", {"5_rook": {"rook knight": 2}}))
+    _write_run(runs, "sora", "finished", "2026-01-01T09:00:00+0000", _character_lora(
+        characters[1], tmp_path / "sora.safetensors", {"5_sora": {"sora": 2}}))
     plan = _planner(config, tiny_store)
     multi = plan("blake: smiling", "mira_character: arms crossed")
     assert [u.lora.path.name for u in multi.loras] == ["multi.safetensors"]  # everywhere
@@ -265,15 +267,11 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
     assert own.cast.figures[1].text == "rook knight, (angry:1.2)"
     assert own.cast.figures[1].lora.lora.path.name == "rook.safetensors"
     assert own.pose.figures == 2
-    # The run named as one figure and a concept of it as the other: the LoRA acts once.
-    once = plan("multi: smiling", "mira_character: arms crossed")
-    assert [u.lora.path.name for u in once.loras] == ["multi.safetensors"]
-    assert [f.lora for f in once.cast.figures] == [None, None]
     # `--lora none`: no LoRA but the figures' own; a concept of the newest run is unknown.
-    bare = plan("rook: a", "multi: b", loras=["none"])
+    bare = plan("rook: a", "sora: b", loras=["none"])
     assert bare.loras == []
     assert [f.lora.lora.path.name for f in bare.cast.figures] == ["rook.safetensors",
-                                                                 "multi.safetensors"]
+                                                                 "sora.safetensors"]
     with pytest.raises(ForgeError, match="unknown character `blake`"):
         plan("blake: a", "rook: b", loras=["none"])
     # Figures with prompts alone: the newest run's LoRA acts, as without figures.
@@ -291,9 +289,44 @@ def test_characters_are_concepts_of_the_scene_lora_or_runs_of_their_own(
             (("blake: a", "mira_character: b <lora:multi:0.3>"),
              "its LoRA multi (weight 0.3) already acts on the whole image with weight 1"),
             (("blake: a", "nobody: b"), "(concepts: blake, mira_character; runs: multi, "
-                                        "rook)")):
+                                        "rook, sora)")):
         with pytest.raises(ForgeError, match=re.escape(needle)):
             plan(*figures)
+
+
+def test_a_run_of_several_characters_named_as_one_is_refused_naming_them(
+        tmp_path: Path, tiny_store: Path, characters: list[Path]) -> None:
+    """`--figure "multi: hi"` put the run's name, a word its LoRA never learned, in the
+    figure's prompt: no character acted there. It is refused, naming the run's characters and
+    how to name one (with the run's LoRA when it does not act already); a run of one concept
+    named as a character is still that concept, wearing the run's LoRA."""
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
+    runs = tmp_path / "store" / "Multi_Concept_Output"
+    _write_run(runs, "multi", "finished", "2026-01-02T10:00:00+0000", _character_lora(
+        characters[0], tmp_path / "multi.safetensors",
+        {"10_blake": {"blake": 2}, "10_mira": {"mira": 2}}))
+    _write_run(runs, "rook", "finished", "2026-01-01T10:00:00+0000", _character_lora(
+        characters[1], tmp_path / "rook.safetensors", {"5_rook": {"rook knight": 2}}))
+    plan = _planner(config, tiny_store)
+    with pytest.raises(ForgeError) as newest:
+        plan("multi: hi", "mira: x")
+    assert str(newest.value) == (
+        "--figure #1: `multi` is a training run of 2 characters (blake, mira), not one "
+        'character\n  fix: name one of them: --figure "blake: ..."')
+    with pytest.raises(ForgeError) as unworn:
+        plan("rook: a", "multi: b", loras=["none"])
+    assert unworn.value.fix == 'name one of them: --figure "blake: ..." with --lora multi'
+    followed = plan("rook: a", "blake: b", loras=["multi"])
+    assert [f.text for f in followed.cast.figures] == ["rook knight, a", "blake, b"]
+    settings = load_settings(config)
+    with pytest.raises(ForgeError) as in_file:
+        plan_jobs(settings, Options(scenes=_scene(
+            tmp_path, "random", '[[scene.figure]]\ncharacter = "multi"\n'
+                                '[[scene.figure]]\ncharacter = "rook"\n')),
+            LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15")),
+            PoseCache(print, None))
+    assert 'field `figure` #1: `multi` is a training run of 2 characters' in str(in_file.value)
+    assert 'fix: name one of them: character = "blake"' in str(in_file.value)
 
 
 def _planner(config: Path, tiny_store: Path) -> Callable[..., Any]:

@@ -68,7 +68,8 @@ def generate_command(
         "rendered with the models loaded once; the options above are their defaults.")] = None,
     figure: Annotated[list[str] | None, typer.Option(
         "--figure", help="Cast a posed figure, left to right (repeatable): \"CHARACTER: "
-        "prompt\" (a concept of the LoRA, spaces and any script allowed, or a run name) or a "
+        "prompt\" (a concept of the LoRA, spaces and any script allowed, or a run of one "
+        "concept) or a "
         "prompt alone (\": prompt\" when plain words and a colon begin it); --prompt is then "
         "the background's.")] = None,
     background_weight: Annotated[float | None, typer.Option(

@@ -16,7 +16,7 @@ many from a TOML file of `[[scene]]` tables, each field defaulting to the comman
     steps = 30                      # cfg, sampler, control_scale, clip_skip, count also allowed
 
 Casting: `[[scene.figure]]` tables, one per posed figure, left to right, each with `character`
-(a concept of the scene's LoRA, or a training run of that name), `lora` (its own LoRA file)
+(a concept of the scene's LoRA, or a training run of one concept), `lora` (its own LoRA file)
 and `prompt`; the scene's prompt is then the background's (see generate/casting.py):
 
     [[scene.figure]]
@@ -719,8 +719,8 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
         known += [c for c in default.concepts if c not in known]
     if NAME_PATTERN.match(name) and (settings.runs_dir / name).is_dir():  # not `../x`
         own = resolver.ref(name, None, where.origin, where.base)
-        concepts = list(own.lora.concepts.values())
-        return (concepts[0] if len(concepts) == 1 else name), own, None
+        acting = {u.lora.path for u in uses} | ({default.path} if default is not None else set())
+        return _run_trigger(name, own.lora, where, own.lora.path in acting), own, None
     runs = sorted(p.name for p in settings.runs_dir.glob("*") if p.is_dir()) \
         if settings.runs_dir.is_dir() else []
     close = difflib.get_close_matches(name, known + runs, n=1, cutoff=0.6)
@@ -734,6 +734,26 @@ def _character(name: str, where: Value, settings: Settings, resolver: LoraResolv
     else:
         fix += "lora = \"FILE.safetensors\""
     raise _err(where, f"unknown character `{name}`{hint}{unavailable}", fix)
+
+
+def _run_trigger(name: str, lora: lora_files.LoraFile, where: Value, acting: bool) -> str:
+    """The trigger of a training run named as a character: its one concept's (the run's name
+    when its LoRA records none). A run of several concepts is no one character, and its name
+    no word its LoRA learned: refused, naming its concepts."""
+    concepts = lora.concepts
+    if name in concepts:
+        return concepts[name]
+    if len(concepts) <= 1:
+        return next(iter(concepts.values()), name)
+    first = next(iter(concepts))
+    if where.origin.startswith("--figure"):
+        fix = f'name one of them: --figure "{first}: ..."'
+        fix += "" if acting else f" with --lora {name}"
+    else:
+        fix = f'name one of them: character = "{first}"'
+        fix += "" if acting else f', with loras = ["{name}"] in the scene'
+    raise _err(where, f"`{name}` is a training run of {len(concepts)} characters "
+                      f"({', '.join(concepts)}), not one character", fix)
 
 
 def _cast(entries: list[tuple[Value, dict[str, Any]]], values: dict[str, Value],
