@@ -329,6 +329,16 @@ def test_scene_mistakes_are_named_where_they_are(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_count_beside_seeds_is_refused(project: Path) -> None:
+    """A scene's `count` beside its `seeds` was ignored: 2 images of the 5 asked for, exit 0
+    (`seed` beside `seeds` was refused)."""
+    (project / "scenes.toml").write_text('[[scene]]\nname = "a"\nseeds = [1, 2]\ncount = 5\n')
+    result = _generate(project, "--scenes", "scenes.toml", "--lora", "none")
+    assert_user_error(result, "scenes.toml: 1 bad scene entry",
+                      'scene "a" (#1): has both `count` and `seeds`', "fix: keep one of them")
+    _untouched(project)
+
+
 def test_a_scenes_file_with_a_bom_or_a_single_scene_table(project: Path) -> None:
     """Windows editors save UTF-8 with a BOM: read past it (here to the mistake on line 3).
     `[scene]` (one table) is not a list of scenes: say to write `[[scene]]`."""

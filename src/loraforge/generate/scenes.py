@@ -956,6 +956,11 @@ def scene_values(index: int, scene: dict[str, Any], defaults: dict[str, Value],
                          fix="scene fields: " + ", ".join(SCENE_FIELDS))
     if "seed" in scene and "seeds" in scene:
         raise ForgeError(f"{label}: has both `seed` and `seeds`", fix="keep one of them")
+    if "count" in scene and "seeds" in scene:
+        raise ForgeError(f"{label}: has both `count` and `seeds` (`seeds` lists every image, "
+                         "so `count` would do nothing)",
+                         fix="keep one of them: `seeds` renders one image per seed listed, "
+                             "`count` that many images from `seed` on")
     values = dict(defaults)
     values["name"] = Value(f"{DEFAULT_SCENE}{index + 1}", label, base)
     values.pop("seeds", None)
