@@ -339,6 +339,20 @@ def test_a_count_beside_seeds_is_refused(project: Path) -> None:
     _untouched(project)
 
 
+def test_from_a_pose_map_says_to_pose_with_it(project: Path) -> None:
+    """`--from` a map `loraforge pose` wrote said the image's scene record was damaged (the
+    map's mark is a `loraforge` PNG text too), and to use the .json beside it: there is none."""
+    from loraforge.generate.poses import random_pose_command
+
+    random_pose_command(project / "poses.png", 2, "128x96", 0, None)
+    result = _generate(project, "--from", "poses.png")
+    assert_user_error(result, "poses.png: is a pose map written by `loraforge pose`, not a "
+                      "generated image", "fix: pose a scene with it: loraforge generate --pose "
+                      "poses.png")
+    assert "damaged" not in result.stderr
+    _untouched(project)
+
+
 def test_a_scenes_file_with_a_bom_or_a_single_scene_table(project: Path) -> None:
     """Windows editors save UTF-8 with a BOM: read past it (here to the mistake on line 3).
     `[scene]` (one table) is not a list of scenes: say to write `[[scene]]`."""

@@ -33,6 +33,7 @@ import difflib
 import logging
 import math
 import secrets
+import shlex
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -910,6 +911,7 @@ def read_scenes_file(path: Path) -> list[dict[str, Any]]:
 
 def recorded_scene(path: Path) -> dict[str, Any]:
     """The `[[scene]]` table a generated image records (its `loraforge` PNG chunk)."""
+    from loraforge.dataset.images import has_pose_mark
     from loraforge.generate.pnginfo import parse_scene, scene_chunk
 
     if path.is_dir():
@@ -924,6 +926,11 @@ def recorded_scene(path: Path) -> dict[str, Any]:
         raise ForgeError(f"cannot be read as a PNG ({exc})", path=path,
                          fix="give a PNG made by loraforge generate") from None
     scene = parse_scene(raw)
+    if scene is None and has_pose_mark(path):
+        raise ForgeError("is a pose map written by `loraforge pose`, not a generated image: it "
+                         "records no scene to render again", path=path,
+                         fix="pose a scene with it: loraforge generate --pose "
+                             f"{shlex.quote(str(path))}")
     if raw is not None and (scene is None or not isinstance(scene.get("scene"), dict)):
         raise ForgeError("holds a LoRA Forge scene record that is damaged (not JSON, or no "
                          "scene table in it)", path=path,
