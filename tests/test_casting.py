@@ -674,6 +674,35 @@ def test_from_an_image_without_a_scene_record_is_refused(tmp_path: Path,
         assert_user_error(result, f"{name}: ", *needles)
 
 
+def test_only_a_figure_count_given_beside_a_pose_file_is_held_to_it(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """A scene's figure count beside a pose file of another number of figures is refused, not
+    ignored. `generate.figures` (random poses' count) is no such mistake, nor the count an
+    image records beside its drawn pose map (asked, and ignored, before such counts were
+    refused): `--from` renders it."""
+    from PIL import Image
+
+    from loraforge.generate.poses import random_pose_command
+
+    config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "figures": 3})
+    random_pose_command(tmp_path / "two.png", 2, f"{WIDTH}x{HEIGHT}", 0, tmp_path / "two.json")
+    settings = load_settings(config)
+    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
+
+    def plan(options: Options) -> Any:
+        return plan_jobs(settings, options, resolver, PoseCache(print, None))[0]
+
+    pose = tmp_path / "two.png"
+    with pytest.raises(ForgeError, match=re.escape(f"asks for 3 figures, but the pose {pose} "
+                                                   "has 2")):
+        plan(Options(pose=str(tmp_path / "two.png"), figures=3, loras=["none"]))
+    assert plan(Options(pose=str(tmp_path / "two.json"), loras=["none"])).pose.figures == 3
+    made = tmp_path / "made.png"
+    pnginfo.save_png_with_scene(Image.new("RGB", (WIDTH, HEIGHT)), made, None, {"scene": {
+        "name": "made", "pose": "two.png", "figures": 3, "seeds": [1], "loras": ["none"]}})
+    assert plan(Options(source=made)).pose.path == tmp_path / "two.png"
+
+
 def test_command_refuses_a_figure_count_the_pose_does_not_have(tmp_path: Path,
                                                                tiny_store: Path) -> None:
     config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT, "steps": 2})

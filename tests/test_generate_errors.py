@@ -279,6 +279,25 @@ def test_more_figures_than_fit(project: Path) -> None:
     _untouched(project)
 
 
+def test_a_figure_count_beside_a_pose_file_of_other_figures_is_refused(project: Path) -> None:
+    """`--figures 3` beside a pose of 2 people rendered the 2, and recorded 3, without a word;
+    so did a scene's `figures` beside a drawn pose map."""
+    from loraforge.generate.poses import random_pose_command
+
+    random_pose_command(project / "two.png", 2, "128x96", 0, project / "two.json")
+    result = _generate(project, "--pose", "two.json", "--figures", "3", "--lora", "none")
+    assert_user_error(result, "--figures: asks for 3 figures, but the pose",
+                      "two.json has 2; a figure count only counts the people of a random pose",
+                      "fix: leave --figures out", "or pick a pose of 3 figures (or --pose random)")
+    (project / "scenes.toml").write_text('[[scene]]\nname = "one"\npose = "two.png"\n'
+                                         "figures = 1\n")
+    result = _generate(project, "--scenes", "scenes.toml", "--lora", "none")
+    assert_user_error(result, 'scene "one" (#1), field `figures`: asks for 1 figure, but the '
+                      "pose", "two.png has 2", "fix: leave `figures` out",
+                      'pick a pose of 1 figure (or pose = "random")')
+    _untouched(project)
+
+
 def test_unknown_sampler_lists_the_known_ones(project: Path) -> None:
     result = _generate(project, "--sampler", "DPM++ 3M Turbo", "--lora", "none")
     assert_user_error(result, "--sampler", "unknown sampler", "DPM++ 2M Karras", "Euler a",

@@ -31,7 +31,8 @@ def generate_command(
         "detected), or `random`. Default: generate.pose_map, random figures when that file "
         "is missing.")] = None,
     figures: Annotated[int | None, typer.Option(
-        "--figures", help="People in a random pose map. Default: generate.figures.")] = None,
+        "--figures", help="People in a random pose map (a pose file has its own people: "
+        "another number beside one is refused). Default: generate.figures.")] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="First seed (-1: random). Default: generate.seed.")] = None,
     count: Annotated[int | None, typer.Option(

@@ -671,6 +671,33 @@ def _figure_entries(value: Value | None) -> list[tuple[Value, dict[str, Any]]]:
     return entries
 
 
+def _posed_figures(figures: Value, job: Job) -> None:
+    """A figure count the scene gives beside a pose file counts nothing (the file's figures
+    are drawn as they are): refused when the file has another number of figures. A cast is
+    checked against the pose by `Cast.regions`; `generate.figures` is for random poses. An
+    image's recorded scene (`--from`) is not checked: its count is the one asked for then."""
+    from loraforge.generate.regions import map_boxes
+
+    pose = job.pose
+    if job.cast is not None or pose.path is None or pose.image is None or \
+            figures.origin.startswith("generate.figures"):
+        return
+    drawn = len(pose.keypoints.people) if pose.keypoints is not None else \
+        len(map_boxes(pose.image))
+    if drawn == pose.figures:
+        return
+    counted = "" if pose.keypoints is not None or drawn > pose.figures else (
+        " (in a drawn pose map, figures that touch or share columns count as one)")
+    command = figures.origin.startswith("--figures")
+    field = "--figures" if command else "`figures`"
+    random = "--pose random" if command else 'pose = "random"'
+    asked = f"{pose.figures} figure{'' if pose.figures == 1 else 's'}"
+    raise ForgeError(f"{figures.origin}: asks for {asked}, but the pose {pose.path} has "
+                     f"{drawn}{counted}; a figure count only counts the people of a random "
+                     "pose", fix=f"leave {field} out (the pose's figures are drawn as they "
+                                 f"are), or pick a pose of {asked} (or {random})")
+
+
 def _figure_count(figures: Value) -> int:
     """The number of people in a random pose map. Tables there are a cast written
     `[[scene.figures]]` (or `[scene.figures]`): say where a cast goes."""
@@ -1036,7 +1063,9 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
                                  "whose record is intact, or copy the record into a scenes "
                                  "file ([[scene]]) and mend it there") from None
     if options.scenes is None:
-        return [resolve_job(defaults, settings, resolver, poses)]
+        job = resolve_job(defaults, settings, resolver, poses)
+        _posed_figures(defaults["figures"], job)
+        return [job]
     path = Path(options.scenes)
     scenes = read_scenes_file(path)
     base = path.resolve().parent
@@ -1045,8 +1074,10 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
     problems: list[str] = []
     for index, scene in enumerate(scenes):
         try:
-            jobs.append(resolve_job(scene_values(index, scene, defaults, base), settings,
-                                    resolver, poses))
+            values = scene_values(index, scene, defaults, base)
+            job = resolve_job(values, settings, resolver, poses)
+            _posed_figures(values["figures"], job)
+            jobs.append(job)
             numbers.append(index)
         except ForgeError as exc:
             problems.append(str(exc).replace("\n", "\n    "))
