@@ -655,7 +655,7 @@ def test_from_renders_from_anywhere_an_image_whose_prompt_tag_named_a_relative_f
     config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2,
                                              "figures": 1, "seed": 5})
     settings = load_settings(config)
-    lora = Path(shutil.copy(lora_files["a"], tmp_path / "ep1.safetensors"))
+    shutil.copy(lora_files["a"], tmp_path / "ep1.safetensors")
     monkeypatch.chdir(tmp_path)
     (made,) = generate(settings, Options(prompt="a knight <lora:ep1:0.7>", loras=["none"]),
                        lambda line: None)
@@ -673,7 +673,7 @@ def test_from_renders_from_anywhere_an_image_whose_prompt_tag_named_a_relative_f
     assert made.read_bytes() == first
 
     before = pnginfo.read_scene(made) or {}
-    before["scene"]["prompt"] = f"a knight <lora:{lora}:0.7>"
+    before["scene"]["prompt"] = "a knight <lora:ep1:0.7>"  # relative to tmp_path, not here
     with Image.open(made) as image:
         pnginfo.save_png_with_scene(image, made, parameters, before)
     lines: list[str] = []

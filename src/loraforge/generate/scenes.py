@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
 from loraforge.generate import loras as lora_files
+from loraforge.generate.pnginfo import without_lora_tags
 from loraforge.generate.prompts import extract_lora_tags
 from loraforge.runs import NAME_PATTERN, OtherProjectsOnly, final_lora
 from loraforge.sample_prompts import MAX_SEED
@@ -1050,7 +1051,7 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
     if options.source is not None:
         _from_alone(options)
         source = Path(options.source)
-        scene = recorded_scene(source)
+        scene = without_lora_tags(recorded_scene(source))  # `loras` names the tags' files
         _saved_pose_map(source, scene, poses)
         try:
             return [resolve_job(scene_values(0, scene, defaults, source.parent), settings,
