@@ -183,7 +183,8 @@ def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainR
         picture.write_bytes(original)
         extra.write_bytes(original)
         grown = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
-        assert_user_error(grown, "images.dataset: the list of images", "--restart")
+        assert_user_error(grown, "images: 1_red_knight/extra.png added", "--restart")
+        assert "images.dataset" not in grown.stderr  # the image is named, not the list's hash
         extra.unlink()
         caption.write_text("red_knight, retagged")
         retagged = run_cli("train", "--config", config, "--run", "fmt", cwd=tmp_path)
@@ -485,7 +486,7 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Pat
     extra = tmp_path / "master_dataset" / "1_red_knight" / "extra.png"
     extra.write_bytes((tmp_path / "master_dataset" / "1_red_knight" / "0.png").read_bytes())
     grown = run_cli("train", "--config", config)
-    assert_user_error(grown, "cannot resume", "images.dataset", "--restart")
+    assert_user_error(grown, "cannot resume", "images: 1_red_knight/extra.png added", "--restart")
     extra.unlink()
     replaced = tmp_path / "master_dataset" / "1_red_knight" / "1.png"
     original = replaced.read_bytes()

@@ -102,6 +102,30 @@ def test_an_image_replaced_under_its_name_is_named_and_older_states_skip_the_che
     assert config_differences({"images": {"dataset": "abc"}}, current, set()) == []
 
 
+def test_images_added_removed_or_in_a_renamed_folder_are_named_not_hashed() -> None:
+    """A resume refused for other images says which, not two fingerprints of the list."""
+    content = {"5_blake/0.png": "b0", "5_blake/1.png": "b1", "5_mira/0.png": "m0",
+               "5_mira/7.png": "m7"}
+    saved = {"images": {"dataset": "9241c2031409fbae", "content": content}}
+
+    def differences(now: dict[str, str]) -> list[str]:
+        return config_differences(saved, {"images": {"dataset": "0018611cd80b35c0",
+                                                     "content": now}}, set())
+
+    grown = {**content, "5_blake/new.png": "b0"}
+    del grown["5_mira/7.png"]
+    assert differences(grown) == ["images: 5_blake/new.png added", "images: 5_mira/7.png removed"]
+    renamed = {name.replace("5_blake/", "10_blake/"): digest for name, digest in content.items()}
+    assert differences(renamed) == ["images: concept folder 5_blake -> 10_blake"]
+    many = {**content, **{f"5_mira/x{i:02d}.png": f"x{i}" for i in range(13)}}
+    assert differences(many) == [f"images: 5_mira/x{i:02d}.png added" for i in range(10)] + [
+        "images: and 3 more added or removed"]
+    # a state written before image contents were recorded still names the list by its hash
+    assert config_differences({"images": {"dataset": "9241c2031409fbae"}},
+                              {"images": {"dataset": "0018611cd80b35c0", "content": grown}},
+                              set()) == ["images.dataset: '9241c2031409fbae' -> '0018611cd80b35c0'"]
+
+
 def test_every_allowed_seed_draws_and_small_seeds_draw_what_they_always_did() -> None:
     """The (seed, step) generator takes the config's largest seed (it overflowed torch's seed
     range, a traceback at the first step), and the seeds that trained before draw the same

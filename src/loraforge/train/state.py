@@ -36,6 +36,10 @@ CAPTIONS_KEY = "images.captions"
 _PER_IMAGE = {CONTENT_KEY: " is another image now", CAPTIONS_KEY: "'s caption changed"}
 #: Image content changes shown one by one; the rest are counted.
 SHOWN_IMAGES = 5
+#: The fingerprint of the list of images (with their concepts and buckets).
+DATASET_KEY = "images.dataset"
+#: Images added or removed shown one by one; the rest are counted.
+SHOWN_LISTED = 10
 
 
 @dataclass
@@ -172,8 +176,8 @@ def images_content(paths: list[Path], folder: Path) -> dict[str, str]:
 
 
 def _per_image_differences(key: str, old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """One line per image whose content (or caption) changed (added or removed images show in
-    images.dataset, the list of images)."""
+    """One line per image whose content (or caption) changed (the images added or removed:
+    `_listed_differences`)."""
     changed = sorted(name for name in set(old) & set(new) if old[name] != new[name])
     what = _PER_IMAGE[key]
     lines = [f"{key}: {name}{what} (sha256 {old[name]}... -> {new[name]}...)"
@@ -183,14 +187,51 @@ def _per_image_differences(key: str, old: dict[str, str], new: dict[str, str]) -
     return lines
 
 
+def _folders(content: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{folder: {file name: content}} of images named by their paths."""
+    found: dict[str, dict[str, str]] = {}
+    for name, digest in content.items():
+        folder, _, file = name.rpartition("/")
+        found.setdefault(folder, {})[file] = digest
+    return found
+
+
+def _renamed_folders(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """{old folder: new folder} for a concept folder renamed with the same images in it."""
+    before, after = _folders(old), _folders(new)
+    return {gone: came for gone, images in before.items() if gone not in after
+            for came, moved in after.items() if came not in before and moved == images}
+
+
+def _listed_differences(old: Any, new: Any) -> list[str]:
+    """The images added and removed, by name, and the concept folders renamed, from the
+    images' content recorded on both sides (none when either lacks it)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return []
+    renamed = _renamed_folders(old, new)
+    moved = set(renamed) | set(renamed.values())
+    changes = sorted([(name, "removed") for name in set(old) - set(new)]
+                     + [(name, "added") for name in set(new) - set(old)])
+    changes = [(name, what) for name, what in changes if name.rpartition("/")[0] not in moved]
+    lines = [f"images: concept folder {gone} -> {came}" for gone, came in sorted(renamed.items())]
+    lines += [f"images: {name} {what}" for name, what in changes[:SHOWN_LISTED]]
+    if len(changes) > SHOWN_LISTED:
+        lines.append(f"images: and {len(changes) - SHOWN_LISTED} more added or removed")
+    return lines
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any],
                        ignored: set[str]) -> list[str]:
     """`section.key: saved -> current` for every value that differs, except `ignored` keys.
     `images.content` and `images.captions` are compared image by image, and only when the
-    saved side has them (states written before them resume as they did)."""
+    saved side has them (states written before them resume as they did); images added or
+    removed are then named, not the list's fingerprint."""
     lines = []
     for section in sorted(set(saved) | set(current)):
         before, after = saved.get(section, {}), current.get(section, {})
+        listed = (_listed_differences(before.get("content"), after.get("content"))
+                  if section == "images" else [])
+        lines += listed
         for key in sorted(set(before) | set(after)):
             name = f"{section}.{key}"
             old, new = before.get(key), after.get(key)
@@ -198,7 +239,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any],
                 if isinstance(old, dict) and isinstance(new, dict):
                     lines += _per_image_differences(name, old, new)
                 continue
-            if name in ignored or old == new or (
+            if name in ignored or old == new or (name == DATASET_KEY and listed) or (
                     isinstance(old, float) and isinstance(new, float)
                     and math.isclose(old, new, rel_tol=1e-9)):  # 1e-4 x 3 against 3e-4
                 continue
