@@ -204,6 +204,28 @@ def test_a_finished_run_is_handed_back_only_for_its_own_settings(trained: TrainR
         trained.final.write_bytes(before)
 
 
+def test_a_finished_run_is_handed_back_to_another_number_of_processes_as_a_resume_is(
+        trained: TrainResult) -> None:
+    """2 processes of 1 image train what 1 process of 2 did (a resume takes one for the
+    other); with another global batch the refusal reads as a resume's does."""
+    from loraforge.train.distributed import World
+
+    config = trained.final.parents[2].parent / "forge.toml"
+
+    def on_two(*overrides: str) -> TrainResult:
+        settings = load_settings(config, ["train.gpus=2", *overrides])
+        return train(settings, "fmt", restart=False, world=World(rank=0, size=2))
+
+    again = on_two("train.batch_size=1")
+    assert (again.final, again.trainer, again.note) == (trained.final, None, None)
+    with pytest.raises(ForgeError) as doubled:
+        on_two()
+    said = str(doubled.value)
+    assert "`fmt` already finished, with other settings" in said
+    assert "train.global_batch_size: 2 -> 4" in said and "now 2 x 2" in said
+    assert "train.gpus" not in said and "train.batch_size:" not in said
+
+
 def test_diffusers_load_reproduces_the_trained_model(trained: TrainResult,
                                                      tiny_store: Path) -> None:
     trainer = trained.trainer

@@ -41,5 +41,9 @@ def make_plan(settings: Settings, batches: int, world: World) -> Plan:
 
 def lr_factor(settings: Settings, world: World) -> float:
     """What train.scale_lr multiplies the learning rates by in a world of this size."""
-    rule = settings.config.train.scale_lr
-    return {"none": 1.0, "linear": float(world.size), "sqrt": math.sqrt(world.size)}[rule]
+    return lr_scale(settings.config.train.scale_lr, world.size)
+
+
+def lr_scale(rule: str, processes: int) -> float:
+    """What the train.scale_lr `rule` multiplies the learning rates by for `processes`."""
+    return {"none": 1.0, "linear": float(processes), "sqrt": math.sqrt(processes)}[rule]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ForgeError
-from loraforge.train.plan import lr_factor
+from loraforge.train.plan import lr_scale
 from loraforge.train.state import config_differences, images_captions, images_content
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ RESUME_SAFE = {
 }
 #: Sections of the config that decide the trained weights.
 SEMANTIC_SECTIONS = ("models", "dataset", "train")
+#: The learning rates train.scale_lr scales for the number of processes.
+LEARNING_RATES = ("unet_lr", "text_encoder_lr")
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -69,22 +71,59 @@ def trained_images(settings: Settings, examples: list[Any]) -> dict[str, Any]:
             "captions": images_captions(examples, settings.dataset_dir)}
 
 
+def _weights_config(data: dict[str, Any], processes: int) -> dict[str, Any]:
+    """The config's sections as they decide the weights, from `settings.to_dict()` as a run of
+    `processes` training processes used it: the global batch and the learning rates the
+    optimizer uses, not the number of processes nor the rule that scaled the rates for it."""
+    found = {section: dict(data.get(section, {})) for section in SEMANTIC_SECTIONS}
+    train = found["train"]
+    scale = lr_scale(train.pop("scale_lr", "none"), processes)
+    train["global_batch_size"] = _times(train.pop("batch_size", None), processes)
+    for key in LEARNING_RATES:
+        train[key] = _times(train.get(key), scale)
+    train.pop("gpus", None)
+    return found
+
+
+def _times(value: Any, factor: float) -> Any:
+    """`value` x `factor` when it is a number (a hand-edited run.json may hold anything)."""
+    return value * factor if isinstance(value, int | float) and not isinstance(value, bool) \
+        else value
+
+
 def semantic_config(settings: Settings, examples: list[Any], world: World) -> dict[str, Any]:
     """What decides the trained weights: the config's sections, and the images themselves.
     The number of processes does not, as long as the global batch and the learning rates the
     optimizer uses stay the same: a run saved on 4 GPUs resumes on 2 with twice the batch."""
-    data = settings.to_dict()
-    found = {**{section: data[section] for section in SEMANTIC_SECTIONS},
-             "images": trained_images(settings, examples)}
-    train = dict(found["train"])
-    train["global_batch_size"] = train.pop("batch_size") * world.size
-    factor = lr_factor(settings, world)
-    for key in ("unet_lr", "text_encoder_lr"):
-        train[key] = train[key] * factor
-    for key in ("gpus", "scale_lr"):
-        train.pop(key)
-    found["train"] = train
+    return {**_weights_config(settings.to_dict(), world.size),
+            "images": trained_images(settings, examples)}
+
+
+def finished_config(record: dict[str, Any]) -> dict[str, Any]:
+    """What a finished run's weights were trained with, from its run.json, as `semantic_config`
+    gives it. A record written before the images were recorded lacks them: they are then not
+    compared."""
+    processes = record.get("processes")
+    found = _weights_config(record.get("config") or {},
+                            processes if isinstance(processes, int) and processes > 0 else 1)
+    if isinstance(images := record.get("images"), dict):
+        found["images"] = images
     return found
+
+
+def weights_differences(saved: dict[str, Any], current: dict[str, Any], settings: Settings,
+                        world: World) -> list[str]:
+    """What differs between what `saved` (a state's config, or `finished_config`) was trained
+    with and what this config and dataset train with (`semantic_config`): one line each,
+    except keys that do not change the weights. What `saved` does not record is not compared."""
+    if "images" not in saved:
+        current = {section: values for section, values in current.items() if section != "images"}
+    diffs = config_differences(saved, current, RESUME_SAFE)
+    if any(d.startswith("train.global_batch_size") for d in diffs):
+        diffs.append(f"(the global batch is train.batch_size x the number of training "
+                     f"processes, now {settings.config.train.batch_size} x {world.size}: with "
+                     "fewer processes raise train.batch_size to keep it)")
+    return diffs
 
 
 def _list_note(diffs: list[str]) -> str:
@@ -97,14 +136,10 @@ def check_resumable(saved: dict[str, Any], path: Path, settings: Settings, examp
                     world: World, run_dir: Path) -> None:
     """Refuse (ForgeError) to resume `run_dir` from the state at `path`, saved with the
     semantic config `saved`, when this config or dataset differs from it."""
-    diffs = config_differences(upgraded(saved, settings, examples),
-                               semantic_config(settings, examples, world), RESUME_SAFE)
+    diffs = weights_differences(upgraded(saved, settings, examples),
+                                semantic_config(settings, examples, world), settings, world)
     if not diffs:
         return
-    if any(d.startswith("train.global_batch_size") for d in diffs):
-        diffs.append(f"(the global batch is train.batch_size x the number of training "
-                     f"processes, now {settings.config.train.batch_size} x {world.size}: with "
-                     "fewer processes raise train.batch_size to keep it)")
     shown = "\n  ".join(diffs)
     raise ForgeError(f"cannot resume run `{run_dir.name}`: its saved state was written with a "
                      f"different config or dataset{_list_note(diffs)}:\n  {shown}", path=path,
@@ -113,17 +148,12 @@ def check_resumable(saved: dict[str, Any], path: Path, settings: Settings, examp
 
 
 def check_finished_with(record: dict[str, Any], settings: Settings, run_dir: Path,
-                        examples: list[Any]) -> None:
-    """A finished run is only handed back for the settings and images it was trained with
-    (the images where its record has them: runs finished before it are compared by settings
-    only): others ask for another training, which must not be answered with the old file."""
-    saved, current = record.get("config") or {}, settings.to_dict()
-    diffs = config_differences({s: saved.get(s, {}) for s in SEMANTIC_SECTIONS},
-                               {s: current[s] for s in SEMANTIC_SECTIONS}, RESUME_SAFE)
-    images = record.get("images")
-    if isinstance(images, dict):
-        diffs += config_differences({"images": images},
-                                    {"images": trained_images(settings, examples)}, set())
+                        examples: list[Any], world: World) -> None:
+    """A finished run is only handed back when a resume of it would be allowed: for what
+    decides its weights (`weights_differences`), so not for other settings or images, which
+    ask for another training that must not be answered with the old file."""
+    diffs = weights_differences(finished_config(record),
+                                semantic_config(settings, examples, world), settings, world)
     if diffs:
         shown = "\n  ".join(diffs)
         raise ForgeError(f"run `{run_dir.name}` already finished, with other settings or "

@@ -144,7 +144,8 @@ def refuse_damaged(run_dir: Path, why: str) -> None:
                          "--restart, which replaces its LoRA files")
 
 
-def _finished(settings: Settings, dataset: Dataset, run_dir: Path) -> TrainResult | None:
+def _finished(settings: Settings, dataset: Dataset, run_dir: Path, world: World,
+              ) -> TrainResult | None:
     """The run's final LoRA when it finished with these settings, images and captions (None:
     it did not finish, and trains). ForgeError for a damaged record, for other settings or
     pictures (they ask for another training), and for a final file cut short."""
@@ -159,7 +160,7 @@ def _finished(settings: Settings, dataset: Dataset, run_dir: Path) -> TrainResul
     if not record["config"]:  # hand-edited: nothing to compare with
         refuse_damaged(run_dir, "it records no settings")
     examples = build_examples(dataset, settings.config.dataset, lambda _warning: None)
-    check_finished_with(record, settings, run_dir, examples)
+    check_finished_with(record, settings, run_dir, examples, world)
     _check_final(final)
     saved = record["config"].get("train", {}).get("save_precision")
     wanted = settings.config.train.save_precision
@@ -179,7 +180,7 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     name, dataset, base = check_inputs(settings, run_name)
     run_dir = settings.runs_dir / name
     if not restart:
-        finished = _finished(settings, dataset, run_dir)
+        finished = _finished(settings, dataset, run_dir, world)
         if finished is not None:
             return finished
     if run_dir.exists() and not run_dir.is_dir():
