@@ -226,6 +226,70 @@ def test_a_finished_run_is_handed_back_to_another_number_of_processes_as_a_resum
     assert "train.gpus" not in said and "train.batch_size:" not in said
 
 
+def _import_other_weights(base: Path) -> None:
+    """The model folder imported again under its name from another checkpoint: other U-Net
+    weights, and a manifest listing them."""
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.models.manifest import describe_files, read_manifest, write_manifest
+
+    unet = base / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({key: value * 1.01 for key, value in load_file(unet).items()}, unet)
+    manifest = read_manifest(base) or {}
+    write_manifest(base, {**manifest, "files": describe_files(base)})
+
+
+def test_a_base_model_with_other_weights_under_its_name_is_not_resumed_nor_handed_back(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """Steps on two bases would mix in one LoRA, and a LoRA of the old base be handed back as
+    the new one's. A state or run.json written before the base's hash was recorded goes on."""
+    from loraforge.dataset.examples import build_examples
+    from loraforge.dataset.scan import scan_dataset
+    from loraforge.models.manifest import model_sha256
+    from loraforge.train.distributed import World
+    from loraforge.train.resume import check_resumable, semantic_config
+
+    base = Path(shutil.copytree(tiny_store / "tiny-sd15", tmp_path / "models" / "tiny-sd15"))
+    config = write_training_project(tmp_path / "project", tmp_path / "models", {"epochs": 1})
+    settings = load_settings(config)
+    examples = build_examples(scan_dataset(settings.dataset_dir, ".txt"),
+                              settings.config.dataset, lambda _: None)
+    first = train(settings, "r", restart=False)
+    state = semantic_config(settings, examples, World())  # what a state of the run records
+    old = model_sha256(base)
+    assert old and json.loads((first.final.parent / "run.json").read_text()
+                              )["base_model_sha256"] == old
+    _import_other_weights(base)
+    new = model_sha256(base)
+    assert new and new != old
+
+    changed = (f"models.base: {base} holds other weights than the run was trained on (model "
+               f"hash {old[:10]} -> {new[:10]})")
+    with pytest.raises(ForgeError) as finished:
+        train(load_settings(config), "r", restart=False)
+    assert changed in str(finished.value)
+    assert "put the base model's old weights back in its folder" in str(finished.value)
+    with pytest.raises(ForgeError) as resumed:
+        check_resumable(state, first.final.parent / "state", settings, examples, World(),
+                        first.final.parent)
+    assert changed in str(resumed.value) and "--restart" in str(resumed.value)
+    assert "undo those changes (put the base model's old weights back in its folder)" in str(
+        resumed.value)
+
+    older = {**state, "models": {k: v for k, v in state["models"].items() if k != "base_sha256"}}
+    check_resumable(older, first.final.parent / "state", settings, examples, World(),
+                    first.final.parent)
+    record_file = first.final.parent / "run.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({k: v for k, v in record.items()
+                                       if k != "base_model_sha256"}))
+    assert train(load_settings(config), "r", restart=False).final == first.final
+    record_file.write_text(json.dumps(record))
+    shutil.rmtree(base)
+    shutil.copytree(tiny_store / "tiny-sd15", base)  # the old weights put back
+    assert train(load_settings(config), "r", restart=False).final == first.final
+
+
 def test_diffusers_load_reproduces_the_trained_model(trained: TrainResult,
                                                      tiny_store: Path) -> None:
     trainer = trained.trainer
