@@ -358,6 +358,28 @@ def _interrupt_at(process: subprocess.Popen[str], step: int) -> tuple[str, str]:
     return "".join(seen) + out, err
 
 
+def test_a_base_model_folder_moved_away_while_training_does_not_fail_its_state_save(
+        tmp_path: Path, tiny_store: Path) -> None:
+    """The state saved on SIGTERM records the base model's hash, taken as the training
+    started: a model folder moved away meanwhile (the weights are in memory) must not turn the
+    save into an error that loses the steps."""
+    base = Path(shutil.copytree(tiny_store / "tiny-sd15", tmp_path / "models" / "tiny-sd15"))
+    config = write_training_project(tmp_path / "project", tmp_path / "models")
+    process = _start_train(config, FIXED_ENV)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step 2/"):
+            process.send_signal(signal.SIGSTOP)
+            base.rename(base.with_name("moved"))
+            process.send_signal(signal.SIGCONT)
+            break
+    _, err = _interrupt_at(process, step=4)
+    assert process.returncode == RESUMABLE_EXIT, err
+    assert "state saved" in err, err
+    run_dir = tmp_path / "project" / "store" / "Multi_Concept_Output" / "multi_concept"
+    assert list((run_dir / "state").glob("step-*"))
+
+
 def test_a_killed_run_repeats_only_the_steps_since_its_last_periodic_state(
         tmp_path: Path, tiny_store: Path) -> None:
     """SIGKILL (SLURM's KillWait ran out before a state could be saved): nothing is lost but

@@ -175,11 +175,13 @@ def _old_weights_back(diffs: list[str]) -> str:
 
 
 def check_resumable(saved: dict[str, Any], path: Path, settings: Settings, examples: list[Any],
-                    world: World, run_dir: Path) -> None:
+                    world: World, run_dir: Path, current: dict[str, Any] | None = None) -> None:
     """Refuse (ForgeError) to resume `run_dir` from the state at `path`, saved with the
-    semantic config `saved`, when this config or dataset differs from it."""
-    diffs = weights_differences(upgraded(saved, settings, examples),
-                                semantic_config(settings, examples, world), settings, world)
+    semantic config `saved`, when this config or dataset (`current`, when already taken:
+    `semantic_config`) differs from it."""
+    if current is None:
+        current = semantic_config(settings, examples, world)
+    diffs = weights_differences(upgraded(saved, settings, examples), current, settings, world)
     if not diffs:
         return
     shown = "\n  ".join(diffs)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext, suppress
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,6 +163,14 @@ class Trainer:
         write_atomic(self.run_dir / "dataset.json", json.dumps(summary, indent=1), self.mode)
 
     # --- the loop ----------------------------------------------------------------------
+    @cached_property
+    def trained_with(self) -> dict[str, Any]:
+        """What decides this training's weights (`semantic_config`: the settings, the base
+        model's hash, the images), taken once, before it resumes or starts: each state it saves
+        records that, whatever changes on disk while it trains (a base model folder moved away
+        no longer fails a save)."""
+        return semantic_config(self.settings, self.examples, self.world)
+
     def saved_state(self, restart: bool) -> Any:
         """The newest saved state to resume from (None: start afresh), checked to fit this
         config and dataset: a state from another one is refused (ForgeError) before minutes of
@@ -169,11 +178,12 @@ class Trainer:
         see an older listing. Every process must call it."""
         from loraforge.train.state import check_position, load_state, saved_states
 
+        current = self.trained_with  # taken before the training, as every state records it
         states = [] if restart or not self.world.is_main else saved_states(self.run_dir)
         state = from_main(load_state(states[-1]) if states else None, self.world)
         if state is not None:
             check_resumable(state.config, state.path, self.settings, self.examples, self.world,
-                            self.run_dir)
+                            self.run_dir, current)
             check_position(state, self.plan)
         return state
 
@@ -478,8 +488,7 @@ class Trainer:
                    trainer_state: dict[str, Any]) -> Path:
         from loraforge.train.state import save_state
 
-        return save_state(self.run_dir, position, named, trainer_state,
-                          semantic_config(self.settings, self.examples, self.world),
+        return save_state(self.run_dir, position, named, trainer_state, self.trained_with,
                           self.cfg.keep_states,
                           self.mode)
 
