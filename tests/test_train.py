@@ -561,6 +561,61 @@ def test_a_signal_while_the_libraries_load_is_a_clean_resumable_exit(tmp_path: P
                 ).exists()
 
 
+#: `python -m loraforge ARGS...` as run by `python -c HELD_IMPORT MODULE FIFO ARGS...`, whose
+#: import of MODULE waits (a slow file system) until the FIFO it reads is closed.
+HELD_IMPORT = """
+import runpy, sys
+
+class Hold:
+    def __init__(self, module, fifo):
+        self.module, self.fifo = module, fifo
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.module:
+            sys.meta_path.remove(self)
+            with open(self.fifo) as fifo:
+                fifo.read()
+
+sys.meta_path.insert(0, Hold(sys.argv[1], sys.argv[2]))
+sys.argv = ["loraforge", *sys.argv[3:]]
+runpy.run_module("loraforge", run_name="__main__", alter_sys=True)
+"""
+
+
+def _signal_while_importing(module: str, config: Path) -> tuple[int, str]:
+    """`loraforge train`, given SIGTERM while its import of `module` is held; returns its exit
+    code and stderr."""
+    fifo = config.with_name("held-import")
+    os.mkfifo(fifo)
+    process = subprocess.Popen([sys.executable, "-c", HELD_IMPORT, module, str(fifo), "train",
+                                "--config", str(config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **FIXED_ENV})
+    while process.poll() is None:
+        try:  # opens once the process reads the FIFO: inside the import
+            held = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.01)
+            continue
+        process.send_signal(signal.SIGTERM)
+        os.close(held)
+        break
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+def test_a_signal_in_the_middle_of_an_import_is_a_clean_exit(tmp_path: Path,
+                                                              tiny_store: Path) -> None:
+    """SIGTERM while numpy is imported inside torch's import: the exception the handler raised
+    was swallowed by torch, and the run trained to its end as if no signal had come (a
+    half-imported numpy could also crash it later, a "failed" run)."""
+    config = write_training_project(tmp_path, tiny_store)
+    code, err = _signal_while_importing("numpy", config)
+    assert code == RESUMABLE_EXIT, err
+    assert "before the first step (nothing to save)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "store" / "Multi_Concept_Output" / "multi_concept" / "run.json"
+                ).exists()
+
+
 def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Path) -> None:
     config = write_training_project(tmp_path, tiny_store, {"epochs": 20})
     process = _start_train(config, FIXED_ENV)

@@ -204,8 +204,6 @@ def train(
     With train.gpus > 1 it starts one process per GPU. Exit code 75 means: interrupted by a
     signal, state saved; rerun the same command to resume.
     """
-    import signal
-
     from loraforge.train.distributed import (
         check_local_gpus,
         launch_local,
@@ -214,40 +212,32 @@ def train(
     )
     from loraforge.train.run import check_inputs
     from loraforge.train.run import train as train_lora
-    from loraforge.train.signals import RESUMABLE_EXIT, STOP_SIGNALS, Interrupted
+    from loraforge.train.signals import RESUMABLE_EXIT, Interrupted, StopRequest
 
-    def stop_early(_number: int, _frame: object) -> None:
-        """A stop signal before the trainer catches its own (while the libraries load and the
-        inputs are checked): nothing is saved yet, so stop now, as a resumable exit."""
-        raise Interrupted(saved=False)
-
-    numbers = [getattr(signal, name) for name in STOP_SIGNALS]
-    early = {number: signal.signal(number, stop_early) for number in numbers}
     world = world_from_env()
-    try:
-        settings, edited = load_job_settings(config, overrides or [])
-        processes = settings.config.train.gpus
-        if processes > 1 and not world.distributed:  # rank 0 of those started says the note
-            check_inputs(settings, run)
-            check_local_gpus(processes)
-            threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
-            raise typer.Exit(launch_local(processes, rerun_argv(), threads))
-        if edited and world.is_main:  # in a job: forge.toml was edited since its submission
-            Console(stderr=True).print(edited, markup=False, soft_wrap=True)
-        from loraforge.report.html import write_report
+    with StopRequest() as stop:  # from the start: a signal while the libraries load too
+        try:
+            settings, edited = load_job_settings(config, overrides or [])
+            processes = settings.config.train.gpus
+            if processes > 1 and not world.distributed:  # rank 0 of those started says the note
+                check_inputs(settings, run)
+                check_local_gpus(processes)
+                stop.stop_here(world)
+                threads = max(1, len(os.sched_getaffinity(0)) // processes)  # the CPUs we may use
+                raise typer.Exit(launch_local(processes, rerun_argv(), threads))
+            if edited and world.is_main:  # in a job: forge.toml was edited since its submission
+                Console(stderr=True).print(edited, markup=False, soft_wrap=True)
+            from loraforge.report.html import write_report
 
-        result = train_lora(settings, run, restart, world, write_report)
-    except Interrupted as stop:
-        if not world.is_main:  # rank 0 saved the state and says so
+            result = train_lora(settings, run, restart, world, write_report, stop)
+        except Interrupted as stopped:
+            if not world.is_main:  # rank 0 saved the state and says so
+                raise typer.Exit(RESUMABLE_EXIT) from None
+            Console(stderr=True).print(
+                "interrupted: state saved; rerun the same command to resume" if stopped.saved
+                else "interrupted before the first step (nothing to save); rerun the same "
+                "command to start")
             raise typer.Exit(RESUMABLE_EXIT) from None
-        Console(stderr=True).print(
-            "interrupted: state saved; rerun the same command to resume" if stop.saved else
-            "interrupted before the first step (nothing to save); rerun the same command to "
-            "start")
-        raise typer.Exit(RESUMABLE_EXIT) from None
-    finally:
-        for number, handler in early.items():
-            signal.signal(number, handler)
     if world.is_main:
         if result.trainer is None:
             said = (f"; {result.note}" if result.note else

@@ -27,7 +27,7 @@ from loraforge.train.distributed import World, gather_objects
 from loraforge.train.journal import HISTORY, LOG, setup_logging
 from loraforge.train.plan import lr_factor
 from loraforge.train.resume import check_finished_with
-from loraforge.train.signals import Interrupted
+from loraforge.train.signals import Interrupted, StopRequest
 from loraforge.train.trainer import ReportWriter, Trainer
 
 if TYPE_CHECKING:
@@ -172,11 +172,20 @@ def _finished(settings: Settings, dataset: Dataset, run_dir: Path, world: World,
 
 
 def train(settings: Settings, run_name: str | None, restart: bool,
-          world: World | None = None, report: ReportWriter | None = None) -> TrainResult:
+          world: World | None = None, report: ReportWriter | None = None,
+          stop: StopRequest | None = None) -> TrainResult:
     """Train (or resume) one run as one of `world`'s processes (default: the one torchrun or
     srun describe, else a single process); returns the final LoRA file and the trainer.
-    `report(run_dir, file_mode)` rebuilds the run's report after each epoch and at the end."""
-    world = world or distributed.world_from_env()
+    `report(run_dir, file_mode)` rebuilds the run's report after each epoch and at the end.
+    `stop`: the command's stop request (default: one for this call); a stop ends the training
+    as Interrupted."""
+    with nullcontext(stop) if stop is not None else StopRequest() as request:
+        return _train(settings, run_name, restart, world or distributed.world_from_env(),
+                      report, request)
+
+
+def _train(settings: Settings, run_name: str | None, restart: bool, world: World,
+           report: ReportWriter | None, stop: StopRequest) -> TrainResult:
     name, dataset, base = check_inputs(settings, run_name)
     run_dir = settings.runs_dir / name
     if not restart:
@@ -191,7 +200,8 @@ def train(settings: Settings, run_name: str | None, restart: bool,
     created = world.is_main and not run_dir.exists()
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    return _train_locked(settings, dataset, run_dir, base, restart, world, report, created)
+    return _train_locked(settings, dataset, run_dir, base, restart, world, report, created,
+                         stop)
 
 
 def _remove_if_unstarted(run_dir: Path) -> None:
@@ -203,7 +213,7 @@ def _remove_if_unstarted(run_dir: Path) -> None:
 
 def _train_locked(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
                   restart: bool, world: World, report: ReportWriter | None, created: bool,
-                  ) -> TrainResult:
+                  stop: StopRequest) -> TrainResult:
     """The training of the run, one at a time (a job submitted twice, sbatch beside a local
     run), logged to its train.log. `created`: its folder was made for this attempt."""
     name = run_dir.name
@@ -215,8 +225,9 @@ def _train_locked(settings: Settings, dataset: Dataset, run_dir: Path, base: Pat
         distributed.join(world, device)
         clean = False
         try:
+            stop.stop_here(world)  # torch has loaded (device_for)
             result = _train_in(settings, dataset, run_dir, base, restart, world, device,
-                               report)
+                               report, stop)
             clean = True
             return result
         except Interrupted:
@@ -235,7 +246,7 @@ def _train_locked(settings: Settings, dataset: Dataset, run_dir: Path, base: Pat
 
 def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
               restart: bool, world: World, device: torch.device,
-              report: ReportWriter | None) -> TrainResult:
+              report: ReportWriter | None, stop: StopRequest) -> TrainResult:
     from loraforge.models.manifest import model_legacy_hash, model_sha256
     from loraforge.train.metadata import TrainingFacts
 
@@ -292,7 +303,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
             bucket_info=t.bucket_info())
 
     try:
-        return TrainResult(trainer.run(base, state, facts_for), trainer)
+        return TrainResult(trainer.run(base, state, facts_for, stop), trainer)
     except Interrupted:
         if trainer.record.data.get("status") == "finished":  # the signal came as it returned:
             return TrainResult(runs.final_lora(run_dir), trainer)  # the run is done, keep it so

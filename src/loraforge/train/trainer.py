@@ -187,15 +187,10 @@ class Trainer:
             check_position(state, self.plan)
         return state
 
-    def run(self, base: Path, state: Any, facts_for: Any) -> Path:
-        """Train to the end from `state` (see `saved_state`); raises Interrupted (state saved)
-        on SIGTERM/SIGINT/SIGUSR1, which are caught from the start of model loading."""
-        with StopRequest() as stop:
-            return self._run(base, state, facts_for, stop)
-
-    def _run(self, base: Path, state: Any, facts_for: Any, stop: StopRequest) -> Path:
-        """The run from loading to the final file: the loop reads top to bottom here, each
-        part in its own method below."""
+    def run(self, base: Path, state: Any, facts_for: Any, stop: StopRequest) -> Path:
+        """Train to the end from `state` (see `saved_state`); raises Interrupted when `stop`
+        is requested. The run from loading to the final file: the loop reads top to bottom
+        here, each part in its own method below."""
         from loraforge.train.optim import warmup_steps
 
         cfg, plan, world = self.cfg, self.plan, self.world
