@@ -205,8 +205,9 @@ def _train(settings: Settings, run_name: str | None, restart: bool, world: World
 
 
 def _remove_if_unstarted(run_dir: Path) -> None:
-    """A new run refused before it recorded anything (its optimizer needs a GPU, say): the
-    folder made for it goes too, else an empty run is left that `generate` takes for a run."""
+    """A new run refused (its optimizer needs a GPU, say) or stopped by a signal before it
+    recorded anything: the folder made for it goes too, else an empty run is left that
+    `generate` takes for a run."""
     if {p.name for p in run_dir.iterdir()} <= {LOCK, LOG}:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -230,10 +231,8 @@ def _train_locked(settings: Settings, dataset: Dataset, run_dir: Path, base: Pat
                                report, stop)
             clean = True
             return result
-        except Interrupted:
-            clean = True
-            raise
-        except ForgeError:
+        except (Interrupted, ForgeError) as exc:
+            clean = isinstance(exc, Interrupted)
             if created:  # rank 0, under the lock: no other training is in it
                 _remove_if_unstarted(run_dir)
             raise
