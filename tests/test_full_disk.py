@@ -79,7 +79,7 @@ def test_a_save_on_a_full_disk_is_the_error_told_not_the_record_that_could_not_f
     assert process.returncode == 1, out + err
     assert "Traceback" not in err, err
     assert f"error: {final}: could not write multi_concept.safetensors: No space left" in err
-    assert "free space" in err and "training resumes from the last state" in err
+    assert "free space" in err and "training starts over from step 0 (no state" in err
     assert CATCH_ALL not in err
     assert f"{run_dir / 'run.json'} not updated" in err  # a warning
     assert not final.exists()
@@ -88,4 +88,5 @@ def test_a_save_on_a_full_disk_is_the_error_told_not_the_record_that_could_not_f
     assert row["status"] == "stopped"
     assert "ended without updating its record" in row["error"]
     assert "its disk was full" in row["error"]
+    assert "trains it from the start (no state was saved yet)" in row["error"]
     assert "without a word" not in row["error"]

@@ -618,6 +618,49 @@ def test_a_signal_in_the_middle_of_an_import_is_a_clean_exit_that_leaves_no_run(
     assert list((tmp_path / "store" / "Multi_Concept_Output").iterdir()) == []
 
 
+def test_a_run_killed_before_its_first_state_goes_on_with_the_same_command(
+        tmp_path: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL (out of memory, SLURM's KillWait) after an epoch's LoRA file, before the first
+    periodic state: `runs` said the same command trains it from the start, yet that command
+    was refused ("pass --restart"), and so was the requeued job. Its record shows the same
+    settings and images, which write those files again, byte for byte; other settings are
+    refused, saying so."""
+    from loraforge.slurm.control import runs_table
+
+    config = write_training_project(tmp_path, tiny_store, {"epochs": 2})
+    process = _start_train(config, FIXED_ENV)
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "multi_concept-000001.safetensors" in line:
+            process.kill()
+            break
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
+    epoch_one = run_dir / "multi_concept-000001.safetensors"
+    written = epoch_one.read_bytes()
+    assert not (run_dir / "state").exists()
+    (row,) = runs_table(load_settings(config))
+    assert "trains it from the start (no state was saved yet)" in row["error"], row
+    record = run_dir / "run.json"
+    kept = record.read_text()  # as versions before records said what trained a run wrote it:
+    record.write_text(json.dumps({k: v for k, v in json.loads(kept).items()
+                                  if k != "trained_from_sha256"}))
+    (row,) = runs_table(load_settings(config))
+    assert "`loraforge train --run multi_concept --restart` trains it" in row["error"], row
+    record.write_text(kept)
+    with pytest.raises(ForgeError) as other:
+        train(load_settings(config, ["train.unet_lr=3e-3"]), None, restart=False)
+    assert "no state to resume it from, and other settings or images" in other.value.message
+    assert "undo those changes" in (other.value.fix or "")
+    for key, value in FIXED_ENV.items():
+        monkeypatch.setenv(key, value)
+    rerun = train(load_settings(config), None, restart=False)
+    assert rerun.final.is_file() and epoch_one.read_bytes() == written
+    assert "training it again from step 0 with the same settings" in (run_dir / "train.log"
+                                                                       ).read_text()
+
+
 def test_resume_with_a_changed_config_is_refused(tmp_path: Path, tiny_store: Path) -> None:
     config = write_training_project(tmp_path, tiny_store, {"epochs": 20})
     process = _start_train(config, FIXED_ENV)
@@ -816,10 +859,13 @@ def test_a_finished_run_is_not_trained_over_by_a_refused_restart_or_without_one(
 
 
 def test_full_disk_while_saving_is_clear_and_keeps_the_previous_checkpoint(
-        tmp_path: Path, tiny_store: Path) -> None:
+        tmp_path: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first state could not be saved: the message said that the rerun resumes from the
+    last state saved completely, and the rerun was refused for the epoch file it had kept
+    ("pass --restart"). It trains the run again from step 0, as the message says now."""
     # Epoch files (fp16, dim 4) are ~0.3 MB; the fp32 state with its optimizer is over 1 MB.
     config = write_training_project(tmp_path, tiny_store, {"state_every_n_steps": 3,
-                                                           "epochs": 4})
+                                                           "epochs": 2})
     limit = 1_000_000
 
     def small_files() -> None:
@@ -828,12 +874,18 @@ def test_full_disk_while_saving_is_clear_and_keeps_the_previous_checkpoint(
     done = subprocess.run([sys.executable, "-m", "loraforge", "train", "--config", str(config)],
                           capture_output=True, text=True, preexec_fn=small_files, timeout=600,
                           env={**os.environ, **FIXED_ENV})
-    assert_user_error(done, "could not write", "quota is full", "rerun the same command")
+    assert_user_error(done, "could not write", "quota is full", "rerun the same command: "
+                      "training starts over from step 0 (no state was saved yet)")
     run_dir = tmp_path / "store" / "Multi_Concept_Output" / "multi_concept"
     epoch_one = run_dir / "multi_concept-000001.safetensors"
     assert len(_modules(epoch_one)) == 264
     assert not list((run_dir / "state").glob(".tmp-*"))
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    written = epoch_one.read_bytes()
+    for key, value in FIXED_ENV.items():
+        monkeypatch.setenv(key, value)
+    assert train(load_settings(config), None, restart=False).final.is_file()
+    assert epoch_one.read_bytes() == written
 
 
 def test_unet_only_run_logs_plain_lines_and_saves_no_text_encoder(tmp_path: Path,

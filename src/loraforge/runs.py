@@ -29,6 +29,9 @@ SEPARATION = "separation.json"
 MAX_NAME = 100
 NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._+-]{{0,{MAX_NAME - 1}}}$")
 STATUSES = ("running", "finished", "failed", "interrupted")
+#: run.json's sha256 of what decides the trained weights (settings, images, captions), as an
+#: attempt starts: a rerun with the same one writes the same LoRA files.
+TRAINED_FROM = "trained_from_sha256"
 
 
 def check_run_name(name: str) -> str:
@@ -112,6 +115,16 @@ def state_step(state: Path) -> int:
     return int(state.name[len(STATE_PREFIX):])
 
 
+def rerun_goes_on(run_dir: Path) -> str:
+    """What the same `train` command does with a run that stopped before its end: resume
+    from its newest complete state or, with none saved yet, train from step 0 (where an
+    attempt's LoRA files are written again, unchanged)."""
+    states = saved_states(run_dir)
+    if not states:
+        return "training starts over from step 0 (no state was saved yet)"
+    return f"training resumes from the last state saved completely (step {state_step(states[-1])})"
+
+
 def read_record(run_dir: Path) -> dict[str, Any] | None:
     """The run's `run.json`; None when it is missing or unreadable, or not a JSON object (see
     `damage`). In a hand-edited or foreign file, a value of the wrong kind (see `_KINDS`)
@@ -131,7 +144,8 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 #: The kinds of the values of run.json that the commands read (`runs`, `report`, `generate`).
 _KINDS: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("name", "status", "error", "finished_at", "updated_at", "started_at",
-                     "failed_at", "final_lora", "base_model", "device", "project"), str),
+                     "failed_at", "final_lora", "base_model", "device", "project",
+                     TRAINED_FROM), str),
     **dict.fromkeys(("final_loss", "started_at_unix"), (int, float)),
     **dict.fromkeys(("step", "total_steps", "epochs", "steps_per_epoch", "pid"), int),
     **dict.fromkeys(("config", "slurm", "dataset", "images"), dict),

@@ -18,10 +18,12 @@ from loraforge.config import Settings, outside_project_note
 from loraforge.errors import ForgeError
 from loraforge.runs import (
     RECORD,
+    TRAINED_FROM,
     RunRecord,
     another_project,
     check_run_name,
     list_runs,
+    lora_files,
     on_this_cluster,
     project_of,
     read_record,
@@ -244,12 +246,20 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
             if section in ("models", "dataset", "train")}
 
 
-def _resumes(run_dir: Path) -> str:
-    """Where a rerun of a stopped run starts: its newest state, not the last step it logged."""
+def _goes_on(record: dict[str, Any], run: str) -> str:
+    """How a stopped run goes on: a rerun starts from its newest state (not the last step it
+    logged), else from step 0, except over LoRA files that its record (written before records
+    said what trained a run) cannot show to be this run's."""
+    run_dir = Path(record["dir"])
+    rerun = f"`loraforge train --run {run}` (or its job, submitted again)"
     states = saved_states(run_dir)
-    if not states:
-        return "trains it from the start (no state was saved yet)"
-    return f"resumes it from its last state (step {state_step(states[-1])})"
+    if states:
+        return f"{rerun} resumes it from its last state (step {state_step(states[-1])})"
+    if lora_files(run_dir) and not record.get(TRAINED_FROM):
+        return (f"no state was saved, and its record does not show what trained its LoRA "
+                f"files: `loraforge train --run {run} --restart` trains it from the start "
+                "(they are replaced)")
+    return f"{rerun} trains it from the start (no state was saved yet)"
 
 
 def _stopped(record: dict[str, Any], run: str) -> str | None:
@@ -259,11 +269,9 @@ def _stopped(record: dict[str, Any], run: str) -> str | None:
     if found is None:
         return None
     why, requeued = found
-    run_dir = Path(record["dir"])
     if requeued:
-        return f"{why}, from its last state" if saved_states(run_dir) else why
-    return f"{why}; `loraforge train --run {run}` (or its job, submitted again) " \
-        f"{_resumes(run_dir)}"
+        return f"{why}, from its last state" if saved_states(Path(record["dir"])) else why
+    return f"{why}; {_goes_on(record, run)}"
 
 
 def runs_table(settings: Settings) -> list[dict[str, Any]]:

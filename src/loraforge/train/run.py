@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -15,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge import runs
 from loraforge.errors import ForgeError
@@ -23,10 +24,10 @@ from loraforge.fsutil import disk_full, full_disk_error
 from loraforge.hashing import env_time
 from loraforge.models.folders import exclusive
 from loraforge.train import distributed
-from loraforge.train.distributed import World, gather_objects
+from loraforge.train.distributed import World, from_main, gather_objects
 from loraforge.train.journal import HISTORY, LOG, setup_logging
 from loraforge.train.plan import lr_factor
-from loraforge.train.resume import check_finished_with
+from loraforge.train.resume import RESUME_SAFE, check_finished_with
 from loraforge.train.signals import Interrupted, StopRequest
 from loraforge.train.trainer import ReportWriter, Trainer
 
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 #: Held by the process training the run.
 LOCK = ".train.lock"
+#: The statuses run.json keeps for an attempt that stopped before the end (a killed one's
+#: still says running).
+UNFINISHED = ("running", "interrupted", "failed")
 
 log = logging.getLogger("loraforge.train")
 
@@ -260,13 +264,9 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
     if restart:  # nor its record: its loss, LoRA file, finish and caches are not this attempt's
         trainer.record.data = {"name": run_dir.name}
     state = trainer.saved_state(restart)  # a refused resume leaves run.json as it was
-    earlier = [p.name for p in runs.lora_files(run_dir)]
-    if state is None and earlier:  # starting over would overwrite (or mix with) an earlier LoRA
-        raise ForgeError(f"run `{run_dir.name}` holds LoRA files of an earlier training "
-                         f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}) "
-                         "but no state to resume it from", path=run_dir,
-                         fix="pass --restart to train it again from the start (those files are "
-                             "replaced), or name a new run with --run")
+    trained_from = _trained_from(trainer) if world.is_main else None
+    if state is None:
+        _start_over(trainer, trained_from)
     hosts = gather_objects(runs.this_host(), world)
     started = trainer.record.data.get("started_at_unix") or env_time() or time.time()
     session = hashlib.sha256(f"{run_dir.name}|{started}|{settings.config.train.seed}".encode()
@@ -281,7 +281,7 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         dataset={"concepts": dataset.dataset_dirs(), "images": dataset.num_images,
                  "images_x_repeats": dataset.images_x_repeats},
         started_at_unix=started, base_model=str(base), base_model_sha256=model_sha,
-        device=str(trainer.device),
+        device=str(trainer.device), **{runs.TRAINED_FROM: trained_from},
         processes=world.size, process_hosts=hosts, pid=os.getpid(),
         global_batch_size=trainer.plan.batch_size,
         steps_per_epoch=trainer.plan.steps_per_epoch, epochs=trainer.plan.epochs,
@@ -312,20 +312,72 @@ def _train_in(settings: Settings, dataset: Dataset, run_dir: Path, base: Path,
         _record_end(trainer, status="failed", error=str(exc))
         raise
     except OSError as exc:  # an image removed mid-run, a folder made read-only, a full disk
+        goes_on = runs.rerun_goes_on(run_dir)
         if disk_full(exc):
-            error = full_disk_error(exc, exc.filename or run_dir, "training resumes from the "
-                                    "last state that was saved completely")
+            error = full_disk_error(exc, exc.filename or run_dir, goes_on)
         else:
             error = ForgeError(f"{exc.strerror or exc} while training",
                                path=exc.filename or run_dir,
-                               fix="fix the file or free the space, then rerun the same "
-                                   "command: training resumes from the last state saved "
-                                   "completely")
+                               fix=f"fix the file or free the space, then rerun the same "
+                                   f"command: {goes_on}")
         _record_end(trainer, status="failed", error=str(error))
         raise error from None
     except BaseException as exc:
         _record_end(trainer, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _trained_from(trainer: Trainer) -> str:
+    """The sha256 of what decides the trained weights: the settings a resume compares (those
+    it may change left out), the images and their captions. Two trainings of a run with the
+    same one write the same LoRA files."""
+    found = trainer.trained_with
+    decides = {section: {key: value for key, value in values.items()
+                         if f"{section}.{key}" not in RESUME_SAFE}
+               for section, values in found.items()}
+    return hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()
+
+
+def _earlier_files(trainer: Trainer, trained_from: str | None,
+                   ) -> tuple[str, Literal["same", "other", "unknown"]] | None:
+    """The run's LoRA files as a message names them, and what its record shows of them: an
+    unfinished attempt of this run wrote them from the `same` `_trained_from`, or from an
+    `other` one; else `unknown`. None when it has none."""
+    run_dir, record = trainer.run_dir, trainer.record.data
+    earlier = [p.name for p in runs.lora_files(run_dir)]
+    if not earlier:
+        return None
+    shown = f"{', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}"
+    recorded = record.get(runs.TRAINED_FROM)
+    if (record.get("name") != run_dir.name or record.get("status") not in UNFINISHED
+            or recorded is None):
+        return shown, "unknown"
+    return shown, "same" if recorded == trained_from else "other"
+
+
+def _start_over(trainer: Trainer, trained_from: str | None) -> None:
+    """A run that holds LoRA files but no state to resume from: an attempt of it stopped
+    before its first state (killed, its disk full) with the same settings and images trains
+    again from step 0, which writes those files again, unchanged. Any other files (another
+    training's, a finished run's, a run copied from another name, a record that does not say)
+    would be overwritten by the new training's, or mixed with them: refused. Rank 0 decides:
+    on shared storage another node may still see an older listing."""
+    run_dir, world = trainer.run_dir, trainer.world
+    found = from_main(_earlier_files(trainer, trained_from) if world.is_main else None, world)
+    if found is None:
+        return
+    shown, known = found
+    if known == "same":
+        log.info("run `%s` stopped before its first state was saved: training it again from "
+                 "step 0 with the same settings and images, which write %s again, unchanged",
+                 run_dir.name, shown)
+        return
+    other = ", and other settings or images than these trained them" if known == "other" else ""
+    undo = "undo those changes to train it again from step 0, " if known == "other" else ""
+    raise ForgeError(f"run `{run_dir.name}` holds LoRA files of an earlier training ({shown}) "
+                     f"but no state to resume it from{other}", path=run_dir,
+                     fix=f"{undo}pass --restart to train it again from the start (those files "
+                         "are replaced), or name a new run with --run")
 
 
 def _remove_killed_saves(run_dir: Path) -> None:

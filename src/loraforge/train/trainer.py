@@ -57,12 +57,12 @@ log = logging.getLogger("loraforge.train")
 ReportWriter = Callable[[Path, int], object]
 
 
-def _disk_error(exc: OSError, what: Path) -> ForgeError:
+def _disk_error(exc: OSError, what: Path, run_dir: Path) -> ForgeError:
     full = ("(the disk, or your quota on it, is full)" if exc.errno in DISK_FULL
             else "(the disk or your quota is full?)")
     return ForgeError(f"could not write {what.name}: {exc.strerror or exc} {full}", path=what,
-                      fix="free space (or raise the quota) and rerun the same command: training "
-                          "resumes from the last state that was saved completely")
+                      fix="free space (or raise the quota) and rerun the same command: "
+                          f"{runs.rerun_goes_on(run_dir)}")
 
 
 class Trainer:
@@ -345,7 +345,7 @@ class Trainer:
         try:
             path = self.save_state(position, named, trainer_state)
         except OSError as exc:
-            raise _disk_error(exc, self.run_dir / "state") from None
+            raise _disk_error(exc, self.run_dir / "state", self.run_dir) from None
         self.record.update(step=position.step)  # what `runs` shows: where a rerun resumes
         log.info("state saved (%s): %s", reason, path)
 
@@ -499,7 +499,7 @@ class Trainer:
         try:
             save_lora(path, tensors, meta, self.mode)
         except OSError as exc:
-            raise _disk_error(exc, path) from None
+            raise _disk_error(exc, path, self.run_dir) from None
         log.info("saved %s", path)
 
     def prune_epochs(self) -> None:
