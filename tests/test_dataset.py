@@ -490,6 +490,11 @@ def test_pose_maps_written_elsewhere_in_the_dataset_folder_are_skipped_and_moved
     image(root / "poses" / "photo.png")  # not only pose maps: a folder to name as before
     with pytest.raises(DatasetError, match="does not start with a repeat count"):
         scan_dataset(root)
+    (root / "poses" / "photo.png").unlink()
+    (root / "5_b").mkdir()  # a concept of pose maps only: not trained, so not skipped quietly
+    (root / "5_b" / "w.pose.json").write_text('{"people": []}', encoding="utf-8")
+    with pytest.raises(DatasetError, match="has no images"):
+        scan_dataset(root)
 
 
 def test_a_wrong_extension_is_renamed_beside_its_own_caption(tmp_path: Path) -> None:

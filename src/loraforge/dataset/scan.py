@@ -356,7 +356,8 @@ class _Scanner:
         folders = []
         for entry in self.entries(self.root):
             if entry.is_dir():
-                if not self.pose_folder(entry):
+                # a concept folder of pose maps only is still one: "has no images"
+                if parse_folder_name(entry.name) is not None or not self.pose_folder(entry):
                     folders.append(self.concept_folder(entry))
             else:
                 self.root_file(entry)
