@@ -209,9 +209,10 @@ def test_casting_runs_with_every_sampler_and_without_cfg(stack: LoraStack,
         stack.pipe.scheduler = make_scheduler("DPM++ 2M Karras", config)
 
 
-def _character_lora(source: Path, path: Path, concepts: dict[str, dict[str, int]]) -> Path:
+def _character_lora(source: Path, path: Path, concepts: dict[str, dict[str, int]],
+                    trigger_phrase: str | None = None) -> Path:
     """A copy of `source` whose metadata says it was trained on `concepts` (kohya's
-    ss_tag_frequency: folder -> tag counts)."""
+    ss_tag_frequency: folder -> tag counts), with `trigger_phrase` when given."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -219,6 +220,8 @@ def _character_lora(source: Path, path: Path, concepts: dict[str, dict[str, int]
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         metadata = dict(handle.metadata() or {})
     metadata["ss_tag_frequency"] = json.dumps(concepts)
+    if trigger_phrase is not None:
+        metadata["modelspec.trigger_phrase"] = trigger_phrase
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata)
     return path
@@ -377,7 +380,9 @@ def test_a_character_is_cast_with_the_trigger_eval_measures(
     """One of blake's captions lacks his name, so `1boy` is his most frequent tag: his figure's
     prompt still starts with `blake`, the trigger `dataset check` and `eval` take (it started
     with `1boy`, and blake was never asked for). A concept whose captions never name it is cast
-    with the tag they hold most, ties going to the one written first, as eval takes it."""
+    with the first tag of most of its captions (a token of its own: `nx`, missing from one
+    caption, is not outnumbered by `1girl`, which all hold), as eval and the LoRA's
+    trigger_phrase take it."""
     from loraforge.dataset.scan import scan_dataset
     from loraforge.train.separation import distinct_triggers
 
@@ -385,7 +390,8 @@ def test_a_character_is_cast_with_the_trigger_eval_measures(
     captions = {"10_blake": ["blake, 1boy, red scarf", "blake, 1boy", "blake, 1boy, smile",
                              "1boy, smile"],
                 "10_mira": ["mira, 1girl", "mira, 1girl, smile", "mira, 1girl"],
-                "10_sora": ["ohwx, 1girl", "ohwx, 1girl, hat"]}
+                "10_sora": ["ohwx, 1girl", "ohwx, 1girl, hat"],
+                "10_nia": ["nx, 1girl", "nx, 1girl, hat", "1girl, hat"]}
     for folder, texts in captions.items():
         (dataset / folder).mkdir(parents=True)
         for index, text in enumerate(texts):
@@ -395,13 +401,17 @@ def test_a_character_is_cast_with_the_trigger_eval_measures(
     config = _project(tmp_path, tiny_store, {"width": WIDTH, "height": HEIGHT})
     _write_run(tmp_path / "store" / "Multi_Concept_Output", "multi_concept", "finished",
                "2026-01-02T10:00:00+0000", _character_lora(
-                   characters[0], tmp_path / "multi.safetensors", trained.tag_frequency()))
+                   characters[0], tmp_path / "multi.safetensors", trained.tag_frequency(),
+                   ", ".join(concept.trigger for concept in trained.concepts)))
     plan = _planner(config, tiny_store)
     assert [f.text for f in plan("blake: smiling", "mira: waving").cast.figures] == [
         "blake, smiling", "mira, waving"]
     assert [f.text for f in plan("sora: sitting", "mira: waving").cast.figures] == [
         "ohwx, sitting", "mira, waving"]
-    assert distinct_triggers(trained) == {"blake": "blake", "mira": "mira", "sora": "ohwx"}
+    assert [f.text for f in plan("nia: sitting", "mira: waving").cast.figures] == [
+        "nx, sitting", "mira, waving"]
+    assert distinct_triggers(trained) == {"blake": "blake", "mira": "mira", "nia": "nx",
+                                          "sora": "ohwx"}
 
 
 def test_a_figure_lora_over_the_whole_image_renders_what_the_merged_lora_renders(

@@ -135,20 +135,25 @@ class Concept:
 
     @property
     def trigger(self) -> str:
-        """Its activation tag (see `activation_tag`)."""
-        return activation_tag(self.name, self.tag_frequency())
+        """Its activation tag (see `activation_tag`), the first tags of its captions as the
+        candidates when they do not hold its name."""
+        leading = Counter(tags[0] for image in self.images if (tags := image.separate_tags))
+        return activation_tag(self.name, self.tag_frequency(), leading)
 
 
-def activation_tag(name: str, tag_counts: Mapping[str, int]) -> str:
+def activation_tag(name: str, tag_counts: Mapping[str, int],
+                   leading: Mapping[str, int] | None = None) -> str:
     """The trigger of the concept `name` whose captions hold these tags (counted, in the order
     they were first written: a concept's `tag_frequency`, a LoRA's `ss_tag_frequency`): its
     name, as its captions spell it (compared as `tag_key` compares tags), when they hold it,
-    as `dataset check` and `dataset tags --add-trigger` take it; else its most frequent tag;
-    with no tags at all its name (what kohya trains an uncaptioned image on). Ties go to the
-    tag written first. `eval`, the LoRA's `modelspec.trigger_phrase` and `generate`'s casting
-    all take a concept's trigger from here."""
+    as `dataset check` and `dataset tags --add-trigger` take it; else the most common of the
+    `leading` tags (a dataset's: its captions' first tags; a LoRA's: its tags its
+    `modelspec.trigger_phrase` names), else its most frequent tag; with no tags at all its
+    name (what kohya trains an uncaptioned image on). Ties go to the tag written first.
+    `eval`, the LoRA's `modelspec.trigger_phrase` and `generate`'s casting all take a
+    concept's trigger from here."""
     spellings = {tag: n for tag, n in tag_counts.items() if tag_key(tag) == tag_key(name)}
-    candidates = spellings or tag_counts
+    candidates = spellings or leading or tag_counts
     return max(candidates, key=lambda tag: candidates[tag], default=name)
 
 

@@ -85,18 +85,21 @@ class LoraFile:
     def concepts(self) -> dict[str, str]:
         """The concepts it was trained on (kohya's `ss_tag_frequency`: `{"20_blake": {tag:
         count}}`), each with its trigger, by the rule its training took it by
-        (`activation_tag`)."""
+        (`activation_tag`; a concept whose captions lack its name: the tag of it that the
+        `modelspec.trigger_phrase` a LoRA Forge training writes names)."""
         try:
             frequency = json.loads(self.metadata.get("ss_tag_frequency", "{}"))
         except ValueError:
             return {}
+        phrase = {t.strip() for t in self.metadata.get("modelspec.trigger_phrase", "").split(",")}
         found: dict[str, str] = {}
         for folder, tags in frequency.items() if isinstance(frequency, dict) else ():
             repeats, _, name = str(folder).partition("_")
             name = name if repeats.isdigit() and name else str(folder)
             counts = {str(t): c for t, c in tags.items() if isinstance(c, int)} \
                 if isinstance(tags, dict) else {}
-            found[name] = activation_tag(name, counts)
+            found[name] = activation_tag(name, counts,
+                                         {t: c for t, c in counts.items() if t in phrase})
         return found
 
     @property

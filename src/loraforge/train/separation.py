@@ -123,8 +123,8 @@ def distinct_triggers(dataset: Dataset) -> dict[str, str]:
     if shared:
         trigger = triggers[shared[0]]
         raise ForgeError(f"concepts {' and '.join(shared)} share the trigger `{trigger}` (a "
-                         "concept's trigger is its name where its captions hold it, else its "
-                         "most frequent tag), so no prompt can ask for one of them alone",
+                         "concept's trigger is its name where its captions hold it, else the "
+                         "first tag of most of them), so no prompt can ask for one of them alone",
                          path=dataset.root,
                          fix="put each concept's name in its captions (`loraforge dataset tags "
                              "--add-trigger` puts it first), then train again")
