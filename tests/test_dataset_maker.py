@@ -471,6 +471,31 @@ def test_tagging_writes_a_linked_caption_through_its_link_once(tmp_path: Path, r
     assert [p.read_text() for p in backup.rglob("b0.txt")] == ["blake, solo, red hat"]
 
 
+@pytest.mark.parametrize("broken", ["loop", "dangling"])
+def test_tagging_skips_a_caption_link_that_reaches_no_file(tmp_path: Path, broken: str) -> None:
+    """`b1.txt -> b1.txt` (a loop) stopped `dataset tag` with a traceback; `b1.txt ->
+    ../../elsewhere/gone.txt` (its target missing) made the tagger create a file outside the
+    dataset. Both are skipped with a warning naming the link and the fix; the rest is tagged."""
+    dataset = _project(tmp_path) / "master_dataset"
+    folder = dataset / "5_blake"
+    folder.mkdir(parents=True)
+    for i, colour in enumerate((RED, BLUE)):
+        Image.new("RGB", (16, 16), colour).save(folder / f"b{i}.png")
+    (tmp_path / "elsewhere").mkdir()
+    target = "b1.txt" if broken == "loop" else "../../elsewhere/gone.txt"
+    (folder / "b1.txt").symlink_to(target)
+    result = run_cli("dataset", "tag", cwd=tmp_path)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in text, text
+    assert "master_dataset/5_blake/b1.txt: is a" in text and "b1.png not tagged" in text
+    assert "rm master_dataset/5_blake/b1.txt" in text
+    assert ("symlink loop" if broken == "loop" else f"link to {target}, which does not exist"
+            ) in text
+    assert (folder / "b0.txt").read_text().startswith("blake")
+    assert os.readlink(folder / "b1.txt") == target
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_tags_edit_with_json_prints_json_in_a_dry_run_a_real_edit_and_a_rerun(
         tmp_path: Path) -> None:
     """`--json` printed the diff (exit 0) for an edit; the notes went to stdout too."""

@@ -15,13 +15,16 @@ that folder (`edit.unfinished.json`, renamed `edit.json` when it has finished), 
 after an interruption goes on with it instead of editing again the captions already edited.
 
 Links: a caption that is a symlink (a subset folder of links, kohya's way to repeat a subset) is
-written through it: its target is replaced atomically and the link kept. The actions edit each
-file once, however many links reach it (`caption_file`).
+written through it: its target is replaced atomically and the link kept, wherever it lies (a
+caption linked in from outside the dataset on purpose is edited there). A link whose target does
+not exist, or a loop, is not written through (`broken_link`). The actions edit each file once,
+however many links reach it (`caption_file`).
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import re
@@ -219,8 +222,30 @@ def restore_folder(backed_up: Path, dataset_dir: Path) -> Path:
 
 def caption_file(caption: Path) -> Path:
     """The file a caption path reaches, through any symlinks: two paths of one file are one
-    caption to edit."""
-    return caption.resolve()
+    caption to edit (a link loop reaches none: see `broken_link`)."""
+    return Path(os.path.realpath(caption))
+
+
+def broken_link(caption: Path) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when the caption path is a symlink that cannot be written
+    through: a loop, or a link whose target does not exist (writing would create a file
+    wherever it points, even outside the dataset); None for any other path."""
+    if not caption.is_symlink():
+        return None
+    try:
+        caption.stat()
+    except OSError as exc:
+        from loraforge.dataset.scan import shell_path
+
+        remove = f"rm {shell_path(caption)}"
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop (it reaches no file)", f"remove the link: {remove}"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return (f"is a link to {os.readlink(caption)}, which does not exist",
+                    f"remove the link ({remove}) or restore its target")
+        return (f"is a link to {os.readlink(caption)}, which cannot be reached "
+                f"({exc.strerror})", "make its target readable, or remove the link")
+    return None
 
 
 def read_caption(caption: Path) -> str:

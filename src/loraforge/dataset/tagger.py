@@ -12,7 +12,8 @@ first); `--overwrite` replaces captions, after copying the old ones to the backu
 halfway just runs again: an `--append` or `--overwrite` stopped part-way records itself in its
 backup folder, and the same command run again goes on with that folder, so that one folder holds
 every caption's text from before the tagging. A caption that is a symlink is written through it
-(see `caption_edit`), once however many links reach its file. Another caption edit is refused
+(see `caption_edit`), once however many links reach its file; one that is a loop, or whose target
+does not exist, is skipped with a warning. Another caption edit is refused
 while one is unfinished (see `tag_list`): the captions it has not reached yet would no longer be
 its originals.
 
@@ -45,6 +46,7 @@ from PIL import Image
 from loraforge.dataset.caption_edit import (
     CaptionWriter,
     append_tags,
+    broken_link,
     caption_file,
     caption_tags,
     put_first,
@@ -164,6 +166,12 @@ def plan_jobs(concepts: list[ConceptFolder], extension: str, mode: Mode, result:
         report = result.reports.setdefault(concept.folder.name, ConceptReport())
         for image in concept.images:
             caption = concept.caption_path(image, extension)
+            if (broken := broken_link(caption)) is not None:
+                why, fix = broken
+                result.warnings.append(f"{display_path(caption)}: {why}; {image.name} not "
+                                       f"tagged (fix: {fix})")
+                report.skipped += 1
+                continue
             old = None
             if caption.exists():
                 try:
