@@ -471,6 +471,70 @@ def test_tagging_writes_a_linked_caption_through_its_link_once(tmp_path: Path, r
     assert [p.read_text() for p in backup.rglob("b0.txt")] == ["blake, solo, red hat"]
 
 
+def _shared_by_two_concepts(dataset: Path) -> Path:
+    """`5_blake`: three captioned pictures; `10_blake2`, another concept, links to the first
+    two and their captions (`b0.txt -> ../5_blake/b0.txt`). Returns 5_blake."""
+    blake = dataset / "5_blake"
+    blake.mkdir(parents=True)
+    (dataset / "10_blake2").mkdir()
+    for i, colour in enumerate((RED, BLUE, (30, 200, 40))):
+        Image.new("RGB", (16, 16), colour).save(blake / f"b{i}.png")
+        (blake / f"b{i}.txt").write_text("solo, blake" if i == 2 else "blake, solo, red hat")
+    for name in ("b0.png", "b0.txt", "b1.png", "b1.txt"):
+        (dataset / "10_blake2" / name).symlink_to(f"../5_blake/{name}")
+    return blake
+
+
+SHARED_EDITS = [
+    (["--remove", "blake"], "solo, blake",
+     "'blake' is a concept's trigger, which its captions keep"),
+    (["--add-trigger"], "blake, solo",
+     "master_dataset/10_blake2/b0.txt: is one file (a link) with master_dataset/5_blake/b0.txt: "
+     "the caption of concepts blake and blake2, which cannot start with each one's trigger; "
+     "--add-trigger left its first tag as it is"),
+    (["blake2", "--replace", "solo=duo"], "solo, blake",
+     "master_dataset/10_blake2/b0.txt: is one file (a link) with master_dataset/5_blake/b0.txt, "
+     "which this command leaves out; left as it is (fix: name blake too"),
+]
+
+
+@pytest.mark.parametrize(("edit", "own_caption", "note"), SHARED_EDITS)
+def test_an_edit_of_a_caption_two_concepts_share_keeps_both(tmp_path: Path, edit: list[str],
+                                                            own_caption: str, note: str) -> None:
+    """`10_blake2/b0.txt -> ../5_blake/b0.txt`: the shared file was edited as blake2's
+    caption only, so `--remove blake` took blake's trigger out of it (while saying it was
+    kept), `--add-trigger` put blake2 first in blake's caption, and an edit limited to blake2
+    changed blake's captions. Now such a file keeps both triggers, gets neither put first, and
+    is left out of an edit that leaves out one of its concepts, each with a note."""
+    dataset = tmp_path / "master_dataset"
+    blake = _shared_by_two_concepts(dataset)
+    result = run_cli("dataset", "tags", *edit, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert note in result.stdout + result.stderr
+    assert [(blake / f"b{i}.txt").read_text() for i in range(3)] == [
+        "blake, solo, red hat", "blake, solo, red hat", own_caption]
+    assert (dataset / "10_blake2" / "b0.txt").is_symlink()
+
+
+@pytest.mark.parametrize("concepts", [[], ["blake"]])
+def test_tagging_leaves_a_caption_two_concepts_share(tmp_path: Path, concepts: list[str]) -> None:
+    """`dataset tag --overwrite` wrote the shared caption with blake2's trigger for blake's
+    pictures too; `dataset tag blake --overwrite` changed blake2's captions. Now that file is
+    left as it is, with a warning naming both captions; blake's own picture is tagged."""
+    dataset = _project(tmp_path) / "master_dataset"
+    blake = _shared_by_two_concepts(dataset)
+    result = run_cli("dataset", "tag", *concepts, "--overwrite", cwd=tmp_path)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    (warning,) = [line for line in text.splitlines() if "b0.png not tagged" in line]
+    assert "master_dataset/5_blake/b0.txt" in warning and "is one file (a link)" in warning
+    assert "master_dataset/10_blake2/b0.txt" in warning
+    assert ("which this command leaves out" if concepts else
+            "the caption of concepts blake and blake2") in warning
+    assert [(blake / f"b{i}.txt").read_text() for i in range(2)] == ["blake, solo, red hat"] * 2
+    assert (blake / "b2.txt").read_text().startswith("blake")  # it was "solo, blake"
+
+
 @pytest.mark.parametrize("broken", ["loop", "dangling"])
 def test_tagging_skips_a_caption_link_that_reaches_no_file(tmp_path: Path, broken: str) -> None:
     """`b1.txt -> b1.txt` (a loop) stopped `dataset tag` with a traceback; `b1.txt ->
@@ -1165,7 +1229,7 @@ def test_replacements_apply_at_once(caption: str, replace: dict[str, str],
     repeats the user wrote stay."""
     from loraforge.dataset.caption_edit import replace_tags
 
-    assert replace_tags(caption, replace, keep="blake") == expected
+    assert replace_tags(caption, replace, keep=["blake"]) == expected
 
 
 def test_removing_a_tag_keeps_the_spacing_of_the_rest() -> None:

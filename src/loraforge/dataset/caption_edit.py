@@ -18,7 +18,8 @@ Links: a caption that is a symlink (a subset folder of links, kohya's way to rep
 written through it: its target is replaced atomically and the link kept, wherever it lies (a
 caption linked in from outside the dataset on purpose is edited there). A link whose target does
 not exist, or a loop, is not written through (`broken_link`). The actions edit each file once,
-however many links reach it (`caption_file`).
+however many links reach it (`caption_file`), keeping the trigger of every concept whose caption
+it is, and never change one that a folder left out of the command also reaches (`folders`).
 """
 
 from __future__ import annotations
@@ -133,16 +134,16 @@ def _remove(items: list[list[str]], i: int) -> None:
         items[i][0] = " "
 
 
-def remove_tags(text: str, names: Iterable[str], keep: str | None = None) -> str:
-    """`text` without the tags in `names` (never the tag `keep`: the trigger)."""
-    gone = {tag_key(n) for n in names} - ({tag_key(keep)} if keep else set())
+def remove_tags(text: str, names: Iterable[str], keep: Iterable[str] = ()) -> str:
+    """`text` without the tags in `names` (never those in `keep`: the triggers)."""
+    gone = {tag_key(n) for n in names} - {tag_key(k) for k in keep}
     return edit_tags(text, lambda tag: None if tag_key(tag) in gone else tag)
 
 
-def replace_tags(text: str, mapping: dict[str, str], keep: str | None = None) -> str:
-    """`text` with each tag in `mapping` replaced by its value (never the tag `keep`)."""
-    table = {tag_key(old): new for old, new in mapping.items()
-             if not keep or tag_key(old) != tag_key(keep)}
+def replace_tags(text: str, mapping: dict[str, str], keep: Iterable[str] = ()) -> str:
+    """`text` with each tag in `mapping` replaced by its value (never those in `keep`)."""
+    kept = {tag_key(k) for k in keep}
+    table = {tag_key(old): new for old, new in mapping.items() if tag_key(old) not in kept}
     return edit_tags(text, lambda tag: table.get(tag_key(tag), tag))
 
 

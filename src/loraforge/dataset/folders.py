@@ -10,6 +10,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraforge.dataset.caption_edit import caption_file
 from loraforge.dataset.images import IMAGE_EXTENSIONS, has_pose_mark
 from loraforge.dataset.scan import (
     caption_stem,
@@ -44,6 +45,10 @@ class ConceptFolder:
                                          if (stem := caption_stem(n, extension)) is not None}
         found = self._captions[extension].get(image.stem)
         return image.with_name(found or image.stem + extension)
+
+
+#: A caption path of a concept folder's image (its folder, the path).
+CaptionPath = tuple[ConceptFolder, Path]
 
 
 def _one_per_caption(images: list[Path], warn: list[str] | None) -> list[Path]:
@@ -111,3 +116,47 @@ def concept_folders(dataset_dir: Path, only: list[str] | None = None,
                          fix=f"add a folder named <repeats>_<concept> holding that concept's "
                              f"images, e.g. {shell_path(root / '10_my_character')}/")
     return concepts
+
+
+def captions_by_file(dataset_dir: Path, extension: str) -> dict[Path, list[CaptionPath]]:
+    """Each caption file of the dataset's images (links followed), and every caption path of
+    every concept folder that reaches it: several where links share one file."""
+    files: dict[Path, list[CaptionPath]] = {}
+    for concept in concept_folders(dataset_dir):
+        for image in concept.images:
+            path = concept.caption_path(image, extension)
+            if path.is_file():
+                files.setdefault(caption_file(path), []).append((concept, path))
+    return files
+
+
+def left_out(shared: list[CaptionPath], chosen: list[ConceptFolder],
+             ) -> tuple[str, str] | None:
+    """(why, the fix) when a command limited to the folders `chosen` must not change the
+    caption file that the captions `shared` reach: it is also the caption of a folder left
+    out. None: it is not."""
+    folders = {concept.folder for concept in chosen}
+    others = [path for concept, path in shared if concept.folder not in folders]
+    if not others:
+        return None
+    names = " and ".join(sorted({concept.name for concept, path in shared if path in others}))
+    return (f"is one file (a link) with {_joined(others)}, which this command leaves out",
+            f"name {names} too, or {_OWN_COPY}")
+
+
+def trigger_clash(caption: Path, shared: list[CaptionPath]) -> tuple[str, str] | None:
+    """(why, the fix) when the caption file of `caption`, which the captions `shared` reach,
+    cannot start with one trigger: it is the caption of different concepts. None: of one."""
+    names = sorted({concept.name for concept, _ in shared})
+    if len(names) < 2:
+        return None
+    others = [path for _, path in shared if path != caption]
+    return (f"is one file (a link) with {_joined(others)}: the caption of concepts "
+            f"{' and '.join(names)}, which cannot start with each one's trigger", _OWN_COPY)
+
+
+_OWN_COPY = "replace the link by a copy so that each folder has a caption of its own"
+
+
+def _joined(paths: list[Path]) -> str:
+    return ", ".join(str(display_path(path)) for path in paths)

@@ -37,7 +37,14 @@ from loraforge.dataset.caption_edit import (
     restore_folder,
     tag_key,
 )
-from loraforge.dataset.folders import ConceptFolder, concept_folders
+from loraforge.dataset.folders import (
+    CaptionPath,
+    ConceptFolder,
+    captions_by_file,
+    concept_folders,
+    left_out,
+    trigger_clash,
+)
 from loraforge.dataset.scan import display_path, shell_path
 from loraforge.errors import ForgeError
 
@@ -47,6 +54,7 @@ class Caption:
     concept: ConceptFolder
     path: Path
     text: str
+    shared: list[CaptionPath]  # every caption of the dataset that is this file (links followed)
 
 
 @dataclass
@@ -58,13 +66,15 @@ class Edits:
     def __bool__(self) -> bool:
         return bool(self.remove or self.replace or self.add_trigger)
 
-    def apply(self, text: str, trigger: str) -> str:
+    def apply(self, text: str, triggers: list[str]) -> str:
+        """`text` edited, keeping the triggers of every concept whose caption it is; the
+        trigger is put first only where it is one concept's caption."""
         if self.remove:
-            text = remove_tags(text, self.remove, keep=trigger)
+            text = remove_tags(text, self.remove, keep=triggers)
         if self.replace:
-            text = replace_tags(text, self.replace, keep=trigger)
-        if self.add_trigger:
-            text = put_first(text, trigger)
+            text = replace_tags(text, self.replace, keep=triggers)
+        if self.add_trigger and len(triggers) == 1:
+            text = put_first(text, triggers[0])
         return text
 
     def record(self, concepts: list[str] | None) -> dict[str, Any]:
@@ -146,8 +156,9 @@ def trigger_edits(edits: Edits, concepts: list[ConceptFolder]) -> list[str]:
 
 
 def read_captions(concepts: list[ConceptFolder], extension: str, warnings: list[str],
-                  ) -> list[Caption]:
-    """The caption files of the concepts' images (an unreadable one: a warning, skipped)."""
+                  files: dict[Path, list[CaptionPath]]) -> list[Caption]:
+    """The caption files of the concepts' images (an unreadable one: a warning, skipped), each
+    with the captions that reach its file (`files`: `captions_by_file`)."""
     captions = []
     for concept in concepts:
         for image in concept.images:
@@ -161,7 +172,8 @@ def read_captions(concepts: list[ConceptFolder], extension: str, warnings: list[
                     f"cannot be read ({exc.strerror})"
                 warnings.append(f"{display_path(path)}: {why}; left as it is")
                 continue
-            captions.append(Caption(concept, path, text))
+            shared = files.get(caption_file(path), [(concept, path)])
+            captions.append(Caption(concept, path, text, shared))
     return captions
 
 
@@ -305,6 +317,23 @@ def one_per_file(captions: list[Caption]) -> list[Caption]:
     return unique
 
 
+def _edited(caption: Caption, edits: Edits, chosen: list[ConceptFolder],
+            ) -> tuple[str, str | None]:
+    """The caption's new text, keeping the trigger of every concept whose caption its file is,
+    and a note when it is not what the edit asks: a file that a folder left out (not in
+    `chosen`) also reaches is left as it is; nor does --add-trigger put one concept's trigger
+    first in another's caption."""
+    new = edits.apply(caption.text, sorted({concept.name for concept, _ in caption.shared}))
+    where = display_path(caption.path)
+    if new != caption.text and (shared := left_out(caption.shared, chosen)) is not None:
+        why, fix = shared
+        return caption.text, f"note: {where}: {why}; left as it is (fix: {fix})"
+    if edits.add_trigger and (clash := trigger_clash(caption.path, caption.shared)) is not None:
+        why, fix = clash
+        return new, f"note: {where}: {why}; --add-trigger left its first tag as it is (fix: {fix})"
+    return new, None
+
+
 def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_run: bool,
                   file_mode: int, concepts: list[str] | None = None,
                   say: Callable[[str], None] | None = None) -> EditResult:
@@ -319,12 +348,15 @@ def edit_captions(dataset_dir: Path, captions: list[Caption], edits: Edits, dry_
     changed = []
     diff: list[str] = []
     done = 0
+    chosen = [caption.concept for caption in captions]
     for caption in one_per_file(captions):
         if resume is not None and _already_edited(backup_path(resume, caption.path),
                                                   caption.path):
             done += 1
             continue
-        new = edits.apply(caption.text, caption.concept.name)
+        new, note = _edited(caption, edits, chosen)
+        if note is not None and say is not None:
+            say(note)
         if new != caption.text:
             changed.append((caption, new))
             label = f"{caption.concept.folder.name}/{caption.path.name}"
@@ -350,4 +382,5 @@ def load(dataset_dir: Path, only: list[str] | None, extension: str,
          ) -> tuple[list[ConceptFolder], list[Caption], list[str]]:
     warnings: list[str] = []
     concepts = concept_folders(dataset_dir, only, warnings)
-    return concepts, read_captions(concepts, extension, warnings), warnings
+    files = captions_by_file(dataset_dir, extension)
+    return concepts, read_captions(concepts, extension, warnings, files), warnings

@@ -13,9 +13,10 @@ halfway just runs again: an `--append` or `--overwrite` stopped part-way records
 backup folder, and the same command run again goes on with that folder, so that one folder holds
 every caption's text from before the tagging. A caption that is a symlink is written through it
 (see `caption_edit`), once however many links reach its file; one that is a loop, or whose target
-does not exist, is skipped with a warning. Another caption edit is refused
-while one is unfinished (see `tag_list`): the captions it has not reached yet would no longer be
-its originals.
+does not exist, is skipped with a warning, and so is a file that is also the caption of a folder
+the command leaves out, or of another concept (a caption starts with one trigger). Another
+caption edit is refused while one is unfinished (see `tag_list`): the captions it has not reached
+yet would no longer be its originals.
 
 Input preparation follows the model card: the image (EXIF orientation applied, transparency on
 white, any colour mode as RGB, see `images.load_image`) is padded to a square with white,
@@ -53,7 +54,14 @@ from loraforge.dataset.caption_edit import (
     read_caption,
     tag_key,
 )
-from loraforge.dataset.folders import ConceptFolder, concept_folders
+from loraforge.dataset.folders import (
+    CaptionPath,
+    ConceptFolder,
+    captions_by_file,
+    concept_folders,
+    left_out,
+    trigger_clash,
+)
 from loraforge.dataset.images import load_image
 from loraforge.dataset.scan import display_path
 from loraforge.errors import ForgeError
@@ -157,11 +165,12 @@ class TagResult:
 
 
 def plan_jobs(concepts: list[ConceptFolder], extension: str, mode: Mode, result: TagResult,
-              ) -> list[Job]:
+              files: dict[Path, list[CaptionPath]]) -> list[Job]:
     """The images to tag: with `mode` missing, only those without a (non-empty) caption; one
-    per caption file, however many links reach it."""
+    per caption file, however many links reach it (`files`: `captions_by_file`), and none
+    whose file is also the caption of a folder left out or of another concept."""
     jobs = []
-    files: set[Path] = set()
+    planned: dict[Path, bool] = {}  # each caption file met: whether it is tagged
     for concept in concepts:
         report = result.reports.setdefault(concept.folder.name, ConceptReport())
         for image in concept.images:
@@ -186,10 +195,21 @@ def plan_jobs(concepts: list[ConceptFolder], extension: str, mode: Mode, result:
             if mode == "missing" and old is not None and caption_tags(old):
                 report.kept += 1
                 continue
-            if (file := caption_file(caption)) in files:
-                report.linked += 1
+            if (file := caption_file(caption)) in planned:
+                if planned[file]:
+                    report.linked += 1
+                else:
+                    report.skipped += 1
                 continue
-            files.add(file)
+            shared = files.get(file, [])
+            problem = left_out(shared, concepts) or trigger_clash(caption, shared)
+            planned[file] = problem is None
+            if problem is not None:
+                why, fix = problem
+                result.warnings.append(f"{display_path(caption)}: {why}; {image.name} not "
+                                       f"tagged, its caption left as it is (fix: {fix})")
+                report.skipped += 1
+                continue
             jobs.append(Job(concept, image, caption, old))
     return jobs
 
@@ -233,7 +253,8 @@ def tag_dataset(settings: Settings, only: list[str] | None, threshold: float,
     result = TagResult()
     extension = settings.config.dataset.caption_extension
     concepts = concept_folders(settings.dataset_dir, only, result.warnings)
-    jobs = plan_jobs(concepts, extension, mode, result)
+    jobs = plan_jobs(concepts, extension, mode, result,
+                     captions_by_file(settings.dataset_dir, extension))
     if not jobs:
         return result
     record, resume = None, None
