@@ -1358,6 +1358,28 @@ def test_check_reports_missing_triggers_absorbed_tags_and_near_duplicates(tmp_pa
     assert summary["totals"]["near_duplicates"] == 1
 
 
+
+def test_check_advice_says_a_group_is_a_kept_picture_and_those_near_it_in_hash_and_colour(
+        tmp_path: Path) -> None:
+    """The advice said only "perceptual hash within 6 bits", though a group is the picture it
+    keeps and those near it in hash and in colours: a re-saved JPEG and a 3% crop are counted,
+    the same knight in blue is not."""
+    folder = tmp_path / "master_dataset" / "10_knight"
+    folder.mkdir(parents=True)
+    draw_character(folder / "red.png", RED, "box", 0)
+    Image.open(folder / "red.png").save(folder / "red_resaved.jpg", quality=85)
+    Image.open(folder / "red.png").crop((8, 8, 256, 256)).save(folder / "red_cropped.png")
+    draw_character(folder / "blue.png", BLUE, "box", 0)
+    for picture in list(folder.iterdir()):
+        picture.with_suffix(".txt").write_text(f"knight, {picture.stem}")
+    result = run_cli("dataset", "check", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert "2 near-duplicate picture(s) in 1 group(s), each a picture to keep and those within "\
+           "6 bits of its perceptual hash and of about its colours: each copy weighs as another "\
+           "picture" in "\n".join(summary["advice"])
+    assert summary["totals"]["near_duplicates"] == 2
+
 def test_check_reads_the_keep_tokens_separator_as_dataset_tags_does(tmp_path: Path) -> None:
     """`blake ||| smile` is the tags blake and smile: the trigger is there (`dataset tags
     --add-trigger` changes nothing), and smile, not `blake ||| smile`, is in every caption."""

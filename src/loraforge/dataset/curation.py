@@ -69,8 +69,9 @@ def curate(dataset: Dataset, caption_extension: str, distance: int = DEFAULT_DIS
     result.near_duplicate_groups = len(groups)
     if groups:
         result.advice.append(
-            f"{result.near_duplicates} near-duplicate picture(s) in {len(groups)} group(s) "
-            f"(perceptual hash within {distance} bits): each copy weighs as another picture; "
+            f"{result.near_duplicates} near-duplicate picture(s) in {len(groups)} group(s), "
+            f"each a picture to keep and those within {distance} bits of its perceptual hash "
+            "and of about its colours: each copy weighs as another picture; "
             "see them with `loraforge dataset dedupe`, move the extras aside with "
             "`loraforge dataset dedupe --move`")
     return result
