@@ -298,6 +298,28 @@ def test_a_figure_count_beside_a_pose_file_of_other_figures_is_refused(project: 
     _untouched(project)
 
 
+def test_figures_beside_a_scenes_file_counts_random_poses_only(project: Path,
+                                                                tiny_store: Path) -> None:
+    """`--figures 2` beside a scenes file is the count of its random poses: a scene with a pose
+    file of 3 people was refused. An image's record names a figure count only for a random
+    pose, so pasted into a scenes file (as the --from refusal advises) it is not refused."""
+    from loraforge.config import load_settings
+    from loraforge.generate.loras import BaseWidths
+    from loraforge.generate.poses import random_pose_command
+    from loraforge.generate.run import scene_table
+    from loraforge.generate.scenes import LoraResolver, Options, PoseCache, plan_jobs
+
+    random_pose_command(project / "three.png", 3, "128x96", 0, None)
+    (project / "scenes.toml").write_text('[[scene]]\nname = "posed"\npose = "three.png"\n'
+                                         '[[scene]]\nname = "free"\n')
+    settings = load_settings(project / "forge.toml")
+    resolver = LoraResolver(settings, BaseWidths.of(tiny_store / "tiny-sd15"))
+    posed, free = plan_jobs(settings, Options(scenes=project / "scenes.toml", figures=2,
+                                              loras=["none"]), resolver, PoseCache(print, None))
+    assert "figures" not in scene_table(posed, [1])["scene"]
+    assert scene_table(free, [1])["scene"]["figures"] == 2
+
+
 def test_unknown_sampler_lists_the_known_ones(project: Path) -> None:
     result = _generate(project, "--sampler", "DPM++ 3M Turbo", "--lora", "none")
     assert_user_error(result, "--sampler", "unknown sampler", "DPM++ 2M Karras", "Euler a",

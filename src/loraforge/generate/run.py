@@ -28,7 +28,15 @@ from loraforge.errors import ForgeError
 from loraforge.fsutil import held_lock, write_atomic
 from loraforge.generate import pnginfo
 from loraforge.generate.loras import BaseWidths, LoraStack
-from loraforge.generate.scenes import FINAL_NAME, Job, LoraResolver, Options, PoseCache, plan_jobs
+from loraforge.generate.scenes import (
+    FINAL_NAME,
+    RANDOM,
+    Job,
+    LoraResolver,
+    Options,
+    PoseCache,
+    plan_jobs,
+)
 from loraforge.runtime import SignalFlag
 from loraforge.samplers import infotext_sampler
 
@@ -173,7 +181,9 @@ def scene_table(job: Job, batch: list[int]) -> dict[str, Any]:
         "size": f"{job.width}x{job.height}", "steps": job.steps, "cfg": job.cfg,
         "sampler": job.sampler, "control_scale": job.control_scale, "clip_skip": job.clip_skip,
         "loras": [{"path": str(u.lora.path), "weight": u.weight} for u in job.loras] or ["none"],
-        "pose": job.pose.record(), "figures": job.pose.figures}
+        "pose": job.pose.record()}
+    if table["pose"] == RANDOM:  # a pose file's figures are its own: a count would be refused
+        table["figures"] = job.pose.figures
     if job.cast is not None:
         table["background_weight"] = job.cast.background_weight
         table["region_pad"] = job.cast.pad
@@ -282,6 +292,8 @@ def _made_alike(folder: Path, stem: str, parameters: str, scene: dict[str, Any],
     def without_batch(record: dict[str, Any] | None) -> Any:
         table = dict(json.loads(json.dumps((record or {}).get("scene") or {})))
         table.pop("seeds", None)
+        if table.get("pose") != RANDOM:  # recorded beside a pose file before it was left out
+            table.pop("figures", None)
         return pnginfo.without_lora_tags(table)
 
     try:

@@ -674,7 +674,8 @@ def _figure_entries(value: Value | None) -> list[tuple[Value, dict[str, Any]]]:
 
 def _posed_figures(figures: Value, job: Job) -> None:
     """A figure count the scene gives beside a pose file counts nothing (the file's figures
-    are drawn as they are): refused when the file has another number of figures. A cast is
+    are drawn as they are): refused when the file has another number of figures (`--figures`
+    beside a scenes file is the count of its scenes' random poses, not checked). A cast is
     checked against the pose by `Cast.regions`; `generate.figures` is for random poses. An
     image's recorded scene (`--from`) is not checked: its count is the one asked for then."""
     from loraforge.generate.regions import map_boxes
@@ -1077,7 +1078,8 @@ def plan_jobs(settings: Settings, options: Options, resolver: LoraResolver, pose
         try:
             values = scene_values(index, scene, defaults, base)
             job = resolve_job(values, settings, resolver, poses)
-            _posed_figures(values["figures"], job)
+            if values["figures"] is not defaults["figures"]:  # --figures: for random poses
+                _posed_figures(values["figures"], job)
             jobs.append(job)
             numbers.append(index)
         except ForgeError as exc:
