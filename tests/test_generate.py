@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -785,7 +786,8 @@ def test_a_time_limit_warning_stops_between_images_and_the_rerun_goes_on(
     assert first and process.returncode == 75, (first, rest, err)
     done = [line.split()[1] for line in (first + rest).splitlines() if line.startswith("[")]
     assert 1 <= len(done) < 6, rest
-    assert f"stopped by SIGUSR1 (a time limit is near): {len(done)} of 6 images written" in err
+    assert (f"stopped by SIGUSR1 (a time limit is near): {len(done)} of 6 images written; "
+            "rerun the same command to go on") in err
     times = {path: Path(path).stat().st_mtime_ns for path in done}
 
     again = run_cli("generate", "--config", config, "--lora", "none", env=ONE_THREAD)
@@ -801,9 +803,11 @@ def test_a_time_limit_warning_stops_between_images_and_the_rerun_goes_on(
 def test_a_time_limit_warning_while_the_models_load_is_a_clean_resumable_exit(
         tmp_path: Path, tiny_store: Path) -> None:
     """SIGUSR1 while the models loaded ended `generate` with 138 (the signal's default action:
-    its handler came only once they were loaded), not the resumable 75, and said nothing."""
+    its handler came only once they were loaded), not the resumable 75, and said nothing. Its
+    seeds drawn at random (-1), the same command would draw others: the message says which
+    seed to rerun with instead."""
     config = _project(tmp_path, tiny_store, {"width": SIZE, "height": SIZE, "steps": 2,
-                                             "figures": 1, "count": 2})
+                                             "figures": 1, "count": 2, "seed": -1})
     process = _start_generate(config)
     assert process.stdout is not None
     for line in process.stdout:
@@ -813,7 +817,8 @@ def test_a_time_limit_warning_while_the_models_load_is_a_clean_resumable_exit(
     _, err = process.communicate(timeout=120)
     assert process.returncode == 75, err
     assert "stopped by SIGUSR1 (a time limit is near): nothing rendered yet, 0 of 2 images " \
-           "written; rerun the same command to go on" in err and "Traceback" not in err
+           "written; its seeds were drawn at random (-1)" in err and "Traceback" not in err
+    assert re.search(r"rerun it with the first seed drawn in place of -1 \(scene: \d+\)", err)
     assert not list((tmp_path / "store" / "Final_Images").glob("*.png"))
 
 

@@ -122,8 +122,13 @@ def generate_command(
     try:
         generate(settings, options, lambda line: out.print(line, markup=False), precision)
     except Stopped as stop:
-        Console(stderr=True).print(
-            f"stopped by SIGUSR1 (a time limit is near): {stop}; rerun the same command to go "
-            "on (images made with the same settings are kept, not made again)", markup=False,
-            soft_wrap=True)
+        goes_on = ("rerun the same command to go on (images made with the same settings are "
+                   "kept, not made again)")
+        if stop.drawn:
+            firsts = ", ".join(f"{name}: {seed}" for name, seed in stop.drawn)
+            goes_on = (f"its seeds were drawn at random (-1), so the same command would draw "
+                       f"others and make every image again; to go on, rerun it with the first "
+                       f"seed drawn in place of -1 ({firsts}): the images made are kept")
+        Console(stderr=True).print(f"stopped by SIGUSR1 (a time limit is near): {stop}; "
+                                   f"{goes_on}", markup=False, soft_wrap=True)
         raise typer.Exit(RESUMABLE_EXIT) from None

@@ -313,10 +313,13 @@ class Stopped(Exception):
     SLURM's time-limit warning (SIGUSR1): the images written so far are kept, and a rerun of
     the same command skips them."""
 
-    def __init__(self, written: int, total: int) -> None:
+    def __init__(self, written: int, total: int, jobs: list[Job]) -> None:
         done = f"{written} of {total} images written"
         super().__init__(done if written else f"nothing rendered yet, {done}")
         self.written, self.total = written, total
+        #: Each scene whose seeds were drawn at random (-1), with its first seed: a rerun of
+        #: the same command draws others.
+        self.drawn = [(job.name, job.seeds[0]) for job in jobs if job.drawn_seeds]
 
 
 def time_limit_warning() -> SignalFlag:
@@ -503,7 +506,7 @@ def _generate(settings: Settings, options: Options, echo: Callable[[str], None],
         echo("note: generate.offload only applies on a GPU; ignored on the CPU")
     total = sum(len(job.seeds) for job in jobs)
     if warning.given:
-        raise Stopped(0, total)
+        raise Stopped(0, total, jobs)
     started = time.monotonic()
     base = model_info(base_dir, settings.cache_dir)
     controlnet = model_info(controlnet_dir, settings.cache_dir)
@@ -541,7 +544,7 @@ def _generate(settings: Settings, options: Options, echo: Callable[[str], None],
             made = made_with(base, controlnet, str(device), chosen.name, tiling)
             for first in range(0, len(job.seeds), batch):
                 if warning.given:
-                    raise Stopped(len(written), total)
+                    raise Stopped(len(written), total, jobs)
                 planned = [_plan_output(folder, job, seed, job.seeds[first:first + batch],
                                         base, controlnet, made)
                            for seed in job.seeds[first:first + batch]]

@@ -170,6 +170,7 @@ class Job:
     pose: PoseSource
     notes: list[str] = field(default_factory=list)
     cast: Cast | None = None
+    drawn_seeds: bool = False  # -1: seeds drawn at random, other ones at each run
 
     @property
     def all_loras(self) -> list[lora_files.LoraUse]:
@@ -578,6 +579,8 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
         raise _err(sampler_value, f"must be a sampler name, got {sampler_value.value!r}")
     sampler = check_sampler(sampler_value.value, sampler_value.origin)
     seeds = _seeds(values["seed"], values.get("seeds"), values["count"])
+    listed = values.get("seeds")
+    drawn = -1 in listed.value if listed is not None else values["seed"].value == -1
     entries = _figure_entries(values.get("figure"))
     figures = values["figures"]
     if entries:
@@ -642,7 +645,7 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
     return Job(name=name, stem=safe_stem(name), prompt=prompt, text=texts[0], negative=negative,
                negative_text=texts[1], seeds=seeds, width=width, height=height, steps=steps,
                cfg=cfg, sampler=sampler, control_scale=control, clip_skip=clip_skip, loras=uses,
-               pose=pose, notes=notes, cast=cast)
+               pose=pose, notes=notes, cast=cast, drawn_seeds=drawn)
 
 
 # --- casting -----------------------------------------------------------------------------------
