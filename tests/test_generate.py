@@ -818,7 +818,7 @@ def test_a_time_limit_warning_while_the_models_load_is_a_clean_resumable_exit(
     assert process.returncode == 75, err
     assert "stopped by SIGUSR1 (a time limit is near): nothing rendered yet, 0 of 2 images " \
            "written; its seeds were drawn at random (-1)" in err and "Traceback" not in err
-    assert re.search(r"rerun it with the first seed drawn in place of -1 \(scene: \d+\)", err)
+    assert re.search(r"rerun it with the seeds drawn in place of -1 \(scene: \d+\)", err)
     assert not list((tmp_path / "store" / "Final_Images").glob("*.png"))
 
 

@@ -127,8 +127,8 @@ def generate_command(
         if stop.drawn:
             firsts = ", ".join(f"{name}: {seed}" for name, seed in stop.drawn)
             goes_on = (f"its seeds were drawn at random (-1), so the same command would draw "
-                       f"others and make every image again; to go on, rerun it with the first "
-                       f"seed drawn in place of -1 ({firsts}): the images made are kept")
+                       f"others and make every image again; to go on, rerun it with the seeds "
+                       f"drawn in place of -1 ({firsts}): the images made are kept")
         Console(stderr=True).print(f"stopped by SIGUSR1 (a time limit is near): {stop}; "
                                    f"{goes_on}", markup=False, soft_wrap=True)
         raise typer.Exit(RESUMABLE_EXIT) from None

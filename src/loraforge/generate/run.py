@@ -317,9 +317,9 @@ class Stopped(Exception):
         done = f"{written} of {total} images written"
         super().__init__(done if written else f"nothing rendered yet, {done}")
         self.written, self.total = written, total
-        #: Each scene whose seeds were drawn at random (-1), with its first seed: a rerun of
-        #: the same command draws others.
-        self.drawn = [(job.name, job.seeds[0]) for job in jobs if job.drawn_seeds]
+        #: Each scene whose seeds were drawn at random (-1), with the seed (or seeds) to give
+        #: in their place: a rerun of the same command draws others.
+        self.drawn = [(job.name, job.drawn_seeds) for job in jobs if job.drawn_seeds]
 
 
 def time_limit_warning() -> SignalFlag:

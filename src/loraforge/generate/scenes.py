@@ -170,7 +170,9 @@ class Job:
     pose: PoseSource
     notes: list[str] = field(default_factory=list)
     cast: Cast | None = None
-    drawn_seeds: bool = False  # -1: seeds drawn at random, other ones at each run
+    #: The seed (or seeds list) to give in place of a -1 to render the same images again
+    #: ("": none drawn at random).
+    drawn_seeds: str = ""
 
     @property
     def all_loras(self) -> list[lora_files.LoraUse]:
@@ -580,7 +582,8 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
     sampler = check_sampler(sampler_value.value, sampler_value.origin)
     seeds = _seeds(values["seed"], values.get("seeds"), values["count"])
     listed = values.get("seeds")
-    drawn = -1 in listed.value if listed is not None else values["seed"].value == -1
+    drawn = "" if -1 not in (listed.value if listed is not None else [values["seed"].value]) \
+        else str(seeds) if listed is not None else str(seeds[0])
     entries = _figure_entries(values.get("figure"))
     figures = values["figures"]
     if entries:
