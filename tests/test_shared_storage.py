@@ -68,6 +68,15 @@ def test_without_a_run_named_another_projects_run_is_refused_and_named(lab: Lab)
     assert_user_error(result, "`their_run`, is another project's", str(lab.theirs),
                       "name it: `loraforge eval their_run`")
     assert not (lab.run_dir("their_run") / "separation.json").exists()
+    # a scene casting one of their characters: unknown here, and the message says why (the
+    # refusal was swallowed by the character lookup, as if no run knew the character)
+    (lab.new / "scenes.toml").write_text('[[scene]]\nname = "yard"\nprompt = "yard"\n'
+                                         'pose = "random"\n[[scene.figure]]\n'
+                                         'character = "red_knight"\n')
+    result = run_cli("generate", "--scenes", "scenes.toml", cwd=lab.new)
+    assert_user_error(result, "unknown character `red_knight`",
+                      "`their_run`, is another project's", "name a concept of the scene's LoRA")
+    assert set(lab.storage.glob("Final_Images/*.png")) == images
 
 
 def test_generate_and_eval_take_this_projects_run_though_another_projects_is_newer(
@@ -213,17 +222,3 @@ def test_a_sweep_whose_second_run_is_another_projects_is_refused_before_submitti
         assert "run `sw-unet_lr0.002` is another project's" in result.stdout
     finally:  # the other tests' lab has two finished runs
         shutil.rmtree(lab.run_dir("sw-unet_lr0.002"))
-
-
-
-def test_a_character_of_another_projects_run_is_unknown_and_says_why(lab: Lab) -> None:
-    """A scene casting `red_knight` in a project without runs: the character is a concept of
-    another project's run, which is not taken unnamed, and the message says so (it read as if
-    no run on the storage root knew the character)."""
-    scenes = lab.new / "scenes.toml"
-    scenes.write_text('[[scene]]\nname = "yard"\nprompt = "yard"\npose = "random"\n'
-                      '[[scene.figure]]\ncharacter = "red_knight"\n')
-    result = run_cli("generate", "--scenes", "scenes.toml", cwd=lab.new)
-    assert_user_error(result, "unknown character `red_knight`",
-                      "`their_run`, is another project's", "name a concept of the scene's LoRA")
-    assert not list(lab.storage.glob("Final_Images/yard*"))
