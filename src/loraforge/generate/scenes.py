@@ -303,7 +303,9 @@ def _size(value: Value, notes: list[str]) -> tuple[int, int]:
     return rounded
 
 
-def _seeds(seed: Value, seeds: Value | None, count: Value) -> list[int]:
+def _seeds(seed: Value, seeds: Value | None, count: Value) -> tuple[list[int], str]:
+    """The scene's seeds, and what to give in place of its -1 to render them again ("": no
+    seed drawn at random)."""
     fix = "use whole numbers from 0 (or -1 for a random seed)"
     n = _int(count, 1, 1000, "use a count from 1 to 1000")
     if seeds is not None:
@@ -311,18 +313,19 @@ def _seeds(seed: Value, seeds: Value | None, count: Value) -> list[int]:
         if not isinstance(items, list) or not items:
             raise _err(seeds, f"must be a non-empty list of seeds, got {items!r}",
                        "write it like seeds = [1, 2, 3]")
-        found = [_int(Value(s, seeds.origin, seeds.base), -1, MAX_SEED, fix) for s in items]
-        found = [secrets.randbelow(2**32) if s == -1 else s for s in found]
+        asked = [_int(Value(s, seeds.origin, seeds.base), -1, MAX_SEED, fix) for s in items]
+        found = [secrets.randbelow(2**32) if s == -1 else s for s in asked]
         if len(set(found)) != len(found):
             raise _err(seeds, f"lists a seed twice ({found}): the images would overwrite "
                               "each other", "list each seed once")
-        return found
+        return found, str(found) if -1 in asked else ""
     first = _int(seed, -1, MAX_SEED, fix)
-    if first == -1:
+    drawn = first == -1
+    if drawn:
         first = secrets.randbelow(2**32)
     if first + n - 1 > MAX_SEED:
         raise _err(seed, "seed + count is too large", fix)
-    return [first + i for i in range(n)]
+    return [first + i for i in range(n)], str(first) if drawn else ""
 
 
 # --- poses -----------------------------------------------------------------------------------
@@ -580,10 +583,7 @@ def resolve_job(values: dict[str, Value], settings: Settings, resolver: LoraReso
     if not isinstance(sampler_value.value, str):
         raise _err(sampler_value, f"must be a sampler name, got {sampler_value.value!r}")
     sampler = check_sampler(sampler_value.value, sampler_value.origin)
-    seeds = _seeds(values["seed"], values.get("seeds"), values["count"])
-    listed = values.get("seeds")
-    drawn = "" if -1 not in (listed.value if listed is not None else [values["seed"].value]) \
-        else str(seeds) if listed is not None else str(seeds[0])
+    seeds, drawn = _seeds(values["seed"], values.get("seeds"), values["count"])
     entries = _figure_entries(values.get("figure"))
     figures = values["figures"]
     if entries:
